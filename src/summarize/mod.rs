@@ -1,0 +1,152 @@
+//! Summarize stage: turns the messages of one closed window into a validated [`Summary`].
+//!
+//! Two implementations sit behind the [`Summarizer`] trait: [`extractive`] (deterministic, offline, no key needed)
+//! and [`llm`] (one JSON call per window to an OpenAI-compatible endpoint). Nothing here writes to a database; the
+//! sink stores what a summarizer returns, and only a [`Summary`] that passed [`Summary::validate`].
+
+pub mod extractive;
+pub mod llm;
+
+use futures::future::BoxFuture;
+
+/// One message of a window, as fetched from Qdrant (payload fields already mapped).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Qdrant point id, as a string (UUID or integer).
+    pub point_id: String,
+    /// Speaker: `user`, `assistant`, or `unknown` when the payload has no usable speaker field.
+    pub role: String,
+    /// The message text (`content`).
+    pub text: String,
+    /// Message time, milliseconds since the Unix epoch (UTC).
+    pub ts_ms: i64,
+    /// `emotional_context` label (e.g. `joy`, `neutral`), if any.
+    pub emotion: Option<String>,
+    /// The `content` named vector (384-d in WhisperEngine data); empty when the point has none.
+    pub vector: Vec<f32>,
+}
+
+/// Everything a summarizer gets for one window. Messages are sorted by time, duplicates and
+/// `conversation_pair` points already removed.
+#[derive(Debug, Clone)]
+pub struct WindowInput {
+    pub bot: String,
+    pub user_id: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub messages: Vec<Message>,
+}
+
+impl WindowInput {
+    /// Characters of message text in the window (the numerator of `compression_ratio`).
+    pub fn text_chars(&self) -> usize {
+        self.messages.iter().map(|m| m.text.chars().count()).sum()
+    }
+}
+
+/// Which summarizer produced a row; stored so a later LLM pass can upgrade extractive rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SummarizerKind {
+    Extractive,
+    Llm,
+}
+
+impl SummarizerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SummarizerKind::Extractive => "extractive",
+            SummarizerKind::Llm => "llm",
+        }
+    }
+}
+
+/// The emotional tones a summary may carry (a small fixed set).
+pub const TONES: &[&str] = &["positive", "negative", "neutral", "mixed"];
+
+/// What one LLM call cost; `None` fields mean the provider did not say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub model: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cost_usd: Option<f64>,
+    pub latency_ms: u64,
+}
+
+/// A validated summary of one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub text: String,
+    pub key_topics: Vec<String>,
+    pub emotional_tone: String,
+    pub confidence: f64,
+    pub kind: SummarizerKind,
+    /// Present for LLM summaries.
+    pub usage: Option<Usage>,
+}
+
+impl Summary {
+    /// Checks the invariants every stored summary must hold: a non-empty summary that is not a placeholder,
+    /// 1..=8 non-empty topics, a tone from [`TONES`], confidence clamped to 0..=1.
+    pub fn validate(mut self) -> Result<Summary, SummarizeError> {
+        self.text = self.text.trim().to_string();
+        if self.text.is_empty() {
+            return Err(SummarizeError::Invalid("empty summary".into()));
+        }
+        if looks_like_placeholder(&self.text) {
+            return Err(SummarizeError::Invalid("placeholder summary".into()));
+        }
+        self.key_topics = self
+            .key_topics
+            .into_iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        self.key_topics.dedup();
+        if self.key_topics.is_empty() {
+            return Err(SummarizeError::Invalid("no key topics".into()));
+        }
+        self.key_topics.truncate(8);
+        let tone = self.emotional_tone.trim().to_lowercase();
+        if !TONES.contains(&tone.as_str()) {
+            return Err(SummarizeError::Invalid(format!("emotional_tone {tone:?} is not one of {TONES:?}")));
+        }
+        self.emotional_tone = tone;
+        self.confidence = if self.confidence.is_finite() { self.confidence.clamp(0.0, 1.0) } else { 0.5 };
+        Ok(self)
+    }
+}
+
+/// True for the kinds of text the old worker stored instead of a summary.
+pub fn looks_like_placeholder(text: &str) -> bool {
+    let t = text.trim().to_lowercase();
+    t.is_empty()
+        || t.contains("<coroutine")
+        || t.starts_with("summary of ")
+        || t == "placeholder"
+        || t.starts_with("todo")
+        || t.contains("summary unavailable")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SummarizeError {
+    /// The window has nothing to summarize (should have been caught as too short).
+    #[error("window has no messages to summarize")]
+    Empty,
+    /// The reply (or the extractive result) failed validation.
+    #[error("invalid summary: {0}")]
+    Invalid(String),
+    /// A transient fault: retry later without counting an attempt against the window (endpoint down, breaker open,
+    /// rate limited, over budget).
+    #[error("summarizer unavailable: {0}")]
+    Unavailable(String),
+    /// A failure that counts as an attempt for the window (bad replies after retries and repair, 4xx).
+    #[error("summarizer failed: {0}")]
+    Failed(String),
+}
+
+/// The summarize stage's one seam.
+pub trait Summarizer: Send + Sync {
+    fn kind(&self) -> SummarizerKind;
+    fn summarize<'a>(&'a self, window: &'a WindowInput) -> BoxFuture<'a, Result<Summary, SummarizeError>>;
+}
