@@ -1,15 +1,25 @@
 //! recap: turns chat-bot conversations stored in Qdrant into time-windowed summaries in PostgreSQL.
 //!
 //! # Layout
-//! Data flows one way: `source` -> `tracker` -> `fetch` -> `summarize` -> `sink`.
-//! * [`event`]: the `message stored` wire type and its validation.
+//! Data flows one way: [`source`] -> [`tracker`] -> [`fetch`] -> [`summarize`] -> [`sink`].
+//! * [`event`]: the `message stored` wire type and its validation (the contract in `nats/README.md`).
+//! * [`source`]: JetStream events ([`source::nats`]); the Qdrant sweep lives in `sweep`.
 //! * [`tracker`]: the pure window state machine (no IO, no clock).
+//! * [`fetch`]: a window's points from Qdrant, mapped from the bots' payloads.
 //! * [`summarize`]: the `Summarizer` trait, extractive and LLM implementations.
-//! * [`config`]: the one typed configuration (CLI flags and environment).
+//! * [`sink`]: all Postgres state and the transactions that make effects atomic.
+//! * [`pipeline`]: the shell that drives the stages (ingest loop, window workers).
+//! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
-// pub mod config; (being written)
+pub mod cmd;
+pub mod config;
 pub mod event;
+pub mod fetch;
+pub mod http;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
 pub mod summarize;
 pub mod tracker;

@@ -150,6 +150,19 @@ fn first_window(cfg: &TrackerConfig, mut times: impl Iterator<Item = Millis>) ->
     }
 }
 
+/// Which stored window (index into `existing`, oldest first) a newly closed window `new = (start, end)` of the same
+/// key belongs to. Only a window closed late (its messages arrived after the watermark passed them) can belong to a
+/// stored one: canonical windows are separated by at least the idle gap or start a full span apart, so for on-time
+/// windows this returns `None`.
+pub fn merge_target(cfg: &TrackerConfig, existing: impl IntoIterator<Item = (Millis, Millis)>, new: (Millis, Millis)) -> Option<usize> {
+    existing.into_iter().position(|(s, e)| match cfg.mode {
+        Mode::Session => {
+            (new.0 - s).abs() < cfg.max_span_ms && new.0 < e.saturating_add(cfg.idle_gap_ms) && s < new.1.saturating_add(cfg.idle_gap_ms)
+        }
+        Mode::Tumbling => s == new.0,
+    })
+}
+
 impl Tracker {
     pub fn new(cfg: TrackerConfig) -> Tracker {
         Tracker { cfg, bots: Vec::new(), bot_index: HashMap::new(), keys: HashMap::new() }
@@ -390,6 +403,23 @@ mod tests {
         let changes = t.take_watermark_changes();
         assert_eq!(changes.len(), 2);
         assert!(t.take_watermark_changes().is_empty());
+    }
+
+    #[test]
+    fn merge_target_finds_the_window_a_late_message_belongs_to() {
+        let c = cfg();
+        let stored = [(T0, T0 + HOUR), (T0 + 5 * HOUR, T0 + 6 * HOUR)];
+        // inside the first window, and within the idle gap after its end
+        assert_eq!(merge_target(&c, stored, (T0 + 10 * MIN, T0 + 10 * MIN)), Some(0));
+        assert_eq!(merge_target(&c, stored, (T0 + HOUR + 29 * MIN, T0 + HOUR + 29 * MIN)), Some(0));
+        // between the two, further than the gap from both: its own window
+        assert_eq!(merge_target(&c, stored, (T0 + 3 * HOUR, T0 + 3 * HOUR)), None);
+        // a canonical neighbour split by the max span is not merged
+        let long = [(T0, T0 + 24 * HOUR - MIN)];
+        assert_eq!(merge_target(&c, long, (T0 + 24 * HOUR, T0 + 25 * HOUR)), None);
+        let tum = TrackerConfig { mode: Mode::Tumbling, ..c };
+        assert_eq!(merge_target(&tum, [(T0, T0 + 24 * HOUR)], (T0, T0 + 24 * HOUR)), Some(0));
+        assert_eq!(merge_target(&tum, [(T0, T0 + 24 * HOUR)], (T0 + 24 * HOUR, T0 + 48 * HOUR)), None);
     }
 
     /// Windows closed by feeding `arrivals` in order, ticking the wall clock at the end.

@@ -150,3 +150,24 @@ pub trait Summarizer: Send + Sync {
     fn kind(&self) -> SummarizerKind;
     fn summarize<'a>(&'a self, window: &'a WindowInput) -> BoxFuture<'a, Result<Summary, SummarizeError>>;
 }
+
+/// The LLM summarizer, falling back to the extractive one while the daily budget is spent (OVER_BUDGET=extractive).
+/// Rows written by the fallback are marked extractive, so `resummarize` can upgrade them later.
+pub struct BudgetFallback {
+    pub llm: llm::LlmSummarizer,
+}
+
+impl Summarizer for BudgetFallback {
+    fn kind(&self) -> SummarizerKind {
+        SummarizerKind::Llm
+    }
+
+    fn summarize<'a>(&'a self, window: &'a WindowInput) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        if self.llm.over_budget() {
+            metrics::counter!("recap_llm_budget_fallbacks_total").increment(1);
+            extractive::Extractive.summarize(window)
+        } else {
+            self.llm.summarize(window)
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Subcommands. Each file is one command; `dispatch` is the only entry point the binary calls.
+
+mod check;
+mod run;
+mod status;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::fetch::Points;
+use crate::sink::Store;
+use crate::summarize::Summarizer;
+
+#[derive(Parser, Debug)]
+#[command(name = "recap", version, about = "Summarizes chat-bot conversations from Qdrant into PostgreSQL, driven by NATS JetStream events.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the service: consume events (or sweep only without NATS_URL), close windows, write summaries.
+    Run {
+        #[command(flatten)]
+        cfg: Config,
+        /// Ignore NATS_URL and run on the Qdrant sweep alone.
+        #[arg(long)]
+        no_nats: bool,
+    },
+    /// Check every configured service and say in plain words what is wrong. Exits non-zero on any failure.
+    Check {
+        #[command(flatten)]
+        cfg: Config,
+        /// Also make one tiny call to the LLM endpoint.
+        #[arg(long)]
+        llm: bool,
+    },
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        cfg: Config,
+    },
+    /// Windows by state, oldest due window, dead letters, checkpoints.
+    Status {
+        #[command(flatten)]
+        cfg: Config,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead-lettered windows back to due.
+    Retry {
+        #[command(flatten)]
+        cfg: Config,
+        /// Every dead window.
+        #[arg(long, conflicts_with = "window")]
+        all: bool,
+        /// One window by id.
+        #[arg(long)]
+        window: Option<i64>,
+    },
+}
+
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn,h2=warn,tower=warn"));
+    use std::io::IsTerminal;
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn validated(cfg: &Config) -> anyhow::Result<()> {
+    cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
+    let opts = cfg.pg_connect_options()?;
+    Store::connect(opts, cfg.db_max_connections)
+        .await
+        .map_err(|e| anyhow::anyhow!("Postgres {}: {e} — is it running? set DATABASE_URL or POSTGRES_HOST/PORT", cfg.postgres_display()))
+}
+
+pub fn points(cfg: &Config) -> anyhow::Result<Arc<Points>> {
+    Ok(Arc::new(Points::new(&cfg.qdrant_grpc_url(), cfg.qdrant_api_key.as_ref().map(|k| k.expose()), cfg.payload_mapping())?))
+}
+
+pub fn llm_settings(cfg: &Config) -> Option<crate::summarize::llm::LlmSettings> {
+    let key = cfg.llm_api_key()?;
+    Some(crate::summarize::llm::LlmSettings {
+        base_url: cfg.llm_base_url.clone(),
+        api_key: key.expose().to_string(),
+        model: cfg.llm_model.clone(),
+        concurrency: cfg.llm_concurrency,
+        requests_per_second: cfg.llm_requests_per_second,
+        timeout: cfg.llm_timeout,
+        max_retries: cfg.llm_max_retries,
+        max_input_tokens: cfg.llm_max_input_tokens,
+        breaker_failures: cfg.llm_breaker_failures,
+        breaker_cooldown: cfg.llm_breaker_cooldown,
+        price_prompt_per_mtok: cfg.llm_price_prompt_per_mtok,
+        price_completion_per_mtok: cfg.llm_price_completion_per_mtok,
+        daily_budget_usd: cfg.llm_daily_budget_usd,
+        ..Default::default()
+    })
+}
+
+/// The configured summarizer: the LLM one when a key is set (unless SUMMARIZER=extractive), else extractive.
+/// Today's LLM spend is read from the store so the daily budget holds across restarts.
+pub async fn summarizer(cfg: &Config, store: Option<&Store>) -> anyhow::Result<Arc<dyn Summarizer>> {
+    use crate::summarize::{BudgetFallback, extractive::Extractive, llm::LlmSummarizer};
+    let settings = match llm_settings(cfg) {
+        Some(s) if cfg.use_llm() => s,
+        _ => return Ok(Arc::new(Extractive)),
+    };
+    let llm = LlmSummarizer::new(settings)?;
+    if let Some(store) = store {
+        llm.record_spend_seed(store.status().await.map(|s| s.llm_spend_today_usd).unwrap_or(0.0));
+    }
+    Ok(match cfg.over_budget {
+        crate::config::OverBudget::Extractive => Arc::new(BudgetFallback { llm }),
+        crate::config::OverBudget::Wait => Arc::new(llm),
+    })
+}
+
+/// One tiny LLM call (`recap check --llm`).
+pub async fn llm_probe(cfg: &Config) -> Result<String, String> {
+    let settings = llm_settings(cfg).ok_or("no API key (set LLM_API_KEY or OPENROUTER_API_KEY)")?;
+    let llm = crate::summarize::llm::LlmSummarizer::new(settings).map_err(|e| e.to_string())?;
+    let msg = |i: i64, text: &str| crate::summarize::Message {
+        point_id: i.to_string(),
+        role: "user".into(),
+        text: text.into(),
+        ts_ms: 1_700_000_000_000 + i,
+        emotion: None,
+        vector: Vec::new(),
+    };
+    let window = crate::summarize::WindowInput {
+        bot: "check".into(),
+        user_id: "check".into(),
+        start_ms: 1_700_000_000_000,
+        end_ms: 1_700_000_000_001,
+        messages: vec![msg(0, "I am checking that the summarizer answers."), msg(1, "Reply with a short summary, please.")],
+    };
+    match crate::summarize::Summarizer::summarize(&llm, &window).await {
+        Ok(s) => Ok(format!("model {}, {} prompt tokens", cfg.llm_model, s.usage.map(|u| u.prompt_tokens).unwrap_or(0))),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run { cfg, no_nats } => {
+            init_logging(cfg.log_format);
+            validated(&cfg)?;
+            run::run(cfg, no_nats).await
+        }
+        Cmd::Check { cfg, llm } => {
+            validated(&cfg)?;
+            check::check(&cfg, llm).await
+        }
+        Cmd::Migrate { cfg } => {
+            init_logging(cfg.log_format);
+            validated(&cfg)?;
+            connect_store(&cfg).await?.migrate().await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { cfg, json } => {
+            validated(&cfg)?;
+            status::status(&cfg, json).await
+        }
+        Cmd::Retry { cfg, all, window } => {
+            validated(&cfg)?;
+            if !all && window.is_none() {
+                anyhow::bail!("say which windows: --all or --window ID");
+            }
+            let n = connect_store(&cfg).await?.retry_dead(window).await?;
+            println!("{n} dead window(s) put back to due");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

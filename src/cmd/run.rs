@@ -1,0 +1,111 @@
+//! `recap run`: the service.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::pipeline::{Context, run_ingest, run_workers};
+use crate::source::nats::NatsSource;
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+}
+
+/// Connects to Postgres, waiting (with back-off) while it is unreachable, and applies migrations.
+async fn store_when_ready(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<crate::sink::Store>> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match super::connect_store(cfg).await {
+            Ok(store) => {
+                store.migrate().await?;
+                return Ok(Some(store));
+            }
+            Err(e) => warn!(error = %e, "waiting for Postgres"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = crate::http::install_metrics();
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let cfg = Arc::new(cfg);
+    let Some(store) = store_when_ready(&cfg, &shutdown).await? else { return Ok(ExitCode::SUCCESS) };
+    let points = super::points(&cfg)?;
+    let ctx = Context { cfg: cfg.clone(), store: store.clone(), points: points.clone(), summarizer: super::summarizer(&cfg, Some(&store)).await?, instance: cfg.instance_id() };
+    info!(instance = %ctx.instance, summarizer = ctx.summarizer.kind().as_str(), "recap starting");
+
+    let lag = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let nats_client = match (&cfg.nats_url, no_nats) {
+        (Some(_), false) => {
+            let source = NatsSource::start(cfg.nats_settings()).await?;
+            let client = source.client().clone();
+            let probe = source.lag_probe();
+            let (lag, stop) = (lag.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                while !stop.is_cancelled() {
+                    match probe.lag().await {
+                        Ok(n) => {
+                            lag.store(n, Ordering::Relaxed);
+                            metrics::gauge!("recap_consumer_lag").set(n as f64);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "consumer lag unknown"),
+                    }
+                    tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(Duration::from_secs(2)) => {} }
+                }
+                Ok(())
+            });
+            tasks.spawn(run_ingest(ctx.clone(), source, shutdown.clone()));
+            Some(client)
+        }
+        _ => {
+            info!("NATS_URL not set (or --no-nats): running on the Qdrant sweep alone");
+            anyhow::bail!("sweep-only mode is not built yet: set NATS_URL");
+            None
+        }
+    };
+    tasks.spawn(run_workers(ctx.clone(), shutdown.clone()));
+    let ready = crate::http::Readiness { store, points, nats: nats_client, max_lag: cfg.ready_max_lag, lag };
+    let router = crate::http::router(metrics, ready);
+    let (addr, stop) = (cfg.http_addr, shutdown.clone());
+    tasks.spawn(async move { crate::http::serve(addr, router, stop).await.map_err(anyhow::Error::from) });
+
+    let mut failed = false;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "a task failed; shutting down");
+                failed = true;
+                shutdown.cancel();
+            }
+            Err(e) => {
+                warn!(error = %e, "a task panicked; shutting down");
+                failed = true;
+                shutdown.cancel();
+            }
+        }
+    }
+    info!("recap stopped");
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

@@ -1,0 +1,381 @@
+//! Fetch stage: the points of a closed window from Qdrant (gRPC), mapped from the bots' payloads into
+//! [`summarize::Message`](crate::summarize::Message)s.
+//!
+//! A window's points are read by id (the ids events and sweeps reported) plus one filtered scroll on the user and the
+//! window's time range (`timestamp_unix`), which picks up points whose events never arrived. Points that are not
+//! conversation messages, `conversation_pair` duplicates and repeated messages are dropped before anything counts them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDateTime;
+use qdrant_client::Qdrant;
+use qdrant_client::qdrant::{
+    Condition, Filter, GetPointsBuilder, PointId, Range, RetrievedPoint, ScrollPointsBuilder, Value, VectorsSelector, point_id::PointIdOptions,
+    value::Kind, vector_output, vectors_output::VectorsOptions,
+};
+
+use crate::summarize::Message;
+use crate::tracker::Millis;
+
+/// Which payload fields carry what (configurable: bot versions differ).
+#[derive(Debug, Clone)]
+pub struct PayloadMapping {
+    pub user: String,
+    pub content: String,
+    pub role: String,
+    pub memory_type: String,
+    pub timestamp: String,
+    pub timestamp_unix: String,
+    pub emotion: String,
+    pub content_vector: String,
+    /// `memory_type` values that are chat messages.
+    pub memory_types: Vec<String>,
+}
+
+impl Default for PayloadMapping {
+    fn default() -> Self {
+        PayloadMapping {
+            user: "user_id".into(),
+            content: "content".into(),
+            role: "role".into(),
+            memory_type: "memory_type".into(),
+            timestamp: "timestamp".into(),
+            timestamp_unix: "timestamp_unix".into(),
+            emotion: "emotional_context".into(),
+            content_vector: "content".into(),
+            memory_types: vec!["conversation".into()],
+        }
+    }
+}
+
+/// Why a point is not a message of any window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    NoTimestamp,
+    NoUser,
+    NotConversation,
+    ConversationPair,
+    NoContent,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::NoTimestamp => "no_timestamp",
+            SkipReason::NoUser => "no_user",
+            SkipReason::NotConversation => "not_conversation",
+            SkipReason::ConversationPair => "conversation_pair",
+            SkipReason::NoContent => "no_content",
+        }
+    }
+}
+
+/// A point read as a chat message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedPoint {
+    pub user_id: String,
+    pub message: Message,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("qdrant: {0}")]
+    Qdrant(#[from] qdrant_client::QdrantError),
+    #[error("no Qdrant collection maps to bot {0:?} (check COLLECTION_PATTERNS / COLLECTION_MAP)")]
+    NoCollection(String),
+}
+
+pub fn point_id_string(id: &PointId) -> String {
+    match &id.point_id_options {
+        Some(PointIdOptions::Uuid(u)) => u.clone(),
+        Some(PointIdOptions::Num(n)) => n.to_string(),
+        None => String::new(),
+    }
+}
+
+/// A point id as Qdrant takes it: integers stay integers, anything else is a UUID string.
+pub fn point_id_from_str(id: &str) -> PointId {
+    match id.parse::<u64>() {
+        Ok(n) => PointId::from(n),
+        Err(_) => PointId::from(id.to_string()),
+    }
+}
+
+fn as_str(v: Option<&Value>) -> Option<&str> {
+    match v?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn as_f64(v: Option<&Value>) -> Option<f64> {
+    match v?.kind.as_ref()? {
+        Kind::DoubleValue(d) => Some(*d),
+        Kind::IntegerValue(i) => Some(*i as f64),
+        Kind::StringValue(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Parses the bots' naive ISO timestamp (written in UTC), or an RFC 3339 one, to milliseconds.
+pub fn parse_naive_iso(s: &str) -> Option<Millis> {
+    if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(dt.timestamp_millis());
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+        .map(|dt| dt.and_utc().timestamp_millis())
+}
+
+/// The message time of a payload: `timestamp_unix` (float seconds), else the naive ISO `timestamp` (UTC).
+pub fn payload_time(m: &PayloadMapping, payload: &HashMap<String, Value>) -> Option<Millis> {
+    if let Some(secs) = as_f64(payload.get(&m.timestamp_unix)) {
+        // NaN, infinities and absurd years are not times.
+        if secs.is_finite() && (946_684_800.0..7_258_118_400.0).contains(&secs) {
+            return Some((secs * 1000.0).floor() as Millis);
+        }
+        return None;
+    }
+    as_str(payload.get(&m.timestamp)).and_then(parse_naive_iso)
+}
+
+/// Maps one Qdrant point to a chat message, or says why it is not one.
+pub fn map_point(m: &PayloadMapping, p: &RetrievedPoint) -> Result<MappedPoint, SkipReason> {
+    let payload = &p.payload;
+    let role = as_str(payload.get(&m.role)).or_else(|| as_str(payload.get("source")));
+    if role == Some("conversation_pair") {
+        return Err(SkipReason::ConversationPair);
+    }
+    if let Some(kind) = as_str(payload.get(&m.memory_type))
+        && !m.memory_types.iter().any(|t| t == kind)
+    {
+        return Err(SkipReason::NotConversation);
+    }
+    let user_id = match payload.get(&m.user).and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(s)) if !s.is_empty() => s.clone(),
+        Some(Kind::IntegerValue(i)) => i.to_string(),
+        _ => return Err(SkipReason::NoUser),
+    };
+    let ts_ms = payload_time(m, payload).ok_or(SkipReason::NoTimestamp)?;
+    let text = as_str(payload.get(&m.content)).map(str::trim).filter(|t| !t.is_empty()).ok_or(SkipReason::NoContent)?;
+    let role = match role {
+        Some("user") | Some("user_message") => "user",
+        Some("assistant") | Some("bot") | Some("bot_response") => "assistant",
+        _ => "unknown",
+    };
+    Ok(MappedPoint {
+        user_id,
+        message: Message {
+            point_id: p.id.as_ref().map(point_id_string).unwrap_or_default(),
+            role: role.to_string(),
+            text: text.to_string(),
+            ts_ms,
+            emotion: as_str(payload.get(&m.emotion)).map(str::to_string),
+            vector: content_vector(p, &m.content_vector),
+        },
+    })
+}
+
+fn content_vector(p: &RetrievedPoint, name: &str) -> Vec<f32> {
+    let out = match p.vectors.as_ref().and_then(|v| v.vectors_options.as_ref()) {
+        Some(VectorsOptions::Vectors(named)) => named.vectors.get(name),
+        Some(VectorsOptions::Vector(v)) => Some(v),
+        None => None,
+    };
+    #[allow(deprecated)]
+    match out {
+        Some(v) => match &v.vector {
+            Some(vector_output::Vector::Dense(d)) => d.data.clone(),
+            _ => v.data.clone(),
+        },
+        None => Vec::new(),
+    }
+}
+
+/// Sorts by time and drops repeated messages (same point, or the same speaker, time and text stored twice).
+pub fn dedupe_messages(mut msgs: Vec<Message>) -> Vec<Message> {
+    msgs.sort_by(|a, b| (a.ts_ms, &a.point_id).cmp(&(b.ts_ms, &b.point_id)));
+    let mut ids = HashSet::new();
+    let mut same = HashSet::new();
+    msgs.retain(|m| ids.insert(m.point_id.clone()) && same.insert((m.ts_ms, m.role.clone(), m.text.clone())));
+    msgs
+}
+
+/// The Qdrant side of recap: collections, window fetch and (for the sweep) scrolls.
+pub struct Points {
+    client: Qdrant,
+    pub mapping: PayloadMapping,
+    collections: Mutex<(Option<Instant>, Vec<String>)>,
+}
+
+impl Points {
+    pub fn new(url: &str, api_key: Option<&str>, mapping: PayloadMapping) -> Result<Points, FetchError> {
+        let mut b = Qdrant::from_url(url).timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5));
+        if let Some(k) = api_key {
+            b = b.api_key(k.to_string());
+        }
+        Ok(Points { client: b.build()?, mapping, collections: Mutex::new((None, Vec::new())) })
+    }
+
+    pub fn client(&self) -> &Qdrant {
+        &self.client
+    }
+
+    /// All collection names, cached for 30 s.
+    pub async fn collections(&self, refresh: bool) -> Result<Vec<String>, FetchError> {
+        {
+            let c = self.collections.lock().expect("lock");
+            if !refresh && c.0.is_some_and(|t| t.elapsed() < Duration::from_secs(30)) {
+                return Ok(c.1.clone());
+            }
+        }
+        let list = self.client.list_collections().await?;
+        let mut names: Vec<String> = list.collections.into_iter().map(|c| c.name).collect();
+        names.sort();
+        *self.collections.lock().expect("lock") = (Some(Instant::now()), names.clone());
+        Ok(names)
+    }
+
+    /// The collections of one bot, by `bot_for_collection`.
+    pub async fn collections_for(&self, bot: &str, bot_for_collection: &(dyn Fn(&str) -> Option<String> + Sync)) -> Result<Vec<String>, FetchError> {
+        for refresh in [false, true] {
+            let found: Vec<String> =
+                self.collections(refresh).await?.into_iter().filter(|c| bot_for_collection(c).as_deref() == Some(bot)).collect();
+            if !found.is_empty() {
+                return Ok(found);
+            }
+        }
+        Err(FetchError::NoCollection(bot.to_string()))
+    }
+
+    /// The messages of one window: its known point ids plus a scroll over the user and time range.
+    /// Returns the deduplicated messages and the count of points skipped per reason.
+    pub async fn fetch_window(
+        &self,
+        collections: &[String],
+        ids: &[String],
+        user_id: &str,
+        range_ms: (Millis, Millis),
+    ) -> Result<(Vec<Message>, HashMap<SkipReason, usize>), FetchError> {
+        let mut raw: Vec<RetrievedPoint> = Vec::new();
+        for coll in collections {
+            for chunk in ids.chunks(256) {
+                let pids: Vec<PointId> = chunk.iter().map(|i| point_id_from_str(i)).collect();
+                let r = self
+                    .client
+                    .get_points(GetPointsBuilder::new(coll, pids).with_payload(true).with_vectors(VectorsSelector { names: vec![self.mapping.content_vector.clone()] }))
+                    .await?;
+                raw.extend(r.result);
+            }
+            let filter = Filter::must([
+                Condition::matches(self.mapping.user.clone(), user_id.to_string()),
+                Condition::range(
+                    self.mapping.timestamp_unix.clone(),
+                    Range { gte: Some(range_ms.0 as f64 / 1000.0), lt: Some((range_ms.1 + 1) as f64 / 1000.0), ..Default::default() },
+                ),
+            ]);
+            let mut offset: Option<PointId> = None;
+            loop {
+                let mut req = ScrollPointsBuilder::new(coll)
+                    .filter(filter.clone())
+                    .limit(256)
+                    .with_payload(true)
+                    .with_vectors(VectorsSelector { names: vec![self.mapping.content_vector.clone()] });
+                if let Some(o) = offset.take() {
+                    req = req.offset(o);
+                }
+                let page = self.client.scroll(req).await?;
+                raw.extend(page.result);
+                match page.next_page_offset {
+                    Some(o) => offset = Some(o),
+                    None => break,
+                }
+            }
+        }
+        let mut skipped: HashMap<SkipReason, usize> = HashMap::new();
+        let mut msgs = Vec::with_capacity(raw.len());
+        for p in &raw {
+            match map_point(&self.mapping, p) {
+                Ok(mp) if mp.user_id == user_id && mp.message.ts_ms >= range_ms.0 && mp.message.ts_ms <= range_ms.1 => msgs.push(mp.message),
+                Ok(_) => {}
+                Err(reason) => *skipped.entry(reason).or_default() += 1,
+            }
+        }
+        Ok((dedupe_messages(msgs), skipped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v_str(s: &str) -> Value {
+        Value { kind: Some(Kind::StringValue(s.into())) }
+    }
+    fn v_f64(f: f64) -> Value {
+        Value { kind: Some(Kind::DoubleValue(f)) }
+    }
+
+    fn point(pairs: &[(&str, Value)]) -> RetrievedPoint {
+        RetrievedPoint {
+            id: Some(PointId::from("6f1c2d9e-8a55-4c0e-9a43-1f7f1b2a9c10".to_string())),
+            payload: pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn maps_a_whisperengine_point() {
+        let m = PayloadMapping::default();
+        let p = point(&[
+            ("user_id", v_str("123")),
+            ("content", v_str("hello there")),
+            ("role", v_str("user")),
+            ("memory_type", v_str("conversation")),
+            ("timestamp", v_str("2026-11-20T14:03:11.512000")),
+            ("timestamp_unix", v_f64(1_763_647_391.512)),
+            ("emotional_context", v_str("joy")),
+        ]);
+        let mp = map_point(&m, &p).unwrap();
+        assert_eq!(mp.user_id, "123");
+        assert_eq!(mp.message.ts_ms, 1_763_647_391_512);
+        assert_eq!(mp.message.role, "user");
+        assert_eq!(mp.message.emotion.as_deref(), Some("joy"));
+    }
+
+    #[test]
+    fn falls_back_to_the_naive_timestamp_and_unknown_speaker() {
+        let m = PayloadMapping::default();
+        let p = point(&[("user_id", v_str("u")), ("content", v_str("x")), ("timestamp", v_str("2026-11-20T14:03:11.512000"))]);
+        let mp = map_point(&m, &p).unwrap();
+        assert_eq!(mp.message.ts_ms, 1_763_647_391_512);
+        assert_eq!(mp.message.role, "unknown");
+    }
+
+    #[test]
+    fn skips_what_is_not_a_message() {
+        let m = PayloadMapping::default();
+        let base = [("user_id", v_str("u")), ("content", v_str("x")), ("timestamp_unix", v_f64(1_763_647_391.0))];
+        let with = |extra: (&str, Value)| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            point(&v)
+        };
+        assert_eq!(map_point(&m, &with(("role", v_str("conversation_pair")))), Err(SkipReason::ConversationPair));
+        assert_eq!(map_point(&m, &with(("memory_type", v_str("fact")))), Err(SkipReason::NotConversation));
+        assert_eq!(map_point(&m, &point(&[("content", v_str("x"))])), Err(SkipReason::NoUser));
+        assert_eq!(map_point(&m, &point(&[("user_id", v_str("u")), ("content", v_str("x"))])), Err(SkipReason::NoTimestamp));
+        let nan = point(&[("user_id", v_str("u")), ("content", v_str("x")), ("timestamp_unix", v_f64(f64::NAN))]);
+        assert_eq!(map_point(&m, &nan), Err(SkipReason::NoTimestamp));
+    }
+
+    #[test]
+    fn dedupes_repeated_messages() {
+        let msg = |id: &str, ts| Message { point_id: id.into(), role: "user".into(), text: "hi".into(), ts_ms: ts, emotion: None, vector: vec![] };
+        let out = dedupe_messages(vec![msg("b", 2), msg("a", 1), msg("a", 1), msg("c", 1)]);
+        assert_eq!(out.iter().map(|m| m.point_id.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+    }
+}

@@ -1,0 +1,105 @@
+//! Operations HTTP endpoint: `/healthz` (alive), `/readyz` (dependencies reachable, consumer caught up) and
+//! `/metrics` (Prometheus text).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::fetch::Points;
+use crate::sink::Store;
+
+/// Installs the global Prometheus recorder (once per process) and returns its handle.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0])
+                .expect("static buckets")
+                .install_recorder()
+                .expect("metrics recorder installs once")
+        })
+        .clone()
+}
+
+/// What `/readyz` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    pub store: Store,
+    pub points: Arc<Points>,
+    pub nats: Option<async_nats::Client>,
+    /// Consumer lag (messages pending) above which recap is not ready.
+    pub max_lag: u64,
+    pub lag: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ReadyReport {
+    pub ready: bool,
+    pub postgres: String,
+    pub qdrant: String,
+    pub nats: String,
+    pub consumer_lag: u64,
+}
+
+impl Readiness {
+    pub async fn check(&self) -> ReadyReport {
+        let timeout = Duration::from_secs(2);
+        let postgres = match tokio::time::timeout(timeout, self.store.ping()).await {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(e)) => format!("unreachable: {e}"),
+            Err(_) => "timeout".to_string(),
+        };
+        let qdrant = match tokio::time::timeout(timeout, self.points.client().health_check()).await {
+            Ok(Ok(_)) => "ok".to_string(),
+            Ok(Err(e)) => format!("unreachable: {e}"),
+            Err(_) => "timeout".to_string(),
+        };
+        let nats = match &self.nats {
+            None => "not configured".to_string(),
+            Some(c) => match c.connection_state() {
+                async_nats::connection::State::Connected => "ok".to_string(),
+                s => format!("{s:?}").to_lowercase(),
+            },
+        };
+        let consumer_lag = self.lag.load(std::sync::atomic::Ordering::Relaxed);
+        let ready = postgres == "ok" && qdrant == "ok" && (nats == "ok" || self.nats.is_none()) && consumer_lag <= self.max_lag;
+        ReadyReport { ready, postgres, qdrant, nats, consumer_lag }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    ready: Readiness,
+}
+
+pub fn router(metrics: PrometheusHandle, ready: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<AppState>| async move {
+                let r = s.ready.check().await;
+                let code = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                (code, Json(r))
+            }),
+        )
+        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .with_state(AppState { metrics, ready })
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "http listening");
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}

@@ -1,0 +1,48 @@
+//! Source stage: where messages enter recap. Both sources produce the same [`Batch`] for the tracker:
+//! [`nats`] (JetStream events, the main path) and [`crate::sweep`] (a Qdrant scroll that catches what events missed).
+//!
+//! A source hands out one batch at a time and learns, through [`Source::commit`], that the batch's effects are durable;
+//! only then does it acknowledge (NATS) or move on. A batch that was not committed is delivered again.
+
+pub mod nats;
+
+use std::future::Future;
+
+use crate::sink::{DeadLetter, NewMessage};
+
+/// One batch of input for one ingest transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub messages: Vec<NewMessage>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Events that are valid but not messages of any window (`conversation_pair`).
+    pub ignored: usize,
+    /// Source position to store with the batch: (checkpoint name, position, points read).
+    pub checkpoint: Option<(String, f64, i64)>,
+    /// The source has nothing more right now: the tracker may advance watermarks by the wall clock.
+    pub caught_up: bool,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.dead_letters.is_empty() && self.ignored == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("qdrant: {0}")]
+    Qdrant(#[from] crate::fetch::FetchError),
+}
+
+/// A source of message batches.
+pub trait Source: Send {
+    /// The next batch (possibly empty, with `caught_up` set, after waiting a short while for input).
+    fn next_batch(&mut self) -> impl Future<Output = Result<Batch, SourceError>> + Send;
+    /// The last batch is committed: acknowledge it.
+    fn commit(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// The last batch was not committed: it must come again.
+    fn abandon(&mut self) -> impl Future<Output = ()> + Send;
+}

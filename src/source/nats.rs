@@ -1,0 +1,232 @@
+//! The JetStream source: a durable pull consumer on the stream defined in `nats/`.
+//!
+//! Stream and consumer definitions are the JSON files in `nats/` (the format `nats stream add --config` takes),
+//! compiled in and applied at start, idempotently. Malformed events become dead letters and are acknowledged with the
+//! batch, so they never block the stream. Acks are sent only after the ingest transaction committed; a batch that
+//! was not committed is left for redelivery (`ack_wait`), and redelivered events are no-ops in the store.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, stream};
+use futures::StreamExt;
+
+use super::{Batch, Source, SourceError};
+use crate::event::StoredEvent;
+use crate::sink::{DeadLetter, NewMessage};
+
+pub const STREAM_JSON: &str = include_str!("../../nats/stream.json");
+pub const CONSUMER_JSON: &str = include_str!("../../nats/consumer.json");
+
+/// How to reach NATS and which stream to read.
+#[derive(Clone, Default)]
+pub struct NatsSettings {
+    pub url: String,
+    pub stream: String,
+    pub consumer: String,
+    pub subject_prefix: String,
+    pub max_age: Duration,
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub creds_file: Option<PathBuf>,
+    pub nkey_seed: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_required: bool,
+    pub batch_size: usize,
+    /// How long JetStream waits for an ack before redelivering (the redelivery delay after a crash).
+    pub ack_wait: Duration,
+}
+
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSettings").field("url", &self.url).field("stream", &self.stream).field("consumer", &self.consumer).finish_non_exhaustive()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> SourceError {
+    SourceError::Nats(e.to_string())
+}
+
+/// Connects with the configured auth and TLS. With `wait`, keeps trying until NATS answers (the service); without it,
+/// fails at once (`recap check`). Once connected, the client reconnects by itself forever.
+pub async fn connect(s: &NatsSettings, wait: bool) -> Result<async_nats::Client, SourceError> {
+    let mut o = async_nats::ConnectOptions::new()
+        .name("recap")
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .event_callback(|ev| async move {
+            tracing::info!(event = %ev, "nats connection event");
+        });
+    if wait {
+        o = o.retry_on_initial_connect();
+    }
+    if let Some(t) = &s.token {
+        o = o.token(t.clone());
+    }
+    if let (Some(u), Some(p)) = (&s.user, &s.password) {
+        o = o.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(path) = &s.creds_file {
+        o = o.credentials_file(path).await.map_err(|e| err(format!("cannot read NATS_CREDS_FILE {}: {e}", path.display())))?;
+    }
+    if let Some(seed) = &s.nkey_seed {
+        o = o.nkey(seed.clone());
+    }
+    if let Some(ca) = &s.tls_ca {
+        o = o.add_root_certificates(ca.clone());
+    }
+    if s.tls_required {
+        o = o.require_tls(true);
+    }
+    o.connect(&s.url).await.map_err(err)
+}
+
+/// The stream config from `nats/stream.json`, with the configured name, subjects and max age.
+pub fn stream_config(s: &NatsSettings) -> Result<stream::Config, SourceError> {
+    let mut c: stream::Config = serde_json::from_str(STREAM_JSON).map_err(|e| err(format!("nats/stream.json: {e}")))?;
+    c.name = s.stream.clone();
+    c.subjects = vec![format!("{}.>", s.subject_prefix)];
+    c.max_age = s.max_age;
+    Ok(c)
+}
+
+/// The consumer config from `nats/consumer.json`, with the configured name.
+pub fn consumer_config(s: &NatsSettings) -> Result<jetstream::consumer::pull::Config, SourceError> {
+    let mut c: jetstream::consumer::pull::Config =
+        serde_json::from_str(CONSUMER_JSON).map_err(|e| err(format!("nats/consumer.json: {e}")))?;
+    c.durable_name = Some(s.consumer.clone());
+    c.name = Some(s.consumer.clone());
+    c.filter_subject = format!("{}.>", s.subject_prefix);
+    if !s.ack_wait.is_zero() {
+        c.ack_wait = s.ack_wait;
+    }
+    Ok(c)
+}
+
+/// Creates or updates the stream and the durable consumer (idempotent).
+pub async fn ensure_stream(js: &jetstream::Context, s: &NatsSettings) -> Result<PullConsumer, SourceError> {
+    js.create_or_update_stream(stream_config(s)?).await.map_err(err)?;
+    let stream = js.get_stream(&s.stream).await.map_err(err)?;
+    stream.create_consumer(consumer_config(s)?).await.map_err(err)
+}
+
+/// Parses one JetStream message into the batch.
+pub fn accept(batch: &mut Batch, subject: &str, stream_seq: Option<u64>, body: &[u8]) {
+    match StoredEvent::parse_on_subject(subject, body) {
+        Ok(e) if e.is_conversation_pair() => batch.ignored += 1,
+        Ok(e) => batch.messages.push(NewMessage { bot: e.bot, user_id: e.user_id, point_id: e.point_id, ts_ms: e.ts.timestamp_millis() }),
+        Err(e) => {
+            tracing::warn!(subject, stream_seq, reason = %e, "malformed event sent to the dead-letter table");
+            metrics::counter!("recap_events_malformed_total", "reason" => e.kind()).increment(1);
+            batch.dead_letters.push(DeadLetter {
+                source: "nats",
+                subject: Some(subject.chars().take(255).collect()),
+                stream_seq,
+                raw: body.to_vec(),
+                reason: e.to_string(),
+            })
+        }
+    }
+}
+
+/// Reads the consumer lag.
+#[derive(Clone)]
+pub struct LagProbe(PullConsumer);
+
+impl LagProbe {
+    /// Messages not yet delivered plus delivered but not acknowledged.
+    pub async fn lag(&self) -> Result<u64, SourceError> {
+        let info = self.0.get_info().await.map_err(err)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+}
+
+/// The JetStream source (see the module docs).
+pub struct NatsSource {
+    client: async_nats::Client,
+    consumer: PullConsumer,
+    settings: NatsSettings,
+    in_flight: Vec<jetstream::Message>,
+    wait: Duration,
+}
+
+impl NatsSource {
+    pub async fn start(settings: NatsSettings) -> Result<NatsSource, SourceError> {
+        let client = connect(&settings, true).await?;
+        let js = jetstream::new(client.clone());
+        let consumer = ensure_stream(&js, &settings).await?;
+        Ok(NatsSource { client, consumer, settings, in_flight: Vec::new(), wait: Duration::from_millis(500) })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// A handle that reads the consumer's lag (messages not yet delivered), usable while the source runs.
+    pub fn lag_probe(&self) -> LagProbe {
+        LagProbe(self.consumer.clone())
+    }
+
+    fn checkpoint_name(&self) -> String {
+        format!("nats:{}:{}", self.settings.stream, self.settings.consumer)
+    }
+}
+
+impl Source for NatsSource {
+    async fn next_batch(&mut self) -> Result<Batch, SourceError> {
+        let mut batch = Batch::default();
+        let mut messages = self
+            .consumer
+            .batch()
+            .max_messages(self.settings.batch_size.max(1))
+            .expires(self.wait)
+            .messages()
+            .await
+            .map_err(err)?;
+        let mut last_seq = None;
+        let mut pending = None;
+        while let Some(m) = messages.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "pull batch ended");
+                    break;
+                }
+            };
+            let (seq, pend) = m.info().map(|i| (Some(i.stream_sequence), Some(i.pending))).unwrap_or((None, None));
+            last_seq = seq.or(last_seq);
+            pending = pend;
+            accept(&mut batch, m.subject.as_str(), seq, &m.payload);
+            self.in_flight.push(m);
+        }
+        metrics::counter!("recap_events_consumed_total").increment(self.in_flight.len() as u64);
+        // Caught up means nothing left anywhere: no undelivered messages and none delivered to someone else (a crashed
+        // process) and still unacknowledged — those come back after ack_wait and belong to windows still open.
+        if self.in_flight.len() < self.settings.batch_size.max(1) || pending == Some(0) {
+            let info = self.consumer.get_info().await.map_err(err)?;
+            batch.caught_up = info.num_pending == 0 && info.num_ack_pending <= self.in_flight.len();
+        }
+        if let Some(seq) = last_seq {
+            batch.checkpoint = Some((self.checkpoint_name(), seq as f64, 0));
+        }
+        if let Some(p) = pending {
+            metrics::gauge!("recap_consumer_pending").set(p as f64);
+        }
+        Ok(batch)
+    }
+
+    async fn commit(&mut self) -> Result<(), SourceError> {
+        for m in self.in_flight.drain(..) {
+            m.ack().await.map_err(err)?;
+        }
+        self.client.flush().await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn abandon(&mut self) {
+        // Not acknowledged: JetStream redelivers after ack_wait. A NAK would redeliver sooner, but during an outage
+        // that only spins; ack_wait is the back-off.
+        self.in_flight.clear();
+    }
+}

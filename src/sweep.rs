@@ -1,0 +1,562 @@
+//! The sweep source: a periodic Qdrant scroll that finds the messages events missed, and the whole input when recap
+//! runs without NATS. It produces the same [`Batch`]es as the event source, so the tracker cannot tell them apart and
+//! a point seen by both is one message (the store de-duplicates by point id).
+//!
+//! # A cycle
+//! Every `interval` (the first at once) the sweep lists the collections (fresh, so new bots appear) and keeps those
+//! that map to a bot. Per collection it scrolls only the points with `timestamp_unix >= start`, where `start` is the
+//! collection's checkpoint `sweep:<collection>` minus `overlap` — or now minus `lookback` on its first sweep — so the
+//! cost of a cycle grows with the points added since the last one, not with the history. Each page is one batch; its
+//! checkpoint commits in the same transaction as the tracker state, then [`Source::commit`] moves the cursor on, and
+//! [`Source::abandon`] makes the next call read the same page again.
+//!
+//! * **Ordered** (the collection has a float or integer range index on `timestamp_unix`): `order_by` ascending; the
+//!   next page starts from the last value seen and excludes the ids already returned at exactly that value. Every
+//!   page's checkpoint is the largest value in it, so an interrupted sweep resumes where it stopped.
+//! * **Unordered** (no such index): a filtered scroll with `offset` paging, in id order. The checkpoint stays at the
+//!   collection's start until its last page, which stores the largest value seen: an interrupted sweep of such a
+//!   collection starts it over (re-read points are no-ops in the store). recap creates the index only when told to
+//!   (`create_index`); it never changes the bots' collections otherwise.
+//! * **Points without `timestamp_unix`** (old data) cannot match a range filter. On a collection's first sweep (no
+//!   checkpoint yet) one extra pass reads the points where that field is empty (`is_empty`), dates them by the naive
+//!   ISO `timestamp` ([`payload_time`](crate::fetch::payload_time)) and keeps those not older than `start`. That pass
+//!   stores no checkpoint, so an interrupted first sweep repeats it. Limitation: such points written *after* a
+//!   collection's first sweep are found only through their events (or a backfill), never by later sweeps.
+//! * The checkpoint never moves past the wall clock: a point dated in the future cannot hide the points after it (it
+//!   is re-read each cycle until its time has come).
+//!
+//! `caught_up` is set only on the last page of a cycle and on the empty batches handed out (about once a second)
+//! while waiting for the next cycle, so the ingest loop keeps ticking and renewing its lease.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qdrant_client::QdrantError;
+use qdrant_client::qdrant::{
+    Condition, CreateFieldIndexCollectionBuilder, Direction, FieldType, Filter, OrderByBuilder, PayloadIncludeSelector, PayloadSchemaType,
+    PointId, Range, RetrievedPoint, ScrollPointsBuilder, order_value, start_from, payload_index_params::IndexParams, value::Kind,
+};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::fetch::{FetchError, Points, SkipReason, map_point};
+use crate::sink::{NewMessage, Store, StoreError};
+use crate::source::{Batch, Source, SourceError};
+
+/// How the sweep runs (see the module docs).
+#[derive(Clone)]
+pub struct SweepSettings {
+    /// Time between the starts of two cycles.
+    pub interval: Duration,
+    /// How far back the first sweep of a collection starts.
+    pub lookback: Duration,
+    /// How far before its checkpoint a collection's next sweep starts (late writes, clock skew).
+    pub overlap: Duration,
+    /// Points per scroll page (and per batch).
+    pub page_size: u32,
+    /// The bot a collection belongs to, or `None` for collections recap does not read.
+    pub bot_for_collection: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    /// Create a float index on `timestamp_unix` where it is missing (changes the bots' collections).
+    pub create_index: bool,
+}
+
+impl fmt::Debug for SweepSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SweepSettings")
+            .field("interval", &self.interval)
+            .field("lookback", &self.lookback)
+            .field("overlap", &self.overlap)
+            .field("page_size", &self.page_size)
+            .field("create_index", &self.create_index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one cycle read, per collection.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SweepReport {
+    pub collections: Vec<CollectionReport>,
+    pub duration: Duration,
+}
+
+impl SweepReport {
+    /// Points read in the cycle (re-reads of abandoned pages included: this is the cost).
+    pub fn points_read(&self) -> u64 {
+        self.collections.iter().map(|c| c.points_read).sum()
+    }
+    /// Messages delivered in committed pages.
+    pub fn messages(&self) -> u64 {
+        self.collections.iter().map(|c| c.messages).sum()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CollectionReport {
+    pub collection: String,
+    pub bot: String,
+    /// Whether the ordered (`order_by`) path was used.
+    pub ordered: bool,
+    /// Where the scroll started (`timestamp_unix`, seconds).
+    pub start: f64,
+    pub points_read: u64,
+    pub messages: u64,
+    pub pages: u64,
+}
+
+/// Why the sweep could not go on (the cycle resumes from the same place on the next call).
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error(transparent)]
+    Qdrant(#[from] FetchError),
+    #[error("reading the sweep checkpoint: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<QdrantError> for SweepError {
+    fn from(e: QdrantError) -> Self {
+        SweepError::Qdrant(e.into())
+    }
+}
+
+/// Where a collection's scroll stands: the request for its next page.
+#[derive(Debug, Clone, PartialEq)]
+enum Cursor {
+    /// First sweep only: points whose `timestamp_unix` is empty.
+    Undated { offset: Option<PointId> },
+    /// `timestamp_unix >= from`, ascending, minus `seen` (the ids already returned at exactly `from`).
+    Ordered { from: f64, seen: Vec<PointId> },
+    /// `timestamp_unix >= start`, in id order from `offset`.
+    Unordered { offset: Option<PointId> },
+}
+
+/// One collection being swept.
+#[derive(Debug)]
+struct Sweep {
+    collection: String,
+    bot: String,
+    ordered: bool,
+    start: f64,
+    /// The lowest checkpoint this sweep stores: `start + overlap`, so that the next `start` is never later than this one.
+    floor: f64,
+    /// Largest `timestamp_unix` in the committed pages.
+    max_seen: f64,
+    /// The committed position.
+    cursor: Cursor,
+}
+
+/// The page handed out and not yet committed or abandoned.
+#[derive(Debug)]
+struct Pending {
+    /// `None`: this was the collection's last page.
+    next: Option<Cursor>,
+    max_seen: f64,
+    messages: u64,
+}
+
+#[derive(Debug)]
+struct Cycle {
+    /// Collections still to sweep, with their bots.
+    queue: VecDeque<(String, String)>,
+    current: Option<Sweep>,
+    report: SweepReport,
+    started: Instant,
+}
+
+/// The sweep source (see the module docs).
+pub struct SweepSource {
+    points: Arc<Points>,
+    store: Store,
+    settings: SweepSettings,
+    next_cycle: Instant,
+    cycle: Option<Cycle>,
+    pending: Option<Pending>,
+    cycles: u64,
+    last_report: SweepReport,
+}
+
+fn now_secs() -> f64 {
+    chrono::Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// A payload number (`timestamp_unix` is a float, sometimes an integer).
+fn number(p: &RetrievedPoint, key: &str) -> Option<f64> {
+    match p.payload.get(key)?.kind.as_ref()? {
+        Kind::DoubleValue(d) => Some(*d),
+        Kind::IntegerValue(i) => Some(*i as f64),
+        _ => None,
+    }
+}
+
+/// The value an ordered scroll sorted a point by.
+fn order_of(p: &RetrievedPoint, key: &str) -> Option<f64> {
+    number(p, key).or_else(|| match p.order_value.as_ref()?.variant.as_ref()? {
+        order_value::Variant::Float(f) => Some(*f),
+        order_value::Variant::Int(i) => Some(*i as f64),
+    })
+}
+
+impl SweepSource {
+    pub fn new(points: Arc<Points>, store: Store, settings: SweepSettings) -> SweepSource {
+        SweepSource {
+            points,
+            store,
+            settings,
+            next_cycle: Instant::now(),
+            cycle: None,
+            pending: None,
+            cycles: 0,
+            last_report: SweepReport::default(),
+        }
+    }
+
+    /// Points read in the last completed cycle.
+    pub fn last_cycle_points_read(&self) -> u64 {
+        self.last_report.points_read()
+    }
+
+    /// The report of the last completed cycle.
+    pub fn last_report(&self) -> &SweepReport {
+        &self.last_report
+    }
+
+    /// Cycles completed since this source was made.
+    pub fn cycles_completed(&self) -> u64 {
+        self.cycles
+    }
+
+    fn checkpoint_name(collection: &str) -> String {
+        format!("sweep:{collection}")
+    }
+
+    /// Starts a cycle now: lists the collections that map to a bot.
+    async fn begin_cycle(&mut self) -> Result<(), SweepError> {
+        let queue: VecDeque<(String, String)> = self
+            .points
+            .collections(true)
+            .await?
+            .into_iter()
+            .filter_map(|c| (self.settings.bot_for_collection)(&c).map(|bot| (c, bot)))
+            .collect();
+        debug!(collections = queue.len(), "sweep cycle starts");
+        let started = Instant::now();
+        self.next_cycle = started + self.settings.interval;
+        self.cycle = Some(Cycle { queue, current: None, report: SweepReport::default(), started });
+        Ok(())
+    }
+
+    fn finish_cycle(&mut self) {
+        let Some(mut cycle) = self.cycle.take() else { return };
+        cycle.report.duration = cycle.started.elapsed();
+        self.cycles += 1;
+        let read = cycle.report.points_read();
+        metrics::counter!("recap_sweep_cycles_total").increment(1);
+        metrics::gauge!("recap_sweep_points_read_last_cycle").set(read as f64);
+        info!(
+            collections = cycle.report.collections.len(),
+            points_read = read,
+            messages = cycle.report.messages(),
+            seconds = cycle.report.duration.as_secs_f64(),
+            "sweep cycle done"
+        );
+        self.last_report = cycle.report;
+    }
+
+    /// Whether the collection has a range index on `timestamp_unix` (what `order_by` needs).
+    async fn has_range_index(&self, collection: &str) -> Result<bool, SweepError> {
+        let info = self.points.client().collection_info(collection).await?;
+        let Some(schema) = info.result.and_then(|r| r.payload_schema.get(&self.points.mapping.timestamp_unix).cloned()) else {
+            return Ok(false);
+        };
+        let params = schema.params.and_then(|p| p.index_params);
+        Ok(match PayloadSchemaType::try_from(schema.data_type) {
+            Ok(PayloadSchemaType::Float) => true,
+            Ok(PayloadSchemaType::Integer) => !matches!(params, Some(IndexParams::IntegerIndexParams(p)) if p.range == Some(false)),
+            _ => false,
+        })
+    }
+
+    /// Opens a collection for this cycle: its checkpoint, start and path.
+    async fn open(&self, collection: &str, bot: &str) -> Result<Sweep, SweepError> {
+        let stored = self.store.checkpoint(&Self::checkpoint_name(collection)).await?;
+        let overlap = self.settings.overlap.as_secs_f64();
+        let start = match stored {
+            Some(position) => position - overlap,
+            None => now_secs() - self.settings.lookback.as_secs_f64(),
+        };
+        let mut ordered = self.has_range_index(collection).await?;
+        if !ordered && self.settings.create_index {
+            let field = self.points.mapping.timestamp_unix.clone();
+            info!(collection, field, "creating a float index (create_index is set)");
+            self.points.client().create_field_index(CreateFieldIndexCollectionBuilder::new(collection, field, FieldType::Float).wait(true)).await?;
+            ordered = true;
+        }
+        let cursor = if stored.is_none() { Cursor::Undated { offset: None } } else { Self::ranged(ordered, start) };
+        debug!(collection, bot, ordered, start, first = stored.is_none(), "sweeping collection");
+        Ok(Sweep { collection: collection.into(), bot: bot.into(), ordered, start, floor: start + overlap, max_seen: f64::MIN, cursor })
+    }
+
+    fn ranged(ordered: bool, start: f64) -> Cursor {
+        if ordered { Cursor::Ordered { from: start, seen: Vec::new() } } else { Cursor::Unordered { offset: None } }
+    }
+
+    /// The next batch, or why there is none; the cycle is resumed from the same place on the next call.
+    async fn try_next_batch(&mut self) -> Result<Batch, SweepError> {
+        self.pending = None; // a page neither committed nor abandoned is read again
+        loop {
+            let Some(cycle) = self.cycle.as_mut() else {
+                let now = Instant::now();
+                if now >= self.next_cycle {
+                    self.begin_cycle().await?;
+                    continue;
+                }
+                tokio::time::sleep((self.next_cycle - now).min(Duration::from_secs(1))).await;
+                return Ok(Batch { caught_up: true, ..Batch::default() });
+            };
+            if cycle.current.is_some() {
+                return self.read_page().await;
+            }
+            let Some((collection, bot)) = cycle.queue.front().cloned() else {
+                self.finish_cycle();
+                return Ok(Batch { caught_up: true, ..Batch::default() });
+            };
+            let sweep = match self.open(&collection, &bot).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.skip_if_gone(&collection, e).await?;
+                    continue;
+                }
+            };
+            let cycle = self.cycle.as_mut().expect("cycle");
+            cycle.queue.pop_front();
+            cycle.report.collections.push(CollectionReport {
+                collection,
+                bot,
+                ordered: sweep.ordered,
+                start: sweep.start,
+                ..CollectionReport::default()
+            });
+            cycle.current = Some(sweep);
+        }
+    }
+
+    /// After an error on a collection: if it was deleted meanwhile, drop it from this cycle; else report the error.
+    async fn skip_if_gone(&mut self, collection: &str, e: SweepError) -> Result<(), SweepError> {
+        if let SweepError::Qdrant(_) = e
+            && let Ok(false) = self.points.client().collection_exists(collection).await
+        {
+            warn!(collection, "collection vanished during the sweep; skipped");
+            let cycle = self.cycle.as_mut().expect("cycle");
+            cycle.queue.retain(|(c, _)| c != collection);
+            if cycle.current.as_ref().is_some_and(|s| s.collection == collection) {
+                cycle.current = None;
+            }
+            return Ok(());
+        }
+        Err(e)
+    }
+
+    /// Reads the current collection's next page into a batch.
+    async fn read_page(&mut self) -> Result<Batch, SweepError> {
+        let m = &self.points.mapping;
+        let cycle = self.cycle.as_ref().expect("cycle");
+        let sweep = cycle.current.as_ref().expect("collection");
+        let key = m.timestamp_unix.clone();
+        let since = || Condition::range(key.clone(), Range { gte: Some(sweep.start), ..Range::default() });
+        // Only what mapping a point needs (not the conversation_pair texts, not the emotion).
+        let fields = [&m.user, &m.content, &m.role, &m.memory_type, &m.timestamp, &m.timestamp_unix].map(|f| f.to_string());
+        let mut req = ScrollPointsBuilder::new(&sweep.collection)
+            .limit(self.settings.page_size.max(1))
+            .with_payload(PayloadIncludeSelector { fields: fields.into_iter().chain(["source".to_string()]).collect() })
+            .with_vectors(false);
+        req = match &sweep.cursor {
+            Cursor::Undated { offset } => {
+                req = req.filter(Filter::must([Condition::is_empty(key.clone())]));
+                if let Some(o) = offset { req.offset(o.clone()) } else { req }
+            }
+            Cursor::Ordered { from, seen } => {
+                let mut f = Filter::must([Condition::range(key.clone(), Range { gte: Some(*from), ..Range::default() })]);
+                if !seen.is_empty() {
+                    f.must_not.push(Condition::has_id(seen.clone()));
+                }
+                req.filter(f).order_by(OrderByBuilder::new(key.clone()).direction(Direction::Asc as i32).start_from(start_from::Value::Float(*from)))
+            }
+            Cursor::Unordered { offset } => {
+                req = req.filter(Filter::must([since()]));
+                if let Some(o) = offset { req.offset(o.clone()) } else { req }
+            }
+        };
+        let page = match self.points.client().scroll(req).await {
+            Ok(p) => p,
+            Err(e) => {
+                let collection = sweep.collection.clone();
+                return self.skip_if_gone(&collection, e.into()).await.map(|()| Batch::default());
+            }
+        };
+
+        let read = page.result.len() as u64;
+        metrics::counter!("recap_sweep_points_read_total", "collection" => sweep.collection.clone()).increment(read);
+        let mut batch = Batch::default();
+        let start_ms = (sweep.start * 1000.0).floor() as i64;
+        let mut page_max = sweep.max_seen;
+        for p in &page.result {
+            if let Some(t) = number(p, &key) {
+                page_max = page_max.max(t);
+            }
+            match map_point(m, p) {
+                Ok(mp) if mp.message.ts_ms >= start_ms => batch.messages.push(NewMessage {
+                    bot: sweep.bot.clone(),
+                    user_id: mp.user_id,
+                    point_id: mp.message.point_id,
+                    ts_ms: mp.message.ts_ms,
+                }),
+                // an undated point older than the sweep's start: outside its range, as a range filter would have it
+                Ok(_) => metrics::counter!("recap_sweep_points_skipped_total", "reason" => "before_start").increment(1),
+                Err(reason) => {
+                    batch.ignored += usize::from(reason == SkipReason::ConversationPair);
+                    metrics::counter!("recap_sweep_points_skipped_total", "reason" => reason.as_str()).increment(1);
+                }
+            }
+        }
+
+        let full = read >= u64::from(self.settings.page_size.max(1));
+        let next = match &sweep.cursor {
+            Cursor::Undated { .. } => Some(match page.next_page_offset {
+                Some(o) => Cursor::Undated { offset: Some(o) },
+                None => Self::ranged(sweep.ordered, sweep.start),
+            }),
+            Cursor::Ordered { from, seen } => match page.result.last().and_then(|p| order_of(p, &key)) {
+                Some(last) if full => {
+                    let at_last = page.result.iter().filter(|p| order_of(p, &key) == Some(last)).filter_map(|p| p.id.clone());
+                    let seen = if last == *from { seen.iter().cloned().chain(at_last).collect() } else { at_last.collect() };
+                    Some(Cursor::Ordered { from: last, seen })
+                }
+                _ => None,
+            },
+            Cursor::Unordered { .. } => page.next_page_offset.map(|o| Cursor::Unordered { offset: Some(o) }),
+        };
+        let done = next.is_none();
+        // Never past the wall clock; unordered pages hold the floor until the collection's last page.
+        let position = match sweep.cursor {
+            Cursor::Undated { .. } => None,
+            Cursor::Ordered { .. } => Some(page_max),
+            Cursor::Unordered { .. } => Some(if done { page_max } else { sweep.floor }),
+        }
+        .map(|p| p.min(now_secs()).max(sweep.floor));
+        batch.checkpoint = position.map(|p| (Self::checkpoint_name(&sweep.collection), p, read as i64));
+        batch.caught_up = done && cycle.queue.is_empty();
+
+        let cycle = self.cycle.as_mut().expect("cycle");
+        if let Some(r) = cycle.report.collections.last_mut() {
+            r.points_read += read;
+        }
+        self.pending = Some(Pending { next, max_seen: page_max, messages: batch.messages.len() as u64 });
+        Ok(batch)
+    }
+}
+
+impl Source for SweepSource {
+    /// The next page of the current cycle, or (between cycles) an empty caught-up batch after at most a second.
+    /// Postgres errors do not surface as [`SourceError`] (it has no variant for them): they are logged and an empty,
+    /// not caught-up batch comes back after a second; the next call retries from the same place.
+    async fn next_batch(&mut self) -> Result<Batch, SourceError> {
+        match self.try_next_batch().await {
+            Ok(b) => Ok(b),
+            Err(SweepError::Qdrant(e)) => Err(SourceError::Qdrant(e)),
+            Err(SweepError::Store(e)) => {
+                warn!(error = %e, "sweep cannot read its checkpoint; retrying");
+                metrics::counter!("recap_sweep_errors_total", "kind" => "postgres").increment(1);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(Batch::default())
+            }
+        }
+    }
+
+    async fn commit(&mut self) -> Result<(), SourceError> {
+        let Some(p) = self.pending.take() else { return Ok(()) };
+        let Some(cycle) = self.cycle.as_mut() else { return Ok(()) };
+        let Some(sweep) = cycle.current.as_mut() else { return Ok(()) };
+        sweep.max_seen = p.max_seen;
+        if let Some(r) = cycle.report.collections.last_mut() {
+            r.messages += p.messages;
+            r.pages += 1;
+        }
+        match p.next {
+            Some(cursor) => sweep.cursor = cursor,
+            None => {
+                cycle.current = None;
+                if cycle.queue.is_empty() {
+                    self.finish_cycle();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn abandon(&mut self) {
+        // The committed cursor did not move: the next call reads the same page again.
+        self.pending = None;
+    }
+}
+
+/// Runs one full cycle now (`recap sweep --once`): every page goes through `apply` (e.g. `pipeline::Ingest::apply`),
+/// and is committed once `apply` succeeded. Returns what the cycle read per collection. A failed `apply` abandons the
+/// page and ends the run with its error; the stored checkpoints keep what was committed.
+///
+/// ```ignore
+/// let report = sweep_once(&mut source, async |b| ingest.apply(b, now_ms()).await.map(drop)).await?;
+/// ```
+pub async fn sweep_once<E>(source: &mut SweepSource, mut apply: impl AsyncFnMut(&Batch) -> Result<(), E>) -> anyhow::Result<SweepReport>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let done = source.cycles;
+    if source.cycle.is_none() {
+        source.begin_cycle().await?;
+    }
+    while source.cycles == done {
+        let batch = source.try_next_batch().await?;
+        if let Err(e) = apply(&batch).await {
+            source.abandon().await;
+            return Err(e.into());
+        }
+        source.commit().await?;
+    }
+    Ok(source.last_report.clone())
+}
+
+/// Points read per collection, as `sweep --once` prints them.
+impl fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.collections {
+            let path = if c.ordered { "ordered" } else { "unordered" };
+            writeln!(f, "{}\tbot={}\t{path}\tpoints_read={}\tmessages={}", c.collection, c.bot, c.points_read, c.messages)?;
+        }
+        write!(f, "total\tpoints_read={}\tmessages={}\t{:.1}s", self.points_read(), self.messages(), self.duration.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qdrant_client::qdrant::Value;
+    use std::collections::HashMap;
+
+    fn point(ts: Option<f64>) -> RetrievedPoint {
+        let mut payload = HashMap::new();
+        if let Some(t) = ts {
+            payload.insert("timestamp_unix".to_string(), Value { kind: Some(Kind::DoubleValue(t)) });
+        }
+        RetrievedPoint { payload, ..Default::default() }
+    }
+
+    #[test]
+    fn reads_the_order_value_from_the_payload_or_the_scroll() {
+        assert_eq!(order_of(&point(Some(12.5)), "timestamp_unix"), Some(12.5));
+        let mut p = point(None);
+        assert_eq!(order_of(&p, "timestamp_unix"), None);
+        p.order_value = Some(qdrant_client::qdrant::OrderValue { variant: Some(order_value::Variant::Int(7)) });
+        assert_eq!(order_of(&p, "timestamp_unix"), Some(7.0));
+    }
+}

@@ -1,0 +1,262 @@
+//! The event path end to end on real services: JetStream -> tracker -> Qdrant fetch -> summary rows.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T0: i64 = 1_763_640_000_000; // 2025-11-20T12:00:00Z: all test data lies in the past
+const MIN: i64 = 60_000;
+
+struct Scenario {
+    db: TestDb,
+    nats: NatsNs,
+    bot: String,
+    collection: String,
+    points: Vec<TestPoint>,
+}
+
+/// Several users of one bot: a long session, two sessions split by the idle gap, and a too-short one.
+async fn scenario(users: usize) -> Scenario {
+    let db = fresh_db().await;
+    db.migrate().await;
+    let nats = nats_ns();
+    let bot = format!("bot{}", token());
+    let collection = format!("whisperengine_memory_{bot}_7d");
+    let q = qdrant().await;
+    create_collection(&q, &collection, true).await;
+    let mut points = Vec::new();
+    for u in 0..users {
+        let user = format!("{}{u}", 100_000_000_000_000_000u64 + u as u64);
+        let base = T0 + u as i64 * 7 * MIN;
+        points.extend(conversation(&user, base, 6, 2 * MIN, true)); // 12 messages
+        points.extend(conversation(&user, base + 3 * 60 * MIN, 4, 5 * MIN, true)); // 8 messages, 3 h later
+        points.extend(conversation(&user, base + 8 * 60 * MIN, 2, MIN, false)); // 4 messages: too short
+    }
+    upsert(&q, &collection, &points).await;
+    Scenario { db, nats, bot, collection, points }
+}
+
+fn log_path(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    dir.join(format!("{name}-{}.log", token()))
+}
+
+async fn run_until(s: &Scenario, expected: usize, extra_env: &[(&str, &str)]) -> (Vec<Row>, std::path::PathBuf) {
+    let mut envs = recap_env(&s.db, Some(&s.nats));
+    envs.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let log = log_path("recap");
+    let mut child = spawn_recap(&["run"], &envs, &log);
+    let rows = wait_for_rows(&s.db.pool, expected, Duration::from_secs(90)).await;
+    terminate(&mut child);
+    (rows, log)
+}
+
+pub fn terminate(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn assert_one_row_per_window(pool: &sqlx::PgPool) {
+    let dups: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT bot_name, user_id, start_timestamp FROM conversation_summaries
+         GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(dups, 0, "a window has more than one row");
+    let bad: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversation_summaries WHERE length(trim(summary_text)) = 0 OR summary_text ILIKE '%coroutine%'
+         OR key_topics IS NULL OR cardinality(key_topics) = 0",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(bad, 0, "empty or placeholder summaries");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_become_exactly_the_expected_windows_once() {
+    let s = scenario(4).await;
+    let js = s.nats.ensure().await;
+    let stored = s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    assert_eq!(stored, s.points.len());
+    let expected = expected_rows(&s.bot, &s.points, 5);
+    assert_eq!(expected.len(), 8, "two summarizable windows per user");
+    let (rows, _) = run_until(&s, expected.len(), &[]).await;
+    assert_eq!(rows, expected);
+    assert_one_row_per_window(&s.db.pool).await;
+    let too_short: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_windows WHERE state = 'too_short'")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(too_short, 4, "each user's 4-message window is recorded as too short, with no row");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    let s = scenario(40).await; // 40 users x 24 messages (+ pair events) = 1,200 points
+    let js = s.nats.ensure().await;
+    s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    let expected = expected_rows(&s.bot, &s.points, 5);
+    let mut envs = recap_env(&s.db, Some(&s.nats));
+    envs.push(("NATS_ACK_WAIT".into(), "2s".into()));
+    envs.push(("INGEST_BATCH_SIZE".into(), "50".into()));
+    let log = log_path("crash");
+    let mut seed = recap::tracker::point_hash(&token());
+    let mut kills = 0;
+    for _ in 0..20 {
+        let mut child = spawn_recap(&["run"], &envs, &log);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(300 + seed % 1500)).await;
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+        kills += 1;
+        assert_one_row_per_window(&s.db.pool).await;
+    }
+    assert_eq!(kills, 20);
+    let mut child = spawn_recap(&["run"], &envs, &log);
+    let rows = wait_for_rows(&s.db.pool, expected.len(), Duration::from_secs(120)).await;
+    terminate(&mut child);
+    assert_eq!(rows, expected, "table after 20 SIGKILLs differs from the uninterrupted definition");
+    assert_one_row_per_window(&s.db.pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_produce_the_same_table_as_one() {
+    let s = scenario(12).await;
+    let js = s.nats.ensure().await;
+    s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    let expected = expected_rows(&s.bot, &s.points, 5);
+    let envs = recap_env(&s.db, Some(&s.nats));
+    let (log_a, log_b) = (log_path("replica-a"), log_path("replica-b"));
+    let mut a_env = envs.clone();
+    a_env.push(("INSTANCE_ID".into(), "replica-a".into()));
+    let mut b_env = envs;
+    b_env.push(("INSTANCE_ID".into(), "replica-b".into()));
+    let mut a = spawn_recap(&["run"], &a_env, &log_a);
+    let mut b = spawn_recap(&["run"], &b_env, &log_b);
+    let rows = wait_for_rows(&s.db.pool, expected.len(), Duration::from_secs(90)).await;
+    terminate(&mut a);
+    terminate(&mut b);
+    assert_eq!(rows, expected);
+    let summarized = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().matches("window summarized").count();
+    assert_eq!(summarized(&log_a) + summarized(&log_b), expected.len(), "each window summarized exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_message_updates_the_same_row_with_revision_2() {
+    let s = scenario(2).await;
+    let js = s.nats.ensure().await;
+    s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    let expected = expected_rows(&s.bot, &s.points, 5);
+    let envs = recap_env(&s.db, Some(&s.nats));
+    let log = log_path("late");
+    let mut child = spawn_recap(&["run"], &envs, &log);
+    let before = wait_for_rows(&s.db.pool, expected.len(), Duration::from_secs(90)).await;
+    assert_eq!(before, expected);
+    // a message stored late, inside the first window of the first user
+    let first = &expected[0];
+    let mut late = conversation(&first.user, first.start.and_utc().timestamp_millis() + 30_000, 1, MIN, false);
+    late.truncate(1);
+    upsert(&qdrant().await, &s.collection, &late).await;
+    s.nats.publish(&js, &s.bot, &s.collection, &late).await;
+    let t0 = std::time::Instant::now();
+    let updated = loop {
+        let r = rows(&s.db.pool).await;
+        if r.iter().any(|r| r.revision == 2) || t0.elapsed() > Duration::from_secs(60) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    terminate(&mut child);
+    assert_eq!(updated.len(), expected.len(), "still one row per window");
+    let row = updated.iter().find(|r| r.user == first.user && r.start == first.start).expect("same row");
+    assert_eq!(row.revision, 2);
+    assert_eq!(row.count, first.count + 1);
+    assert_eq!(row.end, first.end, "the late message lies inside the window");
+    assert_one_row_per_window(&s.db.pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_publishes_and_redeliveries_change_nothing() {
+    let s = scenario(3).await;
+    let js = s.nats.ensure().await;
+    s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    // the same publishes again: JetStream drops them by Nats-Msg-Id
+    let again = s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    assert_eq!(again, 0, "duplicate publishes are dropped by the stream");
+    // re-sent with fresh message ids (a bot retrying after the duplicate window): the stream keeps them, recap must not
+    let resend = s
+        .points
+        .iter()
+        .map(|p| {
+            let e = p.event(&s.bot, &s.collection);
+            (e.subject(&s.nats.prefix), Some(format!("{}-again", p.id)), e.to_body())
+        })
+        .collect();
+    assert_eq!(s.nats.publish_raw(&js, resend).await, s.points.len());
+    let expected = expected_rows(&s.bot, &s.points, 5);
+    let (rows, _) = run_until(&s, expected.len(), &[]).await;
+    assert_eq!(rows, expected);
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_messages").fetch_one(&s.db.pool).await.unwrap();
+    let distinct = s.points.iter().filter(|p| p.role != "conversation_pair").count() as i64;
+    assert_eq!(messages, distinct);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_hostile_events_are_dead_lettered_and_the_stream_flows() {
+    let s = scenario(4).await;
+    let js = s.nats.ensure().await;
+    let valid = s.points.clone();
+    let mut items: Vec<(String, Option<String>, Vec<u8>)> = Vec::new();
+    let subject = format!("{}.{}", s.nats.prefix, s.bot);
+    for i in 0..1000 {
+        let body: Vec<u8> = match i % 8 {
+            0 => vec![0xff, 0xfe, 0xfd, b'{'],
+            1 => br#"{"v":1,"bot":"#.to_vec(),
+            2 => format!(r#"{{"v":2,"bot":"{}","point_id":"p{i}","user_id":"u","ts":"2025-11-20T12:00:00Z"}}"#, s.bot).into_bytes(),
+            3 => format!(r#"{{"v":1,"bot":"{}","point_id":"p{i}","user_id":"x'); DROP TABLE conversation_summaries;--\u0007","ts":"2025-11-20T12:00:00Z"}}"#, s.bot).into_bytes(),
+            4 => format!(r#"{{"v":1,"bot":"{}","point_id":"p{i}","user_id":"u","ts":"0001-01-01T00:00:00Z"}}"#, s.bot).into_bytes(),
+            5 => vec![b'x'; 8000],
+            6 => format!(r#"{{"v":1,"bot":"{}","point_id":{i},"user_id":"u","ts":"2025-11-20T12:00:00Z"}}"#, s.bot).into_bytes(),
+            _ => r#"{"v":1,"bot":"someone_else","point_id":"p","user_id":"u","ts":"2025-11-20T12:00:00Z"}"#.as_bytes().to_vec(),
+        };
+        items.push((subject.clone(), Some(format!("bad-{i}")), body));
+    }
+    // interleave: hostile events between valid ones
+    let mut mixed = Vec::new();
+    let mut bad = items.into_iter();
+    for p in &valid {
+        let e = p.event(&s.bot, &s.collection);
+        mixed.push((e.subject(&s.nats.prefix), Some(p.id.clone()), e.to_body()));
+        for b in bad.by_ref().take(10) {
+            mixed.push(b);
+        }
+    }
+    mixed.extend(bad);
+    s.nats.publish_raw(&js, mixed).await;
+    let expected = expected_rows(&s.bot, &valid, 5);
+    let (rows, _) = run_until(&s, expected.len(), &[]).await;
+    assert_eq!(rows, expected);
+    let dead: Vec<(String, i64)> =
+        sqlx::query_as("SELECT split_part(reason, ':', 1), count(*) FROM recap_dead_letters GROUP BY 1 ORDER BY 1")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    let total: i64 = dead.iter().map(|d| d.1).sum();
+    assert_eq!(total, 1000, "every hostile event is a dead letter: {dead:?}");
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_summaries").fetch_one(&s.db.pool).await.unwrap();
+    assert_eq!(tables as usize, expected.len());
+}
