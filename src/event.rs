@@ -41,7 +41,11 @@ pub enum EventError {
     #[error("event field `{field}` is invalid: {reason}")]
     Field { field: &'static str, reason: String },
     #[error("subject {subject:?} names bot {subject_bot:?} but the event says {event_bot:?}")]
-    SubjectMismatch { subject: String, subject_bot: String, event_bot: String },
+    SubjectMismatch {
+        subject: String,
+        subject_bot: String,
+        event_bot: String,
+    },
 }
 
 impl EventError {
@@ -62,11 +66,18 @@ impl EventError {
 pub fn is_valid_bot(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 100
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn check_text(field: &'static str, value: &str) -> Result<(), EventError> {
-    let bad = |reason: &str| Err(EventError::Field { field, reason: reason.to_string() });
+    let bad = |reason: &str| {
+        Err(EventError::Field {
+            field,
+            reason: reason.to_string(),
+        })
+    };
     if value.is_empty() {
         return bad("empty");
     }
@@ -87,13 +98,15 @@ impl StoredEvent {
         }
         let text = std::str::from_utf8(body).map_err(|_| EventError::NotUtf8)?;
         // Read the version first so a v2 event is reported as such, not as a shape error.
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| EventError::Json(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| EventError::Json(e.to_string()))?;
         match value.get("v").and_then(serde_json::Value::as_u64) {
             Some(v) if v == u64::from(EVENT_VERSION) => {}
             Some(v) => return Err(EventError::UnknownVersion(v)),
             None => return Err(EventError::Json("missing or non-integer field `v`".into())),
         }
-        let event: StoredEvent = serde_json::from_value(value).map_err(|e| EventError::Json(e.to_string()))?;
+        let event: StoredEvent =
+            serde_json::from_value(value).map_err(|e| EventError::Json(e.to_string()))?;
         event.validate()?;
         Ok(event)
     }
@@ -101,7 +114,10 @@ impl StoredEvent {
     /// Field checks shared by every producer of events (NATS and tests).
     pub fn validate(&self) -> Result<(), EventError> {
         if !is_valid_bot(&self.bot) {
-            return Err(EventError::Field { field: "bot", reason: "must be 1-100 of [A-Za-z0-9_-]".into() });
+            return Err(EventError::Field {
+                field: "bot",
+                reason: "must be 1-100 of [A-Za-z0-9_-]".into(),
+            });
         }
         check_text("point_id", &self.point_id)?;
         check_text("user_id", &self.user_id)?;
@@ -113,7 +129,10 @@ impl StoredEvent {
         }
         let year = chrono::Datelike::year(&self.ts);
         if !(2000..=2200).contains(&year) {
-            return Err(EventError::Field { field: "ts", reason: format!("year {year} is out of range") });
+            return Err(EventError::Field {
+                field: "ts",
+                reason: format!("year {year} is out of range"),
+            });
         }
         Ok(())
     }
@@ -196,14 +215,22 @@ mod tests {
 
     #[test]
     fn rejects_oversized_bodies() {
-        let big = format!(r#"{{"v":1,"bot":"elena","point_id":"p","user_id":"{}","ts":"2026-11-20T14:03:11Z"}}"#, "x".repeat(5000));
+        let big = format!(
+            r#"{{"v":1,"bot":"elena","point_id":"p","user_id":"{}","ts":"2026-11-20T14:03:11Z"}}"#,
+            "x".repeat(5000)
+        );
         assert!(matches!(err(big.as_bytes()), EventError::TooLarge(n) if n > MAX_EVENT_BYTES));
     }
 
     #[test]
     fn rejects_wrong_types() {
-        let e = err(br#"{"v":1,"bot":"elena","point_id":42,"user_id":"u","ts":"2026-11-20T14:03:11Z"}"#);
-        assert!(e.to_string().contains("point_id") || e.to_string().contains("string"), "{e}");
+        let e = err(
+            br#"{"v":1,"bot":"elena","point_id":42,"user_id":"u","ts":"2026-11-20T14:03:11Z"}"#,
+        );
+        assert!(
+            e.to_string().contains("point_id") || e.to_string().contains("string"),
+            "{e}"
+        );
         let e = err(br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u","ts":1763647391}"#);
         assert_eq!(e.kind(), "json");
         // a naive timestamp (no zone) is not RFC 3339
@@ -213,7 +240,9 @@ mod tests {
 
     #[test]
     fn rejects_unknown_versions() {
-        let e = err(br#"{"v":2,"bot":"elena","point_id":"p","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#);
+        let e = err(
+            br#"{"v":2,"bot":"elena","point_id":"p","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#,
+        );
         assert_eq!(e, EventError::UnknownVersion(2));
         assert!(e.to_string().contains("version 2"));
         assert_eq!(err(br#"{"bot":"elena"}"#).kind(), "json");
@@ -222,14 +251,32 @@ mod tests {
     #[test]
     fn rejects_hostile_fields() {
         assert_eq!(err(&[0xff, 0xfe, b'{']).kind(), "not_utf8");
-        let bad_bot = br#"{"v":1,"bot":"el.ena","point_id":"p","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#;
-        assert!(matches!(err(bad_bot), EventError::Field { field: "bot", .. }));
+        let bad_bot =
+            br#"{"v":1,"bot":"el.ena","point_id":"p","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#;
+        assert!(matches!(
+            err(bad_bot),
+            EventError::Field { field: "bot", .. }
+        ));
         let ctl = br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u\u0000x","ts":"2026-11-20T14:03:11Z"}"#;
-        assert!(matches!(err(ctl), EventError::Field { field: "user_id", .. }));
-        let year1 = br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u","ts":"0001-01-01T00:00:00Z"}"#;
+        assert!(matches!(
+            err(ctl),
+            EventError::Field {
+                field: "user_id",
+                ..
+            }
+        ));
+        let year1 =
+            br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u","ts":"0001-01-01T00:00:00Z"}"#;
         assert!(matches!(err(year1), EventError::Field { field: "ts", .. }));
-        let empty = br#"{"v":1,"bot":"elena","point_id":"","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#;
-        assert!(matches!(err(empty), EventError::Field { field: "point_id", .. }));
+        let empty =
+            br#"{"v":1,"bot":"elena","point_id":"","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#;
+        assert!(matches!(
+            err(empty),
+            EventError::Field {
+                field: "point_id",
+                ..
+            }
+        ));
     }
 
     #[test]

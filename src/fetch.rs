@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDateTime;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    Condition, Filter, GetPointsBuilder, PointId, Range, RetrievedPoint, ScrollPointsBuilder, Value, VectorsSelector, point_id::PointIdOptions,
-    value::Kind, vector_output, vectors_output::VectorsOptions,
+    Condition, Filter, GetPointsBuilder, PointId, Range, RetrievedPoint, ScrollPointsBuilder,
+    Value, VectorsSelector, point_id::PointIdOptions, value::Kind, vector_output,
+    vectors_output::VectorsOptions,
 };
 
 use crate::summarize::Message;
@@ -124,10 +125,14 @@ pub fn parse_naive_iso(s: &str) -> Option<Millis> {
     if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(s) {
         return Some(dt.timestamp_millis());
     }
-    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S"]
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
-        .map(|dt| dt.and_utc().timestamp_millis())
+    [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+    ]
+    .iter()
+    .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+    .map(|dt| dt.and_utc().timestamp_millis())
 }
 
 /// The message time of a payload: `timestamp_unix` (float seconds), else the naive ISO `timestamp` (UTC).
@@ -160,7 +165,10 @@ pub fn map_point(m: &PayloadMapping, p: &RetrievedPoint) -> Result<MappedPoint, 
         _ => return Err(SkipReason::NoUser),
     };
     let ts_ms = payload_time(m, payload).ok_or(SkipReason::NoTimestamp)?;
-    let text = as_str(payload.get(&m.content)).map(str::trim).filter(|t| !t.is_empty()).ok_or(SkipReason::NoContent)?;
+    let text = as_str(payload.get(&m.content))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(SkipReason::NoContent)?;
     let role = match role {
         Some("user") | Some("user_message") => "user",
         Some("assistant") | Some("bot") | Some("bot_response") => "assistant",
@@ -200,7 +208,9 @@ pub fn dedupe_messages(mut msgs: Vec<Message>) -> Vec<Message> {
     msgs.sort_by(|a, b| (a.ts_ms, &a.point_id).cmp(&(b.ts_ms, &b.point_id)));
     let mut ids = HashSet::new();
     let mut same = HashSet::new();
-    msgs.retain(|m| ids.insert(m.point_id.clone()) && same.insert((m.ts_ms, m.role.clone(), m.text.clone())));
+    msgs.retain(|m| {
+        ids.insert(m.point_id.clone()) && same.insert((m.ts_ms, m.role.clone(), m.text.clone()))
+    });
     msgs
 }
 
@@ -212,12 +222,22 @@ pub struct Points {
 }
 
 impl Points {
-    pub fn new(url: &str, api_key: Option<&str>, mapping: PayloadMapping) -> Result<Points, FetchError> {
-        let mut b = Qdrant::from_url(url).timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5));
+    pub fn new(
+        url: &str,
+        api_key: Option<&str>,
+        mapping: PayloadMapping,
+    ) -> Result<Points, FetchError> {
+        let mut b = Qdrant::from_url(url)
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(5));
         if let Some(k) = api_key {
             b = b.api_key(k.to_string());
         }
-        Ok(Points { client: b.build()?, mapping, collections: Mutex::new((None, Vec::new())) })
+        Ok(Points {
+            client: b.build()?,
+            mapping,
+            collections: Mutex::new((None, Vec::new())),
+        })
     }
 
     pub fn client(&self) -> &Qdrant {
@@ -240,10 +260,18 @@ impl Points {
     }
 
     /// The collections of one bot, by `bot_for_collection`.
-    pub async fn collections_for(&self, bot: &str, bot_for_collection: &(dyn Fn(&str) -> Option<String> + Sync)) -> Result<Vec<String>, FetchError> {
+    pub async fn collections_for(
+        &self,
+        bot: &str,
+        bot_for_collection: &(dyn Fn(&str) -> Option<String> + Sync),
+    ) -> Result<Vec<String>, FetchError> {
         for refresh in [false, true] {
-            let found: Vec<String> =
-                self.collections(refresh).await?.into_iter().filter(|c| bot_for_collection(c).as_deref() == Some(bot)).collect();
+            let found: Vec<String> = self
+                .collections(refresh)
+                .await?
+                .into_iter()
+                .filter(|c| bot_for_collection(c).as_deref() == Some(bot))
+                .collect();
             if !found.is_empty() {
                 return Ok(found);
             }
@@ -266,7 +294,13 @@ impl Points {
                 let pids: Vec<PointId> = chunk.iter().map(|i| point_id_from_str(i)).collect();
                 let r = self
                     .client
-                    .get_points(GetPointsBuilder::new(coll, pids).with_payload(true).with_vectors(VectorsSelector { names: vec![self.mapping.content_vector.clone()] }))
+                    .get_points(
+                        GetPointsBuilder::new(coll, pids)
+                            .with_payload(true)
+                            .with_vectors(VectorsSelector {
+                                names: vec![self.mapping.content_vector.clone()],
+                            }),
+                    )
                     .await?;
                 raw.extend(r.result);
             }
@@ -274,7 +308,11 @@ impl Points {
                 Condition::matches(self.mapping.user.clone(), user_id.to_string()),
                 Condition::range(
                     self.mapping.timestamp_unix.clone(),
-                    Range { gte: Some(range_ms.0 as f64 / 1000.0), lt: Some((range_ms.1 + 1) as f64 / 1000.0), ..Default::default() },
+                    Range {
+                        gte: Some(range_ms.0 as f64 / 1000.0),
+                        lt: Some((range_ms.1 + 1) as f64 / 1000.0),
+                        ..Default::default()
+                    },
                 ),
             ]);
             let mut offset: Option<PointId> = None;
@@ -283,7 +321,9 @@ impl Points {
                     .filter(filter.clone())
                     .limit(256)
                     .with_payload(true)
-                    .with_vectors(VectorsSelector { names: vec![self.mapping.content_vector.clone()] });
+                    .with_vectors(VectorsSelector {
+                        names: vec![self.mapping.content_vector.clone()],
+                    });
                 if let Some(o) = offset.take() {
                     req = req.offset(o);
                 }
@@ -299,7 +339,13 @@ impl Points {
         let mut msgs = Vec::with_capacity(raw.len());
         for p in &raw {
             match map_point(&self.mapping, p) {
-                Ok(mp) if mp.user_id == user_id && mp.message.ts_ms >= range_ms.0 && mp.message.ts_ms <= range_ms.1 => msgs.push(mp.message),
+                Ok(mp)
+                    if mp.user_id == user_id
+                        && mp.message.ts_ms >= range_ms.0
+                        && mp.message.ts_ms <= range_ms.1 =>
+                {
+                    msgs.push(mp.message)
+                }
                 Ok(_) => {}
                 Err(reason) => *skipped.entry(reason).or_default() += 1,
             }
@@ -313,16 +359,25 @@ mod tests {
     use super::*;
 
     fn v_str(s: &str) -> Value {
-        Value { kind: Some(Kind::StringValue(s.into())) }
+        Value {
+            kind: Some(Kind::StringValue(s.into())),
+        }
     }
     fn v_f64(f: f64) -> Value {
-        Value { kind: Some(Kind::DoubleValue(f)) }
+        Value {
+            kind: Some(Kind::DoubleValue(f)),
+        }
     }
 
     fn point(pairs: &[(&str, Value)]) -> RetrievedPoint {
         RetrievedPoint {
-            id: Some(PointId::from("6f1c2d9e-8a55-4c0e-9a43-1f7f1b2a9c10".to_string())),
-            payload: pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            id: Some(PointId::from(
+                "6f1c2d9e-8a55-4c0e-9a43-1f7f1b2a9c10".to_string(),
+            )),
+            payload: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
             ..Default::default()
         }
     }
@@ -349,7 +404,11 @@ mod tests {
     #[test]
     fn falls_back_to_the_naive_timestamp_and_unknown_speaker() {
         let m = PayloadMapping::default();
-        let p = point(&[("user_id", v_str("u")), ("content", v_str("x")), ("timestamp", v_str("2026-11-20T14:03:11.512000"))]);
+        let p = point(&[
+            ("user_id", v_str("u")),
+            ("content", v_str("x")),
+            ("timestamp", v_str("2026-11-20T14:03:11.512000")),
+        ]);
         let mp = map_point(&m, &p).unwrap();
         assert_eq!(mp.message.ts_ms, 1_763_647_391_512);
         assert_eq!(mp.message.role, "unknown");
@@ -358,24 +417,57 @@ mod tests {
     #[test]
     fn skips_what_is_not_a_message() {
         let m = PayloadMapping::default();
-        let base = [("user_id", v_str("u")), ("content", v_str("x")), ("timestamp_unix", v_f64(1_763_647_391.0))];
+        let base = [
+            ("user_id", v_str("u")),
+            ("content", v_str("x")),
+            ("timestamp_unix", v_f64(1_763_647_391.0)),
+        ];
         let with = |extra: (&str, Value)| {
             let mut v = base.to_vec();
             v.push(extra);
             point(&v)
         };
-        assert_eq!(map_point(&m, &with(("role", v_str("conversation_pair")))), Err(SkipReason::ConversationPair));
-        assert_eq!(map_point(&m, &with(("memory_type", v_str("fact")))), Err(SkipReason::NotConversation));
-        assert_eq!(map_point(&m, &point(&[("content", v_str("x"))])), Err(SkipReason::NoUser));
-        assert_eq!(map_point(&m, &point(&[("user_id", v_str("u")), ("content", v_str("x"))])), Err(SkipReason::NoTimestamp));
-        let nan = point(&[("user_id", v_str("u")), ("content", v_str("x")), ("timestamp_unix", v_f64(f64::NAN))]);
+        assert_eq!(
+            map_point(&m, &with(("role", v_str("conversation_pair")))),
+            Err(SkipReason::ConversationPair)
+        );
+        assert_eq!(
+            map_point(&m, &with(("memory_type", v_str("fact")))),
+            Err(SkipReason::NotConversation)
+        );
+        assert_eq!(
+            map_point(&m, &point(&[("content", v_str("x"))])),
+            Err(SkipReason::NoUser)
+        );
+        assert_eq!(
+            map_point(
+                &m,
+                &point(&[("user_id", v_str("u")), ("content", v_str("x"))])
+            ),
+            Err(SkipReason::NoTimestamp)
+        );
+        let nan = point(&[
+            ("user_id", v_str("u")),
+            ("content", v_str("x")),
+            ("timestamp_unix", v_f64(f64::NAN)),
+        ]);
         assert_eq!(map_point(&m, &nan), Err(SkipReason::NoTimestamp));
     }
 
     #[test]
     fn dedupes_repeated_messages() {
-        let msg = |id: &str, ts| Message { point_id: id.into(), role: "user".into(), text: "hi".into(), ts_ms: ts, emotion: None, vector: vec![] };
+        let msg = |id: &str, ts| Message {
+            point_id: id.into(),
+            role: "user".into(),
+            text: "hi".into(),
+            ts_ms: ts,
+            emotion: None,
+            vector: vec![],
+        };
         let out = dedupe_messages(vec![msg("b", 2), msg("a", 1), msg("a", 1), msg("c", 1)]);
-        assert_eq!(out.iter().map(|m| m.point_id.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(
+            out.iter().map(|m| m.point_id.as_str()).collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
     }
 }

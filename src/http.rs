@@ -22,7 +22,10 @@ pub fn install_metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             PrometheusBuilder::new()
-                .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0])
+                .set_buckets(&[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 1800.0,
+                ])
                 .expect("static buckets")
                 .install_recorder()
                 .expect("metrics recorder installs once")
@@ -58,7 +61,8 @@ impl Readiness {
             Ok(Err(e)) => format!("unreachable: {e}"),
             Err(_) => "timeout".to_string(),
         };
-        let qdrant = match tokio::time::timeout(timeout, self.points.client().health_check()).await {
+        let qdrant = match tokio::time::timeout(timeout, self.points.client().health_check()).await
+        {
             Ok(Ok(_)) => "ok".to_string(),
             Ok(Err(e)) => format!("unreachable: {e}"),
             Err(_) => "timeout".to_string(),
@@ -71,8 +75,17 @@ impl Readiness {
             },
         };
         let consumer_lag = self.lag.load(std::sync::atomic::Ordering::Relaxed);
-        let ready = postgres == "ok" && qdrant == "ok" && (nats == "ok" || self.nats.is_none()) && consumer_lag <= self.max_lag;
-        ReadyReport { ready, postgres, qdrant, nats, consumer_lag }
+        let ready = postgres == "ok"
+            && qdrant == "ok"
+            && (nats == "ok" || self.nats.is_none())
+            && consumer_lag <= self.max_lag;
+        ReadyReport {
+            ready,
+            postgres,
+            qdrant,
+            nats,
+            consumer_lag,
+        }
     }
 }
 
@@ -89,17 +102,30 @@ pub fn router(metrics: PrometheusHandle, ready: Readiness) -> Router {
             "/readyz",
             get(|State(s): State<AppState>| async move {
                 let r = s.ready.check().await;
-                let code = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let code = if r.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 (code, Json(r))
             }),
         )
-        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+        )
         .with_state(AppState { metrics, ready })
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "http listening");
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }

@@ -76,14 +76,22 @@ pub struct Ingest {
 
 impl Ingest {
     /// Becomes the leader (waits until the lease is free) and rebuilds the tracker.
-    pub async fn start(ctx: Context, shutdown: &CancellationToken) -> Result<Option<Ingest>, StoreError> {
+    pub async fn start(
+        ctx: Context,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Ingest>, StoreError> {
         let ttl = Duration::from_secs(ctx.cfg.leader_lease_seconds.into());
         loop {
             match ctx.store.try_acquire_leader(&ctx.instance, ttl).await {
                 Ok(Some(fence)) => {
                     info!(epoch = fence.epoch, "ingest leader");
                     let tracker = restore_tracker(&ctx.store, ctx.tracker_config()).await?;
-                    return Ok(Some(Ingest { ctx, tracker, fence, last_commit: Instant::now() }));
+                    return Ok(Some(Ingest {
+                        ctx,
+                        tracker,
+                        fence,
+                        last_commit: Instant::now(),
+                    }));
                 }
                 Ok(None) => debug!("another replica leads ingest; waiting"),
                 Err(e) => warn!(error = %e, "cannot reach Postgres to take the ingest lease"),
@@ -133,7 +141,10 @@ impl Ingest {
                 applied.duplicates += 1;
                 continue;
             }
-            match self.tracker.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms) {
+            match self
+                .tracker
+                .observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms)
+            {
                 Observed::Accepted { late } => {
                     applied.new += 1;
                     applied.late += usize::from(late);
@@ -150,7 +161,8 @@ impl Ingest {
             tx.close_window(&tcfg, &w, min).await?;
             applied.closed += 1;
         }
-        tx.save_watermarks(&self.tracker.take_watermark_changes()).await?;
+        tx.save_watermarks(&self.tracker.take_watermark_changes())
+            .await?;
         if let Some((name, pos, read)) = &batch.checkpoint {
             tx.save_checkpoint(name, *pos, *read).await?;
         }
@@ -167,10 +179,16 @@ impl Ingest {
 }
 
 /// Runs ingest from `source` until `shutdown`: batches in, transactions committed, then acks.
-pub async fn run_ingest<S: Source>(ctx: Context, mut source: S, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_ingest<S: Source>(
+    ctx: Context,
+    mut source: S,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     'lead: loop {
-        let Some(mut ingest) = Ingest::start(ctx.clone(), &shutdown).await? else { return Ok(()) };
+        let Some(mut ingest) = Ingest::start(ctx.clone(), &shutdown).await? else {
+            return Ok(());
+        };
         loop {
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -220,16 +238,24 @@ pub async fn run_ingest<S: Source>(ctx: Context, mut source: S, shutdown: Cancel
 
 /// Back-off for a window that failed: 5 s, 10 s, 20 s ... capped at 10 minutes.
 fn retry_delay(attempts: i32) -> Duration {
-    Duration::from_secs(5u64.saturating_mul(1u64 << attempts.clamp(0, 7) as u32)).min(Duration::from_secs(600))
+    Duration::from_secs(5u64.saturating_mul(1u64 << attempts.clamp(0, 7) as u32))
+        .min(Duration::from_secs(600))
 }
 
 /// Fetches and summarizes one claimed window; returns what to write.
-pub async fn summarize_window(ctx: &Context, w: &ClaimedWindow) -> Result<WindowOutcome, StoreError> {
+pub async fn summarize_window(
+    ctx: &Context,
+    w: &ClaimedWindow,
+) -> Result<WindowOutcome, StoreError> {
     let cfg = &ctx.cfg;
     let ids = ctx.store.window_points(w.id).await?;
     let bot_for = |c: &str| cfg.bot_for_collection(c);
     let fetched = match ctx.points.collections_for(&w.bot, &bot_for).await {
-        Ok(colls) => ctx.points.fetch_window(&colls, &ids, &w.user_id, (w.start_ms, w.end_ms)).await.map(|r| (colls, r)),
+        Ok(colls) => ctx
+            .points
+            .fetch_window(&colls, &ids, &w.user_id, (w.start_ms, w.end_ms))
+            .await
+            .map(|r| (colls, r)),
         Err(e) => Err(e),
     };
     let (messages, skipped) = match fetched {
@@ -238,23 +264,40 @@ pub async fn summarize_window(ctx: &Context, w: &ClaimedWindow) -> Result<Window
             // Qdrant unreachable: the window waits, it is not failed for the outage.
             let counts = matches!(e, FetchError::NoCollection(_));
             metrics::counter!("recap_fetch_errors_total").increment(1);
-            return Ok(WindowOutcome::Retry { error: e.to_string(), delay: Duration::from_secs(5), counts, max_attempts: cfg.llm_max_attempts as i32 });
+            return Ok(WindowOutcome::Retry {
+                error: e.to_string(),
+                delay: Duration::from_secs(5),
+                counts,
+                max_attempts: cfg.llm_max_attempts as i32,
+            });
         }
     };
     for (reason, n) in &skipped {
-        metrics::counter!("recap_points_skipped_total", "reason" => reason.as_str()).increment(*n as u64);
+        metrics::counter!("recap_points_skipped_total", "reason" => reason.as_str())
+            .increment(*n as u64);
     }
     let known: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
     let extra = messages
         .iter()
         .filter(|m| !known.contains(m.point_id.as_str()))
-        .map(|m| crate::sink::NewMessage { bot: w.bot.clone(), user_id: w.user_id.clone(), point_id: m.point_id.clone(), ts_ms: m.ts_ms })
+        .map(|m| crate::sink::NewMessage {
+            bot: w.bot.clone(),
+            user_id: w.user_id.clone(),
+            point_id: m.point_id.clone(),
+            ts_ms: m.ts_ms,
+        })
         .collect::<Vec<_>>();
     let message_count = messages.len() as i32;
     if (messages.len() as u32) < cfg.min_messages_for_summary {
         return Ok(WindowOutcome::TooShort { message_count });
     }
-    let input = WindowInput { bot: w.bot.clone(), user_id: w.user_id.clone(), start_ms: w.start_ms, end_ms: w.end_ms, messages };
+    let input = WindowInput {
+        bot: w.bot.clone(),
+        user_id: w.user_id.clone(),
+        start_ms: w.start_ms,
+        end_ms: w.end_ms,
+        messages,
+    };
     let text_chars = input.text_chars();
     match ctx.summarizer.summarize(&input).await {
         Ok(summary) => Ok(WindowOutcome::Summarized {
@@ -265,15 +308,20 @@ pub async fn summarize_window(ctx: &Context, w: &ClaimedWindow) -> Result<Window
             text_chars,
         }),
         Err(SummarizeError::Empty) => Ok(WindowOutcome::TooShort { message_count }),
-        Err(SummarizeError::Unavailable(e)) => {
-            Ok(WindowOutcome::Retry { error: e, delay: Duration::from_secs(5), counts: false, max_attempts: cfg.llm_max_attempts as i32 })
-        }
-        Err(e @ (SummarizeError::Failed(_) | SummarizeError::Invalid(_))) => Ok(WindowOutcome::Retry {
-            error: e.to_string(),
-            delay: retry_delay(w.attempts),
-            counts: true,
+        Err(SummarizeError::Unavailable(e)) => Ok(WindowOutcome::Retry {
+            error: e,
+            delay: Duration::from_secs(5),
+            counts: false,
             max_attempts: cfg.llm_max_attempts as i32,
         }),
+        Err(e @ (SummarizeError::Failed(_) | SummarizeError::Invalid(_))) => {
+            Ok(WindowOutcome::Retry {
+                error: e.to_string(),
+                delay: retry_delay(w.attempts),
+                counts: true,
+                max_attempts: cfg.llm_max_attempts as i32,
+            })
+        }
     }
 }
 

@@ -36,10 +36,19 @@ impl StoreError {
     /// True when the database could not be reached or the connection broke (wait and retry, do not dead-letter).
     pub fn is_connection(&self) -> bool {
         match self {
-            StoreError::Db(e) => matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed
-            ) || e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("57") || c.starts_with("08")),
+            StoreError::Db(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08"))
+            }
             _ => false,
         }
     }
@@ -48,7 +57,6 @@ impl StoreError {
 pub fn to_utc(ms: Millis) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
-
 
 /// One message entering the tracker from a source.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,7 +178,10 @@ pub struct Store {
 
 impl Store {
     /// Connects lazily-checked: returns once one connection works.
-    pub async fn connect(opts: PgConnectOptions, max_connections: u32) -> Result<Store, StoreError> {
+    pub async fn connect(
+        opts: PgConnectOptions,
+        max_connections: u32,
+    ) -> Result<Store, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -205,7 +216,11 @@ impl Store {
     // ---- leadership -------------------------------------------------------------------------------------------
 
     /// Takes the ingest lease if it is free, expired, or already ours. Returns the new epoch.
-    pub async fn try_acquire_leader(&self, owner: &str, ttl: Duration) -> Result<Option<Fence>, StoreError> {
+    pub async fn try_acquire_leader(
+        &self,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Fence>, StoreError> {
         let row = sqlx::query(
             "INSERT INTO recap_leader (id, owner, epoch, lease_until) VALUES (1, $1, 1, now() + $2 * interval '1 millisecond')
              ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, epoch = recap_leader.epoch + 1,
@@ -217,7 +232,11 @@ impl Store {
         .bind(ttl.as_millis() as f64)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| Fence { owner: owner.to_string(), epoch: r.get(0), ttl }))
+        Ok(row.map(|r| Fence {
+            owner: owner.to_string(),
+            epoch: r.get(0),
+            ttl,
+        }))
     }
 
     /// Renews the lease outside a batch (an idle leader).
@@ -238,8 +257,18 @@ impl Store {
     // ---- tracker state ----------------------------------------------------------------------------------------
 
     pub async fn load_watermarks(&self) -> Result<Vec<(String, Millis)>, StoreError> {
-        let rows = sqlx::query("SELECT bot_name, watermark FROM recap_watermarks").fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<DateTime<Utc>, _>(1).timestamp_millis())).collect())
+        let rows = sqlx::query("SELECT bot_name, watermark FROM recap_watermarks")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>(0),
+                    r.get::<DateTime<Utc>, _>(1).timestamp_millis(),
+                )
+            })
+            .collect())
     }
 
     /// Messages of open windows, oldest first: the tracker's state.
@@ -278,7 +307,12 @@ impl Store {
     // ---- windows ----------------------------------------------------------------------------------------------
 
     /// Claims up to `limit` due windows for `owner` for `lease`.
-    pub async fn claim_due(&self, owner: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedWindow>, StoreError> {
+    pub async fn claim_due(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<ClaimedWindow>, StoreError> {
         let rows = sqlx::query(
             "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
              FROM (SELECT id FROM recap_windows
@@ -311,10 +345,12 @@ impl Store {
 
     /// The point ids assigned to a window.
     pub async fn window_points(&self, window_id: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT point_id FROM recap_messages WHERE window_id = $1 ORDER BY ts, point_id")
-            .bind(window_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT point_id FROM recap_messages WHERE window_id = $1 ORDER BY ts, point_id",
+        )
+        .bind(window_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -328,7 +364,12 @@ impl Store {
     }
 
     /// Writes a worker's result for a window in one transaction (see the module docs).
-    pub async fn finish_window(&self, owner: &str, w: &ClaimedWindow, outcome: &WindowOutcome) -> Result<Finished, StoreError> {
+    pub async fn finish_window(
+        &self,
+        owner: &str,
+        w: &ClaimedWindow,
+        outcome: &WindowOutcome,
+    ) -> Result<Finished, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query("SELECT version, lease_owner, state, start_ts, end_ts FROM recap_windows WHERE id = $1 FOR UPDATE")
             .bind(w.id)
@@ -341,23 +382,40 @@ impl Store {
             return Ok(Finished::Stale);
         }
         if version != w.version {
-            sqlx::query("UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE id = $1")
-                .bind(w.id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE id = $1",
+            )
+            .bind(w.id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             return Ok(Finished::Stale);
         }
         let finished = match outcome {
-            WindowOutcome::Summarized { summary, covered, extra, message_count, text_chars } => {
+            WindowOutcome::Summarized {
+                summary,
+                covered,
+                extra,
+                message_count,
+                text_chars,
+            } => {
                 let start: DateTime<Utc> = row.get(3);
                 let end: DateTime<Utc> = row.get(4);
                 insert_messages(&mut tx, extra, Some(w.id)).await?;
                 let coverage = coverage_fingerprint(covered);
                 let revision = w.revision + 1;
-                let summary_id =
-                    upsert_summary(&mut tx, w, start.naive_utc(), end.naive_utc(), summary, *message_count, *text_chars, revision, &coverage)
-                        .await?;
+                let summary_id = upsert_summary(
+                    &mut tx,
+                    w,
+                    start.naive_utc(),
+                    end.naive_utc(),
+                    summary,
+                    *message_count,
+                    *text_chars,
+                    revision,
+                    &coverage,
+                )
+                .await?;
                 sqlx::query(
                     "UPDATE recap_windows SET state = 'done', revision = $2, summary_id = $3, coverage = $4, attempts = 0,
                         message_count = $5, lease_owner = NULL, lease_until = NULL, last_error = NULL, updated_at = now()
@@ -383,7 +441,12 @@ impl Store {
                 .await?;
                 Finished::TooShort
             }
-            WindowOutcome::Retry { error, delay, counts, max_attempts } => {
+            WindowOutcome::Retry {
+                error,
+                delay,
+                counts,
+                max_attempts,
+            } => {
                 let attempts = w.attempts + i32::from(*counts);
                 let dead = *counts && attempts >= *max_attempts;
                 sqlx::query(
@@ -398,7 +461,11 @@ impl Store {
                 .bind(delay.as_millis() as f64)
                 .execute(&mut *tx)
                 .await?;
-                if dead { Finished::Dead } else { Finished::Retrying }
+                if dead {
+                    Finished::Dead
+                } else {
+                    Finished::Retrying
+                }
             }
         };
         tx.commit().await?;
@@ -421,29 +488,52 @@ impl Store {
     pub async fn status(&self) -> Result<StatusReport, StoreError> {
         let windows = self.window_states().await?;
         let oldest_due: Option<DateTime<Utc>> =
-            sqlx::query_scalar("SELECT min(closed_at) FROM recap_windows WHERE state = 'due'").fetch_one(&self.pool).await?;
-        let dead_letters: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_dead_letters").fetch_one(&self.pool).await?;
+            sqlx::query_scalar("SELECT min(closed_at) FROM recap_windows WHERE state = 'due'")
+                .fetch_one(&self.pool)
+                .await?;
+        let dead_letters: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_dead_letters")
+            .fetch_one(&self.pool)
+            .await?;
         let open_messages: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE window_id IS NULL").fetch_one(&self.pool).await?;
+            sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE window_id IS NULL")
+                .fetch_one(&self.pool)
+                .await?;
         let spend: f64 = sqlx::query_scalar(
             "SELECT coalesce(sum(cost_usd), 0)::float8 FROM conversation_summaries
              WHERE updated_at >= date_trunc('day', now() AT TIME ZONE 'UTC')",
         )
         .fetch_one(&self.pool)
         .await?;
-        let rows = sqlx::query("SELECT name, position, points_read, updated_at FROM recap_checkpoints ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT name, position, points_read, updated_at FROM recap_checkpoints ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         let checkpoints = rows
             .iter()
-            .map(|r| CheckpointRow { name: r.get(0), position: r.get(1), points_read: r.get(2), updated_at: r.get(3) })
+            .map(|r| CheckpointRow {
+                name: r.get(0),
+                position: r.get(1),
+                points_read: r.get(2),
+                updated_at: r.get(3),
+            })
             .collect();
-        Ok(StatusReport { windows, oldest_due, dead_letters, open_messages, llm_spend_today_usd: spend, checkpoints })
+        Ok(StatusReport {
+            windows,
+            oldest_due,
+            dead_letters,
+            open_messages,
+            llm_spend_today_usd: spend,
+            checkpoints,
+        })
     }
 
     /// Window counts by state.
     pub async fn window_states(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT state, count(*) FROM recap_windows GROUP BY state ORDER BY state").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT state, count(*) FROM recap_windows GROUP BY state ORDER BY state")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
@@ -464,11 +554,19 @@ async fn renew(conn: &mut sqlx::PgConnection, fence: &Fence) -> Result<(), Store
     .bind(fence.ttl.as_millis() as f64)
     .execute(&mut *conn)
     .await?;
-    if r.rows_affected() == 1 { Ok(()) } else { Err(StoreError::LostLeadership(fence.epoch)) }
+    if r.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::LostLeadership(fence.epoch))
+    }
 }
 
 /// Inserts messages, skipping point ids already known. Returns a flag per input: true when it was new.
-async fn insert_messages(tx: &mut Transaction<'_, Postgres>, msgs: &[NewMessage], window: Option<i64>) -> Result<Vec<bool>, StoreError> {
+async fn insert_messages(
+    tx: &mut Transaction<'_, Postgres>,
+    msgs: &[NewMessage],
+    window: Option<i64>,
+) -> Result<Vec<bool>, StoreError> {
     if msgs.is_empty() {
         return Ok(Vec::new());
     }
@@ -489,7 +587,8 @@ async fn insert_messages(tx: &mut Transaction<'_, Postgres>, msgs: &[NewMessage]
     .bind(window)
     .fetch_all(&mut **tx)
     .await?;
-    let inserted: std::collections::HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let inserted: std::collections::HashSet<(String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut seen = std::collections::HashSet::new();
     Ok(msgs
         .iter()
@@ -543,7 +642,10 @@ async fn upsert_summary(
     };
     // A window that already has a row keeps it (its start/end may have moved with a late message).
     if let Some(id) = w.summary_id
-        && let Some(r) = bind_all(UPDATE_SUMMARY_SQL).bind(id).fetch_optional(&mut **tx).await?
+        && let Some(r) = bind_all(UPDATE_SUMMARY_SQL)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
     {
         return Ok(r.get(0));
     }
@@ -606,7 +708,12 @@ impl IngestTx {
 
     /// Stores a closed window: merged into a stored window it belongs to (a late message), or inserted as a new one
     /// (`due`, or `too_short` under `min_messages`). Assigns the window's open messages to it.
-    pub async fn close_window(&mut self, cfg: &TrackerConfig, w: &ClosedWindow, min_messages: u32) -> Result<i64, StoreError> {
+    pub async fn close_window(
+        &mut self,
+        cfg: &TrackerConfig,
+        w: &ClosedWindow,
+        min_messages: u32,
+    ) -> Result<i64, StoreError> {
         let (lo, hi) = w.message_range(cfg.mode);
         let gap = match cfg.mode {
             Mode::Session => cfg.idle_gap_ms,
@@ -625,9 +732,19 @@ impl IngestTx {
         .await?;
         let existing: Vec<(i64, Millis, Millis)> = candidates
             .iter()
-            .map(|r| (r.get(0), r.get::<DateTime<Utc>, _>(1).timestamp_millis(), r.get::<DateTime<Utc>, _>(2).timestamp_millis()))
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<DateTime<Utc>, _>(1).timestamp_millis(),
+                    r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
+                )
+            })
             .collect();
-        let target = crate::tracker::merge_target(cfg, existing.iter().map(|(_, s, e)| (*s, *e)), (w.start_ms, w.end_ms));
+        let target = crate::tracker::merge_target(
+            cfg,
+            existing.iter().map(|(_, s, e)| (*s, *e)),
+            (w.start_ms, w.end_ms),
+        );
         let id: i64 = match target {
             Some(i) => {
                 let (id, _, _) = existing[i];
@@ -676,7 +793,10 @@ impl IngestTx {
         Ok(id)
     }
 
-    pub async fn save_watermarks(&mut self, marks: &[(std::sync::Arc<str>, Millis)]) -> Result<(), StoreError> {
+    pub async fn save_watermarks(
+        &mut self,
+        marks: &[(std::sync::Arc<str>, Millis)],
+    ) -> Result<(), StoreError> {
         for (bot, wm) in marks {
             sqlx::query(
                 "INSERT INTO recap_watermarks (bot_name, watermark) VALUES ($1, $2)
@@ -692,7 +812,12 @@ impl IngestTx {
     }
 
     /// Records a source position (JetStream sequence, or a sweep high-water mark) and how many points were read.
-    pub async fn save_checkpoint(&mut self, name: &str, position: f64, points_read: i64) -> Result<(), StoreError> {
+    pub async fn save_checkpoint(
+        &mut self,
+        name: &str,
+        position: f64,
+        points_read: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO recap_checkpoints (name, position, points_read) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET position = GREATEST(recap_checkpoints.position, EXCLUDED.position),

@@ -36,7 +36,12 @@ pub struct TrackerConfig {
 
 impl Default for TrackerConfig {
     fn default() -> Self {
-        TrackerConfig { mode: Mode::Session, idle_gap_ms: 30 * 60_000, max_span_ms: 24 * 3_600_000, lateness_ms: 120_000 }
+        TrackerConfig {
+            mode: Mode::Session,
+            idle_gap_ms: 30 * 60_000,
+            max_span_ms: 24 * 3_600_000,
+            lateness_ms: 120_000,
+        }
     }
 }
 
@@ -113,7 +118,10 @@ pub fn point_hash(point_id: &str) -> u64 {
 
 /// The windows of one key's message times, oldest first: `(start, end, count, close_at)`.
 /// This is the definition the tracker implements incrementally; tests compare against it.
-pub fn canonical_windows(cfg: &TrackerConfig, sorted_times: &[Millis]) -> Vec<(Millis, Millis, u32, Millis)> {
+pub fn canonical_windows(
+    cfg: &TrackerConfig,
+    sorted_times: &[Millis],
+) -> Vec<(Millis, Millis, u32, Millis)> {
     let mut out = Vec::new();
     let mut rest = sorted_times;
     while !rest.is_empty() {
@@ -125,7 +133,10 @@ pub fn canonical_windows(cfg: &TrackerConfig, sorted_times: &[Millis]) -> Vec<(M
 }
 
 /// The first window of a non-empty sorted sequence: (messages in it, start, end, close time).
-fn first_window(cfg: &TrackerConfig, mut times: impl Iterator<Item = Millis>) -> (usize, Millis, Millis, Millis) {
+fn first_window(
+    cfg: &TrackerConfig,
+    mut times: impl Iterator<Item = Millis>,
+) -> (usize, Millis, Millis, Millis) {
     let first = times.next().expect("non-empty");
     match cfg.mode {
         Mode::Session => {
@@ -139,7 +150,12 @@ fn first_window(cfg: &TrackerConfig, mut times: impl Iterator<Item = Millis>) ->
                     break;
                 }
             }
-            (n, first, last, (last + cfg.idle_gap_ms).min(first + cfg.max_span_ms))
+            (
+                n,
+                first,
+                last,
+                (last + cfg.idle_gap_ms).min(first + cfg.max_span_ms),
+            )
         }
         Mode::Tumbling => {
             let start = first.div_euclid(cfg.max_span_ms) * cfg.max_span_ms;
@@ -154,10 +170,16 @@ fn first_window(cfg: &TrackerConfig, mut times: impl Iterator<Item = Millis>) ->
 /// key belongs to. Only a window closed late (its messages arrived after the watermark passed them) can belong to a
 /// stored one: canonical windows are separated by at least the idle gap or start a full span apart, so for on-time
 /// windows this returns `None`.
-pub fn merge_target(cfg: &TrackerConfig, existing: impl IntoIterator<Item = (Millis, Millis)>, new: (Millis, Millis)) -> Option<usize> {
+pub fn merge_target(
+    cfg: &TrackerConfig,
+    existing: impl IntoIterator<Item = (Millis, Millis)>,
+    new: (Millis, Millis),
+) -> Option<usize> {
     existing.into_iter().position(|(s, e)| match cfg.mode {
         Mode::Session => {
-            (new.0 - s).abs() < cfg.max_span_ms && new.0 < e.saturating_add(cfg.idle_gap_ms) && s < new.1.saturating_add(cfg.idle_gap_ms)
+            (new.0 - s).abs() < cfg.max_span_ms
+                && new.0 < e.saturating_add(cfg.idle_gap_ms)
+                && s < new.1.saturating_add(cfg.idle_gap_ms)
         }
         Mode::Tumbling => s == new.0,
     })
@@ -165,7 +187,12 @@ pub fn merge_target(cfg: &TrackerConfig, existing: impl IntoIterator<Item = (Mil
 
 impl Tracker {
     pub fn new(cfg: TrackerConfig) -> Tracker {
-        Tracker { cfg, bots: Vec::new(), bot_index: HashMap::new(), keys: HashMap::new() }
+        Tracker {
+            cfg,
+            bots: Vec::new(),
+            bot_index: HashMap::new(),
+            keys: HashMap::new(),
+        }
     }
 
     pub fn config(&self) -> &TrackerConfig {
@@ -178,7 +205,12 @@ impl Tracker {
         }
         let name: Arc<str> = Arc::from(bot);
         let id = self.bots.len() as u32;
-        self.bots.push(BotState { name: name.clone(), watermark: Millis::MIN, watermark_changed: false, deadlines: BTreeSet::new() });
+        self.bots.push(BotState {
+            name: name.clone(),
+            watermark: Millis::MIN,
+            watermark_changed: false,
+            deadlines: BTreeSet::new(),
+        });
         self.bot_index.insert(name, id);
         id
     }
@@ -192,7 +224,10 @@ impl Tracker {
 
     /// The bot's watermark, if the bot has been seen.
     pub fn watermark(&self, bot: &str) -> Option<Millis> {
-        self.bot_index.get(bot).map(|id| self.bots[*id as usize].watermark).filter(|w| *w != Millis::MIN)
+        self.bot_index
+            .get(bot)
+            .map(|id| self.bots[*id as usize].watermark)
+            .filter(|w| *w != Millis::MIN)
     }
 
     /// Watermarks that moved since the last call (to persist them in the same transaction as the windows).
@@ -239,7 +274,9 @@ impl Tracker {
         key.open.insert(pos, (ts, hash));
         let (_, _, _, close) = first_window(&cfg, key.open.iter().map(|o| o.0));
         if key.open.len() > 1 {
-            bot_state.deadlines.remove(&(key.deadline, user_arc.clone()));
+            bot_state
+                .deadlines
+                .remove(&(key.deadline, user_arc.clone()));
         }
         key.deadline = close;
         bot_state.deadlines.insert((close, user_arc));
@@ -264,14 +301,20 @@ impl Tracker {
 
     /// The wall-clock time at which a [`tick`](Self::tick) would close the next window, if any is open.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        self.bots.iter().filter_map(|b| b.deadlines.first()).map(|(d, _)| d.saturating_add(self.cfg.lateness_ms)).min()
+        self.bots
+            .iter()
+            .filter_map(|b| b.deadlines.first())
+            .map(|(d, _)| d.saturating_add(self.cfg.lateness_ms))
+            .min()
     }
 
     /// Drains one window whose close time its bot's watermark has reached.
     pub fn poll_close(&mut self) -> Option<ClosedWindow> {
         let cfg = self.cfg;
         for (bot_id, b) in self.bots.iter_mut().enumerate() {
-            let Some((deadline, user)) = b.deadlines.first().cloned() else { continue };
+            let Some((deadline, user)) = b.deadlines.first().cloned() else {
+                continue;
+            };
             if deadline > b.watermark {
                 continue;
             }
@@ -288,7 +331,13 @@ impl Tracker {
                 key.deadline = close;
                 b.deadlines.insert((close, user.clone()));
             }
-            return Some(ClosedWindow { bot: b.name.clone(), user, start_ms: start, end_ms: end, count: n as u32 });
+            return Some(ClosedWindow {
+                bot: b.name.clone(),
+                user,
+                start_ms: start,
+                end_ms: end,
+                count: n as u32,
+            });
         }
         None
     }
@@ -316,7 +365,10 @@ mod tests {
     fn a_session_closes_after_the_idle_gap_plus_lateness() {
         let mut t = Tracker::new(cfg());
         for i in 0..5 {
-            assert_eq!(t.observe("elena", "u1", &format!("p{i}"), T0 + i * MIN), Observed::Accepted { late: false });
+            assert_eq!(
+                t.observe("elena", "u1", &format!("p{i}"), T0 + i * MIN),
+                Observed::Accepted { late: false }
+            );
         }
         assert!(t.poll_close().is_none());
         let due = t.poll_timeout().unwrap();
@@ -361,7 +413,10 @@ mod tests {
     #[test]
     fn duplicates_are_counted_once() {
         let mut t = Tracker::new(cfg());
-        assert_eq!(t.observe("b", "u", "p", T0), Observed::Accepted { late: false });
+        assert_eq!(
+            t.observe("b", "u", "p", T0),
+            Observed::Accepted { late: false }
+        );
         assert_eq!(t.observe("b", "u", "p", T0), Observed::Duplicate);
         t.tick(T0 + 10 * HOUR);
         assert_eq!(t.drain_closed()[0].count, 1);
@@ -379,7 +434,10 @@ mod tests {
 
     #[test]
     fn tumbling_windows_align_to_utc_buckets() {
-        let c = TrackerConfig { mode: Mode::Tumbling, ..cfg() };
+        let c = TrackerConfig {
+            mode: Mode::Tumbling,
+            ..cfg()
+        };
         let mut t = Tracker::new(c);
         t.observe("b", "u", "a", T0 + HOUR);
         t.observe("b", "u", "b", T0 + 23 * HOUR);
@@ -387,8 +445,14 @@ mod tests {
         t.tick(T0 + 24 * HOUR + 2 * MIN);
         let ws = t.drain_closed();
         assert_eq!(ws.len(), 1);
-        assert_eq!((ws[0].start_ms, ws[0].end_ms, ws[0].count), (T0, T0 + 24 * HOUR, 2));
-        assert_eq!(ws[0].message_range(Mode::Tumbling), (T0, T0 + 24 * HOUR - 1));
+        assert_eq!(
+            (ws[0].start_ms, ws[0].end_ms, ws[0].count),
+            (T0, T0 + 24 * HOUR, 2)
+        );
+        assert_eq!(
+            ws[0].message_range(Mode::Tumbling),
+            (T0, T0 + 24 * HOUR - 1)
+        );
     }
 
     #[test]
@@ -410,20 +474,49 @@ mod tests {
         let c = cfg();
         let stored = [(T0, T0 + HOUR), (T0 + 5 * HOUR, T0 + 6 * HOUR)];
         // inside the first window, and within the idle gap after its end
-        assert_eq!(merge_target(&c, stored, (T0 + 10 * MIN, T0 + 10 * MIN)), Some(0));
-        assert_eq!(merge_target(&c, stored, (T0 + HOUR + 29 * MIN, T0 + HOUR + 29 * MIN)), Some(0));
+        assert_eq!(
+            merge_target(&c, stored, (T0 + 10 * MIN, T0 + 10 * MIN)),
+            Some(0)
+        );
+        assert_eq!(
+            merge_target(&c, stored, (T0 + HOUR + 29 * MIN, T0 + HOUR + 29 * MIN)),
+            Some(0)
+        );
         // between the two, further than the gap from both: its own window
-        assert_eq!(merge_target(&c, stored, (T0 + 3 * HOUR, T0 + 3 * HOUR)), None);
+        assert_eq!(
+            merge_target(&c, stored, (T0 + 3 * HOUR, T0 + 3 * HOUR)),
+            None
+        );
         // a canonical neighbour split by the max span is not merged
         let long = [(T0, T0 + 24 * HOUR - MIN)];
-        assert_eq!(merge_target(&c, long, (T0 + 24 * HOUR, T0 + 25 * HOUR)), None);
-        let tum = TrackerConfig { mode: Mode::Tumbling, ..c };
-        assert_eq!(merge_target(&tum, [(T0, T0 + 24 * HOUR)], (T0, T0 + 24 * HOUR)), Some(0));
-        assert_eq!(merge_target(&tum, [(T0, T0 + 24 * HOUR)], (T0 + 24 * HOUR, T0 + 48 * HOUR)), None);
+        assert_eq!(
+            merge_target(&c, long, (T0 + 24 * HOUR, T0 + 25 * HOUR)),
+            None
+        );
+        let tum = TrackerConfig {
+            mode: Mode::Tumbling,
+            ..c
+        };
+        assert_eq!(
+            merge_target(&tum, [(T0, T0 + 24 * HOUR)], (T0, T0 + 24 * HOUR)),
+            Some(0)
+        );
+        assert_eq!(
+            merge_target(
+                &tum,
+                [(T0, T0 + 24 * HOUR)],
+                (T0 + 24 * HOUR, T0 + 48 * HOUR)
+            ),
+            None
+        );
     }
 
     /// Windows closed by feeding `arrivals` in order, ticking the wall clock at the end.
-    fn run(c: TrackerConfig, arrivals: &[(u8, Millis, u32)], ticks: &[(usize, Millis)]) -> Vec<ClosedWindow> {
+    fn run(
+        c: TrackerConfig,
+        arrivals: &[(u8, Millis, u32)],
+        ticks: &[(usize, Millis)],
+    ) -> Vec<ClosedWindow> {
         let mut t = Tracker::new(c);
         let mut out = Vec::new();
         for (i, (user, ts, id)) in arrivals.iter().enumerate() {
@@ -451,7 +544,13 @@ mod tests {
             let mut times: Vec<Millis> = ids.values().copied().collect();
             times.sort();
             for (s, e, n, _) in canonical_windows(&c, &times) {
-                out.push(ClosedWindow { bot: "bot".into(), user: format!("u{u}").into(), start_ms: s, end_ms: e, count: n });
+                out.push(ClosedWindow {
+                    bot: "bot".into(),
+                    user: format!("u{u}").into(),
+                    start_ms: s,
+                    end_ms: e,
+                    count: n,
+                });
             }
         }
         out.sort();
@@ -459,15 +558,27 @@ mod tests {
     }
 
     fn arb_config() -> impl Strategy<Value = TrackerConfig> {
-        (prop_oneof![Just(Mode::Session), Just(Mode::Tumbling)], 1..40i64, 1..10i64, 0..5i64).prop_map(|(mode, gap, span_h, late)| {
-            TrackerConfig { mode, idle_gap_ms: gap * MIN, max_span_ms: span_h * HOUR, lateness_ms: late * MIN }
-        })
+        (
+            prop_oneof![Just(Mode::Session), Just(Mode::Tumbling)],
+            1..40i64,
+            1..10i64,
+            0..5i64,
+        )
+            .prop_map(|(mode, gap, span_h, late)| TrackerConfig {
+                mode,
+                idle_gap_ms: gap * MIN,
+                max_span_ms: span_h * HOUR,
+                lateness_ms: late * MIN,
+            })
     }
 
     /// Events: (user, time, point id); ids are unique per event, so each id has one time.
     fn arb_events() -> impl Strategy<Value = Vec<(u8, Millis, u32)>> {
         prop::collection::vec((0u8..4, 0..(48 * 60i64)), 1..120).prop_map(|v| {
-            v.into_iter().enumerate().map(|(i, (u, m))| (u, T0 + m * MIN + (i as i64 % 7) * 1000, i as u32)).collect()
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (u, m))| (u, T0 + m * MIN + (i as i64 % 7) * 1000, i as u32))
+                .collect()
         })
     }
 

@@ -35,7 +35,13 @@ async fn scenario(users: usize) -> Scenario {
         points.extend(conversation(&user, base + 8 * 60 * MIN, 2, MIN, false)); // 4 messages: too short
     }
     upsert(&q, &collection, &points).await;
-    Scenario { db, nats, bot, collection, points }
+    Scenario {
+        db,
+        nats,
+        bot,
+        collection,
+        points,
+    }
 }
 
 fn log_path(name: &str) -> std::path::PathBuf {
@@ -43,9 +49,17 @@ fn log_path(name: &str) -> std::path::PathBuf {
     dir.join(format!("{name}-{}.log", token()))
 }
 
-async fn run_until(s: &Scenario, expected: usize, extra_env: &[(&str, &str)]) -> (Vec<Row>, std::path::PathBuf) {
+async fn run_until(
+    s: &Scenario,
+    expected: usize,
+    extra_env: &[(&str, &str)],
+) -> (Vec<Row>, std::path::PathBuf) {
     let mut envs = recap_env(&s.db, Some(&s.nats));
-    envs.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    envs.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     let log = log_path("recap");
     let mut child = spawn_recap(&["run"], &envs, &log);
     let rows = wait_for_rows(&s.db.pool, expected, Duration::from_secs(90)).await;
@@ -54,7 +68,9 @@ async fn run_until(s: &Scenario, expected: usize, extra_env: &[(&str, &str)]) ->
 }
 
 pub fn terminate(child: &mut std::process::Child) {
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     for _ in 0..100 {
         if let Ok(Some(_)) = child.try_wait() {
             return;
@@ -95,11 +111,15 @@ async fn events_become_exactly_the_expected_windows_once() {
     let (rows, _) = run_until(&s, expected.len(), &[]).await;
     assert_eq!(rows, expected);
     assert_one_row_per_window(&s.db.pool).await;
-    let too_short: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_windows WHERE state = 'too_short'")
-        .fetch_one(&s.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(too_short, 4, "each user's 4-message window is recorded as too short, with no row");
+    let too_short: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM recap_windows WHERE state = 'too_short'")
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        too_short, 4,
+        "each user's 4-message window is recorded as too short, with no row"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -129,7 +149,10 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let mut child = spawn_recap(&["run"], &envs, &log);
     let rows = wait_for_rows(&s.db.pool, expected.len(), Duration::from_secs(120)).await;
     terminate(&mut child);
-    assert_eq!(rows, expected, "table after 20 SIGKILLs differs from the uninterrupted definition");
+    assert_eq!(
+        rows, expected,
+        "table after 20 SIGKILLs differs from the uninterrupted definition"
+    );
     assert_one_row_per_window(&s.db.pool).await;
 }
 
@@ -151,8 +174,17 @@ async fn two_replicas_produce_the_same_table_as_one() {
     terminate(&mut a);
     terminate(&mut b);
     assert_eq!(rows, expected);
-    let summarized = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().matches("window summarized").count();
-    assert_eq!(summarized(&log_a) + summarized(&log_b), expected.len(), "each window summarized exactly once");
+    let summarized = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .matches("window summarized")
+            .count()
+    };
+    assert_eq!(
+        summarized(&log_a) + summarized(&log_b),
+        expected.len(),
+        "each window summarized exactly once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,7 +200,13 @@ async fn a_late_message_updates_the_same_row_with_revision_2() {
     assert_eq!(before, expected);
     // a message stored late, inside the first window of the first user
     let first = &expected[0];
-    let mut late = conversation(&first.user, first.start.and_utc().timestamp_millis() + 30_000, 1, MIN, false);
+    let mut late = conversation(
+        &first.user,
+        first.start.and_utc().timestamp_millis() + 30_000,
+        1,
+        MIN,
+        false,
+    );
     late.truncate(1);
     upsert(&qdrant().await, &s.collection, &late).await;
     s.nats.publish(&js, &s.bot, &s.collection, &late).await;
@@ -182,10 +220,16 @@ async fn a_late_message_updates_the_same_row_with_revision_2() {
     };
     terminate(&mut child);
     assert_eq!(updated.len(), expected.len(), "still one row per window");
-    let row = updated.iter().find(|r| r.user == first.user && r.start == first.start).expect("same row");
+    let row = updated
+        .iter()
+        .find(|r| r.user == first.user && r.start == first.start)
+        .expect("same row");
     assert_eq!(row.revision, 2);
     assert_eq!(row.count, first.count + 1);
-    assert_eq!(row.end, first.end, "the late message lies inside the window");
+    assert_eq!(
+        row.end, first.end,
+        "the late message lies inside the window"
+    );
     assert_one_row_per_window(&s.db.pool).await;
 }
 
@@ -203,15 +247,26 @@ async fn duplicate_publishes_and_redeliveries_change_nothing() {
         .iter()
         .map(|p| {
             let e = p.event(&s.bot, &s.collection);
-            (e.subject(&s.nats.prefix), Some(format!("{}-again", p.id)), e.to_body())
+            (
+                e.subject(&s.nats.prefix),
+                Some(format!("{}-again", p.id)),
+                e.to_body(),
+            )
         })
         .collect();
     assert_eq!(s.nats.publish_raw(&js, resend).await, s.points.len());
     let expected = expected_rows(&s.bot, &s.points, 5);
     let (rows, _) = run_until(&s, expected.len(), &[]).await;
     assert_eq!(rows, expected);
-    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_messages").fetch_one(&s.db.pool).await.unwrap();
-    let distinct = s.points.iter().filter(|p| p.role != "conversation_pair").count() as i64;
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_messages")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let distinct = s
+        .points
+        .iter()
+        .filter(|p| p.role != "conversation_pair")
+        .count() as i64;
     assert_eq!(messages, distinct);
 }
 
@@ -250,13 +305,20 @@ async fn a_thousand_hostile_events_are_dead_lettered_and_the_stream_flows() {
     let expected = expected_rows(&s.bot, &valid, 5);
     let (rows, _) = run_until(&s, expected.len(), &[]).await;
     assert_eq!(rows, expected);
-    let dead: Vec<(String, i64)> =
-        sqlx::query_as("SELECT split_part(reason, ':', 1), count(*) FROM recap_dead_letters GROUP BY 1 ORDER BY 1")
-            .fetch_all(&s.db.pool)
-            .await
-            .unwrap();
+    let dead: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT split_part(reason, ':', 1), count(*) FROM recap_dead_letters GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
     let total: i64 = dead.iter().map(|d| d.1).sum();
-    assert_eq!(total, 1000, "every hostile event is a dead letter: {dead:?}");
-    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_summaries").fetch_one(&s.db.pool).await.unwrap();
+    assert_eq!(
+        total, 1000,
+        "every hostile event is a dead letter: {dead:?}"
+    );
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_summaries")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
     assert_eq!(tables as usize, expected.len());
 }

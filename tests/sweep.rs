@@ -13,8 +13,8 @@ use std::time::Duration;
 use chrono::DateTime;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType, PointStruct, UpsertPointsBuilder, Value,
-    VectorParamsBuilder, VectorsConfigBuilder,
+    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType, PointStruct,
+    UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsConfigBuilder,
 };
 use recap::fetch::{PayloadMapping, Points};
 use recap::sink::{Fence, MIGRATOR, Store, StoreError};
@@ -38,18 +38,29 @@ fn now() -> f64 {
 
 /// A fresh database with recap's schema.
 async fn fresh_store() -> Store {
-    let opts: PgConnectOptions = env("DATABASE_URL").parse().expect("DATABASE_URL is not a Postgres URL");
-    let admin = Store::connect(opts.clone(), 1).await.expect("connect to DATABASE_URL");
+    let opts: PgConnectOptions = env("DATABASE_URL")
+        .parse()
+        .expect("DATABASE_URL is not a Postgres URL");
+    let admin = Store::connect(opts.clone(), 1)
+        .await
+        .expect("connect to DATABASE_URL");
     let db = format!("recap_test_{}", Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(admin.pool()).await.expect("create database");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(admin.pool())
+        .await
+        .expect("create database");
     admin.pool().close().await;
-    let store = Store::connect(opts.database(&db), 4).await.expect("connect to the test database");
+    let store = Store::connect(opts.database(&db), 4)
+        .await
+        .expect("connect to the test database");
     MIGRATOR.run(store.pool()).await.expect("migrations");
     store
 }
 
 fn qdrant() -> Qdrant {
-    Qdrant::from_url(&env("QDRANT_URL")).build().expect("QDRANT_URL")
+    Qdrant::from_url(&env("QDRANT_URL"))
+        .build()
+        .expect("QDRANT_URL")
 }
 
 fn points() -> Arc<Points> {
@@ -64,7 +75,9 @@ fn tag() -> String {
 fn bot_for(tag: &str) -> Arc<dyn Fn(&str) -> Option<String> + Send + Sync> {
     let tag = tag.to_string();
     Arc::new(move |c: &str| {
-        let rest = c.strip_prefix("whisperengine_memory_").or_else(|| c.strip_prefix("chat_memories_"))?;
+        let rest = c
+            .strip_prefix("whisperengine_memory_")
+            .or_else(|| c.strip_prefix("chat_memories_"))?;
         let bot = rest.strip_suffix("_7d").unwrap_or(rest);
         bot.starts_with(&tag).then(|| bot.to_string())
     })
@@ -88,18 +101,31 @@ async fn create_collection(q: &Qdrant, name: &str, ts_index: bool) {
     for v in ["content", "emotion", "semantic"] {
         vectors.add_named_vector_params(v, VectorParamsBuilder::new(384, Distance::Cosine));
     }
-    q.create_collection(CreateCollectionBuilder::new(name).vectors_config(vectors)).await.expect("create collection");
-    let mut indexes = vec![("user_id", FieldType::Keyword), ("memory_type", FieldType::Keyword)];
+    q.create_collection(CreateCollectionBuilder::new(name).vectors_config(vectors))
+        .await
+        .expect("create collection");
+    let mut indexes = vec![
+        ("user_id", FieldType::Keyword),
+        ("memory_type", FieldType::Keyword),
+    ];
     if ts_index {
         indexes.push(("timestamp_unix", FieldType::Float));
     }
     for (field, kind) in indexes {
-        q.create_field_index(CreateFieldIndexCollectionBuilder::new(name, field, kind).wait(true)).await.expect("create index");
+        q.create_field_index(CreateFieldIndexCollectionBuilder::new(name, field, kind).wait(true))
+            .await
+            .expect("create index");
     }
 }
 
 async fn has_ts_index(q: &Qdrant, name: &str) -> bool {
-    q.collection_info(name).await.expect("collection info").result.expect("info").payload_schema.contains_key("timestamp_unix")
+    q.collection_info(name)
+        .await
+        .expect("collection info")
+        .result
+        .expect("info")
+        .payload_schema
+        .contains_key("timestamp_unix")
 }
 
 /// One point to write: its id, time (seconds), whether `timestamp_unix` is written, and the rest of its payload.
@@ -115,7 +141,14 @@ struct P {
 
 impl P {
     fn new(user: &str, ts: f64, role: &'static str) -> P {
-        P { id: Uuid::new_v4().to_string(), user: user.into(), ts, dated: true, role, memory_type: "conversation" }
+        P {
+            id: Uuid::new_v4().to_string(),
+            user: user.into(),
+            ts,
+            dated: true,
+            role,
+            memory_type: "conversation",
+        }
     }
     /// A message recap must count (not a conversation_pair, a fact, ...).
     fn is_message(&self) -> bool {
@@ -126,12 +159,22 @@ impl P {
     }
     fn point(&self, n: usize) -> PointStruct {
         let s = |v: &str| Value::from(v.to_string());
-        let iso = DateTime::from_timestamp_micros((self.ts * 1e6).round() as i64).unwrap().naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f");
+        let iso = DateTime::from_timestamp_micros((self.ts * 1e6).round() as i64)
+            .unwrap()
+            .naive_utc()
+            .format("%Y-%m-%dT%H:%M:%S%.6f");
         let mut payload: HashMap<String, Value> = [
             ("user_id", s(&self.user)),
             ("content", s(&format!("message {n} from {}", self.role))),
             ("role", s(self.role)),
-            ("source", s(match self.role { "user" => "user_message", "assistant" => "bot_response", r => r })),
+            (
+                "source",
+                s(match self.role {
+                    "user" => "user_message",
+                    "assistant" => "bot_response",
+                    r => r,
+                }),
+            ),
             ("memory_type", s(self.memory_type)),
             ("timestamp", s(&iso.to_string())),
             ("emotional_context", s("neutral")),
@@ -148,14 +191,20 @@ impl P {
         }
         let mut v = vec![0.01f32; 384];
         v[n % 384] = 1.0;
-        let vectors: HashMap<String, Vec<f32>> = ["content", "emotion", "semantic"].into_iter().map(|k| (k.to_string(), v.clone())).collect();
+        let vectors: HashMap<String, Vec<f32>> = ["content", "emotion", "semantic"]
+            .into_iter()
+            .map(|k| (k.to_string(), v.clone()))
+            .collect();
         PointStruct::new(self.id.clone(), vectors, payload)
     }
 }
 
 /// One exchange: the user's message at `t`, the bot's reply at `t` + 1 ms, and (newer bots) a conversation_pair point.
 fn exchange(user: &str, t: f64, pair: bool) -> Vec<P> {
-    let mut out = vec![P::new(user, t, "user"), P::new(user, t + 0.001, "assistant")];
+    let mut out = vec![
+        P::new(user, t, "user"),
+        P::new(user, t + 0.001, "assistant"),
+    ];
     if pair {
         out.push(P::new(user, t + 0.001, "conversation_pair"));
     }
@@ -164,8 +213,14 @@ fn exchange(user: &str, t: f64, pair: bool) -> Vec<P> {
 
 async fn upsert(q: &Qdrant, name: &str, ps: &[P]) {
     for (i, chunk) in ps.chunks(500).enumerate() {
-        let pts: Vec<PointStruct> = chunk.iter().enumerate().map(|(j, p)| p.point(i * 500 + j)).collect();
-        q.upsert_points(UpsertPointsBuilder::new(name, pts).wait(true)).await.expect("upsert");
+        let pts: Vec<PointStruct> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, p)| p.point(i * 500 + j))
+            .collect();
+        q.upsert_points(UpsertPointsBuilder::new(name, pts).wait(true))
+            .await
+            .expect("upsert");
     }
 }
 
@@ -179,8 +234,17 @@ struct MiniIngest {
 
 impl MiniIngest {
     async fn new(store: &Store) -> MiniIngest {
-        let fence = store.try_acquire_leader("sweep-test", Duration::from_secs(600)).await.expect("lease").expect("free lease");
-        MiniIngest { store: store.clone(), fence, tracker: Tracker::new(TrackerConfig::default()), ignored: 0 }
+        let fence = store
+            .try_acquire_leader("sweep-test", Duration::from_secs(600))
+            .await
+            .expect("lease")
+            .expect("free lease");
+        MiniIngest {
+            store: store.clone(),
+            fence,
+            tracker: Tracker::new(TrackerConfig::default()),
+            ignored: 0,
+        }
     }
 
     async fn apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
@@ -188,7 +252,8 @@ impl MiniIngest {
         let new = tx.insert_messages(&batch.messages).await?;
         for (m, is_new) in batch.messages.iter().zip(new) {
             if is_new {
-                self.tracker.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
+                self.tracker
+                    .observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
             }
         }
         if batch.caught_up {
@@ -198,7 +263,8 @@ impl MiniIngest {
         for w in self.tracker.drain_closed() {
             tx.close_window(&cfg, &w, 5).await?;
         }
-        tx.save_watermarks(&self.tracker.take_watermark_changes()).await?;
+        tx.save_watermarks(&self.tracker.take_watermark_changes())
+            .await?;
         if let Some((name, pos, read)) = &batch.checkpoint {
             tx.save_checkpoint(name, *pos, *read).await?;
         }
@@ -208,19 +274,30 @@ impl MiniIngest {
     }
 
     async fn cycle(&mut self, source: &mut SweepSource) -> SweepReport {
-        sweep_once(source, async |b| self.apply(b).await).await.expect("sweep cycle")
+        sweep_once(source, async |b| self.apply(b).await)
+            .await
+            .expect("sweep cycle")
     }
 }
 
 /// The messages stored for a bot: (user, point id, time in ms).
 async fn stored(store: &Store, bot: &str) -> BTreeSet<(String, String, i64)> {
     let rows: Vec<(String, String, DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT user_id, point_id, ts FROM recap_messages WHERE bot_name = $1").bind(bot).fetch_all(store.pool()).await.expect("query");
-    rows.into_iter().map(|(u, p, t)| (u, p, t.timestamp_millis())).collect()
+        sqlx::query_as("SELECT user_id, point_id, ts FROM recap_messages WHERE bot_name = $1")
+            .bind(bot)
+            .fetch_all(store.pool())
+            .await
+            .expect("query");
+    rows.into_iter()
+        .map(|(u, p, t)| (u, p, t.timestamp_millis()))
+        .collect()
 }
 
 fn expected(ps: &[P], since: f64) -> BTreeSet<(String, String, i64)> {
-    ps.iter().filter(|p| p.is_message() && p.ts >= since).map(|p| (p.user.clone(), p.id.clone(), p.ts_ms())).collect()
+    ps.iter()
+        .filter(|p| p.is_message() && p.ts >= since)
+        .map(|p| (p.user.clone(), p.id.clone(), p.ts_ms()))
+        .collect()
 }
 
 /// 1. Points read per cycle ≈ points added since the last cycle (plus the overlap), not the history.
@@ -232,12 +309,24 @@ async fn points_read_per_cycle_follow_the_points_added() {
     let overlap = 60.0;
     // History: 2,000 points over 19 days ending a day ago (half the exchanges with a conversation_pair point).
     let t0 = now() - 20.0 * DAY;
-    let mut all: Vec<P> = (0..800).flat_map(|i| exchange(&format!("u{}", i % 10), t0 + i as f64 * (19.0 * DAY / 800.0), i % 2 == 0)).collect();
+    let mut all: Vec<P> = (0..800)
+        .flat_map(|i| {
+            exchange(
+                &format!("u{}", i % 10),
+                t0 + i as f64 * (19.0 * DAY / 800.0),
+                i % 2 == 0,
+            )
+        })
+        .collect();
     assert_eq!(all.len(), 2000);
     upsert(&q, &coll, &all).await;
 
     let mut ingest = MiniIngest::new(&store).await;
-    let mut source = SweepSource::new(points(), store.clone(), settings(&tag, 256, overlap as u64, false));
+    let mut source = SweepSource::new(
+        points(),
+        store.clone(),
+        settings(&tag, 256, overlap as u64, false),
+    );
     let r = ingest.cycle(&mut source).await;
     let mut rows = vec![(0usize, all.len(), r.points_read(), r.duration)];
     assert_eq!(r.points_read(), 2000, "the first sweep reads the lookback");
@@ -246,9 +335,21 @@ async fn points_read_per_cycle_follow_the_points_added() {
     // Then cycles of 100 new points each (40 exchanges over 300 s, half with a pair point); the last adds nothing.
     let live = now() - DAY;
     for cycle in 1..=6usize {
-        let checkpoint = store.checkpoint(&format!("sweep:{coll}")).await.unwrap().expect("checkpoint stored");
+        let checkpoint = store
+            .checkpoint(&format!("sweep:{coll}"))
+            .await
+            .unwrap()
+            .expect("checkpoint stored");
         let new: Vec<P> = if cycle <= 5 {
-            (0..40).flat_map(|j| exchange(&format!("u{}", j % 10), live + (cycle - 1) as f64 * 300.0 + j as f64 * 7.5, j % 2 == 0)).collect()
+            (0..40)
+                .flat_map(|j| {
+                    exchange(
+                        &format!("u{}", j % 10),
+                        live + (cycle - 1) as f64 * 300.0 + j as f64 * 7.5,
+                        j % 2 == 0,
+                    )
+                })
+                .collect()
         } else {
             Vec::new()
         };
@@ -259,19 +360,39 @@ async fn points_read_per_cycle_follow_the_points_added() {
         // exactly the points at or after checkpoint - overlap: the new ones and the overlap's
         let expect = all.iter().filter(|p| p.ts >= checkpoint - overlap).count() as u64;
         assert_eq!(r.points_read(), expect, "cycle {cycle}");
-        assert!(r.points_read() <= new.len() as u64 + 25, "cycle {cycle} read {} for {} added", r.points_read(), new.len());
+        assert!(
+            r.points_read() <= new.len() as u64 + 25,
+            "cycle {cycle} read {} for {} added",
+            r.points_read(),
+            new.len()
+        );
         rows.push((cycle, new.len(), r.points_read(), r.duration));
     }
 
-    println!("\npoints read per sweep cycle (history 2,000 points; overlap {overlap} s; page size 256; ordered path)");
-    println!("{:>5} {:>12} {:>11} {:>11} {:>9}", "cycle", "points added", "points read", "read/added", "ms");
+    println!(
+        "\npoints read per sweep cycle (history 2,000 points; overlap {overlap} s; page size 256; ordered path)"
+    );
+    println!(
+        "{:>5} {:>12} {:>11} {:>11} {:>9}",
+        "cycle", "points added", "points read", "read/added", "ms"
+    );
     for (c, added, read, d) in &rows {
-        let ratio = if *added > 0 { format!("{:.2}", *read as f64 / *added as f64) } else { "-".into() };
-        println!("{c:>5} {added:>12} {read:>11} {ratio:>11} {:>9.1}", d.as_secs_f64() * 1000.0);
+        let ratio = if *added > 0 {
+            format!("{:.2}", *read as f64 / *added as f64)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{c:>5} {added:>12} {read:>11} {ratio:>11} {:>9.1}",
+            d.as_secs_f64() * 1000.0
+        );
     }
     // Every user and bot message once, no conversation_pair point.
     assert_eq!(stored(&store, &tag).await, expected(&all, 0.0));
-    assert_eq!(ingest.ignored, all.iter().filter(|p| p.role == "conversation_pair").count());
+    assert_eq!(
+        ingest.ignored,
+        all.iter().filter(|p| p.role == "conversation_pair").count()
+    );
 }
 
 /// 2. Collection names map to bots; conversation_pair points (and other memory types) are not messages.
@@ -279,18 +400,29 @@ async fn points_read_per_cycle_follow_the_points_added() {
 async fn collections_map_to_bots_and_pairs_are_not_messages() {
     let (store, q, tag) = (fresh_store().await, qdrant(), tag());
     let names = [
-        (format!("whisperengine_memory_{tag}elena_7d"), format!("{tag}elena")),
+        (
+            format!("whisperengine_memory_{tag}elena_7d"),
+            format!("{tag}elena"),
+        ),
         (format!("chat_memories_{tag}marcus"), format!("{tag}marcus")),
-        (format!("whisperengine_memory_{tag}gabriel"), format!("{tag}gabriel")),
+        (
+            format!("whisperengine_memory_{tag}gabriel"),
+            format!("{tag}gabriel"),
+        ),
     ];
     let unrelated = format!("other_memories_{tag}x");
     let t0 = now() - 3600.0;
     let mut data = Vec::new();
     for (coll, _) in names.iter().chain([&(unrelated.clone(), String::new())]) {
         create_collection(&q, coll, true).await;
-        let mut ps: Vec<P> = (0..10).flat_map(|i| exchange("u1", t0 + i as f64 * 60.0, true)).collect();
+        let mut ps: Vec<P> = (0..10)
+            .flat_map(|i| exchange("u1", t0 + i as f64 * 60.0, true))
+            .collect();
         for i in 0..2 {
-            ps.push(P { memory_type: "fact", ..P::new("u1", t0 + i as f64, "user") });
+            ps.push(P {
+                memory_type: "fact",
+                ..P::new("u1", t0 + i as f64, "user")
+            });
         }
         upsert(&q, coll, &ps).await;
         data.push(ps);
@@ -299,19 +431,36 @@ async fn collections_map_to_bots_and_pairs_are_not_messages() {
     let mut ingest = MiniIngest::new(&store).await;
     let mut source = SweepSource::new(points(), store.clone(), settings(&tag, 7, 60, false));
     let r = ingest.cycle(&mut source).await;
-    let seen: Vec<(&str, &str)> = r.collections.iter().map(|c| (c.collection.as_str(), c.bot.as_str())).collect();
+    let seen: Vec<(&str, &str)> = r
+        .collections
+        .iter()
+        .map(|c| (c.collection.as_str(), c.bot.as_str()))
+        .collect();
     let want: Vec<(&str, &str)> = {
-        let mut w: Vec<(&str, &str)> = names.iter().map(|(c, b)| (c.as_str(), b.as_str())).collect();
+        let mut w: Vec<(&str, &str)> = names
+            .iter()
+            .map(|(c, b)| (c.as_str(), b.as_str()))
+            .collect();
         w.sort();
         w
     };
-    assert_eq!(seen, want, "the three WhisperEngine collections, each with its bot; {unrelated} not read");
+    assert_eq!(
+        seen, want,
+        "the three WhisperEngine collections, each with its bot; {unrelated} not read"
+    );
     for ((_, bot), ps) in names.iter().zip(&data) {
         let got = stored(&store, bot).await;
-        assert_eq!(got.len(), 20, "{bot}: 10 exchanges = 20 messages (no pair, no fact)");
+        assert_eq!(
+            got.len(),
+            20,
+            "{bot}: 10 exchanges = 20 messages (no pair, no fact)"
+        );
         assert_eq!(got, expected(ps, 0.0));
     }
-    assert_eq!(ingest.ignored, 30, "one conversation_pair point per exchange, ignored");
+    assert_eq!(
+        ingest.ignored, 30,
+        "one conversation_pair point per exchange, ignored"
+    );
     assert_eq!(r.messages(), 60);
     assert_eq!(r.points_read(), 3 * 32);
 }
@@ -325,13 +474,21 @@ async fn ordered_and_unordered_sweeps_find_the_same_messages() {
     create_collection(&q, &b, false).await;
     create_collection(&q, &c, false).await;
     let t0 = now() - 2.0 * DAY;
-    let mut ps: Vec<P> = (0..20).flat_map(|i| exchange(&format!("u{}", i % 3), t0 + i as f64 * 90.0, true)).collect();
+    let mut ps: Vec<P> = (0..20)
+        .flat_map(|i| exchange(&format!("u{}", i % 3), t0 + i as f64 * 90.0, true))
+        .collect();
     // 12 messages at exactly the same timestamp_unix (more than a page of 5): paging by value must not lose them.
     let same = t0 + 600.0;
     ps.extend((0..12).map(|i| P::new(&format!("u{}", i % 3), same, "user")));
     // Old data without timestamp_unix (dated by the ISO string), one of them older than the lookback.
-    ps.extend((0..3).map(|i| P { dated: false, ..P::new("u0", t0 - 3600.0 + i as f64, "user") }));
-    ps.push(P { dated: false, ..P::new("u0", now() - 40.0 * DAY, "user") });
+    ps.extend((0..3).map(|i| P {
+        dated: false,
+        ..P::new("u0", t0 - 3600.0 + i as f64, "user")
+    }));
+    ps.push(P {
+        dated: false,
+        ..P::new("u0", now() - 40.0 * DAY, "user")
+    });
     ps.push(P::new("u0", now() - 41.0 * DAY, "user"));
     for coll in [&a, &b, &c] {
         upsert(&q, coll, &ps).await;
@@ -352,31 +509,69 @@ async fn ordered_and_unordered_sweeps_find_the_same_messages() {
         SweepSource::new(points(), store.clone(), s)
     };
 
-    let check = async |ingest: &mut MiniIngest, plain: &mut SweepSource, indexing: &mut SweepSource, ps: &[P]| {
+    let check = async |ingest: &mut MiniIngest,
+                       plain: &mut SweepSource,
+                       indexing: &mut SweepSource,
+                       ps: &[P]| {
         let r1 = ingest.cycle(plain).await;
         let r2 = ingest.cycle(indexing).await;
-        let paths: Vec<(String, bool)> = r1.collections.iter().chain(&r2.collections).map(|c| (c.collection.clone(), c.ordered)).collect();
-        assert_eq!(paths, vec![(a.clone(), true), (b.clone(), false), (c.clone(), true)]);
+        let paths: Vec<(String, bool)> = r1
+            .collections
+            .iter()
+            .chain(&r2.collections)
+            .map(|c| (c.collection.clone(), c.ordered))
+            .collect();
+        assert_eq!(
+            paths,
+            vec![(a.clone(), true), (b.clone(), false), (c.clone(), true)]
+        );
         let want = expected(ps, now() - 30.0 * DAY);
-        let (sa, sb, sc) = (stored(&store, &format!("{tag}a")).await, stored(&store, &format!("{tag}b")).await, stored(&store, &format!("{tag}c")).await);
+        let (sa, sb, sc) = (
+            stored(&store, &format!("{tag}a")).await,
+            stored(&store, &format!("{tag}b")).await,
+            stored(&store, &format!("{tag}c")).await,
+        );
         assert_eq!(sa, want, "ordered");
         assert_eq!(sb, want, "unordered");
         assert_eq!(sc, want, "index created by the sweep");
         (r1, r2)
     };
     let (r1, _) = check(&mut ingest, &mut plain, &mut indexing, &ps).await;
-    assert_eq!(r1.collections[0].points_read, r1.collections[1].points_read, "first sweeps read the same points");
-    assert!(!has_ts_index(&q, &b).await, "recap never creates an index unless told to");
-    assert!(has_ts_index(&q, &c).await, "create_index creates the float index");
+    assert_eq!(
+        r1.collections[0].points_read, r1.collections[1].points_read,
+        "first sweeps read the same points"
+    );
+    assert!(
+        !has_ts_index(&q, &b).await,
+        "recap never creates an index unless told to"
+    );
+    assert!(
+        has_ts_index(&q, &c).await,
+        "create_index creates the float index"
+    );
 
     // Second cycle: new exchanges, a point written late (30 s before the checkpoint, inside the overlap), and one
     // more undated point — which, as documented, later sweeps do not find (it is left out of `want`).
-    let max = ps.iter().filter(|p| p.dated).map(|p| p.ts).fold(f64::MIN, f64::max);
-    let mut more: Vec<P> = (0..6).flat_map(|i| exchange("u1", max + 10.0 + i as f64 * 60.0, i % 2 == 0)).collect();
+    let max = ps
+        .iter()
+        .filter(|p| p.dated)
+        .map(|p| p.ts)
+        .fold(f64::MIN, f64::max);
+    let mut more: Vec<P> = (0..6)
+        .flat_map(|i| exchange("u1", max + 10.0 + i as f64 * 60.0, i % 2 == 0))
+        .collect();
     more.push(P::new("u2", max - 30.0, "user"));
-    let undated_later = P { dated: false, ..P::new("u2", max + 5.0, "user") };
+    let undated_later = P {
+        dated: false,
+        ..P::new("u2", max + 5.0, "user")
+    };
     for coll in [&a, &b, &c] {
-        upsert(&q, coll, &[more.clone(), vec![undated_later.clone()]].concat()).await;
+        upsert(
+            &q,
+            coll,
+            &[more.clone(), vec![undated_later.clone()]].concat(),
+        )
+        .await;
     }
     ps.extend(more);
     check(&mut ingest, &mut plain, &mut indexing, &ps).await;
@@ -390,9 +585,16 @@ async fn abandoned_pages_are_reread_and_committed_ones_are_not() {
         let coll = format!("whisperengine_memory_{tag}");
         create_collection(&q, &coll, ordered).await;
         let t0 = now() - 3600.0;
-        let ps: Vec<P> = (0..30).map(|i| P::new("u1", t0 + i as f64 * 10.0, "user")).collect();
+        let ps: Vec<P> = (0..30)
+            .map(|i| P::new("u1", t0 + i as f64 * 10.0, "user"))
+            .collect();
         upsert(&q, &coll, &ps).await;
-        let ids = |b: &Batch| b.messages.iter().map(|m| m.point_id.clone()).collect::<Vec<_>>();
+        let ids = |b: &Batch| {
+            b.messages
+                .iter()
+                .map(|m| m.point_id.clone())
+                .collect::<Vec<_>>()
+        };
         let checkpoint = async || store.checkpoint(&format!("sweep:{coll}")).await.unwrap();
 
         let mut ingest = MiniIngest::new(&store).await;
@@ -413,9 +615,16 @@ async fn abandoned_pages_are_reread_and_committed_ones_are_not() {
 
         let p2 = source.next_batch().await.unwrap();
         assert_eq!(p2.messages.len(), 10);
-        assert!(ids(&p2).iter().all(|i| !committed.contains(i)), "page 2 is not page 1");
+        assert!(
+            ids(&p2).iter().all(|i| !committed.contains(i)),
+            "page 2 is not page 1"
+        );
         source.abandon().await;
-        assert_eq!(checkpoint().await.unwrap(), after_p1, "nothing stored for the abandoned page");
+        assert_eq!(
+            checkpoint().await.unwrap(),
+            after_p1,
+            "nothing stored for the abandoned page"
+        );
         let again = source.next_batch().await.unwrap();
         assert_eq!(ids(&again), ids(&p2), "the abandoned page comes again");
         assert_eq!(again.checkpoint, p2.checkpoint);
@@ -434,12 +643,24 @@ async fn abandoned_pages_are_reread_and_committed_ones_are_not() {
         let mut sorted = committed.clone();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(sorted.len(), committed.len(), "no committed page read twice ({})", if ordered { "ordered" } else { "unordered" });
+        assert_eq!(
+            sorted.len(),
+            committed.len(),
+            "no committed page read twice ({})",
+            if ordered { "ordered" } else { "unordered" }
+        );
         assert_eq!(sorted.len(), 30);
         assert_eq!(source.cycles_completed(), 1);
-        assert_eq!(source.last_cycle_points_read(), 40, "30 points + the abandoned page read again");
+        assert_eq!(
+            source.last_cycle_points_read(),
+            40,
+            "30 points + the abandoned page read again"
+        );
         if ordered {
-            assert_eq!(after_p1, ps[9].ts, "ordered: each page stores its largest timestamp_unix");
+            assert_eq!(
+                after_p1, ps[9].ts,
+                "ordered: each page stores its largest timestamp_unix"
+            );
         }
         assert_eq!(checkpoint().await.unwrap(), ps[29].ts);
 

@@ -17,7 +17,9 @@ fn line(ok: bool, text: String) -> Line {
     Line { ok, text }
 }
 
-async fn timed<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
+async fn timed<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
     match tokio::time::timeout(TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(plain_cause(&e.to_string())),
@@ -92,22 +94,40 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
     }
     // NATS
     match &cfg.nats_url {
-        None => out.push(line(true, "NATS: not configured (NATS_URL unset) — recap runs on the Qdrant sweep alone".into())),
+        None => out.push(line(
+            true,
+            "NATS: not configured (NATS_URL unset) — recap runs on the Qdrant sweep alone".into(),
+        )),
         Some(nats_url) => {
             let s = cfg.nats_settings();
             match timed(crate::source::nats::connect(&s, false)).await {
-                Err(cause) => out.push(line(false, format!("NATS {nats_url}: {cause} — is it running? set NATS_URL"))),
+                Err(cause) => out.push(line(
+                    false,
+                    format!("NATS {nats_url}: {cause} — is it running? set NATS_URL"),
+                )),
                 Ok(client) => {
                     out.push(line(true, format!("NATS {nats_url}: reachable")));
                     let js = async_nats::jetstream::new(client);
                     match timed(js.get_stream(&s.stream)).await {
-                        Err(cause) => out.push(line(false, format!("NATS stream {}: {cause} — `recap run` creates it", s.stream))),
+                        Err(cause) => out.push(line(
+                            false,
+                            format!("NATS stream {}: {cause} — `recap run` creates it", s.stream),
+                        )),
                         Ok(stream) => match timed(stream.consumer_info(&s.consumer)).await {
                             Ok(info) => out.push(line(
                                 true,
-                                format!("NATS stream {} and consumer {}: present, {} pending", s.stream, s.consumer, info.num_pending),
+                                format!(
+                                    "NATS stream {} and consumer {}: present, {} pending",
+                                    s.stream, s.consumer, info.num_pending
+                                ),
                             )),
-                            Err(cause) => out.push(line(false, format!("NATS consumer {}: {cause} — `recap run` creates it", s.consumer))),
+                            Err(cause) => out.push(line(
+                                false,
+                                format!(
+                                    "NATS consumer {}: {cause} — `recap run` creates it",
+                                    s.consumer
+                                ),
+                            )),
                         },
                     }
                 }
@@ -117,7 +137,13 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
     if llm {
         out.push(match super::llm_probe(cfg).await {
             Ok(text) => line(true, format!("LLM {}: answered ({text})", cfg.llm_base_url)),
-            Err(cause) => line(false, format!("LLM {}: {cause} — check LLM_BASE_URL and LLM_API_KEY/OPENROUTER_API_KEY", cfg.llm_base_url)),
+            Err(cause) => line(
+                false,
+                format!(
+                    "LLM {}: {cause} — check LLM_BASE_URL and LLM_API_KEY/OPENROUTER_API_KEY",
+                    cfg.llm_base_url
+                ),
+            ),
         });
     }
     out
@@ -128,5 +154,9 @@ pub async fn check(cfg: &Config, llm: bool) -> anyhow::Result<ExitCode> {
     for l in &lines {
         println!("{} {}", if l.ok { "ok  " } else { "FAIL" }, l.text);
     }
-    Ok(if lines.iter().all(|l| l.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if lines.iter().all(|l| l.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

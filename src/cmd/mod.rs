@@ -15,7 +15,11 @@ use crate::sink::Store;
 use crate::summarize::Summarizer;
 
 #[derive(Parser, Debug)]
-#[command(name = "recap", version, about = "Summarizes chat-bot conversations from Qdrant into PostgreSQL, driven by NATS JetStream events.")]
+#[command(
+    name = "recap",
+    version,
+    about = "Summarizes chat-bot conversations from Qdrant into PostgreSQL, driven by NATS JetStream events."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -67,10 +71,13 @@ pub enum Cmd {
 
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn,h2=warn,tower=warn"));
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn,h2=warn,tower=warn"));
     use std::io::IsTerminal;
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -85,11 +92,20 @@ pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
     let opts = cfg.pg_connect_options()?;
     Store::connect(opts, cfg.db_max_connections)
         .await
-        .map_err(|e| anyhow::anyhow!("Postgres {}: {e} — is it running? set DATABASE_URL or POSTGRES_HOST/PORT", cfg.postgres_display()))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "Postgres {}: {e} — is it running? set DATABASE_URL or POSTGRES_HOST/PORT",
+                cfg.postgres_display()
+            )
+        })
 }
 
 pub fn points(cfg: &Config) -> anyhow::Result<Arc<Points>> {
-    Ok(Arc::new(Points::new(&cfg.qdrant_grpc_url(), cfg.qdrant_api_key.as_ref().map(|k| k.expose()), cfg.payload_mapping())?))
+    Ok(Arc::new(Points::new(
+        &cfg.qdrant_grpc_url(),
+        cfg.qdrant_api_key.as_ref().map(|k| k.expose()),
+        cfg.payload_mapping(),
+    )?))
 }
 
 pub fn llm_settings(cfg: &Config) -> Option<crate::summarize::llm::LlmSettings> {
@@ -114,7 +130,10 @@ pub fn llm_settings(cfg: &Config) -> Option<crate::summarize::llm::LlmSettings> 
 
 /// The configured summarizer: the LLM one when a key is set (unless SUMMARIZER=extractive), else extractive.
 /// Today's LLM spend is read from the store so the daily budget holds across restarts.
-pub async fn summarizer(cfg: &Config, store: Option<&Store>) -> anyhow::Result<Arc<dyn Summarizer>> {
+pub async fn summarizer(
+    cfg: &Config,
+    store: Option<&Store>,
+) -> anyhow::Result<Arc<dyn Summarizer>> {
     use crate::summarize::{BudgetFallback, extractive::Extractive, llm::LlmSummarizer};
     let settings = match llm_settings(cfg) {
         Some(s) if cfg.use_llm() => s,
@@ -122,7 +141,13 @@ pub async fn summarizer(cfg: &Config, store: Option<&Store>) -> anyhow::Result<A
     };
     let llm = LlmSummarizer::new(settings)?;
     if let Some(store) = store {
-        llm.record_spend_seed(store.status().await.map(|s| s.llm_spend_today_usd).unwrap_or(0.0));
+        llm.record_spend_seed(
+            store
+                .status()
+                .await
+                .map(|s| s.llm_spend_today_usd)
+                .unwrap_or(0.0),
+        );
     }
     Ok(match cfg.over_budget {
         crate::config::OverBudget::Extractive => Arc::new(BudgetFallback { llm }),
@@ -147,10 +172,17 @@ pub async fn llm_probe(cfg: &Config) -> Result<String, String> {
         user_id: "check".into(),
         start_ms: 1_700_000_000_000,
         end_ms: 1_700_000_000_001,
-        messages: vec![msg(0, "I am checking that the summarizer answers."), msg(1, "Reply with a short summary, please.")],
+        messages: vec![
+            msg(0, "I am checking that the summarizer answers."),
+            msg(1, "Reply with a short summary, please."),
+        ],
     };
     match crate::summarize::Summarizer::summarize(&llm, &window).await {
-        Ok(s) => Ok(format!("model {}, {} prompt tokens", cfg.llm_model, s.usage.map(|u| u.prompt_tokens).unwrap_or(0))),
+        Ok(s) => Ok(format!(
+            "model {}, {} prompt tokens",
+            cfg.llm_model,
+            s.usage.map(|u| u.prompt_tokens).unwrap_or(0)
+        )),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -15,7 +15,8 @@ use crate::source::nats::NatsSource;
 /// Cancels `token` on SIGTERM or SIGINT.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: shutting down"),
             _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
@@ -25,7 +26,10 @@ pub fn cancel_on_signal(token: CancellationToken) {
 }
 
 /// Connects to Postgres, waiting (with back-off) while it is unreachable, and applies migrations.
-async fn store_when_ready(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<crate::sink::Store>> {
+async fn store_when_ready(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<crate::sink::Store>> {
     let mut delay = Duration::from_millis(500);
     loop {
         match super::connect_store(cfg).await {
@@ -49,9 +53,17 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let cfg = Arc::new(cfg);
-    let Some(store) = store_when_ready(&cfg, &shutdown).await? else { return Ok(ExitCode::SUCCESS) };
+    let Some(store) = store_when_ready(&cfg, &shutdown).await? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let points = super::points(&cfg)?;
-    let ctx = Context { cfg: cfg.clone(), store: store.clone(), points: points.clone(), summarizer: super::summarizer(&cfg, Some(&store)).await?, instance: cfg.instance_id() };
+    let ctx = Context {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        points: points.clone(),
+        summarizer: super::summarizer(&cfg, Some(&store)).await?,
+        instance: cfg.instance_id(),
+    };
     info!(instance = %ctx.instance, summarizer = ctx.summarizer.kind().as_str(), "recap starting");
 
     let lag = Arc::new(AtomicU64::new(0));
@@ -81,14 +93,23 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         _ => {
             info!("NATS_URL not set (or --no-nats): running on the Qdrant sweep alone");
             anyhow::bail!("sweep-only mode is not built yet: set NATS_URL");
-            None
         }
     };
     tasks.spawn(run_workers(ctx.clone(), shutdown.clone()));
-    let ready = crate::http::Readiness { store, points, nats: nats_client, max_lag: cfg.ready_max_lag, lag };
+    let ready = crate::http::Readiness {
+        store,
+        points,
+        nats: nats_client,
+        max_lag: cfg.ready_max_lag,
+        lag,
+    };
     let router = crate::http::router(metrics, ready);
     let (addr, stop) = (cfg.http_addr, shutdown.clone());
-    tasks.spawn(async move { crate::http::serve(addr, router, stop).await.map_err(anyhow::Error::from) });
+    tasks.spawn(async move {
+        crate::http::serve(addr, router, stop)
+            .await
+            .map_err(anyhow::Error::from)
+    });
 
     let mut failed = false;
     while let Some(r) = tasks.join_next().await {
@@ -107,5 +128,9 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         }
     }
     info!("recap stopped");
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -14,14 +14,22 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             let probe = async {
                 let client = crate::source::nats::connect(&s, false).await?;
                 let js = async_nats::jetstream::new(client);
-                let stream = js.get_stream(&s.stream).await.map_err(|e| crate::source::SourceError::Nats(e.to_string()))?;
+                let stream = js
+                    .get_stream(&s.stream)
+                    .await
+                    .map_err(|e| crate::source::SourceError::Nats(e.to_string()))?;
                 let info = stream
                     .consumer_info(&s.consumer)
                     .await
                     .map_err(|e| crate::source::SourceError::Nats(e.to_string()))?;
-                Ok::<u64, crate::source::SourceError>(info.num_pending + info.num_ack_pending as u64)
+                Ok::<u64, crate::source::SourceError>(
+                    info.num_pending + info.num_ack_pending as u64,
+                )
             };
-            tokio::time::timeout(Duration::from_secs(5), probe).await.ok().and_then(Result::ok)
+            tokio::time::timeout(Duration::from_secs(5), probe)
+                .await
+                .ok()
+                .and_then(Result::ok)
         }
         None => None,
     };
@@ -36,13 +44,28 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         println!("  {state:<10} {n:>10}");
     }
     println!("open messages      {}", report.open_messages);
-    println!("oldest due window  {}", report.oldest_due.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into()));
-    println!("consumer lag       {}", lag.map(|n| n.to_string()).unwrap_or_else(|| "-".into()));
+    println!(
+        "oldest due window  {}",
+        report
+            .oldest_due
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "consumer lag       {}",
+        lag.map(|n| n.to_string()).unwrap_or_else(|| "-".into())
+    );
     println!("dead letters       {}", report.dead_letters);
     println!("LLM spend today    ${:.4}", report.llm_spend_today_usd);
     println!("checkpoints:");
     for c in &report.checkpoints {
-        println!("  {:<50} position {:>16.3}  read {:>8}  at {}", c.name, c.position, c.points_read, c.updated_at.to_rfc3339());
+        println!(
+            "  {:<50} position {:>16.3}  read {:>8}  at {}",
+            c.name,
+            c.position,
+            c.points_read,
+            c.updated_at.to_rfc3339()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

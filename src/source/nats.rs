@@ -40,7 +40,11 @@ pub struct NatsSettings {
 
 impl std::fmt::Debug for NatsSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsSettings").field("url", &self.url).field("stream", &self.stream).field("consumer", &self.consumer).finish_non_exhaustive()
+        f.debug_struct("NatsSettings")
+            .field("url", &self.url)
+            .field("stream", &self.stream)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,7 +72,12 @@ pub async fn connect(s: &NatsSettings, wait: bool) -> Result<async_nats::Client,
         o = o.user_and_password(u.clone(), p.clone());
     }
     if let Some(path) = &s.creds_file {
-        o = o.credentials_file(path).await.map_err(|e| err(format!("cannot read NATS_CREDS_FILE {}: {e}", path.display())))?;
+        o = o.credentials_file(path).await.map_err(|e| {
+            err(format!(
+                "cannot read NATS_CREDS_FILE {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     if let Some(seed) = &s.nkey_seed {
         o = o.nkey(seed.clone());
@@ -84,7 +93,8 @@ pub async fn connect(s: &NatsSettings, wait: bool) -> Result<async_nats::Client,
 
 /// The stream config from `nats/stream.json`, with the configured name, subjects and max age.
 pub fn stream_config(s: &NatsSettings) -> Result<stream::Config, SourceError> {
-    let mut c: stream::Config = serde_json::from_str(STREAM_JSON).map_err(|e| err(format!("nats/stream.json: {e}")))?;
+    let mut c: stream::Config =
+        serde_json::from_str(STREAM_JSON).map_err(|e| err(format!("nats/stream.json: {e}")))?;
     c.name = s.stream.clone();
     c.subjects = vec![format!("{}.>", s.subject_prefix)];
     c.max_age = s.max_age;
@@ -105,17 +115,30 @@ pub fn consumer_config(s: &NatsSettings) -> Result<jetstream::consumer::pull::Co
 }
 
 /// Creates or updates the stream and the durable consumer (idempotent).
-pub async fn ensure_stream(js: &jetstream::Context, s: &NatsSettings) -> Result<PullConsumer, SourceError> {
-    js.create_or_update_stream(stream_config(s)?).await.map_err(err)?;
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    s: &NatsSettings,
+) -> Result<PullConsumer, SourceError> {
+    js.create_or_update_stream(stream_config(s)?)
+        .await
+        .map_err(err)?;
     let stream = js.get_stream(&s.stream).await.map_err(err)?;
-    stream.create_consumer(consumer_config(s)?).await.map_err(err)
+    stream
+        .create_consumer(consumer_config(s)?)
+        .await
+        .map_err(err)
 }
 
 /// Parses one JetStream message into the batch.
 pub fn accept(batch: &mut Batch, subject: &str, stream_seq: Option<u64>, body: &[u8]) {
     match StoredEvent::parse_on_subject(subject, body) {
         Ok(e) if e.is_conversation_pair() => batch.ignored += 1,
-        Ok(e) => batch.messages.push(NewMessage { bot: e.bot, user_id: e.user_id, point_id: e.point_id, ts_ms: e.ts.timestamp_millis() }),
+        Ok(e) => batch.messages.push(NewMessage {
+            bot: e.bot,
+            user_id: e.user_id,
+            point_id: e.point_id,
+            ts_ms: e.ts.timestamp_millis(),
+        }),
         Err(e) => {
             tracing::warn!(subject, stream_seq, reason = %e, "malformed event sent to the dead-letter table");
             metrics::counter!("recap_events_malformed_total", "reason" => e.kind()).increment(1);
@@ -156,7 +179,13 @@ impl NatsSource {
         let client = connect(&settings, true).await?;
         let js = jetstream::new(client.clone());
         let consumer = ensure_stream(&js, &settings).await?;
-        Ok(NatsSource { client, consumer, settings, in_flight: Vec::new(), wait: Duration::from_millis(500) })
+        Ok(NatsSource {
+            client,
+            consumer,
+            settings,
+            in_flight: Vec::new(),
+            wait: Duration::from_millis(500),
+        })
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -194,7 +223,10 @@ impl Source for NatsSource {
                     break;
                 }
             };
-            let (seq, pend) = m.info().map(|i| (Some(i.stream_sequence), Some(i.pending))).unwrap_or((None, None));
+            let (seq, pend) = m
+                .info()
+                .map(|i| (Some(i.stream_sequence), Some(i.pending)))
+                .unwrap_or((None, None));
             last_seq = seq.or(last_seq);
             pending = pend;
             accept(&mut batch, m.subject.as_str(), seq, &m.payload);

@@ -109,10 +109,16 @@ impl Summary {
         self.key_topics.truncate(8);
         let tone = self.emotional_tone.trim().to_lowercase();
         if !TONES.contains(&tone.as_str()) {
-            return Err(SummarizeError::Invalid(format!("emotional_tone {tone:?} is not one of {TONES:?}")));
+            return Err(SummarizeError::Invalid(format!(
+                "emotional_tone {tone:?} is not one of {TONES:?}"
+            )));
         }
         self.emotional_tone = tone;
-        self.confidence = if self.confidence.is_finite() { self.confidence.clamp(0.0, 1.0) } else { 0.5 };
+        self.confidence = if self.confidence.is_finite() {
+            self.confidence.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
         Ok(self)
     }
 }
@@ -148,7 +154,10 @@ pub enum SummarizeError {
 /// The summarize stage's one seam.
 pub trait Summarizer: Send + Sync {
     fn kind(&self) -> SummarizerKind;
-    fn summarize<'a>(&'a self, window: &'a WindowInput) -> BoxFuture<'a, Result<Summary, SummarizeError>>;
+    fn summarize<'a>(
+        &'a self,
+        window: &'a WindowInput,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>>;
 }
 
 /// The LLM summarizer, falling back to the extractive one while the daily budget is spent (OVER_BUDGET=extractive).
@@ -162,7 +171,10 @@ impl Summarizer for BudgetFallback {
         SummarizerKind::Llm
     }
 
-    fn summarize<'a>(&'a self, window: &'a WindowInput) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+    fn summarize<'a>(
+        &'a self,
+        window: &'a WindowInput,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
         if self.llm.over_budget() {
             metrics::counter!("recap_llm_budget_fallbacks_total").increment(1);
             extractive::Extractive.summarize(window)

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType, PointStruct, UpsertPointsBuilder, Value,
-    VectorParamsBuilder, VectorsConfigBuilder,
+    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType, PointStruct,
+    UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsConfigBuilder,
 };
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
@@ -34,23 +34,34 @@ pub struct TestDb {
 pub async fn fresh_db() -> TestDb {
     let admin = env("DATABASE_URL");
     let name = format!("recap_t_{}", token());
-    let mut conn = PgConnection::connect(&admin).await.expect("connect to DATABASE_URL");
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .expect("connect to DATABASE_URL");
     let create = format!("CREATE DATABASE {name}");
-    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(create))).await.expect("create test database");
+    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(create)))
+        .await
+        .expect("create test database");
     let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database");
     let url = format!("{base}/{name}");
-    let pool = PgPool::connect(&url).await.expect("connect to test database");
+    let pool = PgPool::connect(&url)
+        .await
+        .expect("connect to test database");
     TestDb { url, pool }
 }
 
 impl TestDb {
     pub async fn migrate(&self) {
-        recap::sink::MIGRATOR.run(&self.pool).await.expect("migrations");
+        recap::sink::MIGRATOR
+            .run(&self.pool)
+            .await
+            .expect("migrations");
     }
 }
 
 pub async fn qdrant() -> Qdrant {
-    Qdrant::from_url(&env("QDRANT_URL")).build().expect("qdrant client")
+    Qdrant::from_url(&env("QDRANT_URL"))
+        .build()
+        .expect("qdrant client")
 }
 
 /// A deterministic pseudo-embedding (unit length) for a text.
@@ -74,17 +85,26 @@ pub async fn create_collection(q: &Qdrant, name: &str, float_index: bool) {
     for v in ["content", "emotion", "semantic"] {
         vc.add_named_vector_params(v, VectorParamsBuilder::new(384, Distance::Cosine));
     }
-    q.create_collection(CreateCollectionBuilder::new(name).vectors_config(vc)).await.expect("create collection");
-    q.create_field_index(CreateFieldIndexCollectionBuilder::new(name, "user_id", FieldType::Keyword).wait(true))
+    q.create_collection(CreateCollectionBuilder::new(name).vectors_config(vc))
         .await
-        .expect("keyword index");
-    q.create_field_index(CreateFieldIndexCollectionBuilder::new(name, "memory_type", FieldType::Keyword).wait(true))
-        .await
-        .expect("keyword index");
+        .expect("create collection");
+    q.create_field_index(
+        CreateFieldIndexCollectionBuilder::new(name, "user_id", FieldType::Keyword).wait(true),
+    )
+    .await
+    .expect("keyword index");
+    q.create_field_index(
+        CreateFieldIndexCollectionBuilder::new(name, "memory_type", FieldType::Keyword).wait(true),
+    )
+    .await
+    .expect("keyword index");
     if float_index {
-        q.create_field_index(CreateFieldIndexCollectionBuilder::new(name, "timestamp_unix", FieldType::Float).wait(true))
-            .await
-            .expect("float index");
+        q.create_field_index(
+            CreateFieldIndexCollectionBuilder::new(name, "timestamp_unix", FieldType::Float)
+                .wait(true),
+        )
+        .await
+        .expect("float index");
     }
 }
 
@@ -108,12 +128,20 @@ impl TestPoint {
         payload.insert("role".into(), self.role.clone().into());
         payload.insert("source".into(), self.role.clone().into());
         payload.insert("memory_type".into(), self.memory_type.clone().into());
-        let naive = chrono::DateTime::from_timestamp_millis(self.ts_ms).unwrap().naive_utc();
-        payload.insert("timestamp".into(), naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string().into());
+        let naive = chrono::DateTime::from_timestamp_millis(self.ts_ms)
+            .unwrap()
+            .naive_utc();
+        payload.insert(
+            "timestamp".into(),
+            naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string().into(),
+        );
         payload.insert("timestamp_unix".into(), (self.ts_ms as f64 / 1000.0).into());
         payload.insert("emotional_context".into(), self.emotion.clone().into());
         let vectors: HashMap<String, Vec<f32>> =
-            [("content", 1u64), ("emotion", 2), ("semantic", 3)].iter().map(|(n, s)| (n.to_string(), embed(&self.content, *s))).collect();
+            [("content", 1u64), ("emotion", 2), ("semantic", 3)]
+                .iter()
+                .map(|(n, s)| (n.to_string(), embed(&self.content, *s)))
+                .collect();
         PointStruct::new(self.id.clone(), vectors, payload)
     }
 
@@ -139,11 +167,24 @@ const TOPICS: &[&str] = &[
     "we talked about marine biology and the coral reefs near the coast",
     "training for the marathon is going well, my knee feels better",
 ];
-const EMOTIONS: &[&str] = &["joy", "neutral", "excitement", "anxiety", "neutral", "gratitude"];
+const EMOTIONS: &[&str] = &[
+    "joy",
+    "neutral",
+    "excitement",
+    "anxiety",
+    "neutral",
+    "gratitude",
+];
 
 /// A conversation: `exchanges` user messages, each answered 1 ms later by the bot, `spacing_ms` apart, plus a
 /// `conversation_pair` point per exchange when `pairs`.
-pub fn conversation(user: &str, start_ms: i64, exchanges: usize, spacing_ms: i64, pairs: bool) -> Vec<TestPoint> {
+pub fn conversation(
+    user: &str,
+    start_ms: i64,
+    exchanges: usize,
+    spacing_ms: i64,
+    pairs: bool,
+) -> Vec<TestPoint> {
     let mut out = Vec::new();
     for i in 0..exchanges {
         let t = start_ms + i as i64 * spacing_ms;
@@ -159,7 +200,14 @@ pub fn conversation(user: &str, start_ms: i64, exchanges: usize, spacing_ms: i64
             memory_type: "conversation".into(),
         };
         out.push(mk("user", text.clone(), t));
-        out.push(mk("assistant", format!("That sounds wonderful, tell me more about {}", &TOPICS[k][..30]), t + 1));
+        out.push(mk(
+            "assistant",
+            format!(
+                "That sounds wonderful, tell me more about {}",
+                &TOPICS[k][..30]
+            ),
+            t + 1,
+        ));
         if pairs {
             out.push(mk("conversation_pair", format!("{text} || reply"), t));
         }
@@ -170,7 +218,9 @@ pub fn conversation(user: &str, start_ms: i64, exchanges: usize, spacing_ms: i64
 pub async fn upsert(q: &Qdrant, collection: &str, points: &[TestPoint]) {
     for chunk in points.chunks(500) {
         let ps: Vec<PointStruct> = chunk.iter().map(TestPoint::to_point).collect();
-        q.upsert_points(UpsertPointsBuilder::new(collection, ps).wait(true)).await.expect("upsert");
+        q.upsert_points(UpsertPointsBuilder::new(collection, ps).wait(true))
+            .await
+            .expect("upsert");
     }
 }
 
@@ -185,7 +235,12 @@ pub struct NatsNs {
 
 pub fn nats_ns() -> NatsNs {
     let t = token();
-    NatsNs { url: env("NATS_URL"), stream: format!("RECAP_{t}"), consumer: format!("recap_{t}"), prefix: format!("recap{t}.stored") }
+    NatsNs {
+        url: env("NATS_URL"),
+        stream: format!("RECAP_{t}"),
+        consumer: format!("recap_{t}"),
+        prefix: format!("recap{t}.stored"),
+    }
 }
 
 impl NatsNs {
@@ -205,15 +260,22 @@ impl NatsNs {
     pub async fn ensure(&self) -> async_nats::jetstream::Context {
         let client = async_nats::connect(&self.url).await.expect("nats connect");
         let js = async_nats::jetstream::new(client);
-        recap::source::nats::ensure_stream(&js, &self.settings()).await.expect("stream");
+        recap::source::nats::ensure_stream(&js, &self.settings())
+            .await
+            .expect("stream");
         js
     }
 
     /// Publishes raw bodies with `Nats-Msg-Id`, many acks in flight; returns how many the server stored.
-    pub async fn publish_raw(&self, js: &async_nats::jetstream::Context, items: Vec<(String, Option<String>, Vec<u8>)>) -> usize {
+    pub async fn publish_raw(
+        &self,
+        js: &async_nats::jetstream::Context,
+        items: Vec<(String, Option<String>, Vec<u8>)>,
+    ) -> usize {
         let mut acks = Vec::new();
         for (subject, id, body) in items {
-            let mut m = async_nats::jetstream::message::PublishMessage::build().payload(body.into());
+            let mut m =
+                async_nats::jetstream::message::PublishMessage::build().payload(body.into());
             if let Some(id) = id {
                 m = m.message_id(id);
             }
@@ -228,7 +290,13 @@ impl NatsNs {
         stored
     }
 
-    pub async fn publish(&self, js: &async_nats::jetstream::Context, bot: &str, collection: &str, points: &[TestPoint]) -> usize {
+    pub async fn publish(
+        &self,
+        js: &async_nats::jetstream::Context,
+        bot: &str,
+        collection: &str,
+        points: &[TestPoint],
+    ) -> usize {
         let items = points
             .iter()
             .map(|p| {
@@ -262,7 +330,11 @@ pub fn recap_env(db: &TestDb, nats: Option<&NatsNs>) -> Vec<(String, String)> {
 
 /// Starts `recap <args>` with exactly the given environment (plus PATH), logs to a file.
 pub fn spawn_recap(args: &[&str], envs: &[(String, String)], log: &std::path::Path) -> Child {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     let err = out.try_clone().expect("log file");
     Command::new(env!("CARGO_BIN_EXE_recap"))
         .args(args)
@@ -286,7 +358,11 @@ pub fn run_recap(args: &[&str], envs: &[(String, String)]) -> (i32, String, Stri
         .stdin(Stdio::null())
         .output()
         .expect("run recap");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// One summary row, the columns the tests compare.
@@ -308,7 +384,16 @@ pub async fn rows(pool: &PgPool) -> Vec<Row> {
     .fetch_all(pool)
     .await
     .expect("rows");
-    rows.into_iter().map(|(bot, user, start, end, count, revision)| Row { bot, user, start, end, count, revision }).collect()
+    rows.into_iter()
+        .map(|(bot, user, start, end, count, revision)| Row {
+            bot,
+            user,
+            start,
+            end,
+            count,
+            revision,
+        })
+        .collect()
 }
 
 /// Waits until `rows` has `n` rows and no window is due; panics with the state after `timeout`.
@@ -316,14 +401,23 @@ pub async fn wait_for_rows(pool: &PgPool, n: usize, timeout: Duration) -> Vec<Ro
     let t0 = Instant::now();
     loop {
         let r = rows(pool).await;
-        let due: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_windows WHERE state = 'due'").fetch_one(pool).await.unwrap_or(1);
+        let due: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_windows WHERE state = 'due'")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(1);
         let open: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE window_id IS NULL").fetch_one(pool).await.unwrap_or(1);
+            sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE window_id IS NULL")
+                .fetch_one(pool)
+                .await
+                .unwrap_or(1);
         if r.len() >= n && due == 0 && open == 0 {
             return r;
         }
         if t0.elapsed() > timeout {
-            panic!("timed out waiting for {n} rows: have {} rows, {due} due windows, {open} open messages", r.len());
+            panic!(
+                "timed out waiting for {n} rows: have {} rows, {due} due windows, {open} open messages",
+                r.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -344,8 +438,12 @@ pub fn expected_rows(bot: &str, points: &[TestPoint], min_messages: usize) -> Ve
                 out.push(Row {
                     bot: bot.into(),
                     user: user.into(),
-                    start: chrono::DateTime::from_timestamp_millis(s).unwrap().naive_utc(),
-                    end: chrono::DateTime::from_timestamp_millis(e).unwrap().naive_utc(),
+                    start: chrono::DateTime::from_timestamp_millis(s)
+                        .unwrap()
+                        .naive_utc(),
+                    end: chrono::DateTime::from_timestamp_millis(e)
+                        .unwrap()
+                        .naive_utc(),
                     count: n as i32,
                     revision: 1,
                 });
