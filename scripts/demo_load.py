@@ -41,6 +41,7 @@ async def main():
     ap.add_argument("--qdrant", required=True)
     ap.add_argument("--nats", required=True)
     ap.add_argument("--prefix", default="recap.stored")
+    ap.add_argument("--bot-suffix", default="", help="appended to bot names (and so to collection names), for tests")
     a = ap.parse_args()
     data = json.load(open(os.path.join(HERE, "..", "demo", "conversations.json")))
     start = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)).replace(hour=9, minute=0, second=0, microsecond=0)
@@ -50,6 +51,9 @@ async def main():
     js = nc.jetstream()
     windows = 0
     for conv in data["conversations"]:
+        if a.bot_suffix:
+            bot = conv["bot"] + "_" + a.bot_suffix
+            conv = dict(conv, bot=bot, collection=conv["collection"].replace(conv["bot"], bot))
         coll = conv["collection"]
         if not q.collection_exists(coll):
             q.create_collection(coll, vectors_config={n: models.VectorParams(size=384, distance=models.Distance.COSINE)

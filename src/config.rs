@@ -954,6 +954,15 @@ impl Config {
                 "STREAM_MAX_AGE must be at least 1m (set STREAM_MAX_AGE=7d)".to_owned(),
             );
         }
+        if self
+            .nats_ack_wait
+            .is_some_and(|d| d < Duration::from_secs(1))
+        {
+            return bad(
+                "NATS_ACK_WAIT",
+                "NATS_ACK_WAIT must be at least 1s (set NATS_ACK_WAIT=30s, or unset it)".to_owned(),
+            );
+        }
         let user = set_str(&self.nats_user).is_some();
         let password = set_secret(&self.nats_password).is_some();
         if user != password {
@@ -1653,6 +1662,7 @@ impl fmt::Debug for Config {
             .field("nats_nkey_seed", &self.nats_nkey_seed)
             .field("nats_tls_ca", &self.nats_tls_ca)
             .field("nats_tls_required", &self.nats_tls_required)
+            .field("nats_ack_wait", &self.nats_ack_wait.map(Dur))
             .field("qdrant_url", &Url(self.qdrant_url.as_deref()))
             .field("qdrant_host", &self.qdrant_host)
             .field("qdrant_port", &self.qdrant_port)
@@ -1893,6 +1903,7 @@ mod tests {
             c.nats_creds_file.is_none() && c.nats_nkey_seed.is_none() && c.nats_tls_ca.is_none()
         );
         assert!(!c.nats_tls_required);
+        assert_eq!(c.nats_ack_wait, None);
         assert_eq!(c.qdrant_url, None);
         assert_eq!(c.qdrant_host, "localhost");
         assert_eq!(c.qdrant_port, 6333);
@@ -2138,6 +2149,7 @@ mod tests {
             (&["--nats-consumer", "a b"], "NATS_CONSUMER"),
             (&["--nats-subject-prefix", "recap.*"], "NATS_SUBJECT_PREFIX"),
             (&["--stream-max-age", "1s"], "STREAM_MAX_AGE"),
+            (&["--nats-ack-wait", "0s"], "NATS_ACK_WAIT"),
             (&["--nats-user", "u"], "NATS_USER"),
             (
                 &["--nats-token", "t", "--nats-nkey-seed", "SUxyz"],

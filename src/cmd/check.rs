@@ -98,7 +98,8 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
             true,
             "NATS: not configured (NATS_URL unset) — recap runs on the Qdrant sweep alone".into(),
         )),
-        Some(nats_url) => {
+        Some(_) => {
+            let nats_url = cfg.nats_url_redacted().unwrap_or_default();
             let s = cfg.nats_settings();
             match timed(crate::source::nats::connect(&s, false)).await {
                 Err(cause) => out.push(line(

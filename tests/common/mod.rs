@@ -453,3 +453,186 @@ pub fn expected_rows(bot: &str, points: &[TestPoint], min_messages: usize) -> Ve
     out.sort();
     out
 }
+
+/// A private OpenAI-compatible test server (testsupport/llm_server.py) for one test, so fault settings never leak
+/// between tests. Killed on drop.
+pub struct LlmServer {
+    child: Child,
+    pub base: String,
+}
+
+impl LlmServer {
+    pub fn start() -> LlmServer {
+        use std::io::BufRead;
+        let repo = env!("CARGO_MANIFEST_DIR");
+        let mut child = Command::new("python3")
+            .arg(format!("{repo}/testsupport/llm_server.py"))
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the LLM test server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("READY line");
+        let port = line
+            .trim()
+            .strip_prefix("READY port=")
+            .expect("READY port=N")
+            .to_string();
+        LlmServer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn api_base(&self) -> String {
+        format!("{}/v1", self.base)
+    }
+
+    pub async fn control(&self, body: serde_json::Value) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let r = reqwest::Client::new()
+            .post(format!("{}/control", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("control");
+        assert!(
+            r.status().is_success(),
+            "control rejected: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let r = reqwest::Client::new()
+            .get(format!("{}/stats", self.base))
+            .send()
+            .await
+            .expect("stats");
+        serde_json::from_str(&r.text().await.expect("stats body")).expect("stats json")
+    }
+}
+
+impl Drop for LlmServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Window counts by state.
+pub async fn window_states(pool: &PgPool) -> HashMap<String, i64> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM recap_windows GROUP BY state")
+            .fetch_all(pool)
+            .await
+            .expect("states");
+    rows.into_iter().collect()
+}
+
+/// Waits until no window is due and no message is open (everything closed and finished one way or another).
+pub async fn wait_settled(
+    pool: &PgPool,
+    min_windows: i64,
+    timeout: Duration,
+) -> HashMap<String, i64> {
+    let t0 = Instant::now();
+    loop {
+        let s = window_states(pool).await;
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE window_id IS NULL")
+                .fetch_one(pool)
+                .await
+                .unwrap_or(1);
+        let total: i64 = s.values().sum();
+        if total >= min_windows && s.get("due").copied().unwrap_or(0) == 0 && open == 0 {
+            return s;
+        }
+        if t0.elapsed() > timeout {
+            panic!("timed out waiting for windows to settle: {s:?}, {open} open messages");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// ---- a standard scenario: one bot, several users, WhisperEngine-shaped data, events published by the test ----
+
+pub const T0: i64 = 1_763_640_000_000; // 2025-11-20T12:00:00Z: all test data lies in the past
+pub const MIN: i64 = 60_000;
+
+pub struct Scenario {
+    pub db: TestDb,
+    pub nats: NatsNs,
+    pub bot: String,
+    pub collection: String,
+    pub points: Vec<TestPoint>,
+}
+
+/// Several users of one bot: a long session, two sessions split by the idle gap, and a too-short one.
+pub async fn scenario(users: usize) -> Scenario {
+    let db = fresh_db().await;
+    db.migrate().await;
+    let nats = nats_ns();
+    let bot = format!("bot{}", token());
+    let collection = format!("whisperengine_memory_{bot}_7d");
+    let q = qdrant().await;
+    create_collection(&q, &collection, true).await;
+    let mut points = Vec::new();
+    for u in 0..users {
+        let user = format!("{}{u}", 100_000_000_000_000_000u64 + u as u64);
+        let base = T0 + u as i64 * 7 * MIN;
+        points.extend(conversation(&user, base, 6, 2 * MIN, true)); // 12 messages
+        points.extend(conversation(&user, base + 3 * 60 * MIN, 4, 5 * MIN, true)); // 8 messages, 3 h later
+        points.extend(conversation(&user, base + 8 * 60 * MIN, 2, MIN, false)); // 4 messages: too short
+    }
+    upsert(&q, &collection, &points).await;
+    Scenario {
+        db,
+        nats,
+        bot,
+        collection,
+        points,
+    }
+}
+
+pub fn log_path(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    dir.join(format!("{name}-{}.log", token()))
+}
+
+pub async fn run_until(
+    s: &Scenario,
+    expected: usize,
+    extra_env: &[(&str, &str)],
+) -> (Vec<Row>, std::path::PathBuf) {
+    let mut envs = recap_env(&s.db, Some(&s.nats));
+    envs.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let log = log_path("recap");
+    let mut child = spawn_recap(&["run"], &envs, &log);
+    let rows = wait_for_rows(&s.db.pool, expected, Duration::from_secs(90)).await;
+    terminate(&mut child);
+    (rows, log)
+}
+
+pub fn terminate(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
