@@ -528,6 +528,26 @@ impl Store {
         })
     }
 
+    /// Marks done windows whose row was written by `from_kind` (e.g. `extractive`) and that start at or after
+    /// `since` as due again, so the running service summarizes them anew (same row, revision + 1).
+    pub async fn mark_for_resummarize(
+        &self,
+        from_kind: &str,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE recap_windows w SET state = 'due', version = version + 1, attempts = 0, not_before = NULL,
+                updated_at = now()
+             FROM conversation_summaries s
+             WHERE s.id = w.summary_id AND w.state = 'done' AND s.summarizer = $1 AND w.start_ts >= $2",
+        )
+        .bind(from_kind)
+        .bind(since)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     /// Window counts by state.
     pub async fn window_states(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let rows =

@@ -274,3 +274,106 @@ async fn without_a_key_the_sample_data_gets_real_extractive_summaries() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn extractive_rows_are_upgraded_by_an_llm_pass_in_place() {
+    let s = scenario(3).await;
+    let llm = LlmServer::start();
+    let js = s.nats.ensure().await;
+    s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    let expected = expected_rows(&s.bot, &s.points, 5);
+    // first pass: no key, extractive
+    let (first, _) = run_until(&s, expected.len(), &[]).await;
+    assert_eq!(first, expected);
+    let ids_before: Vec<i32> =
+        sqlx::query_scalar("SELECT id FROM conversation_summaries ORDER BY id")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    let envs = llm_env(&s, &llm, &[]);
+    let (code, out, err) = run_recap(
+        &["resummarize", "--from", "extractive", "--since", "3650d"],
+        &envs,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("{} window(s)", expected.len())),
+        "{out}"
+    );
+    let mut child = spawn_recap(&["run"], &envs, &log_path("resummarize"));
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        let llm_rows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM conversation_summaries WHERE summarizer = 'llm'",
+        )
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+        if llm_rows == expected.len() as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    terminate(&mut child);
+    let after = rows(&s.db.pool).await;
+    assert!(
+        after.iter().all(|r| r.revision == 2),
+        "same rows, revision 2: {after:?}"
+    );
+    let ids_after: Vec<i32> =
+        sqlx::query_scalar("SELECT id FROM conversation_summaries ORDER BY id")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        ids_before, ids_after,
+        "rows are updated in place, never duplicated"
+    );
+    assert_eq!(
+        placeholders(&s.db.pool).await,
+        0,
+        "every row is now an LLM row"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_windows_come_back_with_retry() {
+    let s = scenario(2).await;
+    let llm = LlmServer::start();
+    llm.control(serde_json::json!({"fail_rate": 1.0, "fail_modes": ["nonjson"]}))
+        .await;
+    let js = s.nats.ensure().await;
+    s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    let expected = expected_rows(&s.bot, &s.points, 5);
+    let envs = llm_env(&s, &llm, &[("LLM_MAX_ATTEMPTS", "1")]);
+    let mut child = spawn_recap(&["run"], &envs, &log_path("retry"));
+    let states = wait_settled(&s.db.pool, expected.len() as i64, Duration::from_secs(60)).await;
+    assert_eq!(
+        states.get("dead").copied(),
+        Some(expected.len() as i64),
+        "replies that are never JSON dead-letter: {states:?}"
+    );
+    let reason: String =
+        sqlx::query_scalar("SELECT last_error FROM recap_windows WHERE state = 'dead' LIMIT 1")
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+    assert!(
+        reason.to_lowercase().contains("json"),
+        "the reason names the failure: {reason}"
+    );
+    assert!(
+        rows(&s.db.pool).await.is_empty(),
+        "no row without a valid summary"
+    );
+    llm.control(serde_json::json!({"fail_rate": 0.0})).await;
+    let (code, out, _) = run_recap(&["retry", "--all"], &envs);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("{} dead window(s)", expected.len())),
+        "{out}"
+    );
+    let got = wait_for_rows(&s.db.pool, expected.len(), Duration::from_secs(60)).await;
+    terminate(&mut child);
+    assert_eq!(got, expected);
+}

@@ -56,6 +56,18 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Summarize again, with the configured summarizer, the windows whose row another summarizer wrote (an LLM pass
+    /// over rows the extractive fallback wrote). The running service does the work; rows keep their id.
+    Resummarize {
+        #[command(flatten)]
+        cfg: Config,
+        /// Rows written by this summarizer are redone.
+        #[arg(long, default_value = "extractive", value_parser = ["extractive", "llm"])]
+        from: String,
+        /// Only windows that start within this long ago (e.g. 7d, 36h).
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+    },
     /// Put dead-lettered windows back to due.
     Retry {
         #[command(flatten)]
@@ -208,6 +220,19 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Status { cfg, json } => {
             validated(&cfg)?;
             status::status(&cfg, json).await
+        }
+        Cmd::Resummarize { cfg, from, since } => {
+            validated(&cfg)?;
+            let since = chrono::Utc::now() - chrono::TimeDelta::from_std(since)?;
+            let n = connect_store(&cfg)
+                .await?
+                .mark_for_resummarize(&from, since)
+                .await?;
+            println!(
+                "{n} window(s) summarized by {from} since {} marked for summarizing again",
+                since.to_rfc3339()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Retry { cfg, all, window } => {
             validated(&cfg)?;

@@ -1,0 +1,105 @@
+//! What a Rust bot adds to tell recap about a message point it stored (the contract: nats/README.md).
+//!
+//! Call `publish_stored(..)` right AFTER the point is written to Qdrant. It never fails the bot and never takes
+//! longer than PUBLISH_TIMEOUT: when NATS is down the bot goes on, and recap's periodic scan picks the point up later.
+//!
+//!     NATS_URL=nats://127.0.0.1:4222 cargo run --example publish -- --count 10 --bot elena --user u1
+//!
+//! Flags: --count N, --bot B, --user U, --prefix P (default recap.stored), --point-id ID (the same id for every
+//! event: JetStream keeps one, the others are acknowledged as duplicates).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use recap::event::StoredEvent;
+
+/// The whole publish, PubAck included.
+const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Publishes recap's `stored` event for one point on `<prefix>.<bot>` with `Nats-Msg-Id` = the point id.
+/// True when JetStream acknowledged it (a duplicate counts: the event is stored). Errors are logged, never returned.
+pub async fn publish_stored(js: &jetstream::Context, prefix: &str, event: &StoredEvent) -> bool {
+    if let Err(e) = event.validate() {
+        tracing::warn!(point_id = %event.point_id, "recap event not published: {e}");
+        return false;
+    }
+    let msg = PublishMessage::build()
+        .payload(event.to_body().into())
+        .message_id(&event.point_id);
+    let publish = async { js.send_publish(event.subject(prefix), msg).await?.await };
+    match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+        Ok(Ok(_ack)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(point_id = %event.point_id, "recap event not published: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(point_id = %event.point_id, "recap event not acknowledged within {PUBLISH_TIMEOUT:?}");
+            false
+        }
+    }
+}
+
+// ---- a demo bot: publishes --count events and says how many were acknowledged ----
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .init();
+    let (mut count, mut bot, mut user) = (1usize, "elena".to_string(), "u1".to_string());
+    let (mut prefix, mut point_id) = ("recap.stored".to_string(), None::<String>);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_default();
+        match flag.as_str() {
+            "--count" => count = value.parse().expect("--count takes a number"),
+            "--bot" => bot = value,
+            "--user" => user = value,
+            "--prefix" => prefix = value,
+            "--point-id" => point_id = Some(value),
+            other => {
+                panic!("unknown flag {other} (use --count, --bot, --user, --prefix, --point-id)")
+            }
+        }
+    }
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let started = Instant::now();
+
+    // Connect once, at start; reconnects are on (forever) once connected.
+    let client = match async_nats::ConnectOptions::new()
+        .name(format!("bot-{bot}"))
+        .connection_timeout(PUBLISH_TIMEOUT)
+        .connect(&url)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            println!(
+                "NATS unreachable at {url} ({e}): publishing skipped, 0 of {count} events sent"
+            );
+            return;
+        }
+    };
+    let js = jetstream::new(client);
+    let mut acked = 0;
+    for _ in 0..count {
+        let event = StoredEvent {
+            v: 1,
+            bot: bot.clone(),
+            collection: Some(format!("whisperengine_memory_{bot}")),
+            point_id: point_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            user_id: user.clone(),
+            role: Some("user".into()),
+            ts: chrono::Utc::now(),
+        };
+        acked += publish_stored(&js, &prefix, &event).await as usize;
+    }
+    println!(
+        "{acked} of {count} events acknowledged on {prefix}.{bot} in {:.3}s",
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,431 @@
+//! The bots' publishers, run as the bots would run them: `examples/publish.rs` (built once here) and
+//! `examples/publish.py` (nats-py), against the real NATS. Fire-and-forget: events land in the stream with
+//! `Nats-Msg-Id` = point id (so duplicates are dropped), and NATS being down, silent or stream-less never makes the
+//! publisher fail or wait longer than its timeout.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use recap::event::StoredEvent;
+
+/// The examples' per-publish timeout (both use 0.5 s).
+const TIMEOUT: f64 = 0.5;
+
+/// `target/.../examples/publish`, built once per test run (cargo test builds examples only with --all-targets).
+fn rust_example() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--example",
+                "publish",
+                "--message-format=json-render-diagnostics",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run cargo build --example publish");
+        assert!(out.status.success(), "cargo build --example publish failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "publish")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no executable for the publish example")
+    })
+}
+
+fn python() -> String {
+    std::env::var("RECAP_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs a publisher with NATS_URL set; returns (exit code, stdout, stderr, seconds).
+fn run(program: &Path, args: &[&str], nats_url: &str) -> (i32, String, String, f64) {
+    let t = Instant::now();
+    let out = Command::new(program)
+        .args(args)
+        .env("NATS_URL", nats_url)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    let secs = t.elapsed().as_secs_f64();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    eprintln!(
+        "{} {} -> exit {:?} in {secs:.3}s\nstdout: {stdout}stderr: {stderr}",
+        program.display(),
+        args.join(" "),
+        out.status.code()
+    );
+    (out.status.code().unwrap_or(-1), stdout, stderr, secs)
+}
+
+fn run_rust(args: &[&str], nats_url: &str) -> (i32, String, String, f64) {
+    run(rust_example(), args, nats_url)
+}
+
+fn run_python(args: &[&str], nats_url: &str) -> (i32, String, String, f64) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/publish.py");
+    let mut full = vec![script.to_str().unwrap()];
+    full.extend_from_slice(args);
+    run(Path::new(&python()), &full, nats_url)
+}
+
+/// A port nothing listens on: bound, then closed.
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().unwrap().port()
+}
+
+async fn js(url: &str) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(url).await.expect("nats connect"))
+}
+
+/// Reads every message of the namespace's stream through its consumer and checks each one against the contract.
+async fn read_stream(ns: &NatsNs, bot: &str, user: &str, n: usize) -> Vec<StoredEvent> {
+    let js = js(&ns.url).await;
+    let consumer = recap::source::nats::ensure_stream(&js, &ns.settings())
+        .await
+        .expect("consumer");
+    let mut msgs = consumer
+        .batch()
+        .max_messages(n + 10)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .expect("pull");
+    let mut events = Vec::new();
+    while let Some(Ok(m)) = msgs.next().await {
+        let e = StoredEvent::parse_on_subject(m.subject.as_str(), &m.payload)
+            .unwrap_or_else(|err| panic!("event on {} rejected: {err}", m.subject));
+        assert_eq!(m.subject.as_str(), format!("{}.{bot}", ns.prefix));
+        assert_eq!((e.bot.as_str(), e.user_id.as_str()), (bot, user));
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string());
+        assert_eq!(id.as_deref(), Some(e.point_id.as_str()), "Nats-Msg-Id");
+        assert!(m.payload.len() < 1024, "{} bytes", m.payload.len());
+        m.ack().await.expect("ack");
+        events.push(e);
+    }
+    events
+}
+
+async fn stream_messages(ns: &NatsNs) -> u64 {
+    js(&ns.url)
+        .await
+        .get_stream(&ns.stream)
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
+}
+
+async fn drop_stream(ns: &NatsNs) {
+    let _ = js(&ns.url).await.delete_stream(&ns.stream).await;
+}
+
+// ------------------------------------------------------------------------------------------------ Rust
+
+#[tokio::test]
+async fn rust_example_publishes_events_that_land_in_the_stream() {
+    let ns = nats_ns();
+    ns.ensure().await;
+    let bot = format!("b{}", token());
+    let n = 50;
+    let (code, out, _, secs) = run_rust(
+        &[
+            "--count",
+            &n.to_string(),
+            "--bot",
+            &bot,
+            "--user",
+            "123456789012345678",
+            "--prefix",
+            &ns.prefix,
+        ],
+        &ns.url,
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("{n} of {n} events acknowledged on {}.{bot}", ns.prefix)),
+        "{out}"
+    );
+    assert_eq!(stream_messages(&ns).await, n as u64);
+    let events = read_stream(&ns, &bot, "123456789012345678", n).await;
+    assert_eq!(events.len(), n);
+    let ids: std::collections::HashSet<_> = events.iter().map(|e| e.point_id.clone()).collect();
+    assert_eq!(ids.len(), n, "point ids are distinct");
+    assert!(events.iter().all(|e| e.collection.as_deref()
+        == Some(format!("whisperengine_memory_{bot}").as_str())
+        && e.role.as_deref() == Some("user")));
+    eprintln!("FIGURE rust example: {n} events published and acknowledged in {secs:.3}s wall (process included)");
+    drop_stream(&ns).await;
+}
+
+#[tokio::test]
+async fn rust_example_duplicate_point_ids_are_dropped() {
+    let ns = nats_ns();
+    ns.ensure().await;
+    let bot = format!("b{}", token());
+    let point = uuid::Uuid::new_v4().to_string();
+    for _ in 0..2 {
+        // three publishes of one point per run (a retrying bot), and a second run (a re-publish after a restart)
+        let (code, out, _, _) = run_rust(
+            &[
+                "--count",
+                "3",
+                "--bot",
+                &bot,
+                "--user",
+                "u1",
+                "--prefix",
+                &ns.prefix,
+                "--point-id",
+                &point,
+            ],
+            &ns.url,
+        );
+        assert_eq!(code, 0);
+        assert!(out.contains("3 of 3 events acknowledged"), "{out}");
+    }
+    assert_eq!(stream_messages(&ns).await, 1, "duplicates were stored");
+    let events = read_stream(&ns, &bot, "u1", 1).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].point_id, point);
+    drop_stream(&ns).await;
+}
+
+#[tokio::test]
+async fn rust_example_with_nats_down_exits_at_once() {
+    let url = format!("nats://127.0.0.1:{}", dead_port());
+    let (code, out, _, secs) = run_rust(&["--count", "5"], &url);
+    assert_eq!(code, 0);
+    assert!(out.contains("publishing skipped"), "{out}");
+    assert!(secs < 2.0, "took {secs:.3}s");
+    eprintln!("FIGURE rust example, NATS port closed: exit 0 in {secs:.3}s");
+}
+
+#[tokio::test]
+async fn rust_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
+    // Listening but never accepting: the TCP handshake succeeds, no INFO ever comes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("nats://{}", silent.local_addr().unwrap());
+    let (code, out, _, secs) = run_rust(&["--count", "5"], &url);
+    assert_eq!(code, 0);
+    assert!(out.contains("publishing skipped"), "{out}");
+    assert!(secs < 2.0, "took {secs:.3}s");
+    eprintln!("FIGURE rust example, silent server: exit 0 in {secs:.3}s");
+    drop(silent);
+}
+
+#[tokio::test]
+async fn rust_example_without_a_stream_does_not_fail_or_block() {
+    let prefix = format!("nostream{}.stored", token());
+    let (code, out, _, secs) = run_rust(
+        &["--count", "5", "--bot", "elena", "--prefix", &prefix],
+        &env("NATS_URL"),
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("0 of 5 events acknowledged"), "{out}");
+    assert!(secs < 2.0, "took {secs:.3}s");
+    eprintln!("FIGURE rust example, no stream (no responders): 5 publishes in {secs:.3}s");
+}
+
+/// A core subscriber on the subject that never answers: the PubAck never comes, each publish gives up after 0.5 s.
+#[tokio::test]
+async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
+    let prefix = format!("noack{}.stored", token());
+    let client = async_nats::connect(env("NATS_URL")).await.expect("connect");
+    let mut sub = client
+        .subscribe(format!("{prefix}.elena"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let counter = tokio::spawn(async move {
+        let mut n = 0;
+        while tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            n += 1;
+            if n == 3 {
+                break;
+            }
+        }
+        n
+    });
+    let url = env("NATS_URL");
+    let (code, out, _, secs) = tokio::task::spawn_blocking(move || {
+        run_rust(&["--count", "3", "--bot", "elena", "--prefix", &prefix], &url)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0);
+    assert!(out.contains("0 of 3 events acknowledged"), "{out}");
+    assert_eq!(counter.await.unwrap(), 3, "the publishes were sent");
+    // 3 publishes, each bounded by the timeout (plus process start-up and the connect).
+    assert!(
+        secs < 3.0 * TIMEOUT + 1.0,
+        "took {secs:.3}s for 3 unacknowledged publishes"
+    );
+    assert!(secs >= 3.0 * TIMEOUT * 0.9, "took only {secs:.3}s: did it wait at all?");
+    eprintln!("FIGURE rust example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)");
+}
+
+// ------------------------------------------------------------------------------------------------ Python
+
+#[test]
+fn python_example_with_nats_down_exits_at_once() {
+    let url = format!("nats://127.0.0.1:{}", dead_port());
+    let (code, out, err, secs) = run_python(&["--count", "5"], &url);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("publishing skipped"), "{out}");
+    assert!(!err.contains("Traceback"), "{err}");
+    assert!(secs < 2.0, "took {secs:.3}s");
+    eprintln!("FIGURE python example, NATS port closed: exit 0 in {secs:.3}s (interpreter start included)");
+}
+
+#[test]
+fn python_example_with_a_silent_server_exits_quickly() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("nats://{}", silent.local_addr().unwrap());
+    let (code, out, err, secs) = run_python(&["--count", "5"], &url);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("publishing skipped"), "{out}");
+    assert!(secs < 2.5, "took {secs:.3}s");
+    eprintln!("FIGURE python example, silent server: exit 0 in {secs:.3}s");
+    drop(silent);
+}
+
+/// publish.py has no subject-prefix flag: it always publishes on `recap.stored.<bot>`. So no per-test stream can
+/// take its events; instead a core subscriber on the test's own bot subject plays JetStream (answers with a PubAck)
+/// and checks what arrives. Skipped when a stream on the shared server already captures that subject (a real
+/// `recap.stored.>` stream would store our events in someone else's stream).
+#[tokio::test]
+async fn python_example_sends_contract_events_with_msg_id() {
+    let url = env("NATS_URL");
+    let bot = format!("py{}", token());
+    let subject = format!("recap.stored.{bot}");
+    let client = async_nats::connect(&url).await.expect("connect");
+    if let Ok(stream) = js(&url).await.stream_by_subject(subject.clone()).await {
+        eprintln!("SKIPPED: stream {stream} on this server captures {subject}; publish.py has no --prefix");
+        return;
+    }
+
+    // No stream, no subscriber: "no responders" at once, nothing raised.
+    let (code, out, err, secs) = tokio::task::spawn_blocking({
+        let (url, bot) = (url.clone(), bot.clone());
+        move || run_python(&["--count", "3", "--bot", &bot], &url)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 of 3 events acknowledged"), "{out}");
+    assert!(!err.contains("Traceback"), "{err}");
+    assert!(secs < 3.0, "took {secs:.3}s");
+
+    // A stand-in JetStream that acknowledges and records.
+    let mut sub = client.subscribe(subject.clone()).await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let n = 5;
+    let acker = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut got = Vec::new();
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+                let seq = got.len() + 1;
+                if let Some(reply) = m.reply.clone() {
+                    client
+                        .publish(reply, format!(r#"{{"stream":"STANDIN","seq":{seq}}}"#).into())
+                        .await
+                        .expect("puback");
+                    client.flush().await.expect("flush");
+                }
+                got.push(m);
+                if got.len() == n {
+                    break;
+                }
+            }
+            got
+        }
+    });
+    let (code, out, err, secs) = tokio::task::spawn_blocking({
+        let (url, bot) = (url.clone(), bot.clone());
+        move || {
+            run_python(
+                &["--count", &n.to_string(), "--bot", &bot, "--user", "987654321098765432"],
+                &url,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("{n} of {n} events acknowledged on {subject}")),
+        "{out}"
+    );
+    let got = acker.await.unwrap();
+    assert_eq!(got.len(), n);
+    for m in &got {
+        let e = StoredEvent::parse_on_subject(m.subject.as_str(), &m.payload)
+            .unwrap_or_else(|err| panic!("publish.py event rejected by recap: {err}"));
+        assert_eq!(e.bot, bot);
+        assert_eq!(e.user_id, "987654321098765432");
+        assert_eq!(e.collection.as_deref(), Some(format!("whisperengine_memory_{bot}").as_str()));
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string());
+        assert_eq!(id.as_deref(), Some(e.point_id.as_str()), "Nats-Msg-Id");
+        assert!(m.payload.len() < 1024);
+    }
+    eprintln!("FIGURE python example: {n} events acknowledged in {secs:.3}s wall (interpreter start included)");
+}
+
+/// The same stand-in that never answers: each publish gives up after its 0.5 s timeout and nothing is raised.
+#[tokio::test]
+async fn python_example_gives_up_on_a_missing_puback_within_its_timeout() {
+    let url = env("NATS_URL");
+    let bot = format!("py{}", token());
+    let subject = format!("recap.stored.{bot}");
+    if let Ok(stream) = js(&url).await.stream_by_subject(subject.clone()).await {
+        eprintln!("SKIPPED: stream {stream} on this server captures {subject}; publish.py has no --prefix");
+        return;
+    }
+    let client = async_nats::connect(&url).await.expect("connect");
+    let _sub = client.subscribe(subject).await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let (code, out, err, secs) = tokio::task::spawn_blocking(move || {
+        run_python(&["--count", "3", "--bot", &bot], &url)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 of 3 events acknowledged"), "{out}");
+    assert!(!err.contains("Traceback"), "{err}");
+    assert!(
+        secs < 3.0 * TIMEOUT + 1.5,
+        "took {secs:.3}s for 3 unacknowledged publishes"
+    );
+    eprintln!("FIGURE python example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)");
+}
