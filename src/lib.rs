@@ -22,4 +22,5 @@ pub mod pipeline;
 pub mod sink;
 pub mod source;
 pub mod summarize;
+pub mod sweep;
 pub mod tracker;

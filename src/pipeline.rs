@@ -354,6 +354,33 @@ pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished,
     .await
 }
 
+/// Processes every due window that can be claimed now, then returns how many were finished (`sweep --once`,
+/// `backfill`). Windows waiting for a retry time are left for a later run. `progress` is called after each window.
+pub async fn drain_due(
+    ctx: &Context,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<usize, StoreError> {
+    let lease = Duration::from_secs(ctx.cfg.lease_seconds.into());
+    let limit = i64::from(ctx.cfg.enrichment_batch_size.max(1));
+    let mut finished = 0usize;
+    loop {
+        let claimed = ctx.store.claim_due(&ctx.instance, lease, limit).await?;
+        if claimed.is_empty() {
+            return Ok(finished);
+        }
+        let results: Vec<Result<Finished, StoreError>> = futures::stream::iter(claimed)
+            .map(|w| process_window(ctx, w))
+            .buffer_unordered(ctx.cfg.llm_concurrency.max(1))
+            .collect()
+            .await;
+        for r in results {
+            r?;
+            finished += 1;
+            progress(finished);
+        }
+    }
+}
+
 /// Claims and processes due windows until `shutdown`; in-flight windows get `grace` to finish, then their leases are
 /// released.
 pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -35,8 +35,9 @@ use std::time::Duration;
 
 use qdrant_client::QdrantError;
 use qdrant_client::qdrant::{
-    Condition, CreateFieldIndexCollectionBuilder, Direction, FieldType, Filter, OrderByBuilder, PayloadIncludeSelector, PayloadSchemaType,
-    PointId, Range, RetrievedPoint, ScrollPointsBuilder, order_value, start_from, payload_index_params::IndexParams, value::Kind,
+    Condition, CreateFieldIndexCollectionBuilder, Direction, FieldType, Filter, OrderByBuilder,
+    PayloadIncludeSelector, PayloadSchemaType, PointId, Range, RetrievedPoint, ScrollPointsBuilder,
+    order_value, payload_index_params::IndexParams, start_from, value::Kind,
 };
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -44,6 +45,9 @@ use tracing::{debug, info, warn};
 use crate::fetch::{FetchError, Points, SkipReason, map_point};
 use crate::sink::{NewMessage, Store, StoreError};
 use crate::source::{Batch, Source, SourceError};
+
+/// The bot a collection belongs to, or `None` for collections recap does not read.
+pub type BotForCollection = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// How the sweep runs (see the module docs).
 #[derive(Clone)]
@@ -57,9 +61,12 @@ pub struct SweepSettings {
     /// Points per scroll page (and per batch).
     pub page_size: u32,
     /// The bot a collection belongs to, or `None` for collections recap does not read.
-    pub bot_for_collection: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    pub bot_for_collection: BotForCollection,
     /// Create a float index on `timestamp_unix` where it is missing (changes the bots' collections).
     pub create_index: bool,
+    /// Checkpoint names are `<prefix>:<collection>`: `sweep` for the service, `backfill` for `recap backfill` (so a
+    /// backfill resumes where it stopped without moving the service's sweep).
+    pub checkpoint_prefix: String,
 }
 
 impl fmt::Debug for SweepSettings {
@@ -189,12 +196,15 @@ fn number(p: &RetrievedPoint, key: &str) -> Option<f64> {
     }
 }
 
-/// The value an ordered scroll sorted a point by.
+/// A point's `timestamp_unix` as the index holds it: the scroll's `order_value` (ordered scrolls), else the payload.
+/// The cursor must use the indexed value: a payload float read back can differ from it in the last bit, and
+/// `start_from` and range filters compare against the index — a cursor one ulp too high loses the points tied with it.
 fn order_of(p: &RetrievedPoint, key: &str) -> Option<f64> {
-    number(p, key).or_else(|| match p.order_value.as_ref()?.variant.as_ref()? {
-        order_value::Variant::Float(f) => Some(*f),
-        order_value::Variant::Int(i) => Some(*i as f64),
-    })
+    match p.order_value.as_ref().and_then(|v| v.variant.as_ref()) {
+        Some(order_value::Variant::Float(f)) => Some(*f),
+        Some(order_value::Variant::Int(i)) => Some(*i as f64),
+        None => number(p, key),
+    }
 }
 
 impl SweepSource {
@@ -226,8 +236,8 @@ impl SweepSource {
         self.cycles
     }
 
-    fn checkpoint_name(collection: &str) -> String {
-        format!("sweep:{collection}")
+    fn checkpoint_name(&self, collection: &str) -> String {
+        format!("{}:{collection}", self.settings.checkpoint_prefix)
     }
 
     /// Starts a cycle now: lists the collections that map to a bot.
@@ -242,12 +252,19 @@ impl SweepSource {
         debug!(collections = queue.len(), "sweep cycle starts");
         let started = Instant::now();
         self.next_cycle = started + self.settings.interval;
-        self.cycle = Some(Cycle { queue, current: None, report: SweepReport::default(), started });
+        self.cycle = Some(Cycle {
+            queue,
+            current: None,
+            report: SweepReport::default(),
+            started,
+        });
         Ok(())
     }
 
     fn finish_cycle(&mut self) {
-        let Some(mut cycle) = self.cycle.take() else { return };
+        let Some(mut cycle) = self.cycle.take() else {
+            return;
+        };
         cycle.report.duration = cycle.started.elapsed();
         self.cycles += 1;
         let read = cycle.report.points_read();
@@ -266,20 +283,29 @@ impl SweepSource {
     /// Whether the collection has a range index on `timestamp_unix` (what `order_by` needs).
     async fn has_range_index(&self, collection: &str) -> Result<bool, SweepError> {
         let info = self.points.client().collection_info(collection).await?;
-        let Some(schema) = info.result.and_then(|r| r.payload_schema.get(&self.points.mapping.timestamp_unix).cloned()) else {
+        let Some(schema) = info.result.and_then(|r| {
+            r.payload_schema
+                .get(&self.points.mapping.timestamp_unix)
+                .cloned()
+        }) else {
             return Ok(false);
         };
         let params = schema.params.and_then(|p| p.index_params);
         Ok(match PayloadSchemaType::try_from(schema.data_type) {
             Ok(PayloadSchemaType::Float) => true,
-            Ok(PayloadSchemaType::Integer) => !matches!(params, Some(IndexParams::IntegerIndexParams(p)) if p.range == Some(false)),
+            Ok(PayloadSchemaType::Integer) => {
+                !matches!(params, Some(IndexParams::IntegerIndexParams(p)) if p.range == Some(false))
+            }
             _ => false,
         })
     }
 
     /// Opens a collection for this cycle: its checkpoint, start and path.
     async fn open(&self, collection: &str, bot: &str) -> Result<Sweep, SweepError> {
-        let stored = self.store.checkpoint(&Self::checkpoint_name(collection)).await?;
+        let stored = self
+            .store
+            .checkpoint(&self.checkpoint_name(collection))
+            .await?;
         let overlap = self.settings.overlap.as_secs_f64();
         let start = match stored {
             Some(position) => position - overlap,
@@ -288,17 +314,52 @@ impl SweepSource {
         let mut ordered = self.has_range_index(collection).await?;
         if !ordered && self.settings.create_index {
             let field = self.points.mapping.timestamp_unix.clone();
-            info!(collection, field, "creating a float index (create_index is set)");
-            self.points.client().create_field_index(CreateFieldIndexCollectionBuilder::new(collection, field, FieldType::Float).wait(true)).await?;
+            info!(
+                collection,
+                field, "creating a float index (create_index is set)"
+            );
+            self.points
+                .client()
+                .create_field_index(
+                    CreateFieldIndexCollectionBuilder::new(collection, field, FieldType::Float)
+                        .wait(true),
+                )
+                .await?;
             ordered = true;
         }
-        let cursor = if stored.is_none() { Cursor::Undated { offset: None } } else { Self::ranged(ordered, start) };
-        debug!(collection, bot, ordered, start, first = stored.is_none(), "sweeping collection");
-        Ok(Sweep { collection: collection.into(), bot: bot.into(), ordered, start, floor: start + overlap, max_seen: f64::MIN, cursor })
+        let cursor = if stored.is_none() {
+            Cursor::Undated { offset: None }
+        } else {
+            Self::ranged(ordered, start)
+        };
+        debug!(
+            collection,
+            bot,
+            ordered,
+            start,
+            first = stored.is_none(),
+            "sweeping collection"
+        );
+        Ok(Sweep {
+            collection: collection.into(),
+            bot: bot.into(),
+            ordered,
+            start,
+            floor: start + overlap,
+            max_seen: f64::MIN,
+            cursor,
+        })
     }
 
     fn ranged(ordered: bool, start: f64) -> Cursor {
-        if ordered { Cursor::Ordered { from: start, seen: Vec::new() } } else { Cursor::Unordered { offset: None } }
+        if ordered {
+            Cursor::Ordered {
+                from: start,
+                seen: Vec::new(),
+            }
+        } else {
+            Cursor::Unordered { offset: None }
+        }
     }
 
     /// The next batch, or why there is none; the cycle is resumed from the same place on the next call.
@@ -312,14 +373,20 @@ impl SweepSource {
                     continue;
                 }
                 tokio::time::sleep((self.next_cycle - now).min(Duration::from_secs(1))).await;
-                return Ok(Batch { caught_up: true, ..Batch::default() });
+                return Ok(Batch {
+                    caught_up: true,
+                    ..Batch::default()
+                });
             };
             if cycle.current.is_some() {
                 return self.read_page().await;
             }
             let Some((collection, bot)) = cycle.queue.front().cloned() else {
                 self.finish_cycle();
-                return Ok(Batch { caught_up: true, ..Batch::default() });
+                return Ok(Batch {
+                    caught_up: true,
+                    ..Batch::default()
+                });
             };
             let sweep = match self.open(&collection, &bot).await {
                 Ok(s) => s,
@@ -349,7 +416,11 @@ impl SweepSource {
             warn!(collection, "collection vanished during the sweep; skipped");
             let cycle = self.cycle.as_mut().expect("cycle");
             cycle.queue.retain(|(c, _)| c != collection);
-            if cycle.current.as_ref().is_some_and(|s| s.collection == collection) {
+            if cycle
+                .current
+                .as_ref()
+                .is_some_and(|s| s.collection == collection)
+            {
                 cycle.current = None;
             }
             return Ok(());
@@ -363,35 +434,74 @@ impl SweepSource {
         let cycle = self.cycle.as_ref().expect("cycle");
         let sweep = cycle.current.as_ref().expect("collection");
         let key = m.timestamp_unix.clone();
-        let since = || Condition::range(key.clone(), Range { gte: Some(sweep.start), ..Range::default() });
+        let since = || {
+            Condition::range(
+                key.clone(),
+                Range {
+                    gte: Some(sweep.start),
+                    ..Range::default()
+                },
+            )
+        };
         // Only what mapping a point needs (not the conversation_pair texts, not the emotion).
-        let fields = [&m.user, &m.content, &m.role, &m.memory_type, &m.timestamp, &m.timestamp_unix].map(|f| f.to_string());
+        let fields = [
+            &m.user,
+            &m.content,
+            &m.role,
+            &m.memory_type,
+            &m.timestamp,
+            &m.timestamp_unix,
+        ]
+        .map(|f| f.to_string());
         let mut req = ScrollPointsBuilder::new(&sweep.collection)
             .limit(self.settings.page_size.max(1))
-            .with_payload(PayloadIncludeSelector { fields: fields.into_iter().chain(["source".to_string()]).collect() })
+            .with_payload(PayloadIncludeSelector {
+                fields: fields.into_iter().chain(["source".to_string()]).collect(),
+            })
             .with_vectors(false);
         req = match &sweep.cursor {
             Cursor::Undated { offset } => {
                 req = req.filter(Filter::must([Condition::is_empty(key.clone())]));
-                if let Some(o) = offset { req.offset(o.clone()) } else { req }
+                if let Some(o) = offset {
+                    req.offset(o.clone())
+                } else {
+                    req
+                }
             }
             Cursor::Ordered { from, seen } => {
-                let mut f = Filter::must([Condition::range(key.clone(), Range { gte: Some(*from), ..Range::default() })]);
+                let mut f = Filter::must([Condition::range(
+                    key.clone(),
+                    Range {
+                        gte: Some(*from),
+                        ..Range::default()
+                    },
+                )]);
                 if !seen.is_empty() {
                     f.must_not.push(Condition::has_id(seen.clone()));
                 }
-                req.filter(f).order_by(OrderByBuilder::new(key.clone()).direction(Direction::Asc as i32).start_from(start_from::Value::Float(*from)))
+                req.filter(f).order_by(
+                    OrderByBuilder::new(key.clone())
+                        .direction(Direction::Asc as i32)
+                        .start_from(start_from::Value::Float(*from)),
+                )
             }
             Cursor::Unordered { offset } => {
                 req = req.filter(Filter::must([since()]));
-                if let Some(o) = offset { req.offset(o.clone()) } else { req }
+                if let Some(o) = offset {
+                    req.offset(o.clone())
+                } else {
+                    req
+                }
             }
         };
         let page = match self.points.client().scroll(req).await {
             Ok(p) => p,
             Err(e) => {
                 let collection = sweep.collection.clone();
-                return self.skip_if_gone(&collection, e.into()).await.map(|()| Batch::default());
+                return self
+                    .skip_if_gone(&collection, e.into())
+                    .await
+                    .map(|()| Batch::default());
             }
         };
 
@@ -401,7 +511,7 @@ impl SweepSource {
         let start_ms = (sweep.start * 1000.0).floor() as i64;
         let mut page_max = sweep.max_seen;
         for p in &page.result {
-            if let Some(t) = number(p, &key) {
+            if let Some(t) = order_of(p, &key) {
                 page_max = page_max.max(t);
             }
             match map_point(m, p) {
@@ -426,15 +536,27 @@ impl SweepSource {
                 Some(o) => Cursor::Undated { offset: Some(o) },
                 None => Self::ranged(sweep.ordered, sweep.start),
             }),
-            Cursor::Ordered { from, seen } => match page.result.last().and_then(|p| order_of(p, &key)) {
-                Some(last) if full => {
-                    let at_last = page.result.iter().filter(|p| order_of(p, &key) == Some(last)).filter_map(|p| p.id.clone());
-                    let seen = if last == *from { seen.iter().cloned().chain(at_last).collect() } else { at_last.collect() };
-                    Some(Cursor::Ordered { from: last, seen })
+            Cursor::Ordered { from, seen } => {
+                match page.result.last().and_then(|p| order_of(p, &key)) {
+                    Some(last) if full => {
+                        let at_last = page
+                            .result
+                            .iter()
+                            .filter(|p| order_of(p, &key) == Some(last))
+                            .filter_map(|p| p.id.clone());
+                        let seen = if last == *from {
+                            seen.iter().cloned().chain(at_last).collect()
+                        } else {
+                            at_last.collect()
+                        };
+                        Some(Cursor::Ordered { from: last, seen })
+                    }
+                    _ => None,
                 }
-                _ => None,
-            },
-            Cursor::Unordered { .. } => page.next_page_offset.map(|o| Cursor::Unordered { offset: Some(o) }),
+            }
+            Cursor::Unordered { .. } => page
+                .next_page_offset
+                .map(|o| Cursor::Unordered { offset: Some(o) }),
         };
         let done = next.is_none();
         // Never past the wall clock; unordered pages hold the floor until the collection's last page.
@@ -444,14 +566,19 @@ impl SweepSource {
             Cursor::Unordered { .. } => Some(if done { page_max } else { sweep.floor }),
         }
         .map(|p| p.min(now_secs()).max(sweep.floor));
-        batch.checkpoint = position.map(|p| (Self::checkpoint_name(&sweep.collection), p, read as i64));
+        batch.checkpoint =
+            position.map(|p| (self.checkpoint_name(&sweep.collection), p, read as i64));
         batch.caught_up = done && cycle.queue.is_empty();
 
         let cycle = self.cycle.as_mut().expect("cycle");
         if let Some(r) = cycle.report.collections.last_mut() {
             r.points_read += read;
         }
-        self.pending = Some(Pending { next, max_seen: page_max, messages: batch.messages.len() as u64 });
+        self.pending = Some(Pending {
+            next,
+            max_seen: page_max,
+            messages: batch.messages.len() as u64,
+        });
         Ok(batch)
     }
 }
@@ -474,9 +601,15 @@ impl Source for SweepSource {
     }
 
     async fn commit(&mut self) -> Result<(), SourceError> {
-        let Some(p) = self.pending.take() else { return Ok(()) };
-        let Some(cycle) = self.cycle.as_mut() else { return Ok(()) };
-        let Some(sweep) = cycle.current.as_mut() else { return Ok(()) };
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let Some(cycle) = self.cycle.as_mut() else {
+            return Ok(());
+        };
+        let Some(sweep) = cycle.current.as_mut() else {
+            return Ok(());
+        };
         sweep.max_seen = p.max_seen;
         if let Some(r) = cycle.report.collections.last_mut() {
             r.messages += p.messages;
@@ -507,7 +640,10 @@ impl Source for SweepSource {
 /// ```ignore
 /// let report = sweep_once(&mut source, async |b| ingest.apply(b, now_ms()).await.map(drop)).await?;
 /// ```
-pub async fn sweep_once<E>(source: &mut SweepSource, mut apply: impl AsyncFnMut(&Batch) -> Result<(), E>) -> anyhow::Result<SweepReport>
+pub async fn sweep_once<E>(
+    source: &mut SweepSource,
+    mut apply: impl AsyncFnMut(&Batch) -> Result<(), E>,
+) -> anyhow::Result<SweepReport>
 where
     E: std::error::Error + Send + Sync + 'static,
 {
@@ -531,9 +667,19 @@ impl fmt::Display for SweepReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for c in &self.collections {
             let path = if c.ordered { "ordered" } else { "unordered" };
-            writeln!(f, "{}\tbot={}\t{path}\tpoints_read={}\tmessages={}", c.collection, c.bot, c.points_read, c.messages)?;
+            writeln!(
+                f,
+                "{}\tbot={}\t{path}\tpoints_read={}\tmessages={}",
+                c.collection, c.bot, c.points_read, c.messages
+            )?;
         }
-        write!(f, "total\tpoints_read={}\tmessages={}\t{:.1}s", self.points_read(), self.messages(), self.duration.as_secs_f64())
+        write!(
+            f,
+            "total\tpoints_read={}\tmessages={}\t{:.1}s",
+            self.points_read(),
+            self.messages(),
+            self.duration.as_secs_f64()
+        )
     }
 }
 
@@ -546,17 +692,35 @@ mod tests {
     fn point(ts: Option<f64>) -> RetrievedPoint {
         let mut payload = HashMap::new();
         if let Some(t) = ts {
-            payload.insert("timestamp_unix".to_string(), Value { kind: Some(Kind::DoubleValue(t)) });
+            payload.insert(
+                "timestamp_unix".to_string(),
+                Value {
+                    kind: Some(Kind::DoubleValue(t)),
+                },
+            );
         }
-        RetrievedPoint { payload, ..Default::default() }
+        RetrievedPoint {
+            payload,
+            ..Default::default()
+        }
     }
 
     #[test]
-    fn reads_the_order_value_from_the_payload_or_the_scroll() {
+    fn the_cursor_uses_the_indexed_value_before_the_payload() {
         assert_eq!(order_of(&point(Some(12.5)), "timestamp_unix"), Some(12.5));
-        let mut p = point(None);
-        assert_eq!(order_of(&p, "timestamp_unix"), None);
-        p.order_value = Some(qdrant_client::qdrant::OrderValue { variant: Some(order_value::Variant::Int(7)) });
+        assert_eq!(order_of(&point(None), "timestamp_unix"), None);
+        // a payload read back one ulp above the indexed value: the order value wins
+        let mut p = point(Some(1_794_308_728.909_248));
+        p.order_value = Some(qdrant_client::qdrant::OrderValue {
+            variant: Some(order_value::Variant::Float(1_794_308_728.909_247_9)),
+        });
+        assert_eq!(
+            order_of(&p, "timestamp_unix"),
+            Some(1_794_308_728.909_247_9)
+        );
+        p.order_value = Some(qdrant_client::qdrant::OrderValue {
+            variant: Some(order_value::Variant::Int(7)),
+        });
         assert_eq!(order_of(&p, "timestamp_unix"), Some(7.0));
     }
 }

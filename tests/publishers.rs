@@ -21,7 +21,31 @@ const TIMEOUT: f64 = 0.5;
 fn rust_example() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let out = Command::new(env!("CARGO"))
+        let mut cargo = Command::new(env!("CARGO"));
+        // Drop what cargo set for this test process (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...): build scripts watch
+        // some of them (ring: rerun-if-env-changed), and a different value would rebuild the whole shared target dir.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k == "CARGO"
+                || k == "OUT_DIR"
+                || k == "RUST_RECURSION_COUNT"
+                || [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_BIN_",
+                    "CARGO_CRATE_",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "CARGO_CFG_",
+                ]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                cargo.env_remove(k.as_ref());
+            }
+        }
+        let out = cargo
             .args([
                 "build",
                 "--example",
@@ -163,7 +187,10 @@ async fn rust_example_publishes_events_that_land_in_the_stream() {
     );
     assert_eq!(code, 0);
     assert!(
-        out.contains(&format!("{n} of {n} events acknowledged on {}.{bot}", ns.prefix)),
+        out.contains(&format!(
+            "{n} of {n} events acknowledged on {}.{bot}",
+            ns.prefix
+        )),
         "{out}"
     );
     assert_eq!(stream_messages(&ns).await, n as u64);
@@ -174,7 +201,9 @@ async fn rust_example_publishes_events_that_land_in_the_stream() {
     assert!(events.iter().all(|e| e.collection.as_deref()
         == Some(format!("whisperengine_memory_{bot}").as_str())
         && e.role.as_deref() == Some("user")));
-    eprintln!("FIGURE rust example: {n} events published and acknowledged in {secs:.3}s wall (process included)");
+    eprintln!(
+        "FIGURE rust example: {n} events published and acknowledged in {secs:.3}s wall (process included)"
+    );
     drop_stream(&ns).await;
 }
 
@@ -250,6 +279,7 @@ async fn rust_example_without_a_stream_does_not_fail_or_block() {
 /// A core subscriber on the subject that never answers: the PubAck never comes, each publish gives up after 0.5 s.
 #[tokio::test]
 async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
+    rust_example(); // built before the subscriber waits
     let prefix = format!("noack{}.stored", token());
     let client = async_nats::connect(env("NATS_URL")).await.expect("connect");
     let mut sub = client
@@ -259,7 +289,7 @@ async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
     client.flush().await.expect("flush");
     let counter = tokio::spawn(async move {
         let mut n = 0;
-        while tokio::time::timeout(Duration::from_secs(5), sub.next())
+        while tokio::time::timeout(Duration::from_secs(30), sub.next())
             .await
             .ok()
             .flatten()
@@ -274,7 +304,10 @@ async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
     });
     let url = env("NATS_URL");
     let (code, out, _, secs) = tokio::task::spawn_blocking(move || {
-        run_rust(&["--count", "3", "--bot", "elena", "--prefix", &prefix], &url)
+        run_rust(
+            &["--count", "3", "--bot", "elena", "--prefix", &prefix],
+            &url,
+        )
     })
     .await
     .unwrap();
@@ -286,8 +319,13 @@ async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
         secs < 3.0 * TIMEOUT + 1.0,
         "took {secs:.3}s for 3 unacknowledged publishes"
     );
-    assert!(secs >= 3.0 * TIMEOUT * 0.9, "took only {secs:.3}s: did it wait at all?");
-    eprintln!("FIGURE rust example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)");
+    assert!(
+        secs >= 3.0 * TIMEOUT * 0.9,
+        "took only {secs:.3}s: did it wait at all?"
+    );
+    eprintln!(
+        "FIGURE rust example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------ Python
@@ -300,7 +338,9 @@ fn python_example_with_nats_down_exits_at_once() {
     assert!(out.contains("publishing skipped"), "{out}");
     assert!(!err.contains("Traceback"), "{err}");
     assert!(secs < 2.0, "took {secs:.3}s");
-    eprintln!("FIGURE python example, NATS port closed: exit 0 in {secs:.3}s (interpreter start included)");
+    eprintln!(
+        "FIGURE python example, NATS port closed: exit 0 in {secs:.3}s (interpreter start included)"
+    );
 }
 
 #[test]
@@ -326,7 +366,9 @@ async fn python_example_sends_contract_events_with_msg_id() {
     let subject = format!("recap.stored.{bot}");
     let client = async_nats::connect(&url).await.expect("connect");
     if let Ok(stream) = js(&url).await.stream_by_subject(subject.clone()).await {
-        eprintln!("SKIPPED: stream {stream} on this server captures {subject}; publish.py has no --prefix");
+        eprintln!(
+            "SKIPPED: stream {stream} on this server captures {subject}; publish.py has no --prefix"
+        );
         return;
     }
 
@@ -350,11 +392,15 @@ async fn python_example_sends_contract_events_with_msg_id() {
         let client = client.clone();
         async move {
             let mut got = Vec::new();
-            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(30), sub.next()).await
+            {
                 let seq = got.len() + 1;
                 if let Some(reply) = m.reply.clone() {
                     client
-                        .publish(reply, format!(r#"{{"stream":"STANDIN","seq":{seq}}}"#).into())
+                        .publish(
+                            reply,
+                            format!(r#"{{"stream":"STANDIN","seq":{seq}}}"#).into(),
+                        )
                         .await
                         .expect("puback");
                     client.flush().await.expect("flush");
@@ -371,7 +417,14 @@ async fn python_example_sends_contract_events_with_msg_id() {
         let (url, bot) = (url.clone(), bot.clone());
         move || {
             run_python(
-                &["--count", &n.to_string(), "--bot", &bot, "--user", "987654321098765432"],
+                &[
+                    "--count",
+                    &n.to_string(),
+                    "--bot",
+                    &bot,
+                    "--user",
+                    "987654321098765432",
+                ],
                 &url,
             )
         }
@@ -390,7 +443,10 @@ async fn python_example_sends_contract_events_with_msg_id() {
             .unwrap_or_else(|err| panic!("publish.py event rejected by recap: {err}"));
         assert_eq!(e.bot, bot);
         assert_eq!(e.user_id, "987654321098765432");
-        assert_eq!(e.collection.as_deref(), Some(format!("whisperengine_memory_{bot}").as_str()));
+        assert_eq!(
+            e.collection.as_deref(),
+            Some(format!("whisperengine_memory_{bot}").as_str())
+        );
         let id = m
             .headers
             .as_ref()
@@ -399,7 +455,9 @@ async fn python_example_sends_contract_events_with_msg_id() {
         assert_eq!(id.as_deref(), Some(e.point_id.as_str()), "Nats-Msg-Id");
         assert!(m.payload.len() < 1024);
     }
-    eprintln!("FIGURE python example: {n} events acknowledged in {secs:.3}s wall (interpreter start included)");
+    eprintln!(
+        "FIGURE python example: {n} events acknowledged in {secs:.3}s wall (interpreter start included)"
+    );
 }
 
 /// The same stand-in that never answers: each publish gives up after its 0.5 s timeout and nothing is raised.
@@ -409,17 +467,18 @@ async fn python_example_gives_up_on_a_missing_puback_within_its_timeout() {
     let bot = format!("py{}", token());
     let subject = format!("recap.stored.{bot}");
     if let Ok(stream) = js(&url).await.stream_by_subject(subject.clone()).await {
-        eprintln!("SKIPPED: stream {stream} on this server captures {subject}; publish.py has no --prefix");
+        eprintln!(
+            "SKIPPED: stream {stream} on this server captures {subject}; publish.py has no --prefix"
+        );
         return;
     }
     let client = async_nats::connect(&url).await.expect("connect");
     let _sub = client.subscribe(subject).await.expect("subscribe");
     client.flush().await.expect("flush");
-    let (code, out, err, secs) = tokio::task::spawn_blocking(move || {
-        run_python(&["--count", "3", "--bot", &bot], &url)
-    })
-    .await
-    .unwrap();
+    let (code, out, err, secs) =
+        tokio::task::spawn_blocking(move || run_python(&["--count", "3", "--bot", &bot], &url))
+            .await
+            .unwrap();
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("0 of 3 events acknowledged"), "{out}");
     assert!(!err.contains("Traceback"), "{err}");
@@ -427,5 +486,7 @@ async fn python_example_gives_up_on_a_missing_puback_within_its_timeout() {
         secs < 3.0 * TIMEOUT + 1.5,
         "took {secs:.3}s for 3 unacknowledged publishes"
     );
-    eprintln!("FIGURE python example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)");
+    eprintln!(
+        "FIGURE python example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)"
+    );
 }

@@ -1,8 +1,10 @@
 //! Subcommands. Each file is one command; `dispatch` is the only entry point the binary calls.
 
 mod check;
+mod replay;
 mod run;
 mod status;
+mod sweep;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -68,6 +70,34 @@ pub enum Cmd {
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         since: std::time::Duration,
     },
+    /// Re-read the JetStream stream from a sequence or a time through the same path (stop `recap run` first).
+    Replay {
+        #[command(flatten)]
+        cfg: Config,
+        /// First stream sequence to read.
+        #[arg(long, conflicts_with = "since", required_unless_present = "since")]
+        from_seq: Option<u64>,
+        /// Read events stored since this time (RFC 3339, e.g. 2026-11-20T00:00:00Z).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// One sweep cycle over the bot collections, then summarize what closed, and exit (for cron).
+    /// Without --once, the same as `run --no-nats`.
+    Sweep {
+        #[command(flatten)]
+        cfg: Config,
+        #[arg(long)]
+        once: bool,
+    },
+    /// Summarize history: sweep every bot collection from --since back (default LOOKBACK_DAYS), in bounded memory,
+    /// resumable after an interruption (done windows are not redone).
+    Backfill {
+        #[command(flatten)]
+        cfg: Config,
+        /// How far back (e.g. 30d); default LOOKBACK_DAYS.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+    },
     /// Put dead-lettered windows back to due.
     Retry {
         #[command(flatten)]
@@ -118,6 +148,19 @@ pub fn points(cfg: &Config) -> anyhow::Result<Arc<Points>> {
         cfg.qdrant_api_key.as_ref().map(|k| k.expose()),
         cfg.payload_mapping(),
     )?))
+}
+
+pub fn sweep_settings(cfg: &Config) -> crate::sweep::SweepSettings {
+    let mapper = cfg.clone();
+    crate::sweep::SweepSettings {
+        interval: std::time::Duration::from_secs(cfg.enrichment_interval_seconds),
+        lookback: std::time::Duration::from_secs(u64::from(cfg.lookback_days) * 86_400),
+        overlap: std::time::Duration::from_secs(cfg.sweep_overlap_seconds.into()),
+        page_size: cfg.sweep_page_size,
+        bot_for_collection: Arc::new(move |c: &str| mapper.bot_for_collection(c)),
+        create_index: cfg.sweep_create_index,
+        checkpoint_prefix: "sweep".into(),
+    }
 }
 
 pub fn llm_settings(cfg: &Config) -> Option<crate::summarize::llm::LlmSettings> {
@@ -233,6 +276,37 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 since.to_rfc3339()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Replay {
+            cfg,
+            from_seq,
+            since,
+        } => {
+            init_logging(cfg.log_format);
+            validated(&cfg)?;
+            let from = match (from_seq, since) {
+                (Some(seq), _) => crate::source::nats::ReplayFrom::Sequence(seq),
+                (None, Some(t)) => crate::source::nats::ReplayFrom::Time(t),
+                (None, None) => anyhow::bail!("say where to start: --from-seq N or --since TIME"),
+            };
+            replay::replay(cfg, from).await
+        }
+        Cmd::Sweep { cfg, once } => {
+            init_logging(cfg.log_format);
+            validated(&cfg)?;
+            if once {
+                sweep::sweep(cfg, None).await
+            } else {
+                run::run(cfg, true).await
+            }
+        }
+        Cmd::Backfill { cfg, since } => {
+            init_logging(cfg.log_format);
+            validated(&cfg)?;
+            let since = since.unwrap_or(std::time::Duration::from_secs(
+                u64::from(cfg.lookback_days) * 86_400,
+            ));
+            sweep::sweep(cfg, Some(since)).await
         }
         Cmd::Retry { cfg, all, window } => {
             validated(&cfg)?;

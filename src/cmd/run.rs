@@ -92,7 +92,16 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         }
         _ => {
             info!("NATS_URL not set (or --no-nats): running on the Qdrant sweep alone");
-            anyhow::bail!("sweep-only mode is not built yet: set NATS_URL");
+            tasks.spawn(run_ingest(
+                ctx.clone(),
+                crate::sweep::SweepSource::new(
+                    points.clone(),
+                    store.clone(),
+                    super::sweep_settings(&cfg),
+                ),
+                shutdown.clone(),
+            ));
+            None
         }
     };
     tasks.spawn(run_workers(ctx.clone(), shutdown.clone()));

@@ -114,6 +114,39 @@ pub fn consumer_config(s: &NatsSettings) -> Result<jetstream::consumer::pull::Co
     Ok(c)
 }
 
+/// Where a replay starts.
+#[derive(Debug, Clone)]
+pub enum ReplayFrom {
+    Sequence(u64),
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+/// An ephemeral pull consumer that re-reads the stream from `from` (`recap replay`); the durable consumer is untouched.
+pub fn replay_consumer_config(
+    s: &NatsSettings,
+    from: &ReplayFrom,
+) -> Result<jetstream::consumer::pull::Config, SourceError> {
+    let mut v = serde_json::json!({
+        "ack_policy": "explicit",
+        "ack_wait": 30_000_000_000u64,
+        "filter_subject": format!("{}.>", s.subject_prefix),
+        "inactive_threshold": 60_000_000_000u64,
+        "description": "recap replay",
+        "replay_policy": "instant",
+    });
+    match from {
+        ReplayFrom::Sequence(seq) => {
+            v["deliver_policy"] = "by_start_sequence".into();
+            v["opt_start_seq"] = (*seq).max(1).into();
+        }
+        ReplayFrom::Time(t) => {
+            v["deliver_policy"] = "by_start_time".into();
+            v["opt_start_time"] = t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).into();
+        }
+    }
+    serde_json::from_value(v).map_err(|e| err(format!("replay consumer: {e}")))
+}
+
 /// Creates or updates the stream and the durable consumer (idempotent).
 pub async fn ensure_stream(
     js: &jetstream::Context,
@@ -179,6 +212,31 @@ impl NatsSource {
         let client = connect(&settings, true).await?;
         let js = jetstream::new(client.clone());
         let consumer = ensure_stream(&js, &settings).await?;
+        Ok(NatsSource {
+            client,
+            consumer,
+            settings,
+            in_flight: Vec::new(),
+            wait: Duration::from_millis(500),
+        })
+    }
+
+    /// A source over an ephemeral consumer that re-reads the stream from `from` (see [`replay_consumer_config`]).
+    pub async fn start_replay(
+        settings: NatsSettings,
+        from: &ReplayFrom,
+    ) -> Result<NatsSource, SourceError> {
+        let client = connect(&settings, false).await?;
+        let js = jetstream::new(client.clone());
+        let stream = js.get_stream(&settings.stream).await.map_err(err)?;
+        let consumer = stream
+            .create_consumer(replay_consumer_config(&settings, from)?)
+            .await
+            .map_err(err)?;
+        let settings = NatsSettings {
+            consumer: "replay".into(),
+            ..settings
+        };
         Ok(NatsSource {
             client,
             consumer,

@@ -1,0 +1,521 @@
+//! Ingest vs raw JetStream (issue 9, part 2). In one run: the same events (the recap event shape, 8 bots, 10,000
+//! users in sessions, unique `Nats-Msg-Id`) are published into two fresh streams (recap's stream definition), then
+//! consumed
+//!   (a) by a bare async-nats pull consumer that only acknowledges (`consumer.stream().max_messages_per_batch(500)`),
+//!   (b) by recap: `NatsSource` + `Ingest::apply` (parse, tracker, one Postgres transaction per batch with the
+//!       messages, the windows closed, watermarks and the stream position, then the acks) into a fresh migrated
+//!       database.
+//! Reported: msgs/s of both and the ratio b/a (target >= 0.7), publish rate, windows closed.
+//!
+//! Needs NATS_URL, DATABASE_URL and QDRANT_URL (`eval "$(scripts/services up)"`); QDRANT_URL is only used to build
+//! recap's `Context` (ingest does not read Qdrant).
+//! `cargo bench --bench ingest`. Environment: `BENCH_EVENTS` (default 200,000), `BENCH_RUNS` (default 3).
+//! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`, one per run.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use clap::Parser;
+use futures::StreamExt;
+use recap::event::StoredEvent;
+use recap::pipeline::{Context, Ingest, now_ms};
+use recap::source::Source;
+use recap::source::nats::{NatsSettings, NatsSource, consumer_config, stream_config};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    c: recap::config::Config,
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        eprintln!(
+            "{name} is not set: run `eval \"$(scripts/services up)\"` first (or use scripts/bench)"
+        );
+        std::process::exit(2)
+    })
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn emit(metric: &str, value: f64, unit: &str) {
+    println!("BENCH\t{metric}\t{value:.3}\t{unit}");
+}
+
+fn summary(metric: &str, unit: &str, mut v: Vec<f64>) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "  {metric:<28} min {:>12.2}  median {:>12.2}  max {:>12.2}  {unit}",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    );
+}
+
+fn token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const BOTS: &[&str] = &[
+    "elena", "marcus", "jake", "ryan", "gabriel", "sophia", "dream", "aethys",
+];
+const MIN: i64 = 60_000;
+
+/// `n` events: 10,000 users of 8 bots in sessions of 2..40 messages 5 s..5 min apart, sessions hours apart, over the
+/// last days (so windows close by event time while they stream in, as in a backfill or after an outage), published in
+/// time order with up to 60 s of jitter. Every event has its own point id (UUID).
+fn events(n: usize) -> Vec<StoredEvent> {
+    let mut rng = Rng(0x1e57);
+    let users = 10_000usize.min(n.max(1));
+    let start = now_ms() - 4 * 24 * 60 * MIN;
+    let mut out: Vec<(i64, StoredEvent)> = Vec::with_capacity(n);
+    for u in 0..users {
+        let user = format!(
+            "{}",
+            100_000_000_000_000_000u64
+                + (u as u64).wrapping_mul(7_919_000_013) % 800_000_000_000_000_000
+        );
+        let bot = BOTS[rng.below(BOTS.len() as u64) as usize];
+        let mut t = start + rng.below(24 * 60) as i64 * MIN;
+        let mut left = n / users + usize::from(u < n % users);
+        let mut user_turn = true;
+        while left > 0 {
+            let len = (2 + rng.below(39) as usize).min(left);
+            for _ in 0..len {
+                t += 5_000 + rng.below(5 * MIN as u64) as i64;
+                let e = StoredEvent {
+                    v: 1,
+                    bot: bot.to_string(),
+                    collection: Some(format!("whisperengine_memory_{bot}_7d")),
+                    point_id: uuid::Uuid::new_v4().to_string(),
+                    user_id: user.clone(),
+                    role: Some(if user_turn { "user" } else { "assistant" }.to_string()),
+                    ts: chrono::DateTime::from_timestamp_millis(t).expect("time"),
+                };
+                user_turn = !user_turn;
+                out.push((t + rng.below(60_000) as i64, e));
+            }
+            left -= len;
+            t += (60 + rng.below(11 * 60) as i64) * MIN;
+        }
+    }
+    out.sort_by_key(|(arrival, _)| *arrival);
+    out.into_iter().map(|(_, e)| e).collect()
+}
+
+fn settings(url: &str, stream: &str, consumer: &str, prefix: &str) -> NatsSettings {
+    NatsSettings {
+        url: url.to_string(),
+        stream: stream.to_string(),
+        consumer: consumer.to_string(),
+        subject_prefix: prefix.to_string(),
+        max_age: Duration::from_secs(7 * 86400),
+        batch_size: 500,
+        ..Default::default()
+    }
+}
+
+/// Publishes every event (body + `Nats-Msg-Id`) with up to 1,024 acks in flight; returns msgs/s.
+async fn publish(
+    js: &jetstream::Context,
+    prefix: &str,
+    bodies: &[(String, Vec<u8>)],
+    evs: &[StoredEvent],
+) -> f64 {
+    let t = Instant::now();
+    let mut acks = VecDeque::with_capacity(1100);
+    for ((subject, body), e) in bodies.iter().zip(evs) {
+        let m = jetstream::message::PublishMessage::build()
+            .payload(body.clone().into())
+            .message_id(e.point_id.clone());
+        acks.push_back(
+            js.send_publish(format!("{prefix}.{subject}"), m)
+                .await
+                .expect("publish"),
+        );
+        if acks.len() >= 1024 {
+            let a = acks.pop_front().unwrap().await.expect("puback");
+            assert!(!a.duplicate);
+        }
+    }
+    for a in acks {
+        assert!(!a.await.expect("puback").duplicate);
+    }
+    bodies.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// (a) A bare pull consumer on recap's consumer definition that only acknowledges. Returns msgs/s.
+async fn raw_consume(url: &str, s: &NatsSettings, n: usize) -> f64 {
+    let client = async_nats::connect(url).await.expect("nats");
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(&s.stream).await.expect("stream");
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(consumer_config(s).expect("consumer config"))
+        .await
+        .expect("consumer");
+    let t = Instant::now();
+    let mut msgs = consumer
+        .stream()
+        .max_messages_per_batch(500)
+        .messages()
+        .await
+        .expect("pull");
+    let mut got = 0;
+    while got < n {
+        let m = msgs.next().await.expect("stream ended").expect("message");
+        m.ack().await.expect("ack");
+        got += 1;
+    }
+    client.flush().await.expect("flush");
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    drop(msgs);
+    rate
+}
+
+/// A fresh database on the DATABASE_URL server; returns its URL.
+async fn fresh_db(admin: &str) -> (String, String) {
+    let name = format!("recap_bench_{}", token());
+    let mut conn = PgConnection::connect(admin)
+        .await
+        .expect("connect to DATABASE_URL");
+    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name}"
+    ))))
+    .await
+    .expect("create database");
+    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database");
+    (format!("{base}/{name}"), name)
+}
+
+async fn drop_db(admin: &str, name: &str) {
+    if let Ok(mut conn) = PgConnection::connect(admin).await {
+        let _ = conn
+            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            ))))
+            .await;
+    }
+}
+
+/// (b) recap's ingest: NatsSource + Ingest::apply until all `n` events are committed and acknowledged.
+/// Returns (msgs/s, windows closed, batches).
+async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize, usize) {
+    let qdrant = env("QDRANT_URL");
+    let mut cfg = Args::parse_from([
+        "bench",
+        "--database-url",
+        db_url,
+        "--qdrant-url",
+        &qdrant,
+        "--nats-url",
+        &s.url,
+        "--nats-stream",
+        &s.stream,
+        "--nats-consumer",
+        &s.consumer,
+        "--nats-subject-prefix",
+        &s.subject_prefix,
+        "--summarizer",
+        "extractive",
+        "--ingest-batch-size",
+        "500",
+        "--instance-id",
+        "bench-ingest",
+    ])
+    .c;
+    cfg.normalize();
+    cfg.validate().expect("config");
+    let store = recap::cmd::connect_store(&cfg).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let ctx = Context {
+        store: store.clone(),
+        points: recap::cmd::points(&cfg).expect("points"),
+        summarizer: Arc::new(recap::summarize::extractive::Extractive),
+        instance: cfg.instance_id(),
+        cfg: Arc::new(cfg.clone()),
+    };
+    let shutdown = CancellationToken::new();
+    let mut ingest = Ingest::start(ctx, &shutdown)
+        .await
+        .expect("leader")
+        .expect("ingest");
+    let mut source = NatsSource::start(cfg.nats_settings())
+        .await
+        .expect("source");
+    let (mut done, mut windows, mut batches) = (0usize, 0usize, 0usize);
+    let mut phase = [Duration::ZERO; 3];
+    let t = Instant::now();
+    while done < n {
+        let p0 = Instant::now();
+        let batch = source.next_batch().await.expect("batch");
+        let got = batch.messages.len() + batch.ignored + batch.dead_letters.len();
+        let p1 = Instant::now();
+        let applied = ingest.apply(&batch, now_ms()).await.expect("apply");
+        let p2 = Instant::now();
+        source.commit().await.expect("ack");
+        phase[0] += p1 - p0;
+        phase[1] += p2 - p1;
+        phase[2] += p2.elapsed();
+        done += got;
+        windows += applied.closed;
+        batches += usize::from(got > 0);
+        assert_eq!(batch.dead_letters.len(), 0, "no malformed events");
+    }
+    let wall = t.elapsed();
+    let rate = n as f64 / wall.as_secs_f64();
+    eprintln!(
+        "    recap phases: next_batch (pull + parse) {:.2}s, Ingest::apply (tracker + transaction) {:.2}s, commit (acks + flush) {:.2}s of {:.2}s",
+        phase[0].as_secs_f64(),
+        phase[1].as_secs_f64(),
+        phase[2].as_secs_f64(),
+        wall.as_secs_f64()
+    );
+    for (name, d) in ["next_batch", "apply", "ack"].iter().zip(phase) {
+        emit(
+            &format!("ingest_recap_{name}_share"),
+            d.as_secs_f64() / wall.as_secs_f64(),
+            "x",
+        );
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_messages")
+        .fetch_one(store.pool())
+        .await
+        .expect("count");
+    assert_eq!(stored as usize, n, "every event stored once");
+    ingest.release().await;
+    store.pool().close().await;
+    (rate, windows, batches)
+}
+
+/// A profile of (b): the same events read again (a second durable consumer on stream B) into another fresh database,
+/// through a step-by-step copy of `Ingest::apply`'s transaction made of recap's public calls (`begin_ingest`,
+/// `insert_messages`, the tracker, `close_window` per closed window, `save_watermarks`, `save_checkpoint`, `commit`),
+/// each step timed. Printed as where the wall time of recap's ingest goes.
+async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
+    let (db_url, db_name) = fresh_db(admin).await;
+    let qdrant = env("QDRANT_URL");
+    let mut cfg = Args::parse_from([
+        "bench",
+        "--database-url",
+        &db_url,
+        "--qdrant-url",
+        &qdrant,
+        "--nats-url",
+        &s.url,
+        "--nats-stream",
+        &s.stream,
+        "--nats-consumer",
+        &format!("{}_profile", s.consumer),
+        "--nats-subject-prefix",
+        &s.subject_prefix,
+        "--summarizer",
+        "extractive",
+        "--ingest-batch-size",
+        "500",
+    ])
+    .c;
+    cfg.normalize();
+    let store = recap::cmd::connect_store(&cfg).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let fence = store
+        .try_acquire_leader("bench-profile", Duration::from_secs(600))
+        .await
+        .expect("leader")
+        .expect("free");
+    let mut tracker = recap::tracker::Tracker::new(cfg.tracker_config());
+    let tcfg = cfg.tracker_config();
+    let mut source = NatsSource::start(cfg.nats_settings())
+        .await
+        .expect("source");
+    // steps: pull+parse, begin (+lease renew), insert_messages, tracker, close_window, watermarks+checkpoint, commit, acks
+    let names = [
+        "next_batch (pull + parse)",
+        "begin + lease renew",
+        "insert_messages",
+        "tracker",
+        "close_window",
+        "watermarks + checkpoint",
+        "commit",
+        "acks + flush",
+    ];
+    let mut d = [Duration::ZERO; 8];
+    let (mut done, mut closed, mut stmts_close) = (0usize, 0usize, 0usize);
+    let t0 = Instant::now();
+    while done < n {
+        let mut t = Instant::now();
+        let mut lap = |i: usize, t: &mut Instant, d: &mut [Duration; 8]| {
+            let now = Instant::now();
+            d[i] += now - *t;
+            *t = now;
+        };
+        let batch = source.next_batch().await.expect("batch");
+        lap(0, &mut t, &mut d);
+        let mut tx = store.begin_ingest(&fence).await.expect("begin");
+        lap(1, &mut t, &mut d);
+        let new = tx.insert_messages(&batch.messages).await.expect("insert");
+        lap(2, &mut t, &mut d);
+        for (m, is_new) in batch.messages.iter().zip(new) {
+            if is_new {
+                tracker.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
+            }
+        }
+        if batch.caught_up {
+            tracker.tick(now_ms());
+        }
+        let ws = tracker.drain_closed();
+        lap(3, &mut t, &mut d);
+        for w in &ws {
+            tx.close_window(&tcfg, w, cfg.min_messages_for_summary)
+                .await
+                .expect("close");
+        }
+        closed += ws.len();
+        stmts_close += 3 * ws.len();
+        lap(4, &mut t, &mut d);
+        tx.save_watermarks(&tracker.take_watermark_changes())
+            .await
+            .expect("watermarks");
+        if let Some((name, pos, read)) = &batch.checkpoint {
+            tx.save_checkpoint(name, *pos, *read)
+                .await
+                .expect("checkpoint");
+        }
+        lap(5, &mut t, &mut d);
+        tx.commit().await.expect("commit");
+        lap(6, &mut t, &mut d);
+        source.commit().await.expect("ack");
+        lap(7, &mut t, &mut d);
+        done += batch.messages.len() + batch.ignored + batch.dead_letters.len();
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    println!(
+        "  where (b)'s time goes ({n} events, {closed} windows closed = {stmts_close} close_window statements, {:.0} msgs/s):",
+        n as f64 / wall
+    );
+    for (name, x) in names.iter().zip(d) {
+        println!(
+            "    {name:<28} {:>7.2}s  {:>5.1}%",
+            x.as_secs_f64(),
+            100.0 * x.as_secs_f64() / wall
+        );
+        emit(
+            &format!(
+                "ingest_profile_{}_share",
+                name.split(' ').next().unwrap_or(name)
+            ),
+            x.as_secs_f64() / wall,
+            "x",
+        );
+    }
+    println!(
+        "    close_window per window      {:>7.3} ms",
+        d[4].as_secs_f64() * 1000.0 / closed.max(1) as f64
+    );
+    store.release_leader(&fence).await.ok();
+    store.pool().close().await;
+    drop_db(admin, &db_name).await;
+}
+
+async fn run(url: &str, admin: &str, evs: &[StoredEvent], run: usize) -> (f64, f64, f64) {
+    let n = evs.len();
+    let t = token();
+    let a = settings(
+        url,
+        &format!("BENCHA_{t}"),
+        &format!("bencha_{t}"),
+        &format!("bencha{t}.stored"),
+    );
+    let b = settings(
+        url,
+        &format!("BENCHB_{t}"),
+        &format!("benchb_{t}"),
+        &format!("benchb{t}.stored"),
+    );
+    let client = async_nats::connect(url).await.expect("nats");
+    let js = jetstream::new(client.clone());
+    for s in [&a, &b] {
+        js.create_stream(stream_config(s).expect("stream config"))
+            .await
+            .expect("create stream");
+    }
+    // subject suffix (the bot) and body are the same for both streams
+    let bodies: Vec<(String, Vec<u8>)> = evs.iter().map(|e| (e.bot.clone(), e.to_body())).collect();
+    let avg = bodies.iter().map(|(_, b)| b.len()).sum::<usize>() as f64 / n as f64;
+    let pa = publish(&js, &a.subject_prefix, &bodies, evs).await;
+    let pb = publish(&js, &b.subject_prefix, &bodies, evs).await;
+    client.flush().await.expect("flush");
+    eprintln!(
+        "  run {run}: published {n} events ({avg:.0} B bodies) twice: {pa:.0} and {pb:.0} msgs/s"
+    );
+    let (db_url, db_name) = fresh_db(admin).await;
+    // alternate the order so neither side always runs on a warmer machine
+    let (raw, (rec, windows, batches)) = if run % 2 == 0 {
+        let raw = raw_consume(url, &a, n).await;
+        (raw, recap_consume(&db_url, &b, n).await)
+    } else {
+        let r = recap_consume(&db_url, &b, n).await;
+        (raw_consume(url, &a, n).await, r)
+    };
+    eprintln!(
+        "  run {run}: raw pull+ack {raw:.0} msgs/s; recap source+tracker+commit {rec:.0} msgs/s ({batches} batches, {windows} windows closed); b/a = {:.3}",
+        rec / raw
+    );
+    if run == 0 && std::env::var("BENCH_INGEST_PROFILE").is_ok_and(|v| v == "1") {
+        breakdown(admin, &b, n).await;
+    }
+    for s in [&a, &b] {
+        let _ = js.delete_stream(&s.stream).await;
+    }
+    drop_db(admin, &db_name).await;
+    ((pa + pb) / 2.0, raw, rec)
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url = env("NATS_URL");
+    let admin = env("DATABASE_URL");
+    let n = env_usize("BENCH_EVENTS", 200_000);
+    let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let evs = events(n);
+    println!("ingest benchmark: {n} events, {runs} runs");
+    let (mut pubs, mut raws, mut recs, mut ratios) = (vec![], vec![], vec![], vec![]);
+    for r in 0..runs {
+        let (p, raw, rec) = run(&url, &admin, &evs, r).await;
+        emit("ingest_publish_msgs_per_sec", p, "msgs/s");
+        emit("ingest_raw_msgs_per_sec", raw, "msgs/s");
+        emit("ingest_recap_msgs_per_sec", rec, "msgs/s");
+        emit("ingest_ratio", rec / raw, "x");
+        pubs.push(p);
+        raws.push(raw);
+        recs.push(rec);
+        ratios.push(rec / raw);
+    }
+    summary("publish", "msgs/s", pubs);
+    summary("(a) raw pull + ack", "msgs/s", raws);
+    summary("(b) recap ingest", "msgs/s", recs);
+    summary("ratio b/a", "x", ratios);
+}

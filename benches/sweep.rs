@@ -1,0 +1,517 @@
+//! Sweep vs raw scroll (issue 9, part 3), on one collection of WhisperEngine-shaped points (payload + a small 4-d
+//! `content` vector; the test Qdrant server loads about 5k points/s, so the default is 50,000 points, not 100,000 —
+//! `BENCH_SWEEP_POINTS` sets it), with a float index on `timestamp_unix` as the bots' collections have:
+//!   (a) raw: qdrant-client scroll, filter `timestamp_unix >= start`, no vectors, the same payload fields recap reads,
+//!       pages of 1000, offset paging;
+//!   (b) recap: `SweepSource` (a stored checkpoint, so the steady-state ranged path, `order_by` on the index) feeding
+//!       the pure tracker (observe every message, drain what closed) through `sweep_once`;
+//!   (b') for information: the same cycle through `Ingest::apply` (the Postgres transaction per page).
+//! Ratio b/a (target >= 0.9).
+//! Then points read per cycle as history grows 10x with a constant number of new points per cycle: a collection
+//! with H old points; each cycle adds H old points (history, older than the checkpoint) and K new points spread over
+//! the sweep interval (timestamps advancing 5 minutes per cycle); one cycle through `Ingest::apply` (so checkpoints
+//! are committed) and its points read are printed. Flat = the last cycle reads no more than 1.25x the first one.
+//!
+//! Needs DATABASE_URL and QDRANT_URL. `cargo bench --bench sweep`. Environment: `BENCH_SWEEP_POINTS` (50,000),
+//! `BENCH_SWEEP_HISTORY` (H, 5,000), `BENCH_SWEEP_NEW` (K, 1,000), `BENCH_RUNS` (3).
+//! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use qdrant_client::Qdrant;
+use qdrant_client::qdrant::{
+    Condition, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType,
+    Filter, PayloadIncludeSelector, PointId, PointStruct, Range, ScrollPointsBuilder,
+    UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsConfigBuilder,
+};
+use recap::pipeline::{Context, Ingest, now_ms};
+use recap::source::Batch;
+use recap::sweep::{SweepSource, sweep_once};
+use recap::tracker::Tracker;
+use sqlx::{Connection, Executor, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    c: recap::config::Config,
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        eprintln!(
+            "{name} is not set: run `eval \"$(scripts/services up)\"` first (or use scripts/bench)"
+        );
+        std::process::exit(2)
+    })
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn emit(metric: &str, value: f64, unit: &str) {
+    println!("BENCH\t{metric}\t{value:.3}\t{unit}");
+}
+
+fn summary(metric: &str, unit: &str, mut v: Vec<f64>) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "  {metric:<34} min {:>10.2}  median {:>10.2}  max {:>10.2}  {unit}",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    );
+}
+
+fn token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const TEXTS: &[&str] = &[
+    "I have been learning to play the guitar every evening after work",
+    "my sister is visiting next weekend and we plan a hiking trip in the mountains",
+    "the new job at the bakery starts on monday and I am nervous about it",
+    "That sounds wonderful, tell me more about the trip and who is coming along",
+    "we talked about marine biology and the coral reefs near the coast",
+    "training for the marathon is going well, my knee feels better",
+];
+
+/// `n` WhisperEngine-shaped points with times in `[from_ms, to_ms)`: exchanges of a user message, the bot's reply and a
+/// `conversation_pair` point, 2,000 users; a 4-d `content` vector.
+fn points(n: usize, from_ms: i64, to_ms: i64, seed: u64) -> Vec<PointStruct> {
+    let mut rng = Rng(seed | 1);
+    let span = (to_ms - from_ms).max(1) as u64;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let user = format!(
+            "{}",
+            200_000_000_000_000_000u64 + rng.below(2_000) * 1_000_003
+        );
+        let t = from_ms + rng.below(span) as i64;
+        let k = rng.below(TEXTS.len() as u64) as usize;
+        for (role, dt) in [("user", 0), ("assistant", 1), ("conversation_pair", 0)] {
+            if out.len() == n {
+                break;
+            }
+            let ts = (t + dt).min(to_ms - 1);
+            let mut payload: HashMap<String, Value> = HashMap::new();
+            payload.insert("user_id".into(), user.clone().into());
+            payload.insert("content".into(), format!("{} ({user})", TEXTS[k]).into());
+            payload.insert("role".into(), role.into());
+            payload.insert("source".into(), role.into());
+            payload.insert("memory_type".into(), "conversation".into());
+            let naive = chrono::DateTime::from_timestamp_millis(ts)
+                .unwrap()
+                .naive_utc();
+            payload.insert(
+                "timestamp".into(),
+                naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string().into(),
+            );
+            payload.insert("timestamp_unix".into(), (ts as f64 / 1000.0).into());
+            payload.insert("emotional_context".into(), "joy".into());
+            let v: Vec<f32> = (0..4).map(|_| (rng.below(1000) as f32) / 1000.0).collect();
+            let vectors: HashMap<String, Vec<f32>> = [("content".to_string(), v)].into();
+            out.push(PointStruct::new(
+                uuid::Uuid::new_v4().to_string(),
+                vectors,
+                payload,
+            ));
+        }
+    }
+    out
+}
+
+async fn create(q: &Qdrant, coll: &str) {
+    let mut vc = VectorsConfigBuilder::default();
+    vc.add_named_vector_params("content", VectorParamsBuilder::new(4, Distance::Cosine));
+    q.create_collection(CreateCollectionBuilder::new(coll).vectors_config(vc))
+        .await
+        .expect("create collection");
+    for (field, ty) in [
+        ("user_id", FieldType::Keyword),
+        ("timestamp_unix", FieldType::Float),
+    ] {
+        q.create_field_index(CreateFieldIndexCollectionBuilder::new(coll, field, ty).wait(true))
+            .await
+            .expect("index");
+    }
+}
+
+async fn upsert(q: &Arc<Qdrant>, coll: &str, pts: Vec<PointStruct>) {
+    let mut chunks = Vec::new();
+    let mut it = pts.into_iter().peekable();
+    while it.peek().is_some() {
+        chunks.push(it.by_ref().take(1000).collect::<Vec<_>>());
+    }
+    futures::stream::iter(chunks)
+        .for_each_concurrent(2, |ps| {
+            let q = q.clone();
+            async move {
+                q.upsert_points(UpsertPointsBuilder::new(coll, ps).wait(true))
+                    .await
+                    .expect("upsert");
+            }
+        })
+        .await;
+}
+
+/// (a) The raw scroll: `timestamp_unix >= start`, the payload fields recap reads, no vectors, pages of 1000.
+async fn raw_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
+    let fields: Vec<String> = [
+        "user_id",
+        "content",
+        "role",
+        "memory_type",
+        "timestamp",
+        "timestamp_unix",
+        "source",
+    ]
+    .map(String::from)
+    .into();
+    let mut offset: Option<PointId> = None;
+    let mut read = 0;
+    loop {
+        let mut req = ScrollPointsBuilder::new(coll)
+            .filter(Filter::must([Condition::range(
+                "timestamp_unix",
+                Range {
+                    gte: Some(start_secs),
+                    ..Default::default()
+                },
+            )]))
+            .limit(1000)
+            .with_payload(PayloadIncludeSelector {
+                fields: fields.clone(),
+            })
+            .with_vectors(false);
+        if let Some(o) = offset.take() {
+            req = req.offset(o);
+        }
+        let page = q.scroll(req).await.expect("scroll");
+        read += page.result.len();
+        match page.next_page_offset {
+            Some(o) => offset = Some(o),
+            None => break,
+        }
+    }
+    read
+}
+
+async fn fresh_db(admin: &str) -> (String, String) {
+    let name = format!("recap_bench_{}", token());
+    let mut conn = PgConnection::connect(admin)
+        .await
+        .expect("connect to DATABASE_URL");
+    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name}"
+    ))))
+    .await
+    .expect("create db");
+    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database");
+    (format!("{base}/{name}"), name)
+}
+
+async fn drop_db(admin: &str, name: &str) {
+    if let Ok(mut conn) = PgConnection::connect(admin).await {
+        let _ = conn
+            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            ))))
+            .await;
+    }
+}
+
+/// recap's config, store (fresh database) and sweep settings reading only `coll` (as bot `bot`).
+async fn setup(
+    admin: &str,
+    qdrant: &str,
+    coll: &str,
+    bot: &str,
+) -> (
+    recap::config::Config,
+    recap::sink::Store,
+    recap::sweep::SweepSettings,
+    String,
+) {
+    let (db_url, db_name) = fresh_db(admin).await;
+    let mut cfg = Args::parse_from([
+        "bench",
+        "--database-url",
+        &db_url,
+        "--qdrant-url",
+        qdrant,
+        "--summarizer",
+        "extractive",
+        "--instance-id",
+        "bench-sweep",
+    ])
+    .c;
+    cfg.normalize();
+    let store = recap::cmd::connect_store(&cfg).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let mut settings = recap::cmd::sweep_settings(&cfg);
+    let (c, b) = (coll.to_string(), bot.to_string());
+    settings.bot_for_collection = Arc::new(move |name: &str| (name == c).then(|| b.clone()));
+    (cfg, store, settings, db_name)
+}
+
+/// Stores the sweep checkpoint of `coll` so the next cycle starts at `start_secs` (steady state, not a first sweep).
+async fn set_checkpoint(
+    store: &recap::sink::Store,
+    coll: &str,
+    start_secs: f64,
+    overlap: Duration,
+) {
+    let fence = store
+        .try_acquire_leader("bench-checkpoint", Duration::from_secs(5))
+        .await
+        .expect("leader")
+        .expect("free");
+    let mut tx = store.begin_ingest(&fence).await.expect("begin");
+    tx.save_checkpoint(
+        &format!("sweep:{coll}"),
+        start_secs + overlap.as_secs_f64(),
+        0,
+    )
+    .await
+    .expect("checkpoint");
+    tx.commit().await.expect("commit");
+    store.release_leader(&fence).await.expect("release");
+}
+
+/// (b) recap's sweep feeding the pure tracker. Returns (points read, messages fed, windows closed).
+async fn recap_sweep(
+    points: Arc<recap::fetch::Points>,
+    store: recap::sink::Store,
+    settings: recap::sweep::SweepSettings,
+    cfg: &recap::config::Config,
+) -> (u64, usize, usize) {
+    let mut source = SweepSource::new(points, store, settings);
+    let mut tracker = Tracker::new(cfg.tracker_config());
+    let (mut msgs, mut closed) = (0usize, 0usize);
+    let report = sweep_once(&mut source, async |b: &Batch| {
+        for m in &b.messages {
+            tracker.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
+        }
+        msgs += b.messages.len();
+        closed += tracker.drain_closed().len();
+        Ok::<(), std::io::Error>(())
+    })
+    .await
+    .expect("sweep");
+    (report.points_read(), msgs, closed)
+}
+
+/// (b') the same cycle through `Ingest::apply` (Postgres transaction per page, checkpoints stored).
+async fn recap_sweep_ingest(
+    cfg: &recap::config::Config,
+    store: &recap::sink::Store,
+    points: Arc<recap::fetch::Points>,
+    settings: recap::sweep::SweepSettings,
+) -> recap::sweep::SweepReport {
+    let ctx = Context {
+        store: store.clone(),
+        points: points.clone(),
+        summarizer: Arc::new(recap::summarize::extractive::Extractive),
+        instance: cfg.instance_id(),
+        cfg: Arc::new(cfg.clone()),
+    };
+    let mut ingest = Ingest::start(ctx, &CancellationToken::new())
+        .await
+        .expect("leader")
+        .expect("ingest");
+    let mut source = SweepSource::new(points, store.clone(), settings);
+    let r = sweep_once(&mut source, async |b: &Batch| {
+        ingest.apply(b, now_ms()).await.map(drop)
+    })
+    .await
+    .expect("sweep");
+    ingest.release().await;
+    r
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let admin = env("DATABASE_URL");
+    let qdrant_url = env("QDRANT_URL");
+    let n = env_usize("BENCH_SWEEP_POINTS", 50_000);
+    let hist = env_usize("BENCH_SWEEP_HISTORY", 5_000);
+    let new = env_usize("BENCH_SWEEP_NEW", 1_000);
+    let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let q = Arc::new(
+        Qdrant::from_url(&qdrant_url)
+            .timeout(Duration::from_secs(300))
+            .build()
+            .expect("qdrant"),
+    );
+    println!(
+        "sweep benchmark: {n} points, {runs} runs; growth: history {hist} -> {} points, {new} new points per cycle",
+        hist * 10
+    );
+
+    // ---- (a) vs (b) ----
+    let bot = format!("bs{}", token());
+    let coll = format!("whisperengine_memory_{bot}_7d");
+    let now = now_ms();
+    let (from, to) = (now - 10 * 86_400_000, now - 3_600_000);
+    create(&q, &coll).await;
+    let t = Instant::now();
+    upsert(&q, &coll, points(n, from, to, 0xabc)).await;
+    eprintln!(
+        "  loaded {n} points into {coll} in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let start_secs = (from as f64 / 1000.0) - 1.0;
+    let (mut raws, mut recs, mut ratios, mut ingests) = (vec![], vec![], vec![], vec![]);
+    for r in 0..runs {
+        let (cfg, store, settings, db) = setup(&admin, &qdrant_url, &coll, &bot).await;
+        set_checkpoint(&store, &coll, start_secs, settings.overlap).await;
+        let points = recap::cmd::points(&cfg).expect("points");
+        // alternate which side goes first
+        let mut timed_raw = async || {
+            let t = Instant::now();
+            let got = raw_scroll(&q, &coll, start_secs).await;
+            assert_eq!(got, n, "raw scroll reads every point");
+            n as f64 / t.elapsed().as_secs_f64()
+        };
+        let (raw, (rec, read, msgs, closed)) = if r % 2 == 0 {
+            let raw = timed_raw().await;
+            let t = Instant::now();
+            let (read, msgs, closed) =
+                recap_sweep(points.clone(), store.clone(), settings.clone(), &cfg).await;
+            (
+                raw,
+                (read as f64 / t.elapsed().as_secs_f64(), read, msgs, closed),
+            )
+        } else {
+            let t = Instant::now();
+            let (read, msgs, closed) =
+                recap_sweep(points.clone(), store.clone(), settings.clone(), &cfg).await;
+            let rec = read as f64 / t.elapsed().as_secs_f64();
+            (timed_raw().await, (rec, read, msgs, closed))
+        };
+        assert_eq!(read as usize, n, "the sweep reads every point once");
+        let t = Instant::now();
+        let rep = recap_sweep_ingest(&cfg, &store, points.clone(), settings.clone()).await;
+        let ing = rep.points_read() as f64 / t.elapsed().as_secs_f64();
+        eprintln!(
+            "  run {r}: raw scroll {raw:.0} points/s; sweep -> tracker {rec:.0} points/s ({msgs} messages, {closed} windows closed); b/a = {:.3}; sweep -> Ingest::apply {ing:.0} points/s",
+            rec / raw
+        );
+        emit("sweep_raw_points_per_sec", raw, "points/s");
+        emit("sweep_recap_points_per_sec", rec, "points/s");
+        emit("sweep_ratio", rec / raw, "x");
+        emit("sweep_ingest_points_per_sec", ing, "points/s");
+        raws.push(raw);
+        recs.push(rec);
+        ratios.push(rec / raw);
+        ingests.push(ing);
+        store.pool().close().await;
+        drop_db(&admin, &db).await;
+    }
+    summary("(a) raw scroll", "points/s", raws);
+    summary("(b) sweep -> tracker", "points/s", recs);
+    summary("ratio b/a", "x", ratios);
+    summary("(b') sweep -> Ingest::apply", "points/s", ingests);
+    let _ = q.delete_collection(&coll).await;
+
+    // ---- points read per cycle as history grows 10x ----
+    let bot = format!("bg{}", token());
+    let coll = format!("whisperengine_memory_{bot}_7d");
+    create(&q, &coll).await;
+    let (cfg, store, settings, db) = setup(&admin, &qdrant_url, &coll, &bot).await;
+    let points_api = recap::cmd::points(&cfg).expect("points");
+    let interval = settings.interval.as_millis() as i64;
+    let cycles = 10usize;
+    let now = now_ms();
+    // cycle c's new points lie in the c-th sweep interval of the last `cycles` intervals; history is older than all
+    let new_base = now - cycles as i64 * interval;
+    let old = |c: u64| {
+        points(
+            hist,
+            now - 20 * 86_400_000,
+            new_base - 3_600_000,
+            0x1000 + c,
+        )
+    };
+    upsert(&q, &coll, old(0)).await;
+    let rep = recap_sweep_ingest(&cfg, &store, points_api.clone(), settings.clone()).await;
+    println!(
+        "  points read per cycle (overlap {}s, interval {}s; cycle 0 = first sweep of {hist} points):",
+        settings.overlap.as_secs(),
+        settings.interval.as_secs()
+    );
+    println!(
+        "    {:>5} {:>10} {:>8} {:>12} {:>9} {:>9}",
+        "cycle", "history", "new", "points read", "read/new", "cycle ms"
+    );
+    println!(
+        "    {:>5} {:>10} {:>8} {:>12} {:>9} {:>9.0}",
+        0,
+        hist,
+        hist,
+        rep.points_read(),
+        "",
+        rep.duration.as_secs_f64() * 1000.0
+    );
+    let mut reads = Vec::new();
+    for c in 1..cycles {
+        upsert(&q, &coll, old(c as u64)).await;
+        let lo = new_base + (c as i64 - 1) * interval;
+        upsert(&q, &coll, points(new, lo, lo + interval, 0x2000 + c as u64)).await;
+        let rep = recap_sweep_ingest(&cfg, &store, points_api.clone(), settings.clone()).await;
+        let read = rep.points_read();
+        println!(
+            "    {:>5} {:>10} {:>8} {:>12} {:>9.2} {:>9.0}",
+            c,
+            hist * (c + 1) + new * c,
+            new,
+            read,
+            read as f64 / new as f64,
+            rep.duration.as_secs_f64() * 1000.0
+        );
+        emit(
+            &format!("sweep_cycle{c}_points_read"),
+            read as f64,
+            "points",
+        );
+        reads.push(read as f64);
+    }
+    // the overlap re-reads the last cycles' points: flat once the overlap is full (from cycle 3 on with the defaults)
+    let steady = &reads[2.min(reads.len() - 1)..];
+    let (lo, hi) = steady
+        .iter()
+        .fold((f64::MAX, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
+    let growth = hi / lo.max(1.0);
+    println!(
+        "  steady cycles (3..): points read {lo:.0}..{hi:.0}, max/min {growth:.2} while history grew {}x",
+        (hist * cycles + new * (cycles - 1)) / hist
+    );
+    emit("sweep_points_read_growth", growth, "x");
+    emit("sweep_points_read_per_new_point", hi / new as f64, "x");
+    store.pool().close().await;
+    drop_db(&admin, &db).await;
+    let _ = q.delete_collection(&coll).await;
+}

@@ -1,0 +1,359 @@
+//! Tracker benchmark (issue 9, part 1): events per second through the pure window tracker on one core, and bytes per
+//! open window with 1,000,000 open windows, measured with a counting global allocator (live requested bytes).
+//!
+//! `cargo bench --bench tracker`. Environment:
+//! * `BENCH_RUNS` (default 3): runs of each measurement; min/median/max are printed.
+//! * `BENCH_TRACKER_EVENTS` (default 2,000,000): events of the throughput stream.
+//! * `BENCH_OPEN_WINDOWS` (default 1,000,000): open windows of the memory measurement.
+//! * `BENCH_ONLY` = `throughput` | `memory`: run one part only (for profiling with callgrind).
+//!
+//! Machine-readable results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`, one per run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{BTreeSet, HashMap};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use recap::tracker::{Millis, Tracker, TrackerConfig};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Counting allocator: live requested bytes and allocation count, only while `COUNTING` is on (off during the
+// throughput runs so the atomics do not bias them).
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+            ALLOCS.fetch_sub(1, Ordering::Relaxed);
+        }
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Live bytes and allocations made by `f`'s result (everything `f` allocated and did not free).
+fn measure_live<T>(f: impl FnOnce() -> T) -> (T, isize, usize) {
+    let (b0, a0) = (LIVE.load(Ordering::SeqCst), ALLOCS.load(Ordering::SeqCst));
+    COUNTING.store(true, Ordering::SeqCst);
+    let out = f();
+    COUNTING.store(false, Ordering::SeqCst);
+    (
+        out,
+        LIVE.load(Ordering::SeqCst) - b0,
+        ALLOCS.load(Ordering::SeqCst).wrapping_sub(a0),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Harness
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn emit(metric: &str, value: f64, unit: &str) {
+    println!("BENCH\t{metric}\t{value:.3}\t{unit}");
+}
+
+fn summary(metric: &str, unit: &str, mut v: Vec<f64>) {
+    v.sort_by(f64::total_cmp);
+    let med = v[v.len() / 2];
+    println!(
+        "  {metric:<34} min {:>14.1}  median {:>14.1}  max {:>14.1}  {unit}",
+        v[0],
+        med,
+        v[v.len() - 1]
+    );
+}
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn uuid(&mut self) -> String {
+        let (a, b) = (self.next(), self.next());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            0x8000 | (b >> 48) & 0x3fff,
+            b & 0xffff_ffff_ffff
+        )
+    }
+}
+
+const T0: Millis = 1_763_596_800_000; // 2025-11-20T00:00:00Z
+const MIN: Millis = 60_000;
+
+/// A discord-like 18-digit user id.
+fn user_id(i: u64) -> String {
+    format!(
+        "{}",
+        734_829_104_857_362_431u64.wrapping_add(i.wrapping_mul(7_919_000_013))
+            % 900_000_000_000_000_000
+            + 100_000_000_000_000_000
+    )
+}
+
+const BOTS: &[&str] = &[
+    "elena", "marcus", "jake", "ryan", "gabriel", "sophia", "dream", "aethys",
+];
+
+/// One event of the stream: indices into the bot and user tables, the point id and the message time.
+struct Ev {
+    bot: u8,
+    user: u32,
+    point: String,
+    ts: Millis,
+}
+
+/// A realistic event stream: 10,000 users (each talking to one or two of 8 bots) in sessions of 2 to 40 messages a
+/// few seconds to 5 minutes apart, sessions hours apart; events arrive in time order with up to 60 s of jitter
+/// (inside the 120 s allowed lateness, so nothing is late), bots every few hundred events.
+fn stream(n: usize, users: usize, seed: u64) -> (Vec<String>, Vec<Ev>) {
+    let mut rng = Rng(seed | 1);
+    let user_ids: Vec<String> = (0..users as u64).map(user_id).collect();
+    let per_user = n / users;
+    let mut evs: Vec<(Millis, Ev)> = Vec::with_capacity(n + 64);
+    for u in 0..users {
+        let bot_a = rng.below(BOTS.len() as u64) as u8;
+        let bot_b = rng.below(BOTS.len() as u64) as u8;
+        let mut t = T0 + rng.below(12 * 60) as Millis * MIN;
+        let mut left = per_user + usize::from(u < n % users);
+        while left > 0 {
+            let len = (2 + rng.below(39) as usize).min(left);
+            let bot = if rng.below(4) == 0 { bot_b } else { bot_a };
+            for _ in 0..len {
+                t += 5_000 + rng.below(5 * MIN as u64) as Millis;
+                let arrival = t + rng.below(60_000) as Millis;
+                evs.push((
+                    arrival,
+                    Ev {
+                        bot,
+                        user: u as u32,
+                        point: rng.uuid(),
+                        ts: t,
+                    },
+                ));
+            }
+            left -= len;
+            // the next session starts 1 to 12 hours later
+            t += (60 + rng.below(11 * 60) as Millis) * MIN;
+        }
+    }
+    evs.sort_by_key(|(arrival, _)| *arrival);
+    (user_ids, evs.into_iter().map(|(_, e)| e).collect())
+}
+
+/// Feeds the stream in batches of 500 (as `Ingest::apply` does: observe each, then drain what closed), then closes
+/// everything. Returns (closed windows, messages in them).
+fn run_stream(users: &[String], evs: &[Ev]) -> (usize, u64) {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let (mut windows, mut msgs) = (0usize, 0u64);
+    for chunk in evs.chunks(500) {
+        for e in chunk {
+            black_box(t.observe(
+                BOTS[e.bot as usize],
+                &users[e.user as usize],
+                &e.point,
+                e.ts,
+            ));
+        }
+        for w in t.drain_closed() {
+            windows += 1;
+            msgs += u64::from(w.count);
+        }
+    }
+    t.tick(Millis::MAX / 2);
+    for w in t.drain_closed() {
+        windows += 1;
+        msgs += u64::from(w.count);
+    }
+    (windows, msgs)
+}
+
+fn throughput(runs: usize) {
+    let n = env_usize("BENCH_TRACKER_EVENTS", 2_000_000);
+    let users = env_usize("BENCH_TRACKER_USERS", 10_000);
+    let t0 = Instant::now();
+    let (user_ids, evs) = stream(n, users, 0x5eed);
+    eprintln!(
+        "tracker: {} events, {} users, {} bots generated in {:.1}s",
+        evs.len(),
+        users,
+        BOTS.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let mut rates = Vec::new();
+    for run in 0..runs {
+        let t = Instant::now();
+        let (windows, msgs) = run_stream(&user_ids, &evs);
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(
+            msgs as usize,
+            evs.len(),
+            "every message closes exactly once"
+        );
+        let rate = evs.len() as f64 / secs;
+        eprintln!(
+            "  run {run}: {:.3}s, {windows} windows closed ({:.1} messages each), {:.0} events/s",
+            secs,
+            msgs as f64 / windows as f64,
+            rate
+        );
+        emit("tracker_events_per_sec", rate, "events/s");
+        rates.push(rate);
+    }
+    summary("tracker events/s (one core)", "events/s", rates);
+}
+
+/// `windows` open windows (20 bots x windows/20 users), each of `per_window` messages a minute apart, all inside
+/// the idle gap so nothing closes. Returns the tracker (to be measured while alive).
+fn open_windows(windows: usize, per_window: usize) -> Tracker {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let bots: Vec<String> = (0..20).map(|i| format!("bot{i:02}")).collect();
+    let mut rng = Rng(0xfeed);
+    let mut pid = String::with_capacity(36);
+    for m in 0..per_window {
+        for w in 0..windows {
+            let user = user_id(w as u64 / 20);
+            pid.clear();
+            pid.push_str(&rng.uuid());
+            t.observe(
+                &bots[w % 20],
+                &user,
+                &pid,
+                T0 + m as Millis * MIN + (w % 997) as Millis,
+            );
+        }
+    }
+    assert!(t.drain_closed().is_empty(), "nothing closes");
+    assert_eq!(t.open_keys(), windows);
+    t
+}
+
+/// The same shapes the tracker keeps per open window, rebuilt here with the same types to attribute the bytes (a
+/// memory profile): the key map's table, the deadline set's nodes, the per-key user string and the message vector.
+fn attribute(windows: usize) {
+    let shared: Arc<str> = Arc::from("734829104857362431");
+    let (m, table, _) = measure_live(|| {
+        let mut m: HashMap<(u32, Arc<str>), (Vec<(Millis, u64)>, Millis)> = HashMap::new();
+        for w in 0..windows {
+            m.insert((w as u32, shared.clone()), (Vec::new(), 0));
+        }
+        m
+    });
+    drop(m);
+    let (s, nodes, _) = measure_live(|| {
+        let mut s: BTreeSet<(Millis, Arc<str>)> = BTreeSet::new();
+        for w in 0..windows {
+            s.insert((T0 + w as Millis, shared.clone()));
+        }
+        s
+    });
+    drop(s);
+    let n = windows as f64;
+    let arc = (2 * std::mem::size_of::<usize>() + 18) as f64;
+    println!(
+        "  where the bytes of a 1-message open window go (same types rebuilt with {windows} entries):"
+    );
+    println!(
+        "    HashMap<(u32, Arc<str>), KeyState> table        {:>6.1} B  (56 B entry + 1 B control, load <= 7/8, power-of-two buckets)",
+        table as f64 / n
+    );
+    println!(
+        "    BTreeSet<(Millis, Arc<str>)> deadline nodes     {:>6.1} B  (24 B entry in 11-entry nodes)",
+        nodes as f64 / n
+    );
+    println!(
+        "    Arc<str> user id per key (16 B counts + 18 B)   {:>6.1} B",
+        arc
+    );
+    println!(
+        "    Vec<(Millis, u64)> open messages                {:>6.1} B  (reserve_exact(1); 64 B for 2-4 messages, 128 B for 5-8)",
+        16.0
+    );
+    println!(
+        "    sum                                             {:>6.1} B",
+        table as f64 / n + nodes as f64 / n + arc + 16.0
+    );
+}
+
+fn memory(runs: usize) {
+    let windows = env_usize("BENCH_OPEN_WINDOWS", 1_000_000);
+    for per_window in [1usize, 5] {
+        let mut per = Vec::new();
+        for run in 0..runs {
+            let (t, bytes, allocs) = measure_live(|| open_windows(windows, per_window));
+            let b = bytes as f64 / windows as f64;
+            eprintln!(
+                "  run {run}: {windows} open windows x {per_window} messages: {:.1} MiB live, {allocs} allocations, {b:.1} B/window",
+                bytes as f64 / 1048576.0
+            );
+            emit(
+                &format!("tracker_bytes_per_open_window_{per_window}msg"),
+                b,
+                "B",
+            );
+            per.push(b);
+            drop(t);
+        }
+        summary(&format!("bytes/open window ({per_window} msg)"), "B", per);
+    }
+    attribute(windows);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is taken.
+    let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    println!("tracker benchmark ({runs} runs)");
+    if only.is_empty() || only == "throughput" {
+        throughput(runs);
+    }
+    if only.is_empty() || only == "memory" {
+        memory(runs);
+    }
+}

@@ -1,0 +1,58 @@
+//! `recap replay --from-seq N | --since TIME`: re-reads the JetStream stream through the same ingest path.
+//! Messages recap already has are not new, so done windows stay done unless their messages changed.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::pipeline::{Context, Ingest, now_ms};
+use crate::source::Source;
+use crate::source::nats::{NatsSource, ReplayFrom};
+
+pub async fn replay(cfg: Config, from: ReplayFrom) -> anyhow::Result<ExitCode> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if cfg.nats_url.is_none() {
+        anyhow::bail!("replay reads the JetStream stream: set NATS_URL");
+    }
+    let cfg = Arc::new(cfg);
+    let store = super::connect_store(&cfg).await?;
+    store.migrate().await?;
+    let ctx = Context {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        points: super::points(&cfg)?,
+        summarizer: Arc::new(crate::summarize::extractive::Extractive),
+        instance: format!("{}-replay", cfg.instance_id()),
+    };
+    let shutdown = CancellationToken::new();
+    super::run::cancel_on_signal(shutdown.clone());
+    // Replay feeds the tracker, so it needs the ingest lease: a running service must be stopped first.
+    let wait = Duration::from_secs(u64::from(cfg.leader_lease_seconds) * 3);
+    let mut ingest = match tokio::time::timeout(wait, Ingest::start(ctx, &shutdown)).await {
+        Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
+        Err(_) => {
+            anyhow::bail!("another recap holds the ingest lease: stop `recap run` before replaying")
+        }
+    };
+    let mut source = NatsSource::start_replay(cfg.nats_settings(), &from).await?;
+    let (mut read, mut new) = (0usize, 0usize);
+    loop {
+        let batch = source.next_batch().await?;
+        read += batch.messages.len() + batch.dead_letters.len() + batch.ignored;
+        let done = batch.caught_up;
+        let applied = ingest.apply(&batch, now_ms()).await?;
+        source.commit().await?;
+        new += applied.new;
+        if done || shutdown.is_cancelled() {
+            break;
+        }
+    }
+    ingest.release().await;
+    info!(read, new, "replay finished");
+    println!("replayed {read} event(s); {new} new message(s)");
+    Ok(ExitCode::SUCCESS)
+}
