@@ -222,6 +222,23 @@ impl SweepSource {
     }
 
     /// Points read in the last completed cycle.
+    /// Starts the first cycle one interval from now instead of at once (hybrid mode: at start-up the durable consumer
+    /// replays what was missed; the sweep is the safety net after that).
+    pub fn delay_first_cycle(mut self) -> SweepSource {
+        self.next_cycle = Instant::now() + self.settings.interval;
+        self
+    }
+
+    /// True while a cycle is under way or the next one is due: the hybrid source asks before it reads events.
+    pub fn wants_batch(&self) -> bool {
+        self.cycle.is_some() || Instant::now() >= self.next_cycle
+    }
+
+    /// True while a cycle is under way (its remaining pages may belong to open windows).
+    pub fn in_cycle(&self) -> bool {
+        self.cycle.is_some()
+    }
+
     pub fn last_cycle_points_read(&self) -> u64 {
         self.last_report.points_read()
     }

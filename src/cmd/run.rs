@@ -87,7 +87,16 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
                 }
                 Ok(())
             });
-            tasks.spawn(run_ingest(ctx.clone(), source, shutdown.clone()));
+            let sweep = crate::sweep::SweepSource::new(
+                points.clone(),
+                store.clone(),
+                super::sweep_settings(&cfg),
+            );
+            tasks.spawn(run_ingest(
+                ctx.clone(),
+                crate::source::Hybrid::new(source, sweep),
+                shutdown.clone(),
+            ));
             Some(client)
         }
         _ => {

@@ -46,3 +46,57 @@ pub trait Source: Send {
     /// The last batch was not committed: it must come again.
     fn abandon(&mut self) -> impl Future<Output = ()> + Send;
 }
+
+/// Events and the sweep together (`recap run` with NATS_URL): the sweep runs a cycle every
+/// ENRICHMENT_INTERVAL_SECONDS between event batches and catches what events missed. Both feed the same ingest
+/// transaction path, so a message seen by both is counted once. The wall clock may close windows only when both are
+/// caught up (no sweep cycle half done). The first cycle runs one interval after start.
+pub struct Hybrid {
+    events: nats::NatsSource,
+    sweep: crate::sweep::SweepSource,
+    last_from_sweep: bool,
+    events_caught_up: bool,
+}
+
+impl Hybrid {
+    pub fn new(events: nats::NatsSource, sweep: crate::sweep::SweepSource) -> Hybrid {
+        Hybrid {
+            events,
+            sweep: sweep.delay_first_cycle(),
+            last_from_sweep: false,
+            events_caught_up: false,
+        }
+    }
+}
+
+impl Source for Hybrid {
+    async fn next_batch(&mut self) -> Result<Batch, SourceError> {
+        if self.sweep.wants_batch() {
+            self.last_from_sweep = true;
+            let mut b = self.sweep.next_batch().await?;
+            b.caught_up &= self.events_caught_up;
+            return Ok(b);
+        }
+        self.last_from_sweep = false;
+        let mut b = self.events.next_batch().await?;
+        self.events_caught_up = b.caught_up;
+        b.caught_up &= !self.sweep.in_cycle();
+        Ok(b)
+    }
+
+    async fn commit(&mut self) -> Result<(), SourceError> {
+        if self.last_from_sweep {
+            self.sweep.commit().await
+        } else {
+            self.events.commit().await
+        }
+    }
+
+    async fn abandon(&mut self) {
+        if self.last_from_sweep {
+            self.sweep.abandon().await
+        } else {
+            self.events.abandon().await
+        }
+    }
+}

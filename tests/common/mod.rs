@@ -636,3 +636,18 @@ pub fn terminate(child: &mut std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+impl Scenario {
+    /// recap's environment for this scenario, with the sweep limited to this scenario's collection (the Qdrant test
+    /// server is shared by every test).
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut v = recap_env(&self.db, Some(&self.nats));
+        v.push(("COLLECTION_PATTERNS".into(), self.collection.clone()));
+        v.push((
+            "COLLECTION_MAP".into(),
+            format!("{}={}", self.collection, self.bot),
+        ));
+        v.push(("LOOKBACK_DAYS".into(), "3650".into()));
+        v
+    }
+}
