@@ -33,7 +33,25 @@ BEGIN
     END IF;
 END $$;
 
-CREATE INDEX IF NOT EXISTS idx_conversation_summaries_user_bot ON conversation_summaries (user_id, bot_name);
-CREATE INDEX IF NOT EXISTS idx_conversation_summaries_time ON conversation_summaries (start_timestamp, end_timestamp);
-CREATE INDEX IF NOT EXISTS idx_conversation_summaries_created ON conversation_summaries (created_at);
-CREATE INDEX IF NOT EXISTS idx_conversation_summaries_topics ON conversation_summaries USING GIN (key_topics);
+-- The indexes the deployed table has; an existing database may have them under other names, so each is created only
+-- when no index on the same columns exists yet (no duplicate indexes after an upgrade).
+DO $$
+DECLARE
+    wanted TEXT[][] := ARRAY[
+        ['idx_conversation_summaries_user_bot', 'btree', '(user_id, bot_name)'],
+        ['idx_conversation_summaries_time', 'btree', '(start_timestamp, end_timestamp)'],
+        ['idx_conversation_summaries_created', 'btree', '(created_at)'],
+        ['idx_conversation_summaries_topics', 'gin', '(key_topics)']
+    ];
+    i INT;
+BEGIN
+    FOR i IN 1 .. array_length(wanted, 1) LOOP
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_indexes
+            WHERE tablename = 'conversation_summaries'
+              AND indexdef ILIKE '%USING ' || wanted[i][2] || ' ' || wanted[i][3]
+        ) THEN
+            EXECUTE format('CREATE INDEX %I ON conversation_summaries USING %s %s', wanted[i][1], wanted[i][2], wanted[i][3]);
+        END IF;
+    END LOOP;
+END $$;

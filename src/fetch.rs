@@ -229,7 +229,8 @@ impl Points {
     ) -> Result<Points, FetchError> {
         let mut b = Qdrant::from_url(url)
             .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            .skip_compatibility_check();
         if let Some(k) = api_key {
             b = b.api_key(k.to_string());
         }

@@ -14,8 +14,11 @@ use sqlx::PgPool;
 /// (column, data_type, max length, nullable, default) of `conversation_summaries`, in column order.
 type Column = (String, String, Option<i32>, bool, Option<String>);
 
+/// The raw information_schema row: name, data_type, udt_name, max length, is_nullable, default.
+type ColumnRow = (String, String, String, Option<i32>, String, Option<String>);
+
 async fn columns(pool: &PgPool) -> Vec<Column> {
-    let rows: Vec<(String, String, String, Option<i32>, String, Option<String>)> = sqlx::query_as(
+    let rows: Vec<ColumnRow> = sqlx::query_as(
         "SELECT column_name::text, data_type::text, udt_name::text, character_maximum_length::int,
                 is_nullable::text, column_default::text
          FROM information_schema.columns
@@ -538,7 +541,9 @@ fn check_lines(out: &str) -> Vec<(bool, String)> {
             } else if let Some(t) = l.strip_prefix("FAIL") {
                 (false, t.trim().to_string())
             } else {
-                panic!("check line is neither ok nor FAIL: {l:?}\n{out}")
+                panic!(
+                    "check line is neither ok nor FAIL (a library printing to stdout?): {l:?}\n{out}"
+                )
             }
         })
         .collect()

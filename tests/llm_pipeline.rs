@@ -223,7 +223,9 @@ async fn without_a_key_the_sample_data_gets_real_extractive_summaries() {
     terminate(&mut child);
     // every key topic of every summary occurs in its window's text (read back from Qdrant through recap's fetch)
     let points = recap::fetch::Points::new(&env("QDRANT_URL"), None, Default::default()).unwrap();
-    let windows: Vec<(i64, String, String, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>, Vec<String>, String, String)> =
+    type Utc = chrono::DateTime<chrono::Utc>;
+    type WindowRow = (i64, String, String, Utc, Utc, Vec<String>, String, String);
+    let windows: Vec<WindowRow> =
         sqlx::query_as(
             "SELECT w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, s.key_topics, s.summary_text, s.summarizer
              FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id",

@@ -91,7 +91,7 @@ async fn hybrid_with_ten_percent_of_events_dropped_loses_nothing() {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            seed % 10 != 0
+            !seed.is_multiple_of(10)
         })
         .cloned()
         .collect();

@@ -50,10 +50,11 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
     let pg = cfg.postgres_display();
     match cfg.pg_connect_options() {
         Err(e) => out.push(line(false, format!("Postgres: {e}"))),
-        Ok(opts) => match timed(crate::sink::Store::connect(opts, 1)).await {
-            Ok(store) => {
+        // One plain connection: a pool would retry a refused connection until its acquire timeout.
+        Ok(opts) => match timed(<sqlx::PgConnection as sqlx::Connection>::connect_with(&opts)).await {
+            Ok(mut conn) => {
                 let migrated: Result<Option<String>, _> =
-                    sqlx::query_scalar("SELECT to_regclass('recap_windows')::text").fetch_one(store.pool()).await;
+                    sqlx::query_scalar("SELECT to_regclass('recap_windows')::text").fetch_one(&mut conn).await;
                 let schema = match migrated {
                     Ok(Some(_)) => "schema up to date".to_string(),
                     _ => "recap tables missing — run `recap migrate`".to_string(),
@@ -83,7 +84,10 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
                         ),
                     ));
                 } else {
-                    out.push(line(true, format!("Qdrant collections: {}", mapped.join(", "))));
+                    let shown = mapped.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+                    let more = mapped.len().saturating_sub(10);
+                    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+                    out.push(line(true, format!("Qdrant collections: {shown}{more}")));
                 }
             }
             Err(cause) => out.push(line(
