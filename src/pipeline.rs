@@ -72,6 +72,8 @@ pub struct Ingest {
     pub tracker: Tracker,
     fence: Fence,
     last_commit: Instant,
+    /// The tracker may differ from Postgres (a transaction failed): rebuild it before the next batch.
+    stale: bool,
 }
 
 impl Ingest {
@@ -91,6 +93,7 @@ impl Ingest {
                         tracker,
                         fence,
                         last_commit: Instant::now(),
+                        stale: false,
                     }));
                 }
                 Ok(None) => debug!("another replica leads ingest; waiting"),
@@ -103,8 +106,13 @@ impl Ingest {
         }
     }
 
-    /// Applies one batch in one transaction. On error the tracker is rebuilt from the store before returning.
+    /// Applies one batch in one transaction. After a failed transaction the tracker is rebuilt from the store before
+    /// anything else is applied (retried with the next batch while Postgres is unreachable).
     pub async fn apply(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
+        if self.stale {
+            self.tracker = restore_tracker(&self.ctx.store, self.ctx.tracker_config()).await?;
+            self.stale = false;
+        }
         let tick_due = batch.caught_up && self.tracker.poll_timeout().is_some_and(|t| t <= now);
         let renew_due = self.last_commit.elapsed() > self.fence.ttl / 3;
         if batch.is_empty() && batch.checkpoint.is_none() && !tick_due && !renew_due {
@@ -121,11 +129,8 @@ impl Ingest {
                 Ok(a)
             }
             Err(e) => {
-                warn!(error = %e, "ingest transaction failed; rebuilding the tracker from Postgres");
-                self.tracker = Tracker::new(self.ctx.tracker_config());
-                if let Ok(t) = restore_tracker(&self.ctx.store, self.ctx.tracker_config()).await {
-                    self.tracker = t;
-                }
+                warn!(error = %e, "ingest transaction failed; the tracker will be rebuilt from Postgres");
+                self.stale = true;
                 Err(e)
             }
         }
