@@ -191,8 +191,15 @@ pub async fn run_ingest<S: Source>(
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     'lead: loop {
-        let Some(mut ingest) = Ingest::start(ctx.clone(), &shutdown).await? else {
-            return Ok(());
+        let mut ingest = match Ingest::start(ctx.clone(), &shutdown).await {
+            Ok(Some(i)) => i,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                warn!(error = %e, "cannot rebuild the tracker from Postgres; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue 'lead;
+            }
         };
         loop {
             let batch = tokio::select! {
