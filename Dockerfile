@@ -12,9 +12,11 @@
 # ---------------------------------------------------------------------------------------------------- build
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
-# Only what the binary is built from (tests, benches and docs are not needed; see .dockerignore).
-# nats/ is compiled in (stream.json, consumer.json), migrations/ too (sqlx::migrate!).
+# Only what the binary is built from (see .dockerignore). nats/ is compiled in (stream.json, consumer.json),
+# migrations/ too (sqlx::migrate!); benches/ is not built, but Cargo.toml declares [[bench]] targets and cargo refuses
+# a manifest whose declared targets are missing.
 COPY Cargo.toml Cargo.lock ./
+COPY benches ./benches
 COPY src ./src
 COPY migrations ./migrations
 COPY nats ./nats

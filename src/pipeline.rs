@@ -64,6 +64,8 @@ pub struct Applied {
     pub duplicates: usize,
     pub late: usize,
     pub closed: usize,
+    /// Closed windows recorded as too short to summarize (no worker ever sees them).
+    pub too_short: usize,
 }
 
 /// The ingest side: a tracker and the leader fence.
@@ -125,6 +127,7 @@ impl Ingest {
                 metrics::counter!("recap_events_ignored_total").increment(batch.ignored as u64);
                 metrics::counter!("recap_events_late_total").increment(a.late as u64);
                 metrics::counter!("recap_windows_closed_total").increment(a.closed as u64);
+                metrics::counter!("recap_windows_too_short_total").increment(a.too_short as u64);
                 metrics::gauge!("recap_windows_open").set(self.tracker.open_keys() as f64);
                 Ok(a)
             }
@@ -163,8 +166,9 @@ impl Ingest {
         let tcfg = *self.tracker.config();
         let min = self.ctx.cfg.min_messages_for_summary;
         for w in self.tracker.drain_closed() {
-            tx.close_window(&tcfg, &w, min).await?;
+            let (_, too_short) = tx.close_window(&tcfg, &w, min).await?;
             applied.closed += 1;
+            applied.too_short += usize::from(too_short);
         }
         tx.save_watermarks(&self.tracker.take_watermark_changes())
             .await?;
@@ -346,6 +350,8 @@ pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished,
         match (&outcome, finished) {
             (WindowOutcome::Summarized { message_count, .. }, Finished::Done) => {
                 metrics::counter!("recap_windows_summarized_total").increment(1);
+                metrics::histogram!("recap_window_close_to_row_seconds")
+                    .record((now_ms() - w.closed_at_ms).max(0) as f64 / 1000.0);
                 info!(messages = message_count, "window summarized");
             }
             (_, Finished::TooShort) => metrics::counter!("recap_windows_too_short_total").increment(1),

@@ -97,6 +97,8 @@ pub struct ClaimedWindow {
     pub revision: i32,
     pub attempts: i32,
     pub summary_id: Option<i32>,
+    /// When the window was (last) closed: the start of the close-to-row latency.
+    pub closed_at_ms: Millis,
 }
 
 /// What a worker did with a claimed window.
@@ -206,6 +208,27 @@ impl Store {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Whether any of recap's migrations is not applied yet (also when `_sqlx_migrations` does not exist). Needs
+    /// only SELECT on `_sqlx_migrations`.
+    pub async fn migrations_pending(&self) -> Result<bool, StoreError> {
+        let applied: Vec<i64> =
+            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(v) => v,
+                // 42P01 undefined_table: a database recap never migrated
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            };
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .any(|m| !applied.contains(&m.version)))
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -320,7 +343,8 @@ impl Store {
                      AND (lease_until IS NULL OR lease_until < now())
                    ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
-             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id",
+             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
+                       w.closed_at",
         )
         .bind(owner)
         .bind(lease.as_millis() as f64)
@@ -339,6 +363,7 @@ impl Store {
                 revision: r.get(6),
                 attempts: r.get(7),
                 summary_id: r.get(8),
+                closed_at_ms: r.get::<DateTime<Utc>, _>(9).timestamp_millis(),
             })
             .collect())
     }
@@ -728,12 +753,13 @@ impl IngestTx {
 
     /// Stores a closed window: merged into a stored window it belongs to (a late message), or inserted as a new one
     /// (`due`, or `too_short` under `min_messages`). Assigns the window's open messages to it.
+    /// Returns the window's id and whether it is recorded as too short.
     pub async fn close_window(
         &mut self,
         cfg: &TrackerConfig,
         w: &ClosedWindow,
         min_messages: u32,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<(i64, bool), StoreError> {
         let (lo, hi) = w.message_range(cfg.mode);
         let gap = match cfg.mode {
             Mode::Session => cfg.idle_gap_ms,
@@ -765,29 +791,30 @@ impl IngestTx {
             existing.iter().map(|(_, s, e)| (*s, *e)),
             (w.start_ms, w.end_ms),
         );
-        let id: i64 = match target {
+        let (id, state): (i64, String) = match target {
             Some(i) => {
                 let (id, _, _) = existing[i];
-                sqlx::query(
+                let state = sqlx::query_scalar(
                     "UPDATE recap_windows SET start_ts = LEAST(start_ts, $2), end_ts = GREATEST(end_ts, $3),
                         message_count = message_count + $4, version = version + 1,
                         state = CASE WHEN message_count + $4 >= $5 THEN 'due' ELSE 'too_short' END,
-                        attempts = 0, not_before = NULL, updated_at = now()
-                     WHERE id = $1",
+                        attempts = 0, not_before = NULL, closed_at = now(), updated_at = now()
+                     WHERE id = $1
+                     RETURNING state",
                 )
                 .bind(id)
                 .bind(to_utc(w.start_ms))
                 .bind(to_utc(w.end_ms))
                 .bind(w.count as i32)
                 .bind(min_messages as i32)
-                .execute(&mut *self.tx)
+                .fetch_one(&mut *self.tx)
                 .await?;
-                id
+                (id, state)
             }
-            None => sqlx::query(
+            None => sqlx::query_as(
                 "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count)
                  VALUES ($1, $2, $3, $4, $5, $6)
-                 RETURNING id",
+                 RETURNING id, state",
             )
             .bind(&*w.bot)
             .bind(&*w.user)
@@ -796,8 +823,7 @@ impl IngestTx {
             .bind(if w.count >= min_messages { "due" } else { "too_short" })
             .bind(w.count as i32)
             .fetch_one(&mut *self.tx)
-            .await?
-            .get(0),
+            .await?,
         };
         sqlx::query(
             "UPDATE recap_messages SET window_id = $1
@@ -810,7 +836,7 @@ impl IngestTx {
         .bind(to_utc(hi))
         .execute(&mut *self.tx)
         .await?;
-        Ok(id)
+        Ok((id, state == "too_short"))
     }
 
     pub async fn save_watermarks(

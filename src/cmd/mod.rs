@@ -126,8 +126,14 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-fn validated(cfg: &Config) -> anyhow::Result<()> {
-    cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))
+/// Normalizes (empty values mean unset), validates, and logs the configuration's warnings.
+fn validated(cfg: &mut Config) -> anyhow::Result<()> {
+    cfg.normalize();
+    cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
+    Ok(())
 }
 
 pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
@@ -244,28 +250,32 @@ pub async fn llm_probe(cfg: &Config) -> Result<String, String> {
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Run { cfg, no_nats } => {
+        Cmd::Run { mut cfg, no_nats } => {
             init_logging(cfg.log_format);
-            validated(&cfg)?;
+            validated(&mut cfg)?;
             run::run(cfg, no_nats).await
         }
-        Cmd::Check { cfg, llm } => {
-            validated(&cfg)?;
+        Cmd::Check { mut cfg, llm } => {
+            validated(&mut cfg)?;
             check::check(&cfg, llm).await
         }
-        Cmd::Migrate { cfg } => {
+        Cmd::Migrate { mut cfg } => {
             init_logging(cfg.log_format);
-            validated(&cfg)?;
+            validated(&mut cfg)?;
             connect_store(&cfg).await?.migrate().await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { cfg, json } => {
-            validated(&cfg)?;
+        Cmd::Status { mut cfg, json } => {
+            validated(&mut cfg)?;
             status::status(&cfg, json).await
         }
-        Cmd::Resummarize { cfg, from, since } => {
-            validated(&cfg)?;
+        Cmd::Resummarize {
+            mut cfg,
+            from,
+            since,
+        } => {
+            validated(&mut cfg)?;
             let since = chrono::Utc::now() - chrono::TimeDelta::from_std(since)?;
             let n = connect_store(&cfg)
                 .await?
@@ -278,12 +288,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Replay {
-            cfg,
+            mut cfg,
             from_seq,
             since,
         } => {
             init_logging(cfg.log_format);
-            validated(&cfg)?;
+            validated(&mut cfg)?;
             let from = match (from_seq, since) {
                 (Some(seq), _) => crate::source::nats::ReplayFrom::Sequence(seq),
                 (None, Some(t)) => crate::source::nats::ReplayFrom::Time(t),
@@ -291,25 +301,29 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             replay::replay(cfg, from).await
         }
-        Cmd::Sweep { cfg, once } => {
+        Cmd::Sweep { mut cfg, once } => {
             init_logging(cfg.log_format);
-            validated(&cfg)?;
+            validated(&mut cfg)?;
             if once {
                 sweep::sweep(cfg, None).await
             } else {
                 run::run(cfg, true).await
             }
         }
-        Cmd::Backfill { cfg, since } => {
+        Cmd::Backfill { mut cfg, since } => {
             init_logging(cfg.log_format);
-            validated(&cfg)?;
+            validated(&mut cfg)?;
             let since = since.unwrap_or(std::time::Duration::from_secs(
                 u64::from(cfg.lookback_days) * 86_400,
             ));
             sweep::sweep(cfg, Some(since)).await
         }
-        Cmd::Retry { cfg, all, window } => {
-            validated(&cfg)?;
+        Cmd::Retry {
+            mut cfg,
+            all,
+            window,
+        } => {
+            validated(&mut cfg)?;
             if !all && window.is_none() {
                 anyhow::bail!("say which windows: --all or --window ID");
             }

@@ -297,8 +297,11 @@ impl NatsNs {
         collection: &str,
         points: &[TestPoint],
     ) -> usize {
-        let items = points
-            .iter()
+        // in time order, as live bots publish (within the tracker's lateness bound)
+        let mut ordered: Vec<&TestPoint> = points.iter().collect();
+        ordered.sort_by_key(|p| p.ts_ms);
+        let items = ordered
+            .into_iter()
             .map(|p| {
                 let e = p.event(bot, collection);
                 (e.subject(&self.prefix), Some(p.id.clone()), e.to_body())
