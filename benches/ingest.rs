@@ -11,6 +11,7 @@
 //! recap's `Context` (ingest does not read Qdrant).
 //! `cargo bench --bench ingest`. Environment: `BENCH_EVENTS` (default 200,000), `BENCH_RUNS` (default 3).
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`, one per run.
+#![allow(clippy::type_complexity)]
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -366,7 +367,7 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
     let t0 = Instant::now();
     while done < n {
         let mut t = Instant::now();
-        let mut lap = |i: usize, t: &mut Instant, d: &mut [Duration; 8]| {
+        let lap = |i: usize, t: &mut Instant, d: &mut [Duration; 8]| {
             let now = Instant::now();
             d[i] += now - *t;
             *t = now;
@@ -472,7 +473,7 @@ async fn run(url: &str, admin: &str, evs: &[StoredEvent], run: usize) -> (f64, f
     );
     let (db_url, db_name) = fresh_db(admin).await;
     // alternate the order so neither side always runs on a warmer machine
-    let (raw, (rec, windows, batches)) = if run % 2 == 0 {
+    let (raw, (rec, windows, batches)) = if run.is_multiple_of(2) {
         let raw = raw_consume(url, &a, n).await;
         (raw, recap_consume(&db_url, &b, n).await)
     } else {

@@ -15,6 +15,7 @@
 //! Needs DATABASE_URL and QDRANT_URL. `cargo bench --bench sweep`. Environment: `BENCH_SWEEP_POINTS` (50,000),
 //! `BENCH_SWEEP_HISTORY` (H, 5,000), `BENCH_SWEEP_NEW` (K, 1,000), `BENCH_RUNS` (3).
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
+#![allow(clippy::type_complexity)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -218,6 +219,76 @@ async fn raw_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
     read
 }
 
+/// (a2) The raw scroll in the shape recap's ordered path uses: `order_by timestamp_unix` ascending from `start`, the
+/// next page from the last value seen minus the ids already returned at that value.
+async fn raw_ordered_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
+    use qdrant_client::qdrant::{Direction, OrderByBuilder, order_value, start_from};
+    let fields: Vec<String> = [
+        "user_id",
+        "content",
+        "role",
+        "memory_type",
+        "timestamp",
+        "timestamp_unix",
+        "source",
+    ]
+    .map(String::from)
+    .into();
+    let (mut from, mut seen): (f64, Vec<PointId>) = (start_secs, Vec::new());
+    let mut read = 0;
+    loop {
+        let mut f = Filter::must([Condition::range(
+            "timestamp_unix",
+            Range {
+                gte: Some(from),
+                ..Default::default()
+            },
+        )]);
+        if !seen.is_empty() {
+            f.must_not.push(Condition::has_id(seen.clone()));
+        }
+        let req = ScrollPointsBuilder::new(coll)
+            .filter(f)
+            .limit(1000)
+            .with_payload(PayloadIncludeSelector {
+                fields: fields.clone(),
+            })
+            .with_vectors(false)
+            .order_by(
+                OrderByBuilder::new("timestamp_unix")
+                    .direction(Direction::Asc as i32)
+                    .start_from(start_from::Value::Float(from)),
+            );
+        let page = q.scroll(req).await.expect("scroll");
+        read += page.result.len();
+        if page.result.len() < 1000 {
+            break;
+        }
+        let val = |p: &qdrant_client::qdrant::RetrievedPoint| match p
+            .order_value
+            .as_ref()
+            .and_then(|v| v.variant.as_ref())
+        {
+            Some(order_value::Variant::Float(f)) => *f,
+            Some(order_value::Variant::Int(i)) => *i as f64,
+            None => f64::NAN,
+        };
+        let last = val(page.result.last().expect("page"));
+        let at_last = page
+            .result
+            .iter()
+            .filter(|p| val(p) == last)
+            .filter_map(|p| p.id.clone());
+        seen = if last == from {
+            seen.into_iter().chain(at_last).collect()
+        } else {
+            at_last.collect()
+        };
+        from = last;
+    }
+    read
+}
+
 async fn fresh_db(admin: &str) -> (String, String) {
     let name = format!("recap_bench_{}", token());
     let mut conn = PgConnection::connect(admin)
@@ -323,6 +394,19 @@ async fn recap_sweep(
     (report.points_read(), msgs, closed)
 }
 
+/// (b0) recap's sweep source alone (pages mapped into batches, nothing done with them). Returns points read.
+async fn recap_sweep_source_only(
+    points: Arc<recap::fetch::Points>,
+    store: recap::sink::Store,
+    settings: recap::sweep::SweepSettings,
+) -> u64 {
+    let mut source = SweepSource::new(points, store, settings);
+    let report = sweep_once(&mut source, async |_b: &Batch| Ok::<(), std::io::Error>(()))
+        .await
+        .expect("sweep");
+    report.points_read()
+}
+
 /// (b') the same cycle through `Ingest::apply` (Postgres transaction per page, checkpoints stored).
 async fn recap_sweep_ingest(
     cfg: &recap::config::Config,
@@ -384,57 +468,85 @@ async fn main() {
         t.elapsed().as_secs_f64()
     );
     let start_secs = (from as f64 / 1000.0) - 1.0;
-    let (mut raws, mut recs, mut ratios, mut ingests) = (vec![], vec![], vec![], vec![]);
+    let mut agg: Vec<(&str, &str, Vec<f64>)> = vec![
+        ("(a) raw scroll (offset paging)", "points/s", vec![]),
+        ("(a2) raw scroll (order_by paging)", "points/s", vec![]),
+        ("(b0) sweep source alone", "points/s", vec![]),
+        ("(b) sweep -> tracker", "points/s", vec![]),
+        ("ratio b/a", "x", vec![]),
+        ("ratio b/a2", "x", vec![]),
+    ];
     for r in 0..runs {
         let (cfg, store, settings, db) = setup(&admin, &qdrant_url, &coll, &bot).await;
         set_checkpoint(&store, &coll, start_secs, settings.overlap).await;
         let points = recap::cmd::points(&cfg).expect("points");
-        // alternate which side goes first
-        let mut timed_raw = async || {
-            let t = Instant::now();
-            let got = raw_scroll(&q, &coll, start_secs).await;
-            assert_eq!(got, n, "raw scroll reads every point");
-            n as f64 / t.elapsed().as_secs_f64()
-        };
-        let (raw, (rec, read, msgs, closed)) = if r % 2 == 0 {
-            let raw = timed_raw().await;
-            let t = Instant::now();
-            let (read, msgs, closed) =
-                recap_sweep(points.clone(), store.clone(), settings.clone(), &cfg).await;
-            (
-                raw,
-                (read as f64 / t.elapsed().as_secs_f64(), read, msgs, closed),
-            )
+        let mut rate = [0f64; 4];
+        // alternate the order of the four measurements between runs
+        let order: [usize; 4] = if r % 2 == 0 {
+            [0, 1, 2, 3]
         } else {
-            let t = Instant::now();
-            let (read, msgs, closed) =
-                recap_sweep(points.clone(), store.clone(), settings.clone(), &cfg).await;
-            let rec = read as f64 / t.elapsed().as_secs_f64();
-            (timed_raw().await, (rec, read, msgs, closed))
+            [3, 2, 1, 0]
         };
-        assert_eq!(read as usize, n, "the sweep reads every point once");
-        let t = Instant::now();
-        let rep = recap_sweep_ingest(&cfg, &store, points.clone(), settings.clone()).await;
-        let ing = rep.points_read() as f64 / t.elapsed().as_secs_f64();
+        let (mut msgs, mut closed) = (0, 0);
+        for i in order {
+            let t = Instant::now();
+            let got = match i {
+                0 => raw_scroll(&q, &coll, start_secs).await as u64,
+                1 => raw_ordered_scroll(&q, &coll, start_secs).await as u64,
+                2 => recap_sweep_source_only(points.clone(), store.clone(), settings.clone()).await,
+                _ => {
+                    let (read, m, c) =
+                        recap_sweep(points.clone(), store.clone(), settings.clone(), &cfg).await;
+                    (msgs, closed) = (m, c);
+                    read
+                }
+            };
+            rate[i] = got as f64 / t.elapsed().as_secs_f64();
+            assert_eq!(got as usize, n, "every point read once (measurement {i})");
+        }
         eprintln!(
-            "  run {r}: raw scroll {raw:.0} points/s; sweep -> tracker {rec:.0} points/s ({msgs} messages, {closed} windows closed); b/a = {:.3}; sweep -> Ingest::apply {ing:.0} points/s",
-            rec / raw
+            "  run {r}: raw {:.0} / raw ordered {:.0} / sweep source {:.0} / sweep -> tracker {:.0} points/s ({msgs} messages, {closed} windows closed); b/a = {:.3}, b/a2 = {:.3}",
+            rate[0],
+            rate[1],
+            rate[2],
+            rate[3],
+            rate[3] / rate[0],
+            rate[3] / rate[1]
         );
-        emit("sweep_raw_points_per_sec", raw, "points/s");
-        emit("sweep_recap_points_per_sec", rec, "points/s");
-        emit("sweep_ratio", rec / raw, "x");
-        emit("sweep_ingest_points_per_sec", ing, "points/s");
-        raws.push(raw);
-        recs.push(rec);
-        ratios.push(rec / raw);
-        ingests.push(ing);
+        emit("sweep_raw_points_per_sec", rate[0], "points/s");
+        emit("sweep_raw_ordered_points_per_sec", rate[1], "points/s");
+        emit("sweep_source_points_per_sec", rate[2], "points/s");
+        emit("sweep_recap_points_per_sec", rate[3], "points/s");
+        emit("sweep_ratio", rate[3] / rate[0], "x");
+        emit("sweep_ratio_vs_ordered", rate[3] / rate[1], "x");
+        for (k, v) in [
+            rate[0],
+            rate[1],
+            rate[2],
+            rate[3],
+            rate[3] / rate[0],
+            rate[3] / rate[1],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            agg[k].2.push(v);
+        }
+        if r == 0 {
+            let t = Instant::now();
+            let rep = recap_sweep_ingest(&cfg, &store, points.clone(), settings.clone()).await;
+            let ing = rep.points_read() as f64 / t.elapsed().as_secs_f64();
+            eprintln!(
+                "  run {r}: for information, sweep -> Ingest::apply (Postgres transaction per page): {ing:.0} points/s"
+            );
+            emit("sweep_ingest_points_per_sec", ing, "points/s");
+        }
         store.pool().close().await;
         drop_db(&admin, &db).await;
     }
-    summary("(a) raw scroll", "points/s", raws);
-    summary("(b) sweep -> tracker", "points/s", recs);
-    summary("ratio b/a", "x", ratios);
-    summary("(b') sweep -> Ingest::apply", "points/s", ingests);
+    for (m, u, v) in agg {
+        summary(m, u, v);
+    }
     let _ = q.delete_collection(&coll).await;
 
     // ---- points read per cycle as history grows 10x ----
@@ -465,7 +577,7 @@ async fn main() {
     );
     println!(
         "    {:>5} {:>10} {:>8} {:>12} {:>9} {:>9}",
-        "cycle", "history", "new", "points read", "read/new", "cycle ms"
+        "cycle", "in coll.", "new", "points read", "read/new", "cycle ms"
     );
     println!(
         "    {:>5} {:>10} {:>8} {:>12} {:>9} {:>9.0}",
@@ -505,10 +617,12 @@ async fn main() {
         .iter()
         .fold((f64::MAX, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
     let growth = hi / lo.max(1.0);
+    let size = hist * cycles + new * (cycles - 1);
     println!(
-        "  steady cycles (3..): points read {lo:.0}..{hi:.0}, max/min {growth:.2} while history grew {}x",
-        (hist * cycles + new * (cycles - 1)) / hist
+        "  steady cycles (3..): points read {lo:.0}..{hi:.0}, max/min {growth:.2}, while the collection grew from {hist} to {size} points ({:.1}x)",
+        size as f64 / hist as f64
     );
+    emit("sweep_collection_growth", size as f64 / hist as f64, "x");
     emit("sweep_points_read_growth", growth, "x");
     emit("sweep_points_read_per_new_point", hi / new as f64, "x");
     store.pool().close().await;

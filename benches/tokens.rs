@@ -8,6 +8,7 @@
 //!
 //! `cargo bench --bench tokens`. Deterministic (no timing): one run is enough; `BENCH_RUNS` repeats it anyway.
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
+#![allow(clippy::type_complexity)]
 
 use clap::Parser;
 use recap::summarize::llm::{LlmSettings, build_prompt};
@@ -203,47 +204,57 @@ fn main() {
     for n in [50, 200, 2000] {
         windows.push((format!("synthetic {n} msgs"), synthetic(n)));
     }
-    for _ in 0..runs {
-        println!(
-            "  {:<30} {:>6} {:>6} {:>10} {:>10} {:>10} {:>7}",
-            "window", "msgs", "sent", "full tok", "recap tok", "old tok", "ratio"
-        );
+    // deterministic: the table is printed once, the BENCH lines once per run
+    for run in 0..runs {
+        let show = run == 0;
+        if show {
+            println!(
+                "  {:<30} {:>6} {:>6} {:>10} {:>10} {:>10} {:>7}",
+                "window", "msgs", "sent", "full tok", "recap tok", "old tok", "ratio"
+            );
+        }
         let (mut demo_sent, mut demo_old) = (0usize, 0usize);
         for (name, w) in &windows {
             let (_msgs, st) = build_prompt(&settings, w);
             let old = 2 * st.est_tokens_full;
             let ratio = st.est_tokens_sent as f64 / old as f64;
-            println!(
-                "  {:<30} {:>6} {:>6} {:>10} {:>10} {:>10} {:>7.3}",
-                name,
-                st.messages_total,
-                st.messages_sent,
-                st.est_tokens_full,
-                st.est_tokens_sent,
-                old,
-                ratio
-            );
+            if show {
+                println!(
+                    "  {:<30} {:>6} {:>6} {:>10} {:>10} {:>10} {:>7.3}",
+                    name,
+                    st.messages_total,
+                    st.messages_sent,
+                    st.est_tokens_full,
+                    st.est_tokens_sent,
+                    old,
+                    ratio
+                );
+            }
             if name.starts_with("demo") {
                 demo_sent += st.est_tokens_sent;
                 demo_old += old;
             } else {
                 let n = st.messages_total;
                 println!("BENCH\ttokens_ratio_{n}msg\t{ratio:.4}\tx");
-                println!("BENCH\ttokens_sent_{n}msg\t{}\ttokens", st.est_tokens_sent);
-                println!("BENCH\ttokens_old_{n}msg\t{old}\ttokens");
+                if show {
+                    println!("BENCH\ttokens_sent_{n}msg\t{}\ttokens", st.est_tokens_sent);
+                    println!("BENCH\ttokens_old_{n}msg\t{old}\ttokens");
+                }
             }
         }
         let r = demo_sent as f64 / demo_old as f64;
-        println!(
-            "  demo windows: {} windows, recap {} tokens vs old {} tokens: {:.3}x",
-            windows
-                .iter()
-                .filter(|(n, _)| n.starts_with("demo"))
-                .count(),
-            demo_sent,
-            demo_old,
-            r
-        );
+        if show {
+            println!(
+                "  demo windows: {} windows, recap {} tokens vs old {} tokens: {:.3}x",
+                windows
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("demo"))
+                    .count(),
+                demo_sent,
+                demo_old,
+                r
+            );
+        }
         println!("BENCH\ttokens_ratio_demo\t{r:.4}\tx");
         println!(
             "BENCH\ttokens_sent_demo_per_window\t{:.1}\ttokens",

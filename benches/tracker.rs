@@ -2,12 +2,14 @@
 //! open window with 1,000,000 open windows, measured with a counting global allocator (live requested bytes).
 //!
 //! `cargo bench --bench tracker`. Environment:
-//! * `BENCH_RUNS` (default 3): runs of each measurement; min/median/max are printed.
+//! * `BENCH_RUNS` (default 3): runs of the throughput measurement; min/median/max are printed. The memory figures are
+//!   deterministic and measured once (`BENCH_MEMORY_RUNS` for more).
 //! * `BENCH_TRACKER_EVENTS` (default 2,000,000): events of the throughput stream.
 //! * `BENCH_OPEN_WINDOWS` (default 1,000,000): open windows of the memory measurement.
-//! * `BENCH_ONLY` = `throughput` | `memory`: run one part only (for profiling with callgrind).
+//! * `BENCH_TRACKER_PART` = `throughput` | `memory`: run one part only (for profiling with callgrind).
 //!
 //! Machine-readable results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`, one per run.
+#![allow(clippy::type_complexity)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeSet, HashMap};
@@ -188,7 +190,9 @@ fn stream(n: usize, users: usize, seed: u64) -> (Vec<String>, Vec<Ev>) {
 }
 
 /// Feeds the stream in batches of 500 (as `Ingest::apply` does: observe each, then drain what closed), then closes
-/// everything. Returns (closed windows, messages in them).
+/// everything. Returns (closed windows, messages in them). Not inlined: `scripts/bench` profiles exactly this function
+/// (`valgrind --tool=callgrind --toggle-collect='*run_stream*'`).
+#[inline(never)]
 fn run_stream(users: &[String], evs: &[Ev]) -> (usize, u64) {
     let mut t = Tracker::new(TrackerConfig::default());
     let (mut windows, mut msgs) = (0usize, 0u64);
@@ -321,7 +325,10 @@ fn attribute(windows: usize) {
     );
 }
 
-fn memory(runs: usize) {
+/// The allocator count is deterministic (same data, same allocation sizes), so one run per shape unless
+/// `BENCH_MEMORY_RUNS` asks for more.
+fn memory() {
+    let runs = env_usize("BENCH_MEMORY_RUNS", 1).max(1);
     let windows = env_usize("BENCH_OPEN_WINDOWS", 1_000_000);
     for per_window in [1usize, 5] {
         let mut per = Vec::new();
@@ -348,12 +355,12 @@ fn memory(runs: usize) {
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken.
     let runs = env_usize("BENCH_RUNS", 3).max(1);
-    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let only = std::env::var("BENCH_TRACKER_PART").unwrap_or_default();
     println!("tracker benchmark ({runs} runs)");
     if only.is_empty() || only == "throughput" {
         throughput(runs);
     }
     if only.is_empty() || only == "memory" {
-        memory(runs);
+        memory();
     }
 }
