@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
 use crate::fetch::{FetchError, Points};
-use crate::sink::{ClaimedWindow, Fence, Finished, Store, StoreError, WindowOutcome};
+use crate::sink::{ClaimedWindow, DeadLetter, Fence, Finished, Store, StoreError, WindowOutcome};
 use crate::source::{Batch, Source};
 use crate::summarize::{SummarizeError, Summarizer, WindowInput};
 use crate::tracker::{Observed, Tracker, TrackerConfig};
@@ -56,6 +56,9 @@ pub async fn restore_tracker(store: &Store, cfg: TrackerConfig) -> Result<Tracke
     metrics::gauge!("recap_windows_open").set(t.open_keys() as f64);
     Ok(t)
 }
+
+/// How far ahead of the wall clock a message time may be (clock skew between bots and recap).
+pub const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
 
 /// What one applied batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -143,8 +146,33 @@ impl Ingest {
         let mut applied = Applied::default();
         let mut tx = self.ctx.store.begin_ingest(&self.fence).await?;
         tx.dead_letters(&batch.dead_letters).await?;
-        let new = tx.insert_messages(&batch.messages).await?;
-        for (m, is_new) in batch.messages.iter().zip(new) {
+        // A message from the future would drag its bot's watermark ahead and make every later message late: it is
+        // a dead letter, not a message.
+        let (messages, future): (Vec<_>, Vec<_>) = batch
+            .messages
+            .iter()
+            .cloned()
+            .partition(|m| m.ts_ms <= now.saturating_add(MAX_FUTURE_MS));
+        if !future.is_empty() {
+            metrics::counter!("recap_events_malformed_total", "reason" => "future_timestamp")
+                .increment(future.len() as u64);
+            let letters: Vec<DeadLetter> = future
+                .iter()
+                .map(|m| DeadLetter {
+                    source: "ingest",
+                    subject: Some(m.bot.clone()),
+                    stream_seq: None,
+                    raw: format!("{}/{}/{}/{}", m.bot, m.user_id, m.point_id, m.ts_ms).into_bytes(),
+                    reason: format!(
+                        "timestamp {} is more than a day in the future",
+                        crate::sink::to_utc(m.ts_ms).to_rfc3339()
+                    ),
+                })
+                .collect();
+            tx.dead_letters(&letters).await?;
+        }
+        let new = tx.insert_messages(&messages).await?;
+        for (m, is_new) in messages.iter().zip(new) {
             if !is_new {
                 applied.duplicates += 1;
                 continue;

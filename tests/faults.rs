@@ -772,7 +772,7 @@ async fn settle(
             "SELECT count(*) FROM recap_messages WHERE window_id IS NULL",
         )
         .await;
-        if st.values().sum::<i64>() >= min_windows && st.get("due").is_none() && open == 0 {
+        if st.values().sum::<i64>() >= min_windows && !st.contains_key("due") && open == 0 {
             return (st, true);
         }
         if t0.elapsed() > timeout {
@@ -826,6 +826,7 @@ async fn wait_row_count(pool: &PgPool, n: usize, timeout: Duration) {
 /// keeps publishing. recap must reconnect by itself, the durable consumer must resume, every event must be processed
 /// once, and /readyz must say not-ready while NATS is away.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn nats_down_30s_mid_run_recap_reconnects_and_loses_nothing() {
     let _serial = LOCK.lock().await;
     assert_managed("nats");
@@ -959,6 +960,7 @@ async fn open_transactions_in_recap(
 /// window transaction and an ingest transaction open and the test keeps publishing. Nothing may be acknowledged that
 /// was not committed: every event must end in recap_messages, each window exactly once.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_doubled() {
     let _serial = LOCK.lock().await;
     assert_managed("postgres");
@@ -1039,6 +1041,7 @@ async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_d
 /// PostgreSQL crashes (immediate shutdown) while recap has a window transaction and an ingest transaction open, and
 /// comes straight back (crash recovery). The open transactions are lost; recap must redo them, once.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn postgres_crash_with_open_transactions_redoes_them_once() {
     let _serial = LOCK.lock().await;
     assert_managed("postgres");
@@ -1169,14 +1172,36 @@ impl Drop for Proxy {
     }
 }
 
-/// Qdrant is unreachable for 30 s while new windows close. They must wait (due, 0 attempts, not dead, not finished
-/// from partial data) and complete once it is back.
+/// The sweep's stored positions: (checkpoint name, position).
+async fn sweep_checkpoints(pool: &PgPool) -> Vec<(String, f64)> {
+    sqlx::query_as(
+        "SELECT name, position FROM recap_checkpoints WHERE name LIKE 'sweep:%' ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("checkpoints")
+}
+
+/// Qdrant is unreachable for 30 s while new events arrive and a sweep cycle is due. Event ingest must go on (it needs
+/// no Qdrant): windows close and wait as due (0 attempts, not dead, not finished from partial data) and complete once
+/// Qdrant is back; the sweep resumes from its checkpoint and finds the points written meanwhile that no event named.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
     let _serial = LOCK.lock().await;
     let s = scenario(30).await;
     s.nats.ensure().await;
-    let expected = expected_rows(&s.bot, &s.points, 5);
+    let q = qdrant().await;
+    // Two users whose points only the sweep sees (no events), recent enough for its lookback: one before the outage,
+    // one written while recap cannot reach Qdrant.
+    let now = chrono::Utc::now().timestamp_millis() / MIN * MIN;
+    let sweep_a = conversation("sweep-user-a", now - 26 * 60 * MIN, 6, 2 * MIN, false);
+    let sweep_b = conversation("sweep-user-b", now - 20 * 60 * MIN, 6, 2 * MIN, false);
+    upsert(&q, &s.collection, &sweep_a).await;
+    let mut all = s.points.clone();
+    all.extend(sweep_a.iter().cloned());
+    all.extend(sweep_b.iter().cloned());
+    let expected = expected_rows(&s.bot, &all, 5);
     let target = env("QDRANT_URL");
     let target = target
         .split_once("://")
@@ -1185,21 +1210,40 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
         .to_string();
     let proxy = Proxy::start(target).await;
     let url = proxy.url();
-    // one counted failure would dead-letter a window: the outage must not count
+    let map = format!("{}={}", s.collection, s.bot);
     let envs = fault_env(
         &s,
-        &[("QDRANT_URL", url.as_str()), ("LLM_MAX_ATTEMPTS", "1")],
+        &[
+            ("QDRANT_URL", url.as_str()),
+            // one counted failure would dead-letter a window: the outage must not count
+            ("LLM_MAX_ATTEMPTS", "1"),
+            // a sweep cycle every 3 s, over this test's collection only
+            ("ENRICHMENT_INTERVAL_SECONDS", "3"),
+            ("COLLECTION_PATTERNS", "no_such_collection_*"),
+            ("COLLECTION_MAP", map.as_str()),
+        ],
     );
     let mut recap = Recap::start(&envs, "faults-qdrant");
     recap.wait_ready(Duration::from_secs(60)).await;
     let mut publisher =
         Publisher::start(&s.nats, user_chunks(&s), Duration::from_millis(100), 10).await;
     publisher.wait_acked(10, Duration::from_secs(30)).await;
-    let before = wait_for_rows(&s.db.pool, 20, Duration::from_secs(60)).await;
-    assert_eq!(before.len(), 20);
+    let before = wait_for_rows(&s.db.pool, 21, Duration::from_secs(60)).await;
+    assert_eq!(
+        before.len(),
+        21,
+        "10 users' windows from events, one from the sweep"
+    );
+    let checkpoints_before = sweep_checkpoints(&s.db.pool).await;
+    assert!(
+        !checkpoints_before.is_empty(),
+        "the sweep ran before the outage"
+    );
 
     proxy.down().await;
     let since = Instant::now();
+    upsert(&q, &s.collection, &sweep_b).await; // straight to Qdrant: recap cannot see it yet
+    tokio::time::sleep(Duration::from_secs(4)).await; // a sweep cycle is due now
     publisher.allow_all();
     let mut not_ready = None;
     let mut during = BTreeMap::new();
@@ -1220,21 +1264,27 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
         rows_during = rows(&s.db.pool).await.len();
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
+    let (backlog, unacked) = consumer_backlog(&s.nats).await;
     let retried_during = recap.log_count("window will be retried");
+    let source_errors = recap.log_count("source unavailable");
     proxy.up().await;
     let back = Instant::now();
     let stats = publisher.finish(Duration::from_secs(60)).await;
     let done = wait_done(&s.db.pool, expected.len(), Duration::from_secs(90)).await;
     let recovered = back.elapsed();
+    let checkpoints_after = sweep_checkpoints(&s.db.pool).await;
     let (c, got) = check_table(&s.db.pool, &expected).await;
     let m = recap.metrics().await;
     report(format!(
-        "qdrant unreachable {} (proxy refusing, connections cut): events sent {}, {c}; during the outage: \
-         windows {during:?}, max attempts {attempts_max}, rows {rows_during} (before {}), {retried_during} \
-         'window will be retried' log lines, readyz {:?}; all windows {} after Qdrant returned; \
-         recap_fetch_errors_total {}; peak RSS {} KiB",
+        "qdrant unreachable {} (proxy refusing, connections cut): events sent {} + {} points for the sweep only, \
+         {c}; during the outage: windows {during:?}, max attempts {attempts_max}, rows {rows_during} (before {}), \
+         {retried_during} 'window will be retried' and {source_errors} 'source unavailable' log lines, {backlog} \
+         events waiting in NATS + {unacked} unacked at its end, readyz {:?}; all windows {} after Qdrant \
+         returned; sweep checkpoints {checkpoints_before:?} -> {checkpoints_after:?}; recap_fetch_errors_total {}; \
+         peak RSS {} KiB",
         secs(OUTAGE),
         stats.events,
+        sweep_a.len() + sweep_b.len(),
         before.len(),
         not_ready
             .as_ref()
@@ -1254,18 +1304,37 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
         before.len(),
         "nothing summarized without Qdrant"
     );
-    assert!(
-        during.get("due").copied().unwrap_or(0) > 0,
-        "windows closed during the outage and waited as due: {during:?}"
-    );
     assert_eq!(during.get("dead"), None, "dead-lettered for the outage");
     assert_eq!(attempts_max, 0, "the outage counted as a window failure");
+    // each user has two summarizable windows and one of 4 messages: a summarizable window finished as too short
+    // from an empty fetch would break the 2:1
+    let get = |k: &str| during.get(k).copied().unwrap_or(0);
     assert_eq!(
-        during.get("too_short").copied().unwrap_or(0),
-        during.get("done").copied().unwrap_or(0) / 2,
+        get("done"),
+        21,
+        "nothing finished during the outage: {during:?}"
+    );
+    assert_eq!(
+        get("due"),
+        2 * (get("too_short") - 10),
         "only the 4-message windows are too short (none from an empty fetch): {during:?}"
     );
-    assert_messages("qdrant", &s.db.pool, &s.bot, &s.points).await;
+    assert!(
+        get("due") > 0,
+        "event ingest stopped while Qdrant was down (the due sweep cycle's errors hold up the event source): \
+         {during:?}, {backlog} events waiting in NATS"
+    );
+    assert!(
+        checkpoints_after
+            .iter()
+            .zip(&checkpoints_before)
+            .all(|(a, b)| a.0 == b.0 && a.1 > b.1),
+        "the sweep did not resume: {checkpoints_before:?} -> {checkpoints_after:?}"
+    );
+    let mut event_points = s.points.clone();
+    event_points.extend(sweep_a.iter().cloned());
+    event_points.extend(sweep_b.iter().cloned());
+    assert_messages("qdrant", &s.db.pool, &s.bot, &event_points).await;
     assert_table("qdrant", &c, &got, &expected);
     let st = states(&s.db.pool).await;
     assert_eq!(st.get("dead"), None);
@@ -1278,6 +1347,7 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
 /// refused without reaching the endpoint) and close again; no window is dead-lettered for the outage; all windows end
 /// summarized by the LLM.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn llm_failing_30s_breaker_opens_and_closes_no_dead_letters() {
     let _serial = LOCK.lock().await;
     let s = scenario(16).await;
@@ -1393,6 +1463,7 @@ async fn llm_failing_30s_breaker_opens_and_closes_no_dead_letters() {
 /// Another session holds ACCESS EXCLUSIVE locks on recap_windows and conversation_summaries for 20 s while events keep
 /// arriving. recap must wait (its transactions block) without taking the backlog into memory, and finish afterwards.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn slow_postgres_lock_20s_recap_waits_with_bounded_memory() {
     let _serial = LOCK.lock().await;
     let s = scenario(120).await;
@@ -1425,7 +1496,7 @@ async fn slow_postgres_lock_20s_recap_waits_with_bounded_memory() {
         assert!(recap.alive(), "recap exited under the lock");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let waiting = waiting_on(&s.db.pool, "recap_windows").await;
+    let waiting = waiting_on(&s.db.pool, "").await; // any statement of recap's waiting for a lock
     let acked_during = publisher.acked();
     let (backlog, unacked) = consumer_backlog(&s.nats).await;
     let during = recap.mem();
@@ -1499,6 +1570,7 @@ fn event_body(bot: &str, point: &str, user: &str, ts_ms: i64) -> Vec<u8> {
 /// window that ends too short or dead, with the reason counted), the stream keeps flowing, no valid window changes and
 /// nothing hostile reaches SQL as code.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_are_unaffected() {
     let _serial = LOCK.lock().await;
     let s = scenario(20).await;
@@ -1614,7 +1686,7 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
             (subject.clone(), id("bb"), body.into_bytes()),
         ));
         // a valid event of another bot on this bot's subject
-        let body = event_body("someone_else", &format!("sm{i}"), "u", T0);
+        let body = event_body("someone_else", &uuid::Uuid::new_v4().to_string(), "u", T0);
         hostile.push(("subject_mismatch", None, (subject.clone(), id("sm"), body)));
         let body = format!(
             r#"{{"v":2,"bot":"{bot}","point_id":"v2-{i}","user_id":"u","ts":"2025-11-20T12:00:00Z"}}"#
@@ -1754,17 +1826,16 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
     }
     mixed.extend(bad);
     let sent = mixed.len();
-    let published = s
-        .nats
-        .publish_raw(
-            &js,
-            mixed
-                .into_iter()
-                .map(|(subj, id, body)| (subj, Some(id), body))
-                .collect(),
-        )
-        .await;
-    assert_eq!(published, sent, "the stream stored every event");
+    // (not common's publish_raw: it holds every ack future before awaiting one, and async-nats stops at 5,000
+    // acks in flight)
+    for chunk in mixed.chunks(1000) {
+        assert!(publish_chunk(&js, chunk).await, "publish");
+    }
+    assert_eq!(
+        stream_messages(&s.nats).await,
+        sent as u64,
+        "the stream stored every event"
+    );
 
     // recap on the mixed stream; more valid users are published once it has worked through it
     let envs = fault_env(&s, &[("LLM_MAX_ATTEMPTS", "2")]);
@@ -1925,7 +1996,13 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
         "SQL-looking user ids are stored verbatim"
     );
     assert_eq!((pending, ack_pending), (0, 0), "the stream never stopped");
-    let expect_dead: BTreeMap<String, i64> = [
+    // Point ids Qdrant cannot parse: rejected at the door (a dead letter each), or windows that end (not stuck due).
+    let odd_rejected = dead_letters.get("field_point_id").copied().unwrap_or(0);
+    assert!(
+        odd_rejected == 0 || odd_rejected == 500,
+        "unparsable point ids: {odd_rejected} dead letters"
+    );
+    let mut expect_dead: BTreeMap<String, i64> = [
         ("field_bot", 250),
         ("field_ts", 1000),
         ("field_user_id", 1000),
@@ -1938,6 +2015,9 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if odd_rejected > 0 {
+        expect_dead.insert("field_point_id".into(), odd_rejected);
+    }
     assert_eq!(dead_letters, expect_dead, "dead letters by reason");
     assert_eq!(
         windows_by_kind.get("unknown bot: dead"),
@@ -1969,6 +2049,7 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
 /// not move the bot's watermark: otherwise every later message of every user of that bot is "late", closes at once
 /// as a partial window and reopens it with the next message.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn a_far_future_timestamp_does_not_make_every_later_message_late() {
     let _serial = LOCK.lock().await;
     let s = scenario(6).await;
@@ -1998,7 +2079,25 @@ async fn a_far_future_timestamp_does_not_make_every_later_message_late() {
         "faults-future",
     );
     recap.wait_ready(Duration::from_secs(60)).await;
-    wait_settled(&s.db.pool, expected.len() as i64, Duration::from_secs(90)).await;
+    // (the time traveller's own message stays open until 2150: wait for the valid windows only)
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60)
+        && (rows(&s.db.pool).await.len() < expected.len()
+            || states(&s.db.pool).await.contains_key("due")
+            || scalar(
+                &s.db.pool,
+                "SELECT count(*) FROM recap_messages WHERE window_id IS NULL AND user_id <> 'time-traveller'",
+            )
+            .await
+                > 0)
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let open = scalar(
+        &s.db.pool,
+        "SELECT count(*) FROM recap_messages WHERE window_id IS NULL",
+    )
+    .await;
     let (c, got) = check_table(&s.db.pool, &expected).await;
     let watermark: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT max(watermark) FROM recap_watermarks")
@@ -2008,7 +2107,7 @@ async fn a_far_future_timestamp_does_not_make_every_later_message_late() {
     let dead_letters = scalar(&s.db.pool, "SELECT count(*) FROM recap_dead_letters").await;
     report(format!(
         "far-future timestamp: 1 event in 2150 + {} valid; {c}; {} windows reopened by late messages; watermark \
-         {watermark:?}; {dead_letters} dead letters",
+         {watermark:?}; {dead_letters} dead letters; {open} messages left open",
         valid.len(),
         c.reopened_windows
     ));
