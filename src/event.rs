@@ -120,6 +120,13 @@ impl StoredEvent {
             });
         }
         check_text("point_id", &self.point_id)?;
+        // A Qdrant point id is a UUID or an unsigned integer; anything else can never be fetched.
+        if self.point_id.parse::<u64>().is_err() && uuid::Uuid::parse_str(&self.point_id).is_err() {
+            return Err(EventError::Field {
+                field: "point_id",
+                reason: "not a UUID or an unsigned integer".into(),
+            });
+        }
         check_text("user_id", &self.user_id)?;
         if let Some(c) = &self.collection {
             check_text("collection", c)?;
@@ -183,13 +190,13 @@ mod tests {
         assert_eq!(e.bot, "elena");
         assert_eq!(e.user_id, "123456789012345678");
         assert_eq!(e.role.as_deref(), Some("user"));
-        assert_eq!(e.ts.timestamp_millis(), 1_763_647_391_512);
+        assert_eq!(e.ts.timestamp_millis(), 1_795_183_391_512);
         assert!(GOOD.len() < 1024);
     }
 
     #[test]
     fn optional_fields_may_be_absent_and_unknown_fields_are_ignored() {
-        let body = r#"{"v":1,"bot":"marcus","point_id":"p1","user_id":"u","ts":"2026-11-20T14:03:11+02:00","extra":[1,2]}"#;
+        let body = r#"{"v":1,"bot":"marcus","point_id":"42","user_id":"u","ts":"2026-11-20T14:03:11+02:00","extra":[1,2]}"#;
         let e = StoredEvent::parse(body.as_bytes()).unwrap();
         assert_eq!(e.collection, None);
         assert_eq!(e.role, None);
@@ -216,7 +223,7 @@ mod tests {
     #[test]
     fn rejects_oversized_bodies() {
         let big = format!(
-            r#"{{"v":1,"bot":"elena","point_id":"p","user_id":"{}","ts":"2026-11-20T14:03:11Z"}}"#,
+            r#"{{"v":1,"bot":"elena","point_id":"7","user_id":"{}","ts":"2026-11-20T14:03:11Z"}}"#,
             "x".repeat(5000)
         );
         assert!(matches!(err(big.as_bytes()), EventError::TooLarge(n) if n > MAX_EVENT_BYTES));
@@ -231,17 +238,17 @@ mod tests {
             e.to_string().contains("point_id") || e.to_string().contains("string"),
             "{e}"
         );
-        let e = err(br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u","ts":1763647391}"#);
+        let e = err(br#"{"v":1,"bot":"elena","point_id":"7","user_id":"u","ts":1763647391}"#);
         assert_eq!(e.kind(), "json");
         // a naive timestamp (no zone) is not RFC 3339
-        let e = err(br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u","ts":"2026-11-20T14:03:11.512000"}"#);
+        let e = err(br#"{"v":1,"bot":"elena","point_id":"7","user_id":"u","ts":"2026-11-20T14:03:11.512000"}"#);
         assert_eq!(e.kind(), "json");
     }
 
     #[test]
     fn rejects_unknown_versions() {
         let e = err(
-            br#"{"v":2,"bot":"elena","point_id":"p","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#,
+            br#"{"v":2,"bot":"elena","point_id":"7","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#,
         );
         assert_eq!(e, EventError::UnknownVersion(2));
         assert!(e.to_string().contains("version 2"));
@@ -252,12 +259,12 @@ mod tests {
     fn rejects_hostile_fields() {
         assert_eq!(err(&[0xff, 0xfe, b'{']).kind(), "not_utf8");
         let bad_bot =
-            br#"{"v":1,"bot":"el.ena","point_id":"p","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#;
+            br#"{"v":1,"bot":"el.ena","point_id":"7","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#;
         assert!(matches!(
             err(bad_bot),
             EventError::Field { field: "bot", .. }
         ));
-        let ctl = br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u\u0000x","ts":"2026-11-20T14:03:11Z"}"#;
+        let ctl = br#"{"v":1,"bot":"elena","point_id":"7","user_id":"u\u0000x","ts":"2026-11-20T14:03:11Z"}"#;
         assert!(matches!(
             err(ctl),
             EventError::Field {
@@ -266,7 +273,7 @@ mod tests {
             }
         ));
         let year1 =
-            br#"{"v":1,"bot":"elena","point_id":"p","user_id":"u","ts":"0001-01-01T00:00:00Z"}"#;
+            br#"{"v":1,"bot":"elena","point_id":"7","user_id":"u","ts":"0001-01-01T00:00:00Z"}"#;
         assert!(matches!(err(year1), EventError::Field { field: "ts", .. }));
         let empty =
             br#"{"v":1,"bot":"elena","point_id":"","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#;

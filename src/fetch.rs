@@ -411,7 +411,7 @@ mod tests {
             ("timestamp", v_str("2026-11-20T14:03:11.512000")),
         ]);
         let mp = map_point(&m, &p).unwrap();
-        assert_eq!(mp.message.ts_ms, 1_763_647_391_512);
+        assert_eq!(mp.message.ts_ms, 1_795_183_391_512);
         assert_eq!(mp.message.role, "unknown");
     }
 

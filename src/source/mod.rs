@@ -56,6 +56,8 @@ pub struct Hybrid {
     sweep: crate::sweep::SweepSource,
     last_from_sweep: bool,
     events_caught_up: bool,
+    /// After a sweep error (Qdrant unreachable) the sweep waits until then; events keep flowing meanwhile.
+    sweep_paused_until: Option<std::time::Instant>,
 }
 
 impl Hybrid {
@@ -65,17 +67,32 @@ impl Hybrid {
             sweep: sweep.delay_first_cycle(),
             last_from_sweep: false,
             events_caught_up: false,
+            sweep_paused_until: None,
         }
     }
 }
 
 impl Source for Hybrid {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
-        if self.sweep.wants_batch() {
-            self.last_from_sweep = true;
-            let mut b = self.sweep.next_batch().await?;
-            b.caught_up &= self.events_caught_up;
-            return Ok(b);
+        let paused = self
+            .sweep_paused_until
+            .is_some_and(|t| std::time::Instant::now() < t);
+        if !paused && self.sweep.wants_batch() {
+            match self.sweep.next_batch().await {
+                Ok(mut b) => {
+                    self.last_from_sweep = true;
+                    b.caught_up &= self.events_caught_up;
+                    return Ok(b);
+                }
+                Err(e) => {
+                    // The sweep is the safety net: its outage must not hold up events. It resumes from its
+                    // committed position later.
+                    tracing::warn!(error = %e, "sweep unavailable; events continue, sweep retries in 10 s");
+                    self.sweep.abandon().await;
+                    self.sweep_paused_until =
+                        Some(std::time::Instant::now() + std::time::Duration::from_secs(10));
+                }
+            }
         }
         self.last_from_sweep = false;
         let mut b = self.events.next_batch().await?;
