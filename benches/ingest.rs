@@ -311,6 +311,30 @@ async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize,
     (rate, windows, batches)
 }
 
+/// CPU seconds (user + system) of the processes whose command line contains `needle` ("self" = this process), from
+/// /proc (USER_HZ = 100 on Linux). Used to tell waiting from working in the profile pass.
+fn cpu_secs(needle: &str) -> f64 {
+    let ticks = |stat: &str| -> f64 {
+        // fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        get(11) + get(12)
+    };
+    if needle == "self" {
+        return ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default()) / 100.0;
+    }
+    let mut total = 0.0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let p = e.path();
+        let cmd = std::fs::read(p.join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            total += ticks(&std::fs::read_to_string(p.join("stat")).unwrap_or_default());
+        }
+    }
+    total / 100.0
+}
+
 /// A profile of (b): the same events read again (a second durable consumer on stream B) into another fresh database,
 /// through a step-by-step copy of `Ingest::apply`'s transaction made of recap's public calls (`begin_ingest`,
 /// `insert_messages`, the tracker, `close_window` per closed window, `save_watermarks`, `save_checkpoint`, `commit`),
@@ -364,6 +388,12 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
     ];
     let mut d = [Duration::ZERO; 8];
     let (mut done, mut closed, mut stmts_close) = (0usize, 0usize, 0usize);
+    let services = std::env::var("RECAP_SERVICES_DIR").unwrap_or_else(|_| "nats-server".into());
+    let cpu0 = (
+        cpu_secs("self"),
+        cpu_secs(&db_name),
+        cpu_secs(&format!("{services}/nats")),
+    );
     let t0 = Instant::now();
     while done < n {
         let mut t = Instant::now();
@@ -412,6 +442,17 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
         done += batch.messages.len() + batch.ignored + batch.dead_letters.len();
     }
     let wall = t0.elapsed().as_secs_f64();
+    let cpu1 = (
+        cpu_secs("self"),
+        cpu_secs(&db_name),
+        cpu_secs(&format!("{services}/nats")),
+    );
+    let (me, pg, nats) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1, cpu1.2 - cpu0.2);
+    println!(
+        "  CPU during the profile pass ({wall:.1}s wall): recap process {me:.1}s, its Postgres backends {pg:.1}s, nats-server {nats:.1}s"
+    );
+    emit("ingest_profile_cpu_recap_share", me / wall, "x");
+    emit("ingest_profile_cpu_postgres_share", pg / wall, "x");
     println!(
         "  where (b)'s time goes ({n} events, {closed} windows closed = {stmts_close} close_window statements, {:.0} msgs/s):",
         n as f64 / wall

@@ -11,6 +11,10 @@
 //! guard ([`Outage`]) even when a test fails. Qdrant and the LLM endpoint are never stopped: Qdrant is cut off by a
 //! TCP proxy in front of it (its data stays), the LLM endpoint is a private test server per test.
 //!
+//! The tests are `#[ignore]`d so that a plain `cargo test` leaves the shared services alone; run them with
+//! `cargo test --test faults -- --ignored --nocapture` in the environment of `eval "$(scripts/services up)"`
+//! (about 3.5 minutes; each outage lasts 30 s, the slow-Postgres lock 20 s).
+//!
 //! Each test prints one `FAULTS |` line with its figures (run with `--nocapture` to see them); the same lines are
 //! appended to `faults-report.txt` in cargo's test tmp dir.
 //!
@@ -1638,7 +1642,7 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
     ];
     for i in 0..1000 {
         let user = format!("user{}{}x", i % 10, controls[i % controls.len()]);
-        let body = event_body(&bot, &format!("ctl{i}"), &user, T0);
+        let body = event_body(&bot, &uuid::Uuid::new_v4().to_string(), &user, T0);
         hostile.push(("control_user", None, (subject.clone(), id("ctl"), body)));
     }
     for i in 0..1000 {
@@ -1647,8 +1651,9 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
         } else {
             "9999-12-31T23:59:59.999Z"
         };
+        let point = uuid::Uuid::new_v4();
         let body =
-            format!(r#"{{"v":1,"bot":"{bot}","point_id":"yr{i}","user_id":"u{i}","ts":"{ts}"}}"#);
+            format!(r#"{{"v":1,"bot":"{bot}","point_id":"{point}","user_id":"u{i}","ts":"{ts}"}}"#);
         hostile.push((
             "year_1_or_9999",
             None,
@@ -1918,20 +1923,25 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
     .fetch_all(&s.db.pool)
     .await
     .unwrap();
-    let skipped: BTreeMap<&str, f64> =
-        ["no_timestamp", "no_user", "not_conversation", "no_content"]
-            .iter()
-            .map(|r| {
-                (
-                    *r,
-                    metric(
-                        &m,
-                        "recap_points_skipped_total",
-                        &format!(r#"reason="{r}""#),
-                    ),
-                )
-            })
-            .collect();
+    let skipped: BTreeMap<&str, f64> = [
+        "no_timestamp",
+        "no_user",
+        "not_conversation",
+        "no_content",
+        "bad_point_id",
+    ]
+    .iter()
+    .map(|r| {
+        (
+            *r,
+            metric(
+                &m,
+                "recap_points_skipped_total",
+                &format!(r#"reason="{r}""#),
+            ),
+        )
+    })
+    .collect();
     let malformed_metric: BTreeMap<&str, f64> = [
         "not_utf8",
         "too_large",
