@@ -59,6 +59,8 @@ pub enum SkipReason {
     NotConversation,
     ConversationPair,
     NoContent,
+    /// A stored point id Qdrant cannot parse (not a UUID or an unsigned integer): never asked for.
+    BadPointId,
 }
 
 impl SkipReason {
@@ -69,6 +71,7 @@ impl SkipReason {
             SkipReason::NotConversation => "not_conversation",
             SkipReason::ConversationPair => "conversation_pair",
             SkipReason::NoContent => "no_content",
+            SkipReason::BadPointId => "bad_point_id",
         }
     }
 }
@@ -86,6 +89,15 @@ pub enum FetchError {
     Qdrant(#[from] qdrant_client::QdrantError),
     #[error("no Qdrant collection maps to bot {0:?} (check COLLECTION_PATTERNS / COLLECTION_MAP)")]
     NoCollection(String),
+}
+
+impl FetchError {
+    /// Qdrant answered that the request itself is wrong: retrying will not help, so it counts as a failure of the
+    /// window (dead after LLM_MAX_ATTEMPTS, with the reason), unlike an unreachable Qdrant.
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(self, FetchError::Qdrant(qdrant_client::QdrantError::ResponseError { status })
+            if status.code() as i32 == 3 /* gRPC INVALID_ARGUMENT */)
+    }
 }
 
 pub fn point_id_string(id: &PointId) -> String {
@@ -290,6 +302,15 @@ impl Points {
         range_ms: (Millis, Millis),
     ) -> Result<(Vec<Message>, HashMap<SkipReason, usize>), FetchError> {
         let mut raw: Vec<RetrievedPoint> = Vec::new();
+        let mut skipped: HashMap<SkipReason, usize> = HashMap::new();
+        // One id Qdrant cannot parse fails the whole request (InvalidArgument) and the window would wait forever:
+        // leave such ids (stored before events were checked) out, counted.
+        let (ids, bad): (Vec<&String>, Vec<&String>) = ids
+            .iter()
+            .partition(|i| i.parse::<u64>().is_ok() || uuid::Uuid::parse_str(i).is_ok());
+        if !bad.is_empty() {
+            skipped.insert(SkipReason::BadPointId, bad.len());
+        }
         for coll in collections {
             for chunk in ids.chunks(256) {
                 let pids: Vec<PointId> = chunk.iter().map(|i| point_id_from_str(i)).collect();
@@ -336,7 +357,6 @@ impl Points {
                 }
             }
         }
-        let mut skipped: HashMap<SkipReason, usize> = HashMap::new();
         let mut msgs = Vec::with_capacity(raw.len());
         for p in &raw {
             match map_point(&self.mapping, p) {

@@ -306,7 +306,7 @@ pub async fn summarize_window(
         Ok((_, r)) => r,
         Err(e) => {
             // Qdrant unreachable: the window waits, it is not failed for the outage.
-            let counts = matches!(e, FetchError::NoCollection(_));
+            let counts = matches!(e, FetchError::NoCollection(_)) || e.is_invalid_request();
             metrics::counter!("recap_fetch_errors_total").increment(1);
             return Ok(WindowOutcome::Retry {
                 error: e.to_string(),

@@ -11,9 +11,8 @@
 //! guard ([`Outage`]) even when a test fails. Qdrant and the LLM endpoint are never stopped: Qdrant is cut off by a
 //! TCP proxy in front of it (its data stays), the LLM endpoint is a private test server per test.
 //!
-//! The tests are `#[ignore]`d so that a plain `cargo test` leaves the shared services alone; run them with
-//! `cargo test --test faults -- --ignored --nocapture` in the environment of `eval "$(scripts/services up)"`
-//! (about 3.5 minutes; each outage lasts 30 s, the slow-Postgres lock 20 s).
+//! `scripts/test` runs them with the rest (about 3.5 minutes; each outage lasts 30 s, the slow-Postgres lock 20 s). To
+//! run only these: `eval "$(scripts/services up)"; cargo test --test faults -- --nocapture`.
 //!
 //! Each test prints one `FAULTS |` line with its figures (run with `--nocapture` to see them); the same lines are
 //! appended to `faults-report.txt` in cargo's test tmp dir.
@@ -840,7 +839,6 @@ async fn wait_row_count(pool: &PgPool, n: usize, timeout: Duration) {
 /// keeps publishing. recap must reconnect by itself, the durable consumer must resume, every event must be processed
 /// once, and /readyz must say not-ready while NATS is away.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn nats_down_30s_mid_run_recap_reconnects_and_loses_nothing() {
     let _serial = LOCK.lock().await;
     assert_managed("nats");
@@ -974,7 +972,6 @@ async fn open_transactions_in_recap(
 /// window transaction and an ingest transaction open and the test keeps publishing. Nothing may be acknowledged that
 /// was not committed: every event must end in recap_messages, each window exactly once.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_doubled() {
     let _serial = LOCK.lock().await;
     assert_managed("postgres");
@@ -1055,7 +1052,6 @@ async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_d
 /// PostgreSQL crashes (immediate shutdown) while recap has a window transaction and an ingest transaction open, and
 /// comes straight back (crash recovery). The open transactions are lost; recap must redo them, once.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn postgres_crash_with_open_transactions_redoes_them_once() {
     let _serial = LOCK.lock().await;
     assert_managed("postgres");
@@ -1200,7 +1196,6 @@ async fn sweep_checkpoints(pool: &PgPool) -> Vec<(String, f64)> {
 /// no Qdrant): windows close and wait as due (0 attempts, not dead, not finished from partial data) and complete once
 /// Qdrant is back; the sweep resumes from its checkpoint and finds the points written meanwhile that no event named.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
     let _serial = LOCK.lock().await;
     let s = scenario(30).await;
@@ -1361,7 +1356,6 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
 /// refused without reaching the endpoint) and close again; no window is dead-lettered for the outage; all windows end
 /// summarized by the LLM.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn llm_failing_30s_breaker_opens_and_closes_no_dead_letters() {
     let _serial = LOCK.lock().await;
     let s = scenario(16).await;
@@ -1477,7 +1471,6 @@ async fn llm_failing_30s_breaker_opens_and_closes_no_dead_letters() {
 /// Another session holds ACCESS EXCLUSIVE locks on recap_windows and conversation_summaries for 20 s while events keep
 /// arriving. recap must wait (its transactions block) without taking the backlog into memory, and finish afterwards.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn slow_postgres_lock_20s_recap_waits_with_bounded_memory() {
     let _serial = LOCK.lock().await;
     let s = scenario(120).await;
@@ -1584,7 +1577,6 @@ fn event_body(bot: &str, point: &str, user: &str, ts_ms: i64) -> Vec<u8> {
 /// window that ends too short or dead, with the reason counted), the stream keeps flowing, no valid window changes and
 /// nothing hostile reaches SQL as code.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_are_unaffected() {
     let _serial = LOCK.lock().await;
     let s = scenario(20).await;
@@ -2069,7 +2061,6 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
 /// not move the bot's watermark: otherwise every later message of every user of that bot is "late", closes at once
 /// as a partial window and reopens it with the next message.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault suite: run with `cargo test --test faults -- --ignored` (stops shared services; see issue 8)"]
 async fn a_far_future_timestamp_does_not_make_every_later_message_late() {
     let _serial = LOCK.lock().await;
     let s = scenario(6).await;

@@ -262,6 +262,9 @@ impl NatsSource {
 
 impl Source for NatsSource {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
+        // Anything still held here was never committed (an earlier call failed half-way): leave it unacknowledged so
+        // JetStream redelivers it, and never acknowledge it with the next batch.
+        self.in_flight.clear();
         let mut batch = Batch::default();
         let mut messages = self
             .consumer
@@ -294,8 +297,16 @@ impl Source for NatsSource {
         // Caught up means nothing left anywhere: no undelivered messages and none delivered to someone else (a crashed
         // process) and still unacknowledged — those come back after ack_wait and belong to windows still open.
         if self.in_flight.len() < self.settings.batch_size.max(1) || pending == Some(0) {
-            let info = self.consumer.get_info().await.map_err(err)?;
-            batch.caught_up = info.num_pending == 0 && info.num_ack_pending <= self.in_flight.len();
+            // The batch holds messages already: if the consumer info cannot be read, hand the batch on as not
+            // caught up rather than fail it (a failed next_batch must not leave delivered messages behind).
+            batch.caught_up = match self.consumer.get_info().await {
+                Ok(info) => info.num_pending == 0 && info.num_ack_pending <= self.in_flight.len(),
+                Err(e) if !self.in_flight.is_empty() => {
+                    tracing::debug!(error = %e, "consumer info unavailable; batch not caught up");
+                    false
+                }
+                Err(e) => return Err(err(e)),
+            };
         }
         if let Some(seq) = last_seq {
             batch.checkpoint = Some((self.checkpoint_name(), seq as f64, 0));
