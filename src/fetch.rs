@@ -358,7 +358,14 @@ impl Points {
             }
         }
         let mut msgs = Vec::with_capacity(raw.len());
+        // A point found both by id and by the window's filter is one point: map and count it once.
+        let mut seen = std::collections::HashSet::with_capacity(raw.len());
         for p in &raw {
+            if let Some(id) = &p.id
+                && !seen.insert(point_id_string(id))
+            {
+                continue;
+            }
             match map_point(&self.mapping, p) {
                 Ok(mp)
                     if mp.user_id == user_id

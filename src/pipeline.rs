@@ -193,11 +193,9 @@ impl Ingest {
         }
         let tcfg = *self.tracker.config();
         let min = self.ctx.cfg.min_messages_for_summary;
-        for w in self.tracker.drain_closed() {
-            let (_, too_short) = tx.close_window(&tcfg, &w, min).await?;
-            applied.closed += 1;
-            applied.too_short += usize::from(too_short);
-        }
+        let closed = self.tracker.drain_closed();
+        applied.too_short += tx.close_windows(&tcfg, &closed, min).await?;
+        applied.closed += closed.len();
         tx.save_watermarks(&self.tracker.take_watermark_changes())
             .await?;
         if let Some((name, pos, read)) = &batch.checkpoint {

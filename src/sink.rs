@@ -8,6 +8,7 @@
 //!   revision and new state commit together, and only while the worker still holds the window's lease and the window's
 //!   messages are the ones it summarized.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -30,6 +31,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("this replica is no longer the ingest leader (epoch {0})")]
     LostLeadership(i64),
+    #[error("internal error: {0}")]
+    Invariant(&'static str),
 }
 
 impl StoreError {
@@ -751,6 +754,126 @@ impl IngestTx {
         Ok(())
     }
 
+    /// Stores a batch's closed windows, in the order given, as [`IngestTx::close_window`] would one by one, in a
+    /// fixed number of statements: one query finds which windows may belong to a stored one (a late message) and
+    /// those, and any key closed twice in the batch, take the one-by-one path; the others (nearly all) are inserted
+    /// together and their open messages assigned together. Returns how many were recorded as too short.
+    pub async fn close_windows(
+        &mut self,
+        cfg: &TrackerConfig,
+        windows: &[ClosedWindow],
+        min_messages: u32,
+    ) -> Result<usize, StoreError> {
+        if windows.is_empty() {
+            return Ok(0);
+        }
+        let gap = match cfg.mode {
+            Mode::Session => cfg.idle_gap_ms,
+            Mode::Tumbling => 0,
+        };
+        let ranges: Vec<(Millis, Millis)> =
+            windows.iter().map(|w| w.message_range(cfg.mode)).collect();
+        let bots: Vec<&str> = windows.iter().map(|w| &*w.bot).collect();
+        let users: Vec<&str> = windows.iter().map(|w| &*w.user).collect();
+        // Same bounds as close_window's candidate query.
+        let his: Vec<DateTime<Utc>> = ranges
+            .iter()
+            .map(|r| to_utc(r.1.saturating_add(gap)))
+            .collect();
+        let los: Vec<DateTime<Utc>> = ranges
+            .iter()
+            .map(|r| to_utc(r.0.saturating_sub(gap)))
+            .collect();
+        let with_candidates: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                 WITH ORDINALITY AS c(b, u, hi, lo, i)
+             JOIN recap_windows w ON w.bot_name = c.b AND w.user_id = c.u AND w.start_ts <= c.hi AND w.end_ts >= c.lo",
+        )
+        .bind(&bots)
+        .bind(&users)
+        .bind(&his)
+        .bind(&los)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut per_key: HashMap<(&str, &str), usize> = HashMap::new();
+        for w in windows {
+            *per_key.entry((&*w.bot, &*w.user)).or_default() += 1;
+        }
+        let one_by_one: Vec<bool> = (0..windows.len())
+            .map(|i| {
+                with_candidates.contains(&(i as i64 + 1))
+                    || per_key[&(&*windows[i].bot, &*windows[i].user)] > 1
+            })
+            .collect();
+        let mut too_short = 0;
+        for (w, _) in windows.iter().zip(&one_by_one).filter(|(_, s)| **s) {
+            too_short += usize::from(self.close_window(cfg, w, min_messages).await?.1);
+        }
+        let bulk: Vec<usize> = (0..windows.len()).filter(|i| !one_by_one[*i]).collect();
+        if bulk.is_empty() {
+            return Ok(too_short);
+        }
+        let b: Vec<&str> = bulk.iter().map(|i| bots[*i]).collect();
+        let u: Vec<&str> = bulk.iter().map(|i| users[*i]).collect();
+        let starts: Vec<DateTime<Utc>> =
+            bulk.iter().map(|i| to_utc(windows[*i].start_ms)).collect();
+        let ends: Vec<DateTime<Utc>> = bulk.iter().map(|i| to_utc(windows[*i].end_ms)).collect();
+        let counts: Vec<i32> = bulk.iter().map(|i| windows[*i].count as i32).collect();
+        let states: Vec<&str> = bulk
+            .iter()
+            .map(|i| {
+                if windows[*i].count >= min_messages {
+                    "due"
+                } else {
+                    "too_short"
+                }
+            })
+            .collect();
+        too_short += states.iter().filter(|s| **s == "too_short").count();
+        // Inserted in the given order (ids ascending); each key occurs once here, so rows map back by key.
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count)
+             SELECT b, u, s, e, st, n FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                 $5::text[], $6::int4[]) WITH ORDINALITY AS x(b, u, s, e, st, n, i)
+             ORDER BY i
+             RETURNING id, bot_name, user_id",
+        )
+        .bind(&b)
+        .bind(&u)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(&states)
+        .bind(&counts)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let by_key: HashMap<(&str, &str), i64> = rows
+            .iter()
+            .map(|(id, b, u)| ((b.as_str(), u.as_str()), *id))
+            .collect();
+        let ids: Vec<i64> = bulk
+            .iter()
+            .map(|i| by_key.get(&(bots[*i], users[*i])).copied())
+            .collect::<Option<_>>()
+            .ok_or(StoreError::Invariant(
+                "a window inserted in bulk was not returned",
+            ))?;
+        let lo: Vec<DateTime<Utc>> = bulk.iter().map(|i| to_utc(ranges[*i].0)).collect();
+        let hi: Vec<DateTime<Utc>> = bulk.iter().map(|i| to_utc(ranges[*i].1)).collect();
+        sqlx::query(
+            "UPDATE recap_messages m SET window_id = c.id
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS c(id, b, u, lo, hi)
+             WHERE m.bot_name = c.b AND m.user_id = c.u AND m.window_id IS NULL AND m.ts >= c.lo AND m.ts <= c.hi",
+        )
+        .bind(&ids)
+        .bind(&b)
+        .bind(&u)
+        .bind(&lo)
+        .bind(&hi)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(too_short)
+    }
+
     /// Stores a closed window: merged into a stored window it belongs to (a late message), or inserted as a new one
     /// (`due`, or `too_short` under `min_messages`). Assigns the window's open messages to it.
     /// Returns the window's id and whether it is recorded as too short.
@@ -843,17 +966,22 @@ impl IngestTx {
         &mut self,
         marks: &[(std::sync::Arc<str>, Millis)],
     ) -> Result<(), StoreError> {
-        for (bot, wm) in marks {
-            sqlx::query(
-                "INSERT INTO recap_watermarks (bot_name, watermark) VALUES ($1, $2)
-                 ON CONFLICT (bot_name) DO UPDATE SET watermark = GREATEST(recap_watermarks.watermark, EXCLUDED.watermark),
-                    updated_at = now()",
-            )
-            .bind(&**bot)
-            .bind(to_utc(*wm))
-            .execute(&mut *self.tx)
-            .await?;
+        if marks.is_empty() {
+            return Ok(());
         }
+        let bots: Vec<&str> = marks.iter().map(|(b, _)| &**b).collect();
+        let wms: Vec<DateTime<Utc>> = marks.iter().map(|(_, w)| to_utc(*w)).collect();
+        // One row per bot (the tracker reports each bot once; GREATEST keeps the watermark monotonic regardless).
+        sqlx::query(
+            "INSERT INTO recap_watermarks (bot_name, watermark)
+             SELECT b, max(w) FROM unnest($1::text[], $2::timestamptz[]) AS x(b, w) GROUP BY b
+             ON CONFLICT (bot_name) DO UPDATE SET watermark = GREATEST(recap_watermarks.watermark, EXCLUDED.watermark),
+                updated_at = now()",
+        )
+        .bind(&bots)
+        .bind(&wms)
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 

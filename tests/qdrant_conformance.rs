@@ -442,3 +442,41 @@ async fn conformance(name: String) {
     );
     assert!(!q.collection_exists(&name).await.expect("exists"));
 }
+
+/// Qdrant rejects a whole retrieve when one id is neither a UUID nor an unsigned integer (InvalidArgument), so a
+/// window whose stored ids include one (stored before events were checked) would never be fetched: `fetch_window`
+/// leaves such ids out, counts them, and returns the window's other messages.
+#[tokio::test]
+async fn an_unparseable_point_id_fails_a_retrieve_and_fetch_window_leaves_it_out() {
+    let q = qdrant().await;
+    let name = format!("badid_rs_{}", token());
+    create_collection(&q, &name, true).await;
+    let points = conversation(USERS[0], T0, 3, 60_000, true); // 3 user + 3 assistant + 3 pair points
+    upsert(&q, &name, &points).await;
+    let mut ids: Vec<String> = points.iter().map(|p| p.id.clone()).collect();
+    ids.push("not-a-point-id".into());
+
+    let direct: Vec<PointId> = ids
+        .iter()
+        .map(|i| recap::fetch::point_id_from_str(i))
+        .collect();
+    let (code, msg) = status_of(q.get_points(GetPointsBuilder::new(&name, direct)).await);
+    assert_eq!(
+        code, "InvalidArgument",
+        "one bad id fails the request: {msg}"
+    );
+
+    let fetch = recap::fetch::Points::new(&env("QDRANT_URL"), None, Default::default()).unwrap();
+    let range = (T0 - 1, T0 + 10 * 60_000);
+    let (msgs, skipped) = fetch
+        .fetch_window(std::slice::from_ref(&name), &ids, USERS[0], range)
+        .await
+        .expect("the good ids are fetched");
+    let _ = q.delete_collection(&name).await;
+    assert_eq!(msgs.len(), 6, "user and assistant messages, not the pairs");
+    assert_eq!(skipped.get(&recap::fetch::SkipReason::BadPointId), Some(&1));
+    assert_eq!(
+        skipped.get(&recap::fetch::SkipReason::ConversationPair),
+        Some(&3)
+    );
+}

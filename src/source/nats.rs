@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, stream};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use super::{Batch, Source, SourceError};
 use crate::event::StoredEvent;
@@ -17,6 +17,9 @@ use crate::sink::{DeadLetter, NewMessage};
 
 pub const STREAM_JSON: &str = include_str!("../../nats/stream.json");
 pub const CONSUMER_JSON: &str = include_str!("../../nats/consumer.json");
+
+/// While the stream reports more messages pending, how long a batch waits for the next one before it is handed on.
+const BACKLOG_LINGER: Duration = Duration::from_millis(50);
 
 /// How to reach NATS and which stream to read.
 #[derive(Clone, Default)]
@@ -204,6 +207,9 @@ pub struct NatsSource {
     consumer: PullConsumer,
     settings: NatsSettings,
     in_flight: Vec<jetstream::Message>,
+    /// The pull stream: it keeps pull requests outstanding, so the next messages arrive while the current batch is
+    /// being committed. Dropped on any error and opened again by the next call.
+    stream: Option<jetstream::consumer::pull::Stream>,
     wait: Duration,
 }
 
@@ -217,6 +223,7 @@ impl NatsSource {
             consumer,
             settings,
             in_flight: Vec::new(),
+            stream: None,
             wait: Duration::from_millis(500),
         })
     }
@@ -242,6 +249,7 @@ impl NatsSource {
             consumer,
             settings,
             in_flight: Vec::new(),
+            stream: None,
             wait: Duration::from_millis(500),
         })
     }
@@ -260,43 +268,98 @@ impl NatsSource {
     }
 }
 
+impl NatsSource {
+    async fn stream(&mut self) -> Result<&mut jetstream::consumer::pull::Stream, SourceError> {
+        if self.stream.is_none() {
+            let stream = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.settings.batch_size.max(1))
+                .expires(Duration::from_secs(5))
+                .heartbeat(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(err)?;
+            self.stream = Some(stream);
+        }
+        Ok(self.stream.as_mut().expect("just set"))
+    }
+}
+
 impl Source for NatsSource {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
         // Anything still held here was never committed (an earlier call failed half-way): leave it unacknowledged so
         // JetStream redelivers it, and never acknowledge it with the next batch.
         self.in_flight.clear();
         let mut batch = Batch::default();
-        let mut messages = self
-            .consumer
-            .batch()
-            .max_messages(self.settings.batch_size.max(1))
-            .expires(self.wait)
-            .messages()
-            .await
-            .map_err(err)?;
+        let max = self.settings.batch_size.max(1);
+        let wait = self.wait;
         let mut last_seq = None;
         let mut pending = None;
-        while let Some(m) = messages.next().await {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(error = %e, "pull batch ended");
-                    break;
+        let mut failed = None;
+        {
+            let stream = self.stream().await?;
+            // Wait (up to `wait`) for the first message; then, while the stream holds more (the last message's
+            // `pending`), fill the batch up to its size; once nothing more is pending, take only what has already
+            // arrived: batches are full while there is a backlog and a lone event is not held back.
+            let mut taken: Vec<jetstream::Message> = Vec::new();
+            while taken.len() < max {
+                let more = taken
+                    .last()
+                    .and_then(|m| m.info().ok())
+                    .is_some_and(|i| i.pending > 0);
+                let next = if taken.is_empty() || more {
+                    let limit = if taken.is_empty() {
+                        wait
+                    } else {
+                        BACKLOG_LINGER
+                    };
+                    match tokio::time::timeout(limit, stream.next()).await {
+                        Ok(n) => n,
+                        Err(_) => break,
+                    }
+                } else {
+                    match stream.next().now_or_never() {
+                        Some(n) => n,
+                        None => break, // nothing more ready
+                    }
+                };
+                match next {
+                    Some(Ok(m)) => taken.push(m),
+                    Some(Err(e)) => {
+                        failed = Some(err(e));
+                        break;
+                    }
+                    None => {
+                        failed = Some(err("the pull stream ended"));
+                        break;
+                    }
                 }
-            };
-            let (seq, pend) = m
-                .info()
-                .map(|i| (Some(i.stream_sequence), Some(i.pending)))
-                .unwrap_or((None, None));
-            last_seq = seq.or(last_seq);
-            pending = pend;
-            accept(&mut batch, m.subject.as_str(), seq, &m.payload);
-            self.in_flight.push(m);
+            }
+            for m in taken {
+                let (seq, pend) = m
+                    .info()
+                    .map(|i| (Some(i.stream_sequence), Some(i.pending)))
+                    .unwrap_or((None, None));
+                last_seq = seq.or(last_seq);
+                pending = pend;
+                accept(&mut batch, m.subject.as_str(), seq, &m.payload);
+                self.in_flight.push(m);
+            }
+        }
+        if let Some(e) = failed {
+            self.stream = None; // opened again by the next call
+            if self.in_flight.is_empty() {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, "pull stream failed after part of a batch; handing that part on");
         }
         metrics::counter!("recap_events_consumed_total").increment(self.in_flight.len() as u64);
-        // Caught up means nothing left anywhere: no undelivered messages and none delivered to someone else (a crashed
-        // process) and still unacknowledged — those come back after ack_wait and belong to windows still open.
-        if self.in_flight.len() < self.settings.batch_size.max(1) || pending == Some(0) {
+        // Caught up means nothing left anywhere: no undelivered messages and none delivered (to us, still buffered
+        // in the pull stream, or to a crashed process) and unacknowledged — those belong to windows still open.
+        // The last message tells how many were undelivered when it was sent; only when that is 0 (or nothing came)
+        // is the consumer asked.
+        if self.in_flight.is_empty() || pending == Some(0) {
             // The batch holds messages already: if the consumer info cannot be read, hand the batch on as not
             // caught up rather than fail it (a failed next_batch must not leave delivered messages behind).
             batch.caught_up = match self.consumer.get_info().await {
