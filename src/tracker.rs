@@ -19,16 +19,16 @@
 //!   into a table of `Arc<str>` with a count of the user's open keys; the entry is freed (and its index reused) when
 //!   the user's last open key closes, so the table is bounded by the users with open windows.
 //! * A key is `(bot, user)` as two `u32`s, mapped (foldhash, randomly seeded) to a slot in a slab of [`KeyState`]s
-//!   (freed slots are reused). A key state is its sorted messages (`(time, point-id hash)`, 16 B each, grown by
-//!   about 1.5x rather than doubled) and the number of them in its first window, which lets `observe` skip or resume
-//!   the first-window scan instead of redoing it: a message after the first window's breaking message cannot change
-//!   the first window, and the scan state after an unchanged prefix is the same as before.
+//!   (freed slots are reused). A key state is its sorted messages (`(time, point-id hash)`, 16 B each; the vector
+//!   grows by one up to 8 and by half after that, not by doubling) and the number of them in its first window, which
+//!   lets `observe` skip or resume the first-window scan instead of redoing it: a message after the first window's
+//!   breaking message cannot change the first window, and the scan state after an unchanged prefix is as before.
 //! * Each bot has an indexed binary min-heap of its keys' first-window close times ordered by (close time, user id
 //!   string) — the order the windows are drained in — and each key state knows its heap position, so a changed
 //!   close time is a sift, not a remove + insert.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 /// Milliseconds since the Unix epoch, UTC.
@@ -64,7 +64,7 @@ impl Default for TrackerConfig {
 pub enum Observed {
     /// New for this key; `late` when the message was already behind its bot's watermark.
     Accepted { late: bool },
-    /// The same point id (the same [`point_hash`]) is already open for this key.
+    /// The same point id is already open for this key (by a 64-bit hash of it: see [`Tracker::observe`]).
     Duplicate,
 }
 
@@ -93,7 +93,7 @@ impl ClosedWindow {
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// One open message: its time and a hash of its point id (for de-duplication).
+/// One open message: its time and a 64-bit hash of its point id (for de-duplication; the tracker's `id_hasher`).
 type Open = (Millis, u64);
 
 /// A (bot, user) key by interned indices; hashed as one `u64`.
@@ -157,6 +157,8 @@ pub struct Tracker {
     keys: FastMap<KeyId, u32>,
     slots: Vec<KeyState>,
     free_slots: Vec<u32>,
+    /// Hashes point ids for de-duplication (seeded per tracker; the state is rebuilt on start, nothing persists it).
+    id_hasher: foldhash::fast::RandomState,
 }
 
 /// FNV-1a: a stable 64-bit hash of a point id (stable across runs and Rust versions, unlike `DefaultHasher`).
@@ -248,20 +250,29 @@ pub fn merge_target(
     })
 }
 
-/// The next capacity of a full message vector: about 1.5x (1, 2, 3, 4, 6, 9, 13, ...), so a short window wastes
-/// little memory (5 messages: 6 slots, not the 8 of doubling).
+/// The next capacity of a full message vector: one more up to 8 (most windows are short, and a reallocation that
+/// small is cheap), then half again (8, 12, 18, 27, ...), where doubling would waste up to half the vector.
 fn grown(cap: usize) -> usize {
-    cap + (cap / 2).max(1)
+    if cap < 8 { cap + 1 } else { cap + cap / 2 }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Deadline heap: a binary min-heap per bot; every move updates the key's `heap_pos`.
 
 /// Heap order: close time, then user id string (unique within a bot's heap).
+#[inline]
 fn before(users: &[UserSlot], a: &HeapEntry, b: &HeapEntry) -> bool {
-    a.deadline < b.deadline
-        || (a.deadline == b.deadline
-            && users[a.user as usize].name.as_deref() < users[b.user as usize].name.as_deref())
+    if a.deadline != b.deadline {
+        return a.deadline < b.deadline;
+    }
+    user_before(users, a, b)
+}
+
+/// The tie-break of [`before`]: equal close times are rare in session mode (millisecond times).
+#[cold]
+#[inline(never)]
+fn user_before(users: &[UserSlot], a: &HeapEntry, b: &HeapEntry) -> bool {
+    users[a.user as usize].name.as_deref() < users[b.user as usize].name.as_deref()
 }
 
 fn sift_up(heap: &mut [HeapEntry], slots: &mut [KeyState], users: &[UserSlot], mut i: usize) {
@@ -340,6 +351,7 @@ impl Tracker {
             keys: FastMap::default(),
             slots: Vec::new(),
             free_slots: Vec::new(),
+            id_hasher: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -429,11 +441,17 @@ impl Tracker {
 
     /// Feeds one message. Advances the bot's watermark to `ts - lateness`.
     ///
-    /// A message whose [`point_hash`] equals that of an open message of the same key is a duplicate, whatever its
-    /// time (two distinct point ids colliding in 64 bits would be taken for one).
+    /// A message whose point id hashes (64 bits, foldhash seeded per tracker) like an open message of the same key is
+    /// a duplicate, whatever its time. Distinct ids of one key collide with probability about 2^-64 per pair, and
+    /// not reproducibly (the seed differs per process), where the 64-bit FNV-1a [`point_hash`] used before collided
+    /// for fixed pairs; it is still not cryptographic, and the store de-duplicates by point id before the tracker.
     pub fn observe(&mut self, bot: &str, user: &str, point_id: &str, ts: Millis) -> Observed {
         let bot_id = self.bot_id(bot);
-        let hash = point_hash(point_id);
+        let hash = {
+            let mut h = self.id_hasher.build_hasher();
+            h.write(point_id.as_bytes());
+            h.finish()
+        };
         let cfg = self.cfg;
         let known_user = self.user_index.get(user).copied();
         let existing = known_user.and_then(|u| {
@@ -481,10 +499,8 @@ impl Tracker {
             }
         } else {
             let user_id = self.user_for_new_key(user, known_user);
-            let mut open = Vec::with_capacity(1);
-            open.push((ts, hash));
             let key = KeyState {
-                open,
+                open: vec![(ts, hash)],
                 first_len: 1,
                 heap_pos: 0,
             };
@@ -843,12 +859,15 @@ mod tests {
     /// must match operation by operation, including the order windows are drained in.
     #[derive(Default)]
     struct Model {
-        bots: Vec<(
-            String,
-            Millis,
-            std::collections::BTreeMap<String, Vec<(Millis, u64)>>,
-        )>,
+        bots: Vec<ModelBot>,
     }
+
+    /// A bot of the [`Model`]: name, watermark and every user's sorted open (time, point id).
+    type ModelBot = (
+        String,
+        Millis,
+        std::collections::BTreeMap<String, Vec<(Millis, String)>>,
+    );
 
     impl Model {
         fn bot(&mut self, bot: &str) -> usize {
@@ -871,15 +890,14 @@ mod tests {
             c: &TrackerConfig,
         ) -> Observed {
             let b = self.bot(bot);
-            let hash = point_hash(point_id);
             let (_, wm, keys) = &mut self.bots[b];
             let late = ts < *wm;
             let open = keys.entry(user.to_string()).or_default();
-            if open.iter().any(|o| o.1 == hash) {
+            if open.iter().any(|o| o.1 == point_id) {
                 return Observed::Duplicate;
             }
-            let pos = open.partition_point(|o| *o < (ts, hash));
-            open.insert(pos, (ts, hash));
+            let pos = open.partition_point(|o| o.0 <= ts);
+            open.insert(pos, (ts, point_id.to_string()));
             *wm = (*wm).max(ts.saturating_sub(c.lateness_ms));
             Observed::Accepted { late }
         }
