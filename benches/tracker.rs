@@ -8,6 +8,9 @@
 //! * `BENCH_OPEN_WINDOWS` (default 1,000,000): open windows of the memory measurement.
 //! * `BENCH_TRACKER_PART` = `throughput` | `memory`: run one part only (for profiling with callgrind).
 //!
+//! The memory part ends with "where the bytes go": the tracker's structures (key map, key slab, deadline heaps,
+//! interned users, message vectors) rebuilt with types of the same sizes, their bytes per window and their sum.
+//!
 //! Machine-readable results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`, one per run.
 #![allow(clippy::type_complexity)]
 
@@ -325,8 +328,12 @@ fn attribute(windows: usize) {
     });
     drop(u);
     let fixed = (table + slab + heaps + interned) as f64 / n;
-    let row =
-        |what: &str, bytes: f64, note: &str| println!("    {what:<46} {bytes:>6.1} B  {note}");
+    let row = |what: &str, bytes: f64, note: &str| {
+        println!(
+            "{}",
+            format!("    {what:<46} {bytes:>6.1} B  {note}").trim_end()
+        )
+    };
     println!(
         "  where the bytes of an open window go (same shapes rebuilt with {windows} keys, {users} users):"
     );
