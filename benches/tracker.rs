@@ -8,11 +8,14 @@
 //! * `BENCH_OPEN_WINDOWS` (default 1,000,000): open windows of the memory measurement.
 //! * `BENCH_TRACKER_PART` = `throughput` | `memory`: run one part only (for profiling with callgrind).
 //!
+//! The memory part ends with "where the bytes go": the tracker's structures (key map, key slab, deadline heaps,
+//! interned users, message vectors) rebuilt with types of the same sizes, their bytes per window and their sum.
+//!
 //! Machine-readable results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`, one per run.
 #![allow(clippy::type_complexity)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
@@ -278,51 +281,95 @@ fn open_windows(windows: usize, per_window: usize) -> Tracker {
     t
 }
 
-/// The same shapes the tracker keeps per open window, rebuilt here with the same types to attribute the bytes (a
-/// memory profile): the key map's table, the deadline set's nodes, the per-key user string and the message vector.
+/// The same shapes the tracker keeps per open window, rebuilt here with types of the same sizes to attribute the bytes
+/// (a memory profile) for the layout of `open_windows` (20 bots, windows/20 users): the key map's table, the key slab,
+/// the per-bot deadline heaps, the interned users (shared by a user's keys) and the message vectors.
 fn attribute(windows: usize) {
-    let shared: Arc<str> = Arc::from("734829104857362431");
+    type Fast = foldhash::fast::RandomState;
+    let n = windows as f64;
+    let users = windows.div_ceil(20);
+    // key map: (bot, user) -> slab slot, as `HashMap<KeyId(u32, u32), u32>` (12 B entries)
     let (m, table, _) = measure_live(|| {
-        let mut m: HashMap<(u32, Arc<str>), (Vec<(Millis, u64)>, Millis)> = HashMap::new();
+        let mut m: HashMap<(u32, u32), u32, Fast> = HashMap::default();
         for w in 0..windows {
-            m.insert((w as u32, shared.clone()), (Vec::new(), 0));
+            m.insert(((w % 20) as u32, (w / 20) as u32), w as u32);
         }
         m
     });
     drop(m);
-    let (s, nodes, _) = measure_live(|| {
-        let mut s: BTreeSet<(Millis, Arc<str>)> = BTreeSet::new();
-        for w in 0..windows {
-            s.insert((T0 + w as Millis, shared.clone()));
+    // slab: `KeyState { open: Vec<(Millis, u64)>, first_len: u32, heap_pos: u32 }` (32 B), grown by doubling
+    let (v, slab, _) = measure_live(|| {
+        let mut v: Vec<(Vec<(Millis, u64)>, u32, u32)> = Vec::new();
+        for _ in 0..windows {
+            v.push((Vec::new(), 0, 0));
         }
-        s
+        v
     });
-    drop(s);
-    let n = windows as f64;
-    let arc = (2 * std::mem::size_of::<usize>() + 18) as f64;
+    drop(v);
+    // deadline heaps: one `Vec<HeapEntry { deadline: Millis, user: u32, slot: u32 }>` (16 B) per bot
+    let (h, heaps, _) = measure_live(|| {
+        let mut h: Vec<Vec<(Millis, u32, u32)>> = (0..20).map(|_| Vec::new()).collect();
+        for w in 0..windows {
+            h[w % 20].push((T0, w as u32, w as u32));
+        }
+        h
+    });
+    drop(h);
+    // interned users: the `Arc<str>` (16 B counts + 18 B), its index entry and its slot
+    let (u, interned, _) = measure_live(|| {
+        let mut index: HashMap<Arc<str>, u32, Fast> = HashMap::default();
+        let mut slots: Vec<(Option<Arc<str>>, u32)> = Vec::new();
+        for i in 0..users {
+            let name: Arc<str> = Arc::from(user_id(i as u64).as_str());
+            index.insert(name.clone(), i as u32);
+            slots.push((Some(name), 20));
+        }
+        (index, slots)
+    });
+    drop(u);
+    let fixed = (table + slab + heaps + interned) as f64 / n;
+    let row = |what: &str, bytes: f64, note: &str| {
+        println!(
+            "{}",
+            format!("    {what:<46} {bytes:>6.1} B  {note}").trim_end()
+        )
+    };
     println!(
-        "  where the bytes of a 1-message open window go (same types rebuilt with {windows} entries):"
+        "  where the bytes of an open window go (same shapes rebuilt with {windows} keys, {users} users):"
     );
-    println!(
-        "    HashMap<(u32, Arc<str>), KeyState> table        {:>6.1} B  (56 B entry + 1 B control, load <= 7/8, power-of-two buckets)",
-        table as f64 / n
+    row(
+        "HashMap<KeyId(u32, u32), u32> key map table",
+        table as f64 / n,
+        "(12 B entry + 1 B control, load <= 7/8, power-of-two buckets)",
     );
-    println!(
-        "    BTreeSet<(Millis, Arc<str>)> deadline nodes     {:>6.1} B  (24 B entry in 11-entry nodes)",
-        nodes as f64 / n
+    row(
+        "Vec<KeyState> slab",
+        slab as f64 / n,
+        "(32 B: message Vec, first-window length, heap position)",
     );
-    println!(
-        "    Arc<str> user id per key (16 B counts + 18 B)   {:>6.1} B",
-        arc
+    row(
+        "per-bot Vec<HeapEntry> deadline heaps",
+        heaps as f64 / n,
+        "(16 B: close time, user, slot)",
     );
-    println!(
-        "    Vec<(Millis, u64)> open messages                {:>6.1} B  (reserve_exact(1); 64 B for 2-4 messages, 128 B for 5-8)",
-        16.0
+    row(
+        "interned users (Arc<str>, index entry, slot)",
+        interned as f64 / n,
+        "(one per user, shared by its 20 keys here)",
     );
-    println!(
-        "    sum                                             {:>6.1} B",
-        table as f64 / n + nodes as f64 / n + arc + 16.0
-    );
+    for (msgs, cap) in [(1usize, 1usize), (5, 5)] {
+        let bytes = (cap * std::mem::size_of::<(Millis, u64)>()) as f64;
+        row(
+            &format!("Vec<(Millis, u64)> of {msgs} message(s)"),
+            bytes,
+            &format!("(capacity {cap}: grown by one up to 8, then by half)"),
+        );
+        row(
+            &format!("sum for {msgs}-message windows"),
+            fixed + bytes,
+            "",
+        );
+    }
 }
 
 /// The allocator count is deterministic (same data, same allocation sizes), so one run per shape unless

@@ -13,8 +13,22 @@
 //!   the `max_span`-aligned UTC buckets; a bucket closes at its end.
 //! * A message older than its window's close time (late) still enters the key; its window closes at the next poll.
 //!   The shell merges such a window into the one already stored, if any (see `sink::close_window`).
+//!
+//! Representation (sized for a million open windows; `benches/tracker.rs` measures it):
+//! * Bot names and user ids are interned: a bot is a `u32` index (bots are never forgotten), a user a `u32` index
+//!   into a table of `Arc<str>` with a count of the user's open keys; the entry is freed (and its index reused) when
+//!   the user's last open key closes, so the table is bounded by the users with open windows.
+//! * A key is `(bot, user)` as two `u32`s, mapped (foldhash, randomly seeded) to a slot in a slab of [`KeyState`]s
+//!   (freed slots are reused). A key state is its sorted messages (`(time, point-id hash)`, 16 B each; the vector
+//!   grows by one up to 8 and by half after that, not by doubling) and the number of them in its first window, which
+//!   lets `observe` skip or resume the first-window scan instead of redoing it: a message after the first window's
+//!   breaking message cannot change the first window, and the scan state after an unchanged prefix is as before.
+//! * Each bot has an indexed binary min-heap of its keys' first-window close times ordered by (close time, user id
+//!   string) — the order the windows are drained in — and each key state knows its heap position, so a changed
+//!   close time is a sift, not a remove + insert.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 /// Milliseconds since the Unix epoch, UTC.
@@ -50,7 +64,7 @@ impl Default for TrackerConfig {
 pub enum Observed {
     /// New for this key; `late` when the message was already behind its bot's watermark.
     Accepted { late: bool },
-    /// The same point id is already open for this key.
+    /// The same point id is already open for this key (by a 64-bit hash of it: see [`Tracker::observe`]).
     Duplicate,
 }
 
@@ -77,15 +91,49 @@ impl ClosedWindow {
     }
 }
 
-/// One open message: its time and a hash of its point id (for de-duplication).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// One open message: its time and a 64-bit hash of its point id (for de-duplication; the tracker's `id_hasher`).
 type Open = (Millis, u64);
 
+/// A (bot, user) key by interned indices; hashed as one `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyId {
+    bot: u32,
+    user: u32,
+}
+
+impl Hash for KeyId {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64((u64::from(self.bot) << 32) | u64::from(self.user));
+    }
+}
+
+/// The open messages of one key (a slab slot; a free slot has no messages).
 #[derive(Debug, Default)]
 struct KeyState {
     /// Sorted by (time, id hash), no two equal id hashes.
     open: Vec<Open>,
-    /// Close time of the first window of `open`; mirrored in the bot's deadline set.
+    /// Messages in the first window of `open` (0 in a free slot).
+    first_len: u32,
+    /// Index of this key's entry in its bot's deadline heap.
+    heap_pos: u32,
+}
+
+/// An interned user id and how many open keys use it.
+#[derive(Debug)]
+struct UserSlot {
+    /// `None` in a free slot.
+    name: Option<Arc<str>>,
+    keys: u32,
+}
+
+/// A key's first-window close time in its bot's heap.
+#[derive(Debug, Clone, Copy)]
+struct HeapEntry {
     deadline: Millis,
+    user: u32,
+    slot: u32,
 }
 
 #[derive(Debug)]
@@ -93,8 +141,8 @@ struct BotState {
     name: Arc<str>,
     watermark: Millis,
     watermark_changed: bool,
-    /// (close time, user) of every key of this bot with open messages.
-    deadlines: BTreeSet<(Millis, Arc<str>)>,
+    /// Min-heap by (close time, user id string) of every key of this bot with open messages.
+    deadlines: Vec<HeapEntry>,
 }
 
 /// The window tracker. See the module docs.
@@ -102,8 +150,15 @@ struct BotState {
 pub struct Tracker {
     cfg: TrackerConfig,
     bots: Vec<BotState>,
-    bot_index: HashMap<Arc<str>, u32>,
-    keys: HashMap<(u32, Arc<str>), KeyState>,
+    bot_index: FastMap<Arc<str>, u32>,
+    users: Vec<UserSlot>,
+    user_index: FastMap<Arc<str>, u32>,
+    free_users: Vec<u32>,
+    keys: FastMap<KeyId, u32>,
+    slots: Vec<KeyState>,
+    free_slots: Vec<u32>,
+    /// Hashes point ids for de-duplication (seeded per tracker; the state is rebuilt on start, nothing persists it).
+    id_hasher: foldhash::fast::RandomState,
 }
 
 /// FNV-1a: a stable 64-bit hash of a point id (stable across runs and Rust versions, unlike `DefaultHasher`).
@@ -138,11 +193,21 @@ fn first_window(
     mut times: impl Iterator<Item = Millis>,
 ) -> (usize, Millis, Millis, Millis) {
     let first = times.next().expect("non-empty");
+    extend_window(cfg, first, first, 1, times)
+}
+
+/// [`first_window`] resumed: `n` messages from `first` to `last` are known to be in the first window and `rest` are
+/// the messages after them. The scan is a left fold whose state after a prefix depends on that prefix alone.
+fn extend_window(
+    cfg: &TrackerConfig,
+    first: Millis,
+    mut last: Millis,
+    mut n: usize,
+    rest: impl Iterator<Item = Millis>,
+) -> (usize, Millis, Millis, Millis) {
     match cfg.mode {
         Mode::Session => {
-            let mut last = first;
-            let mut n = 1;
-            for t in times {
+            for t in rest {
                 if t - last < cfg.idle_gap_ms && t - first < cfg.max_span_ms {
                     last = t;
                     n += 1;
@@ -160,7 +225,7 @@ fn first_window(
         Mode::Tumbling => {
             let start = first.div_euclid(cfg.max_span_ms) * cfg.max_span_ms;
             let end = start + cfg.max_span_ms;
-            let n = 1 + times.take_while(|t| *t < end).count();
+            n += rest.take_while(|t| *t < end).count();
             (n, start, end, end)
         }
     }
@@ -185,13 +250,108 @@ pub fn merge_target(
     })
 }
 
+/// The next capacity of a full message vector: one more up to 8 (most windows are short, and a reallocation that
+/// small is cheap), then half again (8, 12, 18, 27, ...), where doubling would waste up to half the vector.
+fn grown(cap: usize) -> usize {
+    if cap < 8 { cap + 1 } else { cap + cap / 2 }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Deadline heap: a binary min-heap per bot; every move updates the key's `heap_pos`.
+
+/// Heap order: close time, then user id string (unique within a bot's heap).
+#[inline]
+fn before(users: &[UserSlot], a: &HeapEntry, b: &HeapEntry) -> bool {
+    if a.deadline != b.deadline {
+        return a.deadline < b.deadline;
+    }
+    user_before(users, a, b)
+}
+
+/// The tie-break of [`before`]: equal close times are rare in session mode (millisecond times).
+#[cold]
+#[inline(never)]
+fn user_before(users: &[UserSlot], a: &HeapEntry, b: &HeapEntry) -> bool {
+    users[a.user as usize].name.as_deref() < users[b.user as usize].name.as_deref()
+}
+
+fn sift_up(heap: &mut [HeapEntry], slots: &mut [KeyState], users: &[UserSlot], mut i: usize) {
+    let e = heap[i];
+    while i > 0 {
+        let parent = (i - 1) / 2;
+        if !before(users, &e, &heap[parent]) {
+            break;
+        }
+        heap[i] = heap[parent];
+        slots[heap[i].slot as usize].heap_pos = i as u32;
+        i = parent;
+    }
+    heap[i] = e;
+    slots[e.slot as usize].heap_pos = i as u32;
+}
+
+fn sift_down(heap: &mut [HeapEntry], slots: &mut [KeyState], users: &[UserSlot], mut i: usize) {
+    let e = heap[i];
+    loop {
+        let left = 2 * i + 1;
+        if left >= heap.len() {
+            break;
+        }
+        let right = left + 1;
+        let child = if right < heap.len() && before(users, &heap[right], &heap[left]) {
+            right
+        } else {
+            left
+        };
+        if !before(users, &heap[child], &e) {
+            break;
+        }
+        heap[i] = heap[child];
+        slots[heap[i].slot as usize].heap_pos = i as u32;
+        i = child;
+    }
+    heap[i] = e;
+    slots[e.slot as usize].heap_pos = i as u32;
+}
+
+/// Sets the close time of the entry at `i` and restores the heap order.
+fn heap_update(
+    heap: &mut [HeapEntry],
+    slots: &mut [KeyState],
+    users: &[UserSlot],
+    i: usize,
+    deadline: Millis,
+) {
+    let old = std::mem::replace(&mut heap[i].deadline, deadline);
+    if deadline < old {
+        sift_up(heap, slots, users, i);
+    } else if deadline > old {
+        sift_down(heap, slots, users, i);
+    }
+}
+
+/// Removes the least entry.
+fn heap_pop(heap: &mut Vec<HeapEntry>, slots: &mut [KeyState], users: &[UserSlot]) {
+    let last = heap.pop().expect("non-empty heap");
+    if !heap.is_empty() {
+        heap[0] = last;
+        sift_down(heap, slots, users, 0);
+    }
+}
+
 impl Tracker {
     pub fn new(cfg: TrackerConfig) -> Tracker {
         Tracker {
             cfg,
             bots: Vec::new(),
-            bot_index: HashMap::new(),
-            keys: HashMap::new(),
+            bot_index: FastMap::default(),
+            users: Vec::new(),
+            user_index: FastMap::default(),
+            free_users: Vec::new(),
+            keys: FastMap::default(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            id_hasher: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -209,9 +369,37 @@ impl Tracker {
             name: name.clone(),
             watermark: Millis::MIN,
             watermark_changed: false,
-            deadlines: BTreeSet::new(),
+            deadlines: Vec::new(),
         });
         self.bot_index.insert(name, id);
+        id
+    }
+
+    /// The interned index of `user` (which has no open key yet for the caller's bot), counting one more key for it.
+    fn user_for_new_key(&mut self, user: &str, known: Option<u32>) -> u32 {
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let name: Arc<str> = Arc::from(user);
+                let slot = UserSlot {
+                    name: Some(name.clone()),
+                    keys: 0,
+                };
+                let id = match self.free_users.pop() {
+                    Some(id) => {
+                        self.users[id as usize] = slot;
+                        id
+                    }
+                    None => {
+                        self.users.push(slot);
+                        (self.users.len() - 1) as u32
+                    }
+                };
+                self.user_index.insert(name, id);
+                id
+            }
+        };
+        self.users[id as usize].keys += 1;
         id
     }
 
@@ -248,39 +436,102 @@ impl Tracker {
 
     /// Number of open messages across all keys.
     pub fn open_messages(&self) -> usize {
-        self.keys.values().map(|k| k.open.len()).sum()
+        self.slots.iter().map(|k| k.open.len()).sum()
     }
 
     /// Feeds one message. Advances the bot's watermark to `ts - lateness`.
+    ///
+    /// A message whose point id hashes (64 bits, foldhash seeded per tracker) like an open message of the same key is
+    /// a duplicate, whatever its time. Distinct ids of one key collide with probability about 2^-64 per pair, and
+    /// not reproducibly (the seed differs per process), where the 64-bit FNV-1a [`point_hash`] used before collided
+    /// for fixed pairs; it is still not cryptographic, and the store de-duplicates by point id before the tracker.
     pub fn observe(&mut self, bot: &str, user: &str, point_id: &str, ts: Millis) -> Observed {
         let bot_id = self.bot_id(bot);
-        let hash = point_hash(point_id);
-        let lateness = self.cfg.lateness_ms;
+        let hash = {
+            let mut h = self.id_hasher.build_hasher();
+            h.write(point_id.as_bytes());
+            h.finish()
+        };
         let cfg = self.cfg;
+        let known_user = self.user_index.get(user).copied();
+        let existing = known_user.and_then(|u| {
+            self.keys
+                .get(&KeyId {
+                    bot: bot_id,
+                    user: u,
+                })
+                .map(|s| (u, *s))
+        });
         let bot_state = &mut self.bots[bot_id as usize];
         let late = ts < bot_state.watermark;
-        let user_arc = match self.keys.get_key_value(&(bot_id, Arc::<str>::from(user))) {
-            Some(((_, u), _)) => u.clone(),
-            None => Arc::from(user),
-        };
-        let key = self.keys.entry((bot_id, user_arc.clone())).or_default();
-        if key.open.iter().any(|(_, h)| *h == hash) {
-            return Observed::Duplicate;
+        let advanced = ts.saturating_sub(cfg.lateness_ms);
+        if let Some((_, slot)) = existing {
+            let key = &mut self.slots[slot as usize];
+            if key.open.iter().any(|(_, h)| *h == hash) {
+                return Observed::Duplicate;
+            }
+            let pos = key.open.partition_point(|o| *o < (ts, hash));
+            if key.open.len() == key.open.capacity() {
+                key.open
+                    .reserve_exact(grown(key.open.capacity()) - key.open.len());
+            }
+            key.open.insert(pos, (ts, hash));
+            let n = key.first_len as usize;
+            // A message after the first window's breaking message (index `n`) leaves the first window as it was.
+            if pos <= n {
+                let k = pos.max(1);
+                let (n, _, _, close) = extend_window(
+                    &cfg,
+                    key.open[0].0,
+                    key.open[k - 1].0,
+                    k,
+                    key.open[k..].iter().map(|o| o.0),
+                );
+                key.first_len = n as u32;
+                let at = key.heap_pos as usize;
+                heap_update(
+                    &mut bot_state.deadlines,
+                    &mut self.slots,
+                    &self.users,
+                    at,
+                    close,
+                );
+            }
+        } else {
+            let user_id = self.user_for_new_key(user, known_user);
+            let key = KeyState {
+                open: vec![(ts, hash)],
+                first_len: 1,
+                heap_pos: 0,
+            };
+            let slot = match self.free_slots.pop() {
+                Some(s) => {
+                    self.slots[s as usize] = key;
+                    s
+                }
+                None => {
+                    self.slots.push(key);
+                    (self.slots.len() - 1) as u32
+                }
+            };
+            self.keys.insert(
+                KeyId {
+                    bot: bot_id,
+                    user: user_id,
+                },
+                slot,
+            );
+            let (_, _, _, close) = extend_window(&cfg, ts, ts, 1, std::iter::empty());
+            let heap = &mut self.bots[bot_id as usize].deadlines;
+            heap.push(HeapEntry {
+                deadline: close,
+                user: user_id,
+                slot,
+            });
+            let at = heap.len() - 1;
+            sift_up(heap, &mut self.slots, &self.users, at);
         }
-        let pos = key.open.partition_point(|o| *o < (ts, hash));
-        if key.open.is_empty() {
-            key.open.reserve_exact(1);
-        }
-        key.open.insert(pos, (ts, hash));
-        let (_, _, _, close) = first_window(&cfg, key.open.iter().map(|o| o.0));
-        if key.open.len() > 1 {
-            bot_state
-                .deadlines
-                .remove(&(key.deadline, user_arc.clone()));
-        }
-        key.deadline = close;
-        bot_state.deadlines.insert((close, user_arc));
-        let advanced = ts.saturating_sub(lateness);
+        let bot_state = &mut self.bots[bot_id as usize];
         if advanced > bot_state.watermark {
             bot_state.watermark = advanced;
             bot_state.watermark_changed = true;
@@ -304,7 +555,7 @@ impl Tracker {
         self.bots
             .iter()
             .filter_map(|b| b.deadlines.first())
-            .map(|(d, _)| d.saturating_add(self.cfg.lateness_ms))
+            .map(|e| e.deadline.saturating_add(self.cfg.lateness_ms))
             .min()
     }
 
@@ -312,24 +563,45 @@ impl Tracker {
     pub fn poll_close(&mut self) -> Option<ClosedWindow> {
         let cfg = self.cfg;
         for (bot_id, b) in self.bots.iter_mut().enumerate() {
-            let Some((deadline, user)) = b.deadlines.first().cloned() else {
+            let Some(&top) = b.deadlines.first() else {
                 continue;
             };
-            if deadline > b.watermark {
+            if top.deadline > b.watermark {
                 continue;
             }
-            b.deadlines.pop_first();
-            let map_key = (bot_id as u32, user);
-            let key = self.keys.get_mut(&map_key).expect("deadline has a key");
-            let (n, start, end, _) = first_window(&cfg, key.open.iter().map(|o| o.0));
+            let key = &mut self.slots[top.slot as usize];
+            let n = key.first_len as usize;
+            let (n_check, start, end, _) = first_window(&cfg, key.open[..n].iter().map(|o| o.0));
+            debug_assert_eq!(n_check, n);
             key.open.drain(..n);
-            let user = map_key.1.clone();
+            let user_slot = &mut self.users[top.user as usize];
+            let user;
             if key.open.is_empty() {
-                self.keys.remove(&map_key);
+                *key = KeyState::default();
+                self.free_slots.push(top.slot);
+                heap_pop(&mut b.deadlines, &mut self.slots, &self.users);
+                self.keys.remove(&KeyId {
+                    bot: bot_id as u32,
+                    user: top.user,
+                });
+                let user_slot = &mut self.users[top.user as usize];
+                user_slot.keys -= 1;
+                if user_slot.keys == 0 {
+                    let name = user_slot.name.take().expect("a used user slot has a name");
+                    self.user_index.remove(&*name);
+                    self.free_users.push(top.user);
+                    user = name;
+                } else {
+                    user = user_slot.name.clone().expect("a used user slot has a name");
+                }
             } else {
-                let (_, _, _, close) = first_window(&cfg, key.open.iter().map(|o| o.0));
-                key.deadline = close;
-                b.deadlines.insert((close, user.clone()));
+                user = user_slot.name.clone().expect("a used user slot has a name");
+                if key.open.capacity() > 2 * key.open.len() {
+                    key.open.shrink_to(grown(key.open.len()));
+                }
+                let (n, _, _, close) = first_window(&cfg, key.open.iter().map(|o| o.0));
+                key.first_len = n as u32;
+                heap_update(&mut b.deadlines, &mut self.slots, &self.users, 0, close);
             }
             return Some(ClosedWindow {
                 bot: b.name.clone(),
@@ -582,6 +854,133 @@ mod tests {
         })
     }
 
+    /// The tracker as it was first written (one sorted message vector per key, a `BTreeSet<(close time, user)>` per
+    /// bot, the first window recomputed from scratch on every change): the reference the incremental representation
+    /// must match operation by operation, including the order windows are drained in.
+    #[derive(Default)]
+    struct Model {
+        bots: Vec<ModelBot>,
+    }
+
+    /// A bot of the [`Model`]: name, watermark and every user's sorted open (time, point id).
+    type ModelBot = (
+        String,
+        Millis,
+        std::collections::BTreeMap<String, Vec<(Millis, String)>>,
+    );
+
+    impl Model {
+        fn bot(&mut self, bot: &str) -> usize {
+            match self.bots.iter().position(|b| b.0 == bot) {
+                Some(i) => i,
+                None => {
+                    self.bots
+                        .push((bot.to_string(), Millis::MIN, Default::default()));
+                    self.bots.len() - 1
+                }
+            }
+        }
+
+        fn observe(
+            &mut self,
+            bot: &str,
+            user: &str,
+            point_id: &str,
+            ts: Millis,
+            c: &TrackerConfig,
+        ) -> Observed {
+            let b = self.bot(bot);
+            let (_, wm, keys) = &mut self.bots[b];
+            let late = ts < *wm;
+            let open = keys.entry(user.to_string()).or_default();
+            if open.iter().any(|o| o.1 == point_id) {
+                return Observed::Duplicate;
+            }
+            let pos = open.partition_point(|o| o.0 <= ts);
+            open.insert(pos, (ts, point_id.to_string()));
+            *wm = (*wm).max(ts.saturating_sub(c.lateness_ms));
+            Observed::Accepted { late }
+        }
+
+        fn tick(&mut self, now: Millis, c: &TrackerConfig) {
+            for b in &mut self.bots {
+                b.1 = b.1.max(now.saturating_sub(c.lateness_ms));
+            }
+        }
+
+        fn deadlines(&self, c: &TrackerConfig) -> Vec<Option<(Millis, String)>> {
+            self.bots
+                .iter()
+                .map(|(_, _, keys)| {
+                    keys.iter()
+                        .map(|(u, open)| (first_window(c, open.iter().map(|o| o.0)).3, u.clone()))
+                        .min()
+                })
+                .collect()
+        }
+
+        fn poll_timeout(&self, c: &TrackerConfig) -> Option<Millis> {
+            self.deadlines(c)
+                .into_iter()
+                .flatten()
+                .map(|(d, _)| d.saturating_add(c.lateness_ms))
+                .min()
+        }
+
+        fn poll_close(&mut self, c: &TrackerConfig) -> Option<ClosedWindow> {
+            for (i, d) in self.deadlines(c).into_iter().enumerate() {
+                let Some((d, user)) = d else { continue };
+                let (name, wm, keys) = &mut self.bots[i];
+                if d > *wm {
+                    continue;
+                }
+                let open = keys.get_mut(&user).unwrap();
+                let (n, start, end, _) = first_window(c, open.iter().map(|o| o.0));
+                open.drain(..n);
+                if open.is_empty() {
+                    keys.remove(&user);
+                }
+                return Some(ClosedWindow {
+                    bot: name.as_str().into(),
+                    user: user.into(),
+                    start_ms: start,
+                    end_ms: end,
+                    count: n as u32,
+                });
+            }
+            None
+        }
+
+        fn open_keys(&self) -> usize {
+            self.bots.iter().map(|b| b.2.len()).sum()
+        }
+
+        fn open_messages(&self) -> usize {
+            self.bots
+                .iter()
+                .flat_map(|b| b.2.values())
+                .map(Vec::len)
+                .sum()
+        }
+    }
+
+    /// One step of a differential run: observe (bot, user, point id, minutes after T0), tick (minutes), drain.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Observe(u8, u8, u8, i64),
+        Tick(i64),
+        Drain,
+    }
+
+    fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
+        let op = prop_oneof![
+            8 => (0u8..3, 0u8..6, 0u8..60, 0..(30 * 60i64)).prop_map(|(b, u, p, m)| Op::Observe(b, u, p, m)),
+            1 => (0..(32 * 60i64)).prop_map(Op::Tick),
+            2 => Just(Op::Drain),
+        ];
+        prop::collection::vec(op, 1..300)
+    }
+
     proptest! {
         /// Any arrival order within the lateness bound, with duplicates and redeliveries, closes the canonical windows.
         #[test]
@@ -643,6 +1042,44 @@ mod tests {
             let any_order = run(c, &shuffled, &[]);
             let total: u32 = any_order.iter().map(|w| w.count).sum();
             prop_assert_eq!(total as usize, events.len());
+        }
+
+        /// Operation by operation, in any order (late messages, redeliveries of a point id at another time, ticks,
+        /// users whose keys all close and come back), the tracker answers exactly as the reference model: the same
+        /// `Observed`, the same windows drained in the same order, the same timeouts and counts.
+        #[test]
+        fn incremental_tracker_equals_the_reference_model(c in arb_config(), ops in arb_ops()) {
+            let mut t = Tracker::new(c);
+            let mut m = Model::default();
+            for op in &ops {
+                match *op {
+                    Op::Observe(b, u, p, min) => {
+                        let (bot, user, pid) = (format!("b{b}"), format!("u{u}"), format!("p{p}"));
+                        let ts = T0 + min * MIN;
+                        prop_assert_eq!(t.observe(&bot, &user, &pid, ts), m.observe(&bot, &user, &pid, ts, &c));
+                    }
+                    Op::Tick(min) => {
+                        t.tick(T0 + min * MIN);
+                        m.tick(T0 + min * MIN, &c);
+                    }
+                    Op::Drain => {
+                        let want: Vec<ClosedWindow> = std::iter::from_fn(|| m.poll_close(&c)).collect();
+                        prop_assert_eq!(t.drain_closed(), want);
+                    }
+                }
+                prop_assert_eq!(t.poll_timeout(), m.poll_timeout(&c));
+                prop_assert_eq!(t.open_keys(), m.open_keys());
+                prop_assert_eq!(t.open_messages(), m.open_messages());
+            }
+            t.tick(Millis::MAX / 2);
+            m.tick(Millis::MAX / 2, &c);
+            let want: Vec<ClosedWindow> = std::iter::from_fn(|| m.poll_close(&c)).collect();
+            prop_assert_eq!(t.drain_closed(), want);
+            prop_assert_eq!(t.open_keys(), 0);
+            // every interned user was freed with its last key
+            prop_assert!(t.user_index.is_empty());
+            prop_assert_eq!(t.free_users.len(), t.users.len());
+            prop_assert_eq!(t.free_slots.len(), t.slots.len());
         }
     }
 }
