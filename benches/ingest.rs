@@ -49,6 +49,11 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// recap's INGEST_BATCH_SIZE for (b): `BENCH_INGEST_BATCH`, default recap's own default.
+fn batch_size() -> String {
+    env_usize("BENCH_INGEST_BATCH", 500).to_string()
+}
+
 fn emit(metric: &str, value: f64, unit: &str) {
     println!("BENCH\t{metric}\t{value:.3}\t{unit}");
 }
@@ -242,7 +247,7 @@ async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize,
         "--summarizer",
         "extractive",
         "--ingest-batch-size",
-        "500",
+        &batch_size(),
         "--instance-id",
         "bench-ingest",
     ])
@@ -359,7 +364,7 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
         "--summarizer",
         "extractive",
         "--ingest-batch-size",
-        "500",
+        &batch_size(),
     ])
     .c;
     cfg.normalize();
