@@ -219,8 +219,9 @@ async fn raw_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
     read
 }
 
-/// (a2) The raw scroll in the shape recap's ordered path uses: `order_by timestamp_unix` ascending from `start`, the
-/// next page from the last value seen minus the ids already returned at that value.
+/// (a2) The raw scroll in the shape recap's ordered path uses: `order_by timestamp_unix` ascending with `start_from`
+/// (inclusive; no range condition), the next page from the last value seen minus the ids already returned at that
+/// value; one request at a time (no prefetch).
 async fn raw_ordered_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
     use qdrant_client::qdrant::{Direction, OrderByBuilder, order_value, start_from};
     let fields: Vec<String> = [
@@ -237,18 +238,11 @@ async fn raw_ordered_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
     let (mut from, mut seen): (f64, Vec<PointId>) = (start_secs, Vec::new());
     let mut read = 0;
     loop {
-        let mut f = Filter::must([Condition::range(
-            "timestamp_unix",
-            Range {
-                gte: Some(from),
-                ..Default::default()
-            },
-        )]);
+        let mut req = ScrollPointsBuilder::new(coll);
         if !seen.is_empty() {
-            f.must_not.push(Condition::has_id(seen.clone()));
+            req = req.filter(Filter::must_not([Condition::has_id(seen.clone())]));
         }
-        let req = ScrollPointsBuilder::new(coll)
-            .filter(f)
+        let req = req
             .limit(1000)
             .with_payload(PayloadIncludeSelector {
                 fields: fields.clone(),
