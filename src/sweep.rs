@@ -10,9 +10,10 @@
 //! checkpoint commits in the same transaction as the tracker state, then [`Source::commit`] moves the cursor on, and
 //! [`Source::abandon`] makes the next call read the same page again.
 //!
-//! * **Ordered** (the collection has a float or integer range index on `timestamp_unix`): `order_by` ascending; the
-//!   next page starts from the last value seen and excludes the ids already returned at exactly that value. Every
-//!   page's checkpoint is the largest value in it, so an interrupted sweep resumes where it stopped.
+//! * **Ordered** (the collection has a float or integer range index on `timestamp_unix`): `order_by` ascending with
+//!   `start_from` (inclusive, so no range condition repeats it); the next page starts from the last value seen and
+//!   excludes the ids already returned at exactly that value. Every page's checkpoint is the largest value in it, so
+//!   an interrupted sweep resumes where it stopped.
 //! * **Unordered** (no such index): a filtered scroll with `offset` paging, in id order. The checkpoint stays at the
 //!   collection's start until its last page, which stores the largest value seen: an interrupted sweep of such a
 //!   collection starts it over (re-read points are no-ops in the store). recap creates the index only when told to
@@ -25,6 +26,22 @@
 //! * The checkpoint never moves past the wall clock: a point dated in the future cannot hide the points after it (it
 //!   is re-read each cycle until its time has come).
 //!
+//! # Prefetch
+//! As soon as a page arrives, the request for the page after it goes out (a spawned task): its cursor is known at
+//! once (`order_by`: the last value and the ids at it; offset paging: `next_page_offset`), so the next round trip
+//! overlaps the mapping, applying and committing of the current page. At most one page is ahead, and only within a
+//! collection (the last page of a collection starts nothing). What the source hands out is unchanged:
+//! * A prefetched page is used only by a read from exactly the cursor it was made for, and at most once.
+//! * [`Source::abandon`] (or a page neither committed nor abandoned) leaves the cursor where it was: the next call
+//!   reads that page again from Qdrant, never from a prefetch. The prefetch of the page after it is kept meanwhile;
+//!   if the page read again leads to the same cursor (nothing changed), it is used; else it is discarded and the
+//!   right page requested. A discarded prefetch that had arrived counts in `points_read` (it was the cost); one still
+//!   in flight is cancelled and counts nothing.
+//! * A prefetched page older than 10 s when it is needed (a slow `apply`, an outage) is discarded and read again, so
+//!   a page is never much older than it would be without prefetch (late writes are what `overlap` is for).
+//! * A prefetch that failed fails the call that needs its page, exactly as if that call had read it (a deleted
+//!   collection is skipped, any other error is returned and the page is read again on the next call).
+//!
 //! `caught_up` is set only on the last page of a cycle and on the empty batches handed out (about once a second)
 //! while waiting for the next cycle, so the ingest loop keeps ticking and renewing its lease.
 
@@ -36,13 +53,15 @@ use std::time::Duration;
 use qdrant_client::QdrantError;
 use qdrant_client::qdrant::{
     Condition, CreateFieldIndexCollectionBuilder, Direction, FieldType, Filter, OrderByBuilder,
-    PayloadIncludeSelector, PayloadSchemaType, PointId, Range, RetrievedPoint, ScrollPointsBuilder,
-    order_value, payload_index_params::IndexParams, start_from, value::Kind,
+    PayloadIncludeSelector, PayloadSchemaType, PointId, Range, RetrievedPoint, ScrollPoints,
+    ScrollPointsBuilder, ScrollResponse, order_value, payload_index_params::IndexParams,
+    start_from, value::Kind,
 };
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::fetch::{FetchError, Points, SkipReason, map_point};
+use crate::fetch::{FetchError, PayloadMapping, Points, SkipReason, map_point};
 use crate::sink::{NewMessage, Store, StoreError};
 use crate::source::{Batch, Source, SourceError};
 
@@ -89,7 +108,7 @@ pub struct SweepReport {
 }
 
 impl SweepReport {
-    /// Points read in the cycle (re-reads of abandoned pages included: this is the cost).
+    /// Points read in the cycle (re-reads of abandoned pages and prefetched pages discarded included: this is the cost).
     pub fn points_read(&self) -> u64 {
         self.collections.iter().map(|c| c.points_read).sum()
     }
@@ -151,6 +170,50 @@ struct Sweep {
     max_seen: f64,
     /// The committed position.
     cursor: Cursor,
+    /// The request for the page after the one last read, already on its way.
+    prefetch: Option<Prefetch>,
+}
+
+/// A prefetched page is used only while it is at most this old; an older one is discarded and its page read again (so
+/// a page handed out after an outage or a slow `apply` is never older than this, plus the time of one read).
+const PREFETCH_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// The scroll for one page, started before the page was needed (see the module docs). Dropping it cancels the request
+/// if it is still in flight.
+#[derive(Debug)]
+struct Prefetch {
+    /// The cursor the request was made for: it is used only for a page read from exactly this cursor.
+    cursor: Cursor,
+    started: Instant,
+    task: JoinHandle<Result<ScrollResponse, QdrantError>>,
+}
+
+impl Prefetch {
+    fn start(points: &Arc<Points>, req: ScrollPoints, cursor: Cursor) -> Prefetch {
+        let points = points.clone();
+        Prefetch {
+            cursor,
+            started: Instant::now(),
+            task: tokio::spawn(async move { points.client().scroll(req).await }),
+        }
+    }
+
+    /// Drops a prefetch that will not be used; returns the points it read (0 if it was still in flight: cancelled).
+    async fn discard(mut self) -> u64 {
+        if !self.task.is_finished() {
+            return 0; // the drop cancels it
+        }
+        match (&mut self.task).await {
+            Ok(Ok(page)) => page.result.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.task.abort(); // no-op once it finished
+    }
 }
 
 /// The page handed out and not yet committed or abandoned.
@@ -365,6 +428,7 @@ impl SweepSource {
             floor: start + overlap,
             max_seen: f64::MIN,
             cursor,
+            prefetch: None,
         })
     }
 
@@ -445,76 +509,50 @@ impl SweepSource {
         Err(e)
     }
 
-    /// Reads the current collection's next page into a batch.
+    /// Reads the current collection's next page into a batch: from its prefetch when one was made for this cursor,
+    /// else now; then starts the prefetch of the page after it.
     async fn read_page(&mut self) -> Result<Batch, SweepError> {
-        let m = &self.points.mapping;
-        let cycle = self.cycle.as_ref().expect("cycle");
-        let sweep = cycle.current.as_ref().expect("collection");
-        let key = m.timestamp_unix.clone();
-        let since = || {
-            Condition::range(
-                key.clone(),
-                Range {
-                    gte: Some(sweep.start),
-                    ..Range::default()
-                },
-            )
-        };
-        // Only what mapping a point needs (not the conversation_pair texts, not the emotion).
-        let fields = [
-            &m.user,
-            &m.content,
-            &m.role,
-            &m.memory_type,
-            &m.timestamp,
-            &m.timestamp_unix,
-        ]
-        .map(|f| f.to_string());
-        let mut req = ScrollPointsBuilder::new(&sweep.collection)
-            .limit(self.settings.page_size.max(1))
-            .with_payload(PayloadIncludeSelector {
-                fields: fields.into_iter().chain(["source".to_string()]).collect(),
-            })
-            .with_vectors(false);
-        req = match &sweep.cursor {
-            Cursor::Undated { offset } => {
-                req = req.filter(Filter::must([Condition::is_empty(key.clone())]));
-                if let Some(o) = offset {
-                    req.offset(o.clone())
-                } else {
-                    req
-                }
+        let page_size = self.settings.page_size.max(1);
+        let mapping = &self.points.mapping;
+        let cycle = self.cycle.as_mut().expect("cycle");
+        let sweep = cycle.current.as_mut().expect("collection");
+        let mut discarded = 0;
+        let prefetched = match sweep.prefetch.take() {
+            Some(p) if p.cursor == sweep.cursor && p.started.elapsed() <= PREFETCH_MAX_AGE => {
+                Some(p)
             }
-            Cursor::Ordered { from, seen } => {
-                let mut f = Filter::must([Condition::range(
-                    key.clone(),
-                    Range {
-                        gte: Some(*from),
-                        ..Range::default()
-                    },
-                )]);
-                if !seen.is_empty() {
-                    f.must_not.push(Condition::has_id(seen.clone()));
-                }
-                req.filter(f).order_by(
-                    OrderByBuilder::new(key.clone())
-                        .direction(Direction::Asc as i32)
-                        .start_from(start_from::Value::Float(*from)),
-                )
+            // too old: read the page again
+            Some(p) if p.cursor == sweep.cursor => {
+                discarded += p.discard().await;
+                None
             }
-            Cursor::Unordered { offset } => {
-                req = req.filter(Filter::must([since()]));
-                if let Some(o) = offset {
-                    req.offset(o.clone())
-                } else {
-                    req
-                }
+            // made for another cursor (the page before was abandoned): kept in case the page read now leads to it
+            other => {
+                sweep.prefetch = other;
+                None
             }
         };
-        let page = match self.points.client().scroll(req).await {
+        let result = match prefetched {
+            Some(mut p) => match (&mut p.task).await {
+                Ok(r) => r,
+                // the task panicked or was cancelled: read the page now
+                Err(_) => {
+                    let req = scroll_request(mapping, page_size, sweep, &sweep.cursor);
+                    self.points.client().scroll(req).await
+                }
+            },
+            None => {
+                let req = scroll_request(mapping, page_size, sweep, &sweep.cursor);
+                self.points.client().scroll(req).await
+            }
+        };
+        let page = match result {
             Ok(p) => p,
             Err(e) => {
                 let collection = sweep.collection.clone();
+                if discarded > 0 {
+                    self.count_read(discarded);
+                }
                 return self
                     .skip_if_gone(&collection, e.into())
                     .await
@@ -522,16 +560,61 @@ impl SweepSource {
             }
         };
 
+        let key = &mapping.timestamp_unix;
         let read = page.result.len() as u64;
-        metrics::counter!("recap_sweep_points_read_total", "collection" => sweep.collection.clone()).increment(read);
+        let full = read >= u64::from(page_size);
+        let next = match &sweep.cursor {
+            Cursor::Undated { .. } => Some(match &page.next_page_offset {
+                Some(o) => Cursor::Undated {
+                    offset: Some(o.clone()),
+                },
+                None => Self::ranged(sweep.ordered, sweep.start),
+            }),
+            Cursor::Ordered { from, seen } => {
+                match page.result.last().and_then(|p| order_of(p, key)) {
+                    Some(last) if full => {
+                        let at_last = page
+                            .result
+                            .iter()
+                            .filter(|p| order_of(p, key) == Some(last))
+                            .filter_map(|p| p.id.clone());
+                        let seen = if last == *from {
+                            seen.iter().cloned().chain(at_last).collect()
+                        } else {
+                            at_last.collect()
+                        };
+                        Some(Cursor::Ordered { from: last, seen })
+                    }
+                    _ => None,
+                }
+            }
+            Cursor::Unordered { .. } => page.next_page_offset.as_ref().map(|o| Cursor::Unordered {
+                offset: Some(o.clone()),
+            }),
+        };
+        // The next page's request goes out now, while this one is mapped, handed out, applied and committed.
+        match (&next, sweep.prefetch.take()) {
+            // already on its way (this page was read again after an abandon and leads to the same place)
+            (Some(n), Some(p)) if p.cursor == *n => sweep.prefetch = Some(p),
+            (_, old) => {
+                if let Some(old) = old {
+                    discarded += old.discard().await;
+                }
+                if let Some(n) = &next {
+                    let req = scroll_request(mapping, page_size, sweep, n);
+                    sweep.prefetch = Some(Prefetch::start(&self.points, req, n.clone()));
+                }
+            }
+        }
+
         let mut batch = Batch::default();
         let start_ms = (sweep.start * 1000.0).floor() as i64;
         let mut page_max = sweep.max_seen;
         for p in &page.result {
-            if let Some(t) = order_of(p, &key) {
+            if let Some(t) = order_of(p, key) {
                 page_max = page_max.max(t);
             }
-            match map_point(m, p) {
+            match map_point(mapping, p) {
                 Ok(mp) if mp.message.ts_ms >= start_ms => batch.messages.push(NewMessage {
                     bot: sweep.bot.clone(),
                     user_id: mp.user_id,
@@ -547,34 +630,6 @@ impl SweepSource {
             }
         }
 
-        let full = read >= u64::from(self.settings.page_size.max(1));
-        let next = match &sweep.cursor {
-            Cursor::Undated { .. } => Some(match page.next_page_offset {
-                Some(o) => Cursor::Undated { offset: Some(o) },
-                None => Self::ranged(sweep.ordered, sweep.start),
-            }),
-            Cursor::Ordered { from, seen } => {
-                match page.result.last().and_then(|p| order_of(p, &key)) {
-                    Some(last) if full => {
-                        let at_last = page
-                            .result
-                            .iter()
-                            .filter(|p| order_of(p, &key) == Some(last))
-                            .filter_map(|p| p.id.clone());
-                        let seen = if last == *from {
-                            seen.iter().cloned().chain(at_last).collect()
-                        } else {
-                            at_last.collect()
-                        };
-                        Some(Cursor::Ordered { from: last, seen })
-                    }
-                    _ => None,
-                }
-            }
-            Cursor::Unordered { .. } => page
-                .next_page_offset
-                .map(|o| Cursor::Unordered { offset: Some(o) }),
-        };
         let done = next.is_none();
         // Never past the wall clock; unordered pages hold the floor until the collection's last page.
         let position = match sweep.cursor {
@@ -583,14 +638,11 @@ impl SweepSource {
             Cursor::Unordered { .. } => Some(if done { page_max } else { sweep.floor }),
         }
         .map(|p| p.min(now_secs()).max(sweep.floor));
-        batch.checkpoint =
-            position.map(|p| (self.checkpoint_name(&sweep.collection), p, read as i64));
+        let checkpoint = format!("{}:{}", self.settings.checkpoint_prefix, sweep.collection);
+        batch.checkpoint = position.map(|p| (checkpoint, p, read as i64));
         batch.caught_up = done && cycle.queue.is_empty();
 
-        let cycle = self.cycle.as_mut().expect("cycle");
-        if let Some(r) = cycle.report.collections.last_mut() {
-            r.points_read += read;
-        }
+        self.count_read(read + discarded);
         self.pending = Some(Pending {
             next,
             max_seen: page_max,
@@ -598,6 +650,81 @@ impl SweepSource {
         });
         Ok(batch)
     }
+
+    /// Adds points read (pages handed out and prefetched pages discarded) to the current collection's figures.
+    fn count_read(&mut self, read: u64) {
+        let Some(cycle) = self.cycle.as_mut() else {
+            return;
+        };
+        if let Some(r) = cycle.report.collections.last_mut() {
+            r.points_read += read;
+            metrics::counter!("recap_sweep_points_read_total", "collection" => r.collection.clone())
+                .increment(read);
+        }
+    }
+}
+
+/// The scroll request for one page of `sweep` from `cursor`.
+fn scroll_request(
+    m: &PayloadMapping,
+    page_size: u32,
+    sweep: &Sweep,
+    cursor: &Cursor,
+) -> ScrollPoints {
+    let key = m.timestamp_unix.clone();
+    // Only what mapping a point needs (not the conversation_pair texts, not the emotion).
+    let fields = [
+        &m.user,
+        &m.content,
+        &m.role,
+        &m.memory_type,
+        &m.timestamp,
+        &m.timestamp_unix,
+    ]
+    .map(|f| f.to_string());
+    let req = ScrollPointsBuilder::new(&sweep.collection)
+        .limit(page_size)
+        .with_payload(PayloadIncludeSelector {
+            fields: fields.into_iter().chain(["source".to_string()]).collect(),
+        })
+        .with_vectors(false);
+    let req = match cursor {
+        Cursor::Undated { offset } => {
+            let req = req.filter(Filter::must([Condition::is_empty(key)]));
+            match offset {
+                Some(o) => req.offset(o.clone()),
+                None => req,
+            }
+        }
+        Cursor::Ordered { from, seen } => {
+            // `start_from` is inclusive (`timestamp_unix >= from`, on the index): a range condition repeating it only
+            // cost time (about a tenth of each page on the test server's engine, which is Qdrant's own).
+            let req = if seen.is_empty() {
+                req
+            } else {
+                req.filter(Filter::must_not([Condition::has_id(seen.clone())]))
+            };
+            req.order_by(
+                OrderByBuilder::new(key)
+                    .direction(Direction::Asc as i32)
+                    .start_from(start_from::Value::Float(*from)),
+            )
+        }
+        Cursor::Unordered { offset } => {
+            let req = req.filter(Filter::must([Condition::range(
+                key,
+                Range {
+                    gte: Some(sweep.start),
+                    ..Range::default()
+                },
+            )]));
+            match offset {
+                Some(o) => req.offset(o.clone()),
+                None => req,
+            }
+        }
+    };
+    req.build()
 }
 
 impl Source for SweepSource {
@@ -739,5 +866,224 @@ mod tests {
             variant: Some(order_value::Variant::Int(7)),
         });
         assert_eq!(order_of(&p, "timestamp_unix"), Some(7.0));
+    }
+
+    // ---- with the services (DATABASE_URL, QDRANT_URL: `eval "$(scripts/services up)"`)
+
+    fn env(name: &str) -> String {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: this test needs the real services; start them with `eval \"$(scripts/services up)\"`")
+        })
+    }
+
+    /// A fresh database with recap's schema; returns it and its name (to drop it).
+    async fn fresh_store() -> (Store, String) {
+        let opts: sqlx::postgres::PgConnectOptions =
+            env("DATABASE_URL").parse().expect("DATABASE_URL");
+        let admin = Store::connect(opts.clone(), 1).await.expect("connect");
+        let db = format!("recap_unit_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(admin.pool())
+            .await
+            .expect("create database");
+        admin.pool().close().await;
+        let store = Store::connect(opts.database(&db), 2)
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrations");
+        (store, db)
+    }
+
+    async fn drop_db(store: Store, db: &str) {
+        store.pool().close().await;
+        let opts: sqlx::postgres::PgConnectOptions =
+            env("DATABASE_URL").parse().expect("DATABASE_URL");
+        let admin = Store::connect(opts, 1).await.expect("connect");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(admin.pool())
+        .await;
+    }
+
+    /// A message point with an integer id (so its place in id order is known).
+    fn message(id: u64, ts: f64) -> qdrant_client::qdrant::PointStruct {
+        let s = |v: &str| Value::from(v.to_string());
+        let iso = chrono::DateTime::from_timestamp_micros((ts * 1e6).round() as i64)
+            .unwrap()
+            .naive_utc()
+            .format("%Y-%m-%dT%H:%M:%S%.6f")
+            .to_string();
+        let payload: HashMap<String, Value> = [
+            ("user_id", s("u1")),
+            ("content", s(&format!("message {id}"))),
+            ("role", s("user")),
+            ("source", s("user_message")),
+            ("memory_type", s("conversation")),
+            ("timestamp", s(&iso)),
+            ("timestamp_unix", Value::from(ts)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        qdrant_client::qdrant::PointStruct::new(id, vec![0.5f32, 0.5], payload)
+    }
+
+    async fn upsert(points: &Points, coll: &str, ps: Vec<qdrant_client::qdrant::PointStruct>) {
+        points
+            .client()
+            .upsert_points(qdrant_client::qdrant::UpsertPointsBuilder::new(coll, ps).wait(true))
+            .await
+            .expect("upsert");
+    }
+
+    fn prefetch_of(source: &SweepSource) -> Option<&Prefetch> {
+        source.cycle.as_ref()?.current.as_ref()?.prefetch.as_ref()
+    }
+
+    /// Waits until the prefetch (there must be one) has its page.
+    async fn prefetch_arrived(source: &SweepSource) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !prefetch_of(source).expect("a prefetch").task.is_finished() {
+            assert!(Instant::now() < until, "the prefetch never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn ids(b: &Batch) -> Vec<String> {
+        b.messages.iter().map(|m| m.point_id.clone()).collect()
+    }
+
+    /// With prefetch on, an abandoned page is read again exactly and the cycle goes on from it: no point lost, none
+    /// delivered twice. Both when the page read again is unchanged (the prefetched next page is used) and when a
+    /// point was added to it meanwhile (its next page starts elsewhere: the prefetched one is discarded, counted as
+    /// read, never delivered) — on the ordered and the unordered path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_page_is_read_again_exactly_with_prefetch() {
+        use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
+        let (store, db) = fresh_store().await;
+        let points = Arc::new(
+            Points::new(
+                &env("QDRANT_URL"),
+                None,
+                crate::fetch::PayloadMapping::default(),
+            )
+            .expect("QDRANT_URL"),
+        );
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        for ordered in [true, false] {
+            for changed in [false, true] {
+                let coll = format!("sweep_unit_{tag}_{ordered}_{changed}");
+                points
+                    .client()
+                    .create_collection(
+                        CreateCollectionBuilder::new(&coll)
+                            .vectors_config(VectorParamsBuilder::new(2, Distance::Cosine)),
+                    )
+                    .await
+                    .expect("create collection");
+                if ordered {
+                    points
+                        .client()
+                        .create_field_index(
+                            CreateFieldIndexCollectionBuilder::new(
+                                &coll,
+                                "timestamp_unix",
+                                FieldType::Float,
+                            )
+                            .wait(true),
+                        )
+                        .await
+                        .expect("index");
+                }
+                // 30 points: ids 100, 110, ... and times t0, t0 + 10 s, ...: id order is time order
+                let t0 = now_secs() - 3600.0;
+                let at = |i: u64| (100 + 10 * i, t0 + 10.0 * i as f64);
+                upsert(
+                    &points,
+                    &coll,
+                    (0..30).map(|i| message(at(i).0, at(i).1)).collect(),
+                )
+                .await;
+                let c = coll.clone();
+                let settings = SweepSettings {
+                    interval: Duration::from_secs(3600),
+                    lookback: Duration::from_secs(86_400),
+                    overlap: Duration::from_secs(15),
+                    page_size: 10,
+                    bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
+                    create_index: false,
+                    checkpoint_prefix: "sweep".into(),
+                };
+                let mut source = SweepSource::new(points.clone(), store.clone(), settings);
+                let what = format!("ordered={ordered} changed={changed}");
+                let expect_ids = |r: std::ops::Range<u64>| -> Vec<String> {
+                    r.map(|i| at(i).0.to_string()).collect()
+                };
+
+                let undated = source.next_batch().await.unwrap();
+                assert!(undated.messages.is_empty() && !undated.caught_up, "{what}");
+                source.commit().await.unwrap();
+                let mut committed = Vec::new();
+                let p1 = source.next_batch().await.unwrap();
+                assert_eq!(ids(&p1), expect_ids(0..10), "{what}");
+                source.commit().await.unwrap();
+                committed.extend(ids(&p1));
+
+                let p2 = source.next_batch().await.unwrap();
+                assert_eq!(ids(&p2), expect_ids(10..20), "{what}");
+                prefetch_arrived(&source).await; // page 3 is here, not handed out
+                let page3 = prefetch_of(&source).unwrap().cursor.clone();
+                source.abandon().await;
+                if changed {
+                    // a point inside page 2, in time and in id order
+                    upsert(&points, &coll, vec![message(255, t0 + 155.0)]).await;
+                }
+                let again = source.next_batch().await.unwrap();
+                let next = prefetch_of(&source).expect("a prefetch").cursor.clone();
+                if changed {
+                    let mut want = expect_ids(10..16);
+                    want.push("255".into());
+                    want.extend(expect_ids(16..19));
+                    assert_eq!(ids(&again), want, "{what}: page 2 as it is now");
+                    assert_ne!(next, page3, "{what}: the prefetched page 3 was discarded");
+                } else {
+                    assert_eq!(
+                        ids(&again),
+                        ids(&p2),
+                        "{what}: the abandoned page comes again"
+                    );
+                    assert_eq!(again.checkpoint, p2.checkpoint, "{what}");
+                    assert_eq!(next, page3, "{what}: the prefetched page 3 is kept");
+                }
+                source.commit().await.unwrap();
+                committed.extend(ids(&again));
+                loop {
+                    let b = source.next_batch().await.unwrap();
+                    source.commit().await.unwrap();
+                    committed.extend(ids(&b));
+                    if b.caught_up {
+                        break;
+                    }
+                }
+                let mut want = expect_ids(0..30);
+                if changed {
+                    want.insert(16, "255".into());
+                }
+                if ordered {
+                    assert_eq!(committed, want, "{what}: every point once, in time order");
+                } else {
+                    let mut sorted = committed.clone();
+                    sorted.sort_by_key(|i| i.parse::<u64>().unwrap());
+                    assert_eq!(sorted, want, "{what}: every point once");
+                }
+                assert_eq!(source.cycles_completed(), 1, "{what}");
+                // 30 (or 31) points + page 2 read again (+ the discarded page 3)
+                let read = if changed { 31 + 10 + 10 } else { 30 + 10 };
+                assert_eq!(source.last_cycle_points_read(), read, "{what}");
+                let _ = points.client().delete_collection(&coll).await;
+            }
+        }
+        drop_db(store, &db).await;
     }
 }
