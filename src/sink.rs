@@ -325,7 +325,13 @@ impl Store {
 
     /// Starts an ingest transaction, renewing the leader lease inside it (the fence).
     pub async fn begin_ingest(&self, fence: &Fence) -> Result<IngestTx, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // The batch is acknowledged to JetStream once this commits, so the commit must be durable when it returns,
+        // whatever the server's default: with `synchronous_commit = off` a Postgres crash loses the last commits
+        // (and with them messages already acknowledged). One round trip with the BEGIN.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN; SET LOCAL synchronous_commit TO on")
+            .await?;
         renew(&mut tx, fence).await?;
         Ok(IngestTx { tx })
     }

@@ -165,6 +165,9 @@ pub async fn ensure_stream(
         .map_err(err)
 }
 
+/// How much of a malformed event's body the dead-letter table keeps.
+pub const DEAD_LETTER_BODY_MAX: usize = 4096;
+
 /// Parses one JetStream message into the batch.
 pub fn accept(batch: &mut Batch, subject: &str, stream_seq: Option<u64>, body: &[u8]) {
     match StoredEvent::parse_on_subject(subject, body) {
@@ -182,8 +185,17 @@ pub fn accept(batch: &mut Batch, subject: &str, stream_seq: Option<u64>, body: &
                 source: "nats",
                 subject: Some(subject.chars().take(255).collect()),
                 stream_seq,
-                raw: body.to_vec(),
-                reason: e.to_string(),
+                // A flood of 1 MiB bodies must not fill the database: the first 4 KiB tell what it was (the whole
+                // body stays in the stream, by `stream_seq`, until it ages out).
+                raw: body[..body.len().min(DEAD_LETTER_BODY_MAX)].to_vec(),
+                reason: if body.len() > DEAD_LETTER_BODY_MAX {
+                    format!(
+                        "{e} (body of {} bytes, first {DEAD_LETTER_BODY_MAX} kept)",
+                        body.len()
+                    )
+                } else {
+                    e.to_string()
+                },
             })
         }
     }
@@ -392,5 +404,27 @@ impl Source for NatsSource {
         // Not acknowledged: JetStream redelivers after ack_wait. A NAK would redeliver sooner, but during an outage
         // that only spins; ack_wait is the back-off.
         self.in_flight.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_body_is_dead_lettered_with_at_most_4_kib_kept() {
+        let mut batch = Batch::default();
+        let big = vec![b'x'; 1 << 20];
+        accept(&mut batch, "recap.stored.bot", Some(7), &big);
+        accept(&mut batch, "recap.stored.bot", Some(8), b"{not json");
+        assert_eq!(batch.messages.len(), 0);
+        let [a, b] = &batch.dead_letters[..] else {
+            panic!("two dead letters: {:?}", batch.dead_letters.len())
+        };
+        assert_eq!(a.raw.len(), DEAD_LETTER_BODY_MAX);
+        assert_eq!(a.stream_seq, Some(7));
+        assert!(a.reason.contains("body of 1048576 bytes"), "{}", a.reason);
+        assert_eq!(b.raw, b"{not json");
+        assert!(!b.reason.contains("body of"), "{}", b.reason);
     }
 }
