@@ -18,77 +18,43 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use clap::Parser;
 use futures::StreamExt;
 use recap::event::StoredEvent;
-use recap::pipeline::{Context, Ingest, now_ms};
+use recap::pipeline::{Ingest, now_ms};
 use recap::source::Source;
 use recap::source::nats::{NatsSettings, NatsSource, consumer_config, stream_config};
-use sqlx::{Connection, Executor, PgConnection};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: recap::config::Config,
+mod common;
+use common::{BOTS, Columns, MIN, Rng, drop_db, emit, env, env_usize, fresh_db, summary, token};
+
+/// recap's config for reading stream `s` with durable `consumer` into the database at `db_url` (extractive
+/// summarizer; INGEST_BATCH_SIZE from `BENCH_INGEST_BATCH`, default recap's own default), plus `extra` arguments.
+fn config(db_url: &str, s: &NatsSettings, consumer: &str, extra: &[&str]) -> recap::config::Config {
+    let batch = env_usize("BENCH_INGEST_BATCH", 500).to_string();
+    let nats = [
+        "--nats-url",
+        &s.url,
+        "--nats-stream",
+        &s.stream,
+        "--nats-consumer",
+        consumer,
+        "--nats-subject-prefix",
+        &s.subject_prefix,
+        "--summarizer",
+        "extractive",
+        "--ingest-batch-size",
+        &batch,
+    ];
+    let args: Vec<&str> = nats.iter().chain(extra).copied().collect();
+    common::config(db_url, &env("QDRANT_URL"), &args)
 }
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        eprintln!(
-            "{name} is not set: run `eval \"$(scripts/services up)\"` first (or use scripts/bench)"
-        );
-        std::process::exit(2)
-    })
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
-/// recap's INGEST_BATCH_SIZE for (b): `BENCH_INGEST_BATCH`, default recap's own default.
-fn batch_size() -> String {
-    env_usize("BENCH_INGEST_BATCH", 500).to_string()
-}
-
-fn emit(metric: &str, value: f64, unit: &str) {
-    println!("BENCH\t{metric}\t{value:.3}\t{unit}");
-}
-
-fn summary(metric: &str, unit: &str, mut v: Vec<f64>) {
-    v.sort_by(f64::total_cmp);
-    println!(
-        "  {metric:<28} min {:>12.2}  median {:>12.2}  max {:>12.2}  {unit}",
-        v[0],
-        v[v.len() / 2],
-        v[v.len() - 1]
-    );
-}
-
-fn token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-const BOTS: &[&str] = &[
-    "elena", "marcus", "jake", "ryan", "gabriel", "sophia", "dream", "aethys",
-];
-const MIN: i64 = 60_000;
+const SUMMARY: Columns = Columns {
+    label: 28,
+    value: 12,
+    decimals: 2,
+};
 
 /// `n` events: 10,000 users of 8 bots in sessions of 2..40 messages 5 s..5 min apart, sessions hours apart, over the
 /// last days (so windows close by event time while they stream in, as in a backfill or after an outage), published in
@@ -201,68 +167,18 @@ async fn raw_consume(url: &str, s: &NatsSettings, n: usize) -> f64 {
     rate
 }
 
-/// A fresh database on the DATABASE_URL server; returns its URL.
-async fn fresh_db(admin: &str) -> (String, String) {
-    let name = format!("recap_bench_{}", token());
-    let mut conn = PgConnection::connect(admin)
-        .await
-        .expect("connect to DATABASE_URL");
-    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE {name}"
-    ))))
-    .await
-    .expect("create database");
-    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database");
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_db(admin: &str, name: &str) {
-    if let Ok(mut conn) = PgConnection::connect(admin).await {
-        let _ = conn
-            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            ))))
-            .await;
-    }
-}
-
 /// (b) recap's ingest: NatsSource + Ingest::apply until all `n` events are committed and acknowledged.
 /// Returns (msgs/s, windows closed, batches).
 async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize, usize) {
-    let qdrant = env("QDRANT_URL");
-    let mut cfg = Args::parse_from([
-        "bench",
-        "--database-url",
-        db_url,
-        "--qdrant-url",
-        &qdrant,
-        "--nats-url",
-        &s.url,
-        "--nats-stream",
-        &s.stream,
-        "--nats-consumer",
-        &s.consumer,
-        "--nats-subject-prefix",
-        &s.subject_prefix,
-        "--summarizer",
-        "extractive",
-        "--ingest-batch-size",
-        &batch_size(),
-        "--instance-id",
-        "bench-ingest",
-    ])
-    .c;
-    cfg.normalize();
+    let cfg = config(db_url, s, &s.consumer, &["--instance-id", "bench-ingest"]);
     cfg.validate().expect("config");
-    let store = recap::cmd::connect_store(&cfg).await.expect("store");
-    store.migrate().await.expect("migrate");
-    let ctx = Context {
-        store: store.clone(),
-        points: recap::cmd::points(&cfg).expect("points"),
-        summarizer: Arc::new(recap::summarize::extractive::Extractive),
-        instance: cfg.instance_id(),
-        cfg: Arc::new(cfg.clone()),
-    };
+    let store = common::store(&cfg).await;
+    let ctx = common::context(
+        &cfg,
+        &store,
+        recap::cmd::points(&cfg).expect("points"),
+        Arc::new(recap::summarize::extractive::Extractive),
+    );
     let shutdown = CancellationToken::new();
     let mut ingest = Ingest::start(ctx, &shutdown)
         .await
@@ -346,30 +262,8 @@ fn cpu_secs(needle: &str) -> f64 {
 /// each step timed. Printed as where the wall time of recap's ingest goes.
 async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
     let (db_url, db_name) = fresh_db(admin).await;
-    let qdrant = env("QDRANT_URL");
-    let mut cfg = Args::parse_from([
-        "bench",
-        "--database-url",
-        &db_url,
-        "--qdrant-url",
-        &qdrant,
-        "--nats-url",
-        &s.url,
-        "--nats-stream",
-        &s.stream,
-        "--nats-consumer",
-        &format!("{}_profile", s.consumer),
-        "--nats-subject-prefix",
-        &s.subject_prefix,
-        "--summarizer",
-        "extractive",
-        "--ingest-batch-size",
-        &batch_size(),
-    ])
-    .c;
-    cfg.normalize();
-    let store = recap::cmd::connect_store(&cfg).await.expect("store");
-    store.migrate().await.expect("migrate");
+    let cfg = config(&db_url, s, &format!("{}_profile", s.consumer), &[]);
+    let store = common::store(&cfg).await;
     let fence = store
         .try_acquire_leader("bench-profile", Duration::from_secs(600))
         .await
@@ -561,8 +455,8 @@ async fn main() {
         recs.push(rec);
         ratios.push(rec / raw);
     }
-    summary("publish", "msgs/s", pubs);
-    summary("(a) raw pull + ack", "msgs/s", raws);
-    summary("(b) recap ingest", "msgs/s", recs);
-    summary("ratio b/a", "x", ratios);
+    summary(&SUMMARY, "publish", "msgs/s", pubs);
+    summary(&SUMMARY, "(a) raw pull + ack", "msgs/s", raws);
+    summary(&SUMMARY, "(b) recap ingest", "msgs/s", recs);
+    summary(&SUMMARY, "ratio b/a", "x", ratios);
 }

@@ -26,45 +26,20 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use qdrant_client::Qdrant;
-use qdrant_client::qdrant::{
-    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType, PointStruct,
-    UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsConfigBuilder,
-};
-use recap::pipeline::{Context, process_window};
+use qdrant_client::qdrant::{FieldType, PointStruct};
+use recap::pipeline::process_window;
 use recap::sink::{Finished, NewMessage, Store};
 use recap::summarize::{SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
-use recap::tracker::{ClosedWindow, point_hash};
-use sqlx::{Connection, Executor, PgConnection};
+use recap::tracker::ClosedWindow;
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: recap::config::Config,
-}
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        eprintln!(
-            "{name} is not set: run `eval \"$(scripts/services up)\"` first (or use scripts/bench)"
-        );
-        std::process::exit(2)
-    })
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
-fn emit(metric: &str, value: f64, unit: &str) {
-    println!("BENCH\t{metric}\t{value:.3}\t{unit}");
-}
+mod common;
+use common::{
+    Columns, MIN, create_collection, drop_db, embed, emit, env, env_usize, fresh_db, summary,
+    token, upsert, we_point,
+};
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -74,25 +49,16 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn summary(metric: &str, unit: &str, mut v: Vec<f64>) {
-    v.sort_by(f64::total_cmp);
-    println!(
-        "  {metric:<40} min {:>9.2}  median {:>9.2}  max {:>9.2}  {unit}",
-        v[0],
-        v[v.len() / 2],
-        v[v.len() - 1]
-    );
-}
-
-fn token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
+const SUMMARY: Columns = Columns {
+    label: 40,
+    value: 9,
+    decimals: 2,
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Data
 
 const T0: i64 = 1_763_640_000_000; // 2025-11-20T12:00:00Z: in the past
-const MIN: i64 = 60_000;
 
 const TOPICS: &[&str] = &[
     "I have been learning to play the guitar every evening after work",
@@ -111,21 +77,6 @@ const EMOTIONS: &[&str] = &[
     "gratitude",
 ];
 
-fn embed(text: &str, salt: u64) -> Vec<f32> {
-    let mut h = point_hash(text) ^ salt;
-    let mut v: Vec<f32> = (0..384)
-        .map(|_| {
-            h ^= h << 13;
-            h ^= h >> 7;
-            h ^= h << 17;
-            ((h % 2000) as f32 / 1000.0) - 1.0
-        })
-        .collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
-    v.iter_mut().for_each(|x| *x /= n);
-    v
-}
-
 struct P {
     id: String,
     user: String,
@@ -137,24 +88,15 @@ struct P {
 
 impl P {
     fn point(&self) -> PointStruct {
-        let mut payload: HashMap<String, Value> = HashMap::new();
-        payload.insert("user_id".into(), self.user.clone().into());
-        payload.insert("content".into(), self.text.clone().into());
-        payload.insert("role".into(), self.role.into());
-        payload.insert("source".into(), self.role.into());
-        payload.insert("memory_type".into(), "conversation".into());
-        let naive = chrono::DateTime::from_timestamp_millis(self.ts)
-            .unwrap()
-            .naive_utc();
-        payload.insert(
-            "timestamp".into(),
-            naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string().into(),
-        );
-        payload.insert("timestamp_unix".into(), (self.ts as f64 / 1000.0).into());
-        payload.insert("emotional_context".into(), self.emotion.into());
-        let vectors: HashMap<String, Vec<f32>> =
-            [("content".to_string(), embed(&self.text, 1))].into();
-        PointStruct::new(self.id.clone(), vectors, payload)
+        we_point(
+            self.id.clone(),
+            &self.user,
+            self.role,
+            &self.text,
+            self.ts,
+            self.emotion,
+            embed(&self.text, 1),
+        )
     }
 }
 
@@ -219,34 +161,13 @@ fn data(bot: &str, n: usize) -> (Vec<P>, Vec<Win>) {
 }
 
 async fn load_points(q: &Arc<Qdrant>, coll: &str, points: &[P]) {
-    let mut vc = VectorsConfigBuilder::default();
-    vc.add_named_vector_params("content", VectorParamsBuilder::new(384, Distance::Cosine));
-    q.create_collection(CreateCollectionBuilder::new(coll).vectors_config(vc))
-        .await
-        .expect("create collection");
-    for (field, ty) in [
+    let indexes = [
         ("user_id", FieldType::Keyword),
         ("memory_type", FieldType::Keyword),
         ("timestamp_unix", FieldType::Float),
-    ] {
-        q.create_field_index(CreateFieldIndexCollectionBuilder::new(coll, field, ty).wait(true))
-            .await
-            .expect("index");
-    }
-    let chunks: Vec<Vec<PointStruct>> = points
-        .chunks(500)
-        .map(|c| c.iter().map(P::point).collect())
-        .collect();
-    futures::stream::iter(chunks)
-        .for_each_concurrent(2, |ps| {
-            let q = q.clone();
-            async move {
-                q.upsert_points(UpsertPointsBuilder::new(coll, ps).wait(true))
-                    .await
-                    .expect("upsert");
-            }
-        })
-        .await;
+    ];
+    create_collection(q, coll, 384, &indexes).await;
+    upsert(q, coll, points.iter().map(P::point).collect(), 500).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -320,30 +241,6 @@ impl Drop for LlmServer {
     }
 }
 
-async fn fresh_db(admin: &str) -> (String, String) {
-    let name = format!("recap_bench_{}", token());
-    let mut conn = PgConnection::connect(admin)
-        .await
-        .expect("connect to DATABASE_URL");
-    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE {name}"
-    ))))
-    .await
-    .expect("create db");
-    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database");
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_db(admin: &str, name: &str) {
-    if let Ok(mut conn) = PgConnection::connect(admin).await {
-        let _ = conn
-            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            ))))
-            .await;
-    }
-}
-
 /// Stores the windows as recap's ingest would: messages and the closed window in one transaction (200 windows each).
 async fn prepare(store: &Store, cfg: &recap::config::Config, bot: &str, wins: &[Win]) {
     let fence = store
@@ -394,42 +291,33 @@ async fn run_mode(
     concurrency: usize,
 ) -> RunResult {
     let (db_url, db_name) = fresh_db(admin).await;
+    let llm_concurrency = concurrency.to_string();
     let mut args = vec![
-        "bench".to_string(),
-        "--database-url".into(),
-        db_url.clone(),
-        "--qdrant-url".into(),
-        qdrant.into(),
-        "--instance-id".into(),
-        "bench-pipeline".into(),
-        "--llm-concurrency".into(),
-        concurrency.to_string(),
-        "--db-max-connections".into(),
-        "10".into(),
+        "--instance-id",
+        "bench-pipeline",
+        "--llm-concurrency",
+        &llm_concurrency,
+        "--db-max-connections",
+        "10",
     ];
     match llm {
-        Some(base) => args.extend(
-            [
-                "--summarizer",
-                "llm",
-                "--llm-base-url",
-                base,
-                "--llm-api-key",
-                "bench-key",
-                "--llm-requests-per-second",
-                "100000",
-                "--llm-model",
-                "recap-test-model",
-            ]
-            .map(String::from),
-        ),
-        None => args.extend(["--summarizer", "extractive"].map(String::from)),
+        Some(base) => args.extend([
+            "--summarizer",
+            "llm",
+            "--llm-base-url",
+            base,
+            "--llm-api-key",
+            "bench-key",
+            "--llm-requests-per-second",
+            "100000",
+            "--llm-model",
+            "recap-test-model",
+        ]),
+        None => args.extend(["--summarizer", "extractive"]),
     }
-    let mut cfg = Args::parse_from(args).c;
-    cfg.normalize();
+    let cfg = common::config(&db_url, qdrant, &args);
     cfg.validate().expect("config");
-    let store = recap::cmd::connect_store(&cfg).await.expect("store");
-    store.migrate().await.expect("migrate");
+    let store = common::store(&cfg).await;
     let t = Instant::now();
     prepare(&store, &cfg, bot, wins).await;
     eprintln!(
@@ -449,16 +337,15 @@ async fn run_mode(
             SummarizerKind::Extractive
         }
     );
-    let ctx = Context {
-        store: store.clone(),
-        points: recap::cmd::points(&cfg).expect("points"),
-        summarizer: Arc::new(Timed {
+    let ctx = common::context(
+        &cfg,
+        &store,
+        recap::cmd::points(&cfg).expect("points"),
+        Arc::new(Timed {
             inner,
             timings: timings.clone(),
         }),
-        instance: cfg.instance_id(),
-        cfg: Arc::new(cfg.clone()),
-    };
+    );
     let lease = Duration::from_secs(cfg.lease_seconds.into());
     let limit = i64::from(cfg.enrichment_batch_size.max(1));
     let per_window: Arc<Mutex<Vec<(String, i64, Duration, Finished)>>> = Arc::default();
@@ -547,12 +434,7 @@ async fn main() {
     let bot = format!("bp{}", token());
     let coll = format!("whisperengine_memory_{bot}_7d");
     let (points, wins) = data(&bot, n);
-    let q = Arc::new(
-        Qdrant::from_url(&qdrant_url)
-            .timeout(Duration::from_secs(120))
-            .build()
-            .expect("qdrant"),
-    );
+    let q = common::qdrant(&qdrant_url, Duration::from_secs(120));
     let t = Instant::now();
     load_points(&q, &coll, &points).await;
     eprintln!(
@@ -651,7 +533,7 @@ async fn main() {
     keys.sort();
     for k in keys {
         let (m, u) = k.split_once('\t').unwrap();
-        summary(m, u, agg[&k].clone());
+        summary(&SUMMARY, m, u, agg[&k].clone());
     }
     let _ = q.delete_collection(&coll).await;
 }

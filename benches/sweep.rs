@@ -23,77 +23,42 @@
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 #![allow(clippy::type_complexity)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use futures::StreamExt;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    Condition, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType,
-    Filter, PayloadIncludeSelector, PointId, PointStruct, Range, ScrollPointsBuilder,
-    UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsConfigBuilder,
+    Condition, FieldType, Filter, PayloadIncludeSelector, PointId, PointStruct, Range,
+    ScrollPointsBuilder,
 };
-use recap::pipeline::{Context, Ingest, now_ms};
+use recap::pipeline::{Ingest, now_ms};
 use recap::source::Batch;
 use recap::sweep::{SweepSource, sweep_once};
 use recap::tracker::Tracker;
-use sqlx::{Connection, Executor, PgConnection};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: recap::config::Config,
-}
+mod common;
+use common::{
+    Columns, Rng, create_collection, drop_db, emit, env, env_usize, fresh_db, summary, token,
+    upsert, we_point,
+};
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        eprintln!(
-            "{name} is not set: run `eval \"$(scripts/services up)\"` first (or use scripts/bench)"
-        );
-        std::process::exit(2)
-    })
-}
+const SUMMARY: Columns = Columns {
+    label: 34,
+    value: 10,
+    decimals: 2,
+};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
-fn emit(metric: &str, value: f64, unit: &str) {
-    println!("BENCH\t{metric}\t{value:.3}\t{unit}");
-}
-
-fn summary(metric: &str, unit: &str, mut v: Vec<f64>) {
-    v.sort_by(f64::total_cmp);
-    println!(
-        "  {metric:<34} min {:>10.2}  median {:>10.2}  max {:>10.2}  {unit}",
-        v[0],
-        v[v.len() / 2],
-        v[v.len() - 1]
-    );
-}
-
-fn token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The payload fields recap reads (the raw scrolls ask for the same).
+const FIELDS: [&str; 7] = [
+    "user_id",
+    "content",
+    "role",
+    "memory_type",
+    "timestamp",
+    "timestamp_unix",
+    "source",
+];
 
 const TEXTS: &[&str] = &[
     "I have been learning to play the guitar every evening after work",
@@ -122,80 +87,33 @@ fn points(n: usize, from_ms: i64, to_ms: i64, seed: u64) -> Vec<PointStruct> {
                 break;
             }
             let ts = (t + dt).min(to_ms - 1);
-            let mut payload: HashMap<String, Value> = HashMap::new();
-            payload.insert("user_id".into(), user.clone().into());
-            payload.insert("content".into(), format!("{} ({user})", TEXTS[k]).into());
-            payload.insert("role".into(), role.into());
-            payload.insert("source".into(), role.into());
-            payload.insert("memory_type".into(), "conversation".into());
-            let naive = chrono::DateTime::from_timestamp_millis(ts)
-                .unwrap()
-                .naive_utc();
-            payload.insert(
-                "timestamp".into(),
-                naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string().into(),
-            );
-            payload.insert("timestamp_unix".into(), (ts as f64 / 1000.0).into());
-            payload.insert("emotional_context".into(), "joy".into());
             let v: Vec<f32> = (0..4).map(|_| (rng.below(1000) as f32) / 1000.0).collect();
-            let vectors: HashMap<String, Vec<f32>> = [("content".to_string(), v)].into();
-            out.push(PointStruct::new(
+            out.push(we_point(
                 uuid::Uuid::new_v4().to_string(),
-                vectors,
-                payload,
+                &user,
+                role,
+                &format!("{} ({user})", TEXTS[k]),
+                ts,
+                "joy",
+                v,
             ));
         }
     }
     out
 }
 
+/// A collection shaped like the bots' ones: a 4-d `content` vector, `user_id` and `timestamp_unix` indexed.
 async fn create(q: &Qdrant, coll: &str) {
-    let mut vc = VectorsConfigBuilder::default();
-    vc.add_named_vector_params("content", VectorParamsBuilder::new(4, Distance::Cosine));
-    q.create_collection(CreateCollectionBuilder::new(coll).vectors_config(vc))
-        .await
-        .expect("create collection");
-    for (field, ty) in [
+    let indexes = [
         ("user_id", FieldType::Keyword),
         ("timestamp_unix", FieldType::Float),
-    ] {
-        q.create_field_index(CreateFieldIndexCollectionBuilder::new(coll, field, ty).wait(true))
-            .await
-            .expect("index");
-    }
-}
-
-async fn upsert(q: &Arc<Qdrant>, coll: &str, pts: Vec<PointStruct>) {
-    let mut chunks = Vec::new();
-    let mut it = pts.into_iter().peekable();
-    while it.peek().is_some() {
-        chunks.push(it.by_ref().take(1000).collect::<Vec<_>>());
-    }
-    futures::stream::iter(chunks)
-        .for_each_concurrent(2, |ps| {
-            let q = q.clone();
-            async move {
-                q.upsert_points(UpsertPointsBuilder::new(coll, ps).wait(true))
-                    .await
-                    .expect("upsert");
-            }
-        })
-        .await;
+    ];
+    create_collection(q, coll, 4, &indexes).await;
 }
 
 /// (a) The raw scroll: `timestamp_unix >= start`, the payload fields recap reads, no vectors, pages of 1000.
 async fn raw_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
-    let fields: Vec<String> = [
-        "user_id",
-        "content",
-        "role",
-        "memory_type",
-        "timestamp",
-        "timestamp_unix",
-        "source",
-    ]
-    .map(String::from)
-    .into();
+    let fields: Vec<String> = FIELDS.map(String::from).into();
     let mut offset: Option<PointId> = None;
     let mut read = 0;
     loop {
@@ -230,17 +148,7 @@ async fn raw_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
 /// value; one request at a time (no prefetch).
 async fn raw_ordered_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
     use qdrant_client::qdrant::{Direction, OrderByBuilder, order_value, start_from};
-    let fields: Vec<String> = [
-        "user_id",
-        "content",
-        "role",
-        "memory_type",
-        "timestamp",
-        "timestamp_unix",
-        "source",
-    ]
-    .map(String::from)
-    .into();
+    let fields: Vec<String> = FIELDS.map(String::from).into();
     let (mut from, mut seen): (f64, Vec<PointId>) = (start_secs, Vec::new());
     let mut read = 0;
     loop {
@@ -289,30 +197,6 @@ async fn raw_ordered_scroll(q: &Qdrant, coll: &str, start_secs: f64) -> usize {
     read
 }
 
-async fn fresh_db(admin: &str) -> (String, String) {
-    let name = format!("recap_bench_{}", token());
-    let mut conn = PgConnection::connect(admin)
-        .await
-        .expect("connect to DATABASE_URL");
-    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE {name}"
-    ))))
-    .await
-    .expect("create db");
-    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database");
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_db(admin: &str, name: &str) {
-    if let Ok(mut conn) = PgConnection::connect(admin).await {
-        let _ = conn
-            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            ))))
-            .await;
-    }
-}
-
 /// recap's config, store (fresh database) and sweep settings reading only `coll` (as bot `bot`).
 async fn setup(
     admin: &str,
@@ -326,21 +210,12 @@ async fn setup(
     String,
 ) {
     let (db_url, db_name) = fresh_db(admin).await;
-    let mut cfg = Args::parse_from([
-        "bench",
-        "--database-url",
+    let cfg = common::config(
         &db_url,
-        "--qdrant-url",
         qdrant,
-        "--summarizer",
-        "extractive",
-        "--instance-id",
-        "bench-sweep",
-    ])
-    .c;
-    cfg.normalize();
-    let store = recap::cmd::connect_store(&cfg).await.expect("store");
-    store.migrate().await.expect("migrate");
+        &["--summarizer", "extractive", "--instance-id", "bench-sweep"],
+    );
+    let store = common::store(&cfg).await;
     let mut settings = recap::cmd::sweep_settings(&cfg);
     let (c, b) = (coll.to_string(), bot.to_string());
     settings.bot_for_collection = Arc::new(move |name: &str| (name == c).then(|| b.clone()));
@@ -414,13 +289,12 @@ async fn recap_sweep_ingest(
     points: Arc<recap::fetch::Points>,
     settings: recap::sweep::SweepSettings,
 ) -> recap::sweep::SweepReport {
-    let ctx = Context {
-        store: store.clone(),
-        points: points.clone(),
-        summarizer: Arc::new(recap::summarize::extractive::Extractive),
-        instance: cfg.instance_id(),
-        cfg: Arc::new(cfg.clone()),
-    };
+    let ctx = common::context(
+        cfg,
+        store,
+        points.clone(),
+        Arc::new(recap::summarize::extractive::Extractive),
+    );
     let mut ingest = Ingest::start(ctx, &CancellationToken::new())
         .await
         .expect("leader")
@@ -444,12 +318,7 @@ async fn main() {
     let hist = env_usize("BENCH_SWEEP_HISTORY", 5_000);
     let new = env_usize("BENCH_SWEEP_NEW", 1_000);
     let runs = env_usize("BENCH_RUNS", 3).max(1);
-    let q = Arc::new(
-        Qdrant::from_url(&qdrant_url)
-            .timeout(Duration::from_secs(300))
-            .build()
-            .expect("qdrant"),
-    );
+    let q = common::qdrant(&qdrant_url, Duration::from_secs(300));
     println!(
         "sweep benchmark: {n} points, {runs} runs; growth: history {hist} -> {} points, {new} new points per cycle",
         hist * 10
@@ -462,7 +331,7 @@ async fn main() {
     let (from, to) = (now - 10 * 86_400_000, now - 3_600_000);
     create(&q, &coll).await;
     let t = Instant::now();
-    upsert(&q, &coll, points(n, from, to, 0xabc)).await;
+    upsert(&q, &coll, points(n, from, to, 0xabc), 1000).await;
     eprintln!(
         "  loaded {n} points into {coll} in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -545,7 +414,7 @@ async fn main() {
         drop_db(&admin, &db).await;
     }
     for (m, u, v) in agg {
-        summary(m, u, v);
+        summary(&SUMMARY, m, u, v);
     }
     let _ = q.delete_collection(&coll).await;
 
@@ -568,7 +437,7 @@ async fn main() {
             0x1000 + c,
         )
     };
-    upsert(&q, &coll, old(0)).await;
+    upsert(&q, &coll, old(0), 1000).await;
     let rep = recap_sweep_ingest(&cfg, &store, points_api.clone(), settings.clone()).await;
     println!(
         "  points read per cycle (overlap {}s, interval {}s; cycle 0 = first sweep of {hist} points):",
@@ -590,9 +459,15 @@ async fn main() {
     );
     let mut reads = Vec::new();
     for c in 1..cycles {
-        upsert(&q, &coll, old(c as u64)).await;
+        upsert(&q, &coll, old(c as u64), 1000).await;
         let lo = new_base + (c as i64 - 1) * interval;
-        upsert(&q, &coll, points(new, lo, lo + interval, 0x2000 + c as u64)).await;
+        upsert(
+            &q,
+            &coll,
+            points(new, lo, lo + interval, 0x2000 + c as u64),
+            1000,
+        )
+        .await;
         let rep = recap_sweep_ingest(&cfg, &store, points_api.clone(), settings.clone()).await;
         let read = rep.points_read();
         println!(

@@ -10,32 +10,12 @@
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 #![allow(clippy::type_complexity)]
 
-use clap::Parser;
 use recap::summarize::llm::{LlmSettings, build_prompt};
 use recap::summarize::{Message, WindowInput};
 use recap::tracker::{TrackerConfig, canonical_windows, point_hash};
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: recap::config::Config,
-}
-
-/// A deterministic pseudo-embedding (unit length, 384-d) of a text, as the tests and the demo loader make them.
-fn embed(text: &str, salt: u64) -> Vec<f32> {
-    let mut h = point_hash(text) ^ salt;
-    let mut v: Vec<f32> = (0..384)
-        .map(|_| {
-            h ^= h << 13;
-            h ^= h >> 7;
-            h ^= h << 17;
-            ((h % 2000) as f32 / 1000.0) - 1.0
-        })
-        .collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
-    v.iter_mut().for_each(|x| *x /= n);
-    v
-}
+mod common;
+use common::{MIN, embed, env_usize, parse_config};
 
 fn msg(i: usize, role: &str, text: String, ts_ms: i64, emotion: &str) -> Message {
     Message {
@@ -49,7 +29,6 @@ fn msg(i: usize, role: &str, text: String, ts_ms: i64, emotion: &str) -> Message
 }
 
 const T0: i64 = 1_763_629_200_000; // 2025-11-20T09:00:00Z
-const MIN: i64 = 60_000;
 
 /// The windows of the sample conversations, as recap forms them (session windows of each user's messages; the
 /// `conversation_pair` points are dropped by fetch and never reach the summarizer).
@@ -184,13 +163,9 @@ fn synthetic(n: usize) -> WindowInput {
 }
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1);
+    let runs = env_usize("BENCH_RUNS", 1).max(1);
     // recap's configured budget (LLM_MAX_INPUT_TOKENS, default 6000) and minimum window size, from its own Config
-    let cfg = Args::parse_from(["bench"]).c;
+    let cfg = parse_config(["bench"]);
     let settings = LlmSettings {
         max_input_tokens: cfg.llm_max_input_tokens,
         ..Default::default()

@@ -23,6 +23,9 @@ use std::time::Instant;
 
 use recap::tracker::{Millis, Tracker, TrackerConfig};
 
+mod common;
+use common::{BOTS, Columns, MIN, Rng, emit, env_usize, summary};
+
 // ---------------------------------------------------------------------------------------------------------------
 // Counting allocator: live requested bytes and allocation count, only while `COUNTING` is on (off during the
 // throughput runs so the atomics do not bias them).
@@ -79,58 +82,13 @@ fn measure_live<T>(f: impl FnOnce() -> T) -> (T, isize, usize) {
     )
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Harness
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
-fn emit(metric: &str, value: f64, unit: &str) {
-    println!("BENCH\t{metric}\t{value:.3}\t{unit}");
-}
-
-fn summary(metric: &str, unit: &str, mut v: Vec<f64>) {
-    v.sort_by(f64::total_cmp);
-    let med = v[v.len() / 2];
-    println!(
-        "  {metric:<34} min {:>14.1}  median {:>14.1}  max {:>14.1}  {unit}",
-        v[0],
-        med,
-        v[v.len() - 1]
-    );
-}
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn uuid(&mut self) -> String {
-        let (a, b) = (self.next(), self.next());
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            a >> 32,
-            (a >> 16) & 0xffff,
-            a & 0xfff,
-            0x8000 | (b >> 48) & 0x3fff,
-            b & 0xffff_ffff_ffff
-        )
-    }
-}
+const SUMMARY: Columns = Columns {
+    label: 34,
+    value: 14,
+    decimals: 1,
+};
 
 const T0: Millis = 1_763_596_800_000; // 2025-11-20T00:00:00Z
-const MIN: Millis = 60_000;
 
 /// A discord-like 18-digit user id.
 fn user_id(i: u64) -> String {
@@ -141,10 +99,6 @@ fn user_id(i: u64) -> String {
             + 100_000_000_000_000_000
     )
 }
-
-const BOTS: &[&str] = &[
-    "elena", "marcus", "jake", "ryan", "gabriel", "sophia", "dream", "aethys",
-];
 
 /// One event of the stream: indices into the bot and user tables, the point id and the message time.
 struct Ev {
@@ -253,7 +207,7 @@ fn throughput(runs: usize) {
         emit("tracker_events_per_sec", rate, "events/s");
         rates.push(rate);
     }
-    summary("tracker events/s (one core)", "events/s", rates);
+    summary(&SUMMARY, "tracker events/s (one core)", "events/s", rates);
 }
 
 /// `windows` open windows (20 bots x windows/20 users), each of `per_window` messages a minute apart, all inside
@@ -394,7 +348,12 @@ fn memory() {
             per.push(b);
             drop(t);
         }
-        summary(&format!("bytes/open window ({per_window} msg)"), "B", per);
+        summary(
+            &SUMMARY,
+            &format!("bytes/open window ({per_window} msg)"),
+            "B",
+            per,
+        );
     }
     attribute(windows);
 }
