@@ -258,7 +258,7 @@ fn cpu_secs(needle: &str) -> f64 {
 
 /// A profile of (b): the same events read again (a second durable consumer on stream B) into another fresh database,
 /// through a step-by-step copy of `Ingest::apply`'s transaction made of recap's public calls (`begin_ingest`,
-/// `insert_messages`, the tracker, `close_window` per closed window, `save_watermarks`, `save_checkpoint`, `commit`),
+/// `insert_messages`, the tracker, `close_windows` (a batch's windows, set-based), `save_watermarks`, `save_checkpoint`, `commit`),
 /// each step timed. Printed as where the wall time of recap's ingest goes.
 async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
     let (db_url, db_name) = fresh_db(admin).await;
@@ -274,19 +274,19 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
     let mut source = NatsSource::start(cfg.nats_settings())
         .await
         .expect("source");
-    // steps: pull+parse, begin (+lease renew), insert_messages, tracker, close_window, watermarks+checkpoint, commit, acks
+    // steps: pull+parse, begin (+lease renew), insert_messages, tracker, close_windows, watermarks+checkpoint, commit, acks
     let names = [
         "next_batch (pull + parse)",
         "begin + lease renew",
         "insert_messages",
         "tracker",
-        "close_window",
+        "close_windows",
         "watermarks + checkpoint",
         "commit",
         "acks + flush",
     ];
     let mut d = [Duration::ZERO; 8];
-    let (mut done, mut closed, mut stmts_close) = (0usize, 0usize, 0usize);
+    let (mut done, mut closed, mut batches_closing) = (0usize, 0usize, 0usize);
     let services = std::env::var("RECAP_SERVICES_DIR").unwrap_or_else(|_| "nats-server".into());
     let cpu0 = (
         cpu_secs("self"),
@@ -317,13 +317,11 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
         }
         let ws = tracker.drain_closed();
         lap(3, &mut t, &mut d);
-        for w in &ws {
-            tx.close_window(&tcfg, w, cfg.min_messages_for_summary)
-                .await
-                .expect("close");
-        }
+        tx.close_windows(&tcfg, &ws, cfg.min_messages_for_summary)
+            .await
+            .expect("close");
         closed += ws.len();
-        stmts_close += 3 * ws.len();
+        batches_closing += usize::from(!ws.is_empty());
         lap(4, &mut t, &mut d);
         tx.save_watermarks(&tracker.take_watermark_changes())
             .await
@@ -353,7 +351,7 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
     emit("ingest_profile_cpu_recap_share", me / wall, "x");
     emit("ingest_profile_cpu_postgres_share", pg / wall, "x");
     println!(
-        "  where (b)'s time goes ({n} events, {closed} windows closed = {stmts_close} close_window statements, {:.0} msgs/s):",
+        "  where (b)'s time goes ({n} events, {closed} windows closed by {batches_closing} batches, {:.0} msgs/s):",
         n as f64 / wall
     );
     for (name, x) in names.iter().zip(d) {
@@ -372,7 +370,7 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
         );
     }
     println!(
-        "    close_window per window      {:>7.3} ms",
+        "    close_windows per window     {:>7.3} ms",
         d[4].as_secs_f64() * 1000.0 / closed.max(1) as f64
     );
     store.release_leader(&fence).await.ok();
