@@ -1440,6 +1440,13 @@ async fn llm_failing_60s_breaker_opens_and_closes_no_dead_letters() {
         recap.log_count("circuit open"),
         recap.mem().hwm_kib
     ));
+    let gauge = |m: &str| metric(m, "recap_llm_breaker_open", "");
+    assert_eq!(gauge(&m1), 1.0, "the breaker-open gauge during the outage");
+    assert_eq!(gauge(&m2), 0.0, "the breaker-open gauge after recovery");
+    assert!(
+        recap.log_count("LLM circuit opened") >= 1 && recap.log_count("LLM circuit closed") >= 1,
+        "the circuit's opening and closing are logged"
+    );
     assert!(
         done,
         "not every window finished; log {}",

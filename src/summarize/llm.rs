@@ -673,6 +673,11 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether the circuit is open or half-open (not closed), whatever the time.
+    pub fn is_tripped(&self) -> bool {
+        self.open_until.is_some()
+    }
+
     /// Consecutive transient failures counted while closed.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive
@@ -763,12 +768,32 @@ struct AdmissionGuard<'a> {
 
 impl AdmissionGuard<'_> {
     fn success(&mut self) {
-        lock(self.breaker).on_success(self.admission);
-        self.settled = true;
+        let a = self.admission;
+        self.settle(|b| b.on_success(a));
     }
     fn failure(&mut self) {
-        lock(self.breaker).on_failure(self.admission, Instant::now());
+        let a = self.admission;
+        self.settle(|b| b.on_failure(a, Instant::now()));
+    }
+    /// Applies an outcome; when it opens or closes the circuit, says so once (log line and the
+    /// `recap_llm_breaker_open` gauge), not on every refused call.
+    fn settle(&mut self, outcome: impl FnOnce(&mut CircuitBreaker)) {
+        let mut b = lock(self.breaker);
+        let was_open = b.is_tripped();
+        outcome(&mut b);
+        let open = b.is_tripped();
+        drop(b);
         self.settled = true;
+        if open != was_open {
+            metrics::gauge!("recap_llm_breaker_open").set(if open { 1.0 } else { 0.0 });
+            if open {
+                tracing::warn!(
+                    "LLM circuit opened after repeated endpoint failures: windows wait until a trial call succeeds"
+                );
+            } else {
+                tracing::info!("LLM circuit closed: the endpoint answers again");
+            }
+        }
     }
 }
 
