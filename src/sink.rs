@@ -790,10 +790,13 @@ impl IngestTx {
             .iter()
             .map(|r| to_utc(r.0.saturating_sub(gap)))
             .collect();
+        // LATERAL + LIMIT 1: one index probe per window (idx_recap_windows_key_time) whatever the table's statistics
+        // say (a plain join was planned as a scan of every stored window while the statistics were young).
         let with_candidates: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+            "SELECT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
                  WITH ORDINALITY AS c(b, u, hi, lo, i)
-             JOIN recap_windows w ON w.bot_name = c.b AND w.user_id = c.u AND w.start_ts <= c.hi AND w.end_ts >= c.lo",
+             CROSS JOIN LATERAL (SELECT 1 FROM recap_windows w
+                 WHERE w.bot_name = c.b AND w.user_id = c.u AND w.start_ts <= c.hi AND w.end_ts >= c.lo LIMIT 1) x",
         )
         .bind(&bots)
         .bind(&users)
