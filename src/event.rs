@@ -121,7 +121,7 @@ impl StoredEvent {
         }
         check_text("point_id", &self.point_id)?;
         // A Qdrant point id is a UUID or an unsigned integer; anything else can never be fetched.
-        if self.point_id.parse::<u64>().is_err() && uuid::Uuid::parse_str(&self.point_id).is_err() {
+        if !crate::fetch::is_point_id(&self.point_id) {
             return Err(EventError::Field {
                 field: "point_id",
                 reason: "not a UUID or an unsigned integer".into(),

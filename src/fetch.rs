@@ -108,6 +108,11 @@ pub fn point_id_string(id: &PointId) -> String {
     }
 }
 
+/// Whether Qdrant can take `id` as a point id: an unsigned integer or a UUID. Anything else fails a whole request.
+pub fn is_point_id(id: &str) -> bool {
+    id.parse::<u64>().is_ok() || uuid::Uuid::parse_str(id).is_ok()
+}
+
 /// A point id as Qdrant takes it: integers stay integers, anything else is a UUID string.
 pub fn point_id_from_str(id: &str) -> PointId {
     match id.parse::<u64>() {
@@ -305,9 +310,7 @@ impl Points {
         let mut skipped: HashMap<SkipReason, usize> = HashMap::new();
         // One id Qdrant cannot parse fails the whole request (InvalidArgument) and the window would wait forever:
         // leave such ids (stored before events were checked) out, counted.
-        let (ids, bad): (Vec<&String>, Vec<&String>) = ids
-            .iter()
-            .partition(|i| i.parse::<u64>().is_ok() || uuid::Uuid::parse_str(i).is_ok());
+        let (ids, bad): (Vec<&String>, Vec<&String>) = ids.iter().partition(|i| is_point_id(i));
         if !bad.is_empty() {
             skipped.insert(SkipReason::BadPointId, bad.len());
         }

@@ -7,6 +7,7 @@
 //! * Workers run on every replica: they claim due windows with a lease (`FOR UPDATE SKIP LOCKED`), fetch, summarize
 //!   and finish each window in one transaction.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
 use crate::fetch::{FetchError, Points};
-use crate::sink::{ClaimedWindow, DeadLetter, Fence, Finished, Store, StoreError, WindowOutcome};
+use crate::sink::{
+    ClaimedWindow, DeadLetter, Fence, Finished, NewMessage, Store, StoreError, WindowOutcome,
+};
 use crate::source::{Batch, Source};
 use crate::summarize::{SummarizeError, Summarizer, WindowInput};
 use crate::tracker::{Observed, Tracker, TrackerConfig};
@@ -148,11 +151,19 @@ impl Ingest {
         tx.dead_letters(&batch.dead_letters).await?;
         // A message from the future would drag its bot's watermark ahead and make every later message late: it is
         // a dead letter, not a message.
-        let (messages, future): (Vec<_>, Vec<_>) = batch
-            .messages
-            .iter()
-            .cloned()
-            .partition(|m| m.ts_ms <= now.saturating_add(MAX_FUTURE_MS));
+        // (Copied only when a batch holds such a message; the usual batch is used as it is.)
+        let in_time = |m: &NewMessage| m.ts_ms <= now.saturating_add(MAX_FUTURE_MS);
+        let (messages, future): (Cow<[NewMessage]>, Vec<&NewMessage>) =
+            if batch.messages.iter().all(in_time) {
+                (Cow::Borrowed(&batch.messages), Vec::new())
+            } else {
+                let (ok, future): (Vec<&NewMessage>, Vec<&NewMessage>) =
+                    batch.messages.iter().partition(|m| in_time(m));
+                (
+                    Cow::Owned(ok.into_iter().cloned().collect::<Vec<_>>()),
+                    future,
+                )
+            };
         if !future.is_empty() {
             metrics::counter!("recap_events_malformed_total", "reason" => "future_timestamp")
                 .increment(future.len() as u64);

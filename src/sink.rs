@@ -792,7 +792,7 @@ impl IngestTx {
             .collect();
         // LATERAL + LIMIT 1: one index probe per window (idx_recap_windows_key_time) whatever the table's statistics
         // say (a plain join was planned as a scan of every stored window while the statistics were young).
-        let with_candidates: Vec<i64> = sqlx::query_scalar(
+        let with_candidates: std::collections::HashSet<i64> = sqlx::query_scalar::<_, i64>(
             "SELECT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
                  WITH ORDINALITY AS c(b, u, hi, lo, i)
              CROSS JOIN LATERAL (SELECT 1 FROM recap_windows w
@@ -803,7 +803,9 @@ impl IngestTx {
         .bind(&his)
         .bind(&los)
         .fetch_all(&mut *self.tx)
-        .await?;
+        .await?
+        .into_iter()
+        .collect();
         let mut per_key: HashMap<(&str, &str), usize> = HashMap::new();
         for w in windows {
             *per_key.entry((&*w.bot, &*w.user)).or_default() += 1;
