@@ -4,7 +4,8 @@
 //!   lowercase words of at least 4 letters that are not stopwords, scored `tf × ln(1 + N / df)` where `tf` counts the
 //!   word over those messages, `N` is their number and `df` how many of them contain the word; ties broken
 //!   alphabetically; up to [`MAX_TOPICS`]. Every topic is a run of letters cut from the lowercased window text, so it
-//!   occurs verbatim (case-insensitively) in the window.
+//!   occurs verbatim (case-insensitively) in the window. The bot's own name (every run of letters of `WindowInput::bot`)
+//!   is never a topic: users greet the bot by name, which says nothing about what they talked about.
 //! - **Summary**: the 1–3 most central messages — cosine of each message's `content` vector to the centroid of the
 //!   candidates' (normalised) vectors; term overlap with the topics when vectors are missing — quoted in time order,
 //!   each cut to about [`QUOTE_CHARS`] characters on a word boundary, after one sentence naming the topics and the tone.
@@ -49,7 +50,11 @@ therefore these they thing things think thinking thinks this those though though
 today together told tomorrow took toward towards tried tries truly trying under unless until \
 upon used user uses using usually very wanna want wanted wants wasn well went were weren what \
 whatever when whenever where wherever whether which while whoever whole whom whose will with \
-within without wonder would wouldn yeah yesterday your yours yourself yourselves";
+within without wonder would wouldn yeah yesterday your yours yourself yourselves \
+afterward afterwards beforehand meanwhile sometime somewhat anytime everyday lately recently currently \
+finally suddenly simply totally literally definitely honestly seriously obviously apparently \
+hmmm okey alright cool awesome thx ohh uhm umm quick question questions welcome hows whats \
+feel feels felt theyre youre wont cant dont didnt doesnt isnt arent wasnt";
 
 static STOPWORD_SET: LazyLock<BTreeSet<&'static str>> =
     LazyLock::new(|| STOPWORDS.split_whitespace().collect());
@@ -98,16 +103,17 @@ pub fn summarize_window(w: &WindowInput) -> Result<Summary, SummarizeError> {
         .filter(|m| m.role == "user")
         .collect();
 
+    let exclude = bot_name_words(&w.bot);
     let mut topics = if users.is_empty() {
         Vec::new()
     } else {
-        key_topics(&users, MAX_TOPICS)
+        key_topics_excluding(&users, MAX_TOPICS, &exclude)
     };
     if topics.is_empty() {
-        topics = key_topics(&messages, MAX_TOPICS);
+        topics = key_topics_excluding(&messages, MAX_TOPICS, &exclude);
     }
     if topics.is_empty() {
-        topics = fallback_topics(&messages);
+        topics = fallback_topics(&messages, &exclude);
     }
 
     let tone_source: Vec<&Message> = if users.iter().any(|m| m.emotion.is_some()) {
@@ -146,6 +152,20 @@ pub fn words(text: &str) -> Vec<String> {
 /// Topic words of the given messages by `tf × ln(1 + N / df)`, best first, ties alphabetical; at most `k`. When at
 /// least [`MIN_REPEATED_TOPICS`] words occur twice or more, words that occur once are not topics.
 pub fn key_topics(messages: &[&Message], k: usize) -> Vec<String> {
+    key_topics_excluding(messages, k, &BTreeSet::new())
+}
+
+/// The words of a bot's name (`elena`, `marcus`; `elena_7d` -> `elena`, `d`): never topics of its windows.
+pub fn bot_name_words(bot: &str) -> BTreeSet<String> {
+    words(bot).into_iter().collect()
+}
+
+/// [`key_topics`] without the words in `exclude` (the bot's name).
+pub fn key_topics_excluding(
+    messages: &[&Message],
+    k: usize,
+    exclude: &BTreeSet<String>,
+) -> Vec<String> {
     let n_docs = messages.len();
     if n_docs == 0 || k == 0 {
         return Vec::new();
@@ -156,7 +176,7 @@ pub fn key_topics(messages: &[&Message], k: usize) -> Vec<String> {
     for m in messages {
         let mut seen = BTreeSet::new();
         for w in words(&m.text) {
-            if w.chars().count() < 4 || is_stopword(&w) {
+            if w.chars().count() < 4 || is_stopword(&w) || exclude.contains(&w) {
                 continue;
             }
             *tf.entry(w.clone()).or_default() += 1;
@@ -187,11 +207,11 @@ pub fn key_topics(messages: &[&Message], k: usize) -> Vec<String> {
 
 /// When no word of 4+ letters survives: the most frequent shorter non-stopword words, else the first
 /// whitespace-separated token of the text (emoji-only windows). Always non-empty for non-blank text.
-fn fallback_topics(messages: &[&Message]) -> Vec<String> {
+fn fallback_topics(messages: &[&Message], exclude: &BTreeSet<String>) -> Vec<String> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for m in messages {
         for w in words(&m.text) {
-            if w.chars().count() >= 2 && !is_stopword(&w) {
+            if w.chars().count() >= 2 && !is_stopword(&w) && !exclude.contains(&w) {
                 *counts.entry(w).or_default() += 1;
             }
         }
@@ -856,6 +876,110 @@ mod tests {
         let t = trim_on_word("one two three four five six seven", 15);
         assert_eq!(t, "one two three…");
         assert!(trim_on_word(&"x".repeat(500), 200).chars().count() <= 201);
+    }
+
+    /// The windows of the sample conversations (`demo/conversations.json`, as `scripts/demo` loads them): session
+    /// windows of each user's messages, at least 5 messages (MIN_MESSAGES_FOR_SUMMARY).
+    fn demo_windows() -> Vec<WindowInput> {
+        use crate::tracker::{TrackerConfig, canonical_windows};
+        let data: serde_json::Value =
+            serde_json::from_str(include_str!("../../demo/conversations.json")).unwrap();
+        let t0: i64 = 1_763_629_200_000;
+        let mut out = Vec::new();
+        for conv in data["conversations"].as_array().unwrap() {
+            let bot = conv["bot"].as_str().unwrap().to_string();
+            let mut msgs = Vec::new();
+            for s in conv["sessions"].as_array().unwrap() {
+                let start = t0 + s["start_minute"].as_i64().unwrap() * 60_000;
+                for (i, ex) in s["exchanges"].as_array().unwrap().iter().enumerate() {
+                    let t = start + 120_000 * i as i64;
+                    let emotion = ex["emotion"].as_str();
+                    for (role, text, ts) in
+                        [("user", &ex["user"], t), ("assistant", &ex["bot"], t + 1)]
+                    {
+                        let mut m = msg(
+                            msgs.len() as i64,
+                            role,
+                            text.as_str().unwrap(),
+                            emotion,
+                            vec![],
+                        );
+                        m.ts_ms = ts;
+                        msgs.push(m);
+                    }
+                }
+            }
+            let times: Vec<i64> = msgs.iter().map(|m| m.ts_ms).collect();
+            let mut rest = msgs.as_slice();
+            for (start, end, n, _) in canonical_windows(&TrackerConfig::default(), &times) {
+                let (w, tail) = rest.split_at(n as usize);
+                rest = tail;
+                if n >= 5 {
+                    out.push(WindowInput {
+                        bot: bot.clone(),
+                        user_id: conv["user_id"].as_str().unwrap().into(),
+                        start_ms: start,
+                        end_ms: end,
+                        messages: w.to_vec(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn demo_topics_read_well() {
+        let windows = demo_windows();
+        assert_eq!(windows.len(), 4, "the demo has four windows of 5+ messages");
+        let filler = [
+            "afterwards",
+            "about",
+            "quick",
+            "question",
+            "mostly",
+            "thanks",
+            "welcome",
+            "feel",
+        ];
+        for w in &windows {
+            let s = summarize_window(w).unwrap();
+            for t in &s.key_topics {
+                assert_ne!(
+                    t, &w.bot,
+                    "the bot's own name is a topic: {:?}",
+                    s.key_topics
+                );
+                assert!(
+                    !filler.contains(&t.as_str()),
+                    "filler topic {t:?}: {:?}",
+                    s.key_topics
+                );
+            }
+            // and the topics still say what the window was about
+            assert!(s.key_topics.len() >= 3, "{:?}", s.key_topics);
+        }
+        let all: Vec<Vec<String>> = windows
+            .iter()
+            .map(|w| summarize_window(w).unwrap().key_topics)
+            .collect();
+        assert!(
+            all.iter().any(|t| t.contains(&"coral".to_string())),
+            "{all:?}"
+        );
+        assert!(
+            all.iter().any(|t| t.contains(&"marathon".to_string())),
+            "{all:?}"
+        );
+        // a bot whose name is also a word keeps that word out of its own windows only
+        let mut w = windows[0].clone();
+        w.bot = "coral".into();
+        assert!(
+            !summarize_window(&w)
+                .unwrap()
+                .key_topics
+                .contains(&"coral".to_string())
+        );
     }
 
     #[tokio::test]
