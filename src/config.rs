@@ -548,6 +548,15 @@ pub struct Config {
     /// Events fetched and written per ingest batch
     #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 500, help_heading = H_SVC)]
     pub ingest_batch_size: usize,
+
+    /// Day, week and month rollups of each user's window summaries (summary_type day/week/month): on or off.
+    /// Off by default: readers that list a user's rows without filtering summary_type would see them too
+    #[arg(long, env = "ROLLUPS", action = clap::ArgAction::Set, value_parser = parse_bool, default_missing_value = "true", num_args = 0..=1, default_value = "off", help_heading = H_SVC)]
+    pub rollups: bool,
+
+    /// Time between rollup rounds (scan for changed windows, build dirty rollups), e.g. 60s, 5m
+    #[arg(long, env = "ROLLUP_INTERVAL", default_value = "60s", value_parser = parse_duration, help_heading = H_SVC)]
+    pub rollup_interval: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1301,6 +1310,12 @@ impl Config {
         at_least!(self.lease_seconds, 2, "LEASE_SECONDS", "120");
         at_least!(self.leader_lease_seconds, 2, "LEADER_LEASE_SECONDS", "15");
         at_least!(self.ingest_batch_size, 1, "INGEST_BATCH_SIZE", "500");
+        if self.rollup_interval < Duration::from_secs(1) {
+            return bad(
+                "ROLLUP_INTERVAL",
+                "ROLLUP_INTERVAL must be at least 1s (set ROLLUP_INTERVAL=60s)".to_owned(),
+            );
+        }
         Ok(())
     }
 
@@ -1735,6 +1750,8 @@ impl fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("ready_max_lag", &self.ready_max_lag)
             .field("ingest_batch_size", &self.ingest_batch_size)
+            .field("rollups", &self.rollups)
+            .field("rollup_interval", &Dur(self.rollup_interval))
             .finish()
     }
 }
@@ -1966,6 +1983,8 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.ready_max_lag, 10_000);
         assert_eq!(c.ingest_batch_size, 500);
+        assert!(!c.rollups);
+        assert_eq!(c.rollup_interval, Duration::from_secs(60));
 
         c.validate().expect("defaults are valid");
         assert!(!c.use_llm());

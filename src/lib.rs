@@ -9,6 +9,7 @@
 //! * [`summarize`]: the `Summarizer` trait, extractive and LLM implementations.
 //! * [`sink`]: all Postgres state and the transactions that make effects atomic.
 //! * [`pipeline`]: the shell that drives the stages (ingest loop, window workers).
+//! * [`rollup`]: day -> week -> month summaries built from the window summaries.
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
@@ -19,6 +20,7 @@ pub mod event;
 pub mod fetch;
 pub mod http;
 pub mod pipeline;
+pub mod rollup;
 pub mod sink;
 pub mod source;
 pub mod summarize;

@@ -118,6 +118,18 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         }
     };
     tasks.spawn(run_workers(ctx.clone(), shutdown.clone()));
+    if cfg.rollups {
+        let rollups = crate::rollup::shell::Rollups {
+            store: store.clone(),
+            summarizer: ctx.summarizer.clone(),
+            owner: ctx.instance.clone(),
+            settings: crate::rollup::shell::RollupSettings {
+                interval: cfg.rollup_interval,
+                ..Default::default()
+            },
+        };
+        tasks.spawn(rollups.run(shutdown.clone()));
+    }
     let ready = crate::http::Readiness {
         store,
         points,

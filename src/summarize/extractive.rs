@@ -442,6 +442,22 @@ fn compose_summary(
     n_messages: usize,
     text_chars: usize,
 ) -> String {
+    // A rollup's input: one message per finer summary (`crate::rollup::SUMMARY_ROLE`).
+    if !candidates.is_empty() && candidates.iter().all(|m| m.role == "summary") {
+        let head = format!(
+            "Across {n_messages} summar{} the user talked about {} (tone: {tone}).",
+            if n_messages == 1 { "y" } else { "ies" },
+            join_and(topics)
+        );
+        let k = candidates.len().min(3);
+        let per = QUOTE_CHARS.min(2 * QUOTE_CHARS / k.max(1));
+        let picked = central_messages(candidates, topics, k);
+        let quotes: Vec<String> = picked
+            .iter()
+            .map(|&i| trim_on_word(candidates[i].text.trim_matches('"'), per))
+            .collect();
+        return format!("{head} Highlights: {}", quotes.join(" / "));
+    }
     let who = if candidates.iter().all(|m| m.role == "user") {
         "The user"
     } else {
