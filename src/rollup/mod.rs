@@ -381,7 +381,7 @@ mod tests {
                 prop_assert!(s <= x && x < e);
                 prop_assert_eq!(p.bounds(e).0, e);
                 prop_assert_eq!(p.bounds(s), (s, e));
-                prop_assert!(row_end(e).timestamp_subsec_micros() % 1000 != 0);
+                prop_assert!(!row_end(e).timestamp_subsec_micros().is_multiple_of(1000));
                 let days = (e - s).num_days();
                 match p {
                     Period::Day => prop_assert_eq!(days, 1),

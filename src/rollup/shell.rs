@@ -182,13 +182,15 @@ impl Rollups {
             let rows = sqlx::query(
                 "SELECT s.id::bigint, s.bot_name::text, s.user_id::text, s.revision, s.start_timestamp, s.updated_at,
                         coalesce(array_agg(r.period_start) FILTER (WHERE r.id IS NOT NULL), '{}'),
-                        coalesce(array_agg(r.inputs @> ARRAY[s.id || ':' || s.revision]) FILTER (WHERE r.id IS NOT NULL), '{}')
-                 FROM (SELECT id, bot_name, user_id, revision, start_timestamp, updated_at FROM conversation_summaries
+                        coalesce(array_agg(r.inputs @> ARRAY[s.id || ':' || s.revision]) FILTER (WHERE r.id IS NOT NULL), '{}'),
+                        s.head
+                 FROM (SELECT id, bot_name, user_id, revision, start_timestamp, updated_at, left(summary_text, 300) AS head
+                       FROM conversation_summaries
                        WHERE summary_type = 'time_window' AND (updated_at, id) > ($1, $2)
                        ORDER BY updated_at, id LIMIT $3) s
                  LEFT JOIN recap_rollups r ON r.bot_name = s.bot_name AND r.user_id = s.user_id AND r.period = 'day'
                       AND r.covered_ids @> ARRAY[s.id::bigint]
-                 GROUP BY 1, 2, 3, 4, 5, 6
+                 GROUP BY s.id, s.bot_name, s.user_id, s.revision, s.start_timestamp, s.updated_at, s.head
                  ORDER BY s.updated_at, s.id",
             )
             .bind(after.0)
@@ -198,8 +200,10 @@ impl Rollups {
             .await?;
             let Some(last) = rows.last() else { break };
             after = (last.get(5), last.get(0));
+            // Placeholder rows (an older worker's) are never a rollup's input, so they make no day dirty.
             let changes: Vec<WindowChange> = rows
                 .iter()
+                .filter(|r| !looks_like_placeholder(r.get::<&str, _>(8)))
                 .map(|r| {
                     let days: Vec<DateTime<Utc>> = r.get(6);
                     let same: Vec<bool> = r.get(7);
