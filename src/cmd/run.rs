@@ -125,6 +125,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
             owner: ctx.instance.clone(),
             settings: crate::rollup::shell::RollupSettings {
                 interval: cfg.rollup_interval,
+                // the window lease (LEASE_SECONDS): validated to outlast an LLM call
+                lease: Duration::from_secs(u64::from(cfg.lease_seconds)),
                 ..Default::default()
             },
         };
