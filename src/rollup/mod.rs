@@ -208,12 +208,17 @@ pub fn summary_body(text: &str) -> &str {
     text.trim()
 }
 
-/// The summarizer's input for a rollup: one message per finer summary, role `summary`, in time order; its text is
-/// the finer summary's topics and body, its emotion the finer summary's tone. Both summarizers take it as they take
-/// a window (the extractive one words its head for summaries).
+/// The summarizer's input for a rollup: one message per finer summary, in time order; its role says what it
+/// summarizes (`conversation summary` for a window row, `day summary` for a day: both summarizers show the role, and
+/// the extractive one words its head by it), its text is the finer summary's body ([`summary_body`]), its emotion the
+/// finer summary's tone.
 pub fn rollup_input(key: &PeriodKey, rows: &[FinerSummary]) -> WindowInput {
     let mut rows: Vec<&FinerSummary> = rows.iter().collect();
     rows.sort_by_key(|r| (r.start, r.id));
+    let role = match key.period {
+        Period::Day => CONVERSATION_ROLE,
+        Period::Week | Period::Month => DAY_ROLE,
+    };
     WindowInput {
         bot: key.bot.clone(),
         user_id: key.user_id.clone(),
@@ -223,12 +228,8 @@ pub fn rollup_input(key: &PeriodKey, rows: &[FinerSummary]) -> WindowInput {
             .iter()
             .map(|r| Message {
                 point_id: format!("summary:{}", r.id),
-                role: SUMMARY_ROLE.to_string(),
-                text: if r.key_topics.is_empty() {
-                    summary_body(&r.text).to_string()
-                } else {
-                    format!("{}: {}", r.key_topics.join(", "), summary_body(&r.text))
-                },
+                role: role.to_string(),
+                text: summary_body(&r.text).to_string(),
                 ts_ms: r.start.timestamp_millis(),
                 emotion: r.tone.clone(),
                 vector: Vec::new(),
@@ -237,8 +238,10 @@ pub fn rollup_input(key: &PeriodKey, rows: &[FinerSummary]) -> WindowInput {
     }
 }
 
-/// The role of a finer summary in a rollup's input.
-pub const SUMMARY_ROLE: &str = "summary";
+/// The role of a window's summary in a day's input.
+pub const CONVERSATION_ROLE: &str = "conversation summary";
+/// The role of a day's summary in a week's or a month's input.
+pub const DAY_ROLE: &str = "day summary";
 
 /// Delay before the next attempt of a rollup that failed `attempts` times: 30 s doubling, at most an hour.
 pub fn retry_delay(attempts: i32) -> std::time::Duration {
@@ -331,7 +334,7 @@ mod tests {
         let row = |id, start: &str| FinerSummary {
             id,
             revision: 1,
-            text: format!("summary {id}"),
+            text: format!("summary {id} about the coral reef"),
             key_topics: vec!["coral".into(), "reef".into()],
             tone: Some("positive".into()),
             message_count: 5,
@@ -347,8 +350,8 @@ mod tests {
         );
         assert_eq!(w.messages.len(), 2);
         assert_eq!(w.messages[0].point_id, "summary:3");
-        assert_eq!(w.messages[0].text, "coral, reef: summary 3");
-        assert_eq!(w.messages[0].role, SUMMARY_ROLE);
+        assert_eq!(w.messages[0].text, "summary 3 about the coral reef");
+        assert_eq!(w.messages[0].role, CONVERSATION_ROLE);
         assert_eq!(w.start_ms, t("2026-11-27T00:00:00Z").timestamp_millis());
         assert_eq!(w.end_ms, t("2026-11-28T00:00:00Z").timestamp_millis());
         let s = crate::summarize::extractive::summarize_window(&w).unwrap();
@@ -359,7 +362,7 @@ mod tests {
         );
         assert!(
             s.text
-                .starts_with("Across 2 summaries the user talked about coral"),
+                .starts_with("Across 2 conversations the user talked about coral"),
             "{}",
             s.text
         );

@@ -273,6 +273,12 @@ pub fn emotion_tone(label: &str) -> Option<&'static str> {
 pub fn majority_tone<'a>(labels: impl IntoIterator<Item = &'a str>) -> &'static str {
     let (mut pos, mut neg, mut neu) = (0usize, 0usize, 0usize);
     for l in labels {
+        // a summary's own tone (rollups summarize summaries): mixed counts once each way
+        if l.trim().eq_ignore_ascii_case("mixed") {
+            pos += 1;
+            neg += 1;
+            continue;
+        }
         match emotion_tone(l) {
             Some("positive") => pos += 1,
             Some("negative") => neg += 1,
@@ -442,11 +448,16 @@ fn compose_summary(
     n_messages: usize,
     text_chars: usize,
 ) -> String {
-    // A rollup's input: one message per finer summary (`crate::rollup::SUMMARY_ROLE`).
-    if !candidates.is_empty() && candidates.iter().all(|m| m.role == "summary") {
+    // A rollup's input: one message per finer summary, role `<what> summary` (`crate::rollup::CONVERSATION_ROLE`,
+    // `crate::rollup::DAY_ROLE`).
+    if let Some(what) = candidates
+        .first()
+        .and_then(|m| m.role.strip_suffix(" summary"))
+        .filter(|w| !w.is_empty() && candidates.iter().all(|m| m.role == candidates[0].role))
+    {
         let head = format!(
-            "Across {n_messages} summar{} the user talked about {} (tone: {tone}).",
-            if n_messages == 1 { "y" } else { "ies" },
+            "Across {n_messages} {what}{} the user talked about {} (tone: {tone}).",
+            if n_messages == 1 { "" } else { "s" },
             join_and(topics)
         );
         let k = candidates.len().min(3);
@@ -694,6 +705,9 @@ mod tests {
         assert_eq!(majority_tone(["joy", "anger"]), "mixed");
         assert_eq!(majority_tone(Vec::<&str>::new()), "neutral");
         assert_eq!(majority_tone(["zorblax"]), "neutral");
+        assert_eq!(majority_tone(["mixed"]), "mixed");
+        assert_eq!(majority_tone(["positive", "mixed"]), "mixed");
+        assert_eq!(majority_tone(["positive", "positive", "mixed"]), "positive");
         assert_eq!(
             majority_tone(["JOY", "Excitement:0.9", "gratitude"]),
             "positive"
