@@ -465,9 +465,9 @@ fn compose_summary(
         let picked = central_messages(candidates, topics, k);
         let quotes: Vec<String> = picked
             .iter()
-            .map(|&i| trim_on_word(candidates[i].text.trim_matches('"'), per))
+            .map(|&i| trim_on_word(&candidates[i].text, per))
             .collect();
-        return format!("{head} Highlights: {}", quotes.join(" / "));
+        return format!("{head} Highlights: {}", quotes.join(" | "));
     }
     let who = if candidates.iter().all(|m| m.role == "user") {
         "The user"
