@@ -594,3 +594,72 @@ async fn llm_summarizer_builds_rollups() {
     .unwrap();
     assert_eq!(llm_rows, 3);
 }
+
+/// Figures, not a check (`cargo test --test rollups scale -- --ignored --nocapture`): builds the rollups of
+/// ROLLUP_SCALE_USERS users (default 200) x 30 days x 2 windows, then times a round with nothing changed and a
+/// round after one revised window.
+#[tokio::test]
+#[ignore]
+async fn scale() {
+    let users: i32 = std::env::var("ROLLUP_SCALE_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let db = fresh_db().await;
+    db.migrate().await;
+    let pool = &db.pool;
+    let st = store(&db).await;
+    sqlx::query(
+        "INSERT INTO conversation_summaries (user_id, bot_name, summary_text, summary_type, start_timestamp,
+            end_timestamp, message_count, key_topics, emotional_tone, revision, summarizer, created_at, updated_at)
+         SELECT 'u' || u, 'elena', 'The user talked about topic' || (d % 7) || ' and gardening, window ' || w || '.',
+            'time_window', timestamp '2026-10-01' + d * interval '1 day' + w * interval '6 hours',
+            timestamp '2026-10-01' + d * interval '1 day' + w * interval '6 hours' + interval '30 minutes', 8,
+            ARRAY['topic' || (d % 7), 'gardening'], 'positive', 1, 'extractive', now(), now()
+         FROM generate_series(1, $1) u, generate_series(0, 29) d, generate_series(0, 1) w",
+    )
+    .bind(users)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE conversation_summaries")
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut r = rollups(&st, Arc::new(Extractive), "w1");
+    r.settings.batch = 50;
+    let t0 = std::time::Instant::now();
+    let s = round(&r).await;
+    let first = t0.elapsed();
+    let t1 = std::time::Instant::now();
+    let idle = round(&r).await;
+    let idle_t = t1.elapsed();
+    let id: i32 = sqlx::query_scalar("SELECT min(id) FROM conversation_summaries")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    revise(
+        pool,
+        id as i64,
+        "The user talked about pruning roses.",
+        &["roses"],
+        None,
+    )
+    .await;
+    let t2 = std::time::Instant::now();
+    let one = round(&r).await;
+    let one_t = t2.elapsed();
+    eprintln!(
+        "ROLLUPS scale: {} windows -> {} rollups in {:.1} s ({:.2} ms each); idle round (re-reads the overlap, {} rows) {:.0} ms; one revised window -> {} rollups in {:.0} ms",
+        s.windows_scanned,
+        s.written,
+        first.as_secs_f64(),
+        first.as_secs_f64() * 1000.0 / s.written.max(1) as f64,
+        idle.windows_scanned,
+        idle_t.as_secs_f64() * 1000.0,
+        one.written,
+        one_t.as_secs_f64() * 1000.0
+    );
+    assert_eq!(idle.written, 0);
+    assert_eq!(one.written, 3);
+}
