@@ -466,6 +466,49 @@ async fn rollups_never_collide_with_tumbling_windows() {
         .revision,
         2
     );
+    // A row of some other writer holding a day's exact bounds: that day fails alone (no panic, no stuck round) and
+    // waits with its error; the rest of the round goes on.
+    sqlx::query(
+        "INSERT INTO conversation_summaries (user_id, bot_name, summary_text, summary_type, start_timestamp,
+            end_timestamp, message_count) VALUES ('v', 'elena', 'legacy', 'legacy', $1, $2, 1)",
+    )
+    .bind(ts("2026-11-27T00:00:00Z"))
+    .bind(ts("2026-11-27T23:59:59.999999Z"))
+    .execute(pool)
+    .await
+    .unwrap();
+    window(
+        pool,
+        "elena",
+        "v",
+        "2026-11-27T10:00:00Z",
+        "2026-11-27T10:30:00Z",
+        text,
+        &["rye"],
+    )
+    .await;
+    window(
+        pool,
+        "elena",
+        "w",
+        "2026-11-27T10:00:00Z",
+        "2026-11-27T10:30:00Z",
+        text,
+        &["rye"],
+    )
+    .await;
+    let s = round(&r).await;
+    assert_eq!((s.written, s.failed), (3, 1), "{s:?}");
+    let err: Option<String> = sqlx::query_scalar(
+        "SELECT last_error FROM recap_rollups WHERE user_id = 'v' AND period = 'day' AND dirty",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(
+        err.unwrap_or_default()
+            .contains("uq_conversation_summaries_window")
+    );
 }
 
 /// Counts summarize calls and takes a little time, so two workers overlap.
@@ -662,4 +705,40 @@ async fn scale() {
     );
     assert_eq!(idle.written, 0);
     assert_eq!(one.written, 3);
+}
+
+/// `recap run` with ROLLUPS=on: the task starts with the service and rolls up what the window workers write.
+#[tokio::test]
+async fn recap_run_rolls_up_its_windows() {
+    let s = scenario(2).await;
+    let js = s.nats.ensure().await;
+    s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
+    let mut envs = s.env();
+    envs.push(("ROLLUPS".into(), "on".into()));
+    envs.push(("ROLLUP_INTERVAL".into(), "1s".into()));
+    let mut child = spawn_recap(&["run"], &envs, &log_path("rollups"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let counts = loop {
+        let (windows, rollups, dirty): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE summary_type = 'time_window'),
+                    count(*) FILTER (WHERE summary_type IN ('day', 'week', 'month')),
+                    (SELECT count(*) FROM recap_rollups WHERE dirty)
+             FROM conversation_summaries",
+        )
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+        // two summarizable windows per user, on one day: a day, a week and a month each
+        if (windows, rollups, dirty) == (4, 6, 0) || std::time::Instant::now() > deadline {
+            break (windows, rollups, dirty);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    terminate(&mut child);
+    assert_eq!(counts, (4, 6, 0));
+    let rows = check_coverage(&s.db.pool).await;
+    assert!(
+        rows.iter().all(|r| r.covered.len() == 2 && r.revision == 1),
+        "{rows:#?}"
+    );
 }

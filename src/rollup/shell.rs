@@ -147,7 +147,20 @@ impl Rollups {
                 break;
             }
             for c in claimed {
-                match self.build(&c).await? {
+                let built = match self.build(&c).await {
+                    Ok(b) => b,
+                    Err(e) if e.is_connection() => return Err(e),
+                    // A statement failed for this rollup alone (e.g. a row of an older worker in its place): it waits
+                    // and is tried again, the others go on.
+                    Err(e) => {
+                        warn!(id = c.id, period = c.key.period.as_str(), error = %e, "rollup failed");
+                        self.failed(&c, &e.to_string(), true).await?;
+                        metrics::counter!("recap_rollups_total", "period" => c.key.period.as_str(), "outcome" => "failed")
+                            .increment(1);
+                        Built::Failed
+                    }
+                };
+                match built {
                     Built::Written => stats.written += 1,
                     Built::Unchanged => stats.unchanged += 1,
                     Built::Removed => stats.removed += 1,
@@ -301,6 +314,24 @@ impl Rollups {
         out
     }
 
+    /// Records a failed build: the rollup stays dirty and waits [`retry_delay`] (longer after each counted failure).
+    async fn failed(&self, c: &ClaimedRollup, error: &str, counts: bool) -> Result<(), StoreError> {
+        let attempts = c.attempts + i32::from(counts);
+        sqlx::query(
+            "UPDATE recap_rollups SET attempts = $2, last_error = $3, lease_owner = NULL, lease_until = NULL,
+                not_before = now() + $4 * interval '1 millisecond', updated_at = now()
+             WHERE id = $1 AND lease_owner = $5",
+        )
+        .bind(c.id)
+        .bind(attempts)
+        .bind(error.chars().take(2000).collect::<String>())
+        .bind(retry_delay(attempts).as_millis() as f64)
+        .bind(&self.owner)
+        .execute(self.store.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Gives a rollup back without writing (it stays dirty and is claimed again).
     async fn release(
         &self,
@@ -369,20 +400,8 @@ impl Rollups {
             Ok(s) => s,
             Err(e) => {
                 let counts = !matches!(e, SummarizeError::Unavailable(_));
-                let attempts = c.attempts + i32::from(counts);
-                warn!(error = %e, attempts, "rollup summary failed; trying again later");
-                sqlx::query(
-                    "UPDATE recap_rollups SET attempts = $2, last_error = $3, lease_owner = NULL, lease_until = NULL,
-                        not_before = now() + $4 * interval '1 millisecond', updated_at = now()
-                     WHERE id = $1 AND lease_owner = $5",
-                )
-                .bind(c.id)
-                .bind(attempts)
-                .bind(e.to_string().chars().take(2000).collect::<String>())
-                .bind(retry_delay(attempts).as_millis() as f64)
-                .bind(&self.owner)
-                .execute(pool)
-                .await?;
+                warn!(error = %e, counts, "rollup summary failed; trying again later");
+                self.failed(c, &e.to_string(), counts).await?;
                 return Ok(Built::Failed);
             }
         };
