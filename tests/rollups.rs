@@ -38,6 +38,7 @@ fn rollups(store: &Store, summarizer: Arc<dyn Summarizer>, owner: &str) -> Rollu
             interval: Duration::from_secs(1),
             lease: Duration::from_secs(60),
             batch: 5,
+            concurrency: 4,
         },
     }
 }

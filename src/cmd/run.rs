@@ -127,6 +127,7 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
                 interval: cfg.rollup_interval,
                 // the window lease (LEASE_SECONDS): validated to outlast an LLM call
                 lease: Duration::from_secs(u64::from(cfg.lease_seconds)),
+                concurrency: cfg.llm_concurrency,
                 ..Default::default()
             },
         };

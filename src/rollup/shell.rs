@@ -3,6 +3,8 @@
 //! [`crate::rollup`]).
 
 use std::sync::Arc;
+
+use futures::StreamExt;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -35,6 +37,8 @@ pub struct RollupSettings {
     pub lease: Duration,
     /// Rollups claimed per query.
     pub batch: i64,
+    /// Rollups built at once (each may be one LLM call).
+    pub concurrency: usize,
 }
 
 impl Default for RollupSettings {
@@ -43,6 +47,7 @@ impl Default for RollupSettings {
             interval: Duration::from_secs(60),
             lease: Duration::from_secs(300),
             batch: 20,
+            concurrency: 4,
         }
     }
 }
@@ -146,21 +151,14 @@ impl Rollups {
             if claimed.is_empty() {
                 break;
             }
-            for c in claimed {
-                let built = match self.build(&c).await {
-                    Ok(b) => b,
-                    Err(e) if e.is_connection() => return Err(e),
-                    // A statement failed for this rollup alone (e.g. a row of an older worker in its place): it waits
-                    // and is tried again, the others go on.
-                    Err(e) => {
-                        warn!(id = c.id, period = c.key.period.as_str(), error = %e, "rollup failed");
-                        self.failed(&c, &e.to_string(), true).await?;
-                        metrics::counter!("recap_rollups_total", "period" => c.key.period.as_str(), "outcome" => "failed")
-                            .increment(1);
-                        Built::Failed
-                    }
-                };
-                match built {
+            // Built concurrently: a batch never holds a week or a month together with one of its days (claim).
+            let results: Vec<Result<Built, StoreError>> = futures::stream::iter(claimed)
+                .map(|c| async move { self.build_contained(&c).await })
+                .buffer_unordered(self.settings.concurrency.max(1))
+                .collect()
+                .await;
+            for built in results {
+                match built? {
                     Built::Written => stats.written += 1,
                     Built::Unchanged => stats.unchanged += 1,
                     Built::Removed => stats.removed += 1,
@@ -296,6 +294,21 @@ impl Rollups {
                 })
             })
             .collect()
+    }
+
+    /// [`Rollups::build`], with a statement that failed for this rollup alone (e.g. a row of another writer in its
+    /// place) recorded on it (it waits and is tried again) instead of ending the round; connection errors end it.
+    async fn build_contained(&self, c: &ClaimedRollup) -> Result<Built, StoreError> {
+        match self.build(c).await {
+            Err(e) if !e.is_connection() => {
+                warn!(id = c.id, period = c.key.period.as_str(), error = %e, "rollup failed");
+                self.failed(c, &e.to_string(), true).await?;
+                metrics::counter!("recap_rollups_total", "period" => c.key.period.as_str(), "outcome" => "failed")
+                    .increment(1);
+                Ok(Built::Failed)
+            }
+            other => other,
+        }
     }
 
     /// Builds one claimed rollup (a tracing span and a metric per rollup).
