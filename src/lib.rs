@@ -10,17 +10,20 @@
 //! * [`sink`]: all Postgres state and the transactions that make effects atomic.
 //! * [`pipeline`]: the shell that drives the stages (ingest loop, window workers).
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
+//! * [`status`]: the one status snapshot (`recap status`, `/metrics` gauges, the console); [`console`]: the web page.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
 pub mod cmd;
 pub mod config;
+pub mod console;
 pub mod event;
 pub mod fetch;
 pub mod http;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod summarize;
 pub mod sweep;
 pub mod tracker;
