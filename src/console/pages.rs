@@ -132,7 +132,7 @@ fn render_overview(c: &Console, s: &Snapshot, ch: &Charts, session: Option<&Sess
             state.replace('_', " ")
         );
     }
-    let lag = match (s.consumer, &c.cfg.nats_url) {
+    let lag = match (s.consumer, &c.nats) {
         (Some(cs), _) => format!(
             "{} <span class=\"muted\">({} undelivered, {} unacknowledged)</span>",
             num(cs.lag() as i64),
