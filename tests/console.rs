@@ -406,6 +406,28 @@ async fn console_in_a_real_browser() {
         "{states}"
     );
     assert_eq!(cards.get("dead"), Some(&1), "{states}");
+    // ... and /metrics (its gauges come from the same snapshot)
+    let metrics = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (label, state) in [
+        ("done", "done"),
+        ("too short", "too_short"),
+        ("dead", "dead"),
+    ] {
+        let prefix = format!("recap_windows_by_state{{state=\"{state}\"}} ");
+        let v: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{prefix}in /metrics:\n{metrics}"));
+        assert_eq!(Some(&(v as i64)), cards.get(label), "{state}");
+    }
     assert_eq!(
         card(&b.text_of("#dead-letters").await),
         st["dead_letters"].as_i64().unwrap()

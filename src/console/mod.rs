@@ -149,14 +149,16 @@ fn hardened(mut resp: Response) -> Response {
     resp
 }
 
-/// A POST form's CSRF check: 403 unless the session's token came with it.
-fn require_csrf(session: Option<&Session>, submitted: Option<&str>) -> Result<(), Response> {
+/// A POST form's CSRF check: the 403 to answer unless the session's token came with it.
+fn refuse_without_csrf(session: Option<&Session>, submitted: Option<&str>) -> Option<Response> {
     match session {
-        Some(s) if Sessions::check_csrf(s, submitted) => Ok(()),
-        _ => Err((
-            StatusCode::FORBIDDEN,
-            "missing or wrong CSRF token: reload the page and try again\n",
-        )
-            .into_response()),
+        Some(s) if Sessions::check_csrf(s, submitted) => None,
+        _ => Some(
+            (
+                StatusCode::FORBIDDEN,
+                "missing or wrong CSRF token: reload the page and try again\n",
+            )
+                .into_response(),
+        ),
     }
 }

@@ -14,7 +14,7 @@ use sqlx::Row;
 
 use super::auth::{self, Session};
 use super::view::{self, age, bar_chart, esc, naive, num, page, q, table, ts, usd};
-use super::{Console, require_csrf};
+use super::{Console, refuse_without_csrf};
 use crate::sink::StoreError;
 use crate::status::{self, Snapshot};
 
@@ -835,7 +835,7 @@ pub async fn retry(
     session: Option<Extension<Session>>,
     Form(f): Form<RetryForm>,
 ) -> Response {
-    if let Err(r) = require_csrf(session.as_deref(), f.csrf.as_deref()) {
+    if let Some(r) = refuse_without_csrf(session.as_deref(), f.csrf.as_deref()) {
         return r;
     }
     match c.store.retry_dead(f.window).await {
@@ -909,7 +909,7 @@ pub async fn logout(
     session: Option<Extension<Session>>,
     Form(f): Form<LogoutForm>,
 ) -> Response {
-    if let Err(r) = require_csrf(session.as_deref(), f.csrf.as_deref()) {
+    if let Some(r) = refuse_without_csrf(session.as_deref(), f.csrf.as_deref()) {
         return r;
     }
     if let Some(s) = session {
