@@ -2181,6 +2181,7 @@ mod tests {
             (&["--lease-seconds", "1"], "LEASE_SECONDS"),
             (&["--leader-lease-seconds", "0"], "LEADER_LEASE_SECONDS"),
             (&["--ingest-batch-size", "0"], "INGEST_BATCH_SIZE"),
+            (&["--console-token", "too-short"], "CONSOLE_TOKEN"),
         ];
         for (args, var) in cases {
             let e = invalid(args);
@@ -2233,6 +2234,8 @@ mod tests {
             "--postgres-host",
             "pg",
             "--nats-token",
+            PW,
+            "--console-token",
             PW,
         ]);
         for c in [&with_url, &with_pw] {

@@ -169,15 +169,22 @@ impl Browser {
             .unwrap_or_default()
     }
 
-    /// The first element matching `css`; fails the test with the page's text if there is none.
+    /// The first element matching `css` (waiting up to 5 s for it); fails the test with the page's text if there is
+    /// none.
     async fn find(&self, css: &str) -> String {
-        match self.find_all(css).await.into_iter().next() {
-            Some(e) => e,
-            None => panic!(
-                "no element {css} on {}:\n{}",
-                self.url().await,
-                self.body_text().await
-            ),
+        let t0 = Instant::now();
+        loop {
+            if let Some(e) = self.find_all(css).await.into_iter().next() {
+                return e;
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                panic!(
+                    "no element {css} on {}:\n{}",
+                    self.url().await,
+                    self.body_text().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
