@@ -78,7 +78,8 @@ impl Snapshot {
     pub fn states(&self) -> [(&'static str, i64); 6] {
         [
             ("open", self.windows_open),
-            ("due", self.windows_in("due") - self.windows_leased),
+            // read a moment apart: a lease taken in between must not make `due` negative
+            ("due", (self.windows_in("due") - self.windows_leased).max(0)),
             ("leased", self.windows_leased),
             ("done", self.windows_in("done")),
             ("too_short", self.windows_in("too_short")),
