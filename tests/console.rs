@@ -361,6 +361,10 @@ async fn console_in_a_real_browser() {
     let mut recap = spawn_recap(&["run"], &envs, &log);
     wait_http(port, &log).await;
 
+    // one event that is not JSON: a dead letter
+    let subject = format!("{}.{bot}", ns.prefix);
+    let bad = b"not json: a broken publisher".to_vec();
+    assert_eq!(ns.publish_raw(&js, vec![(subject, None, bad)]).await, 1);
     ns.publish(&js, &bot, &collection, &phase1).await;
     let s = wait_settled(&db.pool, 5, Duration::from_secs(60)).await;
     assert_eq!(
@@ -439,6 +443,7 @@ async fn console_in_a_real_browser() {
         card(&b.text_of("#dead-letters").await),
         st["dead_letters"].as_i64().unwrap()
     );
+    assert_eq!(st["dead_letters"], 1, "{st}");
     let spend = b.text_of("#spend-today").await;
     assert_eq!(
         spend,
@@ -509,6 +514,11 @@ async fn console_in_a_real_browser() {
     let dead = b.text_of("#dead-windows").await;
     assert!(dead.contains(uc), "{dead}");
     assert!(dead.contains("no valid JSON summary"), "the reason: {dead}");
+    let letters = b.text_of("#dead-letters").await;
+    assert!(
+        letters.contains("not json: a broken publisher") && letters.contains("nats"),
+        "the dead letter's body and source: {letters}"
+    );
     b.screenshot("5-dead").await;
     let retry = b.find("#dead-windows button.retry").await;
     b.click(&retry).await;
