@@ -4,7 +4,7 @@
 //! last year (about 39,000 in the last 14 days, which the spend chart reads), each with its `recap_windows` row
 //! (every 20th too short), plus 500 due windows (100 of them leased), 50 dead ones, 2,000 open messages, 40
 //! checkpoints and 200 dead letters; then `VACUUM ANALYZE` (what autovacuum does to a table that size). Measured:
-//! (a) `console::overview_html` itself (status snapshot + chart queries + rendering), `BENCH_RUNS` (20) times after
+//! (a) `console::overview_html` itself (status snapshot + chart queries + rendering), `BENCH_CONSOLE_RUNS` (20) times after
 //! two warm-up runs; (b) `GET /console` over HTTP on a loopback listener, its `Server-Timing` and the client's time;
 //! (c) for context, what the overview avoids: an exact `count(*) ... GROUP BY state` over every window.
 //!
@@ -26,7 +26,7 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let admin = env("DATABASE_URL");
     let rows = env_usize("BENCH_CONSOLE_ROWS", 1_000_000) as i64;
-    let runs = env_usize("BENCH_RUNS", 20).max(1);
+    let runs = env_usize("BENCH_CONSOLE_RUNS", 20).max(1);
     let (url, name) = fresh_db(&admin).await;
     let qdrant = std::env::var("QDRANT_URL").unwrap_or_else(|_| "http://127.0.0.1:6334".into());
     let cfg = config(
