@@ -521,6 +521,11 @@ pub struct Config {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9090", help_heading = H_SVC)]
     pub http_addr: SocketAddr,
 
+    /// Token that logs in to the web console at /console; without it the console is served only on a loopback
+    /// HTTP_ADDR
+    #[arg(long, env = "CONSOLE_TOKEN", hide_env_values = true, help_heading = H_SVC)]
+    pub console_token: Option<Secret>,
+
     /// Name of this instance in leases and logs (default: hostname:pid)
     #[arg(long, env = "INSTANCE_ID", help_heading = H_SVC)]
     pub instance_id: Option<String>,
@@ -835,6 +840,7 @@ impl Config {
             &mut self.postgres_password,
             &mut self.openrouter_api_key,
             &mut self.llm_api_key,
+            &mut self.console_token,
         ] {
             opt_secret(s);
         }
@@ -867,6 +873,12 @@ impl Config {
     /// Never includes a secret. Checks that NATS_CREDS_FILE / NATS_TLS_CA exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |var: &'static str, msg: String| Err(ConfigError::invalid(var, msg));
+        if set_secret(&self.console_token).is_some_and(|t| t.expose().trim().len() < 16) {
+            return bad(
+                "CONSOLE_TOKEN",
+                "CONSOLE_TOKEN must be at least 16 characters (set CONSOLE_TOKEN=$(openssl rand -hex 16))".into(),
+            );
+        }
         macro_rules! at_least {
             ($field:expr, $min:expr, $var:literal, $default:literal) => {
                 if $field < $min {
@@ -1743,6 +1755,7 @@ impl fmt::Debug for Config {
             .field("content_vector_name", &self.content_vector_name)
             .field("memory_types", &self.memory_types)
             .field("http_addr", &self.http_addr)
+            .field("console_token", &self.console_token)
             .field("instance_id", &self.instance_id)
             .field("lease_seconds", &self.lease_seconds)
             .field("leader_lease_seconds", &self.leader_lease_seconds)
@@ -2187,6 +2200,7 @@ mod tests {
             (&["--lease-seconds", "1"], "LEASE_SECONDS"),
             (&["--leader-lease-seconds", "0"], "LEADER_LEASE_SECONDS"),
             (&["--ingest-batch-size", "0"], "INGEST_BATCH_SIZE"),
+            (&["--console-token", "too-short"], "CONSOLE_TOKEN"),
         ];
         for (args, var) in cases {
             let e = invalid(args);
@@ -2239,6 +2253,8 @@ mod tests {
             "--postgres-host",
             "pg",
             "--nats-token",
+            PW,
+            "--console-token",
             PW,
         ]);
         for c in [&with_url, &with_pw] {

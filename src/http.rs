@@ -112,7 +112,14 @@ pub fn router(metrics: PrometheusHandle, ready: Readiness) -> Router {
         )
         .route(
             "/metrics",
-            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+            get(|State(s): State<AppState>| async move {
+                // The status gauges come from the snapshot `recap status` and the console read.
+                let snap = crate::status::snapshot(&s.ready.store, None);
+                if let Ok(Ok(snap)) = tokio::time::timeout(Duration::from_secs(2), snap).await {
+                    snap.publish_gauges();
+                }
+                s.metrics.render()
+            }),
         )
         .with_state(AppState { metrics, ready })
 }

@@ -11,11 +11,13 @@
 //! * [`pipeline`]: the shell that drives the stages (ingest loop, window workers).
 //! * [`rollup`]: day -> week -> month summaries built from the window summaries.
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
+//! * [`status`]: the one status snapshot (`recap status`, `/metrics` gauges, the console); [`console`]: the web page.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
 pub mod cmd;
 pub mod config;
+pub mod console;
 pub mod event;
 pub mod fetch;
 pub mod http;
@@ -23,6 +25,7 @@ pub mod pipeline;
 pub mod rollup;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod summarize;
 pub mod sweep;
 pub mod tracker;

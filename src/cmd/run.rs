@@ -140,7 +140,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         max_lag: cfg.ready_max_lag,
         lag,
     };
-    let router = crate::http::router(metrics, ready);
+    let console = crate::console::Console::for_service(cfg.clone(), &ready);
+    let router = crate::http::router(metrics, ready).merge(crate::console::router(console));
     let (addr, stop) = (cfg.http_addr, shutdown.clone());
     tasks.spawn(async move {
         crate::http::serve(addr, router, stop)

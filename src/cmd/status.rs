@@ -7,40 +7,39 @@ use crate::config::Config;
 
 pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let store = super::connect_store(cfg).await?;
-    let report = store.status().await?;
-    let lag = match &cfg.nats_url {
+    let consumer = match &cfg.nats_url {
         Some(_) => {
             let s = cfg.nats_settings();
-            let probe = async {
-                let client = crate::source::nats::connect(&s, false).await?;
-                let js = async_nats::jetstream::new(client);
-                let stream = js
-                    .get_stream(&s.stream)
-                    .await
-                    .map_err(|e| crate::source::SourceError::Nats(e.to_string()))?;
-                let info = stream
-                    .consumer_info(&s.consumer)
-                    .await
-                    .map_err(|e| crate::source::SourceError::Nats(e.to_string()))?;
-                Ok::<u64, crate::source::SourceError>(
-                    info.num_pending + info.num_ack_pending as u64,
-                )
-            };
-            tokio::time::timeout(Duration::from_secs(5), probe)
-                .await
-                .ok()
-                .and_then(Result::ok)
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                crate::source::nats::connect(&s, false),
+            )
+            .await
+            {
+                Ok(Ok(client)) => {
+                    crate::status::consumer_sample(&client, &s.stream, &s.consumer).await
+                }
+                _ => None,
+            }
         }
         None => None,
     };
+    let snap = crate::status::snapshot(&store, consumer).await?;
     if json {
-        let mut v = serde_json::to_value(&report)?;
-        v["consumer_lag"] = serde_json::json!(lag);
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&snap)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("windows by state:");
-    for (state, n) in &report.windows {
+    let report = &snap.store;
+    let lag = snap.consumer_lag;
+    println!(
+        "windows by state:{}",
+        if report.windows_done_estimated {
+            " (done estimated)"
+        } else {
+            ""
+        }
+    );
+    for (state, n) in snap.states() {
         println!("  {state:<10} {n:>10}");
     }
     println!("open messages      {}", report.open_messages);
@@ -55,7 +54,25 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         "consumer lag       {}",
         lag.map(|n| n.to_string()).unwrap_or_else(|| "-".into())
     );
+    if let Some(c) = snap.consumer {
+        println!(
+            "consumer pending   {} undelivered, {} unacknowledged",
+            c.pending, c.ack_pending
+        );
+    }
     println!("dead letters       {}", report.dead_letters);
+    for i in &snap.instances {
+        println!(
+            "instance           {}{}, {} window lease(s)",
+            i.name,
+            if i.leads_ingest {
+                " (ingest leader)"
+            } else {
+                ""
+            },
+            i.windows_leased
+        );
+    }
     println!("LLM spend today    ${:.4}", report.llm_spend_today_usd);
     println!("checkpoints:");
     for c in &report.checkpoints {

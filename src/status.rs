@@ -1,0 +1,197 @@
+//! One status snapshot for everything that reports recap's state: `recap status [--json]`, the `/metrics` gauges
+//! and the console's overview all read [`snapshot`], so they show the same numbers.
+//!
+//! The store's part is [`Store::status`] (windows by state, oldest due window, dead letters, open messages, LLM spend
+//! today, checkpoints); this module adds open and leased windows, the ingest leader and the window leases per
+//! instance, and the JetStream consumer's lag.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::sink::{StatusReport, Store, StoreError};
+
+/// The JetStream consumer as its server reports it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ConsumerSample {
+    /// Messages not yet delivered.
+    pub pending: u64,
+    /// Delivered, not yet acknowledged.
+    pub ack_pending: u64,
+}
+
+impl ConsumerSample {
+    /// What `/readyz` and `recap_consumer_lag` call lag: undelivered plus unacknowledged.
+    pub fn lag(&self) -> u64 {
+        self.pending + self.ack_pending
+    }
+}
+
+/// The ingest lease.
+#[derive(Debug, Clone, Serialize)]
+pub struct Leader {
+    pub owner: String,
+    pub epoch: i64,
+    pub lease_until: DateTime<Utc>,
+    /// The lease has not expired.
+    pub valid: bool,
+}
+
+/// An instance seen in the leases: the ingest leader and/or a worker holding window leases.
+#[derive(Debug, Clone, Serialize)]
+pub struct Instance {
+    pub name: String,
+    pub leads_ingest: bool,
+    pub windows_leased: i64,
+}
+
+/// Everything `recap status --json` prints (the store's report flattened in, field names unchanged).
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    #[serde(flatten)]
+    pub store: StatusReport,
+    /// (bot, user) keys with messages in a window that has not closed yet.
+    pub windows_open: i64,
+    /// Due windows a worker holds a lease on now (counted in `windows` as `due` too).
+    pub windows_leased: i64,
+    pub leader: Option<Leader>,
+    pub instances: Vec<Instance>,
+    /// None: no NATS configured, or the server did not answer.
+    pub consumer: Option<ConsumerSample>,
+    pub consumer_lag: Option<u64>,
+    pub taken_at: DateTime<Utc>,
+}
+
+impl Snapshot {
+    /// Count of windows in a raw state (`due`, `done`, `too_short`, `dead`).
+    pub fn windows_in(&self, state: &str) -> i64 {
+        self.store
+            .windows
+            .iter()
+            .filter(|(s, _)| s == state)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// The states an operator reads, in pipeline order: open, due (not leased), leased, done, too short, dead.
+    pub fn states(&self) -> [(&'static str, i64); 6] {
+        [
+            ("open", self.windows_open),
+            // read a moment apart: a lease taken in between must not make `due` negative
+            ("due", (self.windows_in("due") - self.windows_leased).max(0)),
+            ("leased", self.windows_leased),
+            ("done", self.windows_in("done")),
+            ("too_short", self.windows_in("too_short")),
+            ("dead", self.windows_in("dead")),
+        ]
+    }
+
+    /// Sets the status gauges (`/metrics` calls this before rendering, so they are as fresh as the page).
+    pub fn publish_gauges(&self) {
+        for (state, n) in self.states() {
+            metrics::gauge!("recap_windows_by_state", "state" => state).set(n as f64);
+        }
+        metrics::gauge!("recap_dead_letters").set(self.store.dead_letters as f64);
+        metrics::gauge!("recap_open_messages").set(self.store.open_messages as f64);
+        metrics::gauge!("recap_llm_spend_today_usd").set(self.store.llm_spend_today_usd);
+        metrics::gauge!("recap_oldest_due_age_seconds").set(
+            self.store
+                .oldest_due
+                .map(|t| age_seconds(t, self.taken_at))
+                .unwrap_or(0.0),
+        );
+        for c in &self.store.checkpoints {
+            metrics::gauge!("recap_checkpoint_age_seconds", "name" => c.name.clone())
+                .set(age_seconds(c.updated_at, self.taken_at));
+        }
+    }
+}
+
+pub fn age_seconds(t: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    (now - t).num_milliseconds().max(0) as f64 / 1000.0
+}
+
+/// Reads the snapshot; `consumer` is the caller's reading of the JetStream consumer (see [`consumer_sample`]).
+pub async fn snapshot(
+    store: &Store,
+    consumer: Option<ConsumerSample>,
+) -> Result<Snapshot, StoreError> {
+    let report = store.status().await?;
+    let pool = store.pool();
+    let windows_open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT DISTINCT bot_name, user_id FROM recap_messages WHERE window_id IS NULL) k",
+    )
+    .fetch_one(pool)
+    .await?;
+    let leases: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT lease_owner, count(*) FROM recap_windows
+         WHERE state = 'due' AND lease_until >= now() AND lease_owner IS NOT NULL
+         GROUP BY lease_owner ORDER BY lease_owner",
+    )
+    .fetch_all(pool)
+    .await?;
+    let leader: Option<(String, i64, DateTime<Utc>, bool)> = sqlx::query_as(
+        "SELECT owner, epoch, lease_until, lease_until >= now() FROM recap_leader WHERE id = 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let leader = leader.map(|(owner, epoch, lease_until, valid)| Leader {
+        owner,
+        epoch,
+        lease_until,
+        valid,
+    });
+    let mut instances: Vec<Instance> = leases
+        .iter()
+        .map(|(name, n)| Instance {
+            name: name.clone(),
+            leads_ingest: false,
+            windows_leased: *n,
+        })
+        .collect();
+    if let Some(l) = leader.as_ref().filter(|l| l.valid) {
+        match instances.iter_mut().find(|i| i.name == l.owner) {
+            Some(i) => i.leads_ingest = true,
+            None => instances.insert(
+                0,
+                Instance {
+                    name: l.owner.clone(),
+                    leads_ingest: true,
+                    windows_leased: 0,
+                },
+            ),
+        }
+    }
+    Ok(Snapshot {
+        store: report,
+        windows_open,
+        windows_leased: leases.iter().map(|(_, n)| n).sum(),
+        leader,
+        instances,
+        consumer,
+        consumer_lag: consumer.map(|c| c.lag()),
+        taken_at: Utc::now(),
+    })
+}
+
+/// Reads the consumer's pending counts (at most 5 s; None when the server does not answer).
+pub async fn consumer_sample(
+    client: &async_nats::Client,
+    stream: &str,
+    consumer: &str,
+) -> Option<ConsumerSample> {
+    let probe = async {
+        let js = async_nats::jetstream::new(client.clone());
+        let stream = js.get_stream(stream).await.ok()?;
+        let info = stream.consumer_info(consumer).await.ok()?;
+        Some(ConsumerSample {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .ok()
+        .flatten()
+}
