@@ -1663,20 +1663,76 @@ async fn recap_runs_with_only_the_documented_postgres_grants() {
         "recap hit a missing grant:\n{}",
         leaks(&text, &["permission denied"]).join("\n")
     );
-    for args in [
-        &["check"][..],
-        &["status", "--json"][..],
-        &["retry", "--all"][..],
+    // every other subcommand, as that role: none may need CREATE once the schema is up to date
+    let mut envs_no_nats = envs.clone();
+    envs_no_nats.retain(|(k, _)| !k.starts_with("NATS_"));
+    for (args, envs) in [
+        (&["check"][..], &envs),
+        (&["status", "--json"][..], &envs),
+        (&["retry", "--all"][..], &envs),
+        (&["resummarize", "--since", "1d"][..], &envs),
+        (&["migrate"][..], &envs),
+        (&["replay", "--from-seq", "1"][..], &envs),
+        (&["sweep", "--once"][..], &envs_no_nats),
+        (&["backfill", "--since", "3650d"][..], &envs_no_nats),
     ] {
-        let (code, out, err) = run_recap(args, &envs);
+        let (code, out, err) = run_recap(args, envs);
         assert_eq!(
             code, 0,
             "recap {args:?} with the documented grants:\n{out}{err}"
         );
+        assert!(
+            !format!("{out}{err}").contains("permission denied"),
+            "recap {args:?} hit a missing grant:\n{out}{err}"
+        );
     }
+    // `sweep` without --once is the service on the sweep alone: it serves /healthz and stops cleanly
+    let port = free_port();
+    set(&mut envs_no_nats, "HTTP_ADDR", &format!("127.0.0.1:{port}"));
+    let log = log_path("least-privilege-sweep");
+    let mut child = spawn(&["sweep"], &envs_no_nats, &log);
+    wait_http(port, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;
+    stop(&mut child.0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("permission denied"),
+        "recap sweep with the documented grants:\n{text}"
+    );
+    // the sweeps read the other tests' collections too (shared Qdrant); this bot's summaries are unchanged
+    let mine: Vec<_> = rows(&s.db.pool)
+        .await
+        .into_iter()
+        .filter(|r| r.bot == s.bot)
+        .collect();
+    assert_eq!(mine, expected, "a subcommand changed this bot's summaries");
     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP OWNED BY {role}; DROP ROLE {role}"
     )))
     .execute(&s.db.pool)
     .await;
+}
+
+// ================================================================================================ logging
+
+/// `check`, `status`, `retry` and `resummarize` set up logging like `run`: a configuration warning (here: no NATS_URL)
+/// reaches the user on stderr.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_command_logs_the_configuration_warnings() {
+    let _guard = SERVICES.lock().await;
+    let db = fresh_db().await;
+    db.migrate().await;
+    let envs = recap_env(&db, None);
+    for args in [
+        &["check"][..],
+        &["status"][..],
+        &["retry", "--all"][..],
+        &["resummarize"][..],
+        &["migrate"][..],
+    ] {
+        let (code, out, err) = run_recap(args, &envs);
+        assert!(
+            err.contains("WARN") && err.contains("NATS_URL is not set"),
+            "recap {args:?} (exit {code}) did not log the configuration warning on stderr:\n{out}{err}"
+        );
+    }
 }

@@ -136,6 +136,17 @@ fn validated(cfg: &mut Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies recap's migrations only when one is pending: an up-to-date schema needs no CREATE privilege, so every
+/// subcommand works with the read/write grants of docs/operate.md while `recap migrate` (or the first start) runs as
+/// the schema's owner. Returns whether it migrated.
+pub async fn migrate_if_pending(store: &Store) -> anyhow::Result<bool> {
+    if store.migrations_pending().await? {
+        store.migrate().await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
     let opts = cfg.pg_connect_options()?;
     Store::connect(opts, cfg.db_max_connections)
@@ -256,17 +267,22 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             run::run(cfg, no_nats).await
         }
         Cmd::Check { mut cfg, llm } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             check::check(&cfg, llm).await
         }
         Cmd::Migrate { mut cfg } => {
             init_logging(cfg.log_format);
             validated(&mut cfg)?;
-            connect_store(&cfg).await?.migrate().await?;
-            println!("migrations applied");
+            if migrate_if_pending(&connect_store(&cfg).await?).await? {
+                println!("migrations applied");
+            } else {
+                println!("nothing to migrate: schema up to date");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { mut cfg, json } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             status::status(&cfg, json).await
         }
@@ -275,6 +291,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             from,
             since,
         } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             let since = chrono::Utc::now() - chrono::TimeDelta::from_std(since)?;
             let n = connect_store(&cfg)
@@ -323,6 +340,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             all,
             window,
         } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             if !all && window.is_none() {
                 anyhow::bail!("say which windows: --all or --window ID");
