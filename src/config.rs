@@ -357,7 +357,7 @@ pub struct Config {
     pub llm_base_url: String,
 
     /// Model name sent to the API
-    #[arg(long, env = "LLM_MODEL", default_value = "anthropic/claude-3.5-sonnet", help_heading = H_LLM)]
+    #[arg(long, env = "LLM_MODEL", default_value = "anthropic/claude-sonnet-4.6", help_heading = H_LLM)]
     pub llm_model: String,
 
     /// OpenRouter API key (used when LLM_API_KEY is unset)
@@ -733,20 +733,13 @@ fn url_password(s: &str) -> Vec<&str> {
     out
 }
 
+/// The machine's host name (gethostname(2) through `whoami`; in a container, the container's).
 fn hostname() -> String {
-    if let Ok(h) = std::env::var("HOSTNAME")
-        && !h.trim().is_empty()
-    {
-        return h.trim().to_owned();
-    }
-    for path in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
-        if let Ok(h) = std::fs::read_to_string(path)
-            && !h.trim().is_empty()
-        {
-            return h.trim().to_owned();
-        }
-    }
-    "unknown-host".to_owned()
+    whoami::hostname()
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned())
 }
 
 const SSL_MODES: &[&str] = &[
@@ -1097,7 +1090,7 @@ impl Config {
                 ),
             );
         }
-        non_empty!(self.llm_model, "LLM_MODEL", "anthropic/claude-3.5-sonnet");
+        non_empty!(self.llm_model, "LLM_MODEL", "anthropic/claude-sonnet-4.6");
         if self.summarizer == SummarizerChoice::Llm && self.llm_api_key().is_none() {
             return bad(
                 "SUMMARIZER",
@@ -1918,7 +1911,7 @@ mod tests {
         assert_eq!(c.postgres_sslmode, None);
         assert_eq!(c.db_max_connections, 10);
         assert_eq!(c.llm_base_url, "https://openrouter.ai/api/v1");
-        assert_eq!(c.llm_model, "anthropic/claude-3.5-sonnet");
+        assert_eq!(c.llm_model, "anthropic/claude-sonnet-4.6");
         assert!(c.openrouter_api_key.is_none() && c.llm_api_key.is_none());
         assert_eq!(c.summarizer, SummarizerChoice::Auto);
         assert_eq!(c.llm_concurrency, 4);

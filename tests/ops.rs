@@ -1265,6 +1265,18 @@ async fn metrics_and_status_match_the_events_sent() {
         ),
     ];
     let mut wrong = Vec::new();
+    // `_total` is a counter in Prometheus; the build is labelled
+    for want in [
+        "# TYPE recap_llm_cost_usd_total counter\nrecap_llm_cost_usd_total 0\n",
+        &format!(
+            "recap_build_info{{version=\"{}\",git=\"",
+            env!("CARGO_PKG_VERSION")
+        ),
+    ] {
+        if !text.contains(want) {
+            wrong.push(format!("no {want:?} in /metrics"));
+        }
+    }
     for (name, want) in wanted {
         let got = metric(&text, name);
         if got.is_none() || (want.is_some() && got != want) {
@@ -1735,4 +1747,42 @@ async fn every_command_logs_the_configuration_warnings() {
             "recap {args:?} (exit {code}) did not log the configuration warning on stderr:\n{out}{err}"
         );
     }
+}
+
+// ================================================================================================ check --llm
+
+/// A model the endpoint does not have (the test server answers 404 `model_not_found` for `missing/...`): `check --llm`
+/// fails and says so in plain words, naming LLM_MODEL; the configured model answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_llm_says_when_the_model_does_not_exist_at_the_endpoint() {
+    let _guard = SERVICES.lock().await;
+    let db = fresh_db().await;
+    db.migrate().await;
+    let mut envs = recap_env(&db, None);
+    set(&mut envs, "LLM_BASE_URL", &env("LLM_BASE_URL"));
+    set(&mut envs, "LLM_API_KEY", "test-key");
+    set(&mut envs, "LLM_MAX_RETRIES", "3");
+    set(&mut envs, "LLM_MODEL", "test/model");
+    let (code, out, err) = run_recap(&["check", "--llm"], &envs);
+    assert_eq!(
+        code, 0,
+        "check --llm with a model the endpoint has:\n{out}{err}"
+    );
+
+    set(&mut envs, "LLM_MODEL", "missing/no-such-model");
+    let t0 = Instant::now();
+    let (code, out, err) = run_recap(&["check", "--llm"], &envs);
+    let secs = t0.elapsed().as_secs_f64();
+    assert_ne!(code, 0, "check --llm passes with a missing model:\n{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("FAIL") && l.contains("LLM"))
+        .unwrap_or_else(|| panic!("no failing LLM line:\n{out}{err}"));
+    assert!(
+        line.contains("\"missing/no-such-model\" (LLM_MODEL) does not exist at this endpoint"),
+        "not said in plain words: {line}"
+    );
+    // not retried: a missing model is no passing fault
+    assert!(secs < 5.0, "check --llm took {secs:.1}s");
+    eprintln!("FIGURE check --llm, missing model: answered in {secs:.2}s: {line}");
 }
