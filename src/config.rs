@@ -518,7 +518,7 @@ pub struct Config {
 
     // ----- Service -----
     /// Address of the HTTP server (/healthz, /readyz, /metrics)
-    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9090", help_heading = H_SVC)]
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9464", help_heading = H_SVC)]
     pub http_addr: SocketAddr,
 
     /// Name of this instance in leases and logs (default: hostname:pid)
@@ -1951,7 +1951,7 @@ mod tests {
         assert_eq!(c.payload_emotion_field, "emotional_context");
         assert_eq!(c.content_vector_name, "content");
         assert_eq!(c.memory_types, vec!["conversation"]);
-        assert_eq!(c.http_addr, "127.0.0.1:9090".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.http_addr, "127.0.0.1:9464".parse::<SocketAddr>().unwrap());
         assert_eq!(c.instance_id, None);
         assert_eq!(c.lease_seconds, 120);
         assert_eq!(c.leader_lease_seconds, 15);
