@@ -2525,6 +2525,14 @@ mod tests {
     }
 
     #[test]
+    fn default_instance_id_is_the_host_name_and_pid() {
+        let id = parse(&[]).instance_id();
+        let host = whoami::hostname().expect("gethostname");
+        assert_eq!(id, format!("{}:{}", host.trim(), std::process::id()));
+        assert!(!id.starts_with("unknown-host"), "{id}");
+    }
+
+    #[test]
     fn redaction_helpers() {
         assert_eq!(redact_url("nats://tok@h:4222"), "nats://***@h:4222");
         assert_eq!(redact_url("nats://u:p@h:4222"), "nats://u:***@h:4222");
