@@ -4,7 +4,7 @@
 # only CA certificates, the binary and a healthcheck script, running as the non-root user `recap` (uid/gid 10001).
 #
 #   docker build -t recap .
-#   docker run --rm -e NATS_URL=... -e DATABASE_URL=... -e QDRANT_URL=... -p 127.0.0.1:9090:9090 recap
+#   docker run --rm -e NATS_URL=... -e DATABASE_URL=... -e QDRANT_URL=... -p 127.0.0.1:9464:9464 recap
 #   docker run --rm -e DATABASE_URL=... recap migrate      # any subcommand: check, status --json, migrate, retry
 #
 # Needs BuildKit (the default builder of current Docker): cache mounts and the heredoc below.
@@ -22,6 +22,9 @@ COPY migrations ./migrations
 COPY nats ./nats
 # Strip symbols from the release binary without touching Cargo.toml's profile.
 ENV CARGO_PROFILE_RELEASE_STRIP=symbols
+# The commit shown as recap_build_info{git=...} on /metrics (.git is not in the build context):
+#   docker build --build-arg RECAP_GIT_COMMIT=$(git rev-parse --short HEAD) .
+ARG RECAP_GIT_COMMIT=unknown
 # The registry and target directory live in cache mounts, so a rebuild after a source change recompiles only recap.
 # The binary is copied out of the cache mount (which is not part of the image layer).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -48,7 +51,7 @@ COPY --chmod=0755 <<'EOF' /usr/local/bin/recap-healthcheck
 #!/bin/bash
 # Exit 0 when GET /healthz on HTTP_ADDR answers 200.
 set -u
-addr=${HTTP_ADDR:-127.0.0.1:9090}
+addr=${HTTP_ADDR:-127.0.0.1:9464}
 port=${addr##*:}
 host=${addr%:*}
 host=${host#[}
@@ -61,8 +64,8 @@ case $status in "HTTP/1."?" 200"*) exit 0 ;; *) exit 1 ;; esac
 EOF
 
 # The operations endpoint (/healthz, /readyz, /metrics) must listen beyond the container's loopback.
-ENV HTTP_ADDR=0.0.0.0:9090
-EXPOSE 9090
+ENV HTTP_ADDR=0.0.0.0:9464
+EXPOSE 9464
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it: this is the user `recap` created above.
 USER 10001:10001

@@ -1,5 +1,10 @@
 //! What a Rust bot adds to tell recap about a message point it stored (the contract: nats/README.md).
 //!
+//! Self-contained: the bot needs no part of recap, only these crates (the versions recap builds with):
+//! `async-nats = { version = "0.51", features = ["jetstream"] }`, `serde = { version = "1", features = ["derive"] }`,
+//! `serde_json = "1"`, `tokio = { version = "1", features = ["time"] }`, `tracing = "0.1"`; the demo `main` below also
+//! uses `chrono`, `uuid` (v4) and `tracing-subscriber`.
+//!
 //! Call `publish_stored(..)` right AFTER the point is written to Qdrant. It never fails the bot and never takes
 //! longer than PUBLISH_TIMEOUT: when NATS is down the bot goes on, and recap's periodic scan picks the point up later.
 //!
@@ -11,22 +16,58 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
-use recap::event::StoredEvent;
 
 /// The whole publish, PubAck included.
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// recap's `message stored` event, contract version 1 (nats/README.md). Unknown fields are ignored by recap.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredEvent {
+    /// Always 1.
+    pub v: u32,
+    /// The bot's name, one subject token: only `[A-Za-z0-9_-]`.
+    pub bot: String,
+    /// The Qdrant collection the point was written to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    /// The Qdrant point id (a UUID), as written.
+    pub point_id: String,
+    /// The payload's `user_id`, a string (e.g. a Discord snowflake).
+    pub user_id: String,
+    /// `user`, `assistant` or `conversation_pair`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// When the message was written, RFC 3339 with a zone, e.g. `2026-11-20T14:03:11.512Z`.
+    pub ts: String,
+}
+
 /// Publishes recap's `stored` event for one point on `<prefix>.<bot>` with `Nats-Msg-Id` = the point id.
 /// True when JetStream acknowledged it (a duplicate counts: the event is stored). Errors are logged, never returned.
 pub async fn publish_stored(js: &jetstream::Context, prefix: &str, event: &StoredEvent) -> bool {
-    if let Err(e) = event.validate() {
-        tracing::warn!(point_id = %event.point_id, "recap event not published: {e}");
+    let bot_ok = (1..=100).contains(&event.bot.len())
+        && event
+            .bot
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !bot_ok {
+        tracing::warn!(point_id = %event.point_id, "recap event not published: bot must be 1-100 of [A-Za-z0-9_-]");
         return false;
     }
+    let body = match serde_json::to_vec(event) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(point_id = %event.point_id, "recap event not published: {e}");
+            return false;
+        }
+    };
     let msg = PublishMessage::build()
-        .payload(event.to_body().into())
+        .payload(body.into())
         .message_id(&event.point_id);
-    let publish = async { js.send_publish(event.subject(prefix), msg).await?.await };
+    let publish = async {
+        js.send_publish(format!("{prefix}.{}", event.bot), msg)
+            .await?
+            .await
+    };
     match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
         Ok(Ok(_ack)) => true,
         Ok(Err(e)) => {
@@ -94,7 +135,7 @@ async fn main() {
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             user_id: user.clone(),
             role: Some("user".into()),
-            ts: chrono::Utc::now(),
+            ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         };
         acked += publish_stored(&js, &prefix, &event).await as usize;
     }

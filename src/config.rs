@@ -357,7 +357,7 @@ pub struct Config {
     pub llm_base_url: String,
 
     /// Model name sent to the API
-    #[arg(long, env = "LLM_MODEL", default_value = "anthropic/claude-3.5-sonnet", help_heading = H_LLM)]
+    #[arg(long, env = "LLM_MODEL", default_value = "anthropic/claude-sonnet-4.6", help_heading = H_LLM)]
     pub llm_model: String,
 
     /// OpenRouter API key (used when LLM_API_KEY is unset)
@@ -518,7 +518,7 @@ pub struct Config {
 
     // ----- Service -----
     /// Address of the HTTP server (/healthz, /readyz, /metrics)
-    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9090", help_heading = H_SVC)]
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9464", help_heading = H_SVC)]
     pub http_addr: SocketAddr,
 
     /// Token that logs in to the web console at /console; without it the console is served only on a loopback
@@ -747,20 +747,13 @@ fn url_password(s: &str) -> Vec<&str> {
     out
 }
 
+/// The machine's host name (gethostname(2) through `whoami`; in a container, the container's).
 fn hostname() -> String {
-    if let Ok(h) = std::env::var("HOSTNAME")
-        && !h.trim().is_empty()
-    {
-        return h.trim().to_owned();
-    }
-    for path in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
-        if let Ok(h) = std::fs::read_to_string(path)
-            && !h.trim().is_empty()
-        {
-            return h.trim().to_owned();
-        }
-    }
-    "unknown-host".to_owned()
+    whoami::hostname()
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned())
 }
 
 const SSL_MODES: &[&str] = &[
@@ -1118,7 +1111,7 @@ impl Config {
                 ),
             );
         }
-        non_empty!(self.llm_model, "LLM_MODEL", "anthropic/claude-3.5-sonnet");
+        non_empty!(self.llm_model, "LLM_MODEL", "anthropic/claude-sonnet-4.6");
         if self.summarizer == SummarizerChoice::Llm && self.llm_api_key().is_none() {
             return bad(
                 "SUMMARIZER",
@@ -1948,7 +1941,7 @@ mod tests {
         assert_eq!(c.postgres_sslmode, None);
         assert_eq!(c.db_max_connections, 10);
         assert_eq!(c.llm_base_url, "https://openrouter.ai/api/v1");
-        assert_eq!(c.llm_model, "anthropic/claude-3.5-sonnet");
+        assert_eq!(c.llm_model, "anthropic/claude-sonnet-4.6");
         assert!(c.openrouter_api_key.is_none() && c.llm_api_key.is_none());
         assert_eq!(c.summarizer, SummarizerChoice::Auto);
         assert_eq!(c.llm_concurrency, 4);
@@ -1988,7 +1981,7 @@ mod tests {
         assert_eq!(c.payload_emotion_field, "emotional_context");
         assert_eq!(c.content_vector_name, "content");
         assert_eq!(c.memory_types, vec!["conversation"]);
-        assert_eq!(c.http_addr, "127.0.0.1:9090".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.http_addr, "127.0.0.1:9464".parse::<SocketAddr>().unwrap());
         assert_eq!(c.instance_id, None);
         assert_eq!(c.lease_seconds, 120);
         assert_eq!(c.leader_lease_seconds, 15);
@@ -2564,6 +2557,14 @@ mod tests {
                 .warnings()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn default_instance_id_is_the_host_name_and_pid() {
+        let id = parse(&[]).instance_id();
+        let host = whoami::hostname().expect("gethostname");
+        assert_eq!(id, format!("{}:{}", host.trim(), std::process::id()));
+        assert!(!id.starts_with("unknown-host"), "{id}");
     }
 
     #[test]

@@ -33,6 +33,26 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// The `metrics` registry's text plus what it cannot hold: the f64 counter `recap_llm_cost_usd_total` and
+/// `recap_build_info{version,git} 1` (the crate version, and the commit from RECAP_GIT_COMMIT at build time).
+pub fn render_metrics(handle: &PrometheusHandle) -> String {
+    use std::fmt::Write;
+    let mut text = handle.render();
+    let _ = write!(
+        text,
+        "# HELP recap_llm_cost_usd_total USD spent on LLM calls since start.\n\
+         # TYPE recap_llm_cost_usd_total counter\n\
+         recap_llm_cost_usd_total {}\n\
+         # HELP recap_build_info The running recap's version and git commit.\n\
+         # TYPE recap_build_info gauge\n\
+         recap_build_info{{version=\"{}\",git=\"{}\"}} 1\n",
+        crate::summarize::llm::cost_usd_total(),
+        env!("CARGO_PKG_VERSION"),
+        option_env!("RECAP_GIT_COMMIT").unwrap_or("unknown"),
+    );
+    text
+}
+
 /// What `/readyz` checks.
 #[derive(Clone)]
 pub struct Readiness {
@@ -118,7 +138,7 @@ pub fn router(metrics: PrometheusHandle, ready: Readiness) -> Router {
                 if let Ok(Ok(snap)) = tokio::time::timeout(Duration::from_secs(2), snap).await {
                     snap.publish_gauges();
                 }
-                s.metrics.render()
+                render_metrics(&s.metrics)
             }),
         )
         .with_state(AppState { metrics, ready })

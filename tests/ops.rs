@@ -687,6 +687,16 @@ fn compose_wires_every_setting_recap_requires_to_a_service_in_the_file() {
         "HTTP_ADDR {} is not reachable from outside the container",
         cfg.http_addr
     );
+    assert_ne!(
+        cfg.http_addr.port(),
+        9090,
+        "HTTP_ADDR collides with Prometheus' own port 9090"
+    );
+    let default_port = recap_config(&BTreeMap::new()).unwrap().http_addr.port();
+    assert_ne!(
+        default_port, 9090,
+        "the default HTTP_ADDR is Prometheus' port"
+    );
     let published = recap
         .get("ports")
         .map(Yaml::strs)
@@ -700,6 +710,290 @@ fn compose_wires_every_setting_recap_requires_to_a_service_in_the_file() {
         cfg.http_addr.port()
     );
     assert!(recap.get("healthcheck").is_some() || dockerfile().contains("HEALTHCHECK"));
+}
+
+/// recap's settings as clap declares them: (variable, default values joined by ",", or None without a default).
+fn recap_settings() -> Vec<(String, Option<String>)> {
+    use clap::CommandFactory;
+    ConfigOnly::command()
+        .get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_string_lossy().into_owned();
+            let defaults = a.get_default_values();
+            let default = (!defaults.is_empty()).then(|| {
+                defaults
+                    .iter()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
+            Some((env, default))
+        })
+        .collect()
+}
+
+/// .env.example: (variables set, with their values; variables listed as `# NAME=`, unset by default).
+fn env_example() -> (BTreeMap<String, String>, Vec<String>) {
+    let text = std::fs::read_to_string(Path::new(REPO).join(".env.example")).expect(".env.example");
+    let (mut set, mut unset) = (BTreeMap::new(), Vec::new());
+    let is_name = |k: &str| {
+        !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            if let Some((k, "")) = rest.split_once('=')
+                && is_name(k)
+            {
+                unset.push(k.to_string());
+            }
+        } else if let Some((k, v)) = line.split_once('=') {
+            assert!(is_name(k), ".env.example: not `NAME=value`: {line:?}");
+            assert!(
+                set.insert(k.to_string(), v.to_string()).is_none(),
+                ".env.example sets {k} twice"
+            );
+        } else {
+            assert!(
+                line.trim().is_empty() || line.starts_with('#'),
+                ".env.example: {line:?}"
+            );
+        }
+    }
+    (set, unset)
+}
+
+/// The fit of the compose file for the people who run it: every recap setting can be passed (`env_file: .env` and an
+/// `.env.example` that lists each with its default), images are pinned, the port is not Prometheus' 9090, and the
+/// `demo` profile seeds the sample conversations with the repo's loader once recap is up and prints the summaries.
+#[test]
+fn compose_passes_every_setting_pins_its_images_and_has_a_demo_profile() {
+    let text = std::fs::read_to_string(Path::new(REPO).join("docker-compose.yml")).unwrap();
+    let doc = YamlReader::parse(&text);
+    let services = doc.get("services").expect("services:");
+    let names: Vec<&str> = services.keys();
+
+    // images pinned to a version: no `latest`, no bare name
+    for name in &names {
+        let svc = services.get(name).unwrap();
+        if let Some(image) = svc.get("image").and_then(Yaml::str) {
+            if svc.get("build").is_some() {
+                continue; // built here
+            }
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+            assert!(
+                tag != "latest" && tag.chars().any(|c| c.is_ascii_digit()),
+                "{name}: image {image} is not pinned to a version"
+            );
+        }
+    }
+    let qdrant = services
+        .get("qdrant")
+        .unwrap()
+        .get("image")
+        .and_then(Yaml::str)
+        .unwrap();
+    let qdrant_tag = qdrant.rsplit_once(':').unwrap().1;
+    assert!(
+        qdrant_tag.trim_start_matches('v').split('.').count() == 3,
+        "pin Qdrant to a release (vX.Y.Z), not {qdrant}"
+    );
+
+    // every recap setting is listed in .env.example, once, with clap's default (or `# NAME=` without one)
+    let (set, unset) = env_example();
+    let settings = recap_settings();
+    let mut problems = Vec::new();
+    for (var, default) in &settings {
+        match (set.get(var), unset.contains(var), default) {
+            (Some(v), false, Some(d)) if v == d => {}
+            (Some(v), false, Some(d)) => {
+                problems.push(format!("{var}={v}, but the default is {d}"))
+            }
+            (None, true, None) => {}
+            (None, true, Some(d)) => {
+                problems.push(format!("{var} is listed unset; its default is {d}"))
+            }
+            (Some(v), _, None) => {
+                problems.push(format!("{var}={v} is set, but recap has no default for it"))
+            }
+            (None, false, _) => problems.push(format!("{var} is missing")),
+            (Some(_), true, _) => problems.push(format!("{var} is listed twice")),
+        }
+    }
+    for var in set.keys().chain(unset.iter()) {
+        let compose_only = ["RUST_LOG", "RECAP_GIT_COMMIT"].contains(&var.as_str());
+        if !compose_only && !settings.iter().any(|(v, _)| v == var) {
+            problems.push(format!("{var} is no recap setting"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        ".env.example:\n{}",
+        problems.join("\n")
+    );
+    eprintln!(
+        "FIGURE .env.example: {} settings ({} with a default, {} unset by default)",
+        settings.len(),
+        set.len(),
+        unset.len()
+    );
+
+    // both recap services read .env; with .env.example copied to .env, recap accepts what it gets (the compose
+    // `environment:` wins over env_file)
+    for svc in ["recap", "recap-migrate"] {
+        let env_file = services
+            .get(svc)
+            .unwrap()
+            .get("env_file")
+            .expect("env_file");
+        let paths: Vec<&str> = match env_file {
+            Yaml::Str(p) => vec![p.as_str()],
+            Yaml::List(l) => l
+                .iter()
+                .filter_map(|e| e.str().or_else(|| e.get("path").and_then(Yaml::str)))
+                .collect(),
+            other => panic!("{svc}: env_file {other:?}"),
+        };
+        assert!(
+            paths.contains(&".env"),
+            "{svc} does not read .env: {paths:?}"
+        );
+        let mut env = set.clone();
+        for (k, v) in environment(services.get(svc).unwrap()) {
+            env.insert(k, interpolate(&v));
+        }
+        let cfg = recap_config(&env)
+            .unwrap_or_else(|e| panic!("{svc} with .env.example as .env: recap rejects it: {e}"));
+        if svc == "recap" {
+            assert!(cfg.http_addr.ip().is_unspecified() && cfg.http_addr.port() != 9090);
+        }
+    }
+
+    // the demo profile: a seeding service runs the repo's loader against this file's Qdrant (gRPC) and NATS once
+    // recap is healthy; another prints the summaries; nothing outside the profile depends on them
+    let in_demo = |name: &str| {
+        services
+            .get(name)
+            .and_then(|s| s.get("profiles"))
+            .map(Yaml::strs)
+            .unwrap_or_default()
+            .contains(&"demo")
+    };
+    let demo: Vec<&str> = names.iter().copied().filter(|n| in_demo(n)).collect();
+    assert!(!demo.is_empty(), "no service in the `demo` profile");
+    let seed = demo
+        .iter()
+        .copied()
+        .find(|n| {
+            command(services.get(n).unwrap())
+                .join(" ")
+                .contains("scripts/demo_load.py")
+        })
+        .expect("a demo service runs scripts/demo_load.py");
+    let seed_svc = services.get(seed).unwrap();
+    let cmdline = interpolate(&command(seed_svc).join(" "));
+    let arg = |flag: &str| {
+        let at = cmdline
+            .find(flag)
+            .unwrap_or_else(|| panic!("the loader gets no {flag}"))
+            + flag.len();
+        cmdline[at..].split_whitespace().next().unwrap().to_string()
+    };
+    let (qh, qp) = host_port(&arg("--qdrant"));
+    assert!(
+        names.contains(&qh.as_str()) && qp == 6334,
+        "the loader's Qdrant {qh}:{qp}"
+    );
+    let (nh, np) = host_port(&arg("--nats"));
+    assert!(
+        names.contains(&nh.as_str()) && np == 4222,
+        "the loader's NATS {nh}:{np}"
+    );
+    let wd = seed_svc
+        .get("working_dir")
+        .and_then(Yaml::str)
+        .unwrap_or("/");
+    for needed in ["scripts/demo_load.py", "demo/conversations.json"] {
+        let inside = Path::new(wd).join(needed);
+        let mounted = volumes(seed_svc).into_iter().any(|(src, dst)| {
+            inside.starts_with(&dst) && {
+                let rel = inside.strip_prefix(&dst).unwrap();
+                let mut host = Path::new(REPO).join(&src);
+                if !rel.as_os_str().is_empty() {
+                    host = host.join(rel);
+                }
+                host.canonicalize().ok() == Path::new(REPO).join(needed).canonicalize().ok()
+            }
+        });
+        assert!(
+            mounted,
+            "{seed} does not see the repo's {needed} at {}",
+            inside.display()
+        );
+    }
+    for (p, _) in [("qdrant-client", ()), ("nats-py", ())] {
+        assert!(cmdline.contains(&format!("{p}==")), "{seed}: pin {p}");
+    }
+    match seed_svc.get("depends_on").and_then(|d| d.get("recap")) {
+        Some(dep) => assert_eq!(
+            dep.get("condition").and_then(Yaml::str),
+            Some("service_healthy"),
+            "{seed} must wait until recap is up (its stream exists)"
+        ),
+        None => panic!("{seed} does not depend on recap"),
+    }
+    assert!(
+        demo.iter().any(|n| command(services.get(n).unwrap())
+            .join(" ")
+            .contains("FROM conversation_summaries")),
+        "no demo service shows the summaries"
+    );
+    for name in &names {
+        for dep in depends_on(services.get(name).unwrap()) {
+            assert!(
+                names.contains(&dep.as_str()),
+                "{name} depends on unknown {dep}"
+            );
+            if !in_demo(name) {
+                assert!(
+                    !in_demo(&dep),
+                    "{name} (no profile) depends on the demo's {dep}"
+                );
+            }
+        }
+    }
+
+    // docs: nats/README.md names the nats-server version compose runs; README lists every subcommand
+    let nats_image = services
+        .get("nats")
+        .unwrap()
+        .get("image")
+        .and_then(Yaml::str)
+        .unwrap();
+    let nats_version = nats_image
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .split('-')
+        .next()
+        .unwrap();
+    let nats_readme = std::fs::read_to_string(Path::new(REPO).join("nats/README.md")).unwrap();
+    assert!(
+        nats_readme.contains(&format!("nats-server {nats_version}")),
+        "nats/README.md does not name nats-server {nats_version} (the compose file's {nats_image})"
+    );
+    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).unwrap();
+    use clap::CommandFactory;
+    for sub in recap::cmd::Cli::command().get_subcommands() {
+        let name = sub.get_name();
+        if name != "help" {
+            assert!(
+                readme.contains(&format!("`recap {name}")),
+                "README.md does not list `recap {name}`"
+            );
+        }
+    }
 }
 
 fn dockerfile() -> String {
@@ -848,7 +1142,7 @@ fn dockerfile_builds_release_and_runs_unprivileged_with_a_healthcheck() {
             ".dockerignore excludes {needed}, which the build needs"
         );
     }
-    // runtime: CA certificates, unprivileged, healthcheck on /healthz, `recap run` on 0.0.0.0:9090
+    // runtime: CA certificates, unprivileged, healthcheck on /healthz, `recap run` on 0.0.0.0:9464
     let runs: String = runtime
         .iter()
         .filter(|(i, _)| i == "RUN")
@@ -897,8 +1191,14 @@ fn dockerfile_builds_release_and_runs_unprivileged_with_a_healthcheck() {
     };
     assert_eq!(get("ENTRYPOINT"), r#"["recap"]"#);
     assert_eq!(get("CMD"), r#"["run"]"#);
-    assert!(get("ENV").contains("HTTP_ADDR=0.0.0.0:9090"));
-    assert!(get("EXPOSE").split_whitespace().any(|p| p == "9090"));
+    // 9464, not 9090: Prometheus itself listens on 9090, often on the same host
+    assert!(get("ENV").contains("HTTP_ADDR=0.0.0.0:9464"));
+    assert!(get("EXPOSE").split_whitespace().any(|p| p == "9464"));
+    let script = heredoc(&text, HEALTHCHECK_SCRIPT);
+    assert!(
+        script.contains("127.0.0.1:9464") && !script.contains("9090"),
+        "the healthcheck's default port is not recap's"
+    );
 }
 
 // ================================================================================================ helpers (services)
@@ -1265,6 +1565,18 @@ async fn metrics_and_status_match_the_events_sent() {
         ),
     ];
     let mut wrong = Vec::new();
+    // `_total` is a counter in Prometheus; the build is labelled
+    for want in [
+        "# TYPE recap_llm_cost_usd_total counter\nrecap_llm_cost_usd_total 0\n",
+        &format!(
+            "recap_build_info{{version=\"{}\",git=\"",
+            env!("CARGO_PKG_VERSION")
+        ),
+    ] {
+        if !text.contains(want) {
+            wrong.push(format!("no {want:?} in /metrics"));
+        }
+    }
     for (name, want) in wanted {
         let got = metric(&text, name);
         if got.is_none() || (want.is_some() && got != want) {
@@ -1663,20 +1975,114 @@ async fn recap_runs_with_only_the_documented_postgres_grants() {
         "recap hit a missing grant:\n{}",
         leaks(&text, &["permission denied"]).join("\n")
     );
-    for args in [
-        &["check"][..],
-        &["status", "--json"][..],
-        &["retry", "--all"][..],
+    // every other subcommand, as that role: none may need CREATE once the schema is up to date
+    let mut envs_no_nats = envs.clone();
+    envs_no_nats.retain(|(k, _)| !k.starts_with("NATS_"));
+    for (args, envs) in [
+        (&["check"][..], &envs),
+        (&["status", "--json"][..], &envs),
+        (&["retry", "--all"][..], &envs),
+        (&["resummarize", "--since", "1d"][..], &envs),
+        (&["migrate"][..], &envs),
+        (&["replay", "--from-seq", "1"][..], &envs),
+        (&["sweep", "--once"][..], &envs_no_nats),
+        (&["backfill", "--since", "3650d"][..], &envs_no_nats),
     ] {
-        let (code, out, err) = run_recap(args, &envs);
+        let (code, out, err) = run_recap(args, envs);
         assert_eq!(
             code, 0,
             "recap {args:?} with the documented grants:\n{out}{err}"
         );
+        assert!(
+            !format!("{out}{err}").contains("permission denied"),
+            "recap {args:?} hit a missing grant:\n{out}{err}"
+        );
     }
+    // `sweep` without --once is the service on the sweep alone: it serves /healthz and stops cleanly
+    let port = free_port();
+    set(&mut envs_no_nats, "HTTP_ADDR", &format!("127.0.0.1:{port}"));
+    let log = log_path("least-privilege-sweep");
+    let mut child = spawn(&["sweep"], &envs_no_nats, &log);
+    wait_http(port, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;
+    stop(&mut child.0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("permission denied"),
+        "recap sweep with the documented grants:\n{text}"
+    );
+    // the sweeps read the other tests' collections too (shared Qdrant); this bot's summaries are unchanged
+    let mine: Vec<_> = rows(&s.db.pool)
+        .await
+        .into_iter()
+        .filter(|r| r.bot == s.bot)
+        .collect();
+    assert_eq!(mine, expected, "a subcommand changed this bot's summaries");
     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP OWNED BY {role}; DROP ROLE {role}"
     )))
     .execute(&s.db.pool)
     .await;
+}
+
+// ================================================================================================ logging
+
+/// `check`, `status`, `retry` and `resummarize` set up logging like `run`: a configuration warning (here: no NATS_URL)
+/// reaches the user on stderr.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_command_logs_the_configuration_warnings() {
+    let _guard = SERVICES.lock().await;
+    let db = fresh_db().await;
+    db.migrate().await;
+    let envs = recap_env(&db, None);
+    for args in [
+        &["check"][..],
+        &["status"][..],
+        &["retry", "--all"][..],
+        &["resummarize"][..],
+        &["migrate"][..],
+    ] {
+        let (code, out, err) = run_recap(args, &envs);
+        assert!(
+            err.contains("WARN") && err.contains("NATS_URL is not set"),
+            "recap {args:?} (exit {code}) did not log the configuration warning on stderr:\n{out}{err}"
+        );
+    }
+}
+
+// ================================================================================================ check --llm
+
+/// A model the endpoint does not have (the test server answers 404 `model_not_found` for `missing/...`): `check --llm`
+/// fails and says so in plain words, naming LLM_MODEL; the configured model answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_llm_says_when_the_model_does_not_exist_at_the_endpoint() {
+    let _guard = SERVICES.lock().await;
+    let db = fresh_db().await;
+    db.migrate().await;
+    let mut envs = recap_env(&db, None);
+    set(&mut envs, "LLM_BASE_URL", &env("LLM_BASE_URL"));
+    set(&mut envs, "LLM_API_KEY", "test-key");
+    set(&mut envs, "LLM_MAX_RETRIES", "3");
+    set(&mut envs, "LLM_MODEL", "test/model");
+    let (code, out, err) = run_recap(&["check", "--llm"], &envs);
+    assert_eq!(
+        code, 0,
+        "check --llm with a model the endpoint has:\n{out}{err}"
+    );
+
+    set(&mut envs, "LLM_MODEL", "missing/no-such-model");
+    let t0 = Instant::now();
+    let (code, out, err) = run_recap(&["check", "--llm"], &envs);
+    let secs = t0.elapsed().as_secs_f64();
+    assert_ne!(code, 0, "check --llm passes with a missing model:\n{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("FAIL") && l.contains("LLM"))
+        .unwrap_or_else(|| panic!("no failing LLM line:\n{out}{err}"));
+    assert!(
+        line.contains("\"missing/no-such-model\" (LLM_MODEL) does not exist at this endpoint"),
+        "not said in plain words: {line}"
+    );
+    // not retried: a missing model is no passing fault
+    assert!(secs < 5.0, "check --llm took {secs:.1}s");
+    eprintln!("FIGURE check --llm, missing model: answered in {secs:.2}s: {line}");
 }

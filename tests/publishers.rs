@@ -490,3 +490,232 @@ async fn python_example_gives_up_on_a_missing_puback_within_its_timeout() {
         "FIGURE python example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)"
     );
 }
+
+// ------------------------------------------------------------------------------------------------ TypeScript (Node)
+
+/// `examples/ts/dist/publish.js`: `npm ci` (when node_modules is missing or older than the lock file), then `tsc`,
+/// once per test run. Needs node and npm (20+; Debian: `apt-get install nodejs npm`).
+fn ts_example() -> &'static Path {
+    static JS: OnceLock<PathBuf> = OnceLock::new();
+    JS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ts");
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let installed = modified(&dir.join("node_modules/.package-lock.json"));
+        if installed.is_none() || installed < modified(&dir.join("package-lock.json")) {
+            let st = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir)
+                .status()
+                .unwrap_or_else(|e| {
+                    panic!("npm ci in examples/ts: {e} (install node 20+ and npm)")
+                });
+            assert!(st.success(), "npm ci in examples/ts failed");
+        }
+        let st = Command::new("node")
+            .args(["node_modules/typescript/bin/tsc", "-p", "."])
+            .current_dir(&dir)
+            .status()
+            .unwrap_or_else(|e| panic!("node: {e} (install node 20+)"));
+        assert!(st.success(), "tsc -p examples/ts failed");
+        dir.join("dist/publish.js")
+    })
+}
+
+fn run_ts(args: &[&str], nats_url: &str) -> (i32, String, String, f64) {
+    let script = ts_example().to_str().unwrap().to_string();
+    let mut full = vec![script.as_str()];
+    full.extend_from_slice(args);
+    run(Path::new("node"), &full, nats_url)
+}
+
+#[tokio::test]
+async fn ts_example_publishes_events_recap_accepts() {
+    let ns = nats_ns();
+    ns.ensure().await;
+    let bot = format!("t{}", token());
+    let n = 20;
+    let (url, prefix, b) = (ns.url.clone(), ns.prefix.clone(), bot.clone());
+    let (code, out, err, secs) = tokio::task::spawn_blocking(move || {
+        run_ts(
+            &[
+                "--count",
+                &n.to_string(),
+                "--bot",
+                &b,
+                "--user",
+                "123456789012345678",
+                "--prefix",
+                &prefix,
+            ],
+            &url,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "{n} of {n} events acknowledged on {}.{bot}",
+            ns.prefix
+        )),
+        "{out}"
+    );
+    assert_eq!(stream_messages(&ns).await, n as u64);
+    // read_stream checks each event with recap's own parser and the Nats-Msg-Id header
+    let events = read_stream(&ns, &bot, "123456789012345678", n).await;
+    assert_eq!(events.len(), n);
+    let ids: std::collections::HashSet<_> = events.iter().map(|e| e.point_id.clone()).collect();
+    assert_eq!(ids.len(), n, "point ids are distinct");
+    assert!(events.iter().all(|e| e.collection.as_deref()
+        == Some(format!("whisperengine_memory_{bot}").as_str())
+        && e.role.as_deref() == Some("user")));
+    eprintln!(
+        "FIGURE ts example: {n} events published and acknowledged in {secs:.3}s wall (node start included)"
+    );
+    drop_stream(&ns).await;
+}
+
+#[tokio::test]
+async fn ts_example_duplicate_point_ids_are_dropped() {
+    let ns = nats_ns();
+    ns.ensure().await;
+    let bot = format!("t{}", token());
+    let point = uuid::Uuid::new_v4().to_string();
+    let (url, prefix, b, p) = (
+        ns.url.clone(),
+        ns.prefix.clone(),
+        bot.clone(),
+        point.clone(),
+    );
+    let (code, out, err, _) = tokio::task::spawn_blocking(move || {
+        run_ts(
+            &[
+                "--count",
+                "3",
+                "--bot",
+                &b,
+                "--user",
+                "u1",
+                "--prefix",
+                &prefix,
+                "--point-id",
+                &p,
+            ],
+            &url,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 of 3 events acknowledged"), "{out}");
+    assert_eq!(stream_messages(&ns).await, 1, "duplicates were stored");
+    let events = read_stream(&ns, &bot, "u1", 1).await;
+    assert_eq!(events[0].point_id, point);
+    drop_stream(&ns).await;
+}
+
+#[test]
+fn ts_example_with_nats_down_exits_at_once() {
+    let url = format!("nats://127.0.0.1:{}", dead_port());
+    let (code, out, err, secs) = run_ts(&["--count", "5"], &url);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("publishing skipped"), "{out}");
+    assert!(secs < 2.0, "took {secs:.3}s");
+    eprintln!("FIGURE ts example, NATS port closed: exit 0 in {secs:.3}s (node start included)");
+}
+
+#[test]
+fn ts_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("nats://{}", silent.local_addr().unwrap());
+    let (code, out, err, secs) = run_ts(&["--count", "5"], &url);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("publishing skipped"), "{out}");
+    assert!(secs < 2.5, "took {secs:.3}s");
+    eprintln!("FIGURE ts example, silent server: exit 0 in {secs:.3}s");
+    drop(silent);
+}
+
+#[test]
+fn ts_example_without_a_stream_does_not_fail_or_block() {
+    let prefix = format!("nostream{}.stored", token());
+    let (code, out, err, secs) = run_ts(
+        &["--count", "5", "--bot", "elena", "--prefix", &prefix],
+        &env("NATS_URL"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 of 5 events acknowledged"), "{out}");
+    assert!(secs < 2.0, "took {secs:.3}s");
+    eprintln!("FIGURE ts example, no stream (no responders): 5 publishes in {secs:.3}s");
+}
+
+/// A core subscriber on the subject that never answers: each publish gives up after its 0.5 s timeout.
+#[tokio::test]
+async fn ts_example_gives_up_on_a_missing_puback_within_its_timeout() {
+    ts_example(); // built before the subscriber waits
+    let prefix = format!("noack{}.stored", token());
+    let client = async_nats::connect(env("NATS_URL")).await.expect("connect");
+    let _sub = client
+        .subscribe(format!("{prefix}.elena"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let url = env("NATS_URL");
+    let (code, out, err, secs) = tokio::task::spawn_blocking(move || {
+        run_ts(
+            &["--count", "3", "--bot", "elena", "--prefix", &prefix],
+            &url,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 of 3 events acknowledged"), "{out}");
+    assert!(
+        secs < 3.0 * TIMEOUT + 1.0,
+        "took {secs:.3}s for 3 unacknowledged publishes"
+    );
+    assert!(
+        secs >= 3.0 * TIMEOUT * 0.9,
+        "took only {secs:.3}s: did it wait at all?"
+    );
+    eprintln!(
+        "FIGURE ts example, PubAck never comes: 3 publishes in {secs:.3}s (timeout {TIMEOUT}s each)"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------ all three
+
+/// The snippets are what a bot pastes: none depends on recap (the Rust one has its own serde struct), and
+/// nats/README.md lists each of them.
+#[test]
+fn publisher_snippets_stand_alone_and_are_listed() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rust = std::fs::read_to_string(root.join("examples/publish.rs")).unwrap();
+    assert!(
+        !rust.contains("recap::"),
+        "examples/publish.rs uses recap's own code; a bot has its own event struct"
+    );
+    assert!(
+        rust.contains("serde::Serialize"),
+        "the Rust snippet serializes its own struct"
+    );
+    let ts = std::fs::read_to_string(root.join("examples/ts/publish.ts")).unwrap();
+    for line in ts.lines().filter(|l| l.starts_with("import ")) {
+        let from = line.rsplit(['"', '\'']).nth(1).unwrap_or("");
+        assert!(
+            from.starts_with("@nats-io/") || from.starts_with("node:"),
+            "publish.ts imports {from}"
+        );
+    }
+    let py = std::fs::read_to_string(root.join("examples/publish.py")).unwrap();
+    assert!(!py.contains("import recap") && !py.contains("from recap"));
+    let readme = std::fs::read_to_string(root.join("nats/README.md")).unwrap();
+    for f in [
+        "examples/publish.py",
+        "examples/publish.rs",
+        "examples/ts/publish.ts",
+    ] {
+        assert!(readme.contains(f), "nats/README.md does not list {f}");
+    }
+}

@@ -10,6 +10,8 @@ Endpoints
                               {"summary", "key_topics", "emotional_tone", "confidence"} derived deterministically from
                               the text of the LAST user message (see summarize()).
   GET  /v1/models             one model
+Any model name is served, except names beginning with "missing/": those answer 404 model_not_found, as an endpoint
+answers a model it does not have (mode "model_not_found" in the statistics).
   GET  /control               current fault settings
   POST /control               JSON body merged into the settings (unknown keys -> 400)
   POST /control/reset         settings, statistics, RNG and the Retry-After table back to the start
@@ -55,6 +57,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 MODEL_ID = "recap-test-model"
+MISSING_MODEL_PREFIX = "missing/"  # a requested model named missing/... does not exist here: 404 model_not_found
 FAIL_MODES = ("429", "500", "nonjson", "timeout")
 PROMPT_PRICE = 1e-6  # USD per prompt token
 COMPLETION_PRICE = 5e-6  # USD per completion token
@@ -354,6 +357,11 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError) as e:
             self.error(400, f"invalid request: {e}", "invalid_request_error")
             return 400, None, "bad_request"
+        if model.startswith(MISSING_MODEL_PREFIX):
+            # as OpenAI answers a model it does not serve (OpenRouter: 404 "No endpoints found for <model>")
+            self.send_json(404, {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.",
+                                           "type": "invalid_request_error", "code": "model_not_found"}})
+            return 404, None, "model_not_found"
         if mode == "429":
             retry_after = settings["retry_after"]
             with STATE.lock:

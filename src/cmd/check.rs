@@ -142,6 +142,10 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
     if llm {
         out.push(match super::llm_probe(cfg).await {
             Ok(text) => line(true, format!("LLM {}: answered ({text})", cfg.llm_base_url)),
+            // a missing model names LLM_MODEL already; anything else points at the endpoint and the key
+            Err(cause) if cause.contains("(LLM_MODEL)") => {
+                line(false, format!("LLM {}: {cause}", cfg.llm_base_url))
+            }
             Err(cause) => line(
                 false,
                 format!(

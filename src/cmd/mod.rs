@@ -136,6 +136,17 @@ fn validated(cfg: &mut Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies recap's migrations only when one is pending: an up-to-date schema needs no CREATE privilege, so every
+/// subcommand works with the read/write grants of docs/operate.md while `recap migrate` (or the first start) runs as
+/// the schema's owner. Returns whether it migrated.
+pub async fn migrate_if_pending(store: &Store) -> anyhow::Result<bool> {
+    if store.migrations_pending().await? {
+        store.migrate().await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
     let opts = cfg.pg_connect_options()?;
     Store::connect(opts, cfg.db_max_connections)
@@ -244,8 +255,36 @@ pub async fn llm_probe(cfg: &Config) -> Result<String, String> {
             cfg.llm_model,
             s.usage.map(|u| u.prompt_tokens).unwrap_or(0)
         )),
-        Err(e) => Err(e.to_string()),
+        Err(e) => {
+            let e = e.to_string();
+            if model_not_found(&e) {
+                return Err(format!(
+                    "the model {:?} (LLM_MODEL) does not exist at this endpoint: set LLM_MODEL to a model it lists \
+                     (GET {}/models) — {e}",
+                    cfg.llm_model,
+                    cfg.llm_base_url.trim_end_matches('/')
+                ));
+            }
+            Err(e)
+        }
     }
+}
+
+/// Whether an LLM error says the requested model does not exist: OpenAI's 404 `model_not_found`, OpenRouter's
+/// 404 "No endpoints found for …" and 400 "… is not a valid model ID", and the like.
+fn model_not_found(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    (e.contains("http 404") || e.contains("http 400"))
+        && [
+            "model_not_found",
+            "model not found",
+            "not a valid model",
+            "no endpoints found",
+            "does not exist",
+            "unknown model",
+        ]
+        .iter()
+        .any(|w| e.contains(w))
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -256,17 +295,22 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             run::run(cfg, no_nats).await
         }
         Cmd::Check { mut cfg, llm } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             check::check(&cfg, llm).await
         }
         Cmd::Migrate { mut cfg } => {
             init_logging(cfg.log_format);
             validated(&mut cfg)?;
-            connect_store(&cfg).await?.migrate().await?;
-            println!("migrations applied");
+            if migrate_if_pending(&connect_store(&cfg).await?).await? {
+                println!("migrations applied");
+            } else {
+                println!("nothing to migrate: schema up to date");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { mut cfg, json } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             status::status(&cfg, json).await
         }
@@ -275,6 +319,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             from,
             since,
         } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             let since = chrono::Utc::now() - chrono::TimeDelta::from_std(since)?;
             let n = connect_store(&cfg)
@@ -323,6 +368,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             all,
             window,
         } => {
+            init_logging(cfg.log_format);
             validated(&mut cfg)?;
             if !all && window.is_none() {
                 anyhow::bail!("say which windows: --all or --window ID");
@@ -330,6 +376,29 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let n = connect_store(&cfg).await?.retry_dead(window).await?;
             println!("{n} dead window(s) put back to due");
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_not_found;
+
+    #[test]
+    fn model_not_found_reads_the_endpoints_answers() {
+        for e in [
+            "LLM call failed: HTTP 404: The model `x` does not exist or you do not have access to it.",
+            "LLM call failed: HTTP 404: No endpoints found for anthropic/claude-3.5-sonnet.",
+            "LLM call failed: HTTP 400: claude-sonnet-4-6 is not a valid model ID",
+        ] {
+            assert!(model_not_found(e), "{e}");
+        }
+        for e in [
+            "LLM call failed: HTTP 401: No auth credentials found",
+            "LLM call failed: HTTP 404: page not found",
+            "LLM endpoint unavailable: HTTP 503: the model endpoint is down",
+        ] {
+            assert!(!model_not_found(e), "{e}");
         }
     }
 }

@@ -20,7 +20,7 @@ pub async fn replay(cfg: Config, from: ReplayFrom) -> anyhow::Result<ExitCode> {
     }
     let cfg = Arc::new(cfg);
     let store = super::connect_store(&cfg).await?;
-    store.migrate().await?;
+    super::migrate_if_pending(&store).await?;
     let ctx = Context {
         cfg: cfg.clone(),
         store: store.clone(),

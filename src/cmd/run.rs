@@ -36,9 +36,7 @@ async fn store_when_ready(
             Ok(store) => {
                 // Only when something is missing: an up-to-date schema needs no CREATE privilege, so `recap run`
                 // works with the read/write grants of docs/operate.md and `recap migrate` runs as the owner.
-                if store.migrations_pending().await? {
-                    store.migrate().await?;
-                }
+                super::migrate_if_pending(&store).await?;
                 return Ok(Some(store));
             }
             Err(e) => warn!(error = %e, "waiting for Postgres"),

@@ -102,7 +102,7 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cfg = Arc::new(cfg);
     let store = super::connect_store(&cfg).await?;
-    store.migrate().await?;
+    super::migrate_if_pending(&store).await?;
     let points = super::points(&cfg)?;
     let ctx = Context {
         cfg: cfg.clone(),

@@ -32,8 +32,9 @@
 //! # Metrics (`metrics` crate)
 //! `recap_llm_calls_total{outcome}` per HTTP attempt (`ok`, `rate_limited`, `server`, `timeout`, `connect`, `client`);
 //! `recap_llm_errors_total{kind}` (`rate_limited`, `server`, `timeout`, `connect`, `client`, `invalid_json`,
-//! `breaker_open`, `budget`); `recap_llm_tokens_total{type=prompt|completion}`; `recap_llm_cost_usd_total` (a gauge
-//! that only grows: metrics counters are integers); `recap_llm_latency_seconds` (histogram, per HTTP attempt).
+//! `breaker_open`, `budget`); `recap_llm_tokens_total{type=prompt|completion}`; `recap_llm_cost_usd_total` (a counter
+//! of USD: the `metrics` crate's counters are integers, so it is kept in [`cost_usd_total`] and `/metrics` renders
+//! it); `recap_llm_latency_seconds` (histogram, per HTTP attempt).
 //! The API key is never logged and never put into an error.
 
 use std::fmt;
@@ -63,8 +64,9 @@ use super::{
 
 /// OpenRouter's OpenAI-compatible API base.
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
-/// The model WhisperEngine operators already configure (`LLM_MODEL`).
-pub const DEFAULT_MODEL: &str = "anthropic/claude-3.5-sonnet";
+/// The default `LLM_MODEL`: a model OpenRouter (the default endpoint) serves. Claude Sonnet 4.6 is listed there since
+/// 2026-02 at 3/15 USD per Mtok (the default prices); Claude 3.5 Sonnet, the earlier default, was retired in 2025-10.
+pub const DEFAULT_MODEL: &str = "anthropic/claude-sonnet-4.6";
 /// λ of the maximal-marginal-relevance selection (weight of relevance against redundancy).
 pub const MMR_LAMBDA: f64 = 0.7;
 /// Longest `Retry-After` slept on inside one `summarize` call; longer ones end the call with `Unavailable`.
@@ -138,7 +140,7 @@ impl Default for LlmSettings {
             breaker_cooldown: Duration::from_secs(60),
             retry_base_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(30),
-            // anthropic/claude-3.5-sonnet list prices
+            // anthropic/claude-sonnet-4.6 list prices (OpenRouter, 2026)
             price_prompt_per_mtok: 3.0,
             price_completion_per_mtok: 15.0,
             daily_budget_usd: None,
@@ -983,6 +985,24 @@ impl fmt::Debug for LlmSummarizer {
     }
 }
 
+/// USD spent on LLM calls since the process started, as f64 bits: the `recap_llm_cost_usd_total` counter, which
+/// `/metrics` renders (the `metrics` crate's counters are integers).
+static COST_USD_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn add_cost_usd_total(usd: f64) {
+    use std::sync::atomic::Ordering;
+    if usd.is_finite() && usd > 0.0 {
+        let _ = COST_USD_TOTAL.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            Some((f64::from_bits(bits) + usd).to_bits())
+        });
+    }
+}
+
+/// The value of the `recap_llm_cost_usd_total` counter.
+pub fn cost_usd_total() -> f64 {
+    f64::from_bits(COST_USD_TOTAL.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 impl LlmSummarizer {
     /// Builds the summarizer (no network traffic). Fails on a base URL that does not parse or a key that cannot be
     /// sent in an HTTP header.
@@ -1388,7 +1408,7 @@ impl LlmSummarizer {
         metrics::counter!("recap_llm_tokens_total", "type" => "completion")
             .increment(c.completion_tokens as u64);
         let cost = c.cost_usd.unwrap_or(0.0);
-        metrics::gauge!("recap_llm_cost_usd_total").increment(cost);
+        add_cost_usd_total(cost);
         *lock(&self.spend).at(today_utc()) += cost;
         let mut t = lock(&self.totals);
         t.ok_calls += 1;
@@ -2204,6 +2224,10 @@ mod tests {
                 (cost - d("cost_total")).abs() < 1e-9,
                 "{cost} vs {}",
                 d("cost_total")
+            );
+            assert!(
+                cost_usd_total() >= cost,
+                "recap_llm_cost_usd_total counts the call's cost"
             );
             assert_eq!(u.model, "recap-test-model");
             // our ceil(chars/4) estimate is exactly what the server counted
