@@ -732,6 +732,19 @@ const UPSERT_SUMMARY_SQL: &str =
         updated_at = now()
      RETURNING id";
 
+/// Which of a batch's closed windows (`$1` bots, `$2` users, `$3` upper and `$4` lower bounds, one element per window)
+/// have a stored window of the same key they may belong to. Returns the 1-based positions.
+pub const MERGE_CANDIDATE_PROBE_SQL: &str =
+    "SELECT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                 WITH ORDINALITY AS c(b, u, hi, lo, i)
+             CROSS JOIN LATERAL (SELECT 1 FROM recap_windows w
+                 WHERE w.bot_name = c.b AND w.user_id = c.u AND w.start_ts <= c.hi AND w.end_ts >= c.lo LIMIT 1) x";
+
+/// The stored windows of one key (`$1` bot, `$2` user) a closed window between `$4` and `$3` may belong to, locked.
+pub const MERGE_CANDIDATES_SQL: &str = "SELECT id, start_ts, end_ts FROM recap_windows
+             WHERE bot_name = $1 AND user_id = $2 AND start_ts <= $3 AND end_ts >= $4
+             ORDER BY start_ts FOR UPDATE";
+
 /// One ingest transaction (see the module docs).
 pub struct IngestTx {
     tx: Transaction<'static, Postgres>,
@@ -793,10 +806,7 @@ impl IngestTx {
         // LATERAL + LIMIT 1: one index probe per window (idx_recap_windows_key_time) whatever the table's statistics
         // say (a plain join was planned as a scan of every stored window while the statistics were young).
         let with_candidates: std::collections::HashSet<i64> = sqlx::query_scalar::<_, i64>(
-            "SELECT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-                 WITH ORDINALITY AS c(b, u, hi, lo, i)
-             CROSS JOIN LATERAL (SELECT 1 FROM recap_windows w
-                 WHERE w.bot_name = c.b AND w.user_id = c.u AND w.start_ts <= c.hi AND w.end_ts >= c.lo LIMIT 1) x",
+            MERGE_CANDIDATE_PROBE_SQL,
         )
         .bind(&bots)
         .bind(&users)
@@ -900,9 +910,7 @@ impl IngestTx {
             Mode::Tumbling => 0,
         };
         let candidates = sqlx::query(
-            "SELECT id, start_ts, end_ts FROM recap_windows
-             WHERE bot_name = $1 AND user_id = $2 AND start_ts <= $3 AND end_ts >= $4
-             ORDER BY start_ts FOR UPDATE",
+            MERGE_CANDIDATES_SQL,
         )
         .bind(&*w.bot)
         .bind(&*w.user)
