@@ -43,7 +43,12 @@
 //!   collection is skipped, any other error is returned and the page is read again on the next call).
 //!
 //! `caught_up` is set only on the last page of a cycle and on the empty batches handed out (about once a second)
-//! while waiting for the next cycle, so the ingest loop keeps ticking and renewing its lease.
+//! while waiting for the next cycle, so the ingest loop keeps ticking and renewing its lease. Those batches carry the
+//! sweep's horizon, the start of the last completed cycle ([`Batch::horizon`]): the wall clock may move watermarks
+//! only to what that cycle could have seen, never to "now" between cycles (points written since are unread).
+//!
+//! Swept payloads pass the same field checks as events ([`crate::event::check_message`]); a point that fails them is
+//! a dead letter with its reason (stored once however often the point is read again).
 
 use std::collections::VecDeque;
 use std::fmt;

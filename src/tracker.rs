@@ -5,6 +5,8 @@
 //!
 //! * Time is event time. Each bot has a watermark: the largest message time seen minus the allowed lateness, and —
 //!   only when the shell says the source is caught up — the wall clock minus the allowed lateness. It never goes back.
+//!   The shell feeds message times through [`effective_time`] (never later than the wall clock at arrival), so no
+//!   watermark passes the wall clock: a host whose clock is fast cannot close other users' windows early.
 //! * A (bot, user) key holds its open messages sorted by time (timestamp + a hash of the point id: no text).
 //!   The windows of a key are a function of its message set alone ([`canonical_windows`]); a window closes when the
 //!   bot's watermark reaches its close time, so any arrival order within the lateness bound closes the same windows.

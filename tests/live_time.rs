@@ -128,7 +128,10 @@ async fn run_mode(mode: Mode) -> Outcome {
                     id: uuid::Uuid::new_v4().to_string(),
                     user_id: plan.user.into(),
                     role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
-                    content: format!("{} says message {i} about the garden and the weather", plan.user),
+                    content: format!(
+                        "{} says message {i} about the garden and the weather",
+                        plan.user
+                    ),
                     ts_ms: wall + plan.skew_ms,
                     emotion: "neutral".into(),
                     memory_type: "conversation".into(),
@@ -230,14 +233,17 @@ async fn run_mode(mode: Mode) -> Outcome {
     );
 
     // freshness: when each row appeared (its window finished) after its idle deadline
-    let done: Vec<(String, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as(
-            "SELECT w.user_id, s.start_timestamp AT TIME ZONE 'UTC', w.updated_at FROM recap_windows w
+    let done: Vec<(
+        String,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT w.user_id, s.start_timestamp AT TIME ZONE 'UTC', w.updated_at FROM recap_windows w
              JOIN conversation_summaries s ON s.id = w.summary_id",
-        )
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
     let mut freshness_ms = Vec::new();
     for (user, start, at) in done {
         let key = deadlines
