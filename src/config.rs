@@ -1905,6 +1905,25 @@ mod tests {
     }
 
     #[test]
+    fn idle_gap_is_a_duration_and_idle_gap_minutes_still_works() {
+        let c = parse(&["--idle-gap-minutes", "7"]);
+        assert_eq!(c.tracker_config().idle_gap_ms, 7 * 60_000);
+        let c = parse(&["--idle-gap", "45s", "--idle-gap-minutes", "7"]);
+        assert_eq!(c.tracker_config().idle_gap_ms, 45_000, "IDLE_GAP wins");
+        assert_eq!(c.idle_gap(), chrono::TimeDelta::seconds(45));
+        assert_eq!(
+            parse(&["--idle-gap", "1h 30m"])
+                .tracker_config()
+                .idle_gap_ms,
+            90 * 60_000
+        );
+        assert!(parse(&["--idle-gap", "45s"]).validate().is_ok());
+        let e = invalid(&["--idle-gap", "500ms"]);
+        assert!(e.to_string().contains("IDLE_GAP"), "{e}");
+        assert!(try_parse(&["--idle-gap", "soon"]).is_err());
+    }
+
+    #[test]
     fn command_is_well_formed() {
         T::command().debug_assert();
         let help = T::command().render_long_help().to_string();
