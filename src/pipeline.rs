@@ -190,10 +190,9 @@ impl Ingest {
         let mut applied = Applied::default();
         let mut tx = self.ctx.store.begin_ingest(&self.fence).await?;
         tx.dead_letters(&batch.dead_letters).await?;
-        // A message more than a day ahead is a dead letter, not a message (recorded once however often a sweep reads
-        // it again).
         // A message stamped ahead of the wall clock (a host whose clock is fast) is tracked, and stored, at its
-        // arrival time (`tracker::effective_time`): it cannot drag its bot's watermark past the wall clock.
+        // arrival time (`tracker::effective_time`): it cannot drag its bot's watermark past the wall clock. More than
+        // a day ahead it is a dead letter, not a message (recorded once however often a sweep reads it again).
         // (Copied only when a batch holds such a message; the usual batch is used as it is.)
         let in_time = |m: &NewMessage| m.ts_ms <= now.saturating_add(MAX_FUTURE_MS);
         let (messages, future): (Cow<[NewMessage]>, Vec<&NewMessage>) =
