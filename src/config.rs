@@ -429,6 +429,10 @@ pub struct Config {
     #[arg(long, env = "IDLE_GAP_MINUTES", default_value_t = 30, help_heading = H_WIN)]
     pub idle_gap_minutes: u32,
 
+    /// Session mode: silence that closes a window, as a duration (e.g. 45s, 30m); wins over IDLE_GAP_MINUTES
+    #[arg(long, env = "IDLE_GAP", value_parser = parse_duration, help_heading = H_WIN)]
+    pub idle_gap: Option<Duration>,
+
     /// Window length in tumbling mode; longest window in session mode (hours, 1..=744)
     #[arg(long, env = "TIME_WINDOW_HOURS", default_value_t = 24, help_heading = H_WIN)]
     pub time_window_hours: u32,
@@ -1184,6 +1188,14 @@ impl Config {
         // --- Windows ---
         at_least!(self.idle_gap_minutes, 1, "IDLE_GAP_MINUTES", "30");
         at_most!(self.idle_gap_minutes, 7 * 24 * 60, "IDLE_GAP_MINUTES", "30");
+        if let Some(g) = self.idle_gap
+            && !(Duration::from_secs(1)..=Duration::from_secs(7 * 86_400)).contains(&g)
+        {
+            return bad(
+                "IDLE_GAP",
+                "IDLE_GAP must be between 1s and 7d (set e.g. IDLE_GAP=30m)".to_owned(),
+            );
+        }
         at_least!(self.time_window_hours, 1, "TIME_WINDOW_HOURS", "24");
         at_most!(self.time_window_hours, 24 * 31, "TIME_WINDOW_HOURS", "24");
         at_most!(
@@ -1374,11 +1386,12 @@ impl Config {
             ));
         }
         if self.window_mode == WindowMode::Session
-            && u64::from(self.idle_gap_minutes) * 60 >= u64::from(self.time_window_hours) * 3600
+            && self.idle_gap_ms() >= i64::from(self.time_window_hours) * 3_600_000
         {
             w.push(format!(
-                "IDLE_GAP_MINUTES ({}) is not shorter than TIME_WINDOW_HOURS ({}h): sessions are always cut at the maximum length",
-                self.idle_gap_minutes, self.time_window_hours
+                "IDLE_GAP ({}) is not shorter than TIME_WINDOW_HOURS ({}h): sessions are always cut at the maximum length",
+                humantime::format_duration(Duration::from_millis(self.idle_gap_ms() as u64)),
+                self.time_window_hours
             ));
         }
         w
@@ -1426,7 +1439,7 @@ impl Config {
                 WindowMode::Session => crate::tracker::Mode::Session,
                 WindowMode::Tumbling => crate::tracker::Mode::Tumbling,
             },
-            idle_gap_ms: i64::from(self.idle_gap_minutes) * 60_000,
+            idle_gap_ms: self.idle_gap_ms(),
             max_span_ms: i64::from(self.time_window_hours) * 3_600_000,
             lateness_ms: i64::from(self.allowed_lateness_seconds) * 1_000,
         }
@@ -1629,9 +1642,17 @@ impl Config {
         }
     }
 
-    /// IDLE_GAP_MINUTES as a duration.
+    /// The idle gap (IDLE_GAP, else IDLE_GAP_MINUTES) as a duration.
     pub fn idle_gap(&self) -> chrono::TimeDelta {
-        chrono::TimeDelta::minutes(i64::from(self.idle_gap_minutes))
+        chrono::TimeDelta::milliseconds(self.idle_gap_ms())
+    }
+
+    /// The idle gap in milliseconds: IDLE_GAP when set (whole milliseconds), else IDLE_GAP_MINUTES.
+    pub fn idle_gap_ms(&self) -> i64 {
+        match self.idle_gap {
+            Some(d) => d.as_millis().min(i64::MAX as u128) as i64,
+            None => i64::from(self.idle_gap_minutes) * 60_000,
+        }
     }
 
     /// TIME_WINDOW_HOURS as a duration.
@@ -1721,6 +1742,7 @@ impl fmt::Debug for Config {
             .field("over_budget", &self.over_budget)
             .field("window_mode", &self.window_mode)
             .field("idle_gap_minutes", &self.idle_gap_minutes)
+            .field("idle_gap", &self.idle_gap)
             .field("time_window_hours", &self.time_window_hours)
             .field("allowed_lateness_seconds", &self.allowed_lateness_seconds)
             .field("min_messages_for_summary", &self.min_messages_for_summary)
@@ -1903,6 +1925,25 @@ mod tests {
         parse(args)
             .validate()
             .expect_err(&format!("{args:?} should be invalid"))
+    }
+
+    #[test]
+    fn idle_gap_is_a_duration_and_idle_gap_minutes_still_works() {
+        let c = parse(&["--idle-gap-minutes", "7"]);
+        assert_eq!(c.tracker_config().idle_gap_ms, 7 * 60_000);
+        let c = parse(&["--idle-gap", "45s", "--idle-gap-minutes", "7"]);
+        assert_eq!(c.tracker_config().idle_gap_ms, 45_000, "IDLE_GAP wins");
+        assert_eq!(c.idle_gap(), chrono::TimeDelta::seconds(45));
+        assert_eq!(
+            parse(&["--idle-gap", "1h 30m"])
+                .tracker_config()
+                .idle_gap_ms,
+            90 * 60_000
+        );
+        assert!(parse(&["--idle-gap", "45s"]).validate().is_ok());
+        let e = invalid(&["--idle-gap", "500ms"]);
+        assert!(e.to_string().contains("IDLE_GAP"), "{e}");
+        assert!(try_parse(&["--idle-gap", "soon"]).is_err());
     }
 
     #[test]

@@ -90,6 +90,25 @@ fn check_text(field: &'static str, value: &str) -> Result<(), EventError> {
     Ok(())
 }
 
+/// The checks every message's identifying fields pass, whatever its source (events and the sweep): the bot name, a
+/// Qdrant point id, and a user id of 1-255 bytes without control characters (NUL included).
+pub fn check_message(bot: &str, point_id: &str, user_id: &str) -> Result<(), EventError> {
+    if !is_valid_bot(bot) {
+        return Err(EventError::Field {
+            field: "bot",
+            reason: "must be 1-100 of [A-Za-z0-9_-]".into(),
+        });
+    }
+    check_text("point_id", point_id)?;
+    if !crate::fetch::is_point_id(point_id) {
+        return Err(EventError::Field {
+            field: "point_id",
+            reason: "not a UUID or an unsigned integer".into(),
+        });
+    }
+    check_text("user_id", user_id)
+}
+
 impl StoredEvent {
     /// Parses and validates one event body. Unknown fields are ignored; an unknown `v` is rejected.
     pub fn parse(body: &[u8]) -> Result<StoredEvent, EventError> {

@@ -297,8 +297,11 @@ impl Points {
         Err(FetchError::NoCollection(bot.to_string()))
     }
 
-    /// The messages of one window: its known point ids plus a scroll over the user and time range.
-    /// Returns the deduplicated messages and the count of points skipped per reason.
+    /// The messages of one window: the points its events named (`ids`, whatever their stored time) plus a scroll over
+    /// the user and the stored-time range those points span (`range_ms`, the tracker's range, when none was found by
+    /// id). Event times may differ from stored times (a publisher stamps `ts` when it publishes, a host's clock may
+    /// be fast), so no named point is filtered by time. Returns the deduplicated messages, oldest first, and the
+    /// count of points skipped per reason.
     pub async fn fetch_window(
         &self,
         collections: &[String],
@@ -306,7 +309,6 @@ impl Points {
         user_id: &str,
         range_ms: (Millis, Millis),
     ) -> Result<(Vec<Message>, HashMap<SkipReason, usize>), FetchError> {
-        let mut raw: Vec<RetrievedPoint> = Vec::new();
         let mut skipped: HashMap<SkipReason, usize> = HashMap::new();
         // One id Qdrant cannot parse fails the whole request (InvalidArgument) and the window would wait forever:
         // leave such ids (stored before events were checked) out, counted.
@@ -314,6 +316,33 @@ impl Points {
         if !bad.is_empty() {
             skipped.insert(SkipReason::BadPointId, bad.len());
         }
+        // A point found both by id and by the window's filter is one point: map and count it once.
+        let mut seen = std::collections::HashSet::new();
+        let mut msgs = Vec::new();
+        let mut take = |raw: Vec<RetrievedPoint>,
+                        range: Option<(Millis, Millis)>,
+                        msgs: &mut Vec<Message>,
+                        skipped: &mut HashMap<SkipReason, usize>| {
+            for p in &raw {
+                if let Some(id) = &p.id
+                    && !seen.insert(point_id_string(id))
+                {
+                    continue;
+                }
+                match map_point(&self.mapping, p) {
+                    Ok(mp)
+                        if mp.user_id == user_id
+                            && range.is_none_or(|(lo, hi)| {
+                                mp.message.ts_ms >= lo && mp.message.ts_ms <= hi
+                            }) =>
+                    {
+                        msgs.push(mp.message)
+                    }
+                    Ok(_) => {}
+                    Err(reason) => *skipped.entry(reason).or_default() += 1,
+                }
+            }
+        };
         for coll in collections {
             for chunk in ids.chunks(256) {
                 let pids: Vec<PointId> = chunk.iter().map(|i| point_id_from_str(i)).collect();
@@ -327,15 +356,25 @@ impl Points {
                             }),
                     )
                     .await?;
-                raw.extend(r.result);
+                take(r.result, None, &mut msgs, &mut skipped);
             }
+        }
+        // The scroll covers the stored times of the named points (the window as stored), else the tracker's range.
+        let range = match (
+            msgs.iter().map(|m| m.ts_ms).min(),
+            msgs.iter().map(|m| m.ts_ms).max(),
+        ) {
+            (Some(lo), Some(hi)) => (lo, hi),
+            _ => range_ms,
+        };
+        for coll in collections {
             let filter = Filter::must([
                 Condition::matches(self.mapping.user.clone(), user_id.to_string()),
                 Condition::range(
                     self.mapping.timestamp_unix.clone(),
                     Range {
-                        gte: Some(range_ms.0 as f64 / 1000.0),
-                        lt: Some((range_ms.1 + 1) as f64 / 1000.0),
+                        gte: Some(range.0 as f64 / 1000.0),
+                        lt: Some((range.1 + 1) as f64 / 1000.0),
                         ..Default::default()
                     },
                 ),
@@ -353,32 +392,11 @@ impl Points {
                     req = req.offset(o);
                 }
                 let page = self.client.scroll(req).await?;
-                raw.extend(page.result);
+                take(page.result, Some(range), &mut msgs, &mut skipped);
                 match page.next_page_offset {
                     Some(o) => offset = Some(o),
                     None => break,
                 }
-            }
-        }
-        let mut msgs = Vec::with_capacity(raw.len());
-        // A point found both by id and by the window's filter is one point: map and count it once.
-        let mut seen = std::collections::HashSet::with_capacity(raw.len());
-        for p in &raw {
-            if let Some(id) = &p.id
-                && !seen.insert(point_id_string(id))
-            {
-                continue;
-            }
-            match map_point(&self.mapping, p) {
-                Ok(mp)
-                    if mp.user_id == user_id
-                        && mp.message.ts_ms >= range_ms.0
-                        && mp.message.ts_ms <= range_ms.1 =>
-                {
-                    msgs.push(mp.message)
-                }
-                Ok(_) => {}
-                Err(reason) => *skipped.entry(reason).or_default() += 1,
             }
         }
         Ok((dedupe_messages(msgs), skipped))

@@ -63,6 +63,33 @@ pub async fn restore_tracker(store: &Store, cfg: TrackerConfig) -> Result<Tracke
 /// How far ahead of the wall clock a message time may be (clock skew between bots and recap).
 pub const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
 
+/// The wall-clock time a caught-up batch lets the tracker tick to: `now`, or the source's horizon when earlier.
+fn tick_time(batch: &Batch, now: i64) -> i64 {
+    batch.horizon.map_or(now, |h| h.min(now))
+}
+
+/// Runs `fut` while renewing the leader lease every third of its term, so a long step (a tracker rebuild, a slow
+/// scroll) never lets the lease lapse. Returns `Err` only when the lease was lost; a renewal that fails for an outage
+/// is logged and tried again at the next period (the ingest transaction is the fence in any case).
+pub async fn renewing<T>(
+    store: &Store,
+    fence: &Fence,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, StoreError> {
+    tokio::pin!(fut);
+    let period = (fence.ttl / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            r = &mut fut => return Ok(r),
+            _ = tokio::time::sleep(period) => match store.renew_leader(fence).await {
+                Ok(()) => {}
+                Err(e @ StoreError::LostLeadership(_)) => return Err(e),
+                Err(e) => warn!(error = %e, "could not renew the ingest lease; retrying"),
+            },
+        }
+    }
+}
+
 /// What one applied batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
@@ -95,7 +122,12 @@ impl Ingest {
             match ctx.store.try_acquire_leader(&ctx.instance, ttl).await {
                 Ok(Some(fence)) => {
                     info!(epoch = fence.epoch, "ingest leader");
-                    let tracker = restore_tracker(&ctx.store, ctx.tracker_config()).await?;
+                    let tracker = renewing(
+                        &ctx.store,
+                        &fence,
+                        restore_tracker(&ctx.store, ctx.tracker_config()),
+                    )
+                    .await??;
                     return Ok(Some(Ingest {
                         ctx,
                         tracker,
@@ -118,10 +150,19 @@ impl Ingest {
     /// anything else is applied (retried with the next batch while Postgres is unreachable).
     pub async fn apply(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
         if self.stale {
-            self.tracker = restore_tracker(&self.ctx.store, self.ctx.tracker_config()).await?;
+            self.tracker = renewing(
+                &self.ctx.store,
+                &self.fence,
+                restore_tracker(&self.ctx.store, self.ctx.tracker_config()),
+            )
+            .await??;
             self.stale = false;
         }
-        let tick_due = batch.caught_up && self.tracker.poll_timeout().is_some_and(|t| t <= now);
+        let tick_due = batch.caught_up
+            && self
+                .tracker
+                .poll_timeout()
+                .is_some_and(|t| t <= tick_time(batch, now));
         let renew_due = self.last_commit.elapsed() > self.fence.ttl / 3;
         if batch.is_empty() && batch.checkpoint.is_none() && !tick_due && !renew_due {
             return Ok(Applied::default());
@@ -149,18 +190,26 @@ impl Ingest {
         let mut applied = Applied::default();
         let mut tx = self.ctx.store.begin_ingest(&self.fence).await?;
         tx.dead_letters(&batch.dead_letters).await?;
-        // A message from the future would drag its bot's watermark ahead and make every later message late: it is
-        // a dead letter, not a message.
+        // A message stamped ahead of the wall clock (a host whose clock is fast) is tracked, and stored, at its
+        // arrival time (`tracker::effective_time`): it cannot drag its bot's watermark past the wall clock. More than
+        // a day ahead it is a dead letter, not a message (recorded once however often a sweep reads it again).
         // (Copied only when a batch holds such a message; the usual batch is used as it is.)
         let in_time = |m: &NewMessage| m.ts_ms <= now.saturating_add(MAX_FUTURE_MS);
         let (messages, future): (Cow<[NewMessage]>, Vec<&NewMessage>) =
-            if batch.messages.iter().all(in_time) {
+            if batch.messages.iter().all(|m| m.ts_ms <= now) {
                 (Cow::Borrowed(&batch.messages), Vec::new())
             } else {
                 let (ok, future): (Vec<&NewMessage>, Vec<&NewMessage>) =
                     batch.messages.iter().partition(|m| in_time(m));
                 (
-                    Cow::Owned(ok.into_iter().cloned().collect::<Vec<_>>()),
+                    Cow::Owned(
+                        ok.into_iter()
+                            .map(|m| NewMessage {
+                                ts_ms: crate::tracker::effective_time(m.ts_ms, now),
+                                ..m.clone()
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
                     future,
                 )
             };
@@ -200,7 +249,7 @@ impl Ingest {
             }
         }
         if batch.caught_up {
-            self.tracker.tick(now);
+            self.tracker.tick(tick_time(batch, now));
         }
         let tcfg = *self.tracker.config();
         let min = self.ctx.cfg.min_messages_for_summary;
@@ -243,12 +292,21 @@ pub async fn run_ingest<S: Source>(
             }
         };
         loop {
+            let next = renewing(&ctx.store, &ingest.fence, source.next_batch());
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => {
                     ingest.release().await;
                     return Ok(());
                 }
-                b = source.next_batch() => b,
+                b = next => b,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "lost the ingest lease while waiting for a batch; stepping down");
+                    source.abandon().await;
+                    continue 'lead;
+                }
             };
             let batch = match batch {
                 Ok(b) => b,
@@ -344,11 +402,16 @@ pub async fn summarize_window(
     if (messages.len() as u32) < cfg.min_messages_for_summary {
         return Ok(WindowOutcome::TooShort { message_count });
     }
+    // The window's bounds are its stored points' times (messages are sorted by time), not the events' times.
+    let span = match (messages.first(), messages.last()) {
+        (Some(f), Some(l)) => (f.ts_ms, l.ts_ms),
+        _ => (w.start_ms, w.end_ms),
+    };
     let input = WindowInput {
         bot: w.bot.clone(),
         user_id: w.user_id.clone(),
-        start_ms: w.start_ms,
-        end_ms: w.end_ms,
+        start_ms: span.0,
+        end_ms: span.1,
         messages,
     };
     let text_chars = input.text_chars();
@@ -359,6 +422,7 @@ pub async fn summarize_window(
             extra,
             message_count,
             text_chars,
+            span,
         }),
         Err(SummarizeError::Empty) => Ok(WindowOutcome::TooShort { message_count }),
         Err(SummarizeError::Unavailable(e)) => Ok(WindowOutcome::Retry {

@@ -119,6 +119,8 @@ pub enum WindowOutcome {
         extra: Vec<NewMessage>,
         message_count: i32,
         text_chars: usize,
+        /// The window's first and last stored message times (the row's start and end).
+        span: (Millis, Millis),
     },
     TooShort {
         message_count: i32,
@@ -437,9 +439,10 @@ impl Store {
                 extra,
                 message_count,
                 text_chars,
+                span,
             } => {
-                let start: DateTime<Utc> = row.get(3);
-                let end: DateTime<Utc> = row.get(4);
+                // The row's bounds are the stored points' times; the window keeps its tracker bounds.
+                let (start, end) = (to_utc(span.0), to_utc(span.1));
                 insert_messages(&mut tx, extra, Some(w.id)).await?;
                 let coverage = coverage_fingerprint(covered);
                 let revision = w.revision + 1;
@@ -762,6 +765,29 @@ const UPSERT_SUMMARY_SQL: &str =
         updated_at = now()
      RETURNING id";
 
+/// Which of a batch's closed windows (`$1` bots, `$2` users, `$3` upper and `$4` lower bounds, one element per window)
+/// have a stored window of the same key they may belong to. Returns the 1-based positions.
+///
+/// One index probe per window (`idx_recap_windows_key_time`, backwards from `$3`, one row), whatever the length of the
+/// user's history: a key's stored windows do not overlap (canonical windows are disjoint and merges join what they
+/// bridge), so of the windows starting at or before `hi` the latest has the latest end, and if any ends at or after
+/// `lo`, it does. (`start_ts <= hi AND end_ts >= lo` with `LIMIT 1` read the key's history from its oldest window,
+/// and was even planned as a sequential scan; `tests/ingest_time.rs` checks the buffers read.)
+pub const MERGE_CANDIDATE_PROBE_SQL: &str =
+    "SELECT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                 WITH ORDINALITY AS c(b, u, hi, lo, i)
+             CROSS JOIN LATERAL (SELECT w.end_ts FROM recap_windows w
+                 WHERE w.bot_name = c.b AND w.user_id = c.u AND w.start_ts <= c.hi
+                 ORDER BY w.bot_name DESC, w.user_id DESC, w.start_ts DESC LIMIT 1) x
+             WHERE x.end_ts >= c.lo";
+
+/// The stored windows of one key (`$1` bot, `$2` user) a closed window between `$4` and `$3` may belong to, locked.
+/// `$5` is the window's start minus the longest span: no window starting earlier can belong to it
+/// ([`crate::tracker::merge_target`]), so the index range read is bounded by the span, not by the user's history.
+pub const MERGE_CANDIDATES_SQL: &str = "SELECT id, start_ts, end_ts, summary_id FROM recap_windows
+             WHERE bot_name = $1 AND user_id = $2 AND start_ts <= $3 AND start_ts > $5 AND end_ts >= $4
+             ORDER BY start_ts FOR UPDATE";
+
 /// One ingest transaction (see the module docs).
 pub struct IngestTx {
     tx: Transaction<'static, Postgres>,
@@ -776,7 +802,12 @@ impl IngestTx {
     pub async fn dead_letters(&mut self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         for d in letters {
             sqlx::query(
-                "INSERT INTO recap_dead_letters (source, subject, stream_seq, raw, reason) VALUES ($1, $2, $3, $4, $5)
+                // Letters without a stream sequence (ingest's far-future points, the sweep's invalid payloads) come
+                // again with every sweep cycle that reads their point: stored once (idx_recap_dead_letters_raw).
+                "INSERT INTO recap_dead_letters (source, subject, stream_seq, raw, reason)
+                 SELECT $1, $2, $3, $4, $5
+                 WHERE $3::bigint IS NOT NULL OR NOT EXISTS (SELECT 1 FROM recap_dead_letters
+                     WHERE source = $1 AND stream_seq IS NULL AND md5(raw) = md5($4::bytea))
                  ON CONFLICT (source, stream_seq) WHERE stream_seq IS NOT NULL DO NOTHING",
             )
             .bind(d.source)
@@ -822,20 +853,16 @@ impl IngestTx {
             .collect();
         // LATERAL + LIMIT 1: one index probe per window (idx_recap_windows_key_time) whatever the table's statistics
         // say (a plain join was planned as a scan of every stored window while the statistics were young).
-        let with_candidates: std::collections::HashSet<i64> = sqlx::query_scalar::<_, i64>(
-            "SELECT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-                 WITH ORDINALITY AS c(b, u, hi, lo, i)
-             CROSS JOIN LATERAL (SELECT 1 FROM recap_windows w
-                 WHERE w.bot_name = c.b AND w.user_id = c.u AND w.start_ts <= c.hi AND w.end_ts >= c.lo LIMIT 1) x",
-        )
-        .bind(&bots)
-        .bind(&users)
-        .bind(&his)
-        .bind(&los)
-        .fetch_all(&mut *self.tx)
-        .await?
-        .into_iter()
-        .collect();
+        let with_candidates: std::collections::HashSet<i64> =
+            sqlx::query_scalar::<_, i64>(MERGE_CANDIDATE_PROBE_SQL)
+                .bind(&bots)
+                .bind(&users)
+                .bind(&his)
+                .bind(&los)
+                .fetch_all(&mut *self.tx)
+                .await?
+                .into_iter()
+                .collect();
         let mut per_key: HashMap<(&str, &str), usize> = HashMap::new();
         for w in windows {
             *per_key.entry((&*w.bot, &*w.user)).or_default() += 1;
@@ -929,35 +956,59 @@ impl IngestTx {
             Mode::Session => cfg.idle_gap_ms,
             Mode::Tumbling => 0,
         };
-        let candidates = sqlx::query(
-            "SELECT id, start_ts, end_ts FROM recap_windows
-             WHERE bot_name = $1 AND user_id = $2 AND start_ts <= $3 AND end_ts >= $4
-             ORDER BY start_ts FOR UPDATE",
-        )
-        .bind(&*w.bot)
-        .bind(&*w.user)
-        .bind(to_utc(hi.saturating_add(gap)))
-        .bind(to_utc(lo.saturating_sub(gap)))
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let existing: Vec<(i64, Millis, Millis)> = candidates
+        let candidates = sqlx::query(MERGE_CANDIDATES_SQL)
+            .bind(&*w.bot)
+            .bind(&*w.user)
+            .bind(to_utc(hi.saturating_add(gap)))
+            .bind(to_utc(lo.saturating_sub(gap)))
+            .bind(to_utc(w.start_ms.saturating_sub(cfg.max_span_ms)))
+            .fetch_all(&mut *self.tx)
+            .await?;
+        let existing: Vec<(i64, Millis, Millis, Option<i32>)> = candidates
             .iter()
             .map(|r| {
                 (
                     r.get(0),
                     r.get::<DateTime<Utc>, _>(1).timestamp_millis(),
                     r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
+                    r.get(3),
                 )
             })
             .collect();
-        let target = crate::tracker::merge_target(
-            cfg,
-            existing.iter().map(|(_, s, e)| (*s, *e)),
-            (w.start_ms, w.end_ms),
-        );
-        let (id, state): (i64, String) = match target {
-            Some(i) => {
-                let (id, _, _) = existing[i];
+        let spans: Vec<(Millis, Millis)> = existing.iter().map(|(_, s, e, _)| (*s, *e)).collect();
+        let targets = crate::tracker::merge_targets(cfg, &spans, (w.start_ms, w.end_ms));
+        let (id, state): (i64, String) = match targets.split_first() {
+            Some((&first, rest)) => {
+                let (id, _, _, _) = existing[first];
+                // A late message that bridges stored windows joins them (the window definition gives one): the
+                // later ones' messages move to the first, their rows (window and summary) are deleted.
+                let (mut start, mut end, mut count) = (w.start_ms, w.end_ms, w.count as i32);
+                for &j in rest {
+                    let (other, s, e, summary) = existing[j];
+                    start = start.min(s);
+                    end = end.max(e);
+                    count += sqlx::query_scalar::<_, i32>(
+                        "DELETE FROM recap_windows WHERE id = $1 RETURNING message_count",
+                    )
+                    .bind(other)
+                    .fetch_one(&mut *self.tx)
+                    .await?;
+                    sqlx::query("UPDATE recap_messages SET window_id = $1 WHERE window_id = $2")
+                        .bind(id)
+                        .bind(other)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    if let Some(row) = summary {
+                        sqlx::query(
+                            "DELETE FROM conversation_summaries WHERE id = $1 AND bot_name = $2 AND user_id = $3",
+                        )
+                        .bind(row)
+                        .bind(&*w.bot)
+                        .bind(&*w.user)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    }
+                }
                 let state = sqlx::query_scalar(
                     "UPDATE recap_windows SET start_ts = LEAST(start_ts, $2), end_ts = GREATEST(end_ts, $3),
                         message_count = message_count + $4, version = version + 1,
@@ -967,9 +1018,9 @@ impl IngestTx {
                      RETURNING state",
                 )
                 .bind(id)
-                .bind(to_utc(w.start_ms))
-                .bind(to_utc(w.end_ms))
-                .bind(w.count as i32)
+                .bind(to_utc(start))
+                .bind(to_utc(end))
+                .bind(count)
                 .bind(min_messages as i32)
                 .fetch_one(&mut *self.tx)
                 .await?;

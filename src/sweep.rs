@@ -43,7 +43,12 @@
 //!   collection is skipped, any other error is returned and the page is read again on the next call).
 //!
 //! `caught_up` is set only on the last page of a cycle and on the empty batches handed out (about once a second)
-//! while waiting for the next cycle, so the ingest loop keeps ticking and renewing its lease.
+//! while waiting for the next cycle, so the ingest loop keeps ticking and renewing its lease. Those batches carry the
+//! sweep's horizon, the start of the last completed cycle ([`Batch::horizon`]): the wall clock may move watermarks
+//! only to what that cycle could have seen, never to "now" between cycles (points written since are unread).
+//!
+//! Swept payloads pass the same field checks as events ([`crate::event::check_message`]); a point that fails them is
+//! a dead letter with its reason (stored once however often the point is read again).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -232,6 +237,8 @@ struct Cycle {
     current: Option<Sweep>,
     report: SweepReport,
     started: Instant,
+    /// The wall clock (ms) when the cycle started: every point visible in Qdrant then is read by this cycle.
+    started_ms: i64,
 }
 
 /// The sweep source (see the module docs).
@@ -244,6 +251,8 @@ pub struct SweepSource {
     pending: Option<Pending>,
     cycles: u64,
     last_report: SweepReport,
+    /// The start (wall clock, ms) of the last completed cycle: the sweep's horizon (see [`Batch::horizon`]).
+    horizon: Option<i64>,
 }
 
 fn now_secs() -> f64 {
@@ -281,6 +290,7 @@ impl SweepSource {
             pending: None,
             cycles: 0,
             last_report: SweepReport::default(),
+            horizon: None,
         }
     }
 
@@ -337,6 +347,7 @@ impl SweepSource {
             current: None,
             report: SweepReport::default(),
             started,
+            started_ms: chrono::Utc::now().timestamp_millis(),
         });
         Ok(())
     }
@@ -347,6 +358,7 @@ impl SweepSource {
         };
         cycle.report.duration = cycle.started.elapsed();
         self.cycles += 1;
+        self.horizon = Some(cycle.started_ms);
         let read = cycle.report.points_read();
         metrics::counter!("recap_sweep_cycles_total").increment(1);
         metrics::gauge!("recap_sweep_points_read_last_cycle").set(read as f64);
@@ -454,8 +466,10 @@ impl SweepSource {
                     continue;
                 }
                 tokio::time::sleep((self.next_cycle - now).min(Duration::from_secs(1))).await;
+                // Caught up only to the start of the last completed cycle: points written since are unread.
                 return Ok(Batch {
-                    caught_up: true,
+                    caught_up: self.horizon.is_some(),
+                    horizon: self.horizon,
                     ..Batch::default()
                 });
             };
@@ -466,6 +480,7 @@ impl SweepSource {
                 self.finish_cycle();
                 return Ok(Batch {
                     caught_up: true,
+                    horizon: self.horizon,
                     ..Batch::default()
                 });
             };
@@ -614,15 +629,36 @@ impl SweepSource {
             if let Some(t) = order_of(p, key) {
                 page_max = page_max.max(t);
             }
-            match map_point(mapping, p) {
-                Ok(mp) if mp.message.ts_ms >= start_ms => batch.messages.push(NewMessage {
+            let checked = map_point(mapping, p).map(|mp| {
+                let valid =
+                    crate::event::check_message(&sweep.bot, &mp.message.point_id, &mp.user_id);
+                (mp, valid)
+            });
+            match checked {
+                // A payload no event could carry (a user id over 255 bytes, a control character): a dead letter with
+                // its reason, as an event would be, never a message (it could not be stored or summarized).
+                Ok((mp, Err(e))) => {
+                    metrics::counter!("recap_sweep_points_skipped_total", "reason" => e.kind()).increment(1);
+                    batch.dead_letters.push(crate::sink::DeadLetter {
+                        source: "sweep",
+                        subject: Some(sweep.collection.clone()),
+                        stream_seq: None,
+                        raw: format!("{}/{}", mp.message.point_id, mp.user_id)
+                            .chars()
+                            .take(1024)
+                            .collect::<String>()
+                            .into_bytes(),
+                        reason: format!("swept point: {e}"),
+                    });
+                }
+                Ok((mp, Ok(()))) if mp.message.ts_ms >= start_ms => batch.messages.push(NewMessage {
                     bot: sweep.bot.clone(),
                     user_id: mp.user_id,
                     point_id: mp.message.point_id,
                     ts_ms: mp.message.ts_ms,
                 }),
                 // an undated point older than the sweep's start: outside its range, as a range filter would have it
-                Ok(_) => metrics::counter!("recap_sweep_points_skipped_total", "reason" => "before_start").increment(1),
+                Ok((_, Ok(()))) => metrics::counter!("recap_sweep_points_skipped_total", "reason" => "before_start").increment(1),
                 Err(reason) => {
                     batch.ignored += usize::from(reason == SkipReason::ConversationPair);
                     metrics::counter!("recap_sweep_points_skipped_total", "reason" => reason.as_str()).increment(1);
@@ -641,6 +677,9 @@ impl SweepSource {
         let checkpoint = format!("{}:{}", self.settings.checkpoint_prefix, sweep.collection);
         batch.checkpoint = position.map(|p| (checkpoint, p, read as i64));
         batch.caught_up = done && cycle.queue.is_empty();
+        if batch.caught_up {
+            batch.horizon = Some(cycle.started_ms);
+        }
 
         self.count_read(read + discarded);
         self.pending = Some(Pending {

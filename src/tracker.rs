@@ -5,6 +5,8 @@
 //!
 //! * Time is event time. Each bot has a watermark: the largest message time seen minus the allowed lateness, and —
 //!   only when the shell says the source is caught up — the wall clock minus the allowed lateness. It never goes back.
+//!   The shell feeds message times through [`effective_time`] (never later than the wall clock at arrival), so no
+//!   watermark passes the wall clock: a host whose clock is fast cannot close other users' windows early.
 //! * A (bot, user) key holds its open messages sorted by time (timestamp + a hash of the point id: no text).
 //!   The windows of a key are a function of its message set alone ([`canonical_windows`]); a window closes when the
 //!   bot's watermark reaches its close time, so any arrival order within the lateness bound closes the same windows.
@@ -248,6 +250,38 @@ pub fn merge_target(
         }
         Mode::Tumbling => s == new.0,
     })
+}
+
+/// Every stored window (indices into `existing`, oldest first) a newly closed window `new` of the same key belongs
+/// to: [`merge_target`]'s rule applied to each, with `new` grown by every window it takes in. More than one when a
+/// late message bridges stored windows (within the idle gap of both): by the window definition they are one window.
+pub fn merge_targets(
+    cfg: &TrackerConfig,
+    existing: &[(Millis, Millis)],
+    new: (Millis, Millis),
+) -> Vec<usize> {
+    let mut merged = new;
+    let mut out: Vec<usize> = Vec::new();
+    loop {
+        let next = existing.iter().enumerate().position(|(i, w)| {
+            !out.contains(&i) && merge_target(cfg, std::iter::once(*w), merged).is_some()
+        });
+        let Some(i) = next else { break };
+        merged = (merged.0.min(existing[i].0), merged.1.max(existing[i].1));
+        out.push(i);
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The time the tracker uses for a message stamped `ts` that arrives when the wall clock reads `now`: its own time,
+/// but never later than `now`. A host whose clock runs ahead would otherwise drag its bot's watermark ahead of the
+/// wall clock (closing every other user's open window at once and making their next messages late); clamped, its
+/// messages are windowed by their arrival, and the bot's event-time watermark stays at most `now - lateness`, the
+/// bound the wall clock gives. Pure: the shell passes `now` in and stores the clamped time (so a rebuild from the
+/// store sees the same times).
+pub fn effective_time(ts: Millis, now: Millis) -> Millis {
+    ts.min(now)
 }
 
 /// The next capacity of a full message vector: one more up to 8 (most windows are short, and a reallocation that
@@ -982,6 +1016,71 @@ mod tests {
     }
 
     proptest! {
+        /// The clock-skew rule: messages observed at wall time `now` with [`effective_time`], whatever their stamps
+        /// (hosts up to a day fast), never move a watermark past `now - lateness`; so a message stamped within the
+        /// lateness of its arrival (an honest host) is never late, and no window closes before the wall clock (with
+        /// the lateness) has passed its close time.
+        #[test]
+        fn a_fast_clock_never_moves_the_watermark_past_the_wall_clock(
+            c in arb_config(),
+            msgs in prop::collection::vec((0u8..4, 0u8..3, 0..(6 * 60i64), prop::bool::ANY, 0..(24 * 60i64), 0..1_000i64), 1..150),
+        ) {
+            let mut t = Tracker::new(c);
+            let mut now = T0;
+            for (i, (user, bot, step, fast, ahead, delay)) in msgs.iter().enumerate() {
+                now += step * 1000;
+                let bot = format!("b{bot}");
+                // a fast host stamps up to a day ahead; an honest one stamps before arrival, within the lateness
+                let ts = if *fast { now + ahead * MIN } else { now - delay % (c.lateness_ms + 1) };
+                let obs = t.observe(&bot, &format!("u{user}"), &format!("p{i}"), effective_time(ts, now));
+                if !*fast {
+                    prop_assert_eq!(obs, Observed::Accepted { late: false }, "an honest message was late");
+                }
+                if *fast {
+                    t.tick(now);
+                }
+                for b in 0..3 {
+                    if let Some(wm) = t.watermark(&format!("b{b}")) {
+                        prop_assert!(wm <= now - c.lateness_ms, "watermark {} past now - lateness {}", wm, now - c.lateness_ms);
+                    }
+                }
+                for w in t.drain_closed() {
+                    let close = match c.mode {
+                        Mode::Session => (w.end_ms + c.idle_gap_ms).min(w.start_ms + c.max_span_ms),
+                        Mode::Tumbling => w.end_ms,
+                    };
+                    prop_assert!(close + c.lateness_ms <= now, "window {:?} closed before the wall clock passed it", w);
+                }
+            }
+        }
+
+        /// [`merge_targets`]: the stored windows plus the new one, merged where it says, are the canonical windows of
+        /// their messages (here each window is given by its first and last message time) when the new window is a
+        /// single late message between or next to them.
+        #[test]
+        fn merge_targets_joins_what_a_bridging_message_joins(
+            gaps in prop::collection::vec(1..90i64, 1..6),
+            at in 0..600i64,
+        ) {
+            let c = TrackerConfig { mode: Mode::Session, idle_gap_ms: 30 * MIN, max_span_ms: 100 * HOUR, lateness_ms: 0 };
+            // stored windows: two messages 1 min apart, consecutive windows separated by at least the idle gap
+            let mut times = Vec::new();
+            let mut t0 = T0;
+            for g in &gaps {
+                times.extend([t0, t0 + MIN]);
+                t0 += MIN + 30 * MIN + g * MIN;
+            }
+            let stored: Vec<(Millis, Millis)> = canonical_windows(&c, &times).iter().map(|w| (w.0, w.1)).collect();
+            let late = T0 + at * MIN + 17;
+            let targets = merge_targets(&c, &stored, (late, late));
+            let mut all = times.clone();
+            all.push(late);
+            all.sort();
+            let want = canonical_windows(&c, &all).len();
+            // windows after merging: the untouched stored ones plus one (the merged, or the new one alone)
+            prop_assert_eq!(stored.len() - targets.len() + 1, want, "targets {:?} for {} among {:?}", targets, late, stored);
+        }
+
         /// Any arrival order within the lateness bound, with duplicates and redeliveries, closes the canonical windows.
         #[test]
         fn order_and_duplication_within_lateness_do_not_change_windows(

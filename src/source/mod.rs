@@ -21,6 +21,10 @@ pub struct Batch {
     pub checkpoint: Option<(String, f64, i64)>,
     /// The source has nothing more right now: the tracker may advance watermarks by the wall clock.
     pub caught_up: bool,
+    /// With `caught_up`: the wall-clock time (ms) up to which the source has seen every message, when that is
+    /// earlier than now. The sweep's is the start of its last completed cycle (points written after it are unread);
+    /// `None` means now (events: nothing undelivered). Watermarks move to at most `horizon - lateness`.
+    pub horizon: Option<i64>,
 }
 
 impl Batch {
@@ -48,17 +52,25 @@ pub trait Source: Send {
 }
 
 /// Events and the sweep together (`recap run` with NATS_URL): the sweep runs a cycle every
-/// ENRICHMENT_INTERVAL_SECONDS between event batches and catches what events missed. Both feed the same ingest
-/// transaction path, so a message seen by both is counted once. The wall clock may close windows only when both are
-/// caught up (no sweep cycle half done). The first cycle runs one interval after start.
+/// ENRICHMENT_INTERVAL_SECONDS and catches what events missed. Both feed the same ingest transaction path, so a
+/// message seen by both is counted once. The first cycle runs one interval after start.
+///
+/// * A cycle never starves events: while it runs, its pages alternate with event batches (an event batch then waits
+///   at most [`EVENT_WAIT_IN_CYCLE`] for input, so an idle stream slows the cycle little).
+/// * Only event batches tick the wall clock, with their own fresh caught-up flag, and only while no cycle is under way
+///   (its remaining pages may belong to open windows): a sweep page never ticks.
 pub struct Hybrid {
     events: nats::NatsSource,
     sweep: crate::sweep::SweepSource,
     last_from_sweep: bool,
-    events_caught_up: bool,
     /// After a sweep error (Qdrant unreachable) the sweep waits until then; events keep flowing meanwhile.
     sweep_paused_until: Option<std::time::Instant>,
 }
+
+/// How long an event batch waits for input between two pages of a sweep cycle.
+pub const EVENT_WAIT_IN_CYCLE: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long an event batch waits for input otherwise.
+const EVENT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Hybrid {
     pub fn new(events: nats::NatsSource, sweep: crate::sweep::SweepSource) -> Hybrid {
@@ -66,7 +78,6 @@ impl Hybrid {
             events,
             sweep: sweep.delay_first_cycle(),
             last_from_sweep: false,
-            events_caught_up: false,
             sweep_paused_until: None,
         }
     }
@@ -77,11 +88,14 @@ impl Source for Hybrid {
         let paused = self
             .sweep_paused_until
             .is_some_and(|t| std::time::Instant::now() < t);
-        if !paused && self.sweep.wants_batch() {
+        // Alternate while a cycle runs: after a sweep page, an event batch.
+        let events_turn = self.last_from_sweep && self.sweep.in_cycle();
+        if !paused && !events_turn && self.sweep.wants_batch() {
             match self.sweep.next_batch().await {
                 Ok(mut b) => {
                     self.last_from_sweep = true;
-                    b.caught_up &= self.events_caught_up;
+                    b.caught_up = false;
+                    b.horizon = None;
                     return Ok(b);
                 }
                 Err(e) => {
@@ -95,8 +109,12 @@ impl Source for Hybrid {
             }
         }
         self.last_from_sweep = false;
+        self.events.set_wait(if self.sweep.in_cycle() {
+            EVENT_WAIT_IN_CYCLE
+        } else {
+            EVENT_WAIT
+        });
         let mut b = self.events.next_batch().await?;
-        self.events_caught_up = b.caught_up;
         b.caught_up &= !self.sweep.in_cycle();
         Ok(b)
     }

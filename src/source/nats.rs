@@ -298,6 +298,14 @@ impl NatsSource {
     }
 }
 
+impl NatsSource {
+    /// How long an empty `next_batch` waits for the first event (500 ms by default; the hybrid source waits less
+    /// between the pages of a sweep cycle).
+    pub fn set_wait(&mut self, wait: Duration) {
+        self.wait = wait;
+    }
+}
+
 impl Source for NatsSource {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
         // Anything still held here was never committed (an earlier call failed half-way): leave it unacknowledged so
