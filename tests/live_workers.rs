@@ -33,7 +33,8 @@ fn replica(envs: &[(String, String)], name: &str) -> std::process::Child {
 }
 
 fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 /// Two replicas, an LLM that takes 1.5 s, leases of 8 s, 2 calls at a time and batches of 50: a replica claims only
@@ -138,12 +139,11 @@ async fn the_daily_budget_holds_across_two_replicas() {
         .map(|c| c["cost"].as_f64().unwrap())
         .fold(0.0, f64::max);
     let done = rows(&s.db.pool).await.len();
-    let ledger: f64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(spent_usd), 0)::float8 FROM recap_llm_spend",
-    )
-    .fetch_one(&s.db.pool)
-    .await
-    .unwrap_or(-1.0);
+    let ledger: f64 =
+        sqlx::query_scalar("SELECT coalesce(sum(spent_usd), 0)::float8 FROM recap_llm_spend")
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap_or(-1.0);
     eprintln!(
         "budget {budget} USD across 2 replicas: spent {spent:.6} USD at the server ({} calls, one call <= {one_call:.6}), \
          ledger {ledger:.6}, {done} of {} windows summarized",
@@ -244,7 +244,12 @@ async fn window(pool: &sqlx::PgPool, id: i64) -> (String, i32) {
         .unwrap()
 }
 
-async fn wait_state(pool: &sqlx::PgPool, id: i64, until: &[&str], timeout: Duration) -> (String, i32) {
+async fn wait_state(
+    pool: &sqlx::PgPool,
+    id: i64,
+    until: &[&str],
+    timeout: Duration,
+) -> (String, i32) {
     let t0 = Instant::now();
     loop {
         let w = window(pool, id).await;
