@@ -1966,6 +1966,29 @@ mod tests {
     }
 
     #[test]
+    fn a_field_next_to_its_alias_and_extra_keys_are_accepted() {
+        let s = parse_reply(GOOD).unwrap();
+        let both = r#"```json
+{"summary": "The user finished a pottery bowl for their grandmother and worries about a knee before a marathon.",
+ "summary_text": "something else", "key_topics": ["pottery", "marathon", "knee"], "topics": ["other"],
+ "emotional_tone": "mixed", "tone": "neutral", "confidence": 0.82, "language": "en", "notes": {"v": 3}}
+```"#;
+        assert_eq!(parse_reply(both).unwrap(), s, "the field wins over its alias");
+        // only the aliases, or a null field next to its alias
+        let aliases = r#"{"summary_text": "The user talked about chess.", "topics": ["chess"], "tone": "neutral",
+            "summary": null, "key_topics": null}"#;
+        let a = parse_reply(aliases).unwrap();
+        assert_eq!(a.text, "The user talked about chess.");
+        assert_eq!(a.key_topics, vec!["chess"]);
+        // strict in what is stored: no NUL reaches a summary
+        let nul = parse_reply(
+            r#"{"summary": "The user talked about\u0000 chess.", "key_topics": ["ch\u0000ess"], "emotional_tone": "neutral"}"#,
+        )
+        .unwrap();
+        assert!(!nul.text.contains('\0') && !nul.key_topics[0].contains('\0'), "{nul:?}");
+    }
+
+    #[test]
     fn rejects_what_needs_a_repair_call() {
         for bad in [
             "",
