@@ -1973,7 +1973,11 @@ mod tests {
  "summary_text": "something else", "key_topics": ["pottery", "marathon", "knee"], "topics": ["other"],
  "emotional_tone": "mixed", "tone": "neutral", "confidence": 0.82, "language": "en", "notes": {"v": 3}}
 ```"#;
-        assert_eq!(parse_reply(both).unwrap(), s, "the field wins over its alias");
+        assert_eq!(
+            parse_reply(both).unwrap(),
+            s,
+            "the field wins over its alias"
+        );
         // only the aliases, or a null field next to its alias
         let aliases = r#"{"summary_text": "The user talked about chess.", "topics": ["chess"], "tone": "neutral",
             "summary": null, "key_topics": null}"#;
@@ -1985,7 +1989,10 @@ mod tests {
             r#"{"summary": "The user talked about\u0000 chess.", "key_topics": ["ch\u0000ess"], "emotional_tone": "neutral"}"#,
         )
         .unwrap();
-        assert!(!nul.text.contains('\0') && !nul.key_topics[0].contains('\0'), "{nul:?}");
+        assert!(
+            !nul.text.contains('\0') && !nul.key_topics[0].contains('\0'),
+            "{nul:?}"
+        );
     }
 
     #[test]
