@@ -311,3 +311,73 @@ async fn a_result_that_cannot_be_stored_counts_as_an_attempt() {
     terminate(&mut child);
     assert_eq!(state, "done", "the NUL is stripped from what is stored");
 }
+
+/// The ledger under contention: 4 replicas x 8 calls at a time reserving against one budget spend at most the budget
+/// plus one call, and use it up.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spend_ledger_admits_at_most_the_budget_plus_one_call() {
+    use recap::budget::{PgLedger, Reserve, SpendLedger};
+    let db = fresh_db().await;
+    db.migrate().await;
+    let (budget, estimate) = (0.1, 0.01);
+    let ledgers: Vec<std::sync::Arc<PgLedger>> = (0..4)
+        .map(|i| std::sync::Arc::new(PgLedger::new(db.pool.clone(), format!("replica-{i}"))))
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, l) in ledgers.iter().enumerate() {
+        for j in 0..8u64 {
+            let l = l.clone();
+            tasks.spawn(async move {
+                let (mut calls, mut refused) = (0u64, 0);
+                loop {
+                    match l
+                        .reserve(estimate, budget, Duration::from_secs(60))
+                        .await
+                        .unwrap()
+                    {
+                        Reserve::Granted { usd } => {
+                            tokio::time::sleep(Duration::from_millis(5 + (i as u64 * 8 + j) % 7))
+                                .await;
+                            // actual costs between 20% and 100% of the estimate
+                            let actual =
+                                estimate * (0.2 + 0.8 * (((calls * 7 + j) % 5) as f64) / 4.0);
+                            l.settle(Some(usd), actual).await.unwrap();
+                            calls += 1;
+                            refused = 0;
+                        }
+                        // like a worker: over budget (or everything reserved) it comes back later
+                        Reserve::Over { .. } if refused < 20 => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Reserve::Over { .. } => return calls,
+                    }
+                }
+            });
+        }
+    }
+    let mut calls = 0;
+    while let Some(n) = tasks.join_next().await {
+        calls += n.unwrap();
+    }
+    let (spent, recorded): (f64, i64) =
+        sqlx::query_as("SELECT spent_usd, calls FROM recap_llm_spend")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let reserved: f64 =
+        sqlx::query_scalar("SELECT coalesce(sum(usd), 0)::float8 FROM recap_llm_reservations")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    eprintln!(
+        "ledger: {calls} calls by 4 x 8 workers, spent {spent:.4} of a {budget} budget, {reserved:.6} left reserved"
+    );
+    assert_eq!(recorded as u64, calls);
+    assert!(spent <= budget + estimate + 1e-9, "spent {spent}");
+    assert!(
+        spent >= budget - estimate,
+        "the budget was not used: {spent}"
+    );
+    assert!(reserved.abs() < 1e-9, "reservations left: {reserved}");
+}
