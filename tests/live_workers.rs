@@ -128,10 +128,32 @@ async fn the_daily_budget_holds_across_two_replicas() {
             "spending never stopped: {st}"
         );
     };
+    // Over budget, due windows are left alone: no claim, no Qdrant fetch, no retry write (only a window that gets
+    // an LLM call may be touched).
+    let since: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let touched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM recap_windows WHERE state <> 'too_short' AND updated_at > $1",
+    )
+    .bind(since)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
     let full = reqwest_stats(&llm).await;
+    let calls_meanwhile = u(&full, "calls_total") - u(&st, "calls_total");
+    eprintln!(
+        "over budget for 6 s: {touched} windows claimed or rewritten, {calls_meanwhile} LLM calls"
+    );
+    assert!(
+        touched as u64 <= calls_meanwhile,
+        "workers kept claiming and fetching windows while the budget was spent: {touched} windows touched in 6 s"
+    );
     terminate(&mut a);
     terminate(&mut b);
-    let spent = st["cost_total"].as_f64().unwrap();
+    let spent = full["cost_total"].as_f64().unwrap();
     let one_call = full["calls"]
         .as_array()
         .unwrap()
@@ -147,7 +169,7 @@ async fn the_daily_budget_holds_across_two_replicas() {
     eprintln!(
         "budget {budget} USD across 2 replicas: spent {spent:.6} USD at the server ({} calls, one call <= {one_call:.6}), \
          ledger {ledger:.6}, {done} of {} windows summarized",
-        st["calls_total"],
+        full["calls_total"],
         expected.len()
     );
     assert!(
