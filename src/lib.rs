@@ -15,6 +15,7 @@
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
+pub mod budget;
 pub mod cmd;
 pub mod config;
 pub mod console;

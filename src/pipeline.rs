@@ -347,6 +347,37 @@ pub async fn run_ingest<S: Source>(
     }
 }
 
+/// `d` plus up to `d` of random jitter, so windows and replicas that failed together do not retry together.
+pub fn jittered(d: Duration) -> Duration {
+    use backon::BackoffBuilder;
+    backon::ConstantBuilder::default()
+        .with_delay(d)
+        .with_jitter()
+        .build()
+        .next()
+        .unwrap_or(d)
+}
+
+/// The back-off of the worker and service loops while something they need is unavailable (Postgres, the LLM, the
+/// budget): exponential from `min` to `max`, jittered, never giving up.
+pub fn loop_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Sleeps `d` unless `shutdown` comes first; true when it did.
+pub async fn sleep_or_shutdown(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
 /// Back-off for a window that failed: 5 s, 10 s, 20 s ... capped at 10 minutes.
 fn retry_delay(attempts: i32) -> Duration {
     Duration::from_secs(5u64.saturating_mul(1u64 << attempts.clamp(0, 7) as u32))
@@ -359,6 +390,15 @@ pub async fn summarize_window(
     w: &ClaimedWindow,
 ) -> Result<WindowOutcome, StoreError> {
     let cfg = &ctx.cfg;
+    // No fetch while the summarizer could not take the window (LLM circuit open, budget spent): it waits, uncounted.
+    if let Err(e) = ctx.summarizer.ready().await {
+        return Ok(WindowOutcome::Retry {
+            error: e.to_string(),
+            delay: jittered(Duration::from_secs(5)),
+            counts: false,
+            max_attempts: cfg.llm_max_attempts as i32,
+        });
+    }
     let ids = ctx.store.window_points(w.id).await?;
     let bot_for = |c: &str| cfg.bot_for_collection(c);
     let fetched = match ctx.points.collections_for(&w.bot, &bot_for).await {
@@ -377,7 +417,7 @@ pub async fn summarize_window(
             metrics::counter!("recap_fetch_errors_total").increment(1);
             return Ok(WindowOutcome::Retry {
                 error: e.to_string(),
-                delay: Duration::from_secs(5),
+                delay: jittered(Duration::from_secs(5)),
                 counts,
                 max_attempts: cfg.llm_max_attempts as i32,
             });
@@ -415,6 +455,18 @@ pub async fn summarize_window(
         messages,
     };
     let text_chars = input.text_chars();
+    // Never call the LLM for a lease that is not ours any more: extend it right before the call (the heartbeat keeps
+    // it while the call runs). A lost lease or a changed window is written as nothing (`finish_window` finds it stale).
+    let lease = Duration::from_secs(cfg.lease_seconds.into());
+    if !ctx.store.extend_lease(&ctx.instance, w, lease).await? {
+        metrics::counter!("recap_window_leases_lost_total").increment(1);
+        return Ok(WindowOutcome::Retry {
+            error: "lease lost or window changed before the summarizer call".into(),
+            delay: Duration::ZERO,
+            counts: false,
+            max_attempts: cfg.llm_max_attempts as i32,
+        });
+    }
     match ctx.summarizer.summarize(&input).await {
         Ok(summary) => Ok(WindowOutcome::Summarized {
             summary,
@@ -427,7 +479,7 @@ pub async fn summarize_window(
         Err(SummarizeError::Empty) => Ok(WindowOutcome::TooShort { message_count }),
         Err(SummarizeError::Unavailable(e)) => Ok(WindowOutcome::Retry {
             error: e,
-            delay: Duration::from_secs(5),
+            delay: jittered(Duration::from_secs(5)),
             counts: false,
             max_attempts: cfg.llm_max_attempts as i32,
         }),
@@ -442,12 +494,28 @@ pub async fn summarize_window(
     }
 }
 
-/// Processes one claimed window end to end, within a span naming it.
+/// Processes one claimed window end to end, within a span naming it. A result that cannot be stored for a reason
+/// that will not go away (a NUL in text, a value too long for its column) counts as a failed attempt toward
+/// LLM_MAX_ATTEMPTS and the dead state, instead of a new claim (and a new LLM call) forever.
 pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished, StoreError> {
     let span = info_span!("window", id = w.id, bot = %w.bot, user = %w.user_id, start = %crate::sink::to_utc(w.start_ms).to_rfc3339());
     async move {
         let outcome = summarize_window(ctx, &w).await?;
-        let finished = ctx.store.finish_window(&ctx.instance, &w, &outcome).await?;
+        let (outcome, finished) = match ctx.store.finish_window(&ctx.instance, &w, &outcome).await {
+            Err(e) if e.is_repeatable() => {
+                warn!(error = %e, "the window's result cannot be stored; counted as a failed attempt");
+                metrics::counter!("recap_window_write_errors_total").increment(1);
+                let retry = WindowOutcome::Retry {
+                    error: format!("the result cannot be stored: {e}"),
+                    delay: retry_delay(w.attempts),
+                    counts: true,
+                    max_attempts: ctx.cfg.llm_max_attempts as i32,
+                };
+                let finished = ctx.store.finish_window(&ctx.instance, &w, &retry).await?;
+                (retry, finished)
+            }
+            r => (outcome, r?),
+        };
         match (&outcome, finished) {
             (WindowOutcome::Summarized { message_count, .. }, Finished::Done) => {
                 metrics::counter!("recap_windows_summarized_total").increment(1);
@@ -473,23 +541,94 @@ pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished,
     .await
 }
 
+/// The windows a worker is working on, whose leases a background task renews every third of the lease until the
+/// window is finished (so a window waiting for a slow LLM is never claimed by another replica).
+struct Heartbeat {
+    ids: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    fn start(ctx: &Context, lease: Duration) -> Heartbeat {
+        let ids: Arc<std::sync::Mutex<std::collections::HashSet<i64>>> = Arc::default();
+        let (store, owner, held) = (ctx.store.clone(), ctx.instance.clone(), ids.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let now: Vec<i64> = lock(&held).iter().copied().collect();
+                if now.is_empty() {
+                    continue;
+                }
+                match store.renew_leases(&owner, &now, lease).await {
+                    Ok(kept) if kept.len() < now.len() => {
+                        debug!(
+                            lost = now.len() - kept.len(),
+                            "window leases lost (finished meanwhile, or taken after expiring)"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "cannot renew window leases; retrying"),
+                }
+            }
+        });
+        Heartbeat { ids, task }
+    }
+
+    /// Adds a window; false when it is being worked on here already.
+    fn add(&self, id: i64) -> bool {
+        lock(&self.ids).insert(id)
+    }
+
+    fn remove(&self, id: i64) {
+        lock(&self.ids).remove(&id);
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Processes every due window that can be claimed now, then returns how many were finished (`sweep --once`,
 /// `backfill`). Windows waiting for a retry time are left for a later run. `progress` is called after each window.
+/// Claims only as many windows as run at once, and renews their leases while they run.
 pub async fn drain_due(
     ctx: &Context,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<usize, StoreError> {
     let lease = Duration::from_secs(ctx.cfg.lease_seconds.into());
-    let limit = i64::from(ctx.cfg.enrichment_batch_size.max(1));
+    let concurrency = ctx.cfg.llm_concurrency.max(1);
+    let limit = i64::from(ctx.cfg.enrichment_batch_size.max(1)).min(concurrency as i64);
+    let heartbeat = Heartbeat::start(ctx, lease);
     let mut finished = 0usize;
     loop {
+        if ctx.summarizer.ready().await.is_err() {
+            // the LLM is down or the budget spent: what is left waits for the service (or the next run)
+            return Ok(finished);
+        }
         let claimed = ctx.store.claim_due(&ctx.instance, lease, limit).await?;
         if claimed.is_empty() {
             return Ok(finished);
         }
+        for w in &claimed {
+            heartbeat.add(w.id);
+        }
         let results: Vec<Result<Finished, StoreError>> = futures::stream::iter(claimed)
-            .map(|w| process_window(ctx, w))
-            .buffer_unordered(ctx.cfg.llm_concurrency.max(1))
+            .map(|w| {
+                let hb = &heartbeat;
+                async move {
+                    let id = w.id;
+                    let r = process_window(ctx, w).await;
+                    hb.remove(id);
+                    r
+                }
+            })
+            .buffer_unordered(concurrency)
             .collect()
             .await;
         for r in results {
@@ -502,10 +641,17 @@ pub async fn drain_due(
 
 /// Claims and processes due windows until `shutdown`; in-flight windows get `grace` to finish, then their leases are
 /// released.
+///
+/// Lease rules: a worker claims only as many windows as it has free slots (LLM_CONCURRENCY), so every claimed window
+/// starts at once; a heartbeat renews the leases of the windows it works on; right before the LLM call the lease is
+/// extended, and a window whose lease is no longer this worker's is not sent. While the summarizer is not ready (LLM
+/// circuit open, budget spent) nothing is claimed or fetched, with a jittered back-off that shutdown interrupts.
 pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let lease = Duration::from_secs(ctx.cfg.lease_seconds.into());
-    let limit = i64::from(ctx.cfg.enrichment_batch_size.max(1));
+    let batch = ctx.cfg.enrichment_batch_size.max(1) as usize;
     let concurrency = ctx.cfg.llm_concurrency.max(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let heartbeat = Arc::new(Heartbeat::start(&ctx, lease));
     let hard_stop = CancellationToken::new();
     let grace = ctx.cfg.shutdown_grace;
     {
@@ -516,35 +662,79 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             hard_stop.cancel();
         });
     }
+    let new_backoff = || loop_backoff(Duration::from_millis(300), Duration::from_secs(30));
+    let mut backoff = new_backoff();
+    let mut tasks = tokio::task::JoinSet::new();
     while !shutdown.is_cancelled() {
-        let claimed = match ctx.store.claim_due(&ctx.instance, lease, limit).await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "cannot claim windows; retrying");
-                Vec::new()
+        while let Some(r) = tasks.try_join_next() {
+            if let Err(e) = r {
+                warn!(error = %e, "a window task panicked; its lease will expire and it will be retried");
             }
+        }
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("the worker semaphore is never closed"),
         };
-        if claimed.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        if let Err(e) = ctx.summarizer.ready().await {
+            drop(first);
+            let wait = backoff.next().unwrap_or(Duration::from_secs(30));
+            debug!(error = %e, wait_ms = wait.as_millis() as u64, "summarizer not ready; claiming nothing");
+            if sleep_or_shutdown(&shutdown, wait).await {
+                break;
             }
             continue;
         }
-        let work = futures::stream::iter(claimed).for_each_concurrent(concurrency, |w| {
-            let ctx = &ctx;
-            async move {
+        let mut permits = vec![first];
+        while permits.len() < batch {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let claimed = match ctx
+            .store
+            .claim_due(&ctx.instance, lease, permits.len() as i64)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                drop(permits);
+                let wait = backoff.next().unwrap_or(Duration::from_secs(30));
+                warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot claim windows; retrying");
+                if sleep_or_shutdown(&shutdown, wait).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        backoff = new_backoff();
+        if claimed.is_empty() {
+            drop(permits);
+            if sleep_or_shutdown(&shutdown, Duration::from_millis(300)).await {
+                break;
+            }
+            continue;
+        }
+        for (w, permit) in claimed.into_iter().zip(permits) {
+            if !heartbeat.add(w.id) {
+                continue; // already being worked on here (its lease had expired): one worker per window
+            }
+            let (ctx, heartbeat) = (ctx.clone(), heartbeat.clone());
+            tasks.spawn(async move {
                 let id = w.id;
-                if let Err(e) = process_window(ctx, w).await {
+                if let Err(e) = process_window(&ctx, w).await {
                     warn!(window = id, error = %e, "window not finished; its lease will expire and it will be retried");
                 }
-            }
-        });
-        tokio::select! {
-            _ = work => {}
-            _ = hard_stop.cancelled() => break,
+                heartbeat.remove(id);
+                drop(permit);
+            });
         }
     }
+    tokio::select! {
+        _ = async { while tasks.join_next().await.is_some() {} } => {}
+        _ = hard_stop.cancelled() => tasks.abort_all(),
+    }
+    drop(heartbeat);
     match ctx.store.release_leases(&ctx.instance).await {
         Ok(n) if n > 0 => info!(released = n, "released window leases"),
         Ok(_) => {}

@@ -58,6 +58,18 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// True for an error the same write will hit again (SQLSTATE class 22, data exception: a NUL in text, a value too
+    /// long for its column; class 23, integrity constraint violation): retrying it as it is can never succeed.
+    pub fn is_repeatable(&self) -> bool {
+        match self {
+            StoreError::Db(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
+    }
 }
 
 pub fn to_utc(ms: Millis) -> DateTime<Utc> {
@@ -404,6 +416,50 @@ impl Store {
         Ok(r.rows_affected())
     }
 
+    /// Extends the lease of a window this worker claimed, right before an LLM call: `false` when the lease is no
+    /// longer `owner`'s (another replica claimed the window after it expired), the window is no longer due, or its
+    /// messages changed since the claim (the summary would be thrown away). Nothing may be called for it then.
+    pub async fn extend_lease(
+        &self,
+        owner: &str,
+        w: &ClaimedWindow,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE recap_windows SET lease_until = now() + $4 * interval '1 millisecond'
+             WHERE id = $1 AND lease_owner = $2 AND version = $3 AND state = 'due'",
+        )
+        .bind(w.id)
+        .bind(owner)
+        .bind(w.version)
+        .bind(lease.as_millis() as f64)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Renews the leases `owner` holds on `ids` (the worker's heartbeat); returns the ids still held.
+    pub async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held = sqlx::query_scalar(
+            "UPDATE recap_windows SET lease_until = now() + $3 * interval '1 millisecond'
+             WHERE id = ANY($1) AND lease_owner = $2 AND state = 'due' RETURNING id",
+        )
+        .bind(ids)
+        .bind(owner)
+        .bind(lease.as_millis() as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(held)
+    }
+
     /// Writes a worker's result for a window in one transaction (see the module docs).
     pub async fn finish_window(
         &self,
@@ -499,7 +555,7 @@ impl Store {
                 .bind(w.id)
                 .bind(if dead { "dead" } else { "due" })
                 .bind(attempts)
-                .bind(truncate(error, 2000))
+                .bind(truncate(&error.replace('\0', ""), 2000))
                 .bind(delay.as_millis() as f64)
                 .execute(&mut *tx)
                 .await?;
@@ -541,8 +597,7 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?;
         let spend: f64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(cost_usd), 0)::float8 FROM conversation_summaries
-             WHERE updated_at >= date_trunc('day', now() AT TIME ZONE 'UTC')",
+            "SELECT coalesce((SELECT spent_usd FROM recap_llm_spend WHERE day = (now() AT TIME ZONE 'UTC')::date), 0)",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -705,16 +760,21 @@ async fn upsert_summary(
     let completion = usage.map(|u| u.completion_tokens as i32);
     let latency = usage.map(|u| u.latency_ms as i32);
     let cost = usage.and_then(|u| u.cost_usd);
+    // strict in what is stored: Postgres rejects NUL in text (a summarizer should have removed it already)
+    let clean = |t: &str| t.replace('\0', "");
+    let model = model.map(|m| clean(&m));
+    let topics: Vec<String> = s.key_topics.iter().map(|t| clean(t)).collect();
+    let text = clean(&s.text);
     let bind_all = |sql: &'static str| {
         sqlx::query(sql)
             .bind(w.user_id.clone())
             .bind(w.bot.clone())
-            .bind(s.text.clone())
+            .bind(text.clone())
             .bind(start)
             .bind(end)
             .bind(message_count)
-            .bind(s.key_topics.clone())
-            .bind(s.emotional_tone.clone())
+            .bind(topics.clone())
+            .bind(clean(&s.emotional_tone))
             .bind(compression)
             .bind(s.confidence)
             .bind(ENRICHMENT_VERSION)
@@ -740,11 +800,13 @@ async fn upsert_summary(
     Ok(row.get(0))
 }
 
-/// Parameters $1..$19 are shared with [`UPSERT_SUMMARY_SQL`]; $20 is the row id.
+/// Parameters $1..$19 are shared with [`UPSERT_SUMMARY_SQL`]; $20 is the row id. `cost_usd` adds up over a window's
+/// revisions: it is what the window cost, not what its last summary cost.
 const UPDATE_SUMMARY_SQL: &str = "UPDATE conversation_summaries SET summary_text = $3, start_timestamp = $4,
         end_timestamp = $5, message_count = $6, key_topics = $7, emotional_tone = $8, compression_ratio = $9,
         confidence_score = $10, enrichment_version = $11, revision = $12, summarizer = $13, model = $14,
-        prompt_tokens = $15, completion_tokens = $16, llm_latency_ms = $17, cost_usd = $18, coverage = $19,
+        prompt_tokens = $15, completion_tokens = $16, llm_latency_ms = $17,
+        cost_usd = CASE WHEN $18::float8 IS NULL THEN cost_usd ELSE coalesce(cost_usd, 0) + $18 END, coverage = $19,
         updated_at = now()
      WHERE id = $20 AND user_id = $1 AND bot_name = $2
      RETURNING id";
@@ -761,7 +823,10 @@ const UPSERT_SUMMARY_SQL: &str =
         confidence_score = EXCLUDED.confidence_score, enrichment_version = EXCLUDED.enrichment_version,
         revision = EXCLUDED.revision, summarizer = EXCLUDED.summarizer, model = EXCLUDED.model,
         prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-        llm_latency_ms = EXCLUDED.llm_latency_ms, cost_usd = EXCLUDED.cost_usd, coverage = EXCLUDED.coverage,
+        llm_latency_ms = EXCLUDED.llm_latency_ms,
+        cost_usd = CASE WHEN EXCLUDED.cost_usd IS NULL THEN conversation_summaries.cost_usd
+                        ELSE coalesce(conversation_summaries.cost_usd, 0) + EXCLUDED.cost_usd END,
+        coverage = EXCLUDED.coverage,
         updated_at = now()
      RETURNING id";
 

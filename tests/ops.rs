@@ -1640,15 +1640,17 @@ async fn sigterm_mid_run_exits_0_within_the_grace_and_a_restart_loses_nothing() 
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
     let expected = expected_rows(&s.bot, &s.points, 5);
     assert_eq!(expected.len(), 80);
-    // Workers claim ENRICHMENT_BATCH_SIZE (50) windows at a time and the LLM is held to 10 calls a second, so when
-    // SIGTERM comes (at 10 rows) some 40 claimed windows are still to do: more than a 2 s grace allows. Those in
-    // flight get the grace, the leases of the rest are released, and the restart does them.
+    // Workers claim only what they can start (LLM_CONCURRENCY = 8 windows in flight) and the LLM is held to 2 calls
+    // a second, so when SIGTERM comes (at 10 rows) some of the windows in flight wait longer for their call than a
+    // 2 s grace allows. Those in flight get the grace, the leases of the rest are released, and the restart does
+    // them (at 10 calls a second).
     let grace = Duration::from_secs(2);
     let mut envs = ops_env(&s.db, &s.nats, free_port());
     set(&mut envs, "SUMMARIZER", "llm");
     set(&mut envs, "LLM_API_KEY", "sk-test-graceful");
     set(&mut envs, "LLM_BASE_URL", &env("LLM_BASE_URL"));
-    set(&mut envs, "LLM_REQUESTS_PER_SECOND", "10");
+    set(&mut envs, "LLM_REQUESTS_PER_SECOND", "2");
+    set(&mut envs, "LLM_CONCURRENCY", "8");
     set(&mut envs, "SHUTDOWN_GRACE", "2s");
     set(&mut envs, "NATS_ACK_WAIT", "2s");
     set(&mut envs, "INGEST_BATCH_SIZE", "100");
@@ -1721,6 +1723,7 @@ async fn sigterm_mid_run_exits_0_within_the_grace_and_a_restart_loses_nothing() 
         log.display()
     );
 
+    set(&mut envs, "LLM_REQUESTS_PER_SECOND", "10");
     let mut child = spawn(&["run"], &envs, &log);
     let after = wait_for_rows(&s.db.pool, expected.len(), Duration::from_secs(120)).await;
     stop(&mut child.0);

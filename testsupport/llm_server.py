@@ -36,11 +36,15 @@ Fault injection (settings, all changeable at run time through POST /control):
   seed             RNG seed (default 0); setting it re-seeds the RNG
   down             true -> every completion answers 503 (endpoint outage); checked first
   fail_next        N -> the next N completions fail with fail_modes[0] (checked before fail_rate)
+  reply_style      "plain" (default): the JSON object alone; "aliases": the object inside a ```json fence, carrying
+                   each field next to its alias ("summary" and "summary_text", "key_topics" and "topics",
+                   "emotional_tone" and "tone") plus keys nobody asked for, as some models answer
 
 Statistics (GET /stats): calls_total, calls_ok, calls_failed_by_mode {mode: n} (modes: 429, 500, nonjson, timeout,
 down, bad_request), prompt_tokens_total, completion_tokens_total, cost_total, in_flight, max_concurrency_observed
 (most completion requests in flight at once), early_retries (completions whose exact body was answered 429 before
-and that arrived before that 429's Retry-After time had passed).
+and that arrived before that 429's Retry-After time had passed), distinct_prompts (different last user messages
+seen: one per window summarized) and max_calls_one_prompt (most completions asked with the same last user message).
 """
 
 import argparse
@@ -71,7 +75,9 @@ DEFAULT_SETTINGS = {
     "seed": 0,
     "down": False,
     "fail_next": 0,
+    "reply_style": "plain",
 }
+REPLY_STYLES = ("plain", "aliases")
 
 STOPWORDS = set(
     """
@@ -184,8 +190,11 @@ class State:
                 "cost_total": 0.0,
                 "max_concurrency_observed": 0,
                 "early_retries": 0,
+                "distinct_prompts": 0,
+                "max_calls_one_prompt": 0,
             }
             self.calls = []
+            self.by_prompt = Counter()  # sha256(last user message) -> completions asked with it
 
     def update(self, changes):
         with self.lock:
@@ -198,6 +207,8 @@ class State:
             if not isinstance(modes, list) or not modes or any(str(m) not in FAIL_MODES for m in modes):
                 raise ValueError(f"fail_modes must be a non-empty list drawn from {list(FAIL_MODES)}")
             new["fail_modes"] = [str(m) for m in modes]
+            if new["reply_style"] not in REPLY_STYLES:
+                raise ValueError(f"reply_style must be one of {list(REPLY_STYLES)}")
             if not 0 <= float(new["fail_rate"]) <= 1:
                 raise ValueError("fail_rate must be within 0..1")
             new["fail_rate"] = float(new["fail_rate"])
@@ -381,9 +392,20 @@ class Handler(BaseHTTPRequestHandler):
         for m in messages:
             if isinstance(m, dict) and m.get("role") == "user":
                 last_user = content_text(m.get("content"))
+        with STATE.lock:
+            key = hashlib.sha256(last_user.encode()).hexdigest()
+            STATE.by_prompt[key] += 1
+            STATE.stats["distinct_prompts"] = len(STATE.by_prompt)
+            STATE.stats["max_calls_one_prompt"] = max(STATE.stats["max_calls_one_prompt"], STATE.by_prompt[key])
         result = summarize(last_user)
         if mode == "nonjson":
             content = f"Sure! Here is the summary: {result['summary']} Let me know if you need anything else."
+        elif settings["reply_style"] == "aliases":
+            both = {"summary": result["summary"], "summary_text": result["summary"],
+                    "key_topics": result["key_topics"], "topics": result["key_topics"],
+                    "emotional_tone": result["emotional_tone"], "tone": result["emotional_tone"],
+                    "confidence": result["confidence"], "language": "en", "notes": {"model_version": 3}}
+            content = "```json\n" + json.dumps(both, indent=2) + "\n```"
         else:
             content = json.dumps(result)
         prompt_chars = sum(len(content_text(m.get("content"))) for m in messages if isinstance(m, dict))

@@ -201,7 +201,8 @@ pub fn llm_settings(cfg: &Config) -> Option<crate::summarize::llm::LlmSettings> 
 }
 
 /// The configured summarizer: the LLM one when a key is set (unless SUMMARIZER=extractive), else extractive.
-/// Today's LLM spend is read from the store so the daily budget holds across restarts.
+/// With a store, the daily budget and the spend are kept in Postgres (see [`crate::budget`]), so they hold across
+/// restarts and replicas.
 pub async fn summarizer(
     cfg: &Config,
     store: Option<&Store>,
@@ -211,15 +212,14 @@ pub async fn summarizer(
         Some(s) if cfg.use_llm() => s,
         _ => return Ok(Arc::new(Extractive)),
     };
-    let llm = LlmSummarizer::new(settings)?;
+    let mut llm = LlmSummarizer::new(settings)?;
     if let Some(store) = store {
-        llm.record_spend_seed(
-            store
-                .status()
-                .await
-                .map(|s| s.llm_spend_today_usd)
-                .unwrap_or(0.0),
-        );
+        // the budget and the spend live in Postgres, one ledger for every replica
+        let ledger = crate::budget::PgLedger::new(store.pool().clone(), cfg.instance_id());
+        if let Err(e) = ledger.reset_own().await {
+            tracing::warn!(error = %e, "could not reset this replica's budget reservations (they expire by themselves)");
+        }
+        llm = llm.with_ledger(Arc::new(ledger));
     }
     Ok(match cfg.over_budget {
         crate::config::OverBudget::Extractive => Arc::new(BudgetFallback { llm }),

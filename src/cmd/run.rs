@@ -25,12 +25,14 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-/// Connects to Postgres, waiting (with back-off) while it is unreachable, and applies migrations.
+/// Connects to Postgres, waiting (jittered back-off, cut short by shutdown) while it is unreachable, and applies
+/// migrations.
 async fn store_when_ready(
     cfg: &Config,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<crate::sink::Store>> {
-    let mut delay = Duration::from_millis(500);
+    let mut backoff =
+        crate::pipeline::loop_backoff(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         match super::connect_store(cfg).await {
             Ok(store) => {
@@ -41,11 +43,10 @@ async fn store_when_ready(
             }
             Err(e) => warn!(error = %e, "waiting for Postgres"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+        let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+        if crate::pipeline::sleep_or_shutdown(shutdown, delay).await {
+            return Ok(None);
         }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -491,16 +491,56 @@ fn repair_system_prompt(system: &str, bad_reply: &str, reason: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // Reply parsing
 
-#[derive(Debug, Deserialize)]
+/// The fields of a reply object. Liberal in what it accepts: a field may come under its name or an alias, both may be
+/// present side by side (the first non-null one in [`field`]'s order wins, the other is ignored), and keys nobody
+/// asked for are ignored.
+#[derive(Debug)]
 struct ReplyJson {
-    #[serde(alias = "summary_text")]
     summary: String,
-    #[serde(default, alias = "topics", alias = "keyTopics")]
     key_topics: serde_json::Value,
-    #[serde(default, alias = "tone", alias = "emotionalTone")]
     emotional_tone: serde_json::Value,
-    #[serde(default)]
     confidence: serde_json::Value,
+}
+
+/// The first present, non-null value among `names`.
+fn field(obj: &serde_json::Map<String, serde_json::Value>, names: &[&str]) -> serde_json::Value {
+    names
+        .iter()
+        .filter_map(|n| obj.get(*n))
+        .find(|v| !v.is_null())
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+impl ReplyJson {
+    fn from_str(c: &str) -> Result<ReplyJson, String> {
+        let obj = match serde_json::from_str::<serde_json::Value>(c).map_err(|e| e.to_string())? {
+            serde_json::Value::Object(o) => o,
+            other => return Err(format!("expected a JSON object, got {}", json_kind(&other))),
+        };
+        let summary = match field(&obj, &["summary", "summary_text", "summaryText"]) {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Null => return Err("missing field `summary`".into()),
+            other => return Err(format!("`summary` is {}, not a string", json_kind(&other))),
+        };
+        Ok(ReplyJson {
+            summary,
+            key_topics: field(&obj, &["key_topics", "topics", "keyTopics"]),
+            emotional_tone: field(&obj, &["emotional_tone", "tone", "emotionalTone"]),
+            confidence: field(&obj, &["confidence"]),
+        })
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// The JSON object inside a reply: the whole text, the inside of a ```` ``` ```` / ```` ```json ```` fence, or the
@@ -529,7 +569,7 @@ pub fn parse_reply(content: &str) -> Result<Summary, String> {
     let mut first_err = None;
     let mut parsed = None;
     for c in json_candidates(content) {
-        match serde_json::from_str::<ReplyJson>(c) {
+        match ReplyJson::from_str(c) {
             Ok(r) => {
                 parsed = Some(r);
                 break;
@@ -975,6 +1015,8 @@ pub struct LlmSummarizer {
     totals: Mutex<LlmTotals>,
     /// No call before this instant (a long `Retry-After`).
     not_before: Mutex<Option<Instant>>,
+    /// The budget shared with the other replicas (Postgres); without it the budget is this instance's own.
+    ledger: Option<std::sync::Arc<dyn crate::budget::SpendLedger>>,
 }
 
 impl fmt::Debug for LlmSummarizer {
@@ -1054,6 +1096,7 @@ impl LlmSummarizer {
             }),
             totals: Mutex::new(LlmTotals::default()),
             not_before: Mutex::new(None),
+            ledger: None,
             settings,
             config,
             http,
@@ -1064,6 +1107,109 @@ impl LlmSummarizer {
 
     pub fn settings(&self) -> &LlmSettings {
         &self.settings
+    }
+
+    /// Keeps the daily budget and the spend in a ledger shared by every replica (see [`crate::budget`]).
+    pub fn with_ledger(mut self, ledger: std::sync::Arc<dyn crate::budget::SpendLedger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// What one call with this prompt may cost at most: its tokens at the configured prices plus a full
+    /// [`MAX_OUTPUT_TOKENS`] completion (what a call reserves from the shared budget).
+    pub fn estimate_cost(&self, system: &str, user: &str) -> f64 {
+        let prompt = estimate_tokens(chars(system) + chars(user)) as f64;
+        (prompt * self.settings.price_prompt_per_mtok
+            + f64::from(MAX_OUTPUT_TOKENS) * self.settings.price_completion_per_mtok)
+            / 1e6
+    }
+
+    /// How long a reservation may outlive its call's start: every attempt timing out with the longest back-off.
+    fn reservation_ttl(&self) -> Duration {
+        let s = &self.settings;
+        let tries = s.max_retries as u32 + 1;
+        s.timeout * tries
+            + s.retry_max_delay * tries
+            + MAX_INLINE_RETRY_AFTER
+            + Duration::from_secs(60)
+    }
+
+    /// True when a daily budget is set and today's spend (with the ledger: all replicas' spend and reservations)
+    /// has reached it. A ledger that cannot be read counts as over budget.
+    pub async fn over_budget_now(&self) -> bool {
+        let Some(budget) = self.settings.daily_budget_usd else {
+            return false;
+        };
+        match &self.ledger {
+            Some(l) => l.committed_today().await.map_or(true, |c| c >= budget),
+            None => self.spent_today() >= budget,
+        }
+    }
+
+    /// Whether a window could be sent now: the circuit, a long Retry-After and the budget allow a call. Workers ask
+    /// before they claim and fetch a window.
+    pub async fn ready(&self) -> Result<(), SummarizeError> {
+        self.admit_transport()?;
+        if let Some(budget) = self.settings.daily_budget_usd
+            && self.over_budget_now().await
+        {
+            metrics::counter!("recap_llm_errors_total", "kind" => "budget").increment(1);
+            return Err(SummarizeError::Unavailable(format!(
+                "daily budget of {budget:.4} USD reached (UTC day, all replicas)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One logical call within the budget: reserves its estimated cost in the shared ledger (or checks this
+    /// instance's spend without one), calls, then records what it cost.
+    async fn complete_budgeted(
+        &self,
+        system: &str,
+        user: &str,
+    ) -> Result<Completion, SummarizeError> {
+        let reserved = match (&self.ledger, self.settings.daily_budget_usd) {
+            (None, _) => {
+                self.check_budget()?;
+                None
+            }
+            (Some(_), None) => None,
+            (Some(l), Some(budget)) => {
+                match l
+                    .reserve(
+                        self.estimate_cost(system, user),
+                        budget,
+                        self.reservation_ttl(),
+                    )
+                    .await
+                {
+                    Ok(crate::budget::Reserve::Granted { usd }) => Some(usd),
+                    Ok(crate::budget::Reserve::Over { committed_usd }) => {
+                        metrics::counter!("recap_llm_errors_total", "kind" => "budget")
+                            .increment(1);
+                        return Err(SummarizeError::Unavailable(format!(
+                            "daily budget of {budget:.4} USD reached ({committed_usd:.4} USD spent or reserved \
+                             today, UTC, all replicas)"
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(SummarizeError::Unavailable(format!(
+                            "cannot reserve the call's cost in the shared budget: {e}"
+                        )));
+                    }
+                }
+            }
+        };
+        let result = self.complete(system, user).await;
+        if let Some(l) = &self.ledger {
+            let cost = result.as_ref().ok().and_then(|c| c.cost_usd).unwrap_or(0.0);
+            if (reserved.is_some() || cost > 0.0)
+                && let Err(e) = l.settle(reserved, cost).await
+            {
+                tracing::warn!(error = %e, cost_usd = cost, "could not record the LLM call's cost in Postgres");
+            }
+        }
+        result
     }
 
     /// Adds `usd` to today's (UTC) spend — e.g. the sum of today's stored LLM costs, read at start.
@@ -1109,9 +1255,8 @@ impl LlmSummarizer {
         Ok(())
     }
 
-    /// Refuses a window without any call while the budget is spent, the circuit is open or a long Retry-After runs.
-    fn admit_window(&self) -> Result<(), SummarizeError> {
-        self.check_budget()?;
+    /// Refuses a window without any call while the circuit is open or a long Retry-After runs.
+    fn admit_transport(&self) -> Result<(), SummarizeError> {
         let now = Instant::now();
         if let Some(until) = *lock(&self.not_before)
             && now < until
@@ -1159,7 +1304,7 @@ impl LlmSummarizer {
         if w.messages.iter().all(|m| m.text.trim().is_empty()) {
             return Err(SummarizeError::Empty);
         }
-        self.admit_window()?;
+        self.admit_transport()?;
         let prompt = prompt_parts(&self.settings, w);
         if prompt.stats.messages_sent < prompt.stats.messages_total {
             tracing::debug!(
@@ -1169,16 +1314,15 @@ impl LlmSummarizer {
                 "window over the token budget: sending an MMR selection"
             );
         }
-        let first = self.complete(&prompt.system, &prompt.user).await?;
+        let first = self.complete_budgeted(&prompt.system, &prompt.user).await?;
         let reason = match parse_reply(&first.content) {
             Ok(s) => return Ok(with_usage(s, &[&first])),
             Err(reason) => reason,
         };
         metrics::counter!("recap_llm_errors_total", "kind" => "invalid_json").increment(1);
         tracing::warn!(bot = %w.bot, user_id = %w.user_id, %reason, "LLM reply is not a valid summary; one repair call");
-        self.check_budget()?;
         let repair = repair_system_prompt(&prompt.system, &first.content, &reason);
-        let second = self.complete(&repair, &prompt.user).await?;
+        let second = self.complete_budgeted(&repair, &prompt.user).await?;
         match parse_reply(&second.content) {
             Ok(s) => Ok(with_usage(s, &[&first, &second])),
             Err(again) => {
@@ -1470,6 +1614,10 @@ fn rate_quota(rps: f64) -> Option<Quota> {
 impl Summarizer for LlmSummarizer {
     fn kind(&self) -> SummarizerKind {
         SummarizerKind::Llm
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), SummarizeError>> {
+        Box::pin(LlmSummarizer::ready(self))
     }
 
     fn summarize<'a>(
@@ -1835,6 +1983,36 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(s.key_topics.len(), 8);
+    }
+
+    #[test]
+    fn a_field_next_to_its_alias_and_extra_keys_are_accepted() {
+        let s = parse_reply(GOOD).unwrap();
+        let both = r#"```json
+{"summary": "The user finished a pottery bowl for their grandmother and worries about a knee before a marathon.",
+ "summary_text": "something else", "key_topics": ["pottery", "marathon", "knee"], "topics": ["other"],
+ "emotional_tone": "mixed", "tone": "neutral", "confidence": 0.82, "language": "en", "notes": {"v": 3}}
+```"#;
+        assert_eq!(
+            parse_reply(both).unwrap(),
+            s,
+            "the field wins over its alias"
+        );
+        // only the aliases, or a null field next to its alias
+        let aliases = r#"{"summary_text": "The user talked about chess.", "topics": ["chess"], "tone": "neutral",
+            "summary": null, "key_topics": null}"#;
+        let a = parse_reply(aliases).unwrap();
+        assert_eq!(a.text, "The user talked about chess.");
+        assert_eq!(a.key_topics, vec!["chess"]);
+        // strict in what is stored: no NUL reaches a summary
+        let nul = parse_reply(
+            r#"{"summary": "The user talked about\u0000 chess.", "key_topics": ["ch\u0000ess"], "emotional_tone": "neutral"}"#,
+        )
+        .unwrap();
+        assert!(
+            !nul.text.contains('\0') && !nul.key_topics[0].contains('\0'),
+            "{nul:?}"
+        );
     }
 
     #[test]

@@ -89,7 +89,8 @@ impl Summary {
     /// Checks the invariants every stored summary must hold: a non-empty summary that is not a placeholder,
     /// 1..=8 non-empty topics, a tone from [`TONES`], confidence clamped to 0..=1.
     pub fn validate(mut self) -> Result<Summary, SummarizeError> {
-        self.text = self.text.trim().to_string();
+        // strict in what is stored: Postgres rejects NUL in text, and no summary needs one
+        self.text = self.text.replace('\0', "").trim().to_string();
         if self.text.is_empty() {
             return Err(SummarizeError::Invalid("empty summary".into()));
         }
@@ -99,7 +100,7 @@ impl Summary {
         self.key_topics = self
             .key_topics
             .into_iter()
-            .map(|t| t.trim().to_string())
+            .map(|t| t.replace('\0', "").trim().to_string())
             .filter(|t| !t.is_empty())
             .collect();
         self.key_topics.dedup();
@@ -154,6 +155,11 @@ pub enum SummarizeError {
 /// The summarize stage's one seam.
 pub trait Summarizer: Send + Sync {
     fn kind(&self) -> SummarizerKind;
+    /// `Err(Unavailable)` while no window could be summarized now (LLM circuit open, budget spent): workers ask
+    /// before they claim and fetch, so an outage or a budget wait costs no Qdrant or Postgres work per window.
+    fn ready(&self) -> BoxFuture<'_, Result<(), SummarizeError>> {
+        Box::pin(async { Ok(()) })
+    }
     fn summarize<'a>(
         &'a self,
         window: &'a WindowInput,
@@ -171,15 +177,35 @@ impl Summarizer for BudgetFallback {
         SummarizerKind::Llm
     }
 
+    /// Over budget the extractive summarizer answers, so only the LLM's circuit can hold windows back.
+    fn ready(&self) -> BoxFuture<'_, Result<(), SummarizeError>> {
+        Box::pin(async move {
+            match self.llm.ready().await {
+                Err(_) if self.llm.over_budget_now().await => Ok(()),
+                r => r,
+            }
+        })
+    }
+
     fn summarize<'a>(
         &'a self,
         window: &'a WindowInput,
     ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
-        if self.llm.over_budget() {
-            metrics::counter!("recap_llm_budget_fallbacks_total").increment(1);
-            extractive::Extractive.summarize(window)
-        } else {
-            self.llm.summarize(window)
-        }
+        Box::pin(async move {
+            let fallback = || {
+                metrics::counter!("recap_llm_budget_fallbacks_total").increment(1);
+                extractive::Extractive.summarize(window)
+            };
+            if self.llm.over_budget_now().await {
+                return fallback().await;
+            }
+            match self.llm.summarize(window).await {
+                // the budget ran out between the check and the call (another replica spent it)
+                Err(SummarizeError::Unavailable(_)) if self.llm.over_budget_now().await => {
+                    fallback().await
+                }
+                r => r,
+            }
+        })
     }
 }
