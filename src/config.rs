@@ -548,6 +548,15 @@ pub struct Config {
     /// Events fetched and written per ingest batch
     #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 500, help_heading = H_SVC)]
     pub ingest_batch_size: usize,
+
+    // ----- Recall API -----
+    /// Bearer token for the recall API (/v1/recall, /v1/users); required when HTTP_ADDR is not loopback
+    #[arg(long, env = "RECALL_TOKEN", hide_env_values = true, help_heading = H_SVC)]
+    pub recall_token: Option<Secret>,
+
+    /// How often the summary-vector repair pass runs (e.g. 60s)
+    #[arg(long, env = "RECALL_REPAIR_INTERVAL", default_value = "60s", value_parser = parse_duration, help_heading = H_SVC)]
+    pub recall_repair_interval: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -818,6 +827,7 @@ impl Config {
         opt_str(&mut self.postgres_sslmode);
         opt_str(&mut self.instance_id);
         for s in [
+            &mut self.recall_token,
             &mut self.nats_token,
             &mut self.nats_password,
             &mut self.nats_nkey_seed,
@@ -900,6 +910,24 @@ impl Config {
                     );
                 }
             };
+        }
+
+        // --- Recall API ---
+        if !self.http_addr.ip().is_loopback() && set_secret(&self.recall_token).is_none() {
+            return bad(
+                "RECALL_TOKEN",
+                format!(
+                    "RECALL_TOKEN is not set but HTTP_ADDR {} is not loopback: the recall API would be open (set RECALL_TOKEN=<a long random string>, or HTTP_ADDR=127.0.0.1:9090)",
+                    self.http_addr
+                ),
+            );
+        }
+        if self.recall_repair_interval < Duration::from_secs(1) {
+            return bad(
+                "RECALL_REPAIR_INTERVAL",
+                "RECALL_REPAIR_INTERVAL must be at least 1s (set RECALL_REPAIR_INTERVAL=60s)"
+                    .to_owned(),
+            );
         }
 
         // --- NATS ---
@@ -1728,6 +1756,8 @@ impl fmt::Debug for Config {
             .field("content_vector_name", &self.content_vector_name)
             .field("memory_types", &self.memory_types)
             .field("http_addr", &self.http_addr)
+            .field("recall_token", &self.recall_token)
+            .field("recall_repair_interval", &self.recall_repair_interval)
             .field("instance_id", &self.instance_id)
             .field("lease_seconds", &self.lease_seconds)
             .field("leader_lease_seconds", &self.leader_lease_seconds)

@@ -10,6 +10,7 @@
 //! * [`sink`]: all Postgres state and the transactions that make effects atomic.
 //! * [`pipeline`]: the shell that drives the stages (ingest loop, window workers).
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
+//! * [`recall`]: the read path for bots (recall by time, search, forget a user) and summary vectors.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
@@ -19,6 +20,7 @@ pub mod event;
 pub mod fetch;
 pub mod http;
 pub mod pipeline;
+pub mod recall;
 pub mod sink;
 pub mod source;
 pub mod summarize;

@@ -116,6 +116,8 @@ pub enum WindowOutcome {
         extra: Vec<NewMessage>,
         message_count: i32,
         text_chars: usize,
+        /// The window's summary vector (normalized centroid of its `content` vectors), see `recall::vectors`.
+        centroid: Option<Vec<f32>>,
     },
     TooShort {
         message_count: i32,
@@ -432,6 +434,7 @@ impl Store {
                 extra,
                 message_count,
                 text_chars,
+                ..
             } => {
                 let start: DateTime<Utc> = row.get(3);
                 let end: DateTime<Utc> = row.get(4);

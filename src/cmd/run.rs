@@ -118,6 +118,15 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         }
     };
     tasks.spawn(run_workers(ctx.clone(), shutdown.clone()));
+    tasks.spawn(crate::recall::vectors::run_repair(
+        ctx.clone(),
+        shutdown.clone(),
+    ));
+    let recall = crate::recall::api::RecallState::new(
+        store.clone(),
+        points.clone(),
+        cfg.recall_token.as_ref(),
+    );
     let ready = crate::http::Readiness {
         store,
         points,
@@ -125,7 +134,7 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         max_lag: cfg.ready_max_lag,
         lag,
     };
-    let router = crate::http::router(metrics, ready);
+    let router = crate::http::router(metrics, ready).merge(crate::recall::api::router(recall));
     let (addr, stop) = (cfg.http_addr, shutdown.clone());
     tasks.spawn(async move {
         crate::http::serve(addr, router, stop)

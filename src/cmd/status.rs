@@ -8,6 +8,7 @@ use crate::config::Config;
 pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let store = super::connect_store(cfg).await?;
     let report = store.status().await?;
+    let vector_drift = crate::recall::vectors::drift(&store).await?;
     let lag = match &cfg.nats_url {
         Some(_) => {
             let s = cfg.nats_settings();
@@ -36,6 +37,7 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         let mut v = serde_json::to_value(&report)?;
         v["consumer_lag"] = serde_json::json!(lag);
+        v["summary_vector_drift"] = serde_json::json!(vector_drift);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -56,6 +58,10 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         lag.map(|n| n.to_string()).unwrap_or_else(|| "-".into())
     );
     println!("dead letters       {}", report.dead_letters);
+    println!(
+        "summary vectors    {} missing, {} stale",
+        vector_drift.missing, vector_drift.stale
+    );
     println!("LLM spend today    ${:.4}", report.llm_spend_today_usd);
     println!("checkpoints:");
     for c in &report.checkpoints {
