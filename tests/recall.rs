@@ -16,8 +16,16 @@ use serde_json::{Value as Json, json};
 
 const TOKEN: &str = "test-recall-token-0123456789";
 const TOPICS: [&str; 10] = [
-    "hiking", "guitar", "cooking", "chess", "astronomy", "gardening", "photography", "sailing",
-    "pottery", "cycling",
+    "hiking",
+    "guitar",
+    "cooking",
+    "chess",
+    "astronomy",
+    "gardening",
+    "photography",
+    "sailing",
+    "pottery",
+    "cycling",
 ];
 const DIM: usize = 384;
 
@@ -80,8 +88,16 @@ async fn fixture(users: usize) -> Fixture {
                 let t = start + i * 2 * MIN;
                 let word = TOPICS[topic];
                 for (role, text, dt) in [
-                    ("user", format!("I spent the weekend {word} again, {word} keeps me calm ({i})"), 0),
-                    ("assistant", format!("Tell me more about your {word}, what did you enjoy most?"), 1),
+                    (
+                        "user",
+                        format!("I spent the weekend {word} again, {word} keeps me calm ({i})"),
+                        0,
+                    ),
+                    (
+                        "assistant",
+                        format!("Tell me more about your {word}, what did you enjoy most?"),
+                        1,
+                    ),
                 ] {
                     seed += 1;
                     let mut payload: HashMap<String, Value> = HashMap::new();
@@ -89,8 +105,13 @@ async fn fixture(users: usize) -> Fixture {
                     payload.insert("content".into(), text.into());
                     payload.insert("role".into(), role.into());
                     payload.insert("memory_type".into(), "conversation".into());
-                    let naive = chrono::DateTime::from_timestamp_millis(t + dt).unwrap().naive_utc();
-                    payload.insert("timestamp".into(), naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string().into());
+                    let naive = chrono::DateTime::from_timestamp_millis(t + dt)
+                        .unwrap()
+                        .naive_utc();
+                    payload.insert(
+                        "timestamp".into(),
+                        naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string().into(),
+                    );
                     payload.insert("timestamp_unix".into(), ((t + dt) as f64 / 1000.0).into());
                     payload.insert("emotional_context".into(), "joy".into());
                     let vectors: HashMap<String, Vec<f32>> = [
@@ -99,7 +120,11 @@ async fn fixture(users: usize) -> Fixture {
                         ("semantic".to_string(), noisy(1, seed + 9)),
                     ]
                     .into();
-                    points.push(PointStruct::new(uuid::Uuid::new_v4().to_string(), vectors, payload));
+                    points.push(PointStruct::new(
+                        uuid::Uuid::new_v4().to_string(),
+                        vectors,
+                        payload,
+                    ));
                 }
             }
         }
@@ -115,8 +140,27 @@ async fn fixture(users: usize) -> Fixture {
         collection,
         windows,
     };
-    let (code, out, err) = run_recap(&["sweep", "--once"], &f.env_without_nats());
-    assert_eq!(code, 0, "sweep --once failed: {out}{err}");
+    // A window whose fetch failed under load waits for a retry time; bring it forward and sweep again.
+    let t0 = Instant::now();
+    loop {
+        let (code, out, err) = run_recap(&["sweep", "--once"], &f.env_without_nats());
+        assert_eq!(code, 0, "sweep --once failed: {out}{err}");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_summaries")
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap();
+        if rows as usize >= f.windows.len() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "only {rows} rows: {out}{err}"
+        );
+        sqlx::query("UPDATE recap_windows SET not_before = now() WHERE state = 'due'")
+            .execute(&f.db.pool)
+            .await
+            .unwrap();
+    }
     f
 }
 
@@ -124,14 +168,21 @@ impl Fixture {
     fn env_without_nats(&self) -> Vec<(String, String)> {
         let mut v = recap_env(&self.db, None);
         v.push(("COLLECTION_PATTERNS".into(), self.collection.clone()));
-        v.push(("COLLECTION_MAP".into(), format!("{}={}", self.collection, self.bot)));
+        v.push((
+            "COLLECTION_MAP".into(),
+            format!("{}={}", self.collection, self.bot),
+        ));
         v.push(("LOOKBACK_DAYS".into(), "3650".into()));
         v
     }
 
     /// `recap run` (sweep only) with the recall API on a free port.
     async fn serve(&self, extra: &[(&str, &str)]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut envs = self.env_without_nats();
         envs.retain(|(k, _)| k != "HTTP_ADDR");
         envs.push(("HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
@@ -141,11 +192,23 @@ impl Fixture {
         let s = Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::new(),
+            http: {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::new()
+            },
         };
         let t0 = Instant::now();
-        while s.http.get(format!("{}/healthz", s.base)).send().await.is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "recap did not start");
+        while s
+            .http
+            .get(format!("{}/healthz", s.base))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "recap did not start"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         s
@@ -153,7 +216,9 @@ impl Fixture {
 
     /// The row id of a window (by its start).
     async fn row_of(&self, user: &str, start_ms: i64) -> i32 {
-        let start = DateTime::from_timestamp_millis(start_ms).unwrap().naive_utc();
+        let start = DateTime::from_timestamp_millis(start_ms)
+            .unwrap()
+            .naive_utc();
         sqlx::query_scalar(
             "SELECT id FROM conversation_summaries WHERE bot_name = $1 AND user_id = $2
              AND start_timestamp <= $3 AND end_timestamp >= $3",
@@ -180,7 +245,13 @@ impl Drop for Server {
 }
 
 impl Server {
-    async fn call(&self, method: &str, path: &str, body: Option<Json>, token: Option<&str>) -> (u16, Json) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Json>,
+        token: Option<&str>,
+    ) -> (u16, Json) {
         let url = format!("{}{path}", self.base);
         let mut req = match method {
             "GET" => self.http.get(url),
@@ -192,23 +263,34 @@ impl Server {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
         let resp = req.send().await.expect("request");
         let code = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (code, serde_json::from_str(&text).unwrap_or(Json::String(text)))
+        (
+            code,
+            serde_json::from_str(&text).unwrap_or(Json::String(text)),
+        )
     }
     async fn get(&self, path: &str) -> (u16, Json) {
         self.call("GET", path, None, Some(TOKEN)).await
     }
     async fn post(&self, body: Json) -> (u16, Json) {
-        self.call("POST", "/v1/recall/search", Some(body), Some(TOKEN)).await
+        self.call("POST", "/v1/recall/search", Some(body), Some(TOKEN))
+            .await
     }
 }
 
 fn ids(v: &Json) -> Vec<i64> {
-    v["items"].as_array().unwrap_or_else(|| panic!("no items: {v}")).iter().map(|i| i["id"].as_i64().unwrap()).collect()
+    v["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no items: {v}"))
+        .iter()
+        .map(|i| i["id"].as_i64().unwrap())
+        .collect()
 }
 
 fn enc(s: &str) -> String {
@@ -220,7 +302,14 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
-async fn insert_row(db: &TestDb, bot: &str, user: &str, start: DateTime<Utc>, hours: i64, kind: &str) -> i32 {
+async fn insert_row(
+    db: &TestDb,
+    bot: &str,
+    user: &str,
+    start: DateTime<Utc>,
+    hours: i64,
+    kind: &str,
+) -> i32 {
     sqlx::query_scalar(
         "INSERT INTO conversation_summaries (user_id, bot_name, summary_text, summary_type, start_timestamp,
             end_timestamp, message_count, key_topics, emotional_tone)
@@ -242,29 +331,48 @@ async fn summary_points(bot: &str, user: Option<&str>) -> u64 {
     if let Some(u) = user {
         must.push(Condition::matches("user_id", u.to_string()));
     }
-    q.count(CountPointsBuilder::new(recap::recall::vectors::COLLECTION).filter(Filter::must(must)).exact(true))
-        .await
-        .expect("count")
-        .result
-        .unwrap()
-        .count
+    q.count(
+        CountPointsBuilder::new(recap::recall::vectors::COLLECTION)
+            .filter(Filter::must(must))
+            .exact(true),
+    )
+    .await
+    .expect("count")
+    .result
+    .unwrap()
+    .count
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn recall_search_vectors_auth_and_the_python_client() {
     let f = fixture(3).await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_summaries WHERE bot_name = $1")
-        .bind(&f.bot)
-        .fetch_one(&f.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(rows as usize, f.windows.len(), "one row per window");
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversation_summaries WHERE bot_name = $1")
+            .bind(&f.bot)
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap();
+    let states: Vec<(String, String, i32, String)> = sqlx::query_as(
+        "SELECT user_id, state, message_count, start_ts::text FROM recap_windows ORDER BY user_id, start_ts",
+    )
+    .fetch_all(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows as usize,
+        f.windows.len(),
+        "one row per window: {states:#?}"
+    );
     // every row has its vector, in step (the worker's hook)
     assert_eq!(summary_points(&f.bot, None).await, f.windows.len() as u64);
     let (code, out, err) = run_recap(&["status", "--json"], &f.env_without_nats());
     assert_eq!(code, 0, "{out}{err}");
     let status: Json = serde_json::from_str(&out).unwrap();
-    assert_eq!(status["summary_vector_drift"], json!({"missing": 0, "stale": 0}), "{status}");
+    assert_eq!(
+        status["summary_vector_drift"],
+        json!({"missing": 0, "stale": 0}),
+        "{status}"
+    );
 
     // repair: lose two vectors and one sync record, make one stale; the pass in `recap run` restores them
     let q = qdrant().await;
@@ -273,7 +381,12 @@ async fn recall_search_vectors_auth_and_the_python_client() {
     let (r0, r1) = (f.row_of(&u0, s0).await, f.row_of(&u1, s1).await);
     q.delete_points(
         qdrant_client::qdrant::DeletePointsBuilder::new(recap::recall::vectors::COLLECTION)
-            .points(qdrant_client::qdrant::PointsIdsList { ids: vec![(r0 as u64).into(), (r1 as u64).into()] })
+            .points(qdrant_client::qdrant::PointsIdsList {
+                ids: vec![
+                    recap::recall::vectors::point_id(&f.bot, &u0, r0).into(),
+                    recap::recall::vectors::point_id(&f.bot, &u1, r1).into(),
+                ],
+            })
             .wait(true),
     )
     .await
@@ -304,22 +417,48 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         if st["summary_vector_drift"] == json!({"missing": 0, "stale": 0}) {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "repair did not catch up: {st}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "repair did not catch up: {st}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(summary_points(&f.bot, None).await, f.windows.len() as u64);
-    eprintln!("RECALL repair restored 2 missing + 1 stale vectors in {:?}", t.elapsed());
+    eprintln!(
+        "RECALL repair restored 2 missing + 1 stale vectors in {:?}",
+        t.elapsed()
+    );
 
     // ---- recall by time ----
-    let (code, v) = s.get(&format!("/v1/recall?bot={}&user_id={}&limit=200", f.bot, enc(&u0))).await;
+    let (code, v) = s
+        .get(&format!(
+            "/v1/recall?bot={}&user_id={}&limit=200",
+            f.bot,
+            enc(&u0)
+        ))
+        .await;
     assert_eq!(code, 200, "{v}");
     let items = v["items"].as_array().unwrap();
     assert_eq!(items.len(), TOPICS.len());
     let starts: Vec<&str> = items.iter().map(|i| i["start"].as_str().unwrap()).collect();
-    assert!(starts.windows(2).all(|w| w[0] > w[1]), "newest first: {starts:?}");
+    assert!(
+        starts.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {starts:?}"
+    );
     let first = &items[items.len() - 1];
-    assert!(first["text"].as_str().unwrap().contains(TOPICS[t0w]) || first["key_topics"].to_string().contains(TOPICS[t0w]), "{first}");
-    for k in ["key_topics", "emotional_tone", "end", "message_count", "revision", "summary_type"] {
+    assert!(
+        first["text"].as_str().unwrap().contains(TOPICS[t0w])
+            || first["key_topics"].to_string().contains(TOPICS[t0w]),
+        "{first}"
+    );
+    for k in [
+        "key_topics",
+        "emotional_tone",
+        "end",
+        "message_count",
+        "revision",
+        "summary_type",
+    ] {
         assert!(first.get(k).is_some(), "{k} missing: {first}");
     }
     // RFC 3339 range: slots 2..=4 overlap [start of slot 2, start of slot 5)
@@ -335,7 +474,13 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         .await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(ids(&v).len(), 3, "{v}");
-    let (_, v) = s.get(&format!("/v1/recall?bot={}&user_id={}&limit=2", f.bot, enc(&u0))).await;
+    let (_, v) = s
+        .get(&format!(
+            "/v1/recall?bot={}&user_id={}&limit=2",
+            f.bot,
+            enc(&u0)
+        ))
+        .await;
     assert_eq!(ids(&v).len(), 2);
 
     // relative forms and zones, on rows relative to now
@@ -344,26 +489,53 @@ async fn recall_search_vectors_auth_and_the_python_client() {
     let tokyo: chrono_tz::Tz = "Asia/Tokyo".parse().unwrap();
     let today_tokyo = now.with_timezone(&tokyo).date_naive();
     let y_noon = tokyo
-        .from_local_datetime(&(today_tokyo - CDuration::days(1)).and_hms_opt(12, 0, 0).unwrap())
+        .from_local_datetime(
+            &(today_tokyo - CDuration::days(1))
+                .and_hms_opt(12, 0, 0)
+                .unwrap(),
+        )
         .unwrap()
         .with_timezone(&Utc);
     let r_y = insert_row(&f.db, &f.bot, &ru, y_noon, 1, "time_window").await;
-    let r_3d = insert_row(&f.db, &f.bot, &ru, now - CDuration::days(3), 1, "time_window").await;
-    let r_20d = insert_row(&f.db, &f.bot, &ru, now - CDuration::days(20), 1, "time_window").await;
+    let r_3d = insert_row(
+        &f.db,
+        &f.bot,
+        &ru,
+        now - CDuration::days(3),
+        1,
+        "time_window",
+    )
+    .await;
+    let r_20d = insert_row(
+        &f.db,
+        &f.bot,
+        &ru,
+        now - CDuration::days(20),
+        1,
+        "time_window",
+    )
+    .await;
     let r_day = insert_row(&f.db, &f.bot, &ru, now - CDuration::days(40), 24, "day").await;
     let q = |params: &str| format!("/v1/recall?bot={}&user_id={}&{params}", f.bot, ru);
     let (_, v) = s.get(&q("since=7d")).await;
     let mut got = ids(&v);
     got.sort();
     assert_eq!(got, vec![r_y as i64, r_3d as i64], "since=7d: {v}");
-    let (_, v) = s.get(&q("since=yesterday&until=yesterday&tz=Asia%2FTokyo")).await;
+    let (_, v) = s
+        .get(&q("since=yesterday&until=yesterday&tz=Asia%2FTokyo"))
+        .await;
     assert_eq!(ids(&v), vec![r_y as i64], "yesterday in Tokyo: {v}");
     let (_, v) = s.get(&q("since=30d&until=7d")).await;
     assert_eq!(ids(&v), vec![r_20d as i64], "{v}");
     let (_, v) = s.get(&q("type=day")).await;
     assert_eq!(ids(&v), vec![r_day as i64], "{v}");
-    let (_, v) = s.get(&q("since=last%20week&until=now&type=time_window")).await;
-    assert!(ids(&v).contains(&(r_3d as i64)) || ids(&v).contains(&(r_y as i64)), "{v}");
+    let (_, v) = s
+        .get(&q("since=last%20week&until=now&type=time_window"))
+        .await;
+    assert!(
+        ids(&v).contains(&(r_3d as i64)) || ids(&v).contains(&(r_y as i64)),
+        "{v}"
+    );
     let (_, v) = s.get(&q("since=this%20month&tz=America%2FNew_York")).await;
     assert!(!ids(&v).contains(&(r_day as i64)), "{v}");
 
@@ -394,14 +566,24 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         both_top1 += c as usize;
     }
     let n = expected.len();
-    eprintln!("RECALL search over {n} windows: vector top-3 {vec_top3}, text top-3 {text_top3}, fused top-1 {both_top1}");
+    eprintln!(
+        "RECALL search over {n} windows: vector top-3 {vec_top3}, text top-3 {text_top3}, fused top-1 {both_top1}"
+    );
     assert!(vec_top3 * 100 >= n * 95, "vector top-3 {vec_top3}/{n}");
     assert!(text_top3 * 100 >= n * 90, "text top-3 {text_top3}/{n}");
     assert!(both_top1 * 100 >= n * 95, "fused top-1 {both_top1}/{n}");
     // scores are present and other users' windows never appear
-    let (_, v) = s.post(json!({"bot": f.bot, "user_id": u0, "vector": center(0), "limit": 100})).await;
+    let (_, v) = s
+        .post(json!({"bot": f.bot, "user_id": u0, "vector": center(0), "limit": 100}))
+        .await;
     assert_eq!(ids(&v).len(), TOPICS.len());
-    assert!(v["items"].as_array().unwrap().iter().all(|i| i["user_id"] == u0.as_str() && i["score"].is_number()));
+    assert!(
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["user_id"] == u0.as_str() && i["score"].is_number())
+    );
     // search within a time range
     let (_, v) = s
         .post(json!({"bot": f.bot, "user_id": u0, "vector": center(0), "since": at(T0 + 2 * SLOT), "until": at(T0 + 5 * SLOT - 60 * MIN)}))
@@ -416,12 +598,24 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         ("/v1/recall?bot=no%20such&user_id=u".to_string(), "bot"),
         ("/v1/recall?bot=nosuchbot&user_id=u".to_string(), "bot"),
         (format!("/v1/recall?bot={b}&user_id=u&since=soon"), "since"),
-        (format!("/v1/recall?bot={b}&user_id=u&until=2026-13-01"), "until"),
-        (format!("/v1/recall?bot={b}&user_id=u&since=1d&until=7d"), "until"),
+        (
+            format!("/v1/recall?bot={b}&user_id=u&until=2026-13-01"),
+            "until",
+        ),
+        (
+            format!("/v1/recall?bot={b}&user_id=u&since=1d&until=7d"),
+            "until",
+        ),
         (format!("/v1/recall?bot={b}&user_id=u&limit=0"), "limit"),
-        (format!("/v1/recall?bot={b}&user_id=u&limit=100000"), "limit"),
+        (
+            format!("/v1/recall?bot={b}&user_id=u&limit=100000"),
+            "limit",
+        ),
         (format!("/v1/recall?bot={b}&user_id=u&limit=ten"), "limit"),
-        (format!("/v1/recall?bot={b}&user_id=u&tz=Mars%2FOlympus"), "tz"),
+        (
+            format!("/v1/recall?bot={b}&user_id=u&tz=Mars%2FOlympus"),
+            "tz",
+        ),
         (format!("/v1/recall?bot={b}&user_id=u&type=a%20b"), "type"),
         (format!("/v1/recall?bot={b}&user_id=u&colour=red"), "query"),
         (format!("/v1/recall?bot={b}&user_id=u&user_id=v"), "user_id"),
@@ -431,25 +625,55 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         let (code, v) = s.get(&path).await;
         assert!((400..500).contains(&code), "{path}: {code} {v}");
         assert_eq!(v["field"], field, "{path}: {v}");
-        assert!(v["error"].as_str().unwrap().contains(field) || field == "query", "{path}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(field) || field == "query",
+            "{path}: {v}"
+        );
     }
     let posts = [
         (json!({"user_id": "u", "text": "x"}), "bot"),
         (json!({"bot": b, "text": "x"}), "user_id"),
-        (json!({"bot": "nosuchbot", "user_id": "u", "text": "x"}), "bot"),
+        (
+            json!({"bot": "nosuchbot", "user_id": "u", "text": "x"}),
+            "bot",
+        ),
         (json!({"bot": b, "user_id": "u"}), "vector"),
-        (json!({"bot": b, "user_id": "u", "vector": [1.0, 2.0]}), "vector"),
+        (
+            json!({"bot": b, "user_id": "u", "vector": [1.0, 2.0]}),
+            "vector",
+        ),
         (json!({"bot": b, "user_id": "u", "vector": []}), "vector"),
         (json!({"bot": b, "user_id": "u", "vector": "abc"}), "vector"),
-        (json!({"bot": b, "user_id": "u", "vector": [1, "x"]}), "vector"),
-        (json!({"bot": b, "user_id": "u", "vector": vec![0.0; DIM]}), "vector"),
+        (
+            json!({"bot": b, "user_id": "u", "vector": [1, "x"]}),
+            "vector",
+        ),
+        (
+            json!({"bot": b, "user_id": "u", "vector": vec![0.0; DIM]}),
+            "vector",
+        ),
         (json!({"bot": b, "user_id": "u", "text": "?!"}), "text"),
         (json!({"bot": b, "user_id": "u", "text": 5}), "text"),
-        (json!({"bot": b, "user_id": "u", "text": "x", "limit": 0}), "limit"),
-        (json!({"bot": b, "user_id": "u", "text": "x", "limit": 1.5}), "limit"),
-        (json!({"bot": b, "user_id": "u", "text": "x", "since": "later"}), "since"),
-        (json!({"bot": b, "user_id": "u", "text": "x", "tz": "Nowhere"}), "tz"),
-        (json!({"bot": b, "user_id": "u", "text": "x", "colour": 1}), "body"),
+        (
+            json!({"bot": b, "user_id": "u", "text": "x", "limit": 0}),
+            "limit",
+        ),
+        (
+            json!({"bot": b, "user_id": "u", "text": "x", "limit": 1.5}),
+            "limit",
+        ),
+        (
+            json!({"bot": b, "user_id": "u", "text": "x", "since": "later"}),
+            "since",
+        ),
+        (
+            json!({"bot": b, "user_id": "u", "text": "x", "tz": "Nowhere"}),
+            "tz",
+        ),
+        (
+            json!({"bot": b, "user_id": "u", "text": "x", "colour": 1}),
+            "body",
+        ),
         (json!([1, 2]), "body"),
     ];
     for (body, field) in posts {
@@ -457,11 +681,14 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         assert!((400..500).contains(&code), "{body}: {code} {v}");
         assert_eq!(v["field"], field, "{body}: {v}");
     }
+    let (code, v) = s.call("POST", "/v1/recall/search", None, Some(TOKEN)).await;
+    assert!(
+        (400..500).contains(&code) && v["field"] == "body",
+        "{code} {v}"
+    );
     let (code, v) = s
-        .call("POST", "/v1/recall/search", None, Some(TOKEN))
+        .call("DELETE", "/v1/users/bad%20bot/u", None, Some(TOKEN))
         .await;
-    assert!((400..500).contains(&code) && v["field"] == "body", "{code} {v}");
-    let (code, v) = s.call("DELETE", "/v1/users/bad%20bot/u", None, Some(TOKEN)).await;
     assert!(code == 400 && v["field"] == "bot", "{code} {v}");
 
     // ---- auth ----
@@ -469,13 +696,38 @@ async fn recall_search_vectors_auth_and_the_python_client() {
     for token in [None, Some("wrong"), Some("")] {
         let (code, v) = s.call("GET", &path, None, token).await;
         assert_eq!(code, 401, "{token:?}: {v}");
-        let (code, _) = s.call("POST", "/v1/recall/search", Some(json!({})), token).await;
+        let (code, _) = s
+            .call("POST", "/v1/recall/search", Some(json!({})), token)
+            .await;
         assert_eq!(code, 401);
-        let (code, _) = s.call("DELETE", &format!("/v1/users/{}/{}", f.bot, enc(&u0)), None, token).await;
+        let (code, _) = s
+            .call(
+                "DELETE",
+                &format!("/v1/users/{}/{}", f.bot, enc(&u0)),
+                None,
+                token,
+            )
+            .await;
         assert_eq!(code, 401);
     }
-    assert_eq!(s.http.get(format!("{}/healthz", s.base)).send().await.unwrap().status(), 200);
-    let metrics = s.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        s.http
+            .get(format!("{}/healthz", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("recap_recall_requests_total"), "metrics");
 
     // ---- the Python client, against this recap ----
@@ -487,7 +739,10 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         .env("RECAP_TOKEN", TOKEN)
         .env("RECAP_BOT", &f.bot)
         .env("RECAP_USER", &u1)
-        .env("RECAP_VECTOR", serde_json::to_string(&center(f.windows[1].1)).unwrap())
+        .env(
+            "RECAP_VECTOR",
+            serde_json::to_string(&center(f.windows[1].1)).unwrap(),
+        )
         .env("RECAP_TOPIC", TOPICS[f.windows[1].1])
         .env("RECAP_WINDOWS", TOPICS.len().to_string())
         .output()
@@ -499,11 +754,12 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         String::from_utf8_lossy(&out.stderr)
     );
     // the client forgot u1: nothing of theirs is left
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_summaries WHERE user_id = $1")
-        .bind(&u1)
-        .fetch_one(&f.db.pool)
-        .await
-        .unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversation_summaries WHERE user_id = $1")
+            .bind(&u1)
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap();
     assert_eq!(left, 0);
     assert_eq!(summary_points(&f.bot, Some(&u1)).await, 0);
 }
@@ -553,31 +809,60 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
     .await
     .unwrap();
     for t in &tables {
-        assert!(recap::recall::USER_TABLES.contains(&t.as_str()), "table {t} holds user ids but forget does not cover it");
+        assert!(
+            recap::recall::USER_TABLES.contains(&t.as_str()),
+            "table {t} holds user ids but forget does not cover it"
+        );
     }
     let before_a = state_of(&f.db, &f.bot, &a).await;
     let before_b = state_of(&f.db, &f.bot, &b).await;
     assert!(before_a.iter().any(|r| r.starts_with("recap_dead_letters")));
     for t in recap::recall::USER_TABLES {
-        assert!(before_a.iter().any(|r| r.starts_with(&format!("{t}:"))), "no {t} rows to forget");
+        assert!(
+            before_a.iter().any(|r| r.starts_with(&format!("{t}:"))),
+            "no {t} rows to forget"
+        );
     }
     let points_b = summary_points(&f.bot, Some(&b)).await;
     assert!(summary_points(&f.bot, Some(&a)).await > 0 && points_b > 0);
 
     let s = f.serve(&[]).await;
-    let (code, v) = s.call("DELETE", &format!("/v1/users/{}/{}", f.bot, enc(&a)), None, Some(TOKEN)).await;
+    let (code, v) = s
+        .call(
+            "DELETE",
+            &format!("/v1/users/{}/{}", f.bot, enc(&a)),
+            None,
+            Some(TOKEN),
+        )
+        .await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["deleted"]["conversation_summaries"], TOPICS.len(), "{v}");
     assert_eq!(v["deleted"]["recap_dead_letters"], 1, "{v}");
 
-    assert_eq!(state_of(&f.db, &f.bot, &a).await, Vec::<String>::new(), "state of the forgotten user left");
-    assert_eq!(summary_points(&f.bot, Some(&a)).await, 0, "vectors of the forgotten user left");
-    assert_eq!(state_of(&f.db, &f.bot, &b).await, before_b, "another user's state changed");
+    assert_eq!(
+        state_of(&f.db, &f.bot, &a).await,
+        Vec::<String>::new(),
+        "state of the forgotten user left"
+    );
+    assert_eq!(
+        summary_points(&f.bot, Some(&a)).await,
+        0,
+        "vectors of the forgotten user left"
+    );
+    assert_eq!(
+        state_of(&f.db, &f.bot, &b).await,
+        before_b,
+        "another user's state changed"
+    );
     assert_eq!(summary_points(&f.bot, Some(&b)).await, points_b);
     // the bot's own collection is never touched
     let bot_points = qdrant()
         .await
-        .count(CountPointsBuilder::new(&f.collection).filter(Filter::must([Condition::matches("user_id", a.clone())])).exact(true))
+        .count(
+            CountPointsBuilder::new(&f.collection)
+                .filter(Filter::must([Condition::matches("user_id", a.clone())]))
+                .exact(true),
+        )
         .await
         .unwrap()
         .result
@@ -585,16 +870,32 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
         .count;
     assert_eq!(bot_points, (TOPICS.len() * 8) as u64);
     // recall of the forgotten user is empty, forgetting again is fine, and the log has no user id
-    let (_, v) = s.get(&format!("/v1/recall?bot={}&user_id={}", f.bot, enc(&a))).await;
+    let (_, v) = s
+        .get(&format!("/v1/recall?bot={}&user_id={}", f.bot, enc(&a)))
+        .await;
     assert_eq!(ids(&v), Vec::<i64>::new());
-    let (code, v) = s.call("DELETE", &format!("/v1/users/{}/{}", f.bot, enc(&a)), None, Some(TOKEN)).await;
-    assert_eq!((code, &v["deleted"]["conversation_summaries"]), (200, &json!(0)), "{v}");
+    let (code, v) = s
+        .call(
+            "DELETE",
+            &format!("/v1/users/{}/{}", f.bot, enc(&a)),
+            None,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(
+        (code, &v["deleted"]["conversation_summaries"]),
+        (200, &json!(0)),
+        "{v}"
+    );
 }
 
 #[test]
 fn recall_token_is_required_beyond_loopback() {
     let envs = vec![
-        ("DATABASE_URL".to_string(), "postgres://u:p@127.0.0.1:1/db".to_string()),
+        (
+            "DATABASE_URL".to_string(),
+            "postgres://u:p@127.0.0.1:1/db".to_string(),
+        ),
         ("QDRANT_URL".to_string(), "http://127.0.0.1:1".to_string()),
         ("HTTP_ADDR".to_string(), "0.0.0.0:0".to_string()),
     ];
@@ -605,5 +906,8 @@ fn recall_token_is_required_beyond_loopback() {
     with.push(("RECALL_TOKEN".into(), "   ".into()));
     let (code, _, err) = run_recap(&["check"], &with);
     assert_ne!(code, 0);
-    assert!(err.contains("RECALL_TOKEN"), "a blank token counts as unset: {err}");
+    assert!(
+        err.contains("RECALL_TOKEN"),
+        "a blank token counts as unset: {err}"
+    );
 }

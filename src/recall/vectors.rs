@@ -13,8 +13,8 @@ use chrono::NaiveDateTime;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
     Condition, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, DeletePointsBuilder,
-    Distance, FieldType, Filter, PointStruct, Range, SearchPointsBuilder, UpsertPointsBuilder,
-    Value, VectorParamsBuilder, point_id::PointIdOptions, vectors_config,
+    Distance, FieldType, Filter, PayloadIncludeSelector, PointStruct, Range, SearchPointsBuilder,
+    UpsertPointsBuilder, Value, VectorParamsBuilder, vectors_config,
 };
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
@@ -132,8 +132,19 @@ pub struct SummaryRef {
     pub summary_type: String,
 }
 
+/// The point id of a summary's vector: a UUID derived from (bot, user, row id), so databases sharing one Qdrant
+/// (staging and production, tests) never overwrite each other's points. The row id is in the payload.
+pub fn point_id(bot: &str, user_id: &str, summary_id: i32) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("{bot}\u{0}{user_id}\u{0}{summary_id}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+}
+
 fn payload(r: &SummaryRef) -> HashMap<String, Value> {
     HashMap::from([
+        ("summary_id".to_string(), i64::from(r.id).into()),
         ("bot".to_string(), r.bot.clone().into()),
         ("user_id".to_string(), r.user_id.clone().into()),
         ("start".to_string(), r.start.and_utc().timestamp().into()),
@@ -155,7 +166,11 @@ pub async fn upsert(
         .upsert_points(
             UpsertPointsBuilder::new(
                 COLLECTION,
-                vec![PointStruct::new(r.id as u64, vector, payload(r))],
+                vec![PointStruct::new(
+                    point_id(&r.bot, &r.user_id, r.id),
+                    vector,
+                    payload(r),
+                )],
             )
             .wait(true),
         )
@@ -346,15 +361,17 @@ pub async fn search(
         .search_points(
             SearchPointsBuilder::new(COLLECTION, vector, limit)
                 .filter(filter)
-                .with_payload(false),
+                .with_payload(PayloadIncludeSelector {
+                    fields: vec!["summary_id".to_string()],
+                }),
         )
         .await?;
     Ok(res
         .result
         .into_iter()
-        .filter_map(|p| match p.id?.point_id_options? {
-            PointIdOptions::Num(n) => i32::try_from(n).ok().map(|id| (id, p.score)),
-            PointIdOptions::Uuid(_) => None,
+        .filter_map(|p| {
+            let id = p.payload.get("summary_id")?.as_integer()?;
+            i32::try_from(id).ok().map(|id| (id, p.score))
         })
         .collect())
 }
