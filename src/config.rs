@@ -2034,6 +2034,8 @@ mod tests {
             " tls://u:pw@b:4222 ",
             "--http-addr",
             "0.0.0.0:8080",
+            "--recall-token",
+            "a-token",
         ]);
         assert_eq!(c.stream_max_age, Duration::from_secs(36 * 3600));
         assert_eq!(c.llm_timeout, Duration::from_secs(90));
