@@ -139,13 +139,14 @@ pub async fn by_ids(
     Ok(rows.iter().map(|r| (r.get::<i32, _>(0), item(r))).collect())
 }
 
-/// The words of a query as an OR of tsquery terms (letters and digits only, at most 32 distinct words); `None`
+/// The words of a query as an OR of tsquery terms (letters and digits only, at most 32 distinct words of at most
+/// 100 bytes); `None`
 /// when the text has no word.
 pub fn text_query(text: &str) -> Option<String> {
     let mut words: Vec<String> = Vec::new();
     for w in text
         .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
+        .filter(|w| !w.is_empty() && w.len() <= 100) // longer is no word (and no lexeme: Postgres caps them)
         .map(str::to_lowercase)
     {
         if !words.contains(&w) {
