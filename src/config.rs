@@ -566,6 +566,14 @@ pub struct Config {
     /// Time between rollup rounds (scan for changed windows, build dirty rollups), e.g. 60s, 5m
     #[arg(long, env = "ROLLUP_INTERVAL", default_value = "60s", value_parser = parse_duration, help_heading = H_SVC)]
     pub rollup_interval: Duration,
+    // ----- Recall API -----
+    /// Bearer token for the recall API (/v1/recall, /v1/users); required when HTTP_ADDR is not loopback
+    #[arg(long, env = "RECALL_TOKEN", hide_env_values = true, help_heading = H_SVC)]
+    pub recall_token: Option<Secret>,
+
+    /// How often the summary-vector repair pass runs (e.g. 60s)
+    #[arg(long, env = "RECALL_REPAIR_INTERVAL", default_value = "60s", value_parser = parse_duration, help_heading = H_SVC)]
+    pub recall_repair_interval: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -829,6 +837,7 @@ impl Config {
         opt_str(&mut self.postgres_sslmode);
         opt_str(&mut self.instance_id);
         for s in [
+            &mut self.recall_token,
             &mut self.nats_token,
             &mut self.nats_password,
             &mut self.nats_nkey_seed,
@@ -918,6 +927,24 @@ impl Config {
                     );
                 }
             };
+        }
+
+        // --- Recall API ---
+        if !self.http_addr.ip().is_loopback() && set_secret(&self.recall_token).is_none() {
+            return bad(
+                "RECALL_TOKEN",
+                format!(
+                    "RECALL_TOKEN is not set but HTTP_ADDR {} is not loopback: the recall API would be open (set RECALL_TOKEN=<a long random string>, or HTTP_ADDR=127.0.0.1:9090)",
+                    self.http_addr
+                ),
+            );
+        }
+        if self.recall_repair_interval < Duration::from_secs(1) {
+            return bad(
+                "RECALL_REPAIR_INTERVAL",
+                "RECALL_REPAIR_INTERVAL must be at least 1s (set RECALL_REPAIR_INTERVAL=60s)"
+                    .to_owned(),
+            );
         }
 
         // --- NATS ---
@@ -1771,6 +1798,8 @@ impl fmt::Debug for Config {
             .field("memory_types", &self.memory_types)
             .field("http_addr", &self.http_addr)
             .field("console_token", &self.console_token)
+            .field("recall_token", &self.recall_token)
+            .field("recall_repair_interval", &self.recall_repair_interval)
             .field("instance_id", &self.instance_id)
             .field("lease_seconds", &self.lease_seconds)
             .field("leader_lease_seconds", &self.leader_lease_seconds)
@@ -2070,6 +2099,8 @@ mod tests {
             " tls://u:pw@b:4222 ",
             "--http-addr",
             "0.0.0.0:8080",
+            "--recall-token",
+            "a-token",
         ]);
         assert_eq!(c.stream_max_age, Duration::from_secs(36 * 3600));
         assert_eq!(c.llm_timeout, Duration::from_secs(90));

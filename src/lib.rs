@@ -12,6 +12,7 @@
 //! * [`rollup`]: day -> week -> month summaries built from the window summaries.
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
 //! * [`status`]: the one status snapshot (`recap status`, `/metrics` gauges, the console); [`console`]: the web page.
+//! * [`recall`]: the read path for bots (recall by time, search, forget a user) and summary vectors.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
@@ -24,6 +25,7 @@ pub mod fetch;
 pub mod http;
 pub mod pipeline;
 pub mod rollup;
+pub mod recall;
 pub mod sink;
 pub mod source;
 pub mod status;

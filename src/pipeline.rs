@@ -475,6 +475,7 @@ pub async fn summarize_window(
             message_count,
             text_chars,
             span,
+            centroid: crate::recall::vectors::centroid(&input.messages),
         }),
         Err(SummarizeError::Empty) => Ok(WindowOutcome::TooShort { message_count }),
         Err(SummarizeError::Unavailable(e)) => Ok(WindowOutcome::Retry {
@@ -517,7 +518,8 @@ pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished,
             r => (outcome, r?),
         };
         match (&outcome, finished) {
-            (WindowOutcome::Summarized { message_count, .. }, Finished::Done) => {
+            (WindowOutcome::Summarized { message_count, centroid, .. }, Finished::Done) => {
+                crate::recall::vectors::on_summarized(ctx, w.id, centroid.as_deref()).await;
                 metrics::counter!("recap_windows_summarized_total").increment(1);
                 metrics::histogram!("recap_window_close_to_row_seconds")
                     .record((now_ms() - w.closed_at_ms).max(0) as f64 / 1000.0);

@@ -133,6 +133,8 @@ pub enum WindowOutcome {
         text_chars: usize,
         /// The window's first and last stored message times (the row's start and end).
         span: (Millis, Millis),
+        /// The window's summary vector (normalized centroid of its `content` vectors), see `recall::vectors`.
+        centroid: Option<Vec<f32>>,
     },
     TooShort {
         message_count: i32,
@@ -496,6 +498,7 @@ impl Store {
                 message_count,
                 text_chars,
                 span,
+                ..
             } => {
                 // The row's bounds are the stored points' times; the window keeps its tracker bounds.
                 let (start, end) = (to_utc(span.0), to_utc(span.1));

@@ -132,6 +132,15 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         };
         tasks.spawn(rollups.run(shutdown.clone()));
     }
+    tasks.spawn(crate::recall::vectors::run_repair(
+        ctx.clone(),
+        shutdown.clone(),
+    ));
+    let recall = crate::recall::api::RecallState::new(
+        store.clone(),
+        points.clone(),
+        cfg.recall_token.as_ref(),
+    );
     let ready = crate::http::Readiness {
         store,
         points,
@@ -140,7 +149,9 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         lag,
     };
     let console = crate::console::Console::for_service(cfg.clone(), &ready);
-    let router = crate::http::router(metrics, ready).merge(crate::console::router(console));
+    let router = crate::http::router(metrics, ready)
+        .merge(crate::console::router(console))
+        .merge(crate::recall::api::router(recall));
     let (addr, stop) = (cfg.http_addr, shutdown.clone());
     tasks.spawn(async move {
         crate::http::serve(addr, router, stop)

@@ -73,6 +73,10 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             i.windows_leased
         );
     }
+    println!(
+        "summary vectors    {} missing, {} stale",
+        snap.summary_vector_drift.missing, snap.summary_vector_drift.stale
+    );
     println!("LLM spend today    ${:.4}", report.llm_spend_today_usd);
     println!("checkpoints:");
     for c in &report.checkpoints {

@@ -1,0 +1,521 @@
+//! The recall HTTP API, mounted on recap's HTTP server (`HTTP_ADDR`).
+//!
+//! * `GET /v1/recall?bot=&user_id=&since=&until=&limit=&type=&tz=`: summaries overlapping the range, newest first.
+//! * `POST /v1/recall/search` `{bot, user_id, vector?, text?, limit?, since?, until?, tz?, type?}`: nearest summaries
+//!   by vector (Qdrant `recap_summaries`), by text (Postgres full-text search), or both fused (reciprocal rank fusion).
+//! * `DELETE /v1/users/{bot}/{user_id}`: forget a user.
+//!
+//! Results are `{"items": [...]}`. Every bad input is a 4xx `{"error": "...", "field": "..."}` naming the field.
+//! With `RECALL_TOKEN` set, every request needs `Authorization: Bearer <token>` (compared in constant time).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use dashmap::DashSet;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+
+use super::timerange::{Bound, parse_tz, resolve};
+use super::{Range, SummaryItem, vectors};
+use crate::config::{Secret, is_valid_bot_name};
+use crate::fetch::Points;
+use crate::sink::Store;
+
+/// Most results one request returns.
+pub const MAX_LIMIT: i64 = 200;
+const DEFAULT_LIMIT: i64 = 20;
+const MAX_TEXT_CHARS: usize = 10_000;
+
+/// Shared state of the recall routes.
+#[derive(Clone)]
+pub struct RecallState(Arc<Inner>);
+
+struct Inner {
+    store: Store,
+    points: Arc<Points>,
+    token: Option<[u8; 32]>,
+    known_bots: DashSet<String>,
+    dim: OnceLock<u64>,
+}
+
+impl RecallState {
+    pub fn new(store: Store, points: Arc<Points>, token: Option<&Secret>) -> Self {
+        RecallState(Arc::new(Inner {
+            store,
+            points,
+            token: token
+                .filter(|t| !t.is_blank())
+                .map(|t| Sha256::digest(t.expose().as_bytes()).into()),
+            known_bots: DashSet::new(),
+            dim: OnceLock::new(),
+        }))
+    }
+}
+
+/// The recall routes, with auth and metrics.
+pub fn router(state: RecallState) -> Router {
+    Router::new()
+        .route("/v1/recall", get(recall))
+        .route("/v1/recall/search", post(search))
+        .route("/v1/users/{bot}/{user_id}", delete(forget))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// A 4xx (or 503) answer naming the field at fault.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    field: Option<&'static str>,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(field: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+    fn unavailable(what: &str, e: impl std::fmt::Display) -> Self {
+        warn!(error = %e, "recall: {what} unavailable");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            field: None,
+            message: format!("{what} is unavailable; retry later"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.field {
+            Some(f) => json!({"error": self.message, "field": f}),
+            None => json!({"error": self.message}),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<crate::sink::StoreError> for ApiError {
+    fn from(e: crate::sink::StoreError) -> Self {
+        ApiError::unavailable("postgres", e)
+    }
+}
+
+impl From<vectors::VectorError> for ApiError {
+    fn from(e: vectors::VectorError) -> Self {
+        ApiError::unavailable("the vector store", e)
+    }
+}
+
+/// Bearer auth (constant time over SHA-256 digests, so the length is not revealed either) and request metrics.
+async fn guard(State(s): State<RecallState>, req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let started = Instant::now();
+    let resp = match &s.0.token {
+        Some(want) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
+            match given {
+                Some(g) if bool::from(g.ct_eq(want)) => next.run(req).await,
+                _ => (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    Json(json!({"error": "missing or wrong bearer token (Authorization: Bearer <RECALL_TOKEN>)", "field": "authorization"})),
+                )
+                    .into_response(),
+            }
+        }
+        None => next.run(req).await,
+    };
+    let status = resp.status().as_u16().to_string();
+    metrics::histogram!("recap_recall_request_seconds", "endpoint" => endpoint.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("recap_recall_requests_total", "endpoint" => endpoint, "status" => status)
+        .increment(1);
+    resp
+}
+
+// ----- input parsing (each error names its field) -----
+
+fn check_bot(bot: &str) -> Result<(), ApiError> {
+    if !is_valid_bot_name(bot) || bot.len() > 100 {
+        return Err(ApiError::bad(
+            "bot",
+            format!("bot {bot:?} is not a bot name (letters, digits, '_' and '-'; at most 100)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_user(user: &str) -> Result<(), ApiError> {
+    if user.trim().is_empty() || user.chars().count() > 255 {
+        return Err(ApiError::bad(
+            "user_id",
+            "user_id must be a non-empty string of at most 255 characters",
+        ));
+    }
+    Ok(())
+}
+
+async fn known_bot(s: &RecallState, bot: &str) -> Result<(), ApiError> {
+    check_bot(bot)?;
+    if s.0.known_bots.contains(bot) {
+        return Ok(());
+    }
+    if super::bot_known(&s.0.store, bot).await? {
+        s.0.known_bots.insert(bot.to_owned());
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        field: Some("bot"),
+        message: format!("unknown bot {bot:?}: recap has no summaries or windows for it"),
+    })
+}
+
+fn limit_of(v: Option<i64>, max: i64) -> Result<i64, ApiError> {
+    match v {
+        None => Ok(DEFAULT_LIMIT.min(max)),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad(
+            "limit",
+            format!("limit must be between 1 and {max} (got {n})"),
+        )),
+    }
+}
+
+fn type_of(v: Option<&str>) -> Result<Option<String>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(t)
+            if !t.is_empty()
+                && t.len() <= 50
+                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+        {
+            Ok(Some(t.to_owned()))
+        }
+        Some(t) => Err(ApiError::bad(
+            "type",
+            format!("type {t:?} is not a summary type (e.g. time_window, day, week, month)"),
+        )),
+    }
+}
+
+fn range_of(
+    since: Option<&str>,
+    until: Option<&str>,
+    tz: Option<&str>,
+    summary_type: Option<String>,
+) -> Result<Range, ApiError> {
+    let tz: Tz = match tz {
+        None => Tz::UTC,
+        Some(z) => parse_tz(z).map_err(|e| ApiError::bad("tz", format!("tz {e}")))?,
+    };
+    let now = Utc::now();
+    let one = |v: Option<&str>,
+               b: Bound,
+               field: &'static str|
+     -> Result<Option<DateTime<Utc>>, ApiError> {
+        v.map(|e| resolve(e, b, now, tz).map_err(|m| ApiError::bad(field, format!("{field} {m}"))))
+            .transpose()
+    };
+    let since = one(since, Bound::Since, "since")?;
+    let until = one(until, Bound::Until, "until")?;
+    if let (Some(s), Some(u)) = (since, until)
+        && s >= u
+    {
+        return Err(ApiError::bad(
+            "until",
+            format!(
+                "until ({}) must be after since ({})",
+                u.to_rfc3339(),
+                s.to_rfc3339()
+            ),
+        ));
+    }
+    Ok(Range {
+        since,
+        until,
+        summary_type,
+    })
+}
+
+fn items(items: Vec<SummaryItem>) -> Json<Value> {
+    Json(json!({ "items": items }))
+}
+
+// ----- GET /v1/recall -----
+
+async fn recall(
+    State(s): State<RecallState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(pairs) = q.map_err(|e| ApiError::bad("query", format!("bad query string: {e}")))?;
+    const KNOWN: [&str; 7] = ["bot", "user_id", "since", "until", "limit", "type", "tz"];
+    let mut p: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (k, v) in &pairs {
+        let Some(key) = KNOWN.iter().find(|x| **x == k.as_str()) else {
+            return Err(ApiError::bad(
+                "query",
+                format!("unknown parameter {k:?} (known: {})", KNOWN.join(", ")),
+            ));
+        };
+        if p.insert(key, v.as_str()).is_some() {
+            return Err(ApiError::bad(key, format!("{key} is given more than once")));
+        }
+    }
+    let bot = p
+        .get("bot")
+        .ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
+    let user = p
+        .get("user_id")
+        .ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
+    check_bot(bot)?;
+    check_user(user)?;
+    let limit = p
+        .get("limit")
+        .map(|l| {
+            l.trim()
+                .parse::<i64>()
+                .map_err(|_| ApiError::bad("limit", format!("limit {l:?} is not an integer")))
+        })
+        .transpose()?;
+    let limit = limit_of(limit, MAX_LIMIT)?;
+    let range = range_of(
+        p.get("since").copied(),
+        p.get("until").copied(),
+        p.get("tz").copied(),
+        type_of(p.get("type").copied())?,
+    )?;
+    known_bot(&s, bot).await?;
+    Ok(items(
+        super::recall(&s.0.store, bot, user, &range, limit).await?,
+    ))
+}
+
+// ----- POST /v1/recall/search -----
+
+fn str_field<'a>(
+    o: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, ApiError> {
+    match o.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad(field, format!("{field} must be a string"))),
+    }
+}
+
+async fn search(State(s): State<RecallState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad("body", format!("body is not JSON: {e}")))?;
+    let Value::Object(o) = v else {
+        return Err(ApiError::bad("body", "body must be a JSON object"));
+    };
+    const KNOWN: [&str; 9] = [
+        "bot", "user_id", "vector", "text", "limit", "since", "until", "tz", "type",
+    ];
+    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad(
+            "body",
+            format!("unknown field {k:?} (known: {})", KNOWN.join(", ")),
+        ));
+    }
+    let bot = str_field(&o, "bot")?.ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
+    let user =
+        str_field(&o, "user_id")?.ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
+    check_bot(bot)?;
+    check_user(user)?;
+    let limit = match o.get("limit") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(
+            n.as_i64()
+                .ok_or_else(|| ApiError::bad("limit", "limit must be an integer"))?,
+        ),
+        Some(_) => return Err(ApiError::bad("limit", "limit must be an integer")),
+    };
+    let limit = limit_of(limit, 100)?;
+    let vector: Option<Vec<f32>> = match o.get("vector") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => {
+            if a.is_empty() || a.len() > 65_536 {
+                return Err(ApiError::bad(
+                    "vector",
+                    "vector must have between 1 and 65536 numbers",
+                ));
+            }
+            let v = a
+                .iter()
+                .map(|x| x.as_f64().filter(|f| f.is_finite()).map(|f| f as f32))
+                .collect::<Option<Vec<f32>>>()
+                .ok_or_else(|| {
+                    ApiError::bad("vector", "vector must be an array of finite numbers")
+                })?;
+            if v.iter().all(|x| *x == 0.0) {
+                return Err(ApiError::bad(
+                    "vector",
+                    "vector is all zeros (no direction to search in)",
+                ));
+            }
+            Some(v)
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "vector",
+                "vector must be an array of numbers",
+            ));
+        }
+    };
+    let text = match str_field(&o, "text")? {
+        None => None,
+        Some(t) if t.chars().count() > MAX_TEXT_CHARS => {
+            return Err(ApiError::bad(
+                "text",
+                format!("text is longer than {MAX_TEXT_CHARS} characters"),
+            ));
+        }
+        Some(t) => Some(
+            super::text_query(t)
+                .ok_or_else(|| ApiError::bad("text", "text has no words to search for"))?,
+        ),
+    };
+    if vector.is_none() && text.is_none() {
+        return Err(ApiError::bad("vector", "give a vector, a text, or both"));
+    }
+    let summary_type = type_of(str_field(&o, "type")?)?;
+    let range = range_of(
+        str_field(&o, "since")?,
+        str_field(&o, "until")?,
+        str_field(&o, "tz")?,
+        summary_type,
+    )?;
+    known_bot(&s, bot).await?;
+    let client = s.0.points.client();
+    if let Some(v) = &vector {
+        let dim = match s.0.dim.get() {
+            Some(d) => Some(*d),
+            None => {
+                let d = vectors::collection_dim(client).await?;
+                if let Some(d) = d {
+                    let _ = s.0.dim.set(d);
+                }
+                d
+            }
+        };
+        if let Some(d) = dim
+            && v.len() as u64 != d
+        {
+            return Err(ApiError::bad(
+                "vector",
+                format!(
+                    "vector has {} dimensions; the summary vectors have {d}",
+                    v.len()
+                ),
+            ));
+        }
+    }
+    // Each ranking is deeper than `limit` when fusing, so an item ranked low by one and high by the other counts.
+    let depth = if vector.is_some() && text.is_some() {
+        (limit * 3).min(100)
+    } else {
+        limit
+    };
+    let by_vector: Vec<(i32, f32)> = match (&vector, s.0.dim.get()) {
+        (Some(v), Some(_)) => {
+            let mut filter = vectors::user_filter(
+                bot,
+                user,
+                range.since.map(|t| t.timestamp()),
+                range.until.map(|t| t.timestamp()),
+            );
+            if let Some(t) = &range.summary_type {
+                filter.must.push(qdrant_client::qdrant::Condition::matches(
+                    "summary_type",
+                    t.clone(),
+                ));
+            }
+            vectors::search(client, filter, v.clone(), depth as u64).await?
+        }
+        _ => Vec::new(),
+    };
+    let by_text: Vec<SummaryItem> = match &text {
+        Some(t) => super::text_search(&s.0.store, bot, user, t, &range, depth).await?,
+        None => Vec::new(),
+    };
+    let ranked: Vec<(i32, f64)> = match (&vector, &text) {
+        (Some(_), Some(_)) => super::rrf(
+            &[
+                by_vector.iter().map(|x| x.0).collect(),
+                by_text.iter().map(|x| x.id).collect(),
+            ],
+            60.0,
+        ),
+        (Some(_), None) => by_vector
+            .iter()
+            .map(|(id, sc)| (*id, f64::from(*sc)))
+            .collect(),
+        _ => by_text
+            .iter()
+            .map(|x| (x.id, x.score.unwrap_or(0.0)))
+            .collect(),
+    };
+    let mut rows = if vector.is_some() {
+        let ids: Vec<i32> = ranked.iter().map(|x| x.0).collect();
+        super::by_ids(&s.0.store, bot, user, &ids).await?
+    } else {
+        by_text.into_iter().map(|x| (x.id, x)).collect()
+    };
+    let out: Vec<SummaryItem> = ranked
+        .into_iter()
+        .filter_map(|(id, score)| {
+            rows.remove(&id).map(|it| SummaryItem {
+                score: Some(score),
+                ..it
+            })
+        })
+        .take(limit as usize)
+        .collect();
+    Ok(items(out))
+}
+
+// ----- DELETE /v1/users/{bot}/{user_id} -----
+
+async fn forget(
+    State(s): State<RecallState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((bot, user)) = p.map_err(|e| ApiError::bad("path", format!("bad path: {e}")))?;
+    check_bot(&bot)?;
+    check_user(&user)?;
+    let deleted = super::forget_rows(&s.0.store, &bot, &user).await?;
+    // After the rows: a vector whose row is gone is never returned, and a retry of this request removes it.
+    vectors::delete_user(s.0.points.client(), &bot, &user).await?;
+    metrics::counter!("recap_users_forgotten_total").increment(1);
+    let rows: u64 = deleted.iter().map(|(_, n)| n).sum();
+    info!(bot = %bot, user = %super::user_tag(&bot, &user), rows, "user forgotten");
+    let deleted: Map<String, Value> = deleted.into_iter().map(|(t, n)| (t, json!(n))).collect();
+    Ok(Json(json!({ "forgotten": true, "deleted": deleted })))
+}

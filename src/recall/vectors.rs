@@ -1,0 +1,428 @@
+//! Summary vectors: the normalized centroid of a window's `content` vectors, kept in the Qdrant collection
+//! [`COLLECTION`] (point id = the `conversation_summaries` row id) in step with the row.
+//!
+//! The row is the truth. `recap_summary_vectors` records which revision of each row has its vector in Qdrant; the
+//! worker syncs right after a window's summary commits ([`on_summarized`]), and [`repair`] (every
+//! `RECALL_REPAIR_INTERVAL` in `recap run`) re-syncs rows whose vector is missing or stale by fetching the window's
+//! points again. `recap status` shows the drift ([`drift`]).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use qdrant_client::Qdrant;
+use qdrant_client::qdrant::{
+    Condition, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, DeletePointsBuilder,
+    Distance, FieldType, Filter, PayloadIncludeSelector, PointStruct, Range, SearchPointsBuilder,
+    UpsertPointsBuilder, Value, VectorParamsBuilder, vectors_config,
+};
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::pipeline::Context;
+use crate::sink::{Store, StoreError};
+use crate::summarize::Message;
+
+/// The collection recap owns (never one of the bots').
+pub const COLLECTION: &str = "recap_summaries";
+
+/// Errors of the vector side.
+#[derive(Debug, thiserror::Error)]
+pub enum VectorError {
+    #[error("qdrant: {0}")]
+    Qdrant(#[from] qdrant_client::QdrantError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// The unit-length mean of the messages' vectors (those of the most common dimension); `None` when no message has
+/// a vector or they cancel out.
+pub fn centroid(messages: &[Message]) -> Option<Vec<f32>> {
+    let mut dims: HashMap<usize, usize> = HashMap::new();
+    for m in messages.iter().filter(|m| !m.vector.is_empty()) {
+        *dims.entry(m.vector.len()).or_default() += 1;
+    }
+    let (&dim, _) = dims.iter().max_by_key(|(d, n)| (**n, **d))?;
+    let mut sum = vec![0f64; dim];
+    for m in messages.iter().filter(|m| m.vector.len() == dim) {
+        let norm = m
+            .vector
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 && norm.is_finite() {
+            for (s, x) in sum.iter_mut().zip(&m.vector) {
+                *s += f64::from(*x) / norm;
+            }
+        }
+    }
+    normalize(&sum)
+}
+
+/// `v / |v|` as f32; `None` for a zero or non-finite vector.
+pub fn normalize(v: &[f64]) -> Option<Vec<f32>> {
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    (norm > 1e-12 && norm.is_finite()).then(|| v.iter().map(|x| (x / norm) as f32).collect())
+}
+
+/// The collection's vector size; `None` when it does not exist yet.
+pub async fn collection_dim(client: &Qdrant) -> Result<Option<u64>, VectorError> {
+    if !client.collection_exists(COLLECTION).await? {
+        return Ok(None);
+    }
+    let info = client.collection_info(COLLECTION).await?;
+    let size = info
+        .result
+        .and_then(|r| r.config)
+        .and_then(|c| c.params)
+        .and_then(|p| p.vectors_config)
+        .and_then(|v| v.config)
+        .and_then(|c| match c {
+            vectors_config::Config::Params(p) => Some(p.size),
+            vectors_config::Config::ParamsMap(_) => None,
+        });
+    Ok(size)
+}
+
+/// Creates the collection (cosine, `dim`) with keyword indexes on `bot` and `user_id` if it is missing.
+pub async fn ensure_collection(client: &Qdrant, dim: u64) -> Result<(), VectorError> {
+    if client.collection_exists(COLLECTION).await? {
+        return Ok(());
+    }
+    let created = client
+        .create_collection(
+            CreateCollectionBuilder::new(COLLECTION)
+                .vectors_config(VectorParamsBuilder::new(dim, Distance::Cosine)),
+        )
+        .await;
+    if let Err(e) = created {
+        // Another replica may have created it meanwhile.
+        if !client.collection_exists(COLLECTION).await? {
+            return Err(e.into());
+        }
+    }
+    for field in ["bot", "user_id"] {
+        client
+            .create_field_index(
+                CreateFieldIndexCollectionBuilder::new(COLLECTION, field, FieldType::Keyword)
+                    .wait(true),
+            )
+            .await?;
+    }
+    info!(
+        collection = COLLECTION,
+        dim, "created the summary vector collection"
+    );
+    Ok(())
+}
+
+/// The row a vector is written for.
+#[derive(Debug, Clone)]
+pub struct SummaryRef {
+    pub id: i32,
+    pub bot: String,
+    pub user_id: String,
+    pub start: NaiveDateTime,
+    pub end: NaiveDateTime,
+    pub revision: i32,
+    pub summary_type: String,
+}
+
+/// The point id of a summary's vector: a UUID derived from (bot, user, row id), so databases sharing one Qdrant
+/// (staging and production, tests) never overwrite each other's points. The row id is in the payload.
+pub fn point_id(bot: &str, user_id: &str, summary_id: i32) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("{bot}\u{0}{user_id}\u{0}{summary_id}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+}
+
+fn payload(r: &SummaryRef) -> HashMap<String, Value> {
+    HashMap::from([
+        ("summary_id".to_string(), i64::from(r.id).into()),
+        ("bot".to_string(), r.bot.clone().into()),
+        ("user_id".to_string(), r.user_id.clone().into()),
+        ("start".to_string(), r.start.and_utc().timestamp().into()),
+        ("end".to_string(), r.end.and_utc().timestamp().into()),
+        ("revision".to_string(), i64::from(r.revision).into()),
+        ("summary_type".to_string(), r.summary_type.clone().into()),
+    ])
+}
+
+/// Upserts one summary's vector and records the synced revision (only while the row still exists).
+pub async fn upsert(
+    store: &Store,
+    client: &Qdrant,
+    r: &SummaryRef,
+    vector: Vec<f32>,
+) -> Result<(), VectorError> {
+    ensure_collection(client, vector.len() as u64).await?;
+    client
+        .upsert_points(
+            UpsertPointsBuilder::new(
+                COLLECTION,
+                vec![PointStruct::new(
+                    point_id(&r.bot, &r.user_id, r.id),
+                    vector,
+                    payload(r),
+                )],
+            )
+            .wait(true),
+        )
+        .await?;
+    sqlx::query(
+        "INSERT INTO recap_summary_vectors (summary_id, bot_name, user_id, revision)
+         SELECT id, bot_name, user_id, $2 FROM conversation_summaries WHERE id = $1
+         ON CONFLICT (summary_id) DO UPDATE SET revision = EXCLUDED.revision, synced_at = now()",
+    )
+    .bind(r.id)
+    .bind(r.revision)
+    .execute(store.pool())
+    .await?;
+    metrics::counter!("recap_summary_vectors_synced_total").increment(1);
+    Ok(())
+}
+
+const ROW_COLUMNS: &str = "s.id, s.bot_name, s.user_id, s.start_timestamp, s.end_timestamp, s.revision, coalesce(s.summary_type, 'time_window')";
+
+fn summary_ref(row: &sqlx::postgres::PgRow) -> SummaryRef {
+    SummaryRef {
+        id: row.get(0),
+        bot: row.get(1),
+        user_id: row.get(2),
+        start: row.get(3),
+        end: row.get(4),
+        revision: row.get(5),
+        summary_type: row.get(6),
+    }
+}
+
+/// Called by the worker after a window's summary committed: writes the summary's vector. Failures are logged and
+/// left to [`repair`]; they never fail the window.
+pub async fn on_summarized(ctx: &Context, window_id: i64, centroid: Option<&[f32]>) {
+    let Some(v) = centroid else {
+        debug!(window = window_id, "no content vectors; no summary vector");
+        return;
+    };
+    let r = async {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ROW_COLUMNS} FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id WHERE w.id = $1"
+        )))
+        .bind(window_id)
+        .fetch_optional(ctx.store.pool())
+        .await?;
+        match row {
+            Some(row) => upsert(&ctx.store, ctx.points.client(), &summary_ref(&row), v.to_vec()).await,
+            None => Ok(()),
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        metrics::counter!("recap_summary_vector_errors_total").increment(1);
+        warn!(window = window_id, error = %e, "summary vector not written; the repair pass will retry");
+    }
+}
+
+/// Summary vectors out of step with their rows (windows summarized by recap only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Drift {
+    /// Rows without a vector.
+    pub missing: i64,
+    /// Rows whose vector is of an older revision.
+    pub stale: i64,
+}
+
+const DRIFT_FROM: &str = "FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id
+     LEFT JOIN recap_summary_vectors v ON v.summary_id = s.id
+     WHERE w.state = 'done' AND (v.summary_id IS NULL OR v.revision <> s.revision)";
+
+pub async fn drift(store: &Store) -> Result<Drift, StoreError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FILTER (WHERE v.summary_id IS NULL), count(*) FILTER (WHERE v.summary_id IS NOT NULL) {DRIFT_FROM}"
+    )))
+    .fetch_one(store.pool())
+    .await?;
+    Ok(Drift {
+        missing: row.get(0),
+        stale: row.get(1),
+    })
+}
+
+/// Re-syncs up to `limit` rows whose vector is missing or stale; returns how many were written.
+pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT w.id, {ROW_COLUMNS} {DRIFT_FROM} ORDER BY s.id LIMIT $1"
+    )))
+    .bind(limit)
+    .fetch_all(ctx.store.pool())
+    .await?;
+    let mut written = 0;
+    for row in rows {
+        let window_id: i64 = row.get(0);
+        let r = SummaryRef {
+            id: row.get(1),
+            bot: row.get(2),
+            user_id: row.get(3),
+            start: row.get(4),
+            end: row.get(5),
+            revision: row.get(6),
+            summary_type: row.get(7),
+        };
+        let ids = ctx.store.window_points(window_id).await?;
+        let bot_for = |c: &str| ctx.cfg.bot_for_collection(c);
+        let fetched = match ctx.points.collections_for(&r.bot, &bot_for).await {
+            Ok(colls) => {
+                let range = (
+                    r.start.and_utc().timestamp_millis(),
+                    r.end.and_utc().timestamp_millis(),
+                );
+                ctx.points
+                    .fetch_window(&colls, &ids, &r.user_id, range)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match fetched {
+            Ok((messages, _)) => {
+                if let Some(v) = centroid(&messages) {
+                    upsert(&ctx.store, ctx.points.client(), &r, v).await?;
+                    written += 1;
+                }
+            }
+            Err(e) => {
+                debug!(summary = r.id, error = %e, "cannot fetch the window's points for its vector")
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// The periodic repair pass of `recap run`.
+pub async fn run_repair(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let every = ctx.cfg.recall_repair_interval;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+        match repair(&ctx, 500).await {
+            Ok(n) if n > 0 => info!(written = n, "summary vectors re-synced"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "summary vector repair failed; next pass in {every:?}"),
+        }
+        if let Ok(d) = drift(&ctx.store).await {
+            metrics::gauge!("recap_summary_vector_drift", "kind" => "missing")
+                .set(d.missing as f64);
+            metrics::gauge!("recap_summary_vector_drift", "kind" => "stale").set(d.stale as f64);
+        }
+    }
+}
+
+/// The filter selecting one (bot, user)'s points, optionally overlapping `[since, until)` (unix seconds).
+pub fn user_filter(bot: &str, user_id: &str, since: Option<i64>, until: Option<i64>) -> Filter {
+    let mut must = vec![
+        Condition::matches("bot", bot.to_string()),
+        Condition::matches("user_id", user_id.to_string()),
+    ];
+    if let Some(s) = since {
+        must.push(Condition::range(
+            "end",
+            Range {
+                gt: Some(s as f64),
+                ..Default::default()
+            },
+        ));
+    }
+    if let Some(u) = until {
+        must.push(Condition::range(
+            "start",
+            Range {
+                lt: Some(u as f64),
+                ..Default::default()
+            },
+        ));
+    }
+    Filter::must(must)
+}
+
+/// The nearest summary ids of one (bot, user), best first, with their cosine scores.
+pub async fn search(
+    client: &Qdrant,
+    filter: Filter,
+    vector: Vec<f32>,
+    limit: u64,
+) -> Result<Vec<(i32, f32)>, VectorError> {
+    let res = client
+        .search_points(
+            SearchPointsBuilder::new(COLLECTION, vector, limit)
+                .filter(filter)
+                .with_payload(PayloadIncludeSelector {
+                    fields: vec!["summary_id".to_string()],
+                }),
+        )
+        .await?;
+    Ok(res
+        .result
+        .into_iter()
+        .filter_map(|p| {
+            let id = p.payload.get("summary_id")?.as_integer()?;
+            i32::try_from(id).ok().map(|id| (id, p.score))
+        })
+        .collect())
+}
+
+/// Deletes one (bot, user)'s summary vectors (nothing to do when the collection does not exist).
+pub async fn delete_user(client: &Qdrant, bot: &str, user_id: &str) -> Result<(), VectorError> {
+    if !client.collection_exists(COLLECTION).await? {
+        return Ok(());
+    }
+    client
+        .delete_points(
+            DeletePointsBuilder::new(COLLECTION)
+                .points(user_filter(bot, user_id, None, None))
+                .wait(true),
+        )
+        .await?;
+    Ok(())
+}
+
+/// How long the repair pass waits between runs when none is configured.
+pub const DEFAULT_REPAIR_INTERVAL: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(v: Vec<f32>) -> Message {
+        Message {
+            point_id: "1".into(),
+            role: "user".into(),
+            text: "x".into(),
+            ts_ms: 0,
+            emotion: None,
+            vector: v,
+        }
+    }
+
+    #[test]
+    fn centroid_is_the_unit_mean_of_unit_vectors() {
+        let c = centroid(&[msg(vec![2.0, 0.0]), msg(vec![0.0, 5.0]), msg(vec![])]).unwrap();
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((c[0] - h).abs() < 1e-6 && (c[1] - h).abs() < 1e-6, "{c:?}");
+        assert!(centroid(&[msg(vec![])]).is_none());
+        assert!(centroid(&[msg(vec![1.0, 0.0]), msg(vec![-1.0, 0.0])]).is_none());
+        // the most common dimension wins; others are ignored
+        let c = centroid(&[
+            msg(vec![1.0, 0.0, 0.0]),
+            msg(vec![0.0, 1.0]),
+            msg(vec![0.0, 1.0]),
+        ])
+        .unwrap();
+        assert_eq!(c.len(), 2);
+    }
+}
