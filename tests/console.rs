@@ -591,6 +591,12 @@ async fn console_refuses_without_token_and_csrf() {
         let port = free_port();
         let mut envs = recap_env(&db, None);
         set(&mut envs, "HTTP_ADDR", &format!("0.0.0.0:{port}"));
+        // a non-loopback listener needs the recall API's token too (recap refuses to start without it)
+        set(
+            &mut envs,
+            "RECALL_TOKEN",
+            "recall-token-for-the-console-test",
+        );
         set(
             &mut envs,
             "COLLECTION_PATTERNS",

@@ -802,6 +802,18 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
             .await
             .unwrap();
     }
+    // day/week/month rollups of both users, so that forget has rollup rows and state to delete
+    let rollups = recap::rollup::shell::Rollups {
+        store: recap::sink::Store::connect_lazy(f.db.url.parse().unwrap(), 2),
+        summarizer: std::sync::Arc::new(recap::summarize::extractive::Extractive),
+        owner: "recall-test".into(),
+        settings: Default::default(),
+    };
+    let built = rollups
+        .round(&tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(built.written > 0, "no rollup built: {built:?}");
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.columns WHERE table_schema = 'public' AND column_name = 'user_id'",
     )
@@ -826,6 +838,15 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
     let points_b = summary_points(&f.bot, Some(&b)).await;
     assert!(summary_points(&f.bot, Some(&a)).await > 0 && points_b > 0);
 
+    let rollup_rows_a: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversation_summaries WHERE bot_name = $1 AND user_id = $2 AND summary_type <> 'time_window'",
+    )
+    .bind(&f.bot)
+    .bind(&a)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert!(rollup_rows_a > 0);
     let s = f.serve(&[]).await;
     let (code, v) = s
         .call(
@@ -836,7 +857,11 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
         )
         .await;
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["deleted"]["conversation_summaries"], TOPICS.len(), "{v}");
+    assert_eq!(
+        v["deleted"]["conversation_summaries"],
+        TOPICS.len() as i64 + rollup_rows_a,
+        "{v}"
+    );
     assert_eq!(v["deleted"]["recap_dead_letters"], 1, "{v}");
 
     assert_eq!(
