@@ -539,3 +539,51 @@ async fn fetch_keeps_the_named_points_whatever_their_stored_time() {
     assert_eq!(msgs.len(), pts.len(), "a named point was dropped");
     let _ = q.delete_collection(&coll).await;
 }
+
+/// Forgetting a user (the recall API's `DELETE /v1/users/...`) while the ingest leader holds their open messages in
+/// memory: the leader's next transaction fails its fence, the tracker it rebuilds holds nothing of theirs, and a later
+/// message of theirs starts a fresh window.
+#[tokio::test(flavor = "multi_thread")]
+async fn forgetting_a_user_resets_the_leaders_open_state() {
+    let db = fresh_db().await;
+    let ctx = context(&db, &["--idle-gap-minutes", "10"]).await;
+    let mut ing = ingest(&ctx).await;
+    let t = now_ms();
+    let kept = msg("b", "kept", t);
+    ing.apply(
+        &batch(vec![msg("b", "gone", t), msg("b", "gone", t + SEC), kept]),
+        t + 2 * SEC,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ing.tracker.open_messages(), 3);
+    recap::recall::forget_rows(&ctx.store, "b", "gone")
+        .await
+        .unwrap();
+    let later = msg("b", "kept", t + 3 * SEC);
+    let r = ing.apply(&batch(vec![later.clone()]), t + 4 * SEC).await;
+    assert!(
+        matches!(r, Err(recap::sink::StoreError::LostLeadership(_))),
+        "the leader kept its in-memory state after a forget: {r:?}"
+    );
+    let mut ing = ingest(&ctx).await;
+    assert_eq!(
+        ing.tracker.open_messages(),
+        1,
+        "the rebuilt tracker holds the forgotten user's messages"
+    );
+    // the failed batch comes back, with a new message of the forgotten user
+    ing.apply(
+        &batch(vec![later, msg("b", "gone", t + 5 * SEC)]),
+        t + 6 * SEC,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ing.tracker.open_messages(), 3);
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE user_id = 'gone'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "the forgotten user's old messages came back");
+}
