@@ -8,6 +8,10 @@
 //! 300 s, so its sweep never runs during the test), messages 0.5 s apart, a pause of 3.5 s (just under the gap) and
 //! one of 6 s (over it). The whole file takes about 30 s.
 //!
+//! `LIVE_TIMING=production` runs the same plan at production timing: every offset and the gap times 15 (idle gap
+//! 60 s, messages 7.5 s apart, pauses of 52.5 s and 90 s), lateness 5 s, sweep every 20 s: about 5 minutes, run by
+//! `scripts/bench` for the freshness figure, not by `scripts/test`.
+//!
 //! Asserts every window exactly once, with its exact message count and stored-time bounds, every row at revision 1,
 //! and prints freshness: how long after a window's idle deadline (last write + gap) its row appeared.
 
@@ -19,7 +23,33 @@ use std::time::Duration;
 use common::*;
 use recap::pipeline::now_ms;
 
-const GAP_MS: i64 = 4000;
+/// The scaled timing of the run (see the module docs).
+#[derive(Clone, Copy)]
+struct Timing {
+    /// Every write offset and the idle gap are multiplied by this.
+    scale: i64,
+    lateness_s: i64,
+    sweep_s: i64,
+}
+
+fn timing() -> Timing {
+    match std::env::var("LIVE_TIMING").as_deref() {
+        Ok("production") => Timing {
+            scale: 15,
+            lateness_s: 5,
+            sweep_s: 20,
+        },
+        _ => Timing {
+            scale: 1,
+            lateness_s: 1,
+            sweep_s: 2,
+        },
+    }
+}
+
+fn gap_ms() -> i64 {
+    4000 * timing().scale
+}
 const SKEW_MS: i64 = 20 * MIN;
 
 /// One user's plan: write offsets (ms from the start) and clock skew of its bot host.
@@ -32,7 +62,8 @@ struct Plan {
 }
 
 fn plans() -> Vec<Plan> {
-    let run = |from: i64, n: i64| (0..n).map(move |i| from + i * 500);
+    let k = timing().scale;
+    let run = move |from: i64, n: i64| (0..n).map(move |i| (from + i * 500) * k);
     vec![
         Plan {
             user: "steady",
@@ -95,11 +126,15 @@ async fn run_mode(mode: Mode) -> Outcome {
         [
             ("COLLECTION_PATTERNS", collection.clone()),
             ("COLLECTION_MAP", format!("{collection}={bot}")),
-            ("IDLE_GAP", "4s".into()),
-            ("ALLOWED_LATENESS_SECONDS", "1".into()),
+            ("IDLE_GAP", format!("{}ms", gap_ms())),
+            ("ALLOWED_LATENESS_SECONDS", timing().lateness_s.to_string()),
             (
                 "ENRICHMENT_INTERVAL_SECONDS",
-                if mode == Mode::Events { "300" } else { "2" }.into(),
+                if mode == Mode::Events {
+                    "300".into()
+                } else {
+                    timing().sweep_s.to_string()
+                },
             ),
         ]
         .map(|(k, v)| (k.to_string(), v)),
@@ -165,7 +200,7 @@ async fn run_mode(mode: Mode) -> Outcome {
     let mut want: Vec<(String, i64, i64, i32)> = Vec::new();
     let mut deadlines: HashMap<(String, i64), i64> = HashMap::new();
     let tcfg = recap::tracker::TrackerConfig {
-        idle_gap_ms: GAP_MS,
+        idle_gap_ms: gap_ms(),
         ..recap::tracker::TrackerConfig::default()
     };
     for plan in plans() {
@@ -196,14 +231,20 @@ async fn run_mode(mode: Mode) -> Outcome {
             }
             deadlines.insert(
                 (plan.user.to_string(), w[0].stored_ms),
-                w[n - 1].wall_ms + GAP_MS,
+                w[n - 1].wall_ms + gap_ms(),
             );
             i += n;
         }
     }
-    let got = wait_for_rows(&db.pool, want.len(), Duration::from_secs(60)).await;
-    // a little longer: nothing may be revised or added after the fact
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = timing();
+    let got = wait_for_rows(
+        &db.pool,
+        want.len(),
+        Duration::from_secs(60 * t.scale as u64),
+    )
+    .await;
+    // a little longer (more than a sweep interval): nothing may be revised or added after the fact
+    tokio::time::sleep(Duration::from_secs(3.max(t.sweep_s as u64 + 2))).await;
     let got_after = rows(&db.pool).await;
     terminate(&mut child);
     assert_eq!(
@@ -288,20 +329,27 @@ async fn every_window_once_at_live_timing_in_every_mode() {
             .map(|m| tokio::spawn(run_mode(m))),
     )
     .await;
+    let t = timing();
     for o in outcomes {
         let mut o = o.expect("mode run");
         let max = *o.freshness_ms.iter().max().unwrap();
         let med = median(&mut o.freshness_ms);
         println!(
-            "FRESHNESS mode={:?} idle_gap=4s lateness=1s sweep_interval={} windows={} median_ms={med} max_ms={max} (row after the idle deadline)",
+            "FRESHNESS mode={:?} idle_gap={}ms lateness={}s sweep_interval={} windows={} median_ms={med} max_ms={max} (row after the idle deadline)",
             o.mode,
-            if o.mode == Mode::Events { "off" } else { "2s" },
+            gap_ms(),
+            t.lateness_s,
+            if o.mode == Mode::Events {
+                "off".to_string()
+            } else {
+                format!("{}s", t.sweep_s)
+            },
             o.freshness_ms.len()
         );
         // event mode: within lateness + 5 s of the deadline; sweep-only: one sweep interval more
         let bound = match o.mode {
-            Mode::Events | Mode::Hybrid => 1000 + 5000,
-            Mode::SweepOnly => 1000 + 5000 + 2000,
+            Mode::Events | Mode::Hybrid => t.lateness_s * 1000 + 5000,
+            Mode::SweepOnly => t.lateness_s * 1000 + 5000 + t.sweep_s * 1000,
         };
         assert!(
             max <= bound,
