@@ -134,7 +134,8 @@ impl PartialEq<&str> for RedactedUrl {
 /// masked from the scheme to the last `@` (keeping a `user:`), or wholly (`"***"`) when it has
 /// no scheme but contains an `@`.
 pub(crate) fn redact_url(s: &str) -> String {
-    let Ok(mut url) = Url::parse(s) else {
+    // Only `scheme://` text is a URL here (`Url` would read `u:p@h` as scheme `u`).
+    let Some(mut url) = s.contains("://").then(|| Url::parse(s).ok()).flatten() else {
         return redact_unparsed(s);
     };
     let mut changed = false;
