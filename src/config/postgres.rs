@@ -140,9 +140,9 @@ impl PostgresConfig {
                     .replace('\n', " "),
                 )
             })?;
-            let url_has_sslmode = u.split_once('?').is_some_and(|(_, q)| {
-                q.split('&')
-                    .any(|kv| kv.starts_with("sslmode=") || kv.starts_with("ssl-mode="))
+            let url_has_sslmode = url::Url::parse(u).is_ok_and(|url| {
+                url.query_pairs()
+                    .any(|(k, _)| k == "sslmode" || k == "ssl-mode")
             });
             match sslmode {
                 Some(m) if !url_has_sslmode => opts.ssl_mode(m),

@@ -739,3 +739,41 @@ fn redaction_helpers() {
     assert_eq!(redact_url("plain"), "plain");
     assert_eq!(redact_url("u:p@h"), "***");
 }
+
+#[test]
+fn url_settings_parse_as_their_clients_do_and_print_masked() {
+    // NATS_URL: what async-nats' ServerAddr accepts, one server, the scheme written out.
+    for ok in [
+        "nats://h:4222",
+        "tls://u:p@h:4222",
+        "ws://h:80",
+        "wss://h",
+        "nats://[::1]:4222",
+    ] {
+        parse(&["--nats-url", ok])
+            .validate()
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in [
+        "h:4222",
+        "http://h:4222",
+        "nats://",
+        "nats://h:0",
+        "nats://h:99999",
+    ] {
+        assert_eq!(invalid(&["--nats-url", bad]).var(), "NATS_URL", "{bad}");
+    }
+    // RedactedUrl: Debug and Display mask, the raw text is there for the client.
+    let u: RedactedUrl = "nats://u:pw@h:4222".parse().unwrap();
+    assert_eq!(format!("{u}"), "nats://u:***@h:4222");
+    assert_eq!(format!("{u:?}"), "\"nats://u:***@h:4222\"");
+    assert_eq!(u.expose(), "nats://u:pw@h:4222");
+    let plain: RedactedUrl = "https://openrouter.ai/api/v1".parse().unwrap();
+    assert_eq!(
+        plain.to_string(),
+        "https://openrouter.ai/api/v1",
+        "nothing to mask: unchanged"
+    );
+    let c = parse(&["--qdrant-url", "https://k:s3cr3t-key@q.cloud:6334"]);
+    assert!(!format!("{c:?}").contains("s3cr3t-key"));
+}
