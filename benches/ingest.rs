@@ -317,7 +317,7 @@ async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
         }
         let ws = tracker.drain_closed();
         lap(3, &mut t, &mut d);
-        tx.close_windows(&tcfg, &ws, cfg.min_messages_for_summary)
+        tx.close_windows(&tcfg, &ws, cfg.windows.min_messages_for_summary)
             .await
             .expect("close");
         closed += ws.len();

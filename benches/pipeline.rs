@@ -265,7 +265,7 @@ async fn prepare(store: &Store, cfg: &recap::config::Config, bot: &str, wins: &[
                 end_ms: w.end,
                 count: w.messages.len() as u32,
             };
-            tx.close_window(&tcfg, &cw, cfg.min_messages_for_summary)
+            tx.close_window(&tcfg, &cw, cfg.windows.min_messages_for_summary)
                 .await
                 .expect("close");
         }
@@ -346,8 +346,8 @@ async fn run_mode(
             timings: timings.clone(),
         }),
     );
-    let lease = Duration::from_secs(cfg.lease_seconds.into());
-    let limit = i64::from(cfg.enrichment_batch_size.max(1));
+    let lease = Duration::from_secs(cfg.service.lease_seconds.into());
+    let limit = i64::from(cfg.sweep.enrichment_batch_size.max(1));
     let per_window: Arc<Mutex<Vec<(String, i64, Duration, Finished)>>> = Arc::default();
     let mut claim_ms = Vec::new();
     let t = Instant::now();

@@ -167,10 +167,10 @@ fn main() {
     // recap's configured budget (LLM_MAX_INPUT_TOKENS, default 6000) and minimum window size, from its own Config
     let cfg = parse_config(["bench"]);
     let settings = LlmSettings {
-        max_input_tokens: cfg.llm_max_input_tokens,
+        max_input_tokens: cfg.llm.llm_max_input_tokens,
         ..Default::default()
     };
-    let min = cfg.min_messages_for_summary as usize;
+    let min = cfg.windows.min_messages_for_summary as usize;
     println!(
         "tokens benchmark: LLM_MAX_INPUT_TOKENS={}, MIN_MESSAGES_FOR_SUMMARY={min}; baseline = every message in full, two calls",
         settings.max_input_tokens

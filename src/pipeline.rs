@@ -117,7 +117,7 @@ impl Ingest {
         ctx: Context,
         shutdown: &CancellationToken,
     ) -> Result<Option<Ingest>, StoreError> {
-        let ttl = Duration::from_secs(ctx.cfg.leader_lease_seconds.into());
+        let ttl = Duration::from_secs(ctx.cfg.service.leader_lease_seconds.into());
         loop {
             match ctx.store.try_acquire_leader(&ctx.instance, ttl).await {
                 Ok(Some(fence)) => {
@@ -252,7 +252,7 @@ impl Ingest {
             self.tracker.tick(tick_time(batch, now));
         }
         let tcfg = *self.tracker.config();
-        let min = self.ctx.cfg.min_messages_for_summary;
+        let min = self.ctx.cfg.windows.min_messages_for_summary;
         let closed = self.tracker.drain_closed();
         applied.too_short += tx.close_windows(&tcfg, &closed, min).await?;
         applied.closed += closed.len();
@@ -396,7 +396,7 @@ pub async fn summarize_window(
             error: e.to_string(),
             delay: jittered(Duration::from_secs(5)),
             counts: false,
-            max_attempts: cfg.llm_max_attempts as i32,
+            max_attempts: cfg.llm.llm_max_attempts as i32,
         });
     }
     let ids = ctx.store.window_points(w.id).await?;
@@ -419,7 +419,7 @@ pub async fn summarize_window(
                 error: e.to_string(),
                 delay: jittered(Duration::from_secs(5)),
                 counts,
-                max_attempts: cfg.llm_max_attempts as i32,
+                max_attempts: cfg.llm.llm_max_attempts as i32,
             });
         }
     };
@@ -439,7 +439,7 @@ pub async fn summarize_window(
         })
         .collect::<Vec<_>>();
     let message_count = messages.len() as i32;
-    if (messages.len() as u32) < cfg.min_messages_for_summary {
+    if (messages.len() as u32) < cfg.windows.min_messages_for_summary {
         return Ok(WindowOutcome::TooShort { message_count });
     }
     // The window's bounds are its stored points' times (messages are sorted by time), not the events' times.
@@ -457,14 +457,14 @@ pub async fn summarize_window(
     let text_chars = input.text_chars();
     // Never call the LLM for a lease that is not ours any more: extend it right before the call (the heartbeat keeps
     // it while the call runs). A lost lease or a changed window is written as nothing (`finish_window` finds it stale).
-    let lease = Duration::from_secs(cfg.lease_seconds.into());
+    let lease = Duration::from_secs(cfg.service.lease_seconds.into());
     if !ctx.store.extend_lease(&ctx.instance, w, lease).await? {
         metrics::counter!("recap_window_leases_lost_total").increment(1);
         return Ok(WindowOutcome::Retry {
             error: "lease lost or window changed before the summarizer call".into(),
             delay: Duration::ZERO,
             counts: false,
-            max_attempts: cfg.llm_max_attempts as i32,
+            max_attempts: cfg.llm.llm_max_attempts as i32,
         });
     }
     match ctx.summarizer.summarize(&input).await {
@@ -482,14 +482,14 @@ pub async fn summarize_window(
             error: e,
             delay: jittered(Duration::from_secs(5)),
             counts: false,
-            max_attempts: cfg.llm_max_attempts as i32,
+            max_attempts: cfg.llm.llm_max_attempts as i32,
         }),
         Err(e @ (SummarizeError::Failed(_) | SummarizeError::Invalid(_))) => {
             Ok(WindowOutcome::Retry {
                 error: e.to_string(),
                 delay: retry_delay(w.attempts),
                 counts: true,
-                max_attempts: cfg.llm_max_attempts as i32,
+                max_attempts: cfg.llm.llm_max_attempts as i32,
             })
         }
     }
@@ -510,7 +510,7 @@ pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished,
                     error: format!("the result cannot be stored: {e}"),
                     delay: retry_delay(w.attempts),
                     counts: true,
-                    max_attempts: ctx.cfg.llm_max_attempts as i32,
+                    max_attempts: ctx.cfg.llm.llm_max_attempts as i32,
                 };
                 let finished = ctx.store.finish_window(&ctx.instance, &w, &retry).await?;
                 (retry, finished)
@@ -603,9 +603,9 @@ pub async fn drain_due(
     ctx: &Context,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<usize, StoreError> {
-    let lease = Duration::from_secs(ctx.cfg.lease_seconds.into());
-    let concurrency = ctx.cfg.llm_concurrency.max(1);
-    let limit = i64::from(ctx.cfg.enrichment_batch_size.max(1)).min(concurrency as i64);
+    let lease = Duration::from_secs(ctx.cfg.service.lease_seconds.into());
+    let concurrency = ctx.cfg.llm.llm_concurrency.max(1);
+    let limit = i64::from(ctx.cfg.sweep.enrichment_batch_size.max(1)).min(concurrency as i64);
     let heartbeat = Heartbeat::start(ctx, lease);
     let mut finished = 0usize;
     loop {
@@ -649,13 +649,13 @@ pub async fn drain_due(
 /// extended, and a window whose lease is no longer this worker's is not sent. While the summarizer is not ready (LLM
 /// circuit open, budget spent) nothing is claimed or fetched, with a jittered back-off that shutdown interrupts.
 pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let lease = Duration::from_secs(ctx.cfg.lease_seconds.into());
-    let batch = ctx.cfg.enrichment_batch_size.max(1) as usize;
-    let concurrency = ctx.cfg.llm_concurrency.max(1);
+    let lease = Duration::from_secs(ctx.cfg.service.lease_seconds.into());
+    let batch = ctx.cfg.sweep.enrichment_batch_size.max(1) as usize;
+    let concurrency = ctx.cfg.llm.llm_concurrency.max(1);
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let heartbeat = Arc::new(Heartbeat::start(&ctx, lease));
     let hard_stop = CancellationToken::new();
-    let grace = ctx.cfg.shutdown_grace;
+    let grace = ctx.cfg.service.shutdown_grace;
     {
         let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
         tokio::spawn(async move {

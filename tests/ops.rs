@@ -554,6 +554,7 @@ fn compose_wires_every_setting_recap_requires_to_a_service_in_the_file() {
 
     // NATS: configured, a service of this file, on the port the broker's config listens on
     let nats_url = cfg
+        .nats
         .nats_url
         .clone()
         .expect("NATS_URL is set (without it recap has no event stream)");
@@ -650,7 +651,7 @@ fn compose_wires_every_setting_recap_requires_to_a_service_in_the_file() {
     let postgres = services.get(pg_host).unwrap();
     let pg_env = environment(postgres);
     assert_eq!(Some(pg_db), pg_env.get("POSTGRES_DB").map(String::as_str));
-    if cfg.database_url.is_none() {
+    if cfg.postgres.database_url.is_none() {
         for k in ["POSTGRES_USER", "POSTGRES_PASSWORD"] {
             assert_eq!(
                 raw_env.get(k),
@@ -683,16 +684,20 @@ fn compose_wires_every_setting_recap_requires_to_a_service_in_the_file() {
 
     // the operations endpoint listens beyond the container's loopback, on the published port
     assert!(
-        cfg.http_addr.ip().is_unspecified(),
+        cfg.service.http_addr.ip().is_unspecified(),
         "HTTP_ADDR {} is not reachable from outside the container",
-        cfg.http_addr
+        cfg.service.http_addr
     );
     assert_ne!(
-        cfg.http_addr.port(),
+        cfg.service.http_addr.port(),
         9090,
         "HTTP_ADDR collides with Prometheus' own port 9090"
     );
-    let default_port = recap_config(&BTreeMap::new()).unwrap().http_addr.port();
+    let default_port = recap_config(&BTreeMap::new())
+        .unwrap()
+        .service
+        .http_addr
+        .port();
     assert_ne!(
         default_port, 9090,
         "the default HTTP_ADDR is Prometheus' port"
@@ -705,9 +710,9 @@ fn compose_wires_every_setting_recap_requires_to_a_service_in_the_file() {
         .filter_map(|p| p.rsplit(':').next()?.split('/').next()?.parse::<u16>().ok())
         .collect::<Vec<_>>();
     assert!(
-        published.contains(&cfg.http_addr.port()),
+        published.contains(&cfg.service.http_addr.port()),
         "recap's port {} is not published",
-        cfg.http_addr.port()
+        cfg.service.http_addr.port()
     );
     assert!(recap.get("healthcheck").is_some() || dockerfile().contains("HEALTHCHECK"));
 }
@@ -866,7 +871,9 @@ fn compose_passes_every_setting_pins_its_images_and_has_a_demo_profile() {
         let cfg = recap_config(&env)
             .unwrap_or_else(|e| panic!("{svc} with .env.example as .env: recap rejects it: {e}"));
         if svc == "recap" {
-            assert!(cfg.http_addr.ip().is_unspecified() && cfg.http_addr.port() != 9090);
+            assert!(
+                cfg.service.http_addr.ip().is_unspecified() && cfg.service.http_addr.port() != 9090
+            );
         }
     }
 

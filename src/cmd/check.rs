@@ -97,7 +97,7 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
         },
     }
     // NATS
-    match &cfg.nats_url {
+    match &cfg.nats.nats_url {
         None => out.push(line(
             true,
             "NATS: not configured (NATS_URL unset) — recap runs on the Qdrant sweep alone".into(),
@@ -141,16 +141,19 @@ pub async fn run_checks(cfg: &Config, llm: bool) -> Vec<Line> {
     }
     if llm {
         out.push(match super::llm_probe(cfg).await {
-            Ok(text) => line(true, format!("LLM {}: answered ({text})", cfg.llm_base_url)),
+            Ok(text) => line(
+                true,
+                format!("LLM {}: answered ({text})", cfg.llm.llm_base_url),
+            ),
             // a missing model names LLM_MODEL already; anything else points at the endpoint and the key
             Err(cause) if cause.contains("(LLM_MODEL)") => {
-                line(false, format!("LLM {}: {cause}", cfg.llm_base_url))
+                line(false, format!("LLM {}: {cause}", cfg.llm.llm_base_url))
             }
             Err(cause) => line(
                 false,
                 format!(
                     "LLM {}: {cause} — check LLM_BASE_URL and LLM_API_KEY/OPENROUTER_API_KEY",
-                    cfg.llm_base_url
+                    cfg.llm.llm_base_url
                 ),
             ),
         });

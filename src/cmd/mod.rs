@@ -149,7 +149,7 @@ pub async fn migrate_if_pending(store: &Store) -> anyhow::Result<bool> {
 
 pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
     let opts = cfg.pg_connect_options()?;
-    Store::connect(opts, cfg.db_max_connections)
+    Store::connect(opts, cfg.postgres.db_max_connections)
         .await
         .map_err(|e| {
             anyhow::anyhow!(
@@ -162,7 +162,7 @@ pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
 pub fn points(cfg: &Config) -> anyhow::Result<Arc<Points>> {
     Ok(Arc::new(Points::new(
         &cfg.qdrant_grpc_url(),
-        cfg.qdrant_api_key.as_ref().map(|k| k.expose()),
+        cfg.qdrant.qdrant_api_key.as_ref().map(|k| k.expose()),
         cfg.payload_mapping(),
     )?))
 }
@@ -170,12 +170,12 @@ pub fn points(cfg: &Config) -> anyhow::Result<Arc<Points>> {
 pub fn sweep_settings(cfg: &Config) -> crate::sweep::SweepSettings {
     let mapper = cfg.clone();
     crate::sweep::SweepSettings {
-        interval: std::time::Duration::from_secs(cfg.enrichment_interval_seconds),
-        lookback: std::time::Duration::from_secs(u64::from(cfg.lookback_days) * 86_400),
-        overlap: std::time::Duration::from_secs(cfg.sweep_overlap_seconds.into()),
-        page_size: cfg.sweep_page_size,
+        interval: std::time::Duration::from_secs(cfg.sweep.enrichment_interval_seconds),
+        lookback: std::time::Duration::from_secs(u64::from(cfg.sweep.lookback_days) * 86_400),
+        overlap: std::time::Duration::from_secs(cfg.sweep.sweep_overlap_seconds.into()),
+        page_size: cfg.sweep.sweep_page_size,
         bot_for_collection: Arc::new(move |c: &str| mapper.bot_for_collection(c)),
-        create_index: cfg.sweep_create_index,
+        create_index: cfg.sweep.sweep_create_index,
         checkpoint_prefix: "sweep".into(),
     }
 }
@@ -183,19 +183,19 @@ pub fn sweep_settings(cfg: &Config) -> crate::sweep::SweepSettings {
 pub fn llm_settings(cfg: &Config) -> Option<crate::summarize::llm::LlmSettings> {
     let key = cfg.llm_api_key()?;
     Some(crate::summarize::llm::LlmSettings {
-        base_url: cfg.llm_base_url.clone(),
+        base_url: cfg.llm.llm_base_url.expose().to_owned(),
         api_key: key.expose().to_string(),
-        model: cfg.llm_model.clone(),
-        concurrency: cfg.llm_concurrency,
-        requests_per_second: cfg.llm_requests_per_second,
-        timeout: cfg.llm_timeout,
-        max_retries: cfg.llm_max_retries,
-        max_input_tokens: cfg.llm_max_input_tokens,
-        breaker_failures: cfg.llm_breaker_failures,
-        breaker_cooldown: cfg.llm_breaker_cooldown,
-        price_prompt_per_mtok: cfg.llm_price_prompt_per_mtok,
-        price_completion_per_mtok: cfg.llm_price_completion_per_mtok,
-        daily_budget_usd: cfg.llm_daily_budget_usd,
+        model: cfg.llm.llm_model.clone(),
+        concurrency: cfg.llm.llm_concurrency,
+        requests_per_second: cfg.llm.llm_requests_per_second,
+        timeout: cfg.llm.llm_timeout,
+        max_retries: cfg.llm.llm_max_retries,
+        max_input_tokens: cfg.llm.llm_max_input_tokens,
+        breaker_failures: cfg.llm.llm_breaker_failures,
+        breaker_cooldown: cfg.llm.llm_breaker_cooldown,
+        price_prompt_per_mtok: cfg.llm.llm_price_prompt_per_mtok,
+        price_completion_per_mtok: cfg.llm.llm_price_completion_per_mtok,
+        daily_budget_usd: cfg.llm.llm_daily_budget_usd,
         ..Default::default()
     })
 }
@@ -221,7 +221,7 @@ pub async fn summarizer(
         }
         llm = llm.with_ledger(Arc::new(ledger));
     }
-    Ok(match cfg.over_budget {
+    Ok(match cfg.llm.over_budget {
         crate::config::OverBudget::Extractive => Arc::new(BudgetFallback { llm }),
         crate::config::OverBudget::Wait => Arc::new(llm),
     })
@@ -252,7 +252,7 @@ pub async fn llm_probe(cfg: &Config) -> Result<String, String> {
     match crate::summarize::Summarizer::summarize(&llm, &window).await {
         Ok(s) => Ok(format!(
             "model {}, {} prompt tokens",
-            cfg.llm_model,
+            cfg.llm.llm_model,
             s.usage.map(|u| u.prompt_tokens).unwrap_or(0)
         )),
         Err(e) => {
@@ -261,8 +261,8 @@ pub async fn llm_probe(cfg: &Config) -> Result<String, String> {
                 return Err(format!(
                     "the model {:?} (LLM_MODEL) does not exist at this endpoint: set LLM_MODEL to a model it lists \
                      (GET {}/models) — {e}",
-                    cfg.llm_model,
-                    cfg.llm_base_url.trim_end_matches('/')
+                    cfg.llm.llm_model,
+                    cfg.llm.llm_base_url.redacted().trim_end_matches('/')
                 ));
             }
             Err(e)
@@ -290,17 +290,17 @@ fn model_not_found(error: &str) -> bool {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Run { mut cfg, no_nats } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             run::run(cfg, no_nats).await
         }
         Cmd::Check { mut cfg, llm } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             check::check(&cfg, llm).await
         }
         Cmd::Migrate { mut cfg } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             if migrate_if_pending(&connect_store(&cfg).await?).await? {
                 println!("migrations applied");
@@ -310,7 +310,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { mut cfg, json } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             status::status(&cfg, json).await
         }
@@ -319,7 +319,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             from,
             since,
         } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             let since = chrono::Utc::now() - chrono::TimeDelta::from_std(since)?;
             let n = connect_store(&cfg)
@@ -337,7 +337,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             from_seq,
             since,
         } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             let from = match (from_seq, since) {
                 (Some(seq), _) => crate::source::nats::ReplayFrom::Sequence(seq),
@@ -347,7 +347,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             replay::replay(cfg, from).await
         }
         Cmd::Sweep { mut cfg, once } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             if once {
                 sweep::sweep(cfg, None).await
@@ -356,10 +356,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Backfill { mut cfg, since } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             let since = since.unwrap_or(std::time::Duration::from_secs(
-                u64::from(cfg.lookback_days) * 86_400,
+                u64::from(cfg.sweep.lookback_days) * 86_400,
             ));
             sweep::sweep(cfg, Some(since)).await
         }
@@ -368,7 +368,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             all,
             window,
         } => {
-            init_logging(cfg.log_format);
+            init_logging(cfg.service.log_format);
             validated(&mut cfg)?;
             if !all && window.is_none() {
                 anyhow::bail!("say which windows: --all or --window ID");

@@ -15,7 +15,7 @@ use crate::source::nats::{NatsSource, ReplayFrom};
 
 pub async fn replay(cfg: Config, from: ReplayFrom) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if cfg.nats_url.is_none() {
+    if cfg.nats.nats_url.is_none() {
         anyhow::bail!("replay reads the JetStream stream: set NATS_URL");
     }
     let cfg = Arc::new(cfg);
@@ -31,7 +31,7 @@ pub async fn replay(cfg: Config, from: ReplayFrom) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     super::run::cancel_on_signal(shutdown.clone());
     // Replay feeds the tracker, so it needs the ingest lease: a running service must be stopped first.
-    let wait = Duration::from_secs(u64::from(cfg.leader_lease_seconds) * 3);
+    let wait = Duration::from_secs(u64::from(cfg.service.leader_lease_seconds) * 3);
     let mut ingest = match tokio::time::timeout(wait, Ingest::start(ctx, &shutdown)).await {
         Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
         Err(_) => {

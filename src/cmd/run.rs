@@ -71,7 +71,7 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
 
     let lag = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
-    let nats_client = match (&cfg.nats_url, no_nats) {
+    let nats_client = match (&cfg.nats.nats_url, no_nats) {
         (Some(_), false) => {
             let source = NatsSource::start(cfg.nats_settings()).await?;
             let client = source.client().clone();
@@ -117,16 +117,16 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         }
     };
     tasks.spawn(run_workers(ctx.clone(), shutdown.clone()));
-    if cfg.rollups {
+    if cfg.service.rollups {
         let rollups = crate::rollup::shell::Rollups {
             store: store.clone(),
             summarizer: ctx.summarizer.clone(),
             owner: ctx.instance.clone(),
             settings: crate::rollup::shell::RollupSettings {
-                interval: cfg.rollup_interval,
+                interval: cfg.service.rollup_interval,
                 // the window lease (LEASE_SECONDS): validated to outlast an LLM call
-                lease: Duration::from_secs(u64::from(cfg.lease_seconds)),
-                concurrency: cfg.llm_concurrency,
+                lease: Duration::from_secs(u64::from(cfg.service.lease_seconds)),
+                concurrency: cfg.llm.llm_concurrency,
                 ..Default::default()
             },
         };
@@ -139,20 +139,20 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
     let recall = crate::recall::api::RecallState::new(
         store.clone(),
         points.clone(),
-        cfg.recall_token.as_ref(),
+        cfg.service.recall_token.as_ref(),
     );
     let ready = crate::http::Readiness {
         store,
         points,
         nats: nats_client,
-        max_lag: cfg.ready_max_lag,
+        max_lag: cfg.service.ready_max_lag,
         lag,
     };
     let console = crate::console::Console::for_service(cfg.clone(), &ready);
     let router = crate::http::router(metrics, ready)
         .merge(crate::console::router(console))
         .merge(crate::recall::api::router(recall));
-    let (addr, stop) = (cfg.http_addr, shutdown.clone());
+    let (addr, stop) = (cfg.service.http_addr, shutdown.clone());
     tasks.spawn(async move {
         crate::http::serve(addr, router, stop)
             .await

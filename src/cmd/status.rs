@@ -7,7 +7,7 @@ use crate::config::Config;
 
 pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let store = super::connect_store(cfg).await?;
-    let consumer = match &cfg.nats_url {
+    let consumer = match &cfg.nats.nats_url {
         Some(_) => {
             let s = cfg.nats_settings();
             match tokio::time::timeout(

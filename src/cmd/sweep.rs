@@ -80,7 +80,7 @@ async fn points_to_read(ctx: &Context, since_secs: f64) -> u64 {
         .filter(|c| ctx.cfg.bot_for_collection(c).is_some())
     {
         let filter = Filter::must([Condition::range(
-            ctx.cfg.payload_timestamp_unix_field.clone(),
+            ctx.cfg.payload.payload_timestamp_unix_field.clone(),
             Range {
                 gte: Some(since_secs),
                 ..Default::default()
@@ -113,7 +113,7 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
     };
     let shutdown = CancellationToken::new();
     super::run::cancel_on_signal(shutdown.clone());
-    let wait = Duration::from_secs(u64::from(cfg.leader_lease_seconds) * 3);
+    let wait = Duration::from_secs(u64::from(cfg.service.leader_lease_seconds) * 3);
     let mut ingest = match tokio::time::timeout(wait, Ingest::start(ctx.clone(), &shutdown)).await {
         Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
         Err(_) => anyhow::bail!(

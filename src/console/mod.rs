@@ -45,7 +45,7 @@ impl Console {
         nats: Option<async_nats::Client>,
     ) -> Console {
         Console {
-            access: Access::new(cfg.console_token.as_ref(), cfg.http_addr),
+            access: Access::new(cfg.service.console_token.as_ref(), cfg.service.http_addr),
             store,
             points,
             nats,

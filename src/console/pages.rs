@@ -109,7 +109,9 @@ pub async fn charts(c: &Console) -> Result<Charts, StoreError> {
 /// The overview's HTML (also what `benches/console.rs` times).
 pub async fn overview_html(c: &Console, session: Option<&Session>) -> Result<String, StoreError> {
     let consumer = match &c.nats {
-        Some(n) => status::consumer_sample(n, &c.cfg.nats_stream, &c.cfg.nats_consumer).await,
+        Some(n) => {
+            status::consumer_sample(n, &c.cfg.nats.nats_stream, &c.cfg.nats.nats_consumer).await
+        }
         None => None,
     };
     let (snap, charts) = tokio::try_join!(status::snapshot(&c.store, consumer), charts(c))?;
@@ -159,6 +161,7 @@ fn render_overview(c: &Console, s: &Snapshot, ch: &Charts, session: Option<&Sess
         num(s.store.dead_letters),
         usd(s.store.llm_spend_today_usd),
         c.cfg
+            .llm
             .llm_daily_budget_usd
             .map(|b| format!(" of {}", usd(b)))
             .unwrap_or_default(),
@@ -175,6 +178,7 @@ fn render_overview(c: &Console, s: &Snapshot, ch: &Charts, session: Option<&Sess
         .collect();
     let budget = c
         .cfg
+        .llm
         .llm_daily_budget_usd
         .map(|v| (v, format!("daily budget {}", usd(v))));
     let _ = write!(

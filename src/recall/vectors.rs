@@ -304,7 +304,7 @@ pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
 
 /// The periodic repair pass of `recap run`.
 pub async fn run_repair(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let every = ctx.cfg.recall_repair_interval;
+    let every = ctx.cfg.service.recall_repair_interval;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
