@@ -37,6 +37,8 @@
 //! it); `recap_llm_latency_seconds` (histogram, per HTTP attempt).
 //! The API key is never logged and never put into an error.
 //!
+//! [`CreateChatCompletionRequest`]: async_openai::types::chat::CreateChatCompletionRequest
+//!
 //! # Files
 //! `mod.rs` settings, the summarizer and its window flow (call, parse, one repair); `prompt.rs` the prompt text;
 //! `mmr.rs` the selection under the token budget; `call.rs` the request, HTTP attempts, retries and response;
