@@ -33,7 +33,7 @@ use qdrant_client::qdrant::{
 };
 use recap::pipeline::{Ingest, now_ms};
 use recap::source::Batch;
-use recap::sweep::{SweepSource, sweep_once};
+use recap::source::sweep::{SweepSource, sweep_once};
 use recap::tracker::Tracker;
 use tokio_util::sync::CancellationToken;
 
@@ -206,7 +206,7 @@ async fn setup(
 ) -> (
     recap::config::Config,
     recap::sink::Store,
-    recap::sweep::SweepSettings,
+    recap::source::sweep::SweepSettings,
     String,
 ) {
     let (db_url, db_name) = fresh_db(admin).await;
@@ -250,7 +250,7 @@ async fn set_checkpoint(
 async fn recap_sweep(
     points: Arc<recap::fetch::Points>,
     store: recap::sink::Store,
-    settings: recap::sweep::SweepSettings,
+    settings: recap::source::sweep::SweepSettings,
     cfg: &recap::config::Config,
 ) -> (u64, usize, usize) {
     let mut source = SweepSource::new(points, store, settings);
@@ -273,7 +273,7 @@ async fn recap_sweep(
 async fn recap_sweep_source_only(
     points: Arc<recap::fetch::Points>,
     store: recap::sink::Store,
-    settings: recap::sweep::SweepSettings,
+    settings: recap::source::sweep::SweepSettings,
 ) -> u64 {
     let mut source = SweepSource::new(points, store, settings);
     let report = sweep_once(&mut source, async |_b: &Batch| Ok::<(), std::io::Error>(()))
@@ -287,8 +287,8 @@ async fn recap_sweep_ingest(
     cfg: &recap::config::Config,
     store: &recap::sink::Store,
     points: Arc<recap::fetch::Points>,
-    settings: recap::sweep::SweepSettings,
-) -> recap::sweep::SweepReport {
+    settings: recap::source::sweep::SweepSettings,
+) -> recap::source::sweep::SweepReport {
     let ctx = common::context(
         cfg,
         store,

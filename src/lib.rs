@@ -3,7 +3,7 @@
 //! # Layout
 //! Data flows one way: [`source`] -> [`tracker`] -> [`fetch`] -> [`summarize`] -> [`sink`].
 //! * [`event`]: the `message stored` wire type and its validation (the contract in `nats/README.md`).
-//! * [`source`]: JetStream events ([`source::nats`]); the Qdrant sweep lives in `sweep`.
+//! * [`source`]: JetStream events ([`source::nats`]) and the Qdrant sweep ([`source::sweep`]).
 //! * [`tracker`]: the pure window state machine (no IO, no clock).
 //! * [`fetch`]: a window's points from Qdrant, mapped from the bots' payloads.
 //! * [`summarize`]: the `Summarizer` trait, extractive and LLM implementations.
@@ -30,5 +30,4 @@ pub mod sink;
 pub mod source;
 pub mod status;
 pub mod summarize;
-pub mod sweep;
 pub mod tracker;

@@ -29,9 +29,13 @@
 //!   string) — the order the windows are drained in — and each key state knows its heap position, so a changed
 //!   close time is a sift, not a remove + insert.
 
+mod heap;
+
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
+
+use heap::{heap_pop, heap_update, sift_up};
 
 /// Milliseconds since the Unix epoch, UTC.
 pub type Millis = i64;
@@ -288,89 +292,6 @@ pub fn effective_time(ts: Millis, now: Millis) -> Millis {
 /// small is cheap), then half again (8, 12, 18, 27, ...), where doubling would waste up to half the vector.
 fn grown(cap: usize) -> usize {
     if cap < 8 { cap + 1 } else { cap + cap / 2 }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Deadline heap: a binary min-heap per bot; every move updates the key's `heap_pos`.
-
-/// Heap order: close time, then user id string (unique within a bot's heap).
-#[inline]
-fn before(users: &[UserSlot], a: &HeapEntry, b: &HeapEntry) -> bool {
-    if a.deadline != b.deadline {
-        return a.deadline < b.deadline;
-    }
-    user_before(users, a, b)
-}
-
-/// The tie-break of [`before`]: equal close times are rare in session mode (millisecond times).
-#[cold]
-#[inline(never)]
-fn user_before(users: &[UserSlot], a: &HeapEntry, b: &HeapEntry) -> bool {
-    users[a.user as usize].name.as_deref() < users[b.user as usize].name.as_deref()
-}
-
-fn sift_up(heap: &mut [HeapEntry], slots: &mut [KeyState], users: &[UserSlot], mut i: usize) {
-    let e = heap[i];
-    while i > 0 {
-        let parent = (i - 1) / 2;
-        if !before(users, &e, &heap[parent]) {
-            break;
-        }
-        heap[i] = heap[parent];
-        slots[heap[i].slot as usize].heap_pos = i as u32;
-        i = parent;
-    }
-    heap[i] = e;
-    slots[e.slot as usize].heap_pos = i as u32;
-}
-
-fn sift_down(heap: &mut [HeapEntry], slots: &mut [KeyState], users: &[UserSlot], mut i: usize) {
-    let e = heap[i];
-    loop {
-        let left = 2 * i + 1;
-        if left >= heap.len() {
-            break;
-        }
-        let right = left + 1;
-        let child = if right < heap.len() && before(users, &heap[right], &heap[left]) {
-            right
-        } else {
-            left
-        };
-        if !before(users, &heap[child], &e) {
-            break;
-        }
-        heap[i] = heap[child];
-        slots[heap[i].slot as usize].heap_pos = i as u32;
-        i = child;
-    }
-    heap[i] = e;
-    slots[e.slot as usize].heap_pos = i as u32;
-}
-
-/// Sets the close time of the entry at `i` and restores the heap order.
-fn heap_update(
-    heap: &mut [HeapEntry],
-    slots: &mut [KeyState],
-    users: &[UserSlot],
-    i: usize,
-    deadline: Millis,
-) {
-    let old = std::mem::replace(&mut heap[i].deadline, deadline);
-    if deadline < old {
-        sift_up(heap, slots, users, i);
-    } else if deadline > old {
-        sift_down(heap, slots, users, i);
-    }
-}
-
-/// Removes the least entry.
-fn heap_pop(heap: &mut Vec<HeapEntry>, slots: &mut [KeyState], users: &[UserSlot]) {
-    let last = heap.pop().expect("non-empty heap");
-    if !heap.is_empty() {
-        heap[0] = last;
-        sift_down(heap, slots, users, 0);
-    }
 }
 
 impl Tracker {

@@ -13,8 +13,8 @@ use common::*;
 use recap::config::Config;
 use recap::pipeline::{Context, Ingest, now_ms};
 use recap::sink::NewMessage;
+use recap::source::sweep::{SweepSettings, SweepSource};
 use recap::source::{Batch, Source};
-use recap::sweep::{SweepSettings, SweepSource};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

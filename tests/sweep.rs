@@ -18,8 +18,8 @@ use qdrant_client::qdrant::{
 };
 use recap::fetch::{PayloadMapping, Points};
 use recap::sink::{Fence, MIGRATOR, Store, StoreError};
+use recap::source::sweep::{BotForCollection, SweepReport, SweepSettings, SweepSource, sweep_once};
 use recap::source::{Batch, Source};
-use recap::sweep::{BotForCollection, SweepReport, SweepSettings, SweepSource, sweep_once};
 use recap::tracker::{Tracker, TrackerConfig};
 use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;

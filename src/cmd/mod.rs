@@ -167,9 +167,9 @@ pub fn points(cfg: &Config) -> anyhow::Result<Arc<Points>> {
     )?))
 }
 
-pub fn sweep_settings(cfg: &Config) -> crate::sweep::SweepSettings {
+pub fn sweep_settings(cfg: &Config) -> crate::source::sweep::SweepSettings {
     let mapper = cfg.clone();
-    crate::sweep::SweepSettings {
+    crate::source::sweep::SweepSettings {
         interval: std::time::Duration::from_secs(cfg.sweep.enrichment_interval_seconds),
         lookback: std::time::Duration::from_secs(u64::from(cfg.sweep.lookback_days) * 86_400),
         overlap: std::time::Duration::from_secs(cfg.sweep.sweep_overlap_seconds.into()),

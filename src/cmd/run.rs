@@ -90,7 +90,7 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
                 }
                 Ok(())
             });
-            let sweep = crate::sweep::SweepSource::new(
+            let sweep = crate::source::sweep::SweepSource::new(
                 points.clone(),
                 store.clone(),
                 super::sweep_settings(&cfg),
@@ -106,7 +106,7 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
             info!("NATS_URL not set (or --no-nats): running on the Qdrant sweep alone");
             tasks.spawn(run_ingest(
                 ctx.clone(),
-                crate::sweep::SweepSource::new(
+                crate::source::sweep::SweepSource::new(
                     points.clone(),
                     store.clone(),
                     super::sweep_settings(&cfg),

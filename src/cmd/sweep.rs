@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::pipeline::{Context, Ingest, drain_due, now_ms};
-use crate::sweep::{SweepSource, sweep_once};
+use crate::source::sweep::{SweepSource, sweep_once};
 
 /// A progress bar on a terminal, log lines (at most one every 5 s) otherwise.
 struct Progress {

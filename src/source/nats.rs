@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use futures::{FutureExt, StreamExt};
 
-use super::{Batch, Source, SourceError};
+use super::batch::{Batch, Source, SourceError};
 use crate::event::StoredEvent;
 use crate::sink::{DeadLetter, NewMessage};
 

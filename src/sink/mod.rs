@@ -1,0 +1,271 @@
+//! Sink stage: everything recap keeps in PostgreSQL, and the transactions that make its effects atomic.
+//!
+//! Two transactions carry all state changes:
+//! * [`IngestTx`]: one per source batch — new messages (de-duplicated by point id), the windows the tracker closed,
+//!   watermarks, dead letters and the source position commit together, fenced by the leader epoch. The source
+//!   acknowledges its messages only after [`IngestTx::commit`] returned.
+//! * [`Store::finish_window`]: one per window — the summary row (an upsert on the window key), the window's coverage,
+//!   revision and new state commit together, and only while the worker still holds the window's lease and the window's
+//!   messages are the ones it summarized.
+//!
+//! Files: `mod.rs` the shared types, errors and the connection (pool, migrations); `ingest.rs` the leader lease, the
+//! tracker state and [`IngestTx`]; `windows.rs` claiming, leases and [`Store::finish_window`]; `status.rs` what
+//! `status`, `retry` and `resummarize` read and change.
+
+mod ingest;
+mod status;
+mod windows;
+
+pub use ingest::{IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::summarize::Summary;
+use crate::tracker::Millis;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Below this many windows `done` is counted exactly; above, it is estimated (see [`Store::window_states`]).
+pub const DONE_EXACT_BELOW: i64 = 200_000;
+
+/// `enrichment_version` written on every row: recap's version.
+pub const ENRICHMENT_VERSION: &str = concat!("recap-", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("this replica is no longer the ingest leader (epoch {0})")]
+    LostLeadership(i64),
+    #[error("internal error: {0}")]
+    Invariant(&'static str),
+}
+
+impl StoreError {
+    /// True when the database could not be reached or the connection broke (wait and retry, do not dead-letter).
+    pub fn is_connection(&self) -> bool {
+        match self {
+            StoreError::Db(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08"))
+            }
+            _ => false,
+        }
+    }
+
+    /// True for an error the same write will hit again (SQLSTATE class 22, data exception: a NUL in text, a value too
+    /// long for its column; class 23, integrity constraint violation): retrying it as it is can never succeed.
+    pub fn is_repeatable(&self) -> bool {
+        match self {
+            StoreError::Db(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
+    }
+}
+
+pub fn to_utc(ms: Millis) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// One message entering the tracker from a source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub bot: String,
+    pub user_id: String,
+    pub point_id: String,
+    pub ts_ms: Millis,
+}
+
+/// Input recap could not use.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub source: &'static str,
+    pub subject: Option<String>,
+    pub stream_seq: Option<u64>,
+    pub raw: Vec<u8>,
+    pub reason: String,
+}
+
+/// The proof that this replica holds the ingest lease.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub owner: String,
+    pub epoch: i64,
+    pub ttl: Duration,
+}
+
+/// A due window claimed by a worker.
+#[derive(Debug, Clone)]
+pub struct ClaimedWindow {
+    pub id: i64,
+    pub bot: String,
+    pub user_id: String,
+    pub start_ms: Millis,
+    pub end_ms: Millis,
+    pub version: i32,
+    pub revision: i32,
+    pub attempts: i32,
+    pub summary_id: Option<i32>,
+    /// When the window was (last) closed: the start of the close-to-row latency.
+    pub closed_at_ms: Millis,
+}
+
+/// What a worker did with a claimed window.
+#[derive(Debug, Clone)]
+pub enum WindowOutcome {
+    Summarized {
+        summary: Summary,
+        /// Point ids the summary covers (all of the window's messages after filtering).
+        covered: Vec<String>,
+        /// Points found in Qdrant for the window that no event or sweep had reported: recorded so they are not
+        /// counted again as late messages.
+        extra: Vec<NewMessage>,
+        message_count: i32,
+        text_chars: usize,
+        /// The window's first and last stored message times (the row's start and end).
+        span: (Millis, Millis),
+        /// The window's summary vector (normalized centroid of its `content` vectors), see `recall::vectors`.
+        centroid: Option<Vec<f32>>,
+    },
+    TooShort {
+        message_count: i32,
+    },
+    /// Try again after `delay`; `counts` says whether this failure counts against LLM_MAX_ATTEMPTS.
+    Retry {
+        error: String,
+        delay: Duration,
+        counts: bool,
+        max_attempts: i32,
+    },
+}
+
+/// A source position as `recap status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointRow {
+    pub name: String,
+    pub position: f64,
+    pub points_read: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What `recap status` reports from the store.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusReport {
+    pub windows: Vec<(String, i64)>,
+    /// `done` in `windows` is an estimate (a large table; see [`Store::window_states`]).
+    pub windows_done_estimated: bool,
+    pub oldest_due: Option<DateTime<Utc>>,
+    pub dead_letters: i64,
+    pub open_messages: i64,
+    pub llm_spend_today_usd: f64,
+    pub checkpoints: Vec<CheckpointRow>,
+}
+
+/// How a finish attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    Done,
+    TooShort,
+    Retrying,
+    Dead,
+    /// The window changed (a late message) or the lease was lost: nothing written, it will be done again.
+    Stale,
+}
+
+/// A stable fingerprint of the point ids a summary covers (FNV-1a over the sorted ids).
+pub fn coverage_fingerprint(ids: &[String]) -> String {
+    let mut sorted: Vec<&str> = ids.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in sorted {
+        for b in id.as_bytes().iter().chain(std::iter::once(&0u8)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// Postgres access for all of recap.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects lazily-checked: returns once one connection works.
+    pub async fn connect(
+        opts: PgConnectOptions,
+        max_connections: u32,
+    ) -> Result<Store, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await?;
+        Ok(Store { pool })
+    }
+
+    /// A store over a pool that connects on first use (for `/readyz` and a service that starts before Postgres).
+    pub fn connect_lazy(opts: PgConnectOptions, max_connections: u32) -> Store {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(opts);
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether any of recap's migrations is not applied yet (also when `_sqlx_migrations` does not exist). Needs
+    /// only SELECT on `_sqlx_migrations`.
+    pub async fn migrations_pending(&self) -> Result<bool, StoreError> {
+        let applied: Vec<i64> =
+            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(v) => v,
+                // 42P01 undefined_table: a database recap never migrated
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            };
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .any(|m| !applied.contains(&m.version)))
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

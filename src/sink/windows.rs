@@ -1,0 +1,328 @@
+//! The window side: claiming due windows under a lease, extending and releasing leases, and finishing a window
+//! (the summary upsert and the window's new state in one transaction).
+
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::ingest::insert_messages;
+use super::{
+    ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome,
+    coverage_fingerprint, to_utc,
+};
+use crate::summarize::Summary;
+
+impl Store {
+    // ---- windows ----------------------------------------------------------------------------------------------
+
+    /// Claims up to `limit` due windows for `owner` for `lease`.
+    pub async fn claim_due(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<ClaimedWindow>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
+             FROM (SELECT id FROM recap_windows
+                   WHERE state = 'due' AND (not_before IS NULL OR not_before <= now())
+                     AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
+             WHERE w.id = c.id
+             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
+                       w.closed_at",
+        )
+        .bind(owner)
+        .bind(lease.as_millis() as f64)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ClaimedWindow {
+                id: r.get(0),
+                bot: r.get(1),
+                user_id: r.get(2),
+                start_ms: r.get::<DateTime<Utc>, _>(3).timestamp_millis(),
+                end_ms: r.get::<DateTime<Utc>, _>(4).timestamp_millis(),
+                version: r.get(5),
+                revision: r.get(6),
+                attempts: r.get(7),
+                summary_id: r.get(8),
+                closed_at_ms: r.get::<DateTime<Utc>, _>(9).timestamp_millis(),
+            })
+            .collect())
+    }
+
+    /// The point ids assigned to a window.
+    pub async fn window_points(&self, window_id: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT point_id FROM recap_messages WHERE window_id = $1 ORDER BY ts, point_id",
+        )
+        .bind(window_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Gives back every lease `owner` holds (graceful shutdown).
+    pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        let r = sqlx::query("UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 AND state = 'due'")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Extends the lease of a window this worker claimed, right before an LLM call: `false` when the lease is no
+    /// longer `owner`'s (another replica claimed the window after it expired), the window is no longer due, or its
+    /// messages changed since the claim (the summary would be thrown away). Nothing may be called for it then.
+    pub async fn extend_lease(
+        &self,
+        owner: &str,
+        w: &ClaimedWindow,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE recap_windows SET lease_until = now() + $4 * interval '1 millisecond'
+             WHERE id = $1 AND lease_owner = $2 AND version = $3 AND state = 'due'",
+        )
+        .bind(w.id)
+        .bind(owner)
+        .bind(w.version)
+        .bind(lease.as_millis() as f64)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Renews the leases `owner` holds on `ids` (the worker's heartbeat); returns the ids still held.
+    pub async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held = sqlx::query_scalar(
+            "UPDATE recap_windows SET lease_until = now() + $3 * interval '1 millisecond'
+             WHERE id = ANY($1) AND lease_owner = $2 AND state = 'due' RETURNING id",
+        )
+        .bind(ids)
+        .bind(owner)
+        .bind(lease.as_millis() as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(held)
+    }
+
+    /// Writes a worker's result for a window in one transaction (see the module docs).
+    pub async fn finish_window(
+        &self,
+        owner: &str,
+        w: &ClaimedWindow,
+        outcome: &WindowOutcome,
+    ) -> Result<Finished, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT version, lease_owner, state, start_ts, end_ts FROM recap_windows WHERE id = $1 FOR UPDATE")
+            .bind(w.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let version: i32 = row.get(0);
+        let lease_owner: Option<String> = row.get(1);
+        let state: String = row.get(2);
+        if lease_owner.as_deref() != Some(owner) || state != "due" {
+            return Ok(Finished::Stale);
+        }
+        if version != w.version {
+            sqlx::query(
+                "UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE id = $1",
+            )
+            .bind(w.id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Finished::Stale);
+        }
+        let finished = match outcome {
+            WindowOutcome::Summarized {
+                summary,
+                covered,
+                extra,
+                message_count,
+                text_chars,
+                span,
+                ..
+            } => {
+                // The row's bounds are the stored points' times; the window keeps its tracker bounds.
+                let (start, end) = (to_utc(span.0), to_utc(span.1));
+                insert_messages(&mut tx, extra, Some(w.id)).await?;
+                let coverage = coverage_fingerprint(covered);
+                let revision = w.revision + 1;
+                let summary_id = upsert_summary(
+                    &mut tx,
+                    w,
+                    start.naive_utc(),
+                    end.naive_utc(),
+                    summary,
+                    *message_count,
+                    *text_chars,
+                    revision,
+                    &coverage,
+                )
+                .await?;
+                sqlx::query(
+                    "UPDATE recap_windows SET state = 'done', revision = $2, summary_id = $3, coverage = $4, attempts = 0,
+                        message_count = $5, lease_owner = NULL, lease_until = NULL, last_error = NULL, updated_at = now()
+                     WHERE id = $1",
+                )
+                .bind(w.id)
+                .bind(revision)
+                .bind(summary_id)
+                .bind(&coverage)
+                .bind(*message_count)
+                .execute(&mut *tx)
+                .await?;
+                Finished::Done
+            }
+            WindowOutcome::TooShort { message_count } => {
+                sqlx::query(
+                    "UPDATE recap_windows SET state = 'too_short', message_count = $2, lease_owner = NULL, lease_until = NULL,
+                        updated_at = now() WHERE id = $1",
+                )
+                .bind(w.id)
+                .bind(*message_count)
+                .execute(&mut *tx)
+                .await?;
+                Finished::TooShort
+            }
+            WindowOutcome::Retry {
+                error,
+                delay,
+                counts,
+                max_attempts,
+            } => {
+                let attempts = w.attempts + i32::from(*counts);
+                let dead = *counts && attempts >= *max_attempts;
+                sqlx::query(
+                    "UPDATE recap_windows SET state = $2, attempts = $3, last_error = $4,
+                        not_before = now() + $5 * interval '1 millisecond', lease_owner = NULL, lease_until = NULL,
+                        updated_at = now() WHERE id = $1",
+                )
+                .bind(w.id)
+                .bind(if dead { "dead" } else { "due" })
+                .bind(attempts)
+                .bind(truncate(&error.replace('\0', ""), 2000))
+                .bind(delay.as_millis() as f64)
+                .execute(&mut *tx)
+                .await?;
+                if dead {
+                    Finished::Dead
+                } else {
+                    Finished::Retrying
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(finished)
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upsert_summary(
+    tx: &mut Transaction<'_, Postgres>,
+    w: &ClaimedWindow,
+    start: NaiveDateTime,
+    end: NaiveDateTime,
+    s: &Summary,
+    message_count: i32,
+    text_chars: usize,
+    revision: i32,
+    coverage: &str,
+) -> Result<i32, StoreError> {
+    let compression = text_chars as f64 / s.text.chars().count().max(1) as f64;
+    let usage = s.usage.as_ref();
+    let model = usage.map(|u| u.model.clone());
+    let prompt = usage.map(|u| u.prompt_tokens as i32);
+    let completion = usage.map(|u| u.completion_tokens as i32);
+    let latency = usage.map(|u| u.latency_ms as i32);
+    let cost = usage.and_then(|u| u.cost_usd);
+    // strict in what is stored: Postgres rejects NUL in text (a summarizer should have removed it already)
+    let clean = |t: &str| t.replace('\0', "");
+    let model = model.map(|m| clean(&m));
+    let topics: Vec<String> = s.key_topics.iter().map(|t| clean(t)).collect();
+    let text = clean(&s.text);
+    let bind_all = |sql: &'static str| {
+        sqlx::query(sql)
+            .bind(w.user_id.clone())
+            .bind(w.bot.clone())
+            .bind(text.clone())
+            .bind(start)
+            .bind(end)
+            .bind(message_count)
+            .bind(topics.clone())
+            .bind(clean(&s.emotional_tone))
+            .bind(compression)
+            .bind(s.confidence)
+            .bind(ENRICHMENT_VERSION)
+            .bind(revision)
+            .bind(s.kind.as_str())
+            .bind(model.clone())
+            .bind(prompt)
+            .bind(completion)
+            .bind(latency)
+            .bind(cost)
+            .bind(coverage.to_string())
+    };
+    // A window that already has a row keeps it (its start/end may have moved with a late message).
+    if let Some(id) = w.summary_id
+        && let Some(r) = bind_all(UPDATE_SUMMARY_SQL)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+    {
+        return Ok(r.get(0));
+    }
+    let row = bind_all(UPSERT_SUMMARY_SQL).fetch_one(&mut **tx).await?;
+    Ok(row.get(0))
+}
+
+/// Parameters $1..$19 are shared with [`UPSERT_SUMMARY_SQL`]; $20 is the row id. `cost_usd` adds up over a window's
+/// revisions: it is what the window cost, not what its last summary cost.
+const UPDATE_SUMMARY_SQL: &str = "UPDATE conversation_summaries SET summary_text = $3, start_timestamp = $4,
+        end_timestamp = $5, message_count = $6, key_topics = $7, emotional_tone = $8, compression_ratio = $9,
+        confidence_score = $10, enrichment_version = $11, revision = $12, summarizer = $13, model = $14,
+        prompt_tokens = $15, completion_tokens = $16, llm_latency_ms = $17,
+        cost_usd = CASE WHEN $18::float8 IS NULL THEN cost_usd ELSE coalesce(cost_usd, 0) + $18 END, coverage = $19,
+        updated_at = now()
+     WHERE id = $20 AND user_id = $1 AND bot_name = $2
+     RETURNING id";
+
+/// Insert, or update the row with the same window key (e.g. a placeholder row the old worker wrote).
+const UPSERT_SUMMARY_SQL: &str =
+    "INSERT INTO conversation_summaries (user_id, bot_name, summary_text, summary_type, start_timestamp, end_timestamp,
+        message_count, key_topics, emotional_tone, compression_ratio, confidence_score, enrichment_version, revision,
+        summarizer, model, prompt_tokens, completion_tokens, llm_latency_ms, cost_usd, coverage, created_at, updated_at)
+     VALUES ($1, $2, $3, 'time_window', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, now(), now())
+     ON CONFLICT ON CONSTRAINT uq_conversation_summaries_window DO UPDATE SET
+        summary_text = EXCLUDED.summary_text, message_count = EXCLUDED.message_count, key_topics = EXCLUDED.key_topics,
+        emotional_tone = EXCLUDED.emotional_tone, compression_ratio = EXCLUDED.compression_ratio,
+        confidence_score = EXCLUDED.confidence_score, enrichment_version = EXCLUDED.enrichment_version,
+        revision = EXCLUDED.revision, summarizer = EXCLUDED.summarizer, model = EXCLUDED.model,
+        prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
+        llm_latency_ms = EXCLUDED.llm_latency_ms,
+        cost_usd = CASE WHEN EXCLUDED.cost_usd IS NULL THEN conversation_summaries.cost_usd
+                        ELSE coalesce(conversation_summaries.cost_usd, 0) + EXCLUDED.cost_usd END,
+        coverage = EXCLUDED.coverage,
+        updated_at = now()
+     RETURNING id";

@@ -1,0 +1,47 @@
+//! What every source hands out ([`Batch`]) and how it is driven ([`Source`]): the types `nats`, `sweep` and
+//! `hybrid` share. Each of them depends on this file; it depends on none of them.
+
+use std::future::Future;
+
+use crate::sink::{DeadLetter, NewMessage};
+
+/// One batch of input for one ingest transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub messages: Vec<NewMessage>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Events that are valid but not messages of any window (`conversation_pair`).
+    pub ignored: usize,
+    /// Source position to store with the batch: (checkpoint name, position, points read).
+    pub checkpoint: Option<(String, f64, i64)>,
+    /// The source has nothing more right now: the tracker may advance watermarks by the wall clock.
+    pub caught_up: bool,
+    /// With `caught_up`: the wall-clock time (ms) up to which the source has seen every message, when that is
+    /// earlier than now. The sweep's is the start of its last completed cycle (points written after it are unread);
+    /// `None` means now (events: nothing undelivered). Watermarks move to at most `horizon - lateness`.
+    pub horizon: Option<i64>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.dead_letters.is_empty() && self.ignored == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("qdrant: {0}")]
+    Qdrant(#[from] crate::fetch::FetchError),
+}
+
+/// A source of message batches.
+pub trait Source: Send {
+    /// The next batch (possibly empty, with `caught_up` set, after waiting a short while for input).
+    fn next_batch(&mut self) -> impl Future<Output = Result<Batch, SourceError>> + Send;
+    /// The last batch is committed: acknowledge it.
+    fn commit(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// The last batch was not committed: it must come again.
+    fn abandon(&mut self) -> impl Future<Output = ()> + Send;
+}
