@@ -586,4 +586,22 @@ async fn forgetting_a_user_resets_the_leaders_open_state() {
             .await
             .unwrap();
     assert_eq!(stored, 1, "the forgotten user's old messages came back");
+    // the bot's collection still holds the old messages: read again (sweep overlap, replay) they are not new
+    let old = msg("b", "gone", t - 10 * SEC);
+    let again = ing.apply(&batch(vec![old]), t + 7 * SEC).await.unwrap();
+    assert_eq!(again.new, 0, "a forgotten message came back: {again:?}");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE user_id = 'gone'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1);
+    let tombstone: String = sqlx::query_scalar("SELECT user_key FROM recap_forgotten")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        !tombstone.contains("gone"),
+        "the tombstone holds the user id"
+    );
 }

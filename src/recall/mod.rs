@@ -14,7 +14,6 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use crate::sink::{Store, StoreError};
@@ -206,8 +205,7 @@ pub fn rrf(rankings: &[Vec<i32>], k: f64) -> Vec<(i32, f64)> {
 
 /// A short, non-reversible tag for a user in logs (never the id in clear text).
 pub fn user_tag(bot: &str, user_id: &str) -> String {
-    let d = Sha256::digest(format!("{bot}\u{0}{user_id}").as_bytes());
-    d.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    crate::sink::user_key(bot, user_id)[..12].to_string()
 }
 
 /// What forgetting a user deleted, per table.
@@ -247,6 +245,16 @@ pub async fn forget_rows(store: &Store, bot: &str, user_id: &str) -> Result<Dele
     sqlx::query("UPDATE recap_leader SET epoch = epoch + 1 WHERE id = 1")
         .execute(&mut *tx)
         .await?;
+    // The bots' collections keep the user's points: the sweep's overlap, a backfill or a replay would read them again.
+    // The tombstone makes ingest skip every message of theirs stored until now (`sink::user_key`, never the id).
+    sqlx::query(
+        "INSERT INTO recap_forgotten (bot_name, user_key, forgotten_at) VALUES ($1, $2, now())
+         ON CONFLICT (bot_name, user_key) DO UPDATE SET forgotten_at = now()",
+    )
+    .bind(bot)
+    .bind(crate::sink::user_key(bot, user_id))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(deleted)
 }

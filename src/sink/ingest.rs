@@ -137,9 +137,17 @@ pub(super) async fn insert_messages(
     let ids: Vec<&str> = msgs.iter().map(|m| m.point_id.as_str()).collect();
     let users: Vec<&str> = msgs.iter().map(|m| m.user_id.as_str()).collect();
     let ts: Vec<DateTime<Utc>> = msgs.iter().map(|m| to_utc(m.ts_ms)).collect();
+    let keys: Vec<String> = msgs
+        .iter()
+        .map(|m| super::user_key(&m.bot, &m.user_id))
+        .collect();
+    // A message of a forgotten user stored before the forget is not new (migration 0009).
     let rows = sqlx::query(
         "INSERT INTO recap_messages (bot_name, point_id, user_id, ts, window_id)
-         SELECT b, p, u, t, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS x(b, p, u, t)
+         SELECT b, p, u, t, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $6::text[])
+             AS x(b, p, u, t, k)
+         WHERE NOT EXISTS (
+             SELECT 1 FROM recap_forgotten f WHERE f.bot_name = x.b AND f.user_key = x.k AND x.t <= f.forgotten_at)
          ON CONFLICT (bot_name, point_id) DO NOTHING
          RETURNING bot_name, point_id",
     )
@@ -148,6 +156,7 @@ pub(super) async fn insert_messages(
     .bind(&users)
     .bind(&ts)
     .bind(window)
+    .bind(&keys)
     .fetch_all(&mut **tx)
     .await?;
     let inserted: std::collections::HashSet<(String, String)> =

@@ -269,3 +269,10 @@ impl Store {
         Ok(())
     }
 }
+
+/// The key of a (bot, user) in `recap_forgotten`: a SHA-256 of both, hex (never the user id in clear text).
+pub fn user_key(bot: &str, user_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("{bot}\u{0}{user_id}").as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
