@@ -346,6 +346,10 @@ async fn every_window_once_at_live_timing_in_every_mode() {
             },
             o.freshness_ms.len()
         );
+        // the same figures as `scripts/bench` reads them (benches/common's `emit` format)
+        let mode = format!("{:?}", o.mode).to_lowercase();
+        println!("BENCH\tfreshness_{mode}_median_ms\t{med:.3}\tms");
+        println!("BENCH\tfreshness_{mode}_max_ms\t{max:.3}\tms");
         // event mode: within lateness + 5 s of the deadline; sweep-only: one sweep interval more
         let bound = match o.mode {
             Mode::Events | Mode::Hybrid => t.lateness_s * 1000 + 5000,
