@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Context, now_ms, restore_tracker};
+use super::{Context, loop_backoff, now_ms, restore_tracker, sleep_or_shutdown};
 use crate::sink::{DeadLetter, Fence, NewMessage, Store, StoreError};
 use crate::source::{Batch, Source};
 use crate::tracker::{Observed, Tracker};
@@ -225,21 +225,53 @@ impl Ingest {
     }
 }
 
+/// How the ingest loop waits and retries: a jittered exponential back-off between `backoff_min` and `backoff_max`
+/// while the source or Postgres is unavailable (shutdown ends any wait at once).
+#[derive(Debug, Clone)]
+pub struct IngestLoop {
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for IngestLoop {
+    fn default() -> Self {
+        IngestLoop {
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Runs ingest from `source` until `shutdown`: batches in, transactions committed, then acks.
 pub async fn run_ingest<S: Source>(
     ctx: Context,
-    mut source: S,
+    source: S,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(200);
+    run_ingest_with(ctx, source, shutdown, IngestLoop::default()).await
+}
+
+/// [`run_ingest`] with explicit loop settings (tests: a long back-off that shutdown must interrupt).
+pub async fn run_ingest_with<S: Source>(
+    ctx: Context,
+    mut source: S,
+    shutdown: CancellationToken,
+    opts: IngestLoop,
+) -> anyhow::Result<()> {
+    let new_backoff = || loop_backoff(opts.backoff_min, opts.backoff_max);
+    let mut backoff = new_backoff();
+    let next_wait =
+        move |b: &mut dyn Iterator<Item = Duration>| b.next().unwrap_or(opts.backoff_max);
     'lead: loop {
         let mut ingest = match Ingest::start(ctx.clone(), &shutdown).await {
             Ok(Some(i)) => i,
             Ok(None) => return Ok(()),
             Err(e) => {
-                warn!(error = %e, "cannot rebuild the tracker from Postgres; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = next_wait(&mut backoff);
+                warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot rebuild the tracker from Postgres; retrying");
+                if sleep_or_shutdown(&shutdown, wait).await {
+                    return Ok(());
+                }
                 continue 'lead;
             }
         };
@@ -263,15 +295,18 @@ pub async fn run_ingest<S: Source>(
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    warn!(error = %e, "source unavailable; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let wait = next_wait(&mut backoff);
+                    warn!(error = %e, wait_ms = wait.as_millis() as u64, "source unavailable; retrying");
+                    if sleep_or_shutdown(&shutdown, wait).await {
+                        ingest.release().await;
+                        return Ok(());
+                    }
                     continue;
                 }
             };
             match ingest.apply(&batch, now_ms()).await {
                 Ok(_) => {
-                    backoff = Duration::from_millis(200);
+                    backoff = new_backoff();
                     if let Err(e) = source.commit().await {
                         // Committed but not acknowledged: redelivery is a no-op in the store.
                         warn!(error = %e, "acknowledging the batch failed; it will be redelivered and skipped");
@@ -284,12 +319,11 @@ pub async fn run_ingest<S: Source>(
                 }
                 Err(e) => {
                     source.abandon().await;
-                    warn!(error = %e, "batch not committed; it will be redelivered");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                    let wait = next_wait(&mut backoff);
+                    warn!(error = %e, wait_ms = wait.as_millis() as u64, "batch not committed; it will be redelivered");
+                    if sleep_or_shutdown(&shutdown, wait).await {
+                        return Ok(());
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     if e.is_connection() {
                         continue 'lead;
                     }

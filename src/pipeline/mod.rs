@@ -22,7 +22,9 @@ use crate::summarize::Summarizer;
 use crate::tracker::{Tracker, TrackerConfig};
 
 pub use backoff::{jittered, loop_backoff, sleep_or_shutdown};
-pub use ingest::{Applied, Ingest, MAX_FUTURE_MS, renewing, run_ingest};
+pub use ingest::{
+    Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, run_ingest, run_ingest_with,
+};
 pub use workers::{drain_due, process_window, run_workers, summarize_window};
 
 /// Everything the loops share.
