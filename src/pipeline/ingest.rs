@@ -2,12 +2,13 @@
 //! each batch's closed windows stored in the same transaction before the source acknowledges.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Context, loop_backoff, now_ms, restore_tracker, sleep_or_shutdown};
+use super::{Clock, Context, SystemClock, loop_backoff, restore_tracker, sleep_or_shutdown};
 use crate::sink::{DeadLetter, Fence, NewMessage, Store, StoreError};
 use crate::source::{Batch, Source};
 use crate::tracker::{Observed, Tracker};
@@ -226,11 +227,14 @@ impl Ingest {
 }
 
 /// How the ingest loop waits and retries: a jittered exponential back-off between `backoff_min` and `backoff_max`
-/// while the source or Postgres is unavailable (shutdown ends any wait at once).
+/// while the source or Postgres is unavailable (shutdown ends any wait at once), and the clock it reads for the
+/// tracker.
 #[derive(Debug, Clone)]
 pub struct IngestLoop {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// The wall clock handed to [`Ingest::apply`]: the only place the ingest loop reads the time for the tracker.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for IngestLoop {
@@ -238,6 +242,7 @@ impl Default for IngestLoop {
         IngestLoop {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -304,7 +309,7 @@ pub async fn run_ingest_with<S: Source>(
                     continue;
                 }
             };
-            match ingest.apply(&batch, now_ms()).await {
+            match ingest.apply(&batch, opts.clock.now_ms()).await {
                 Ok(_) => {
                     backoff = new_backoff();
                     if let Err(e) = source.commit().await {

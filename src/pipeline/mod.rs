@@ -8,12 +8,11 @@
 //!   and finish each window in one transaction.
 
 mod backoff;
+mod clock;
 mod ingest;
 mod workers;
 
 use std::sync::Arc;
-
-use chrono::Utc;
 
 use crate::config::Config;
 use crate::fetch::Points;
@@ -22,6 +21,7 @@ use crate::summarize::Summarizer;
 use crate::tracker::{Tracker, TrackerConfig};
 
 pub use backoff::{jittered, loop_backoff, sleep_or_shutdown};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use ingest::{
     Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, run_ingest, run_ingest_with,
 };
@@ -43,8 +43,10 @@ impl Context {
     }
 }
 
+/// The system clock's time in ms (subcommands that apply batches once: `sweep --once`, `replay`). The ingest loop
+/// reads its [`Clock`] instead ([`IngestLoop::clock`]).
 pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
+    SystemClock.now_ms()
 }
 
 /// Rebuilds the tracker from the store: watermarks first, then the open messages.
