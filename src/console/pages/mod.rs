@@ -1,0 +1,138 @@
+//! The console's handlers: read, render, answer. SQL here is read-only except the retry, which is
+//! [`Store::retry_dead`](crate::sink::Store::retry_dead) (the same statement `recap retry` runs).
+//!
+//! One file per page: `overview`, `conversations` (a user's timeline), `window` (one window), `dead` (dead letters
+//! and their retry). Shared here: the error page, the `Server-Timing` header, login and logout.
+
+use std::time::{Duration, Instant};
+
+use axum::Extension;
+use axum::extract::{Form, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use super::auth::{self, Session};
+use super::view::{esc, page};
+use super::{Console, refuse_without_csrf};
+
+mod conversations;
+mod dead;
+mod overview;
+mod window;
+
+pub use conversations::conversations;
+pub use dead::{dead, retry};
+pub use overview::{overview, overview_html};
+pub use window::window;
+
+fn server_error(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "console: a page failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Html(page(
+            "error",
+            "",
+            None,
+            &format!(
+                r#"<p class="error">This page could not be read: {}</p>"#,
+                esc(&e.to_string())
+            ),
+        )),
+    )
+        .into_response()
+}
+
+fn with_server_time(mut resp: Response, t0: Instant) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "app;dur={:.1}",
+        t0.elapsed().as_secs_f64() * 1000.0
+    )) {
+        resp.headers_mut().insert("server-timing", v);
+    }
+    resp
+}
+
+// ------------------------------------------------------------------------------------------------ login
+
+pub fn login_page(error: Option<&str>) -> String {
+    let err = error
+        .map(|e| format!(r#"<p class="error">{}</p>"#, esc(e)))
+        .unwrap_or_default();
+    page(
+        "Log in",
+        "",
+        None,
+        &format!(
+            r#"<h1>Log in</h1>{err}<form method="post" action="/console/login" id="login"><label>console token <input type="password" name="token" id="token" autocomplete="current-password" size="40" autofocus></label> <button type="submit" id="login-button">Log in</button></form>
+<p class="muted">The token is the service's <code>CONSOLE_TOKEN</code>.</p>"#
+        ),
+    )
+}
+
+pub async fn login_form(session: Option<Extension<Session>>) -> Response {
+    match session {
+        Some(_) => Redirect::to("/console").into_response(),
+        None => (StatusCode::UNAUTHORIZED, Html(login_page(None))).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    token: Option<String>,
+}
+
+pub async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Response {
+    if !c.access.token_matches(f.token.as_deref().unwrap_or("")) {
+        tracing::warn!("console: a login with a wrong token");
+        // Slows down guessing a little (the token has at least 16 characters).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(login_page(Some("That is not the console token."))),
+        )
+            .into_response();
+    }
+    let s = c.sessions.create();
+    let mut resp = Redirect::to("/console").into_response();
+    if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(&s)) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+#[derive(Deserialize)]
+pub struct LogoutForm {
+    csrf: Option<String>,
+}
+
+pub async fn logout(
+    State(c): State<Console>,
+    session: Option<Extension<Session>>,
+    Form(f): Form<LogoutForm>,
+) -> Response {
+    if let Some(r) = refuse_without_csrf(session.as_deref(), f.csrf.as_deref()) {
+        return r;
+    }
+    if let Some(s) = session {
+        c.sessions.remove(&s.id);
+    }
+    let mut resp = Redirect::to("/console").into_response();
+    if let Ok(v) = HeaderValue::from_str(&auth::clear_cookie()) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+pub async fn not_found(session: Option<Extension<Session>>) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Html(page(
+            "not found",
+            "",
+            session.as_deref(),
+            "<p class=\"error\">No such page.</p>",
+        )),
+    )
+        .into_response()
+}
