@@ -196,6 +196,19 @@ impl Browser {
             .to_string()
     }
 
+    /// A DOM property of an element (e.g. `textContent`, which WebDriver's text leaves out for SVG titles).
+    async fn property(&self, el: &str, name: &str) -> String {
+        self.cmd(
+            reqwest::Method::GET,
+            &format!("/element/{el}/property/{name}"),
+            None,
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
     async fn text_of(&self, css: &str) -> String {
         let el = self.find(css).await;
         self.text(&el).await
@@ -451,7 +464,14 @@ async fn console_in_a_real_browser() {
     );
     assert_ne!(spend, "$0", "the LLM test server's calls cost something");
     assert!(!b.find_all("#chart-hourly rect").await.is_empty());
-    assert_eq!(b.find_all("#chart-spend rect").await.len(), 14);
+    let bars = b.find_all("#chart-spend rect").await;
+    assert_eq!(bars.len(), 14);
+    // today's bar is the spend ledger's figure, the one the snapshot shows
+    let today = b.property(&bars[13], "textContent").await;
+    assert!(
+        today.ends_with(&format!(": {spend}")),
+        "today's spend bar {today:?}, snapshot {spend}"
+    );
     assert_eq!(
         b.find_all("#chart-spend .limit").await.len(),
         1,

@@ -15,8 +15,9 @@ use crate::console::view::{age, bar_chart, esc, num, page, table, ts, usd};
 use crate::sink::StoreError;
 use crate::status::{self, Snapshot};
 
-/// Summaries written per hour (last 48 hours) and LLM spend per UTC day (last 14 days), from the summary rows'
-/// `updated_at` (index `idx_conversation_summaries_updated`). Today's spend is the snapshot's figure.
+/// Summaries written per hour (last 48 hours, from the summary rows' `updated_at`, index
+/// `idx_conversation_summaries_updated`) and LLM spend per UTC day (last 14 days) from the spend ledger the daily budget
+/// is kept in (`recap_llm_spend`, the figure `recap status` and `/metrics` show for today).
 pub struct Charts {
     pub per_hour: Vec<(NaiveDateTime, i64)>,
     pub spend_per_day: Vec<(chrono::NaiveDate, f64)>,
@@ -37,8 +38,7 @@ pub async fn charts(c: &Console) -> Result<Charts, StoreError> {
     .await?;
     let day0 = now.date() - chrono::TimeDelta::days(13);
     let days: Vec<(NaiveDateTime, f64)> = sqlx::query_as(
-        "SELECT date_trunc('day', updated_at), coalesce(sum(cost_usd), 0)::float8 FROM conversation_summaries
-         WHERE updated_at >= $1 GROUP BY 1",
+        "SELECT day::timestamp, spent_usd FROM recap_llm_spend WHERE day >= $1::date",
     )
     .bind(day0.and_hms_opt(0, 0, 0).unwrap_or_default())
     .fetch_all(pool)
