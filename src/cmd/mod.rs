@@ -167,6 +167,17 @@ pub fn points(cfg: &Config) -> anyhow::Result<Arc<Points>> {
     )?))
 }
 
+/// The pipeline context of a command that summarizes: the store, Qdrant, the configured summarizer, this instance.
+pub async fn context(cfg: &Arc<Config>, store: &Store) -> anyhow::Result<crate::pipeline::Context> {
+    Ok(crate::pipeline::Context {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        points: points(cfg)?,
+        summarizer: summarizer(cfg, Some(store)).await?,
+        instance: cfg.instance_id(),
+    })
+}
+
 pub fn sweep_settings(cfg: &Config) -> crate::source::sweep::SweepSettings {
     let mapper = cfg.clone();
     crate::source::sweep::SweepSettings {

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::pipeline::{Context, run_ingest, run_workers};
+use crate::pipeline::{run_ingest, run_workers};
 use crate::source::nats::NatsSource;
 
 /// Cancels `token` on SIGTERM or SIGINT.
@@ -59,14 +59,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
     let Some(store) = store_when_ready(&cfg, &shutdown).await? else {
         return Ok(ExitCode::SUCCESS);
     };
-    let points = super::points(&cfg)?;
-    let ctx = Context {
-        cfg: cfg.clone(),
-        store: store.clone(),
-        points: points.clone(),
-        summarizer: super::summarizer(&cfg, Some(&store)).await?,
-        instance: cfg.instance_id(),
-    };
+    let ctx = super::context(&cfg, &store).await?;
+    let points = ctx.points.clone();
     info!(instance = %ctx.instance, summarizer = ctx.summarizer.kind().as_str(), "recap starting");
 
     let lag = Arc::new(AtomicU64::new(0));

@@ -103,14 +103,8 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
     let cfg = Arc::new(cfg);
     let store = super::connect_store(&cfg).await?;
     super::migrate_if_pending(&store).await?;
-    let points = super::points(&cfg)?;
-    let ctx = Context {
-        cfg: cfg.clone(),
-        store: store.clone(),
-        points: points.clone(),
-        summarizer: super::summarizer(&cfg, Some(&store)).await?,
-        instance: cfg.instance_id(),
-    };
+    let ctx = super::context(&cfg, &store).await?;
+    let points = ctx.points.clone();
     let shutdown = CancellationToken::new();
     super::run::cancel_on_signal(shutdown.clone());
     let wait = Duration::from_secs(u64::from(cfg.service.leader_lease_seconds) * 3);

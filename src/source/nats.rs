@@ -226,18 +226,26 @@ pub struct NatsSource {
 }
 
 impl NatsSource {
-    pub async fn start(settings: NatsSettings) -> Result<NatsSource, SourceError> {
-        let client = connect(&settings, true).await?;
-        let js = jetstream::new(client.clone());
-        let consumer = ensure_stream(&js, &settings).await?;
-        Ok(NatsSource {
+    fn new(
+        client: async_nats::Client,
+        consumer: PullConsumer,
+        settings: NatsSettings,
+    ) -> NatsSource {
+        NatsSource {
             client,
             consumer,
             settings,
             in_flight: Vec::new(),
             stream: None,
             wait: Duration::from_millis(500),
-        })
+        }
+    }
+
+    pub async fn start(settings: NatsSettings) -> Result<NatsSource, SourceError> {
+        let client = connect(&settings, true).await?;
+        let js = jetstream::new(client.clone());
+        let consumer = ensure_stream(&js, &settings).await?;
+        Ok(NatsSource::new(client, consumer, settings))
     }
 
     /// A source over an ephemeral consumer that re-reads the stream from `from` (see [`replay_consumer_config`]).
@@ -256,14 +264,7 @@ impl NatsSource {
             consumer: "replay".into(),
             ..settings
         };
-        Ok(NatsSource {
-            client,
-            consumer,
-            settings,
-            in_flight: Vec::new(),
-            stream: None,
-            wait: Duration::from_millis(500),
-        })
+        Ok(NatsSource::new(client, consumer, settings))
     }
 
     pub fn client(&self) -> &async_nats::Client {
