@@ -443,28 +443,38 @@ async fn search(State(s): State<RecallState>, body: Bytes) -> Result<Json<Value>
     } else {
         limit
     };
-    let by_vector: Vec<(i32, f32)> = match (&vector, s.0.dim.get()) {
-        (Some(v), Some(_)) => {
-            let mut filter = vectors::user_filter(
-                bot,
-                user,
-                range.since.map(|t| t.timestamp()),
-                range.until.map(|t| t.timestamp()),
-            );
-            if let Some(t) = &range.summary_type {
-                filter.must.push(qdrant_client::qdrant::Condition::matches(
-                    "summary_type",
-                    t.clone(),
-                ));
+    // The two rankings are independent: run them at once (a fused search costs the slower one, not the sum).
+    let vector_ranking = async {
+        match (&vector, s.0.dim.get()) {
+            (Some(v), Some(_)) => {
+                let mut filter = vectors::user_filter(
+                    bot,
+                    user,
+                    range.since.map(|t| t.timestamp()),
+                    range.until.map(|t| t.timestamp()),
+                );
+                if let Some(t) = &range.summary_type {
+                    filter.must.push(qdrant_client::qdrant::Condition::matches(
+                        "summary_type",
+                        t.clone(),
+                    ));
+                }
+                Ok::<Vec<(i32, f32)>, ApiError>(
+                    vectors::search(client, filter, v.clone(), depth as u64).await?,
+                )
             }
-            vectors::search(client, filter, v.clone(), depth as u64).await?
+            _ => Ok(Vec::new()),
         }
-        _ => Vec::new(),
     };
-    let by_text: Vec<SummaryItem> = match &text {
-        Some(t) => super::text_search(&s.0.store, bot, user, t, &range, depth).await?,
-        None => Vec::new(),
+    let text_ranking = async {
+        match &text {
+            Some(t) => Ok::<Vec<SummaryItem>, ApiError>(
+                super::text_search(&s.0.store, bot, user, t, &range, depth).await?,
+            ),
+            None => Ok(Vec::new()),
+        }
     };
+    let (by_vector, by_text) = tokio::try_join!(vector_ranking, text_ranking)?;
     let ranked: Vec<(i32, f64)> = match (&vector, &text) {
         (Some(_), Some(_)) => super::rrf(
             &[
