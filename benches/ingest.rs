@@ -189,19 +189,30 @@ async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize,
         .expect("source");
     let (mut done, mut windows, mut batches) = (0usize, 0usize, 0usize);
     let mut phase = [Duration::ZERO; 3];
+    let mut checkpoints = 0usize;
     let t = Instant::now();
+    // The ingest loop's shape (`pipeline::run_ingest_with`): batches into memory, a durable checkpoint every
+    // CHECKPOINT_INTERVAL or CHECKPOINT_MESSAGES, then the acks of everything it covers.
     while done < n {
         let p0 = Instant::now();
         let batch = source.next_batch().await.expect("batch");
         let got = batch.messages.len() + batch.ignored + batch.dead_letters.len();
         let p1 = Instant::now();
-        let applied = ingest.apply(&batch, now_ms()).await.expect("apply");
-        let p2 = Instant::now();
-        source.commit().await.expect("ack");
-        phase[0] += p1 - p0;
-        phase[1] += p2 - p1;
-        phase[2] += p2.elapsed();
+        let applied = ingest.absorb(&batch, now_ms()).await.expect("absorb");
+        source.advance().await;
         done += got;
+        let last = done >= n;
+        if last || ingest.checkpoint_due() {
+            ingest.checkpoint().await.expect("checkpoint");
+            checkpoints += 1;
+            let p2 = Instant::now();
+            source.commit().await.expect("ack");
+            phase[1] += p2 - p1;
+            phase[2] += p2.elapsed();
+        } else {
+            phase[1] += p1.elapsed();
+        }
+        phase[0] += p1 - p0;
         windows += applied.closed;
         batches += usize::from(got > 0);
         assert_eq!(batch.dead_letters.len(), 0, "no malformed events");
@@ -209,7 +220,7 @@ async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize,
     let wall = t.elapsed();
     let rate = n as f64 / wall.as_secs_f64();
     eprintln!(
-        "    recap phases: next_batch (pull + parse) {:.2}s, Ingest::apply (tracker + transaction) {:.2}s, commit (acks + flush) {:.2}s of {:.2}s",
+        "    recap phases: next_batch (pull + parse) {:.2}s, absorb + checkpoints ({checkpoints}) {:.2}s, commit (acks + flush) {:.2}s of {:.2}s",
         phase[0].as_secs_f64(),
         phase[1].as_secs_f64(),
         phase[2].as_secs_f64(),
@@ -222,160 +233,71 @@ async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize,
             "x",
         );
     }
+    ingest.release().await;
+    // Every event is in a closed window's coverage or an open window's snapshot, once.
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_messages")
         .fetch_one(store.pool())
         .await
         .expect("count");
     assert_eq!(stored as usize, n, "every event stored once");
-    ingest.release().await;
     store.pool().close().await;
+    let rows = rows_written(db_url).await;
+    eprintln!(
+        "    Postgres rows written: {rows} for {n} events = {:.3} per event ({checkpoints} checkpoints)",
+        rows as f64 / n as f64
+    );
+    emit("ingest_rows_per_msg", rows as f64 / n as f64, "rows");
     (rate, windows, batches)
 }
 
-/// CPU seconds (user + system) of the processes whose command line contains `needle` ("self" = this process), from
-/// /proc (USER_HZ = 100 on Linux). Used to tell waiting from working in the profile pass.
-fn cpu_secs(needle: &str) -> f64 {
-    let ticks = |stat: &str| -> f64 {
-        // fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        get(11) + get(12)
-    };
-    if needle == "self" {
-        return ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default()) / 100.0;
-    }
-    let mut total = 0.0;
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let p = e.path();
-        let cmd = std::fs::read(p.join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(needle) {
-            total += ticks(&std::fs::read_to_string(p.join("stat")).unwrap_or_default());
-        }
-    }
-    total / 100.0
+/// Rows inserted, updated and deleted in recap's tables of the database at `db_url`, after its backends ended
+/// (`pg_stat_user_tables`; backends flush their counts when they exit).
+async fn rows_written(db_url: &str) -> i64 {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pool = sqlx::PgPool::connect(db_url).await.expect("connect");
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::int8 FROM pg_stat_user_tables
+         WHERE relname LIKE 'recap_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("stats");
+    pool.close().await;
+    rows
 }
 
-/// A profile of (b): the same events read again (a second durable consumer on stream B) into another fresh database,
-/// through a step-by-step copy of `Ingest::apply`'s transaction made of recap's public calls (`begin_ingest`,
-/// `insert_messages`, the tracker, `close_windows` (a batch's windows, set-based), `save_watermarks`, `save_checkpoint`, `commit`),
-/// each step timed. Printed as where the wall time of recap's ingest goes.
-async fn breakdown(admin: &str, s: &NatsSettings, n: usize) {
+/// Restart time: `BENCH_RESTORE_KEYS` (default 1,000,000) open windows of 3 messages each stored as checkpoint
+/// snapshots, then `pipeline::restore_state` (what a replica does when it takes ingest over) timed.
+async fn restore(admin: &str) -> f64 {
+    let keys = env_usize("BENCH_RESTORE_KEYS", 1_000_000);
     let (db_url, db_name) = fresh_db(admin).await;
-    let cfg = config(&db_url, s, &format!("{}_profile", s.consumer), &[]);
+    let s = settings("nats://unused", "R", "r", "r.stored");
+    let cfg = config(&db_url, &s, "r", &[]);
     let store = common::store(&cfg).await;
-    let fence = store
-        .try_acquire_leader("bench-profile", Duration::from_secs(600))
+    let t0 = now_ms() - 10 * MIN;
+    sqlx::query(
+        "INSERT INTO recap_open_windows (bot_name, user_id, part, point_ids, point_ts)
+         SELECT 'bot' || (i % 8), 'user' || i, 0,
+                ARRAY[md5(i::text || 'a')::uuid::text, md5(i::text || 'b')::uuid::text, md5(i::text || 'c')::uuid::text],
+                ARRAY[to_timestamp($2 / 1000.0), to_timestamp($2 / 1000.0 + 60), to_timestamp($2 / 1000.0 + 120)]
+         FROM generate_series(1, $1) AS i",
+    )
+    .bind(keys as i64)
+    .bind(t0 as f64)
+    .execute(store.pool())
+    .await
+    .expect("snapshots");
+    let t = Instant::now();
+    let state = recap::pipeline::restore_state(&store, cfg.tracker_config())
         .await
-        .expect("leader")
-        .expect("free");
-    let mut tracker = recap::tracker::Tracker::new(cfg.tracker_config());
-    let tcfg = cfg.tracker_config();
-    let mut source = NatsSource::start(cfg.nats_settings())
-        .await
-        .expect("source");
-    // steps: pull+parse, begin (+lease renew), insert_messages, tracker, close_windows, watermarks+checkpoint, commit, acks
-    let names = [
-        "next_batch (pull + parse)",
-        "begin + lease renew",
-        "insert_messages",
-        "tracker",
-        "close_windows",
-        "watermarks + checkpoint",
-        "commit",
-        "acks + flush",
-    ];
-    let mut d = [Duration::ZERO; 8];
-    let (mut done, mut closed, mut batches_closing) = (0usize, 0usize, 0usize);
-    let services = std::env::var("RECAP_SERVICES_DIR").unwrap_or_else(|_| "nats-server".into());
-    let cpu0 = (
-        cpu_secs("self"),
-        cpu_secs(&db_name),
-        cpu_secs(&format!("{services}/nats")),
-    );
-    let t0 = Instant::now();
-    while done < n {
-        let mut t = Instant::now();
-        let lap = |i: usize, t: &mut Instant, d: &mut [Duration; 8]| {
-            let now = Instant::now();
-            d[i] += now - *t;
-            *t = now;
-        };
-        let batch = source.next_batch().await.expect("batch");
-        lap(0, &mut t, &mut d);
-        let mut tx = store.begin_ingest(&fence).await.expect("begin");
-        lap(1, &mut t, &mut d);
-        let new = tx.insert_messages(&batch.messages).await.expect("insert");
-        lap(2, &mut t, &mut d);
-        for (m, is_new) in batch.messages.iter().zip(new) {
-            if is_new {
-                tracker.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
-            }
-        }
-        if batch.caught_up {
-            tracker.tick(now_ms());
-        }
-        let ws = tracker.drain_closed();
-        lap(3, &mut t, &mut d);
-        tx.close_windows(&tcfg, &ws, cfg.windows.min_messages_for_summary)
-            .await
-            .expect("close");
-        closed += ws.len();
-        batches_closing += usize::from(!ws.is_empty());
-        lap(4, &mut t, &mut d);
-        tx.save_watermarks(&tracker.take_watermark_changes())
-            .await
-            .expect("watermarks");
-        if let Some((name, pos, read)) = &batch.checkpoint {
-            tx.save_checkpoint(name, *pos, *read)
-                .await
-                .expect("checkpoint");
-        }
-        lap(5, &mut t, &mut d);
-        tx.commit().await.expect("commit");
-        lap(6, &mut t, &mut d);
-        source.commit().await.expect("ack");
-        lap(7, &mut t, &mut d);
-        done += batch.messages.len() + batch.ignored + batch.dead_letters.len();
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let cpu1 = (
-        cpu_secs("self"),
-        cpu_secs(&db_name),
-        cpu_secs(&format!("{services}/nats")),
-    );
-    let (me, pg, nats) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1, cpu1.2 - cpu0.2);
-    println!(
-        "  CPU during the profile pass ({wall:.1}s wall): recap process {me:.1}s, its Postgres backends {pg:.1}s, nats-server {nats:.1}s"
-    );
-    emit("ingest_profile_cpu_recap_share", me / wall, "x");
-    emit("ingest_profile_cpu_postgres_share", pg / wall, "x");
-    println!(
-        "  where (b)'s time goes ({n} events, {closed} windows closed by {batches_closing} batches, {:.0} msgs/s):",
-        n as f64 / wall
-    );
-    for (name, x) in names.iter().zip(d) {
-        println!(
-            "    {name:<28} {:>7.2}s  {:>5.1}%",
-            x.as_secs_f64(),
-            100.0 * x.as_secs_f64() / wall
-        );
-        emit(
-            &format!(
-                "ingest_profile_{}_share",
-                name.split(' ').next().unwrap_or(name)
-            ),
-            x.as_secs_f64() / wall,
-            "x",
-        );
-    }
-    println!(
-        "    close_windows per window     {:>7.3} ms",
-        d[4].as_secs_f64() * 1000.0 / closed.max(1) as f64
-    );
-    store.release_leader(&fence).await.ok();
+        .expect("restore");
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(state.open_keys(), keys);
+    eprintln!("  restore: {keys} open windows (3 messages each) loaded in {secs:.2} s");
+    drop(state);
     store.pool().close().await;
     drop_db(admin, &db_name).await;
+    secs
 }
 
 async fn run(url: &str, admin: &str, evs: &[StoredEvent], run: usize) -> (f64, f64, f64) {
@@ -422,9 +344,6 @@ async fn run(url: &str, admin: &str, evs: &[StoredEvent], run: usize) -> (f64, f
         "  run {run}: raw pull+ack {raw:.0} msgs/s; recap source+tracker+commit {rec:.0} msgs/s ({batches} batches, {windows} windows closed); b/a = {:.3}",
         rec / raw
     );
-    if run == 0 && std::env::var("BENCH_INGEST_PROFILE").is_ok_and(|v| v == "1") {
-        breakdown(admin, &b, n).await;
-    }
     for s in [&a, &b] {
         let _ = js.delete_stream(&s.stream).await;
     }
@@ -457,4 +376,6 @@ async fn main() {
     summary(&SUMMARY, "(a) raw pull + ack", "msgs/s", raws);
     summary(&SUMMARY, "(b) recap ingest", "msgs/s", recs);
     summary(&SUMMARY, "ratio b/a", "x", ratios);
+    let secs = restore(&admin).await;
+    emit("ingest_restore_1m_open_windows_s", secs, "s");
 }

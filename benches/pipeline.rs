@@ -252,18 +252,20 @@ async fn prepare(store: &Store, cfg: &recap::config::Config, bot: &str, wins: &[
     let botarc: Arc<str> = Arc::from(bot);
     for chunk in wins.chunks(200) {
         let mut tx = store.begin_ingest(&fence).await.expect("begin");
-        let msgs: Vec<NewMessage> = chunk
-            .iter()
-            .flat_map(|w| w.messages.iter().cloned())
-            .collect();
-        tx.insert_messages(&msgs).await.expect("insert");
         for w in chunk {
-            let cw = ClosedWindow {
-                bot: botarc.clone(),
-                user: Arc::from(w.user.as_str()),
-                start_ms: w.start,
-                end_ms: w.end,
-                count: w.messages.len() as u32,
+            let cw = recap::state::Closed {
+                window: ClosedWindow {
+                    bot: botarc.clone(),
+                    user: Arc::from(w.user.as_str()),
+                    start_ms: w.start,
+                    end_ms: w.end,
+                    count: w.messages.len() as u32,
+                },
+                points: w
+                    .messages
+                    .iter()
+                    .map(|m| (m.ts_ms, m.point_id.clone()))
+                    .collect(),
             };
             tx.close_window(&tcfg, &cw, cfg.windows.min_messages_for_summary)
                 .await

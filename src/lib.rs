@@ -28,6 +28,7 @@ pub mod recall;
 pub mod rollup;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod status;
 pub mod summarize;
 pub mod tracker;

@@ -121,11 +121,9 @@ pub async fn snapshot(
 ) -> Result<Snapshot, StoreError> {
     let report = store.status().await?;
     let pool = store.pool();
-    let windows_open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT DISTINCT bot_name, user_id FROM recap_messages WHERE window_id IS NULL) k",
-    )
-    .fetch_one(pool)
-    .await?;
+    let windows_open: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_open_windows")
+        .fetch_one(pool)
+        .await?;
     let leases: Vec<(String, i64)> = sqlx::query_as(
         "SELECT lease_owner, count(*) FROM recap_windows
          WHERE state = 'due' AND lease_until >= now() AND lease_owner IS NOT NULL

@@ -556,7 +556,7 @@ async fn forgetting_a_user_resets_the_leaders_open_state() {
     )
     .await
     .unwrap();
-    assert_eq!(ing.tracker.open_messages(), 3);
+    assert_eq!(ing.tracker().open_messages(), 3);
     recap::recall::forget_rows(&ctx.store, "b", "gone")
         .await
         .unwrap();
@@ -568,7 +568,7 @@ async fn forgetting_a_user_resets_the_leaders_open_state() {
     );
     let mut ing = ingest(&ctx).await;
     assert_eq!(
-        ing.tracker.open_messages(),
+        ing.tracker().open_messages(),
         1,
         "the rebuilt tracker holds the forgotten user's messages"
     );
@@ -579,7 +579,7 @@ async fn forgetting_a_user_resets_the_leaders_open_state() {
     )
     .await
     .unwrap();
-    assert_eq!(ing.tracker.open_messages(), 3);
+    assert_eq!(ing.tracker().open_messages(), 3);
     let stored: i64 =
         sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE user_id = 'gone'")
             .fetch_one(&db.pool)

@@ -20,7 +20,8 @@ use recap::fetch::{PayloadMapping, Points};
 use recap::sink::{Fence, MIGRATOR, Store, StoreError};
 use recap::source::sweep::{BotForCollection, SweepReport, SweepSettings, SweepSource, sweep_once};
 use recap::source::{Batch, Source};
-use recap::tracker::{Tracker, TrackerConfig};
+use recap::state::State;
+use recap::tracker::TrackerConfig;
 use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;
 
@@ -225,11 +226,11 @@ async fn upsert(q: &Qdrant, name: &str, ps: &[P]) {
     }
 }
 
-/// The minimal `pipeline::Ingest::apply`: one transaction per batch.
+/// The minimal `pipeline::Ingest::apply`: one checkpoint per batch.
 struct MiniIngest {
     store: Store,
     fence: Fence,
-    tracker: Tracker,
+    state: State,
     ignored: usize,
 }
 
@@ -243,30 +244,28 @@ impl MiniIngest {
         MiniIngest {
             store: store.clone(),
             fence,
-            tracker: Tracker::new(TrackerConfig::default()),
+            state: State::new(TrackerConfig::default()),
             ignored: 0,
         }
     }
 
     async fn apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let mut tx = self.store.begin_ingest(&self.fence).await?;
-        let new = tx.insert_messages(&batch.messages).await?;
-        for (m, is_new) in batch.messages.iter().zip(new) {
-            if is_new {
-                self.tracker
-                    .observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
-            }
+        for m in &batch.messages {
+            self.state.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
         }
         if batch.caught_up {
-            self.tracker.tick(chrono::Utc::now().timestamp_millis());
+            self.state.tick(chrono::Utc::now().timestamp_millis());
         }
-        let cfg = *self.tracker.config();
-        for w in self.tracker.drain_closed() {
-            tx.close_window(&cfg, &w, 5).await?;
-        }
-        tx.save_watermarks(&self.tracker.take_watermark_changes())
-            .await?;
+        self.state.close_due();
         if let Some((name, pos, read)) = &batch.checkpoint {
+            self.state.set_position(name, *pos, *read);
+        }
+        let c = self.state.take_checkpoint();
+        let mut tx = self.store.begin_ingest(&self.fence).await?;
+        tx.close_windows(self.state.config(), &c.closed, 5).await?;
+        tx.save_snapshots(&c.snapshots, 0).await?;
+        tx.save_watermarks(&c.watermarks).await?;
+        for (name, pos, read) in &c.positions {
             tx.save_checkpoint(name, *pos, *read).await?;
         }
         tx.commit().await?;

@@ -58,6 +58,14 @@ pub struct ServiceConfig {
     #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 500, help_heading = H_SVC)]
     pub ingest_batch_size: usize,
 
+    /// How often ingest writes a checkpoint of its open windows, closed windows and stream position (then acks)
+    #[arg(long, env = "CHECKPOINT_INTERVAL", default_value = "1s", value_parser = parse_duration, help_heading = H_SVC)]
+    pub checkpoint_interval: Duration,
+
+    /// Events read before a checkpoint is written, whichever of this and CHECKPOINT_INTERVAL comes first
+    #[arg(long, env = "CHECKPOINT_MESSAGES", default_value_t = 10_000, help_heading = H_SVC)]
+    pub checkpoint_messages: usize,
+
     /// Day, week and month rollups of each user's window summaries (summary_type day/week/month): on or off.
     /// Off by default: readers that list a user's rows without filtering summary_type would see them too
     #[arg(long, env = "ROLLUPS", action = clap::ArgAction::Set, value_parser = parse_bool, default_missing_value = "true", num_args = 0..=1, default_value = "off", help_heading = H_SVC)]
@@ -132,6 +140,13 @@ impl ServiceConfig {
         at_least(self.lease_seconds, 2, "LEASE_SECONDS", "120")?;
         at_least(self.leader_lease_seconds, 2, "LEADER_LEASE_SECONDS", "15")?;
         at_least(self.ingest_batch_size, 1, "INGEST_BATCH_SIZE", "500")?;
+        at_least(self.checkpoint_messages, 1, "CHECKPOINT_MESSAGES", "10000")?;
+        if self.checkpoint_interval.is_zero() {
+            return bad(
+                "CHECKPOINT_INTERVAL",
+                "CHECKPOINT_INTERVAL must be above 0 (set CHECKPOINT_INTERVAL=1s)",
+            );
+        }
         if self.rollup_interval < Duration::from_secs(1) {
             return bad(
                 "ROLLUP_INTERVAL",

@@ -1,17 +1,17 @@
 //! The ingest shell: leader lease (taken, renewed during long steps, released), the tracker fed batch by batch, and
 //! each batch's closed windows stored in the same transaction before the source acknowledges.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Clock, Context, SystemClock, loop_backoff, restore_tracker, sleep_or_shutdown};
-use crate::sink::{DeadLetter, Fence, NewMessage, Store, StoreError};
+use super::{Clock, Context, SystemClock, loop_backoff, sleep_or_shutdown};
+use crate::sink::{DeadLetter, Fence, Store, StoreError};
 use crate::source::{Batch, Source};
-use crate::tracker::{Observed, Tracker};
+use crate::state::{Checkpoint, State};
+use crate::tracker::{Observed, Tracker, TrackerConfig};
 
 /// How far ahead of the wall clock a message time may be (clock skew between bots and recap).
 pub const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
@@ -50,22 +50,27 @@ pub struct Applied {
     pub duplicates: usize,
     pub late: usize,
     pub closed: usize,
-    /// Closed windows recorded as too short to summarize (no worker ever sees them).
+    /// Closed windows recorded as too short to summarize (no worker ever sees them); counted by the checkpoint that
+    /// stores them.
     pub too_short: usize,
 }
 
-/// The ingest side: a tracker and the leader fence.
+/// The ingest side: the operator state (tracker + open points, `crate::state`) and the leader fence.
 pub struct Ingest {
     pub ctx: Context,
-    pub tracker: Tracker,
+    state: State,
     fence: Fence,
-    last_commit: Instant,
-    /// The tracker may differ from Postgres (a transaction failed): rebuild it before the next batch.
+    /// Dead letters read since the last checkpoint (stored with it).
+    letters: Vec<DeadLetter>,
+    /// Events read since the last checkpoint (messages, ignored events and dead letters).
+    read: usize,
+    last_checkpoint: Instant,
+    /// The state may differ from Postgres (a checkpoint failed): restore it before anything else.
     stale: bool,
 }
 
 impl Ingest {
-    /// Becomes the leader (waits until the lease is free) and rebuilds the tracker.
+    /// Becomes the leader (waits until the lease is free) and restores the state from the last checkpoint.
     pub async fn start(
         ctx: Context,
         shutdown: &CancellationToken,
@@ -75,17 +80,19 @@ impl Ingest {
             match ctx.store.try_acquire_leader(&ctx.instance, ttl).await {
                 Ok(Some(fence)) => {
                     info!(epoch = fence.epoch, "ingest leader");
-                    let tracker = renewing(
+                    let state = renewing(
                         &ctx.store,
                         &fence,
-                        restore_tracker(&ctx.store, ctx.tracker_config()),
+                        restore_state(&ctx.store, ctx.tracker_config()),
                     )
                     .await??;
                     return Ok(Some(Ingest {
                         ctx,
-                        tracker,
+                        state,
                         fence,
-                        last_commit: Instant::now(),
+                        letters: Vec::new(),
+                        read: 0,
+                        last_checkpoint: Instant::now(),
                         stale: false,
                     }));
                 }
@@ -99,79 +106,44 @@ impl Ingest {
         }
     }
 
-    /// Applies one batch in one transaction. After a failed transaction the tracker is rebuilt from the store before
-    /// anything else is applied (retried with the next batch while Postgres is unreachable).
-    pub async fn apply(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
-        if self.stale {
-            self.tracker = renewing(
-                &self.ctx.store,
-                &self.fence,
-                restore_tracker(&self.ctx.store, self.ctx.tracker_config()),
-            )
-            .await??;
-            self.stale = false;
-        }
-        let tick_due = batch.caught_up
-            && self
-                .tracker
-                .poll_timeout()
-                .is_some_and(|t| t <= tick_time(batch, now));
-        let renew_due = self.last_commit.elapsed() > self.fence.ttl / 3;
-        if batch.is_empty() && batch.checkpoint.is_none() && !tick_due && !renew_due {
-            return Ok(Applied::default());
-        }
-        match self.apply_inner(batch, now).await {
-            Ok(a) => {
-                self.last_commit = Instant::now();
-                metrics::counter!("recap_events_duplicate_total").increment(a.duplicates as u64);
-                metrics::counter!("recap_events_ignored_total").increment(batch.ignored as u64);
-                metrics::counter!("recap_events_late_total").increment(a.late as u64);
-                metrics::counter!("recap_windows_closed_total").increment(a.closed as u64);
-                metrics::counter!("recap_windows_too_short_total").increment(a.too_short as u64);
-                metrics::gauge!("recap_windows_open").set(self.tracker.open_keys() as f64);
-                Ok(a)
-            }
-            Err(e) => {
-                warn!(error = %e, "ingest transaction failed; the tracker will be rebuilt from Postgres");
-                self.stale = true;
-                Err(e)
-            }
-        }
+    /// The tracker (read-only: tests and benches inspect it).
+    pub fn tracker(&self) -> &Tracker {
+        self.state.tracker()
     }
 
-    async fn apply_inner(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
+    /// Applies one batch and writes a checkpoint: when this returns `Ok`, the batch's effects are durable (one-shot
+    /// commands and tests; the ingest loop checkpoints every `CHECKPOINT_INTERVAL` instead, see [`Ingest::absorb`]).
+    pub async fn apply(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
+        let mut a = self.absorb(batch, now).await?;
+        a.too_short = self.checkpoint().await?;
+        Ok(a)
+    }
+
+    /// Applies one batch to the in-memory state only: new messages, closed windows, watermarks and the source
+    /// position wait for the next [`Ingest::checkpoint`], and the source may acknowledge only after it.
+    pub async fn absorb(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
+        if self.stale {
+            self.state = renewing(
+                &self.ctx.store,
+                &self.fence,
+                restore_state(&self.ctx.store, self.ctx.tracker_config()),
+            )
+            .await??;
+            self.letters.clear();
+            self.read = 0;
+            self.stale = false;
+        }
         let mut applied = Applied::default();
-        let mut tx = self.ctx.store.begin_ingest(&self.fence).await?;
-        tx.dead_letters(&batch.dead_letters).await?;
+        self.read += batch.messages.len() + batch.ignored + batch.dead_letters.len();
+        self.letters.extend(batch.dead_letters.iter().cloned());
         // A message stamped ahead of the wall clock (a host whose clock is fast) is tracked, and stored, at its
         // arrival time (`tracker::effective_time`): it cannot drag its bot's watermark past the wall clock. More than
         // a day ahead it is a dead letter, not a message (recorded once however often a sweep reads it again).
-        // (Copied only when a batch holds such a message; the usual batch is used as it is.)
-        let in_time = |m: &NewMessage| m.ts_ms <= now.saturating_add(MAX_FUTURE_MS);
-        let (messages, future): (Cow<[NewMessage]>, Vec<&NewMessage>) =
-            if batch.messages.iter().all(|m| m.ts_ms <= now) {
-                (Cow::Borrowed(&batch.messages), Vec::new())
-            } else {
-                let (ok, future): (Vec<&NewMessage>, Vec<&NewMessage>) =
-                    batch.messages.iter().partition(|m| in_time(m));
-                (
-                    Cow::Owned(
-                        ok.into_iter()
-                            .map(|m| NewMessage {
-                                ts_ms: crate::tracker::effective_time(m.ts_ms, now),
-                                ..m.clone()
-                            })
-                            .collect::<Vec<_>>(),
-                    ),
-                    future,
-                )
-            };
-        if !future.is_empty() {
-            metrics::counter!("recap_events_malformed_total", "reason" => "future_timestamp")
-                .increment(future.len() as u64);
-            let letters: Vec<DeadLetter> = future
-                .iter()
-                .map(|m| DeadLetter {
+        for m in &batch.messages {
+            if m.ts_ms > now.saturating_add(MAX_FUTURE_MS) {
+                metrics::counter!("recap_events_malformed_total", "reason" => "future_timestamp")
+                    .increment(1);
+                self.letters.push(DeadLetter {
                     source: "ingest",
                     subject: Some(m.bot.clone()),
                     stream_seq: None,
@@ -180,42 +152,90 @@ impl Ingest {
                         "timestamp {} is more than a day in the future",
                         crate::sink::to_utc(m.ts_ms).to_rfc3339()
                     ),
-                })
-                .collect();
-            tx.dead_letters(&letters).await?;
-        }
-        let new = tx.insert_messages(&messages).await?;
-        for (m, is_new) in messages.iter().zip(new) {
-            if !is_new {
-                applied.duplicates += 1;
+                });
                 continue;
             }
-            match self
-                .tracker
-                .observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms)
-            {
-                Observed::Accepted { late } => {
+            let ts = crate::tracker::effective_time(m.ts_ms, now);
+            match self.state.observe(&m.bot, &m.user_id, &m.point_id, ts) {
+                Some(Observed::Accepted { late }) => {
                     applied.new += 1;
                     applied.late += usize::from(late);
                 }
-                Observed::Duplicate => applied.duplicates += 1,
+                Some(Observed::Duplicate) | None => applied.duplicates += 1,
             }
         }
         if batch.caught_up {
-            self.tracker.tick(tick_time(batch, now));
+            self.state.tick(tick_time(batch, now));
         }
-        let tcfg = *self.tracker.config();
-        let min = self.ctx.cfg.windows.min_messages_for_summary;
-        let closed = self.tracker.drain_closed();
-        applied.too_short += tx.close_windows(&tcfg, &closed, min).await?;
-        applied.closed += closed.len();
-        tx.save_watermarks(&self.tracker.take_watermark_changes())
-            .await?;
+        applied.closed = self.state.close_due();
         if let Some((name, pos, read)) = &batch.checkpoint {
+            self.state.set_position(name, *pos, *read);
+        }
+        metrics::counter!("recap_events_duplicate_total").increment(applied.duplicates as u64);
+        metrics::counter!("recap_events_ignored_total").increment(batch.ignored as u64);
+        metrics::counter!("recap_events_late_total").increment(applied.late as u64);
+        metrics::counter!("recap_windows_closed_total").increment(applied.closed as u64);
+        metrics::gauge!("recap_windows_open").set(self.state.open_keys() as f64);
+        Ok(applied)
+    }
+
+    /// A checkpoint is due: `CHECKPOINT_INTERVAL` passed since the last one with something to store (or the lease
+    /// needs renewing), or `CHECKPOINT_MESSAGES` events were read.
+    pub fn checkpoint_due(&self) -> bool {
+        let cfg = &self.ctx.cfg.service;
+        let every = cfg.checkpoint_interval.min(self.fence.ttl / 3);
+        let elapsed = self.last_checkpoint.elapsed();
+        self.read >= cfg.checkpoint_messages
+            || (elapsed >= every
+                && (self.state.is_dirty() || !self.letters.is_empty() || self.read > 0))
+            || elapsed > self.fence.ttl / 3
+    }
+
+    /// Writes a checkpoint in one transaction (durably: `synchronous_commit` on): the snapshots of the keys changed
+    /// since the last, the windows closed since (merged into stored ones where they belong), dead letters, watermarks
+    /// and source positions; the leader lease is renewed in it (the fence). Returns the windows recorded as too short.
+    /// After a failure the state is restored from the store before the next batch (and the source must rewind).
+    pub async fn checkpoint(&mut self) -> Result<usize, StoreError> {
+        if self.stale {
+            return Err(StoreError::Invariant(
+                "checkpoint of a state that must be restored first",
+            ));
+        }
+        let c = self.state.take_checkpoint();
+        let letters = std::mem::take(&mut self.letters);
+        self.read = 0;
+        let started = Instant::now();
+        match self.write(&c, &letters).await {
+            Ok(too_short) => {
+                self.last_checkpoint = Instant::now();
+                metrics::counter!("recap_windows_too_short_total").increment(too_short as u64);
+                metrics::counter!("recap_checkpoints_total").increment(1);
+                metrics::histogram!("recap_checkpoint_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                Ok(too_short)
+            }
+            Err(e) => {
+                warn!(error = %e, "checkpoint failed; the state will be restored from the last one");
+                self.stale = true;
+                Err(e)
+            }
+        }
+    }
+
+    async fn write(&self, c: &Checkpoint, letters: &[DeadLetter]) -> Result<usize, StoreError> {
+        let mut tx = self.ctx.store.begin_ingest(&self.fence).await?;
+        tx.dead_letters(letters).await?;
+        let min = self.ctx.cfg.windows.min_messages_for_summary;
+        let too_short = tx
+            .close_windows(self.state.config(), &c.closed, min)
+            .await?;
+        tx.save_snapshots(&c.snapshots, 0).await?;
+        tx.save_watermarks(&c.watermarks).await?;
+        for (name, pos, read) in &c.positions {
             tx.save_checkpoint(name, *pos, *read).await?;
         }
         tx.commit().await?;
-        Ok(applied)
+        Ok(too_short)
     }
 
     /// Gives up the leader lease (graceful shutdown).
@@ -224,6 +244,22 @@ impl Ingest {
             warn!(error = %e, "could not release the ingest lease (it expires by itself)");
         }
     }
+}
+
+/// Restores the operator state from the last checkpoint: watermarks, the open keys' snapshots, tombstones.
+pub async fn restore_state(store: &Store, cfg: TrackerConfig) -> Result<State, StoreError> {
+    let started = Instant::now();
+    let watermarks = store.load_watermarks().await?;
+    let open = store.load_open_state(None).await?;
+    let mut state = State::restore(cfg, watermarks, open);
+    state.set_forgotten(store.load_forgotten().await?);
+    metrics::gauge!("recap_windows_open").set(state.open_keys() as f64);
+    info!(
+        open_keys = state.open_keys(),
+        ms = started.elapsed().as_millis() as u64,
+        "ingest state restored from the last checkpoint"
+    );
+    Ok(state)
 }
 
 /// How the ingest loop waits and retries: a jittered exponential back-off between `backoff_min` and `backoff_max`
@@ -273,17 +309,31 @@ pub async fn run_ingest_with<S: Source>(
             Ok(None) => return Ok(()),
             Err(e) => {
                 let wait = next_wait(&mut backoff);
-                warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot rebuild the tracker from Postgres; retrying");
+                warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot restore the ingest state from Postgres; retrying");
                 if sleep_or_shutdown(&shutdown, wait).await {
                     return Ok(());
                 }
                 continue 'lead;
             }
         };
+        // The state is the last checkpoint's: the source goes back to the position stored with it.
+        if let Err(e) = source.rewind(&ctx.store).await {
+            let wait = next_wait(&mut backoff);
+            warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot rewind the source to the checkpoint; retrying");
+            ingest.release().await;
+            if sleep_or_shutdown(&shutdown, wait).await {
+                return Ok(());
+            }
+            continue 'lead;
+        }
         loop {
             let next = renewing(&ctx.store, &ingest.fence, source.next_batch());
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => {
+                    // Graceful: what was read is checkpointed and acknowledged before the lease goes back.
+                    if ingest.checkpoint().await.is_ok() && let Err(e) = source.commit().await {
+                        warn!(error = %e, "acknowledging the last checkpoint failed; it will be redelivered and skipped");
+                    }
                     ingest.release().await;
                     return Ok(());
                 }
@@ -309,12 +359,27 @@ pub async fn run_ingest_with<S: Source>(
                     continue;
                 }
             };
-            match ingest.apply(&batch, opts.clock.now_ms()).await {
+            let absorbed = ingest.absorb(&batch, opts.clock.now_ms()).await;
+            let result = match absorbed {
                 Ok(_) => {
+                    source.advance().await;
+                    if ingest.checkpoint_due() {
+                        ingest.checkpoint().await.map(|_| true)
+                    } else {
+                        Ok(false)
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(checkpointed) => {
                     backoff = new_backoff();
-                    if let Err(e) = source.commit().await {
-                        // Committed but not acknowledged: redelivery is a no-op in the store.
-                        warn!(error = %e, "acknowledging the batch failed; it will be redelivered and skipped");
+                    if checkpointed {
+                        // A checkpoint just committed: acknowledge everything it covers.
+                        if let Err(e) = source.commit().await {
+                            // Committed but not acknowledged: redelivered, and skipped by the stored position.
+                            warn!(error = %e, "acknowledging the checkpoint failed; it will be redelivered and skipped");
+                        }
                     }
                 }
                 Err(StoreError::LostLeadership(epoch)) => {
@@ -323,15 +388,14 @@ pub async fn run_ingest_with<S: Source>(
                     continue 'lead;
                 }
                 Err(e) => {
+                    // The state is restored from the last checkpoint and the source rewound to it.
                     source.abandon().await;
                     let wait = next_wait(&mut backoff);
-                    warn!(error = %e, wait_ms = wait.as_millis() as u64, "batch not committed; it will be redelivered");
+                    warn!(error = %e, wait_ms = wait.as_millis() as u64, "checkpoint not committed; restoring the last one");
                     if sleep_or_shutdown(&shutdown, wait).await {
                         return Ok(());
                     }
-                    if e.is_connection() {
-                        continue 'lead;
-                    }
+                    continue 'lead;
                 }
             }
         }

@@ -16,14 +16,15 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::fetch::Points;
-use crate::sink::{Store, StoreError};
+use crate::sink::Store;
 use crate::summarize::Summarizer;
-use crate::tracker::{Tracker, TrackerConfig};
+use crate::tracker::TrackerConfig;
 
 pub use backoff::{jittered, loop_backoff, sleep_or_shutdown};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ingest::{
-    Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, run_ingest, run_ingest_with,
+    Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, restore_state, run_ingest,
+    run_ingest_with,
 };
 pub use workers::{drain_due, process_window, run_workers, summarize_window};
 
@@ -47,19 +48,4 @@ impl Context {
 /// reads its [`Clock`] instead ([`IngestLoop::clock`]).
 pub fn now_ms() -> i64 {
     SystemClock.now_ms()
-}
-
-/// Rebuilds the tracker from the store: watermarks first, then the open messages.
-pub async fn restore_tracker(store: &Store, cfg: TrackerConfig) -> Result<Tracker, StoreError> {
-    let mut t = Tracker::new(cfg);
-    for (bot, wm) in store.load_watermarks().await? {
-        t.restore_watermark(&bot, wm);
-    }
-    for m in store.load_open_messages().await? {
-        t.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
-    }
-    // Anything closable was closed in the transaction that stored it; nothing should close here.
-    let _ = t.take_watermark_changes();
-    metrics::gauge!("recap_windows_open").set(t.open_keys() as f64);
-    Ok(t)
 }

@@ -23,7 +23,7 @@ use crate::sink::{Store, StoreError};
 pub const USER_TABLES: &[&str] = &[
     "conversation_summaries",
     "recap_summary_vectors",
-    "recap_messages",
+    "recap_open_windows",
     "recap_windows",
     "recap_rollups",
 ];

@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{DeadLetter, Fence, NewMessage, Store, StoreError, to_utc};
-use crate::tracker::{ClosedWindow, Millis, Mode, TrackerConfig};
+use crate::state::{Closed, Point, Snapshot};
+use crate::tracker::{Millis, Mode, TrackerConfig};
 
 impl Store {
     // ---- leadership -------------------------------------------------------------------------------------------
@@ -68,20 +69,41 @@ impl Store {
             .collect())
     }
 
-    /// Messages of open windows, oldest first: the tracker's state.
-    pub async fn load_open_messages(&self) -> Result<Vec<NewMessage>, StoreError> {
+    /// The open messages of every key stored by the last checkpoints (of partition `part`, or all).
+    pub async fn load_open_state(&self, part: Option<i32>) -> Result<Vec<Snapshot>, StoreError> {
         let rows = sqlx::query(
-            "SELECT bot_name, user_id, point_id, ts FROM recap_messages WHERE window_id IS NULL ORDER BY ts, point_id",
+            "SELECT bot_name, user_id, point_ids, point_ts FROM recap_open_windows WHERE $1::int IS NULL OR part = $1",
         )
+        .bind(part)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .iter()
-            .map(|r| NewMessage {
-                bot: r.get(0),
-                user_id: r.get(1),
-                point_id: r.get(2),
-                ts_ms: r.get::<DateTime<Utc>, _>(3).timestamp_millis(),
+            .map(|r| {
+                let ids: Vec<String> = r.get(2);
+                let ts: Vec<DateTime<Utc>> = r.get(3);
+                Snapshot {
+                    bot: std::sync::Arc::from(r.get::<&str, _>(0)),
+                    user: std::sync::Arc::from(r.get::<&str, _>(1)),
+                    points: ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect(),
+                }
+            })
+            .collect())
+    }
+
+    /// Tombstones of forgotten users: (bot, user key, forgotten at).
+    pub async fn load_forgotten(&self) -> Result<Vec<(String, String, Millis)>, StoreError> {
+        let rows = sqlx::query("SELECT bot_name, user_key, forgotten_at FROM recap_forgotten")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
+                )
             })
             .collect())
     }
@@ -124,51 +146,91 @@ async fn renew(conn: &mut sqlx::PgConnection, fence: &Fence) -> Result<(), Store
     }
 }
 
-/// Inserts messages, skipping point ids already known. Returns a flag per input: true when it was new.
+/// Adds points to a stored window's coverage (`recap_windows.point_ids`, `point_ts`: time order), skipping those it
+/// already has. Returns a flag per input: true when it was new to the window. (The worker stores here the points a
+/// window's scroll found that no event named.)
 pub(super) async fn insert_messages(
     tx: &mut Transaction<'_, Postgres>,
     msgs: &[NewMessage],
     window: Option<i64>,
 ) -> Result<Vec<bool>, StoreError> {
+    let Some(window) = window else {
+        return Err(StoreError::Invariant(
+            "messages are stored with their window (open ones live in checkpoints)",
+        ));
+    };
     if msgs.is_empty() {
         return Ok(Vec::new());
     }
-    let bots: Vec<&str> = msgs.iter().map(|m| m.bot.as_str()).collect();
-    let ids: Vec<&str> = msgs.iter().map(|m| m.point_id.as_str()).collect();
-    let users: Vec<&str> = msgs.iter().map(|m| m.user_id.as_str()).collect();
-    let ts: Vec<DateTime<Utc>> = msgs.iter().map(|m| to_utc(m.ts_ms)).collect();
-    let keys: Vec<String> = msgs
-        .iter()
-        .map(|m| super::user_key(&m.bot, &m.user_id))
-        .collect();
-    // A message of a forgotten user stored before the forget is not new (migration 0009).
-    let rows = sqlx::query(
-        "INSERT INTO recap_messages (bot_name, point_id, user_id, ts, window_id)
-         SELECT b, p, u, t, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $6::text[])
-             AS x(b, p, u, t, k)
-         WHERE NOT EXISTS (
-             SELECT 1 FROM recap_forgotten f WHERE f.bot_name = x.b AND f.user_key = x.k AND x.t <= f.forgotten_at)
-         ON CONFLICT (bot_name, point_id) DO NOTHING
-         RETURNING bot_name, point_id",
-    )
-    .bind(&bots)
-    .bind(&ids)
-    .bind(&users)
-    .bind(&ts)
-    .bind(window)
-    .bind(&keys)
-    .fetch_all(&mut **tx)
-    .await?;
-    let inserted: std::collections::HashSet<(String, String)> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut seen = std::collections::HashSet::new();
-    Ok(msgs
+    let row = sqlx::query("SELECT point_ids, point_ts FROM recap_windows WHERE id = $1 FOR UPDATE")
+        .bind(window)
+        .fetch_one(&mut **tx)
+        .await?;
+    let ids: Vec<String> = row.get(0);
+    let ts: Vec<DateTime<Utc>> = row.get(1);
+    let mut points: Vec<(Millis, String)> =
+        ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect();
+    let mut known: std::collections::HashSet<String> =
+        points.iter().map(|(_, id)| id.clone()).collect();
+    let new: Vec<bool> = msgs
         .iter()
         .map(|m| {
-            let key = (m.bot.clone(), m.point_id.clone());
-            inserted.contains(&key) && seen.insert(key)
+            let fresh = known.insert(m.point_id.clone());
+            if fresh {
+                points.push((m.ts_ms, m.point_id.clone()));
+            }
+            fresh
         })
-        .collect())
+        .collect();
+    if new.iter().any(|n| *n) {
+        points.sort();
+        let (ts, ids): (Vec<DateTime<Utc>>, Vec<String>) =
+            points.into_iter().map(|(t, id)| (to_utc(t), id)).unzip();
+        sqlx::query("UPDATE recap_windows SET point_ids = $2, point_ts = $3 WHERE id = $1")
+            .bind(window)
+            .bind(&ids)
+            .bind(&ts)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(new)
+}
+
+/// Rows with variable-length point lists, flattened for `unnest`: the row index (1-based) of each point, its id and
+/// time. SQL regroups them with [`POINTS_BY_ROW_SQL`].
+struct FlatPoints {
+    row: Vec<i64>,
+    ids: Vec<String>,
+    ts: Vec<DateTime<Utc>>,
+}
+
+impl FlatPoints {
+    fn of<'a>(lists: impl IntoIterator<Item = &'a [Point]>) -> FlatPoints {
+        let mut f = FlatPoints {
+            row: Vec::new(),
+            ids: Vec::new(),
+            ts: Vec::new(),
+        };
+        for (i, list) in lists.into_iter().enumerate() {
+            for (t, id) in list {
+                f.row.push(i as i64 + 1);
+                f.ids.push(id.clone());
+                f.ts.push(to_utc(*t));
+            }
+        }
+        f
+    }
+}
+
+/// The point lists of [`FlatPoints`] bound as `$P1` (row), `$P2` (ids), `$P3` (times), one row per list: `(i, ids, ts)`.
+const POINTS_BY_ROW_SQL: &str = "SELECT i, array_agg(id ORDER BY o) AS ids, array_agg(t ORDER BY o) AS ts
+    FROM unnest($P1::int8[], $P2::text[], $P3::timestamptz[]) WITH ORDINALITY AS x(i, id, t, o) GROUP BY i";
+
+fn points_by_row(first: usize) -> String {
+    POINTS_BY_ROW_SQL
+        .replace("$P1", &format!("${first}"))
+        .replace("$P2", &format!("${}", first + 1))
+        .replace("$P3", &format!("${}", first + 2))
 }
 
 /// Which of a batch's closed windows (`$1` bots, `$2` users, `$3` upper and `$4` lower bounds, one element per window)
@@ -190,21 +252,16 @@ pub const MERGE_CANDIDATE_PROBE_SQL: &str =
 /// The stored windows of one key (`$1` bot, `$2` user) a closed window between `$4` and `$3` may belong to, locked.
 /// `$5` is the window's start minus the longest span: no window starting earlier can belong to it
 /// ([`crate::tracker::merge_target`]), so the index range read is bounded by the span, not by the user's history.
-pub const MERGE_CANDIDATES_SQL: &str = "SELECT id, start_ts, end_ts, summary_id FROM recap_windows
+pub const MERGE_CANDIDATES_SQL: &str = "SELECT id, start_ts, end_ts, summary_id, point_ids, point_ts FROM recap_windows
              WHERE bot_name = $1 AND user_id = $2 AND start_ts <= $3 AND start_ts > $5 AND end_ts >= $4
              ORDER BY start_ts FOR UPDATE";
 
-/// One ingest transaction (see the module docs).
+/// One ingest transaction: a checkpoint (see `crate::state`).
 pub struct IngestTx {
     tx: Transaction<'static, Postgres>,
 }
 
 impl IngestTx {
-    /// Inserts messages; returns, per input, whether it was new (redeliveries and re-sweeps are not).
-    pub async fn insert_messages(&mut self, msgs: &[NewMessage]) -> Result<Vec<bool>, StoreError> {
-        insert_messages(&mut self.tx, msgs, None).await
-    }
-
     pub async fn dead_letters(&mut self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         for d in letters {
             sqlx::query(
@@ -227,14 +284,60 @@ impl IngestTx {
         Ok(())
     }
 
-    /// Stores a batch's closed windows, in the order given, as [`IngestTx::close_window`] would one by one, in a
+    /// Stores the open messages of the keys a checkpoint changed: one row per key (upsert), or its removal when it
+    /// has none left. Two statements whatever the number of keys.
+    pub async fn save_snapshots(
+        &mut self,
+        snaps: &[Snapshot],
+        part: i32,
+    ) -> Result<(), StoreError> {
+        let (keep, gone): (Vec<&Snapshot>, Vec<&Snapshot>) =
+            snaps.iter().partition(|s| !s.points.is_empty());
+        if !gone.is_empty() {
+            let b: Vec<&str> = gone.iter().map(|s| &*s.bot).collect();
+            let u: Vec<&str> = gone.iter().map(|s| &*s.user).collect();
+            sqlx::query(
+                "DELETE FROM recap_open_windows o USING unnest($1::text[], $2::text[]) AS k(b, u)
+                 WHERE o.bot_name = k.b AND o.user_id = k.u",
+            )
+            .bind(&b)
+            .bind(&u)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let b: Vec<&str> = keep.iter().map(|s| &*s.bot).collect();
+        let u: Vec<&str> = keep.iter().map(|s| &*s.user).collect();
+        let flat = FlatPoints::of(keep.iter().map(|s| s.points.as_slice()));
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO recap_open_windows (bot_name, user_id, part, point_ids, point_ts)
+             SELECT k.b, k.u, $3, p.ids, p.ts
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(b, u, i) JOIN ({}) p ON p.i = k.i
+             ON CONFLICT (bot_name, user_id) DO UPDATE SET part = EXCLUDED.part, point_ids = EXCLUDED.point_ids,
+                 point_ts = EXCLUDED.point_ts, updated_at = now()",
+            points_by_row(4)
+        )))
+        .bind(&b)
+        .bind(&u)
+        .bind(part)
+        .bind(&flat.row)
+        .bind(&flat.ids)
+        .bind(&flat.ts)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores a checkpoint's closed windows, in the order given, as [`IngestTx::close_window`] would one by one, in a
     /// fixed number of statements: one query finds which windows may belong to a stored one (a late message) and
     /// those, and any key closed twice in the batch, take the one-by-one path; the others (nearly all) are inserted
-    /// together and their open messages assigned together. Returns how many were recorded as too short.
+    /// together with their coverage. Returns how many were recorded as too short.
     pub async fn close_windows(
         &mut self,
         cfg: &TrackerConfig,
-        windows: &[ClosedWindow],
+        windows: &[Closed],
         min_messages: u32,
     ) -> Result<usize, StoreError> {
         if windows.is_empty() {
@@ -244,10 +347,12 @@ impl IngestTx {
             Mode::Session => cfg.idle_gap_ms,
             Mode::Tumbling => 0,
         };
-        let ranges: Vec<(Millis, Millis)> =
-            windows.iter().map(|w| w.message_range(cfg.mode)).collect();
-        let bots: Vec<&str> = windows.iter().map(|w| &*w.bot).collect();
-        let users: Vec<&str> = windows.iter().map(|w| &*w.user).collect();
+        let ranges: Vec<(Millis, Millis)> = windows
+            .iter()
+            .map(|w| w.window.message_range(cfg.mode))
+            .collect();
+        let bots: Vec<&str> = windows.iter().map(|w| &*w.window.bot).collect();
+        let users: Vec<&str> = windows.iter().map(|w| &*w.window.user).collect();
         // Same bounds as close_window's candidate query.
         let his: Vec<DateTime<Utc>> = ranges
             .iter()
@@ -271,32 +376,33 @@ impl IngestTx {
                 .collect();
         let mut per_key: HashMap<(&str, &str), usize> = HashMap::new();
         for w in windows {
-            *per_key.entry((&*w.bot, &*w.user)).or_default() += 1;
+            *per_key
+                .entry((&*w.window.bot, &*w.window.user))
+                .or_default() += 1;
         }
         let one_by_one: Vec<bool> = (0..windows.len())
-            .map(|i| {
-                with_candidates.contains(&(i as i64 + 1))
-                    || per_key[&(&*windows[i].bot, &*windows[i].user)] > 1
-            })
+            .map(|i| with_candidates.contains(&(i as i64 + 1)) || per_key[&(bots[i], users[i])] > 1)
             .collect();
         let mut too_short = 0;
         for (w, _) in windows.iter().zip(&one_by_one).filter(|(_, s)| **s) {
             too_short += usize::from(self.close_window(cfg, w, min_messages).await?.1);
         }
-        let bulk: Vec<usize> = (0..windows.len()).filter(|i| !one_by_one[*i]).collect();
+        let bulk: Vec<&Closed> = (0..windows.len())
+            .filter(|i| !one_by_one[*i])
+            .map(|i| &windows[i])
+            .collect();
         if bulk.is_empty() {
             return Ok(too_short);
         }
-        let b: Vec<&str> = bulk.iter().map(|i| bots[*i]).collect();
-        let u: Vec<&str> = bulk.iter().map(|i| users[*i]).collect();
-        let starts: Vec<DateTime<Utc>> =
-            bulk.iter().map(|i| to_utc(windows[*i].start_ms)).collect();
-        let ends: Vec<DateTime<Utc>> = bulk.iter().map(|i| to_utc(windows[*i].end_ms)).collect();
-        let counts: Vec<i32> = bulk.iter().map(|i| windows[*i].count as i32).collect();
+        let b: Vec<&str> = bulk.iter().map(|w| &*w.window.bot).collect();
+        let u: Vec<&str> = bulk.iter().map(|w| &*w.window.user).collect();
+        let starts: Vec<DateTime<Utc>> = bulk.iter().map(|w| to_utc(w.window.start_ms)).collect();
+        let ends: Vec<DateTime<Utc>> = bulk.iter().map(|w| to_utc(w.window.end_ms)).collect();
+        let counts: Vec<i32> = bulk.iter().map(|w| w.points.len() as i32).collect();
         let states: Vec<&str> = bulk
             .iter()
-            .map(|i| {
-                if windows[*i].count >= min_messages {
+            .map(|w| {
+                if w.points.len() as u32 >= min_messages {
                     "due"
                 } else {
                     "too_short"
@@ -304,59 +410,41 @@ impl IngestTx {
             })
             .collect();
         too_short += states.iter().filter(|s| **s == "too_short").count();
-        // Inserted in the given order (ids ascending); each key occurs once here, so rows map back by key.
-        let rows: Vec<(i64, String, String)> = sqlx::query_as(
-            "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count)
-             SELECT b, u, s, e, st, n FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                 $5::text[], $6::int4[]) WITH ORDINALITY AS x(b, u, s, e, st, n, i)
-             ORDER BY i
-             RETURNING id, bot_name, user_id",
-        )
+        let flat = FlatPoints::of(bulk.iter().map(|w| w.points.as_slice()));
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids, point_ts)
+             SELECT x.b, x.u, x.s, x.e, x.st, x.n, p.ids, p.ts
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[], $6::int4[])
+                 WITH ORDINALITY AS x(b, u, s, e, st, n, i)
+             JOIN ({}) p ON p.i = x.i
+             ORDER BY x.i",
+            points_by_row(7)
+        )))
         .bind(&b)
         .bind(&u)
         .bind(&starts)
         .bind(&ends)
         .bind(&states)
         .bind(&counts)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let by_key: HashMap<(&str, &str), i64> = rows
-            .iter()
-            .map(|(id, b, u)| ((b.as_str(), u.as_str()), *id))
-            .collect();
-        let ids: Vec<i64> = bulk
-            .iter()
-            .map(|i| by_key.get(&(bots[*i], users[*i])).copied())
-            .collect::<Option<_>>()
-            .ok_or(StoreError::Invariant(
-                "a window inserted in bulk was not returned",
-            ))?;
-        let lo: Vec<DateTime<Utc>> = bulk.iter().map(|i| to_utc(ranges[*i].0)).collect();
-        let hi: Vec<DateTime<Utc>> = bulk.iter().map(|i| to_utc(ranges[*i].1)).collect();
-        sqlx::query(
-            "UPDATE recap_messages m SET window_id = c.id
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS c(id, b, u, lo, hi)
-             WHERE m.bot_name = c.b AND m.user_id = c.u AND m.window_id IS NULL AND m.ts >= c.lo AND m.ts <= c.hi",
-        )
-        .bind(&ids)
-        .bind(&b)
-        .bind(&u)
-        .bind(&lo)
-        .bind(&hi)
+        .bind(&flat.row)
+        .bind(&flat.ids)
+        .bind(&flat.ts)
         .execute(&mut *self.tx)
         .await?;
         Ok(too_short)
     }
 
-    /// Stores a closed window: merged into a stored window it belongs to (a late message), or inserted as a new one
-    /// (`due`, or `too_short` under `min_messages`). Assigns the window's open messages to it.
+    /// Stores a closed window: merged into the stored window(s) it belongs to (a late message, or a message read
+    /// again after its window closed), or inserted as a new one (`due`, or `too_short` under `min_messages`).
+    /// A window whose points the stored windows already cover (a redelivery, the sweep's overlap) changes nothing.
     /// Returns the window's id and whether it is recorded as too short.
     pub async fn close_window(
         &mut self,
         cfg: &TrackerConfig,
-        w: &ClosedWindow,
+        c: &Closed,
         min_messages: u32,
     ) -> Result<(i64, bool), StoreError> {
+        let w = &c.window;
         let (lo, hi) = w.message_range(cfg.mode);
         let gap = match cfg.mode {
             Mode::Session => cfg.idle_gap_ms,
@@ -370,41 +458,72 @@ impl IngestTx {
             .bind(to_utc(w.start_ms.saturating_sub(cfg.max_span_ms)))
             .fetch_all(&mut *self.tx)
             .await?;
-        let existing: Vec<(i64, Millis, Millis, Option<i32>)> = candidates
+        struct Candidate {
+            id: i64,
+            start: Millis,
+            end: Millis,
+            summary: Option<i32>,
+            points: Vec<Point>,
+        }
+        let existing: Vec<Candidate> = candidates
             .iter()
             .map(|r| {
-                (
-                    r.get(0),
-                    r.get::<DateTime<Utc>, _>(1).timestamp_millis(),
-                    r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
-                    r.get(3),
-                )
+                let ids: Vec<String> = r.get(4);
+                let ts: Vec<DateTime<Utc>> = r.get(5);
+                Candidate {
+                    id: r.get(0),
+                    start: r.get::<DateTime<Utc>, _>(1).timestamp_millis(),
+                    end: r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
+                    summary: r.get(3),
+                    points: ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect(),
+                }
             })
             .collect();
-        let spans: Vec<(Millis, Millis)> = existing.iter().map(|(_, s, e, _)| (*s, *e)).collect();
-        let targets = crate::tracker::merge_targets(cfg, &spans, (w.start_ms, w.end_ms));
+        // De-duplication against the closed windows' coverage: points a stored window already has are not new.
+        let covered: std::collections::HashSet<&str> = existing
+            .iter()
+            .flat_map(|e| e.points.iter().map(|(_, id)| id.as_str()))
+            .collect();
+        let fresh: Vec<&Point> = c
+            .points
+            .iter()
+            .filter(|(_, id)| !covered.contains(id.as_str()))
+            .collect();
+        if fresh.is_empty() {
+            // Every point is stored already (read again after its window closed): nothing changes.
+            let id = existing.first().map_or(0, |e| e.id);
+            return Ok((id, false));
+        }
+        let (f_lo, f_hi) = (
+            fresh.iter().map(|p| p.0).min().unwrap_or(w.start_ms),
+            fresh.iter().map(|p| p.0).max().unwrap_or(w.end_ms),
+        );
+        // The window as the fresh points alone make it (session: their span; tumbling: the bucket).
+        let (w_start, w_end) = match cfg.mode {
+            Mode::Session => (f_lo, f_hi),
+            Mode::Tumbling => (w.start_ms, w.end_ms),
+        };
+        let spans: Vec<(Millis, Millis)> = existing.iter().map(|e| (e.start, e.end)).collect();
+        let targets = crate::tracker::merge_targets(cfg, &spans, (w_start, w_end));
         let (id, state): (i64, String) = match targets.split_first() {
             Some((&first, rest)) => {
-                let (id, _, _, _) = existing[first];
+                let id = existing[first].id;
                 // A late message that bridges stored windows joins them (the window definition gives one): the
-                // later ones' messages move to the first, their rows (window and summary) are deleted.
-                let (mut start, mut end, mut count) = (w.start_ms, w.end_ms, w.count as i32);
+                // later ones' points move to the first, their rows (window and summary) are deleted.
+                let (mut start, mut end) = (w_start, w_end);
+                let mut points: Vec<Point> = existing[first].points.clone();
+                start = start.min(existing[first].start);
+                end = end.max(existing[first].end);
                 for &j in rest {
-                    let (other, s, e, summary) = existing[j];
-                    start = start.min(s);
-                    end = end.max(e);
-                    count += sqlx::query_scalar::<_, i32>(
-                        "DELETE FROM recap_windows WHERE id = $1 RETURNING message_count",
-                    )
-                    .bind(other)
-                    .fetch_one(&mut *self.tx)
-                    .await?;
-                    sqlx::query("UPDATE recap_messages SET window_id = $1 WHERE window_id = $2")
-                        .bind(id)
-                        .bind(other)
+                    let other = &existing[j];
+                    start = start.min(other.start);
+                    end = end.max(other.end);
+                    points.extend(other.points.iter().cloned());
+                    sqlx::query("DELETE FROM recap_windows WHERE id = $1")
+                        .bind(other.id)
                         .execute(&mut *self.tx)
                         .await?;
-                    if let Some(row) = summary {
+                    if let Some(row) = other.summary {
                         sqlx::query(
                             "DELETE FROM conversation_summaries WHERE id = $1 AND bot_name = $2 AND user_id = $3",
                         )
@@ -415,10 +534,15 @@ impl IngestTx {
                         .await?;
                     }
                 }
+                points.extend(fresh.into_iter().cloned());
+                points.sort();
+                points.dedup_by(|a, b| a.1 == b.1);
+                let (ts, ids): (Vec<DateTime<Utc>>, Vec<String>) =
+                    points.into_iter().map(|(t, id)| (to_utc(t), id)).unzip();
                 let state = sqlx::query_scalar(
                     "UPDATE recap_windows SET start_ts = LEAST(start_ts, $2), end_ts = GREATEST(end_ts, $3),
-                        message_count = message_count + $4, version = version + 1,
-                        state = CASE WHEN message_count + $4 >= $5 THEN 'due' ELSE 'too_short' END,
+                        message_count = cardinality($5::text[]), point_ids = $5, point_ts = $6, version = version + 1,
+                        state = CASE WHEN cardinality($5::text[]) >= $4 THEN 'due' ELSE 'too_short' END,
                         attempts = 0, not_before = NULL, closed_at = now(), updated_at = now()
                      WHERE id = $1
                      RETURNING state",
@@ -426,37 +550,38 @@ impl IngestTx {
                 .bind(id)
                 .bind(to_utc(start))
                 .bind(to_utc(end))
-                .bind(count)
                 .bind(min_messages as i32)
+                .bind(&ids)
+                .bind(&ts)
                 .fetch_one(&mut *self.tx)
                 .await?;
                 (id, state)
             }
-            None => sqlx::query_as(
-                "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 RETURNING id, state",
-            )
-            .bind(&*w.bot)
-            .bind(&*w.user)
-            .bind(to_utc(w.start_ms))
-            .bind(to_utc(w.end_ms))
-            .bind(if w.count >= min_messages { "due" } else { "too_short" })
-            .bind(w.count as i32)
-            .fetch_one(&mut *self.tx)
-            .await?,
+            None => {
+                let (ts, ids): (Vec<DateTime<Utc>>, Vec<String>) =
+                    fresh.iter().map(|(t, id)| (to_utc(*t), id.clone())).unzip();
+                sqlx::query_as(
+                    "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids,
+                         point_ts)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     RETURNING id, state",
+                )
+                .bind(&*w.bot)
+                .bind(&*w.user)
+                .bind(to_utc(w_start))
+                .bind(to_utc(w_end))
+                .bind(if ids.len() as u32 >= min_messages {
+                    "due"
+                } else {
+                    "too_short"
+                })
+                .bind(ids.len() as i32)
+                .bind(&ids)
+                .bind(&ts)
+                .fetch_one(&mut *self.tx)
+                .await?
+            }
         };
-        sqlx::query(
-            "UPDATE recap_messages SET window_id = $1
-             WHERE bot_name = $2 AND user_id = $3 AND window_id IS NULL AND ts >= $4 AND ts <= $5",
-        )
-        .bind(id)
-        .bind(&*w.bot)
-        .bind(&*w.user)
-        .bind(to_utc(lo))
-        .bind(to_utc(hi))
-        .execute(&mut *self.tx)
-        .await?;
         Ok((id, state == "too_short"))
     }
 

@@ -28,10 +28,11 @@ impl Store {
         let dead_letters: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_dead_letters")
             .fetch_one(&self.pool)
             .await?;
-        let open_messages: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM recap_messages WHERE window_id IS NULL")
-                .fetch_one(&self.pool)
-                .await?;
+        let open_messages: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(cardinality(point_ids)), 0)::int8 FROM recap_open_windows",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         let spend: f64 = sqlx::query_scalar(
             "SELECT coalesce((SELECT spent_usd FROM recap_llm_spend WHERE day = (now() AT TIME ZONE 'UTC')::date), 0)",
         )

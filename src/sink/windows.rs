@@ -57,13 +57,12 @@ impl Store {
 
     /// The point ids assigned to a window.
     pub async fn window_points(&self, window_id: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT point_id FROM recap_messages WHERE window_id = $1 ORDER BY ts, point_id",
-        )
-        .bind(window_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        let ids: Option<Vec<String>> =
+            sqlx::query_scalar("SELECT point_ids FROM recap_windows WHERE id = $1")
+                .bind(window_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(ids.unwrap_or_default())
     }
 
     /// Gives back every lease `owner` holds (graceful shutdown).

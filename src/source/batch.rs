@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use crate::sink::{DeadLetter, NewMessage};
+use crate::sink::{DeadLetter, NewMessage, Store};
 
 /// One batch of input for one ingest transaction.
 #[derive(Debug, Default)]
@@ -34,14 +34,26 @@ pub enum SourceError {
     Nats(String),
     #[error("qdrant: {0}")]
     Qdrant(#[from] crate::fetch::FetchError),
+    #[error("postgres: {0}")]
+    Store(#[from] crate::sink::StoreError),
 }
 
 /// A source of message batches.
 pub trait Source: Send {
     /// The next batch (possibly empty, with `caught_up` set, after waiting a short while for input).
     fn next_batch(&mut self) -> impl Future<Output = Result<Batch, SourceError>> + Send;
-    /// The last batch is committed: acknowledge it.
+    /// Everything handed out so far is durable (its checkpoint committed): acknowledge it.
     fn commit(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
-    /// The last batch was not committed: it must come again.
+    /// The last batch is applied in memory: read on past it, but acknowledge nothing yet (that waits for the
+    /// checkpoint and [`Source::commit`]). Sources whose position lives only in the checkpoint need nothing here.
+    fn advance(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// What was handed out since the last commit is lost: it must come again.
     fn abandon(&mut self) -> impl Future<Output = ()> + Send;
+    /// The ingest state was restored from the last checkpoint: go back to the position stored with it, so
+    /// everything after it comes again (and nothing before it does).
+    fn rewind(&mut self, _store: &Store) -> impl Future<Output = Result<(), SourceError>> + Send {
+        async { Ok(()) }
+    }
 }

@@ -2,6 +2,7 @@
 
 use super::batch::{Batch, Source, SourceError};
 use super::{nats, sweep};
+use crate::sink::Store;
 
 /// Events and the sweep together (`recap run` with NATS_URL): the sweep runs a cycle every
 /// ENRICHMENT_INTERVAL_SECONDS and catches what events missed. Both feed the same ingest transaction path, so a
@@ -72,18 +73,24 @@ impl Source for Hybrid {
     }
 
     async fn commit(&mut self) -> Result<(), SourceError> {
+        // Everything handed out is durable: a sweep page still pending moves its cursor, events are acknowledged.
+        self.sweep.commit().await?;
+        self.events.commit().await
+    }
+
+    async fn advance(&mut self) {
         if self.last_from_sweep {
-            self.sweep.commit().await
-        } else {
-            self.events.commit().await
+            self.sweep.advance().await
         }
     }
 
     async fn abandon(&mut self) {
-        if self.last_from_sweep {
-            self.sweep.abandon().await
-        } else {
-            self.events.abandon().await
-        }
+        self.sweep.abandon().await;
+        self.events.abandon().await;
+    }
+
+    async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
+        self.sweep.rewind(store).await?;
+        self.events.rewind(store).await
     }
 }

@@ -13,7 +13,8 @@ use futures::{FutureExt, StreamExt};
 
 use super::batch::{Batch, Source, SourceError};
 use crate::event::StoredEvent;
-use crate::sink::{DeadLetter, NewMessage};
+use crate::sink::{DeadLetter, NewMessage, Store};
+use tracing::{debug, warn};
 
 pub const STREAM_JSON: &str = include_str!("../../nats/stream.json");
 pub const CONSUMER_JSON: &str = include_str!("../../nats/consumer.json");
@@ -218,7 +219,14 @@ pub struct NatsSource {
     client: async_nats::Client,
     consumer: PullConsumer,
     settings: NatsSettings,
+    /// Messages handed out since the last commit (acknowledged by it).
     in_flight: Vec<jetstream::Message>,
+    /// The highest stream sequence handed out since the last rewind: a message at or below it is a redelivery of
+    /// one already applied (its ack was still waiting for the checkpoint) and is only acknowledged again.
+    max_seq: Option<u64>,
+    /// A durable consumer (the ingest loop's), rewound to the stored position when ingest restores its state; a
+    /// replay's ephemeral consumer is not.
+    durable: bool,
     /// The pull stream: it keeps pull requests outstanding, so the next messages arrive while the current batch is
     /// being committed. Dropped on any error and opened again by the next call.
     stream: Option<jetstream::consumer::pull::Stream>,
@@ -236,6 +244,8 @@ impl NatsSource {
             consumer,
             settings,
             in_flight: Vec::new(),
+            max_seq: None,
+            durable: true,
             stream: None,
             wait: Duration::from_millis(500),
         }
@@ -264,7 +274,9 @@ impl NatsSource {
             consumer: "replay".into(),
             ..settings
         };
-        Ok(NatsSource::new(client, consumer, settings))
+        let mut source = NatsSource::new(client, consumer, settings);
+        source.durable = false;
+        Ok(source)
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -309,9 +321,8 @@ impl NatsSource {
 
 impl Source for NatsSource {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
-        // Anything still held here was never committed (an earlier call failed half-way): leave it unacknowledged so
-        // JetStream redelivers it, and never acknowledge it with the next batch.
-        self.in_flight.clear();
+        // Messages handed out before are still held (acknowledged together by the commit after the next checkpoint).
+        let held = self.in_flight.len();
         let mut batch = Batch::default();
         let max = self.settings.batch_size.max(1);
         let wait = self.wait;
@@ -362,30 +373,40 @@ impl Source for NatsSource {
                     .info()
                     .map(|i| (Some(i.stream_sequence), Some(i.pending)))
                     .unwrap_or((None, None));
-                last_seq = seq.or(last_seq);
                 pending = pend;
+                if let (Some(s), Some(max)) = (seq, self.max_seq)
+                    && s <= max
+                {
+                    // Redelivered while its first delivery waited for the checkpoint: applied already.
+                    metrics::counter!("recap_events_redelivered_total").increment(1);
+                    self.in_flight.push(m);
+                    continue;
+                }
+                last_seq = seq.or(last_seq);
+                self.max_seq = seq.max(self.max_seq);
                 accept(&mut batch, m.subject.as_str(), seq, &m.payload);
                 self.in_flight.push(m);
             }
         }
         if let Some(e) = failed {
             self.stream = None; // opened again by the next call
-            if self.in_flight.is_empty() {
+            if self.in_flight.len() == held {
                 return Err(e);
             }
             tracing::debug!(error = %e, "pull stream failed after part of a batch; handing that part on");
         }
-        metrics::counter!("recap_events_consumed_total").increment(self.in_flight.len() as u64);
+        let got = self.in_flight.len() - held;
+        metrics::counter!("recap_events_consumed_total").increment(got as u64);
         // Caught up means nothing left anywhere: no undelivered messages and none delivered (to us, still buffered
         // in the pull stream, or to a crashed process) and unacknowledged — those belong to windows still open.
         // The last message tells how many were undelivered when it was sent; only when that is 0 (or nothing came)
         // is the consumer asked.
-        if self.in_flight.is_empty() || pending == Some(0) {
+        if got == 0 || pending == Some(0) {
             // The batch holds messages already: if the consumer info cannot be read, hand the batch on as not
             // caught up rather than fail it (a failed next_batch must not leave delivered messages behind).
             batch.caught_up = match self.consumer.get_info().await {
                 Ok(info) => info.num_pending == 0 && info.num_ack_pending <= self.in_flight.len(),
-                Err(e) if !self.in_flight.is_empty() => {
+                Err(e) if got > 0 => {
                     tracing::debug!(error = %e, "consumer info unavailable; batch not caught up");
                     false
                 }
@@ -410,9 +431,49 @@ impl Source for NatsSource {
     }
 
     async fn abandon(&mut self) {
-        // Not acknowledged: JetStream redelivers after ack_wait. A NAK would redeliver sooner, but during an outage
-        // that only spins; ack_wait is the back-off.
+        // Not acknowledged: JetStream redelivers after ack_wait (or the rewind that follows re-reads them). A NAK
+        // would redeliver sooner, but during an outage that only spins; ack_wait is the back-off.
         self.in_flight.clear();
+        self.max_seq = None;
+    }
+
+    async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
+        self.in_flight.clear();
+        self.max_seq = None;
+        self.stream = None;
+        if !self.durable {
+            return Ok(());
+        }
+        let Some(position) = store.checkpoint(&self.checkpoint_name()).await? else {
+            return Ok(()); // nothing stored yet: the consumer starts where it is
+        };
+        // The consumer may have delivered past the stored position (to this process before a failed checkpoint, to
+        // a crashed replica) and would redeliver that only after ack_wait, behind newer messages: recreate it at the
+        // position, so the stream comes again in order from there.
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(&self.settings.stream).await.map_err(err)?;
+        let last = stream.info().await.map_err(err)?.state.last_sequence;
+        let mut config = consumer_config(&self.settings)?;
+        let next = position as u64 + 1;
+        if next > last + 1 {
+            warn!(
+                position,
+                last,
+                "stored stream position is past the stream's end (stream recreated?); reading it from the start"
+            );
+        } else {
+            config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: next,
+            };
+        }
+        match stream.delete_consumer(&self.settings.consumer).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(err(e)),
+        }
+        self.consumer = stream.create_consumer(config).await.map_err(err)?;
+        debug!(next, "consumer rewound to the stored position");
+        Ok(())
     }
 }
 

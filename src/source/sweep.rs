@@ -378,14 +378,19 @@ impl Source for SweepSource {
     }
 
     async fn commit(&mut self) -> Result<(), SourceError> {
+        self.advance().await;
+        Ok(())
+    }
+
+    async fn advance(&mut self) {
         let Some(p) = self.pending.take() else {
-            return Ok(());
+            return;
         };
         let Some(cycle) = self.cycle.as_mut() else {
-            return Ok(());
+            return;
         };
         let Some(sweep) = cycle.current.as_mut() else {
-            return Ok(());
+            return;
         };
         sweep.max_seen = p.max_seen;
         if let Some(r) = cycle.report.collections.last_mut() {
@@ -401,12 +406,22 @@ impl Source for SweepSource {
                 }
             }
         }
-        Ok(())
     }
 
     async fn abandon(&mut self) {
         // The committed cursor did not move: the next call reads the same page again.
         self.pending = None;
+    }
+
+    async fn rewind(&mut self, _store: &Store) -> Result<(), SourceError> {
+        // Pages applied since the last checkpoint are lost with the state: start a cycle again now, from the stored
+        // checkpoints, and tick nothing until it completes (the old horizon counted pages no longer applied).
+        self.pending = None;
+        if self.cycle.take().is_some() || self.horizon.is_some() {
+            self.horizon = None;
+            self.next_cycle = Instant::now();
+        }
+        Ok(())
     }
 }
 
