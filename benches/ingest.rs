@@ -202,7 +202,7 @@ async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize,
         source.advance().await;
         done += got;
         let last = done >= n;
-        if last || ingest.checkpoint_due() {
+        if last || ingest.checkpoint_due(batch.caught_up) {
             ingest.checkpoint().await.expect("checkpoint");
             checkpoints += 1;
             let p2 = Instant::now();

@@ -179,16 +179,23 @@ impl Ingest {
         Ok(applied)
     }
 
-    /// A checkpoint is due: `CHECKPOINT_INTERVAL` passed since the last one with something to store (or the lease
-    /// needs renewing), or `CHECKPOINT_MESSAGES` events were read.
-    pub fn checkpoint_due(&self) -> bool {
+    /// A checkpoint is due after a batch: with something to store, when the source is caught up (nothing more is
+    /// waiting: store it now, as fresh as it gets) or `CHECKPOINT_INTERVAL` passed since the last one; or when
+    /// `CHECKPOINT_MESSAGES` events were read; or when the lease needs renewing. Under a backlog that makes one
+    /// transaction per interval (or per `CHECKPOINT_MESSAGES`), however many batches it covers.
+    pub fn checkpoint_due(&self, caught_up: bool) -> bool {
         let cfg = &self.ctx.cfg.service;
         let every = cfg.checkpoint_interval.min(self.fence.ttl / 3);
         let elapsed = self.last_checkpoint.elapsed();
+        let pending = self.state.is_dirty() || !self.letters.is_empty() || self.read > 0;
         self.read >= cfg.checkpoint_messages
-            || (elapsed >= every
-                && (self.state.is_dirty() || !self.letters.is_empty() || self.read > 0))
+            || (pending && (caught_up || elapsed >= every))
             || elapsed > self.fence.ttl / 3
+    }
+
+    /// Nothing read or changed since the last checkpoint.
+    pub fn is_clean(&self) -> bool {
+        !self.state.is_dirty() && self.letters.is_empty() && self.read == 0
     }
 
     /// Writes a checkpoint in one transaction (durably: `synchronous_commit` on): the snapshots of the keys changed
@@ -363,10 +370,11 @@ pub async fn run_ingest_with<S: Source>(
             let result = match absorbed {
                 Ok(_) => {
                     source.advance().await;
-                    if ingest.checkpoint_due() {
+                    if ingest.checkpoint_due(batch.caught_up) {
                         ingest.checkpoint().await.map(|_| true)
                     } else {
-                        Ok(false)
+                        // Nothing read since the last checkpoint: all that was handed out is durable already.
+                        Ok(ingest.is_clean())
                     }
                 }
                 Err(e) => Err(e),
@@ -375,7 +383,7 @@ pub async fn run_ingest_with<S: Source>(
                 Ok(checkpointed) => {
                     backoff = new_backoff();
                     if checkpointed {
-                        // A checkpoint just committed: acknowledge everything it covers.
+                        // A checkpoint just committed (or there was nothing to store): acknowledge what it covers.
                         if let Err(e) = source.commit().await {
                             // Committed but not acknowledged: redelivered, and skipped by the stored position.
                             warn!(error = %e, "acknowledging the checkpoint failed; it will be redelivered and skipped");
