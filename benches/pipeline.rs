@@ -266,6 +266,7 @@ async fn prepare(store: &Store, cfg: &recap::config::Config, bot: &str, wins: &[
                     .iter()
                     .map(|m| (m.ts_ms, m.point_id.clone()))
                     .collect(),
+                clamped: false,
             };
             tx.close_window(&tcfg, &cw, cfg.windows.min_messages_for_summary)
                 .await

@@ -28,6 +28,9 @@ pub type Point = (Millis, String);
 pub struct Closed {
     pub window: ClosedWindow,
     pub points: Vec<Point>,
+    /// Some point was stamped ahead of the clock when read (its time here is its arrival, which a later read of the
+    /// same point would not repeat): the sink checks these points against every stored window of the key.
+    pub clamped: bool,
 }
 
 /// One key's open messages as stored in a snapshot row (`points` empty: the key has no open message any more).
@@ -65,6 +68,8 @@ impl Checkpoint {
 struct KeyBuf {
     /// Sorted by (time, point id); the same message set as the tracker's key.
     points: Vec<Point>,
+    /// Points stamped ahead of the clock when read: point id -> stored time (usually empty).
+    clamped: HashMap<String, Millis>,
     /// A snapshot row exists for this key (so closing its last window must delete it).
     stored: bool,
 }
@@ -80,8 +85,16 @@ pub struct State {
     /// Forgotten users: (bot, user key) -> forgotten at. Messages stored up to then are not new.
     forgotten: HashMap<(String, String), Millis>,
     forgotten_bots: HashSet<String>,
+    /// Points stamped ahead of the clock whose window closed: (bot, point id) -> stored time. Read again (the sweep
+    /// re-reads them while its overlap covers their stored time), they would get a new arrival time and open a new
+    /// window; they are duplicates until a day past their stored time.
+    closed_clamped: HashMap<(Arc<str>, String), Millis>,
     messages: usize,
 }
+
+/// How long after its stored time a closed point stamped ahead of the clock is remembered (`MAX_FUTURE_MS`: one later
+/// than that is a dead letter anyway).
+const CLAMPED_MEMORY_MS: Millis = 24 * 3_600_000;
 
 impl State {
     pub fn new(cfg: TrackerConfig) -> State {
@@ -93,6 +106,7 @@ impl State {
             positions: HashMap::new(),
             forgotten: HashMap::new(),
             forgotten_bots: HashSet::new(),
+            closed_clamped: HashMap::new(),
             messages: 0,
         }
     }
@@ -118,6 +132,7 @@ impl State {
                     (snap.bot, snap.user),
                     KeyBuf {
                         points,
+                        clamped: HashMap::new(),
                         stored: true,
                     },
                 );
@@ -169,19 +184,33 @@ impl State {
             .is_some_and(|at| ts <= *at)
     }
 
-    /// Feeds one message (its time already the effective time: see `tracker::effective_time`). `None` when the
-    /// message belongs to a forgotten user.
+    /// Feeds one message read at wall-clock time `now`. A message stamped ahead of the clock (a host whose clock is
+    /// fast) is tracked at its arrival time (`tracker::effective_time`), so it moves no watermark past the clock.
+    /// `None` when the message belongs to a forgotten user.
     pub fn observe(
         &mut self,
         bot: &str,
         user: &str,
         point_id: &str,
         ts: Millis,
+        now: Millis,
     ) -> Option<Observed> {
         if self.is_forgotten(bot, user, ts) {
             return None;
         }
-        let o = self.tracker.observe(bot, user, point_id, ts);
+        let clamped = ts > now;
+        if clamped && !self.closed_clamped.is_empty() {
+            self.closed_clamped
+                .retain(|_, stored| stored.saturating_add(CLAMPED_MEMORY_MS) > now);
+            if self
+                .closed_clamped
+                .contains_key(&(Arc::from(bot), point_id.to_string()))
+            {
+                return Some(Observed::Duplicate);
+            }
+        }
+        let eff = crate::tracker::effective_time(ts, now);
+        let o = self.tracker.observe(bot, user, point_id, eff);
         if let Observed::Accepted { .. } = o {
             self.messages += 1;
             let key: Key = (Arc::from(bot), Arc::from(user));
@@ -189,11 +218,15 @@ impl State {
             let stored = !self.open.contains_key(&key) && self.dirty.contains(&key);
             let buf = self.open.entry(key.clone()).or_insert_with(|| KeyBuf {
                 points: Vec::new(),
+                clamped: HashMap::new(),
                 stored,
             });
-            let p = (ts, point_id.to_string());
+            let p = (eff, point_id.to_string());
             let at = buf.points.partition_point(|q| *q < p);
             buf.points.insert(at, p);
+            if clamped {
+                buf.clamped.insert(point_id.to_string(), ts);
+            }
             self.dirty.insert(key);
         }
         Some(o)
@@ -235,6 +268,16 @@ impl State {
             let points: Vec<Point> = buf.points.drain(..end).collect();
             debug_assert!(points.iter().all(|(t, _)| *t >= lo));
             debug_assert_eq!(points.len(), w.count as usize);
+            let mut clamped = false;
+            if !buf.clamped.is_empty() {
+                for (_, id) in &points {
+                    if let Some(stored) = buf.clamped.remove(id) {
+                        clamped = true;
+                        self.closed_clamped
+                            .insert((w.bot.clone(), id.clone()), stored);
+                    }
+                }
+            }
             if buf.points.is_empty() {
                 let stored = buf.stored;
                 self.open.remove(&key);
@@ -246,7 +289,11 @@ impl State {
             } else {
                 self.dirty.insert(key);
             }
-            self.closed.push(Closed { window: w, points });
+            self.closed.push(Closed {
+                window: w,
+                points,
+                clamped,
+            });
         }
         n
     }
@@ -339,14 +386,9 @@ mod tests {
     }
 
     fn feed(s: &mut State, msgs: &[(u8, u8, u16)]) {
-        for (i, (u, id, t)) in msgs.iter().enumerate() {
-            let _ = i;
-            s.observe(
-                "bot",
-                &format!("u{u}"),
-                &format!("p{id}"),
-                i64::from(*t) * MIN / 4,
-            );
+        for (u, id, t) in msgs {
+            let ts = i64::from(*t) * MIN / 4;
+            s.observe("bot", &format!("u{u}"), &format!("p{id}"), ts, ts);
             s.close_due();
         }
     }
@@ -410,17 +452,17 @@ mod tests {
     fn only_changed_keys_are_snapshotted_and_a_key_that_opened_and_closed_between_checkpoints_writes_no_row()
      {
         let mut s = State::new(cfg());
-        s.observe("b", "a", "1", 0);
-        s.observe("b", "z", "2", 0);
+        s.observe("b", "a", "1", 0, 0);
+        s.observe("b", "z", "2", 0, 0);
         let c = s.take_checkpoint();
         assert_eq!(c.snapshots.len(), 2);
         assert_eq!(c.messages, 2);
-        s.observe("b", "a", "3", MIN);
+        s.observe("b", "a", "3", MIN, MIN);
         let c = s.take_checkpoint();
         assert_eq!(c.snapshots.len(), 1, "only the changed key");
         assert_eq!(c.snapshots[0].points.len(), 2);
         // A key opened and closed within one checkpoint interval: its window, no snapshot row.
-        s.observe("b", "short", "9", 2 * MIN);
+        s.observe("b", "short", "9", 2 * MIN, 2 * MIN);
         s.tick(100 * MIN);
         assert_eq!(s.close_due(), 3);
         let c = s.take_checkpoint();
@@ -435,17 +477,48 @@ mod tests {
     }
 
     #[test]
+    fn a_point_stamped_ahead_of_the_clock_read_again_after_its_window_closed_is_a_duplicate() {
+        let mut s = State::new(cfg());
+        let fast = 20 * MIN; // the host's clock is 20 minutes ahead
+        for (i, t) in [0, MIN, 2 * MIN].iter().enumerate() {
+            s.observe("b", "f", &format!("p{i}"), t + fast, *t);
+        }
+        s.tick(15 * MIN);
+        assert_eq!(s.close_due(), 1);
+        let c = s.take_checkpoint();
+        assert!(
+            c.closed[0].clamped,
+            "the window is marked for the key-wide coverage check"
+        );
+        assert_eq!(c.closed[0].points.len(), 3);
+        // the sweep reads the points again: their arrival time would be now, in no stored window's range
+        for i in 0..3 {
+            assert_eq!(
+                s.observe("b", "f", &format!("p{i}"), i as i64 * MIN + fast, 16 * MIN),
+                Some(Observed::Duplicate)
+            );
+        }
+        assert_eq!(s.open_keys(), 0, "nothing reopened");
+        // a day past their stored time they are forgotten (a read then would be a dead letter by MAX_FUTURE_MS)
+        assert!(matches!(
+            s.observe("b", "f", "p0", 30 * 3_600_000, 26 * 3_600_000),
+            Some(Observed::Accepted { .. })
+        ));
+    }
+
+    #[test]
     fn a_duplicate_is_not_counted_and_a_forgotten_users_old_message_is_skipped() {
         let mut s = State::new(cfg());
         assert!(matches!(
-            s.observe("b", "u", "1", 0),
+            s.observe("b", "u", "1", 0, 0),
             Some(Observed::Accepted { .. })
         ));
-        assert_eq!(s.observe("b", "u", "1", 0), Some(Observed::Duplicate));
+        assert_eq!(s.observe("b", "u", "1", 0, 0), Some(Observed::Duplicate));
         s.set_forgotten([("b".to_string(), crate::sink::user_key("b", "gone"), 5 * MIN)]);
-        assert_eq!(s.observe("b", "gone", "2", 5 * MIN), None);
+        assert_eq!(s.observe("b", "gone", "2", 5 * MIN, 5 * MIN), None);
         assert!(
-            s.observe("b", "gone", "3", 5 * MIN + 1).is_some(),
+            s.observe("b", "gone", "3", 5 * MIN + 1, 5 * MIN + 1)
+                .is_some(),
             "later messages start fresh"
         );
         assert_eq!(s.take_checkpoint().messages, 2);

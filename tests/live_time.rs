@@ -310,7 +310,9 @@ async fn run_mode(mode: Mode) -> Outcome {
             .find(|(u, s)| *u == user && (s - start.timestamp_millis()).abs() <= 1)
             .cloned()
             .expect("a deadline for each row");
-        freshness_ms.push(at.timestamp_millis() - deadlines[&key]);
+        let f = at.timestamp_millis() - deadlines[&key];
+        println!("{mode:?}: {user} window from {start} finished {f} ms after its idle deadline");
+        freshness_ms.push(f);
     }
     let _ = q.delete_collection(&collection).await;
     Outcome { mode, freshness_ms }

@@ -250,8 +250,10 @@ impl MiniIngest {
     }
 
     async fn apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let now = chrono::Utc::now().timestamp_millis();
         for m in &batch.messages {
-            self.state.observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms);
+            self.state
+                .observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms, now);
         }
         if batch.caught_up {
             self.state.tick(chrono::Utc::now().timestamp_millis());

@@ -155,8 +155,10 @@ impl Ingest {
                 });
                 continue;
             }
-            let ts = crate::tracker::effective_time(m.ts_ms, now);
-            match self.state.observe(&m.bot, &m.user_id, &m.point_id, ts) {
+            match self
+                .state
+                .observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms, now)
+            {
                 Some(Observed::Accepted { late }) => {
                     applied.new += 1;
                     applied.late += usize::from(late);

@@ -1,9 +1,11 @@
 //! The shell around the pure core: the ingest loop (source -> tracker -> store) and the window workers
 //! (store -> fetch -> summarize -> sink). The only place that reads the clock for the tracker.
 //!
-//! * Ingest runs on one replica at a time (the leader, fenced by epoch in every transaction): it feeds each batch's new
-//!   messages to the tracker, stores what the tracker closed in the same transaction, and only then lets the source
-//!   acknowledge. On any failure it rebuilds the tracker from Postgres, the truth.
+//! * Ingest runs on one replica at a time (the leader, fenced by epoch in every transaction): it feeds each batch to
+//!   the in-memory operator state (`crate::state`), writes a checkpoint (changed open keys, closed windows with their
+//!   coverage, watermarks, positions) every `CHECKPOINT_INTERVAL` / `CHECKPOINT_MESSAGES` or when the source is caught
+//!   up, and only then lets the source acknowledge. On any failure it restores the state from the last checkpoint and
+//!   rewinds the source to the position stored with it.
 //! * Workers run on every replica: they claim due windows with a lease (`FOR UPDATE SKIP LOCKED`), fetch, summarize
 //!   and finish each window in one transaction.
 

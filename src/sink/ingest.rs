@@ -1,4 +1,5 @@
-//! The ingest side: the leader lease (the fence), the tracker state read at start, and the ingest transaction.
+//! The ingest side: the leader lease (the fence), the checkpointed state read at start (`recap_open_windows`,
+//! watermarks, tombstones), and the checkpoint transaction (`IngestTx`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -381,7 +382,11 @@ impl IngestTx {
                 .or_default() += 1;
         }
         let one_by_one: Vec<bool> = (0..windows.len())
-            .map(|i| with_candidates.contains(&(i as i64 + 1)) || per_key[&(bots[i], users[i])] > 1)
+            .map(|i| {
+                with_candidates.contains(&(i as i64 + 1))
+                    || per_key[&(bots[i], users[i])] > 1
+                    || windows[i].clamped
+            })
             .collect();
         let mut too_short = 0;
         for (w, _) in windows.iter().zip(&one_by_one).filter(|(_, s)| **s) {
@@ -480,10 +485,27 @@ impl IngestTx {
             })
             .collect();
         // De-duplication against the closed windows' coverage: points a stored window already has are not new.
-        let covered: std::collections::HashSet<&str> = existing
+        let mut covered: std::collections::HashSet<&str> = existing
             .iter()
             .flat_map(|e| e.points.iter().map(|(_, id)| id.as_str()))
             .collect();
+        // A point stamped ahead of the clock was windowed by its arrival time, which a second read does not repeat:
+        // it is looked for in every stored window of the key, not only the ones near in time.
+        let elsewhere: Vec<String> = if c.clamped {
+            let ids: Vec<&str> = c.points.iter().map(|(_, id)| id.as_str()).collect();
+            sqlx::query_scalar(
+                "SELECT p FROM recap_windows w CROSS JOIN LATERAL unnest(w.point_ids) AS p
+                 WHERE w.bot_name = $1 AND w.user_id = $2 AND w.point_ids && $3::text[] AND p = ANY($3)",
+            )
+            .bind(&*w.bot)
+            .bind(&*w.user)
+            .bind(&ids)
+            .fetch_all(&mut *self.tx)
+            .await?
+        } else {
+            Vec::new()
+        };
+        covered.extend(elsewhere.iter().map(String::as_str));
         let fresh: Vec<&Point> = c
             .points
             .iter()
