@@ -150,13 +150,19 @@ pub async fn snapshot(
             windows_leased: *n,
         })
         .collect();
-    if let Some(l) = leader.as_ref().filter(|l| l.valid) {
-        match instances.iter_mut().find(|i| i.name == l.owner) {
+    // Every replica leading an ingest partition (partition 0 is `leader`; NATS_PARTITIONS above 1 adds rows).
+    let leading: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT owner FROM recap_leader WHERE lease_until >= now() ORDER BY owner DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    for owner in leading {
+        match instances.iter_mut().find(|i| i.name == owner) {
             Some(i) => i.leads_ingest = true,
             None => instances.insert(
                 0,
                 Instance {
-                    name: l.owner.clone(),
+                    name: owner,
                     leads_ingest: true,
                     windows_leased: 0,
                 },

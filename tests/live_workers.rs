@@ -232,29 +232,23 @@ async fn stored_window(s: &Scenario, user: &str, text: Option<&str>, start: i64)
     }
     upsert(&qdrant().await, &s.collection, &pts).await;
     let ts = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+    // the window as ingest stores it: its coverage (point ids and stored times) on the row
+    let ids: Vec<String> = pts.iter().map(|p| p.id.clone()).collect();
+    let times: Vec<chrono::DateTime<chrono::Utc>> = pts.iter().map(|p| ts(p.ts_ms)).collect();
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count)
-         VALUES ($1, $2, $3, $4, 'due', $5) RETURNING id",
+        "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids, point_ts)
+         VALUES ($1, $2, $3, $4, 'due', $5, $6, $7) RETURNING id",
     )
     .bind(&s.bot)
     .bind(user)
     .bind(ts(pts.first().unwrap().ts_ms))
     .bind(ts(pts.last().unwrap().ts_ms))
     .bind(pts.len() as i32)
+    .bind(&ids)
+    .bind(&times)
     .fetch_one(&s.db.pool)
     .await
     .unwrap();
-    for p in &pts {
-        sqlx::query("INSERT INTO recap_messages (bot_name, point_id, user_id, ts, window_id) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&s.bot)
-            .bind(&p.id)
-            .bind(user)
-            .bind(ts(p.ts_ms))
-            .bind(id)
-            .execute(&s.db.pool)
-            .await
-            .unwrap();
-    }
     id
 }
 

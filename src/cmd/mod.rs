@@ -191,6 +191,23 @@ pub fn sweep_settings(cfg: &Config) -> crate::source::sweep::SweepSettings {
     }
 }
 
+/// The sweep of ingest partition `k` of `n`: only the collections of bots NATS puts in partition k
+/// (`source::nats::partition_of`), so each collection is swept by the replica leading its bot's events.
+pub fn sweep_settings_for_partition(
+    cfg: &Config,
+    k: u32,
+    n: u32,
+) -> crate::source::sweep::SweepSettings {
+    let mut s = sweep_settings(cfg);
+    if n > 1 {
+        let all = s.bot_for_collection.clone();
+        s.bot_for_collection = Arc::new(move |c: &str| {
+            all(c).filter(|bot| crate::source::nats::partition_of(bot, n) == k)
+        });
+    }
+    s
+}
+
 pub fn llm_settings(cfg: &Config) -> Option<crate::summarize::llm::LlmSettings> {
     let key = cfg.llm_api_key()?;
     Some(crate::summarize::llm::LlmSettings {

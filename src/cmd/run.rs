@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::pipeline::{run_ingest, run_workers};
-use crate::source::nats::NatsSource;
+use crate::pipeline::{IngestLoop, run_ingest, run_partitioned, run_workers};
+use crate::source::nats::{LagProbe, NatsSource};
 
 /// Cancels `token` on SIGTERM or SIGINT.
 pub fn cancel_on_signal(token: CancellationToken) {
@@ -67,9 +67,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
     let mut tasks = tokio::task::JoinSet::new();
     let nats_client = match (&cfg.nats.nats_url, no_nats) {
         (Some(_), false) => {
-            let source = NatsSource::start(cfg.nats_settings()).await?;
-            let client = source.client().clone();
-            let probe = source.lag_probe();
+            let settings = cfg.nats_settings();
+            let (client, probe) = LagProbe::start(&settings).await?;
             let (lag, stop) = (lag.clone(), shutdown.clone());
             tasks.spawn(async move {
                 while !stop.is_cancelled() {
@@ -84,15 +83,28 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
                 }
                 Ok(())
             });
-            let sweep = crate::source::sweep::SweepSource::new(
-                points.clone(),
-                store.clone(),
-                super::sweep_settings(&cfg),
-            );
-            tasks.spawn(run_ingest(
+            // One ingest loop per partition (one when NATS_PARTITIONS is 1): partition k's durable consumer and a
+            // sweep of partition k's bots (a bot's events and collection belong to one partition).
+            let partitions = settings.partitions.max(1);
+            let (points, store, sweep_cfg) = (points.clone(), store.clone(), cfg.clone());
+            let make_source = move |k: u32| {
+                let settings = settings.for_partition(k);
+                let sweep = crate::source::sweep::SweepSource::new(
+                    points.clone(),
+                    store.clone(),
+                    super::sweep_settings_for_partition(&sweep_cfg, k, partitions),
+                );
+                async move {
+                    let events = NatsSource::start(settings).await?;
+                    Ok(crate::source::Hybrid::new(events, sweep))
+                }
+            };
+            tasks.spawn(run_partitioned(
                 ctx.clone(),
-                crate::source::Hybrid::new(source, sweep),
+                partitions,
+                make_source,
                 shutdown.clone(),
+                IngestLoop::default(),
             ));
             Some(client)
         }

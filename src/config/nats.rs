@@ -33,6 +33,11 @@ pub struct NatsConfig {
     #[arg(long, env = "STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration, help_heading = H_NATS)]
     pub stream_max_age: Duration,
 
+    /// Ingest partitions: above 1, the stream stores `<prefix>.<bot>` as `<prefix>.p<k>.<bot>` (NATS partition()
+    /// mapping by bot) and replicas share the partitions, each with its own lease, state and durable consumer
+    #[arg(long, env = "NATS_PARTITIONS", default_value_t = 1, help_heading = H_NATS)]
+    pub nats_partitions: u32,
+
     /// How long JetStream waits for recap's ack before redelivering (e.g. 30s); unset keeps nats/consumer.json
     #[arg(long, env = "NATS_ACK_WAIT", value_parser = parse_duration, help_heading = H_NATS)]
     pub nats_ack_wait: Option<Duration>,
@@ -119,6 +124,15 @@ impl NatsConfig {
                 format!(
                     "NATS_URL {:?} is not a nats:// or tls:// URL (set NATS_URL=nats://host:4222 (one server), or unset it for sweep-only)",
                     redact_url(url)
+                ),
+            );
+        }
+        if !(1..=256).contains(&self.nats_partitions) {
+            return bad(
+                "NATS_PARTITIONS",
+                format!(
+                    "NATS_PARTITIONS {} is not between 1 and 256 (set NATS_PARTITIONS=1, or 8 to share ingest between replicas)",
+                    self.nats_partitions
                 ),
             );
         }
@@ -243,6 +257,8 @@ impl NatsConfig {
             tls_required: self.nats_tls_required,
             batch_size,
             ack_wait: self.nats_ack_wait.unwrap_or(Duration::ZERO),
+            partitions: self.nats_partitions,
+            partition: None,
         }
     }
 }

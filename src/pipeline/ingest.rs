@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Clock, Context, SystemClock, loop_backoff, sleep_or_shutdown};
+use super::{Clock, Context, Share, SystemClock, loop_backoff, sleep_or_shutdown};
 use crate::sink::{DeadLetter, Fence, Store, StoreError};
 use crate::source::{Batch, Source};
 use crate::state::{Checkpoint, State};
@@ -75,17 +75,46 @@ impl Ingest {
         ctx: Context,
         shutdown: &CancellationToken,
     ) -> Result<Option<Ingest>, StoreError> {
+        Ingest::start_partition(ctx, 0, None, shutdown).await
+    }
+
+    /// Takes the lease of ingest partition `part` (waits until it is free and, with a `share`, until this replica
+    /// holds less than its fair share) and restores the partition's state from its last checkpoint.
+    pub async fn start_partition(
+        ctx: Context,
+        part: u32,
+        share: Option<&Share>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Ingest>, StoreError> {
         let ttl = Duration::from_secs(ctx.cfg.service.leader_lease_seconds.into());
+        let partitions = ctx.cfg.nats.nats_partitions.max(1);
         loop {
-            match ctx.store.try_acquire_leader(&ctx.instance, ttl).await {
+            let taken = match share {
+                Some(share) => share.try_take(&ctx, part, ttl).await,
+                None => {
+                    ctx.store
+                        .try_acquire_partition(&ctx.instance, ttl, part as i32)
+                        .await
+                }
+            };
+            match taken {
                 Ok(Some(fence)) => {
-                    info!(epoch = fence.epoch, "ingest leader");
-                    let state = renewing(
+                    info!(partition = part, epoch = fence.epoch, "ingest leader");
+                    let restored = renewing(
                         &ctx.store,
                         &fence,
-                        restore_state(&ctx.store, ctx.tracker_config()),
+                        restore_state(&ctx.store, ctx.tracker_config(), (part, partitions)),
                     )
-                    .await??;
+                    .await;
+                    let state = match restored {
+                        Ok(Ok(state)) => state,
+                        Ok(Err(e)) | Err(e) => {
+                            if let Some(share) = share {
+                                share.released(part);
+                            }
+                            return Err(e);
+                        }
+                    };
                     return Ok(Some(Ingest {
                         ctx,
                         state,
@@ -96,7 +125,10 @@ impl Ingest {
                         stale: false,
                     }));
                 }
-                Ok(None) => debug!("another replica leads ingest; waiting"),
+                Ok(None) => debug!(
+                    partition = part,
+                    "another replica leads this partition, or this one has its share"
+                ),
                 Err(e) => warn!(error = %e, "cannot reach Postgres to take the ingest lease"),
             }
             tokio::select! {
@@ -104,6 +136,11 @@ impl Ingest {
                 _ = tokio::time::sleep(ttl / 3) => {}
             }
         }
+    }
+
+    /// The ingest partition this leads.
+    pub fn partition(&self) -> u32 {
+        self.fence.part as u32
     }
 
     /// The tracker (read-only: tests and benches inspect it).
@@ -123,10 +160,14 @@ impl Ingest {
     /// position wait for the next [`Ingest::checkpoint`], and the source may acknowledge only after it.
     pub async fn absorb(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
         if self.stale {
+            let part = (
+                self.fence.part as u32,
+                self.ctx.cfg.nats.nats_partitions.max(1),
+            );
             self.state = renewing(
                 &self.ctx.store,
                 &self.fence,
-                restore_state(&self.ctx.store, self.ctx.tracker_config()),
+                restore_state(&self.ctx.store, self.ctx.tracker_config(), part),
             )
             .await??;
             self.letters.clear();
@@ -238,7 +279,7 @@ impl Ingest {
         let too_short = tx
             .close_windows(self.state.config(), &c.closed, min)
             .await?;
-        tx.save_snapshots(&c.snapshots, 0).await?;
+        tx.save_snapshots(&c.snapshots, self.fence.part).await?;
         tx.save_watermarks(&c.watermarks).await?;
         for (name, pos, read) in &c.positions {
             tx.save_checkpoint(name, *pos, *read).await?;
@@ -253,17 +294,38 @@ impl Ingest {
             warn!(error = %e, "could not release the ingest lease (it expires by itself)");
         }
     }
+
+    /// Checkpoints what was read, acknowledges it and gives the lease back (shutdown, or a partition handed to
+    /// another replica).
+    pub async fn hand_back<S: Source>(&mut self, source: &mut S) {
+        if self.checkpoint().await.is_ok()
+            && let Err(e) = source.commit().await
+        {
+            warn!(error = %e, "acknowledging the last checkpoint failed; it will be redelivered and skipped");
+        }
+        self.release().await;
+    }
 }
 
-/// Restores the operator state from the last checkpoint: watermarks, the open keys' snapshots, tombstones.
-pub async fn restore_state(store: &Store, cfg: TrackerConfig) -> Result<State, StoreError> {
+/// Restores the operator state of partition `(k, n)` (`(0, 1)`: unpartitioned) from its last checkpoint: its bots'
+/// watermarks, its open keys' snapshots, tombstones.
+pub async fn restore_state(
+    store: &Store,
+    cfg: TrackerConfig,
+    (part, partitions): (u32, u32),
+) -> Result<State, StoreError> {
     let started = Instant::now();
-    let watermarks = store.load_watermarks().await?;
-    let open = store.load_open_state(None).await?;
+    let mine = |bot: &str| crate::source::nats::partition_of(bot, partitions) == part;
+    let mut watermarks = store.load_watermarks().await?;
+    watermarks.retain(|(bot, _)| mine(bot));
+    let open = store
+        .load_open_state((partitions > 1).then_some(part as i32))
+        .await?;
     let mut state = State::restore(cfg, watermarks, open);
     state.set_forgotten(store.load_forgotten().await?);
     metrics::gauge!("recap_windows_open").set(state.open_keys() as f64);
     info!(
+        partition = part,
         open_keys = state.open_keys(),
         ms = started.elapsed().as_millis() as u64,
         "ingest state restored from the last checkpoint"
@@ -304,6 +366,19 @@ pub async fn run_ingest<S: Source>(
 /// [`run_ingest`] with explicit loop settings (tests: a long back-off that shutdown must interrupt).
 pub async fn run_ingest_with<S: Source>(
     ctx: Context,
+    source: S,
+    shutdown: CancellationToken,
+    opts: IngestLoop,
+) -> anyhow::Result<()> {
+    run_partition(ctx, 0, None, source, shutdown, opts).await
+}
+
+/// The ingest loop of partition `part`: leads it whenever it can (within this replica's `share`, if any), batches
+/// into memory, checkpoints, acks; gives the partition back when the share says so, or on shutdown.
+pub async fn run_partition<S: Source>(
+    ctx: Context,
+    part: u32,
+    share: Option<&Share>,
     mut source: S,
     shutdown: CancellationToken,
     opts: IngestLoop,
@@ -313,7 +388,7 @@ pub async fn run_ingest_with<S: Source>(
     let next_wait =
         move |b: &mut dyn Iterator<Item = Duration>| b.next().unwrap_or(opts.backoff_max);
     'lead: loop {
-        let mut ingest = match Ingest::start(ctx.clone(), &shutdown).await {
+        let mut ingest = match Ingest::start_partition(ctx.clone(), part, share, &shutdown).await {
             Ok(Some(i)) => i,
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -330,6 +405,9 @@ pub async fn run_ingest_with<S: Source>(
             let wait = next_wait(&mut backoff);
             warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot rewind the source to the checkpoint; retrying");
             ingest.release().await;
+            if let Some(share) = share {
+                share.released(part);
+            }
             if sleep_or_shutdown(&shutdown, wait).await {
                 return Ok(());
             }
@@ -340,10 +418,10 @@ pub async fn run_ingest_with<S: Source>(
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Graceful: what was read is checkpointed and acknowledged before the lease goes back.
-                    if ingest.checkpoint().await.is_ok() && let Err(e) = source.commit().await {
-                        warn!(error = %e, "acknowledging the last checkpoint failed; it will be redelivered and skipped");
+                    ingest.hand_back(&mut source).await;
+                    if let Some(share) = share {
+                        share.released(part);
                     }
-                    ingest.release().await;
                     return Ok(());
                 }
                 b = next => b,
@@ -353,6 +431,9 @@ pub async fn run_ingest_with<S: Source>(
                 Err(e) => {
                     warn!(error = %e, "lost the ingest lease while waiting for a batch; stepping down");
                     source.abandon().await;
+                    if let Some(share) = share {
+                        share.released(part);
+                    }
                     continue 'lead;
                 }
             };
@@ -363,6 +444,9 @@ pub async fn run_ingest_with<S: Source>(
                     warn!(error = %e, wait_ms = wait.as_millis() as u64, "source unavailable; retrying");
                     if sleep_or_shutdown(&shutdown, wait).await {
                         ingest.release().await;
+                        if let Some(share) = share {
+                            share.released(part);
+                        }
                         return Ok(());
                     }
                     continue;
@@ -391,10 +475,28 @@ pub async fn run_ingest_with<S: Source>(
                             warn!(error = %e, "acknowledging the checkpoint failed; it will be redelivered and skipped");
                         }
                     }
+                    if let Some(share) = share
+                        && share.must_give_back(part)
+                    {
+                        info!(
+                            partition = part,
+                            "more partitions than the fair share: handing this one back"
+                        );
+                        ingest.hand_back(&mut source).await;
+                        share.released(part);
+                        // Long enough for a replica under its share to take it (they look every third of the lease).
+                        if sleep_or_shutdown(&shutdown, ingest.fence.ttl).await {
+                            return Ok(());
+                        }
+                        continue 'lead;
+                    }
                 }
                 Err(StoreError::LostLeadership(epoch)) => {
                     warn!(epoch, "lost the ingest lease; stepping down");
                     source.abandon().await;
+                    if let Some(share) = share {
+                        share.released(part);
+                    }
                     continue 'lead;
                 }
                 Err(e) => {

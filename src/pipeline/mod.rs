@@ -12,6 +12,7 @@
 mod backoff;
 mod clock;
 mod ingest;
+mod partitions;
 mod workers;
 
 use std::sync::Arc;
@@ -26,8 +27,9 @@ pub use backoff::{jittered, loop_backoff, sleep_or_shutdown};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ingest::{
     Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, restore_state, run_ingest,
-    run_ingest_with,
+    run_ingest_with, run_partition,
 };
+pub use partitions::{Share, run_partitioned};
 pub use workers::{drain_due, process_window, run_workers, summarize_window};
 
 /// Everything the loops share.

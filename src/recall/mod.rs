@@ -242,7 +242,7 @@ pub async fn forget_rows(store: &Store, bot: &str, user_id: &str) -> Result<Dele
     // The ingest leader holds the user's open messages in memory. Bumping the leader's epoch fails the fence of its
     // next transaction: it steps down, takes the lease again and rebuilds its tracker from Postgres, where the user
     // is gone, so a later message of theirs starts fresh. Its uncommitted batch is not acknowledged and comes back.
-    sqlx::query("UPDATE recap_leader SET epoch = epoch + 1 WHERE id = 1")
+    sqlx::query("UPDATE recap_leader SET epoch = epoch + 1")
         .execute(&mut *tx)
         .await?;
     // The bots' collections keep the user's points: the sweep's overlap, a backfill or a replay would read them again.

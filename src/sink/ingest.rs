@@ -14,14 +14,24 @@ use crate::tracker::{Millis, Mode, TrackerConfig};
 impl Store {
     // ---- leadership -------------------------------------------------------------------------------------------
 
-    /// Takes the ingest lease if it is free, expired, or already ours. Returns the new epoch.
+    /// Takes the ingest lease (partition 0) if it is free, expired, or already ours. Returns the new epoch.
     pub async fn try_acquire_leader(
         &self,
         owner: &str,
         ttl: Duration,
     ) -> Result<Option<Fence>, StoreError> {
+        self.try_acquire_partition(owner, ttl, 0).await
+    }
+
+    /// Takes the lease of ingest partition `part` if it is free, expired, or already ours. Returns the new epoch.
+    pub async fn try_acquire_partition(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        part: i32,
+    ) -> Result<Option<Fence>, StoreError> {
         let row = sqlx::query(
-            "INSERT INTO recap_leader (id, owner, epoch, lease_until) VALUES (1, $1, 1, now() + $2 * interval '1 millisecond')
+            "INSERT INTO recap_leader (id, owner, epoch, lease_until) VALUES ($3 + 1, $1, 1, now() + $2 * interval '1 millisecond')
              ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, epoch = recap_leader.epoch + 1,
                  lease_until = EXCLUDED.lease_until
              WHERE recap_leader.lease_until < now() OR recap_leader.owner = EXCLUDED.owner
@@ -29,12 +39,14 @@ impl Store {
         )
         .bind(owner)
         .bind(ttl.as_millis() as f64)
+        .bind(part)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| Fence {
             owner: owner.to_string(),
             epoch: r.get(0),
             ttl,
+            part,
         }))
     }
 
@@ -45,9 +57,38 @@ impl Store {
     }
 
     pub async fn release_leader(&self, fence: &Fence) -> Result<(), StoreError> {
-        sqlx::query("UPDATE recap_leader SET lease_until = now() - interval '1 second' WHERE owner = $1 AND epoch = $2")
+        sqlx::query("UPDATE recap_leader SET lease_until = now() - interval '1 second' WHERE id = $3 + 1 AND owner = $1 AND epoch = $2")
             .bind(&fence.owner)
             .bind(fence.epoch)
+            .bind(fence.part)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Says this replica takes part in ingest for `ttl` more; returns how many replicas do now (itself included).
+    pub async fn ingest_heartbeat(
+        &self,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "WITH me AS (INSERT INTO recap_ingest_members (instance, seen_until)
+                 VALUES ($1, now() + $2 * interval '1 millisecond')
+                 ON CONFLICT (instance) DO UPDATE SET seen_until = EXCLUDED.seen_until RETURNING instance)
+             SELECT 1 + count(*) FROM recap_ingest_members WHERE seen_until >= now() AND instance <> $1",
+        )
+        .bind(instance)
+        .bind(ttl.as_millis() as f64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as usize)
+    }
+
+    /// This replica leaves ingest (graceful shutdown): the others count it out at once.
+    pub async fn ingest_leave(&self, instance: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM recap_ingest_members WHERE instance = $1")
+            .bind(instance)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -133,11 +174,12 @@ impl Store {
 
 async fn renew(conn: &mut sqlx::PgConnection, fence: &Fence) -> Result<(), StoreError> {
     let r = sqlx::query(
-        "UPDATE recap_leader SET lease_until = now() + $3 * interval '1 millisecond' WHERE id = 1 AND owner = $1 AND epoch = $2",
+        "UPDATE recap_leader SET lease_until = now() + $3 * interval '1 millisecond' WHERE id = $4 + 1 AND owner = $1 AND epoch = $2",
     )
     .bind(&fence.owner)
     .bind(fence.epoch)
     .bind(fence.ttl.as_millis() as f64)
+    .bind(fence.part)
     .execute(&mut *conn)
     .await?;
     if r.rows_affected() == 1 {

@@ -110,6 +110,8 @@ pub struct Fence {
     pub owner: String,
     pub epoch: i64,
     pub ttl: Duration,
+    /// The ingest partition this lease is for (0 when unpartitioned): row `part + 1` of `recap_leader`.
+    pub part: i32,
 }
 
 /// A due window claimed by a worker.

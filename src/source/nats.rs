@@ -40,6 +40,36 @@ pub struct NatsSettings {
     pub batch_size: usize,
     /// How long JetStream waits for an ack before redelivering (the redelivery delay after a crash).
     pub ack_wait: Duration,
+    /// NATS_PARTITIONS: the stream's subjects carry a partition when above 1 (see [`stream_config`]).
+    pub partitions: u32,
+    /// The partition this source reads (`None`: all, through one consumer; unpartitioned or a replay).
+    pub partition: Option<u32>,
+}
+
+impl NatsSettings {
+    /// The same settings for partition `k`'s source.
+    pub fn for_partition(&self, k: u32) -> NatsSettings {
+        NatsSettings {
+            partition: (self.partitions > 1).then_some(k),
+            ..self.clone()
+        }
+    }
+
+    /// The durable consumer's name: `NATS_CONSUMER`, or `<NATS_CONSUMER>-p<k>` for partition k.
+    pub fn consumer_name(&self) -> String {
+        match self.partition {
+            Some(k) => format!("{}-p{k}", self.consumer),
+            None => self.consumer.clone(),
+        }
+    }
+
+    /// What the consumer reads: every subject, or partition k's (`<prefix>.p<k>.*`).
+    pub fn filter_subject(&self) -> String {
+        match self.partition {
+            Some(k) => format!("{}.p{k}.*", self.subject_prefix),
+            None => format!("{}.>", self.subject_prefix),
+        }
+    }
 }
 
 impl std::fmt::Debug for NatsSettings {
@@ -102,16 +132,42 @@ pub fn stream_config(s: &NatsSettings) -> Result<stream::Config, SourceError> {
     c.name = s.stream.clone();
     c.subjects = vec![format!("{}.>", s.subject_prefix)];
     c.max_age = s.max_age;
+    if s.partitions > 1 {
+        // NATS' own deterministic mapping: `<prefix>.<bot>` is stored as `<prefix>.p<k>.<bot>`, k = the bot's bucket
+        // (FNV-1a 32 of the token, mod n: `partition_of`).
+        c.subject_transform = Some(stream::SubjectTransform {
+            source: format!("{}.*", s.subject_prefix),
+            destination: format!(
+                "{}.p{{{{partition({},1)}}}}.{{{{wildcard(1)}}}}",
+                s.subject_prefix, s.partitions
+            ),
+        });
+    }
     Ok(c)
 }
 
-/// The consumer config from `nats/consumer.json`, with the configured name.
+/// The partition NATS stores a bot's events in (`partition(n, 1)` of the stream's subject transform): FNV-1a 32 of
+/// the bot name, mod `n`. The sweep and the state restore use it to take only their partition's bots.
+pub fn partition_of(bot: &str, n: u32) -> u32 {
+    if n <= 1 {
+        return 0;
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bot.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % n
+}
+
+/// The consumer config from `nats/consumer.json`, with the configured name; with partitions, partition k's durable
+/// consumer `<consumer>-p<k>` on `<prefix>.p<k>.*`.
 pub fn consumer_config(s: &NatsSettings) -> Result<jetstream::consumer::pull::Config, SourceError> {
     let mut c: jetstream::consumer::pull::Config =
         serde_json::from_str(CONSUMER_JSON).map_err(|e| err(format!("nats/consumer.json: {e}")))?;
-    c.durable_name = Some(s.consumer.clone());
-    c.name = Some(s.consumer.clone());
-    c.filter_subject = format!("{}.>", s.subject_prefix);
+    c.durable_name = Some(s.consumer_name());
+    c.name = Some(s.consumer_name());
+    c.filter_subject = s.filter_subject();
     if !s.ack_wait.is_zero() {
         c.ack_wait = s.ack_wait;
     }
@@ -133,7 +189,7 @@ pub fn replay_consumer_config(
     let mut v = serde_json::json!({
         "ack_policy": "explicit",
         "ack_wait": 30_000_000_000u64,
-        "filter_subject": format!("{}.>", s.subject_prefix),
+        "filter_subject": s.filter_subject(),
         "inactive_threshold": 60_000_000_000u64,
         "description": "recap replay",
         "replay_policy": "instant",
@@ -202,15 +258,46 @@ pub fn accept(batch: &mut Batch, subject: &str, stream_seq: Option<u64>, body: &
     }
 }
 
-/// Reads the consumer lag.
+/// Reads the consumer lag: of the durable consumer, or summed over every partition's.
 #[derive(Clone)]
-pub struct LagProbe(PullConsumer);
+pub struct LagProbe {
+    stream: jetstream::stream::Stream,
+    consumers: Vec<String>,
+}
 
 impl LagProbe {
+    /// Connects and makes sure the stream exists (it is the one recap applies); `lag` reads all partitions.
+    pub async fn start(
+        settings: &NatsSettings,
+    ) -> Result<(async_nats::Client, LagProbe), SourceError> {
+        let client = connect(settings, true).await?;
+        let js = jetstream::new(client.clone());
+        js.create_or_update_stream(stream_config(settings)?)
+            .await
+            .map_err(err)?;
+        let stream = js.get_stream(&settings.stream).await.map_err(err)?;
+        let consumers = if settings.partitions > 1 {
+            (0..settings.partitions)
+                .map(|k| settings.for_partition(k).consumer_name())
+                .collect()
+        } else {
+            vec![settings.consumer_name()]
+        };
+        Ok((client, LagProbe { stream, consumers }))
+    }
+
     /// Messages not yet delivered plus delivered but not acknowledged.
     pub async fn lag(&self) -> Result<u64, SourceError> {
-        let info = self.0.get_info().await.map_err(err)?;
-        Ok(info.num_pending + info.num_ack_pending as u64)
+        let mut total = 0;
+        for name in &self.consumers {
+            match self.stream.consumer_info(name).await {
+                Ok(info) => total += info.num_pending + info.num_ack_pending as u64,
+                // a partition whose consumer no replica created yet: nothing delivered, all pending in the stream
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Ok(total)
     }
 }
 
@@ -283,13 +370,12 @@ impl NatsSource {
         &self.client
     }
 
-    /// A handle that reads the consumer's lag (messages not yet delivered), usable while the source runs.
-    pub fn lag_probe(&self) -> LagProbe {
-        LagProbe(self.consumer.clone())
-    }
-
     fn checkpoint_name(&self) -> String {
-        format!("nats:{}:{}", self.settings.stream, self.settings.consumer)
+        format!(
+            "nats:{}:{}",
+            self.settings.stream,
+            self.settings.consumer_name()
+        )
     }
 }
 
@@ -466,7 +552,7 @@ impl Source for NatsSource {
                 start_sequence: next,
             };
         }
-        match stream.delete_consumer(&self.settings.consumer).await {
+        match stream.delete_consumer(&self.settings.consumer_name()).await {
             Ok(_) => {}
             Err(e) if e.to_string().contains("not found") => {}
             Err(e) => return Err(err(e)),
