@@ -6,25 +6,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn assert_one_row_per_window(pool: &sqlx::PgPool) {
-    let dups: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT bot_name, user_id, start_timestamp FROM conversation_summaries
-         GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert_eq!(dups, 0, "a window has more than one row");
-    let bad: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM conversation_summaries WHERE length(trim(summary_text)) = 0 OR summary_text ILIKE '%coroutine%'
-         OR key_topics IS NULL OR cardinality(key_topics) = 0",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert_eq!(bad, 0, "empty or placeholder summaries");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn events_become_exactly_the_expected_windows_once() {
     let s = scenario(4).await;

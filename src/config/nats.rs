@@ -33,7 +33,7 @@ pub struct NatsConfig {
     #[arg(long, env = "STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration, help_heading = H_NATS)]
     pub stream_max_age: Duration,
 
-    /// Ingest partitions: above 1, the stream stores `<prefix>.<bot>` as `<prefix>.p<k>.<bot>` (NATS partition()
+    /// Ingest partitions: above 1, the stream stores `<prefix>.<bot>` as `<prefix>.p.<k>.<bot>` (NATS partition()
     /// mapping by bot) and replicas share the partitions, each with its own lease, state and durable consumer
     #[arg(long, env = "NATS_PARTITIONS", default_value_t = 1, help_heading = H_NATS)]
     pub nats_partitions: u32,

@@ -303,6 +303,8 @@ impl Ingest {
         {
             warn!(error = %e, "acknowledging the last checkpoint failed; it will be redelivered and skipped");
         }
+        // Stop reading before the lease goes: the next leader rewinds the source to this checkpoint.
+        source.abandon().await;
         self.release().await;
     }
 }

@@ -63,10 +63,10 @@ impl NatsSettings {
         }
     }
 
-    /// What the consumer reads: every subject, or partition k's (`<prefix>.p<k>.*`).
+    /// What the consumer reads: every subject, or partition k's (`<prefix>.p.<k>.*`).
     pub fn filter_subject(&self) -> String {
         match self.partition {
-            Some(k) => format!("{}.p{k}.*", self.subject_prefix),
+            Some(k) => format!("{}.p.{k}.*", self.subject_prefix),
             None => format!("{}.>", self.subject_prefix),
         }
     }
@@ -133,12 +133,12 @@ pub fn stream_config(s: &NatsSettings) -> Result<stream::Config, SourceError> {
     c.subjects = vec![format!("{}.>", s.subject_prefix)];
     c.max_age = s.max_age;
     if s.partitions > 1 {
-        // NATS' own deterministic mapping: `<prefix>.<bot>` is stored as `<prefix>.p<k>.<bot>`, k = the bot's bucket
+        // NATS' own deterministic mapping: `<prefix>.<bot>` is stored as `<prefix>.p.<k>.<bot>`, k = the bot's bucket
         // (FNV-1a 32 of the token, mod n: `partition_of`).
         c.subject_transform = Some(stream::SubjectTransform {
             source: format!("{}.*", s.subject_prefix),
             destination: format!(
-                "{}.p{{{{partition({},1)}}}}.{{{{wildcard(1)}}}}",
+                "{}.p.{{{{partition({},1)}}}}.{{{{wildcard(1)}}}}",
                 s.subject_prefix, s.partitions
             ),
         });
@@ -161,7 +161,7 @@ pub fn partition_of(bot: &str, n: u32) -> u32 {
 }
 
 /// The consumer config from `nats/consumer.json`, with the configured name; with partitions, partition k's durable
-/// consumer `<consumer>-p<k>` on `<prefix>.p<k>.*`.
+/// consumer `<consumer>-p<k>` on `<prefix>.p.<k>.*`.
 pub fn consumer_config(s: &NatsSettings) -> Result<jetstream::consumer::pull::Config, SourceError> {
     let mut c: jetstream::consumer::pull::Config =
         serde_json::from_str(CONSUMER_JSON).map_err(|e| err(format!("nats/consumer.json: {e}")))?;
@@ -216,10 +216,15 @@ pub async fn ensure_stream(
         .await
         .map_err(err)?;
     let stream = js.get_stream(&s.stream).await.map_err(err)?;
-    stream
-        .create_consumer(consumer_config(s)?)
-        .await
-        .map_err(err)
+    match stream.create_consumer(consumer_config(s)?).await {
+        Ok(c) => Ok(c),
+        // The consumer exists with a start position set by a rewind (`Source::rewind`), which an update may not
+        // change: it is the one to use.
+        Err(create) => stream
+            .get_consumer(&s.consumer_name())
+            .await
+            .map_err(|_| err(create)),
+    }
 }
 
 /// How much of a malformed event's body the dead-letter table keeps.
@@ -521,6 +526,9 @@ impl Source for NatsSource {
         // would redeliver sooner, but during an outage that only spins; ack_wait is the back-off.
         self.in_flight.clear();
         self.max_seq = None;
+        // No pull request may stay outstanding: a replica that stopped leading this consumer would otherwise keep
+        // taking its messages from the one that leads it now.
+        self.stream = None;
     }
 
     async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {

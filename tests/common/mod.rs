@@ -266,6 +266,21 @@ impl NatsNs {
         js
     }
 
+    /// Creates the stream with `partitions` ingest partitions (as recap would with NATS_PARTITIONS), so publishes
+    /// before recap starts are kept, in their partitions.
+    pub async fn ensure_partitioned(&self, partitions: u32) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(&self.url).await.expect("nats connect");
+        let js = async_nats::jetstream::new(client);
+        let settings = recap::source::nats::NatsSettings {
+            partitions,
+            ..self.settings()
+        };
+        js.create_or_update_stream(recap::source::nats::stream_config(&settings).expect("config"))
+            .await
+            .expect("stream");
+        js
+    }
+
     /// Publishes raw bodies with `Nats-Msg-Id`, many acks in flight; returns how many the server stored.
     pub async fn publish_raw(
         &self,
@@ -653,4 +668,24 @@ impl Scenario {
         v.push(("LOOKBACK_DAYS".into(), "3650".into()));
         v
     }
+}
+
+/// Every window has one row, and no row is empty or a placeholder.
+pub async fn assert_one_row_per_window(pool: &sqlx::PgPool) {
+    let dups: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT bot_name, user_id, start_timestamp FROM conversation_summaries
+         GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(dups, 0, "a window has more than one row");
+    let bad: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversation_summaries WHERE length(trim(summary_text)) = 0 OR summary_text ILIKE '%coroutine%'
+         OR key_topics IS NULL OR cardinality(key_topics) = 0",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(bad, 0, "empty or placeholder summaries");
 }
