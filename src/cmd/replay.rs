@@ -30,28 +30,33 @@ pub async fn replay(cfg: Config, from: ReplayFrom) -> anyhow::Result<ExitCode> {
     };
     let shutdown = CancellationToken::new();
     super::run::cancel_on_signal(shutdown.clone());
-    // Replay feeds the tracker, so it needs the ingest lease: a running service must be stopped first.
+    // Replay feeds the ingest state, so it needs the ingest lease of each partition in turn: a running service must
+    // be stopped first.
     let wait = Duration::from_secs(u64::from(cfg.service.leader_lease_seconds) * 3);
-    let mut ingest = match tokio::time::timeout(wait, Ingest::start(ctx, &shutdown)).await {
-        Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
-        Err(_) => {
-            anyhow::bail!("another recap holds the ingest lease: stop `recap run` before replaying")
-        }
-    };
-    let mut source = NatsSource::start_replay(cfg.nats_settings(), &from).await?;
     let (mut read, mut new) = (0usize, 0usize);
-    loop {
-        let batch = source.next_batch().await?;
-        read += batch.messages.len() + batch.dead_letters.len() + batch.ignored;
-        let done = batch.caught_up;
-        let applied = ingest.apply(&batch, now_ms()).await?;
-        source.commit().await?;
-        new += applied.new;
-        if done || shutdown.is_cancelled() {
-            break;
+    for part in 0..cfg.nats.nats_partitions.max(1) {
+        let start = Ingest::start_partition(ctx.clone(), part, None, &shutdown);
+        let mut ingest = match tokio::time::timeout(wait, start).await {
+            Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
+            Err(_) => {
+                anyhow::bail!("another recap holds the ingest lease: stop `recap run` before replaying")
+            }
+        };
+        let settings = cfg.nats_settings().for_partition(part);
+        let mut source = NatsSource::start_replay(settings, &from).await?;
+        loop {
+            let batch = source.next_batch().await?;
+            read += batch.messages.len() + batch.dead_letters.len() + batch.ignored;
+            let done = batch.caught_up;
+            let applied = ingest.apply(&batch, now_ms()).await?;
+            source.commit().await?;
+            new += applied.new;
+            if done || shutdown.is_cancelled() {
+                break;
+            }
         }
+        ingest.release().await;
     }
-    ingest.release().await;
     info!(read, new, "replay finished");
     println!("replayed {read} event(s); {new} new message(s)");
     Ok(ExitCode::SUCCESS)

@@ -108,36 +108,45 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
     let shutdown = CancellationToken::new();
     super::run::cancel_on_signal(shutdown.clone());
     let wait = Duration::from_secs(u64::from(cfg.service.leader_lease_seconds) * 3);
-    let mut ingest = match tokio::time::timeout(wait, Ingest::start(ctx.clone(), &shutdown)).await {
-        Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
-        Err(_) => anyhow::bail!(
-            "another recap holds the ingest lease: it sweeps already (stop it to sweep by hand)"
-        ),
+    // Each ingest partition's bots are swept under that partition's lease (one partition without NATS partitions).
+    let partitions = if cfg.nats.nats_url.is_some() {
+        cfg.nats.nats_partitions.max(1)
+    } else {
+        1
     };
-    let mut settings = super::sweep_settings(&cfg);
-    let what = match backfill_since {
-        Some(since) => {
+    let mut what = "sweep";
+    let mut points_read = 0u64;
+    for part in 0..partitions {
+        let start = Ingest::start_partition(ctx.clone(), part, None, &shutdown);
+        let mut ingest = match tokio::time::timeout(wait, start).await {
+            Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
+            Err(_) => anyhow::bail!(
+                "another recap holds the ingest lease: it sweeps already (stop it to sweep by hand)"
+            ),
+        };
+        let mut settings = super::sweep_settings_for_partition(&cfg, part, partitions);
+        if let Some(since) = backfill_since {
             settings.lookback = since;
             settings.checkpoint_prefix = "backfill".into();
-            "backfill"
+            what = "backfill";
         }
-        None => "sweep",
-    };
-    let since_secs = (now_ms() as f64 / 1000.0) - settings.lookback.as_secs_f64();
-    let progress = Progress::new("points", points_to_read(&ctx, since_secs).await);
-    let mut source = SweepSource::new(points, store.clone(), settings);
-    let mut read = 0u64;
-    let report = sweep_once(&mut source, async |b| {
-        let r = ingest.apply(b, now_ms()).await.map(drop);
-        read += b.checkpoint.as_ref().map(|c| c.2 as u64).unwrap_or(0);
-        progress.set(read);
-        r
-    })
-    .await;
-    ingest.release().await;
-    progress.finish();
-    let report = report?;
-    print!("{report}");
+        let since_secs = (now_ms() as f64 / 1000.0) - settings.lookback.as_secs_f64();
+        let progress = Progress::new("points", points_to_read(&ctx, since_secs).await);
+        let mut source = SweepSource::new(points.clone(), store.clone(), settings);
+        let mut read = 0u64;
+        let report = sweep_once(&mut source, async |b| {
+            let r = ingest.apply(b, now_ms()).await.map(drop);
+            read += b.checkpoint.as_ref().map(|c| c.2 as u64).unwrap_or(0);
+            progress.set(read);
+            r
+        })
+        .await;
+        ingest.release().await;
+        progress.finish();
+        let report = report?;
+        print!("{report}");
+        points_read += report.points_read();
+    }
     let due = store
         .status()
         .await?
@@ -149,9 +158,6 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
     let windows = Progress::new("windows", due.max(0) as u64);
     let finished = drain_due(&ctx, &|n| windows.set(n as u64)).await?;
     windows.finish();
-    println!(
-        "{what}: {} point(s) read, {finished} window(s) finished",
-        report.points_read()
-    );
+    println!("{what}: {points_read} point(s) read, {finished} window(s) finished");
     Ok(ExitCode::SUCCESS)
 }
