@@ -64,22 +64,39 @@ impl Checkpoint {
     }
 }
 
-#[derive(Debug, Default)]
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+#[derive(Debug)]
 struct KeyBuf {
+    bot: Arc<str>,
+    user: Arc<str>,
     /// Sorted by (time, point id); the same message set as the tracker's key.
     points: Vec<Point>,
     /// Points stamped ahead of the clock when read: point id -> stored time (usually empty).
     clamped: HashMap<String, Millis>,
     /// A snapshot row exists for this key (so closing its last window must delete it).
     stored: bool,
+    /// Changed since the last checkpoint (and listed in `State::dirty`).
+    dirty: bool,
+}
+
+/// A bot's open keys, by user (looked up by `&str`: no allocation per message).
+#[derive(Debug)]
+struct BotKeys {
+    name: Arc<str>,
+    users: Fast<Arc<str>, KeyBuf>,
 }
 
 /// Ingest's in-memory state (see the module docs).
 #[derive(Debug)]
 pub struct State {
     tracker: Tracker,
-    open: HashMap<Key, KeyBuf, foldhash::fast::RandomState>,
-    dirty: HashSet<Key, foldhash::fast::RandomState>,
+    open: Fast<Arc<str>, BotKeys>,
+    open_keys: usize,
+    /// Keys flagged dirty since the last checkpoint (an entry whose key closed meanwhile is skipped).
+    dirty: Vec<Key>,
+    /// Keys with a snapshot row whose last open message closed: their rows are deleted by the next checkpoint.
+    deleted: HashSet<Key, foldhash::fast::RandomState>,
     closed: Vec<Closed>,
     positions: HashMap<String, (f64, i64)>,
     /// Forgotten users: (bot, user key) -> forgotten at. Messages stored up to then are not new.
@@ -101,7 +118,9 @@ impl State {
         State {
             tracker: Tracker::new(cfg),
             open: HashMap::default(),
-            dirty: HashSet::default(),
+            open_keys: 0,
+            dirty: Vec::new(),
+            deleted: HashSet::default(),
             closed: Vec::new(),
             positions: HashMap::new(),
             forgotten: HashMap::new(),
@@ -128,14 +147,26 @@ impl State {
             let mut points = snap.points;
             points.sort();
             if !points.is_empty() {
-                s.open.insert(
-                    (snap.bot, snap.user),
-                    KeyBuf {
-                        points,
-                        clamped: HashMap::new(),
-                        stored: true,
-                    },
-                );
+                let b = s.open.entry(snap.bot.clone()).or_insert_with(|| BotKeys {
+                    name: snap.bot.clone(),
+                    users: HashMap::default(),
+                });
+                if b.users
+                    .insert(
+                        snap.user.clone(),
+                        KeyBuf {
+                            bot: b.name.clone(),
+                            user: snap.user,
+                            points,
+                            clamped: HashMap::new(),
+                            stored: true,
+                            dirty: false,
+                        },
+                    )
+                    .is_none()
+                {
+                    s.open_keys += 1;
+                }
             }
         }
         // Anything closable was closed by the checkpoint that stored these rows; a restore closes nothing itself.
@@ -161,7 +192,7 @@ impl State {
 
     /// Keys with open messages.
     pub fn open_keys(&self) -> usize {
-        self.open.len()
+        self.open_keys
     }
 
     /// Messages applied since the last checkpoint.
@@ -171,7 +202,10 @@ impl State {
 
     /// Something to store: a changed key, a closed window, a moved watermark or a source position.
     pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty() || !self.closed.is_empty() || !self.positions.is_empty()
+        !self.dirty.is_empty()
+            || !self.deleted.is_empty()
+            || !self.closed.is_empty()
+            || !self.positions.is_empty()
     }
 
     /// A message of a forgotten user stored at or before the forget (see migration 0009).
@@ -213,21 +247,43 @@ impl State {
         let o = self.tracker.observe(bot, user, point_id, eff);
         if let Observed::Accepted { .. } = o {
             self.messages += 1;
-            let key: Key = (Arc::from(bot), Arc::from(user));
-            // A key in `dirty` without open points has a stored row waiting to be deleted: it is stored still.
-            let stored = !self.open.contains_key(&key) && self.dirty.contains(&key);
-            let buf = self.open.entry(key.clone()).or_insert_with(|| KeyBuf {
-                points: Vec::new(),
-                clamped: HashMap::new(),
-                stored,
-            });
+            let b = match self.open.get_mut(bot) {
+                Some(b) => b,
+                None => {
+                    let name: Arc<str> = Arc::from(bot);
+                    self.open.entry(name.clone()).or_insert(BotKeys {
+                        name,
+                        users: HashMap::default(),
+                    })
+                }
+            };
+            let buf = match b.users.get_mut(user) {
+                Some(buf) => buf,
+                None => {
+                    let user: Arc<str> = Arc::from(user);
+                    // A key whose row waits to be deleted is stored still: the next snapshot overwrites the row.
+                    let stored = self.deleted.remove(&(b.name.clone(), user.clone()));
+                    self.open_keys += 1;
+                    b.users.entry(user.clone()).or_insert(KeyBuf {
+                        bot: b.name.clone(),
+                        user,
+                        points: Vec::new(),
+                        clamped: HashMap::new(),
+                        stored,
+                        dirty: false,
+                    })
+                }
+            };
             let p = (eff, point_id.to_string());
             let at = buf.points.partition_point(|q| *q < p);
             buf.points.insert(at, p);
             if clamped {
                 buf.clamped.insert(point_id.to_string(), ts);
             }
-            self.dirty.insert(key);
+            if !buf.dirty {
+                buf.dirty = true;
+                self.dirty.push((buf.bot.clone(), buf.user.clone()));
+            }
         }
         Some(o)
     }
@@ -257,9 +313,12 @@ impl State {
         let mut n = 0;
         while let Some(w) = self.tracker.poll_close() {
             n += 1;
-            let key: Key = (w.bot.clone(), w.user.clone());
             let (lo, hi) = w.message_range(mode);
-            let Some(buf) = self.open.get_mut(&key) else {
+            let Some(b) = self.open.get_mut(&*w.bot) else {
+                debug_assert!(false, "a closed window's bot has no open points");
+                continue;
+            };
+            let Some(buf) = b.users.get_mut(&*w.user) else {
                 debug_assert!(false, "a closed window's key has no open points");
                 continue;
             };
@@ -279,15 +338,17 @@ impl State {
                 }
             }
             if buf.points.is_empty() {
-                let stored = buf.stored;
-                self.open.remove(&key);
-                if stored {
-                    self.dirty.insert(key);
-                } else {
-                    self.dirty.remove(&key);
+                if buf.stored {
+                    self.deleted.insert((w.bot.clone(), w.user.clone()));
                 }
-            } else {
-                self.dirty.insert(key);
+                b.users.remove(&*w.user);
+                self.open_keys -= 1;
+                if b.users.is_empty() {
+                    self.open.remove(&*w.bot);
+                }
+            } else if !buf.dirty {
+                buf.dirty = true;
+                self.dirty.push((w.bot.clone(), w.user.clone()));
             }
             self.closed.push(Closed {
                 window: w,
@@ -301,20 +362,31 @@ impl State {
     /// Everything changed since the last checkpoint; afterwards the state counts as stored (if the transaction fails,
     /// the shell restores a new state from the store instead).
     pub fn take_checkpoint(&mut self) -> Checkpoint {
-        let mut snapshots = Vec::with_capacity(self.dirty.len());
-        for key in self.dirty.drain() {
-            let points = match self.open.get_mut(&key) {
-                Some(buf) => {
-                    buf.stored = true;
-                    buf.points.clone()
-                }
-                None => Vec::new(),
-            };
+        let mut snapshots = Vec::with_capacity(self.dirty.len() + self.deleted.len());
+        for (bot, user) in self.deleted.drain() {
             snapshots.push(Snapshot {
-                bot: key.0,
-                user: key.1,
-                points,
+                bot,
+                user,
+                points: Vec::new(),
             });
+        }
+        for (bot, user) in std::mem::take(&mut self.dirty) {
+            let Some(buf) = self
+                .open
+                .get_mut(&*bot)
+                .and_then(|b| b.users.get_mut(&*user))
+            else {
+                continue; // closed since: deleted above if it had a row, else never stored
+            };
+            if buf.dirty {
+                buf.dirty = false;
+                buf.stored = true;
+                snapshots.push(Snapshot {
+                    bot,
+                    user,
+                    points: buf.points.clone(),
+                });
+            }
         }
         let mut positions: Vec<(String, f64, i64)> = self
             .positions

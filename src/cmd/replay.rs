@@ -39,7 +39,9 @@ pub async fn replay(cfg: Config, from: ReplayFrom) -> anyhow::Result<ExitCode> {
         let mut ingest = match tokio::time::timeout(wait, start).await {
             Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("interrupted"))?,
             Err(_) => {
-                anyhow::bail!("another recap holds the ingest lease: stop `recap run` before replaying")
+                anyhow::bail!(
+                    "another recap holds the ingest lease: stop `recap run` before replaying"
+                )
             }
         };
         let settings = cfg.nats_settings().for_partition(part);

@@ -67,6 +67,14 @@ pub struct Ingest {
     last_checkpoint: Instant,
     /// The state may differ from Postgres (a checkpoint failed): restore it before anything else.
     stale: bool,
+    /// A checkpoint being written while the next batches are read (one at a time, in order).
+    writing: Option<Writing>,
+}
+
+/// A checkpoint transaction running in the background.
+struct Writing {
+    task: tokio::task::JoinHandle<Result<usize, StoreError>>,
+    started: Instant,
 }
 
 impl Ingest {
@@ -123,6 +131,7 @@ impl Ingest {
                         read: 0,
                         last_checkpoint: Instant::now(),
                         stale: false,
+                        writing: None,
                     }));
                 }
                 Ok(None) => debug!(
@@ -236,9 +245,43 @@ impl Ingest {
             || elapsed > self.fence.ttl / 3
     }
 
-    /// Nothing read or changed since the last checkpoint.
+    /// Nothing read or changed since the last checkpoint, and none being written.
     pub fn is_clean(&self) -> bool {
-        !self.state.is_dirty() && self.letters.is_empty() && self.read == 0
+        !self.state.is_dirty()
+            && self.letters.is_empty()
+            && self.read == 0
+            && self.writing.is_none()
+    }
+
+    /// One turn of the ingest loop after a batch arrived: the batch into memory; the checkpoint being written
+    /// collected when it is done (its messages acknowledged), or waited for when the source is idle or the next one
+    /// is due; the next checkpoint started when due (in the background while a backlog is read; at once, and waited
+    /// for, when the source is caught up). `Err` means the state must be restored (and the source rewound).
+    pub async fn step<S: Source>(
+        &mut self,
+        source: &mut S,
+        batch: &Batch,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.absorb(batch, now).await?;
+        source.advance().await;
+        let due = self.checkpoint_due(batch.caught_up);
+        if self.is_writing() && (self.write_finished() || batch.caught_up || due) {
+            self.finish_checkpoint().await.unwrap_or(Ok(0))?;
+            ack(source).await;
+        }
+        if !self.is_writing() && due {
+            source.seal();
+            self.begin_checkpoint()?;
+            if batch.caught_up {
+                self.finish_checkpoint().await.unwrap_or(Ok(0))?;
+                ack(source).await;
+            }
+        } else if self.is_clean() {
+            // Nothing read since the last checkpoint: all that was handed out is durable already.
+            ack(source).await;
+        }
+        Ok(())
     }
 
     /// Writes a checkpoint in one transaction (durably: `synchronous_commit` on): the snapshots of the keys changed
@@ -246,22 +289,75 @@ impl Ingest {
     /// and source positions; the leader lease is renewed in it (the fence). Returns the windows recorded as too short.
     /// After a failure the state is restored from the store before the next batch (and the source must rewind).
     pub async fn checkpoint(&mut self) -> Result<usize, StoreError> {
+        if let Some(r) = self.finish_checkpoint().await {
+            r?;
+        }
+        self.begin_checkpoint()?;
+        self.finish_checkpoint().await.unwrap_or(Ok(0))
+    }
+
+    /// Takes a checkpoint of the state (in memory: what changed since the last) and starts writing it in the
+    /// background; the caller seals the source ([`Source::seal`]) at the same point. At most one is written at a
+    /// time: wait for the last with [`Ingest::finish_checkpoint`] first.
+    pub fn begin_checkpoint(&mut self) -> Result<(), StoreError> {
         if self.stale {
             return Err(StoreError::Invariant(
                 "checkpoint of a state that must be restored first",
             ));
         }
+        if self.writing.is_some() {
+            return Err(StoreError::Invariant(
+                "a checkpoint is being written already",
+            ));
+        }
         let c = self.state.take_checkpoint();
         let letters = std::mem::take(&mut self.letters);
         self.read = 0;
-        let started = Instant::now();
-        match self.write(&c, &letters).await {
+        self.last_checkpoint = Instant::now();
+        let (store, fence, tcfg) = (
+            self.ctx.store.clone(),
+            self.fence.clone(),
+            *self.state.config(),
+        );
+        let min = self.ctx.cfg.windows.min_messages_for_summary;
+        let task =
+            tokio::spawn(async move { write(&store, &fence, &tcfg, min, &c, &letters).await });
+        self.writing = Some(Writing {
+            task,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// A checkpoint is being written.
+    pub fn is_writing(&self) -> bool {
+        self.writing.is_some()
+    }
+
+    /// The checkpoint being written has finished (committed or failed).
+    pub fn write_finished(&self) -> bool {
+        self.writing.as_ref().is_some_and(|w| w.task.is_finished())
+    }
+
+    /// Waits for the checkpoint being written, if any: `Ok` with the windows it recorded as too short once it
+    /// committed (the source may acknowledge what it covers). After a failure the state is restored from the last
+    /// committed checkpoint before the next batch (and the source must rewind).
+    pub async fn finish_checkpoint(&mut self) -> Option<Result<usize, StoreError>> {
+        let w = self.writing.take()?;
+        let r = match w.task.await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Invariant(if e.is_panic() {
+                "the checkpoint task panicked"
+            } else {
+                "the checkpoint task was cancelled"
+            })),
+        };
+        Some(match r {
             Ok(too_short) => {
-                self.last_checkpoint = Instant::now();
                 metrics::counter!("recap_windows_too_short_total").increment(too_short as u64);
                 metrics::counter!("recap_checkpoints_total").increment(1);
                 metrics::histogram!("recap_checkpoint_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                    .record(w.started.elapsed().as_secs_f64());
                 Ok(too_short)
             }
             Err(e) => {
@@ -269,23 +365,7 @@ impl Ingest {
                 self.stale = true;
                 Err(e)
             }
-        }
-    }
-
-    async fn write(&self, c: &Checkpoint, letters: &[DeadLetter]) -> Result<usize, StoreError> {
-        let mut tx = self.ctx.store.begin_ingest(&self.fence).await?;
-        tx.dead_letters(letters).await?;
-        let min = self.ctx.cfg.windows.min_messages_for_summary;
-        let too_short = tx
-            .close_windows(self.state.config(), &c.closed, min)
-            .await?;
-        tx.save_snapshots(&c.snapshots, self.fence.part).await?;
-        tx.save_watermarks(&c.watermarks).await?;
-        for (name, pos, read) in &c.positions {
-            tx.save_checkpoint(name, *pos, *read).await?;
-        }
-        tx.commit().await?;
-        Ok(too_short)
+        })
     }
 
     /// Gives up the leader lease (graceful shutdown).
@@ -298,15 +378,50 @@ impl Ingest {
     /// Checkpoints what was read, acknowledges it and gives the lease back (shutdown, or a partition handed to
     /// another replica).
     pub async fn hand_back<S: Source>(&mut self, source: &mut S) {
-        if self.checkpoint().await.is_ok()
-            && let Err(e) = source.commit().await
-        {
-            warn!(error = %e, "acknowledging the last checkpoint failed; it will be redelivered and skipped");
+        if let Some(Ok(_)) = self.finish_checkpoint().await {
+            ack(source).await;
+        }
+        if !self.stale {
+            source.seal();
+            if self.checkpoint().await.is_ok() {
+                ack(source).await;
+            }
         }
         // Stop reading before the lease goes: the next leader rewinds the source to this checkpoint.
         source.abandon().await;
         self.release().await;
     }
+}
+
+/// Acknowledges what the oldest committed checkpoint covers ([`Source::commit`]); a failure only logs: the messages
+/// come again and are skipped (the stored position, or the redelivery check).
+async fn ack<S: Source>(source: &mut S) {
+    if let Err(e) = source.commit().await {
+        warn!(error = %e, "acknowledging the checkpoint failed; it will be redelivered and skipped");
+    }
+}
+
+/// Writes one checkpoint in one transaction (durably: `synchronous_commit` on), renewing the lease in it (the fence):
+/// the closed windows (merged where they belong), the changed keys' snapshots, dead letters, watermarks and source
+/// positions. Returns the windows recorded as too short.
+async fn write(
+    store: &Store,
+    fence: &Fence,
+    tcfg: &TrackerConfig,
+    min: u32,
+    c: &Checkpoint,
+    letters: &[DeadLetter],
+) -> Result<usize, StoreError> {
+    let mut tx = store.begin_ingest(fence).await?;
+    tx.dead_letters(letters).await?;
+    let too_short = tx.close_windows(tcfg, &c.closed, min).await?;
+    tx.save_snapshots(&c.snapshots, fence.part).await?;
+    tx.save_watermarks(&c.watermarks).await?;
+    for (name, pos, read) in &c.positions {
+        tx.save_checkpoint(name, *pos, *read).await?;
+    }
+    tx.commit().await?;
+    Ok(too_short)
 }
 
 /// Restores the operator state of partition `(k, n)` (`(0, 1)`: unpartitioned) from its last checkpoint: its bots'
@@ -454,29 +569,10 @@ pub async fn run_partition<S: Source>(
                     continue;
                 }
             };
-            let absorbed = ingest.absorb(&batch, opts.clock.now_ms()).await;
-            let result = match absorbed {
-                Ok(_) => {
-                    source.advance().await;
-                    if ingest.checkpoint_due(batch.caught_up) {
-                        ingest.checkpoint().await.map(|_| true)
-                    } else {
-                        // Nothing read since the last checkpoint: all that was handed out is durable already.
-                        Ok(ingest.is_clean())
-                    }
-                }
-                Err(e) => Err(e),
-            };
+            let result = ingest.step(&mut source, &batch, opts.clock.now_ms()).await;
             match result {
-                Ok(checkpointed) => {
+                Ok(()) => {
                     backoff = new_backoff();
-                    if checkpointed {
-                        // A checkpoint just committed (or there was nothing to store): acknowledge what it covers.
-                        if let Err(e) = source.commit().await {
-                            // Committed but not acknowledged: redelivered, and skipped by the stored position.
-                            warn!(error = %e, "acknowledging the checkpoint failed; it will be redelivered and skipped");
-                        }
-                    }
                     if let Some(share) = share
                         && share.must_give_back(part)
                     {

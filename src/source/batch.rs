@@ -42,8 +42,12 @@ pub enum SourceError {
 pub trait Source: Send {
     /// The next batch (possibly empty, with `caught_up` set, after waiting a short while for input).
     fn next_batch(&mut self) -> impl Future<Output = Result<Batch, SourceError>> + Send;
-    /// Everything handed out so far is durable (its checkpoint committed): acknowledge it.
+    /// The oldest checkpoint [`Source::seal`] marked committed: acknowledge what it covers (with nothing sealed:
+    /// everything handed out so far is durable).
     fn commit(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// A checkpoint of everything handed out so far is being written: its acknowledgement is the next
+    /// [`Source::commit`]; what comes after belongs to the next checkpoint.
+    fn seal(&mut self) {}
     /// The last batch is applied in memory: read on past it, but acknowledge nothing yet (that waits for the
     /// checkpoint and [`Source::commit`]). Sources whose position lives only in the checkpoint need nothing here.
     fn advance(&mut self) -> impl Future<Output = ()> + Send {

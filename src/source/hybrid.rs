@@ -78,6 +78,10 @@ impl Source for Hybrid {
         self.events.commit().await
     }
 
+    fn seal(&mut self) {
+        self.events.seal();
+    }
+
     async fn advance(&mut self) {
         if self.last_from_sweep {
             self.sweep.advance().await

@@ -313,6 +313,9 @@ pub struct NatsSource {
     settings: NatsSettings,
     /// Messages handed out since the last commit (acknowledged by it).
     in_flight: Vec<jetstream::Message>,
+    /// Messages covered by checkpoints being written ([`Source::seal`]), oldest first: each group is acknowledged
+    /// when its checkpoint committed.
+    sealed: std::collections::VecDeque<Vec<jetstream::Message>>,
     /// The highest stream sequence handed out since the last rewind: a message at or below it is a redelivery of
     /// one already applied (its ack was still waiting for the checkpoint) and is only acknowledged again.
     max_seq: Option<u64>,
@@ -336,6 +339,7 @@ impl NatsSource {
             consumer,
             settings,
             in_flight: Vec::new(),
+            sealed: std::collections::VecDeque::new(),
             max_seq: None,
             durable: true,
             stream: None,
@@ -496,7 +500,11 @@ impl Source for NatsSource {
             // The batch holds messages already: if the consumer info cannot be read, hand the batch on as not
             // caught up rather than fail it (a failed next_batch must not leave delivered messages behind).
             batch.caught_up = match self.consumer.get_info().await {
-                Ok(info) => info.num_pending == 0 && info.num_ack_pending <= self.in_flight.len(),
+                Ok(info) => {
+                    let held =
+                        self.in_flight.len() + self.sealed.iter().map(Vec::len).sum::<usize>();
+                    info.num_pending == 0 && info.num_ack_pending <= held
+                }
                 Err(e) if got > 0 => {
                     tracing::debug!(error = %e, "consumer info unavailable; batch not caught up");
                     false
@@ -514,14 +522,37 @@ impl Source for NatsSource {
     }
 
     async fn commit(&mut self) -> Result<(), SourceError> {
-        for m in self.in_flight.drain(..) {
-            m.ack().await.map_err(err)?;
+        let group = match self.sealed.pop_front() {
+            Some(g) => g,
+            None => std::mem::take(&mut self.in_flight),
+        };
+        if group.is_empty() {
+            return Ok(());
+        }
+        if self.consumer.cached_info().config.ack_policy == jetstream::consumer::AckPolicy::All {
+            // One ack for the group: it acknowledges every message up to its sequence.
+            let last = group
+                .iter()
+                .max_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(0))
+                .expect("a non-empty group");
+            last.ack().await.map_err(err)?;
+        } else {
+            for m in &group {
+                m.ack().await.map_err(err)?;
+            }
         }
         self.client.flush().await.map_err(err)?;
         Ok(())
     }
 
+    fn seal(&mut self) {
+        if !self.in_flight.is_empty() {
+            self.sealed.push_back(std::mem::take(&mut self.in_flight));
+        }
+    }
+
     async fn abandon(&mut self) {
+        self.sealed.clear();
         // Not acknowledged: JetStream redelivers after ack_wait (or the rewind that follows re-reads them). A NAK
         // would redeliver sooner, but during an outage that only spins; ack_wait is the back-off.
         self.in_flight.clear();
@@ -532,6 +563,7 @@ impl Source for NatsSource {
     }
 
     async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
+        self.sealed.clear();
         self.in_flight.clear();
         self.max_seq = None;
         self.stream = None;
@@ -596,7 +628,10 @@ mod tests {
         ];
         let even = |_: usize| 1.0;
         let dominant = |i: usize| if i == 0 { 9.0 } else { 1.0 };
-        for (name, weight) in [("even", &even as &dyn Fn(usize) -> f64), ("one bot at 50%", &dominant)] {
+        for (name, weight) in [
+            ("even", &even as &dyn Fn(usize) -> f64),
+            ("one bot at 50%", &dominant),
+        ] {
             let by_bot = skew(bots.iter().enumerate().map(|(i, b)| (*b, weight(i))), 8);
             let keys: Vec<(String, f64)> = bots
                 .iter()
@@ -604,7 +639,9 @@ mod tests {
                 .flat_map(|(i, b)| (0..1000).map(move |u| (format!("{b}{u}"), weight(i) / 1000.0)))
                 .collect();
             let by_user = skew(keys.iter().map(|(k, w)| (k.as_str(), *w)), 8);
-            println!("SKEW fleet={name} partitions=8 by_bot={by_bot:.2} by_bot_and_user={by_user:.2}");
+            println!(
+                "SKEW fleet={name} partitions=8 by_bot={by_bot:.2} by_bot_and_user={by_user:.2}"
+            );
             assert!(by_user < 1.2, "1,000 users a bot spread evenly: {by_user}");
             assert!(by_bot >= by_user);
         }
