@@ -63,7 +63,7 @@ pub struct ServiceConfig {
     pub checkpoint_interval: Duration,
 
     /// Events read before a checkpoint is written, whichever of this and CHECKPOINT_INTERVAL comes first
-    #[arg(long, env = "CHECKPOINT_MESSAGES", default_value_t = 20_000, help_heading = H_SVC)]
+    #[arg(long, env = "CHECKPOINT_MESSAGES", default_value_t = 50_000, help_heading = H_SVC)]
     pub checkpoint_messages: usize,
 
     /// Day, week and month rollups of each user's window summaries (summary_type day/week/month): on or off.
@@ -140,7 +140,7 @@ impl ServiceConfig {
         at_least(self.lease_seconds, 2, "LEASE_SECONDS", "120")?;
         at_least(self.leader_lease_seconds, 2, "LEADER_LEASE_SECONDS", "15")?;
         at_least(self.ingest_batch_size, 1, "INGEST_BATCH_SIZE", "500")?;
-        at_least(self.checkpoint_messages, 1, "CHECKPOINT_MESSAGES", "20000")?;
+        at_least(self.checkpoint_messages, 1, "CHECKPOINT_MESSAGES", "50000")?;
         if self.checkpoint_interval.is_zero() {
             return bad(
                 "CHECKPOINT_INTERVAL",
