@@ -147,6 +147,9 @@ fn defaults_match_the_table() {
     assert_eq!(c.service.log_format, LogFormat::Text);
     assert_eq!(c.service.ready_max_lag, 10_000);
     assert_eq!(c.service.ingest_batch_size, 500);
+    assert_eq!(c.service.checkpoint_interval, Duration::from_secs(1));
+    assert_eq!(c.service.checkpoint_messages, 50_000);
+    assert_eq!(c.nats.nats_partitions, 1);
     assert!(!c.service.rollups);
     assert_eq!(c.service.rollup_interval, Duration::from_secs(60));
 
@@ -353,6 +356,10 @@ fn validation_errors_name_their_variable() {
         (&["--lease-seconds", "1"], "LEASE_SECONDS"),
         (&["--leader-lease-seconds", "0"], "LEADER_LEASE_SECONDS"),
         (&["--ingest-batch-size", "0"], "INGEST_BATCH_SIZE"),
+        (&["--checkpoint-messages", "0"], "CHECKPOINT_MESSAGES"),
+        (&["--checkpoint-interval", "0s"], "CHECKPOINT_INTERVAL"),
+        (&["--nats-partitions", "0"], "NATS_PARTITIONS"),
+        (&["--nats-partitions", "257"], "NATS_PARTITIONS"),
         (&["--console-token", "too-short"], "CONSOLE_TOKEN"),
     ];
     for (args, var) in cases {
