@@ -64,6 +64,9 @@ async fn the_stream_partitions_by_bot_as_recap_computes_it() {
     let _ = js.delete_stream(&ns.stream).await;
 }
 
+/// A summary row as compared: (bot, user, start ms, end ms, message count).
+type Win = (String, String, i64, i64, i32);
+
 /// Idle gap of the live runs: sessions are 200 ms apart inside, 3 s apart between.
 const GAP_MS: i64 = 1500;
 
@@ -128,7 +131,7 @@ async fn write_live(
 
 /// The windows the definition gives for what was written (stored times), with `MIN_MESSAGES_FOR_SUMMARY` 5:
 /// (bot, user, start ms, end ms, count).
-fn expected(written: &[(String, String, i64)]) -> Vec<(String, String, i64, i64, i32)> {
+fn expected(written: &[(String, String, i64)]) -> Vec<Win> {
     let cfg = recap::tracker::TrackerConfig {
         idle_gap_ms: GAP_MS,
         ..recap::tracker::TrackerConfig::default()
@@ -151,7 +154,7 @@ fn expected(written: &[(String, String, i64)]) -> Vec<(String, String, i64, i64,
 }
 
 /// The table as (bot, user, start ms, end ms, count), and the highest revision.
-fn table(rows: &[Row]) -> (Vec<(String, String, i64, i64, i32)>, i32) {
+fn table(rows: &[Row]) -> (Vec<Win>, i32) {
     let mut t: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -169,10 +172,7 @@ fn table(rows: &[Row]) -> (Vec<(String, String, i64, i64, i32)>, i32) {
 }
 
 /// Same windows, stored times within a millisecond (Qdrant keeps them as float seconds).
-fn same(
-    have: &[(String, String, i64, i64, i32)],
-    want: &[(String, String, i64, i64, i32)],
-) -> bool {
+fn same(have: &[Win], want: &[Win]) -> bool {
     have.len() == want.len()
         && have.iter().zip(want).all(|(h, w)| {
             h.0 == w.0
@@ -345,7 +345,7 @@ async fn three_replicas_on_eight_partitions_write_the_one_replica_table_and_surv
         "three replicas and a kill: {trio_table:?}\nexpected {want:?}"
     );
     // the one-replica table, bot for bot and user for user (the fleets differ only in their names and times)
-    let shape = |t: &[(String, String, i64, i64, i32)]| -> Vec<i32> {
+    let shape = |t: &[Win]| -> Vec<i32> {
         let mut v: Vec<i32> = t.iter().map(|r| r.4).collect();
         v.sort();
         v
