@@ -12,6 +12,7 @@
 //! tracker state and [`IngestTx`]; `windows.rs` claiming, leases and [`Store::finish_window`]; `status.rs` what
 //! `status`, `retry` and `resummarize` read and change.
 
+mod finish_batch;
 mod ingest;
 mod status;
 mod windows;

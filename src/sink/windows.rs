@@ -1,6 +1,7 @@
 //! The window side: claiming due windows under a lease, extending and releasing leases, and finishing a window
 //! (the summary upsert and the window's new state in one transaction).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -55,15 +56,37 @@ impl Store {
             .collect())
     }
 
-    /// The point ids assigned to a window.
+    /// The point ids assigned to a window (see [`Store::window_point_ids`]).
     pub async fn window_points(&self, window_id: i64) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .window_point_ids(&[window_id])
+            .await?
+            .remove(&window_id)
+            .unwrap_or_default())
+    }
+
+    /// The point ids assigned to each of `window_ids`, oldest first, in one query: every id asked for has an entry
+    /// (empty when no point is stored for it). The one place that knows where a window's point ids are kept.
+    pub async fn window_point_ids(
+        &self,
+        window_ids: &[i64],
+    ) -> Result<HashMap<i64, Vec<String>>, StoreError> {
+        let mut out: HashMap<i64, Vec<String>> =
+            window_ids.iter().map(|id| (*id, Vec::new())).collect();
+        if window_ids.is_empty() {
+            return Ok(out);
+        }
         let rows = sqlx::query(
-            "SELECT point_id FROM recap_messages WHERE window_id = $1 ORDER BY ts, point_id",
+            "SELECT window_id, point_id FROM recap_messages WHERE window_id = ANY($1)
+             ORDER BY window_id, ts, point_id",
         )
-        .bind(window_id)
+        .bind(window_ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        for r in &rows {
+            out.entry(r.get(0)).or_default().push(r.get(1));
+        }
+        Ok(out)
     }
 
     /// Gives back every lease `owner` holds (graceful shutdown).
@@ -231,7 +254,7 @@ impl Store {
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+pub(super) fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
@@ -239,7 +262,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn upsert_summary(
+pub(super) async fn upsert_summary(
     tx: &mut Transaction<'_, Postgres>,
     w: &ClaimedWindow,
     start: NaiveDateTime,
