@@ -26,11 +26,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{FieldType, PointStruct};
-use recap::pipeline::process_window;
+use recap::pipeline::{batch_shape, process_windows};
 use recap::sink::{Finished, NewMessage, Store};
 use recap::summarize::{SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
 use recap::tracker::ClosedWindow;
@@ -347,36 +346,44 @@ async fn run_mode(
         }),
     );
     let lease = Duration::from_secs(cfg.service.lease_seconds.into());
-    let limit = i64::from(cfg.sweep.enrichment_batch_size.max(1));
+    let (limit, in_flight) = batch_shape(&ctx);
     let per_window: Arc<Mutex<Vec<(String, i64, Duration, Finished)>>> = Arc::default();
-    let mut claim_ms = Vec::new();
+    let claim_ms: Arc<Mutex<Vec<f64>>> = Arc::default();
     let t = Instant::now();
-    loop {
-        let c0 = Instant::now();
-        let claimed = ctx
-            .store
-            .claim_due(&ctx.instance, lease, limit)
-            .await
-            .expect("claim");
-        if claimed.is_empty() {
-            break;
+    // As `drain_due`: `in_flight` lanes, each claiming a batch and processing it as one (`process_windows`); a
+    // window's time is its batch's, from the claim to the commit.
+    let lane = || async {
+        loop {
+            let c0 = Instant::now();
+            let claimed = ctx
+                .store
+                .claim_due(&ctx.instance, lease, limit as i64)
+                .await
+                .expect("claim");
+            if claimed.is_empty() {
+                break;
+            }
+            claim_ms
+                .lock()
+                .unwrap()
+                .push(c0.elapsed().as_secs_f64() * 1000.0 / claimed.len() as f64);
+            let keys: HashMap<i64, (String, i64)> = claimed
+                .iter()
+                .map(|w| (w.id, (w.user_id.clone(), w.start_ms)))
+                .collect();
+            let done = process_windows(&ctx, claimed, &|_| {})
+                .await
+                .expect("process");
+            let d = c0.elapsed();
+            let mut pw = per_window.lock().unwrap();
+            for (id, f) in done {
+                let (user, start) = keys[&id].clone();
+                pw.push((user, start, d, f));
+            }
         }
-        claim_ms.push(c0.elapsed().as_secs_f64() * 1000.0 / claimed.len() as f64);
-        futures::stream::iter(claimed)
-            .for_each_concurrent(concurrency, |w| {
-                let (ctx, per_window) = (&ctx, per_window.clone());
-                async move {
-                    let (user, start) = (w.user_id.clone(), w.start_ms);
-                    let t = Instant::now();
-                    let f = process_window(ctx, w).await.expect("process");
-                    per_window
-                        .lock()
-                        .unwrap()
-                        .push((user, start, t.elapsed(), f));
-                }
-            })
-            .await;
-    }
+    };
+    futures::future::join_all((0..in_flight).map(|_| lane())).await;
+    let mut claim_ms = std::mem::take(&mut *claim_ms.lock().unwrap());
     let wall = t.elapsed().as_secs_f64();
     let per_window = std::mem::take(&mut *per_window.lock().unwrap());
     let timings = std::mem::take(&mut *timings.0.lock().unwrap());

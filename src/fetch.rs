@@ -416,7 +416,7 @@ impl Points {
                         ),
                     ]))
                 }));
-                self.scroll_all(coll, filter, selector.clone())
+                self.scroll_all(coll, filter)
             })
         });
         let pages = futures::future::try_join_all(scrolls).await?;
@@ -425,6 +425,8 @@ impl Points {
         for (i, w) in windows.iter().enumerate() {
             by_user.entry(w.user_id).or_default().push(i);
         }
+        // Messages found only by the scroll (no event or sweep named them): their vectors, read after.
+        let mut pending: Vec<(usize, usize, String)> = Vec::new();
         for p in pages.iter().flatten() {
             let payload = &p.payload;
             let user = match payload.get(&self.mapping.user).and_then(|v| v.kind.as_ref()) {
@@ -457,10 +459,43 @@ impl Points {
                             && mp.message.ts_ms >= lo
                             && mp.message.ts_ms <= hi =>
                     {
+                        if let Some(id) = &id {
+                            pending.push((i, msgs[i].len(), id.clone()));
+                        }
                         msgs[i].push(mp.message.clone())
                     }
                     Ok(_) => {}
                     Err(reason) => *skipped[i].entry(*reason).or_default() += 1,
+                }
+            }
+        }
+        if !pending.is_empty() {
+            let mut want: Vec<&String> = pending.iter().map(|p| &p.2).collect();
+            want.sort_unstable();
+            want.dedup();
+            let gets = collections.iter().flat_map(|coll| {
+                want.chunks(RETRIEVE_CHUNK).map(move |chunk| {
+                    let pids: Vec<PointId> = chunk.iter().map(|i| point_id_from_str(i)).collect();
+                    self.client.get_points(
+                        GetPointsBuilder::new(coll, pids)
+                            .with_payload(false)
+                            .with_vectors(selector.clone()),
+                    )
+                })
+            });
+            let mut vectors: HashMap<String, Vec<f32>> = HashMap::new();
+            for r in futures::future::try_join_all(gets).await? {
+                for p in r.result {
+                    if let Some(id) = &p.id {
+                        vectors
+                            .entry(point_id_string(id))
+                            .or_insert_with(|| content_vector(&p, &self.mapping.content_vector));
+                    }
+                }
+            }
+            for (i, at, id) in pending {
+                if let Some(v) = vectors.get(&id) {
+                    msgs[i][at].vector = v.clone();
                 }
             }
         }
@@ -471,12 +506,12 @@ impl Points {
             .collect())
     }
 
-    /// Every point of `filter` in `coll`, page by page.
+    /// Every point of `filter` in `coll`, page by page, with payloads and without vectors (most of them were read
+    /// by id already).
     async fn scroll_all(
         &self,
         coll: &str,
         filter: Filter,
-        selector: VectorsSelector,
     ) -> Result<Vec<RetrievedPoint>, FetchError> {
         let mut out = Vec::new();
         let mut offset: Option<PointId> = None;
@@ -485,7 +520,7 @@ impl Points {
                 .filter(filter.clone())
                 .limit(SCROLL_PAGE)
                 .with_payload(true)
-                .with_vectors(selector.clone());
+                .with_vectors(false);
             if let Some(o) = offset.take() {
                 req = req.offset(o);
             }

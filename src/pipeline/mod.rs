@@ -25,7 +25,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use ingest::{
     Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, run_ingest, run_ingest_with,
 };
-pub use workers::{drain_due, process_window, run_workers, summarize_window};
+pub use workers::{
+    batch_shape, drain_due, process_window, process_windows, run_workers, summarize_window,
+};
 
 /// Everything the loops share.
 #[derive(Clone)]
