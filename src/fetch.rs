@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDateTime;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    Condition, Filter, GetPointsBuilder, PointId, Range, RetrievedPoint, ScrollPointsBuilder,
+    Condition, Filter, GetPointsBuilder, PayloadIncludeSelector, PointId, Range, RetrievedPoint, ScrollPointsBuilder,
     Value, VectorsSelector, point_id::PointIdOptions, value::Kind, vector_output,
     vectors_output::VectorsOptions,
 };
@@ -358,7 +358,7 @@ impl Points {
                 let pids: Vec<PointId> = chunk.iter().map(|i| point_id_from_str(i)).collect();
                 self.client.get_points(
                     GetPointsBuilder::new(coll, pids)
-                        .with_payload(true)
+                        .with_payload(self.payload_fields())
                         .with_vectors(selector.clone()),
                 )
             })
@@ -397,25 +397,50 @@ impl Points {
                 }
             })
             .collect();
-        let ranges = &ranges;
+        let (ranges, wanted) = (&ranges, &wanted);
         let bounds = |r: (Millis, Millis)| (r.0 as f64 / 1000.0, (r.1 + 1) as f64 / 1000.0);
         let order: Vec<usize> = (0..n).collect();
         let scrolls = collections.iter().flat_map(|coll| {
             order.chunks(SCROLL_WINDOWS).map(move |chunk| {
-                let filter = Filter::should(chunk.iter().map(|&i| {
-                    let (gte, lt) = bounds(ranges[i]);
-                    Condition::from(Filter::must([
-                        Condition::matches(self.mapping.user.clone(), windows[i].user_id.to_string()),
-                        Condition::range(
-                            self.mapping.timestamp_unix.clone(),
-                            Range {
-                                gte: Some(gte),
-                                lt: Some(lt),
+                // Per window: its user and range, minus the points it has by id already; for all: no
+                // `conversation_pair` duplicates (never messages).
+                let filter = Filter {
+                    should: chunk
+                        .iter()
+                        .map(|&i| {
+                            let (gte, lt) = bounds(ranges[i]);
+                            Condition::from(Filter {
+                                must: vec![
+                                    Condition::matches(
+                                        self.mapping.user.clone(),
+                                        windows[i].user_id.to_string(),
+                                    ),
+                                    Condition::range(
+                                        self.mapping.timestamp_unix.clone(),
+                                        Range {
+                                            gte: Some(gte),
+                                            lt: Some(lt),
+                                            ..Default::default()
+                                        },
+                                    ),
+                                ],
+                                must_not: if wanted[i].is_empty() {
+                                    vec![]
+                                } else {
+                                    vec![Condition::has_id(
+                                        wanted[i].iter().map(|id| point_id_from_str(id)),
+                                    )]
+                                },
                                 ..Default::default()
-                            },
-                        ),
-                    ]))
-                }));
+                            })
+                        })
+                        .collect(),
+                    must_not: vec![Condition::matches(
+                        self.mapping.role.clone(),
+                        "conversation_pair".to_string(),
+                    )],
+                    ..Default::default()
+                };
                 self.scroll_all(coll, filter)
             })
         });
@@ -506,6 +531,27 @@ impl Points {
             .collect())
     }
 
+    /// The payload fields a point is mapped from (the rest of a bot's payload is never read).
+    fn payload_fields(&self) -> PayloadIncludeSelector {
+        let m = &self.mapping;
+        let mut fields: Vec<String> = [
+            &m.user,
+            &m.content,
+            &m.role,
+            &m.memory_type,
+            &m.timestamp,
+            &m.timestamp_unix,
+            &m.emotion,
+        ]
+        .into_iter()
+        .cloned()
+        .collect();
+        fields.push("source".into());
+        fields.sort();
+        fields.dedup();
+        PayloadIncludeSelector { fields }
+    }
+
     /// Every point of `filter` in `coll`, page by page, with payloads and without vectors (most of them were read
     /// by id already).
     async fn scroll_all(
@@ -519,7 +565,7 @@ impl Points {
             let mut req = ScrollPointsBuilder::new(coll)
                 .filter(filter.clone())
                 .limit(SCROLL_PAGE)
-                .with_payload(true)
+                .with_payload(self.payload_fields())
                 .with_vectors(false);
             if let Some(o) = offset.take() {
                 req = req.offset(o);

@@ -295,7 +295,6 @@ pub async fn process_windows(
     if windows.is_empty() {
         return Ok(Vec::new());
     }
-    let t0 = std::time::Instant::now();
     let prepared = match ctx.summarizer.ready().await {
         Ok(()) => fetch_batch(ctx, &windows).await?,
         Err(e) => windows
@@ -303,7 +302,6 @@ pub async fn process_windows(
             .map(|_| Prepared::Outcome(not_ready(ctx, &e)))
             .collect(),
     };
-    let t_fetch = t0.elapsed();
     // LLM_CONCURRENCY calls at once, in claim order (the semaphore is fair).
     let calls = tokio::sync::Semaphore::new(ctx.cfg.llm.llm_concurrency.max(1));
     let mut futs = Vec::with_capacity(windows.len());
@@ -326,7 +324,6 @@ pub async fn process_windows(
             }
         }
     }
-    let t_sum = t0.elapsed();
     let batch: Vec<(&ClaimedWindow, &WindowOutcome)> = todo.iter().map(|(w, o)| (*w, o)).collect();
     let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> =
         match ctx.store.finish_windows(&ctx.instance, &batch).await {
@@ -348,7 +345,6 @@ pub async fn process_windows(
                 one_by_one
             }
         };
-    let t_fin = t0.elapsed();
     let vectors: Vec<(i64, Option<&[f32]>)> = finished
         .iter()
         .filter_map(|(w, o, f)| match (o, f) {
@@ -359,9 +355,6 @@ pub async fn process_windows(
         })
         .collect();
     crate::recall::vectors::on_summarized_many(ctx, &vectors).await;
-    if std::env::var_os("RECAP_TIMING").is_some() {
-        eprintln!("TIMING n={} fetch={:?} sum={:?} fin={:?} vec={:?}", windows.len(), t_fetch, t_sum - t_fetch, t_fin - t_sum, t0.elapsed() - t_fin);
-    }
     Ok(finished
         .iter()
         .map(|(w, o, f)| {

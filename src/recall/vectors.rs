@@ -255,16 +255,23 @@ pub async fn upsert_many(
     let Some(dim) = items.first().map(|(_, v)| v.len() as u64) else {
         return Ok(());
     };
-    ensure_collection(client, dim).await?;
     let (ids, revisions): (Vec<i32>, Vec<i32>) = items.iter().map(|(r, _)| (r.id, r.revision)).unzip();
     let points: Vec<PointStruct> = items
         .into_iter()
         .map(|(r, v)| PointStruct::new(point_id(&r.bot, &r.user_id, r.id), v, payload(&r)))
         .collect();
     let n = points.len() as u64;
-    client
-        .upsert_points(UpsertPointsBuilder::new(COLLECTION, points).wait(true))
-        .await?;
+    // The collection nearly always exists: created (then tried again) only when the upsert fails.
+    if client
+        .upsert_points(UpsertPointsBuilder::new(COLLECTION, points.clone()).wait(true))
+        .await
+        .is_err()
+    {
+        ensure_collection(client, dim).await?;
+        client
+            .upsert_points(UpsertPointsBuilder::new(COLLECTION, points).wait(true))
+            .await?;
+    }
     sqlx::query(
         "INSERT INTO recap_summary_vectors (summary_id, bot_name, user_id, revision)
          SELECT s.id, s.bot_name, s.user_id, x.rev
