@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDateTime;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    Condition, Filter, GetPointsBuilder, PayloadIncludeSelector, PointId, Range, RetrievedPoint, ScrollPointsBuilder,
-    Value, VectorsSelector, point_id::PointIdOptions, value::Kind, vector_output,
-    vectors_output::VectorsOptions,
+    Condition, Filter, GetPointsBuilder, PayloadIncludeSelector, PointId, Range, RetrievedPoint,
+    ScrollPointsBuilder, Value, VectorsSelector, point_id::PointIdOptions, value::Kind,
+    vector_output, vectors_output::VectorsOptions,
 };
 
 use crate::summarize::Message;
@@ -341,7 +341,8 @@ impl Points {
         // leave such ids (stored before events were checked) out, counted.
         let mut wanted: Vec<Vec<String>> = Vec::with_capacity(n);
         for (i, w) in windows.iter().enumerate() {
-            let (ok, bad): (Vec<&String>, Vec<&String>) = w.ids.iter().partition(|i| is_point_id(i));
+            let (ok, bad): (Vec<&String>, Vec<&String>) =
+                w.ids.iter().partition(|i| is_point_id(i));
             if !bad.is_empty() {
                 skipped[i].insert(SkipReason::BadPointId, bad.len());
             }
@@ -391,7 +392,10 @@ impl Points {
             .iter()
             .zip(windows)
             .map(|(m, w)| {
-                match (m.iter().map(|m| m.ts_ms).min(), m.iter().map(|m| m.ts_ms).max()) {
+                match (
+                    m.iter().map(|m| m.ts_ms).min(),
+                    m.iter().map(|m| m.ts_ms).max(),
+                ) {
                     (Some(lo), Some(hi)) => (lo, hi),
                     _ => w.range_ms,
                 }
@@ -454,7 +458,10 @@ impl Points {
         let mut pending: Vec<(usize, usize, String)> = Vec::new();
         for p in pages.iter().flatten() {
             let payload = &p.payload;
-            let user = match payload.get(&self.mapping.user).and_then(|v| v.kind.as_ref()) {
+            let user = match payload
+                .get(&self.mapping.user)
+                .and_then(|v| v.kind.as_ref())
+            {
                 Some(Kind::StringValue(s)) => s.clone(),
                 Some(Kind::IntegerValue(i)) => i.to_string(),
                 _ => continue,
@@ -524,11 +531,7 @@ impl Points {
                 }
             }
         }
-        Ok(msgs
-            .into_iter()
-            .map(dedupe_messages)
-            .zip(skipped)
-            .collect())
+        Ok(msgs.into_iter().map(dedupe_messages).zip(skipped).collect())
     }
 
     /// The payload fields a point is mapped from (the rest of a bot's payload is never read).

@@ -171,7 +171,10 @@ pub async fn summarize_window(
 /// Fetches many claimed windows: their point ids in one query, then per bot one [`crate::fetch::Points::fetch_windows`]
 /// (one retrieve by id, one union-filter scroll), the bots concurrently. A request Qdrant rejects is tried again
 /// window by window, so only the window that causes it counts a failure.
-async fn fetch_batch(ctx: &Context, windows: &[ClaimedWindow]) -> Result<Vec<Prepared>, StoreError> {
+async fn fetch_batch(
+    ctx: &Context,
+    windows: &[ClaimedWindow],
+) -> Result<Vec<Prepared>, StoreError> {
     let all: Vec<i64> = windows.iter().map(|w| w.id).collect();
     let ids = ctx.store.window_point_ids(&all).await?;
     let none: Vec<String> = Vec::new();
@@ -205,7 +208,9 @@ async fn fetch_batch(ctx: &Context, windows: &[ClaimedWindow]) -> Result<Vec<Pre
                     Err(e) if e.is_invalid_request() && queries.len() > 1 => {
                         let mut one_by_one = Vec::with_capacity(queries.len());
                         for q in &queries {
-                            let r = ctx.points.fetch_window(&colls, q.ids, q.user_id, q.range_ms);
+                            let r = ctx
+                                .points
+                                .fetch_window(&colls, q.ids, q.user_id, q.range_ms);
                             one_by_one.push(r.await.map_err(|e| fetch_failed(ctx, &e)));
                         }
                         one_by_one
@@ -225,7 +230,11 @@ async fn fetch_batch(ctx: &Context, windows: &[ClaimedWindow]) -> Result<Vec<Pre
         }
     }
     out.into_iter()
-        .map(|p| p.ok_or(StoreError::Invariant("a window of the batch was not fetched")))
+        .map(|p| {
+            p.ok_or(StoreError::Invariant(
+                "a window of the batch was not fetched",
+            ))
+        })
         .collect()
 }
 
@@ -325,26 +334,33 @@ pub async fn process_windows(
         }
     }
     let batch: Vec<(&ClaimedWindow, &WindowOutcome)> = todo.iter().map(|(w, o)| (*w, o)).collect();
-    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> =
-        match ctx.store.finish_windows(&ctx.instance, &batch).await {
-            Ok(f) => todo.into_iter().zip(f).map(|((w, o), f)| (w, o, f)).collect(),
-            Err(e) if e.is_connection() => return Err(e),
-            Err(e) => {
-                debug!(error = %e, windows = todo.len(), "the batch cannot be finished at once; one by one");
-                metrics::counter!("recap_window_batch_fallbacks_total").increment(1);
-                let mut one_by_one = Vec::with_capacity(todo.len());
-                for (w, o) in todo {
-                    match finish_one(ctx, w, o).await {
-                        Ok((o, f)) => one_by_one.push((w, o, f)),
-                        Err(e) if e.is_connection() => return Err(e),
-                        Err(e) => {
-                            warn!(window = w.id, error = %e, "window not finished; its lease will expire and it will be retried")
-                        }
+    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> = match ctx
+        .store
+        .finish_windows(&ctx.instance, &batch)
+        .await
+    {
+        Ok(f) => todo
+            .into_iter()
+            .zip(f)
+            .map(|((w, o), f)| (w, o, f))
+            .collect(),
+        Err(e) if e.is_connection() => return Err(e),
+        Err(e) => {
+            debug!(error = %e, windows = todo.len(), "the batch cannot be finished at once; one by one");
+            metrics::counter!("recap_window_batch_fallbacks_total").increment(1);
+            let mut one_by_one = Vec::with_capacity(todo.len());
+            for (w, o) in todo {
+                match finish_one(ctx, w, o).await {
+                    Ok((o, f)) => one_by_one.push((w, o, f)),
+                    Err(e) if e.is_connection() => return Err(e),
+                    Err(e) => {
+                        warn!(window = w.id, error = %e, "window not finished; its lease will expire and it will be retried")
                     }
                 }
-                one_by_one
             }
-        };
+            one_by_one
+        }
+    };
     let vectors: Vec<(i64, Option<&[f32]>)> = finished
         .iter()
         .filter_map(|(w, o, f)| match (o, f) {
@@ -458,7 +474,10 @@ pub async fn drain_due(
                 // the LLM is down or the budget spent: what is left waits for the service (or the next run)
                 return Ok::<(), StoreError>(());
             }
-            let claimed = ctx.store.claim_due(&ctx.instance, lease, limit as i64).await?;
+            let claimed = ctx
+                .store
+                .claim_due(&ctx.instance, lease, limit as i64)
+                .await?;
             if claimed.is_empty() {
                 return Ok(());
             }

@@ -255,7 +255,8 @@ pub async fn upsert_many(
     let Some(dim) = items.first().map(|(_, v)| v.len() as u64) else {
         return Ok(());
     };
-    let (ids, revisions): (Vec<i32>, Vec<i32>) = items.iter().map(|(r, _)| (r.id, r.revision)).unzip();
+    let (ids, revisions): (Vec<i32>, Vec<i32>) =
+        items.iter().map(|(r, _)| (r.id, r.revision)).unzip();
     let points: Vec<PointStruct> = items
         .into_iter()
         .map(|(r, v)| PointStruct::new(point_id(&r.bot, &r.user_id, r.id), v, payload(&r)))
