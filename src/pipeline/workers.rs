@@ -190,7 +190,10 @@ async fn fetch_batch(
             let colls = match ctx.points.collections_for(bot, bot_for).await {
                 Ok(c) => c,
                 Err(e) => {
-                    let failed = idx.iter().map(|_| Err(fetch_failed(ctx, &e))).collect();
+                    let failed = idx
+                        .iter()
+                        .map(|_| Prepared::Outcome(fetch_failed(ctx, &e)))
+                        .collect();
                     return (idx, failed);
                 }
             };
@@ -202,31 +205,34 @@ async fn fetch_batch(
                     range_ms: (windows[i].start_ms, windows[i].end_ms),
                 })
                 .collect();
-            let results: Vec<Result<Fetched, WindowOutcome>> =
-                match ctx.points.fetch_windows(&colls, &queries).await {
-                    Ok(r) => r.into_iter().map(Ok).collect(),
-                    Err(e) if e.is_invalid_request() && queries.len() > 1 => {
-                        let mut one_by_one = Vec::with_capacity(queries.len());
-                        for q in &queries {
-                            let r = ctx
-                                .points
-                                .fetch_window(&colls, q.ids, q.user_id, q.range_ms);
-                            one_by_one.push(r.await.map_err(|e| fetch_failed(ctx, &e)));
-                        }
-                        one_by_one
+            let ready = |i: usize, f: Fetched| prepare(ctx, &windows[i], ids_of(&windows[i]), f);
+            let results: Vec<Prepared> = match ctx.points.fetch_windows(&colls, &queries).await {
+                Ok(r) => idx.iter().zip(r).map(|(&i, f)| ready(i, f)).collect(),
+                Err(e) if e.is_invalid_request() && queries.len() > 1 => {
+                    let mut one_by_one = Vec::with_capacity(queries.len());
+                    for (&i, q) in idx.iter().zip(&queries) {
+                        let r = ctx
+                            .points
+                            .fetch_window(&colls, q.ids, q.user_id, q.range_ms);
+                        one_by_one.push(match r.await {
+                            Ok(f) => ready(i, f),
+                            Err(e) => Prepared::Outcome(fetch_failed(ctx, &e)),
+                        });
                     }
-                    Err(e) => queries.iter().map(|_| Err(fetch_failed(ctx, &e))).collect(),
-                };
+                    one_by_one
+                }
+                Err(e) => queries
+                    .iter()
+                    .map(|_| Prepared::Outcome(fetch_failed(ctx, &e)))
+                    .collect(),
+            };
             (idx, results)
         }
     });
     let mut out: Vec<Option<Prepared>> = windows.iter().map(|_| None).collect();
     for (idx, results) in futures::future::join_all(groups).await {
-        for (i, r) in idx.into_iter().zip(results) {
-            out[i] = Some(match r {
-                Ok(f) => prepare(ctx, &windows[i], ids_of(&windows[i]), f),
-                Err(o) => Prepared::Outcome(o),
-            });
+        for (i, p) in idx.into_iter().zip(results) {
+            out[i] = Some(p);
         }
     }
     out.into_iter()
