@@ -12,7 +12,7 @@
 //! reads; the `emotion`/`semantic` vectors are left out to keep loading fast), 6 messages + 3 `conversation_pair`
 //! points per window; per run and summarizer a fresh migrated database where recap's own ingest transaction
 //! (`IngestTx::insert_messages` + `close_window`) stores the windows as due. Then windows are claimed and processed
-//! as the workers do (`pipeline::batch_shape`): extractive, batches of ENRICHMENT_BATCH_SIZE (50), two batches in
+//! as the workers do (`pipeline::batch_shape`): extractive, batches of ENRICHMENT_BATCH_SIZE (50), three batches in
 //! flight; LLM, batches of LLM_CONCURRENCY (4), one at a time. A window's time is its batch's, from the claim to the
 //! commit (the claim query's time is also reported on its own).
 //!
