@@ -14,7 +14,7 @@ use super::{
 };
 
 /// One summary row to write, as its columns.
-struct Row_<'a> {
+struct SummaryRow<'a> {
     /// Position in the batch.
     at: usize,
     w: &'a ClaimedWindow,
@@ -36,8 +36,8 @@ struct Row_<'a> {
     message_count: i32,
 }
 
-impl<'a> Row_<'a> {
-    fn new(at: usize, w: &'a ClaimedWindow, outcome: &'a WindowOutcome) -> Option<Row_<'a>> {
+impl<'a> SummaryRow<'a> {
+    fn new(at: usize, w: &'a ClaimedWindow, outcome: &'a WindowOutcome) -> Option<SummaryRow<'a>> {
         let WindowOutcome::Summarized {
             summary: s,
             covered,
@@ -53,7 +53,7 @@ impl<'a> Row_<'a> {
         let clean = |t: &str| t.replace('\0', "");
         let usage = s.usage.as_ref();
         let topics: Vec<String> = s.key_topics.iter().map(|t| clean(t)).collect();
-        Some(Row_ {
+        Some(SummaryRow {
             at,
             w,
             // The row's bounds are the stored points' times; the window keeps its tracker bounds.
@@ -138,9 +138,10 @@ fn upsert_rows_sql() -> String {
 async fn write_rows(
     tx: &mut Transaction<'_, Postgres>,
     sql: &str,
-    rows: &[&Row_<'_>],
+    rows: &[&SummaryRow<'_>],
 ) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
-    let col = |f: &dyn Fn(&Row_) -> String| rows.iter().map(|r| f(r)).collect::<Vec<String>>();
+    let col =
+        |f: &dyn Fn(&SummaryRow) -> String| rows.iter().map(|r| f(r)).collect::<Vec<String>>();
     let sid: Vec<Option<i32>> = rows.iter().map(|r| r.w.summary_id).collect();
     let users = col(&|r| r.w.user_id.clone());
     let bots = col(&|r| r.w.bot.clone());
@@ -249,9 +250,9 @@ impl Store {
         // Summary rows: by row id where the window has one, else upserted on the window key; a second row of the
         // same key or the same row id in this batch is written on its own, after the others (the set-based upsert
         // cannot touch one row twice).
-        let rows: Vec<Row_> = live
+        let rows: Vec<SummaryRow> = live
             .iter()
-            .filter_map(|(at, w, o)| Row_::new(*at, w, o))
+            .filter_map(|(at, w, o)| SummaryRow::new(*at, w, o))
             .collect();
         let mut summary_ids: HashMap<usize, i32> = HashMap::new();
         let (mut keys, mut sids) = (HashSet::new(), HashSet::new());
@@ -323,7 +324,7 @@ impl Store {
             ));
         }
         // The windows' new states: done, too_short, retry or dead.
-        let done: Vec<&Row_> = rows.iter().collect();
+        let done: Vec<&SummaryRow> = rows.iter().collect();
         if !done.is_empty() {
             sqlx::query(
                 "UPDATE recap_windows w SET state = 'done', revision = x.rev, summary_id = x.sid, coverage = x.cov,
