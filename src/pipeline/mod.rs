@@ -30,7 +30,9 @@ pub use ingest::{
     run_ingest_with, run_partition,
 };
 pub use partitions::{Share, run_partitioned};
-pub use workers::{drain_due, process_window, run_workers, summarize_window};
+pub use workers::{
+    batch_shape, drain_due, process_window, process_windows, run_workers, summarize_window,
+};
 
 /// Everything the loops share.
 #[derive(Clone)]

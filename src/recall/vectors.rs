@@ -190,42 +190,101 @@ pub async fn upsert(
 
 const ROW_COLUMNS: &str = "s.id, s.bot_name, s.user_id, s.start_timestamp, s.end_timestamp, s.revision, coalesce(s.summary_type, 'time_window')";
 
-fn summary_ref(row: &sqlx::postgres::PgRow) -> SummaryRef {
-    SummaryRef {
-        id: row.get(0),
-        bot: row.get(1),
-        user_id: row.get(2),
-        start: row.get(3),
-        end: row.get(4),
-        revision: row.get(5),
-        summary_type: row.get(6),
-    }
+/// Called by the worker after a window's summary committed: writes the summary's vector. Failures are logged and
+/// left to [`repair`]; they never fail the window. [`on_summarized_many`] for one window.
+pub async fn on_summarized(ctx: &Context, window_id: i64, centroid: Option<&[f32]>) {
+    on_summarized_many(ctx, &[(window_id, centroid)]).await
 }
 
-/// Called by the worker after a window's summary committed: writes the summary's vector. Failures are logged and
-/// left to [`repair`]; they never fail the window.
-pub async fn on_summarized(ctx: &Context, window_id: i64, centroid: Option<&[f32]>) {
-    let Some(v) = centroid else {
-        debug!(window = window_id, "no content vectors; no summary vector");
-        return;
-    };
-    let r = async {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {ROW_COLUMNS} FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id WHERE w.id = $1"
-        )))
-        .bind(window_id)
-        .fetch_optional(ctx.store.pool())
-        .await?;
-        match row {
-            Some(row) => upsert(&ctx.store, ctx.points.client(), &summary_ref(&row), v.to_vec()).await,
-            None => Ok(()),
+/// Called by the worker after a batch of windows' summaries committed: writes their vectors in one Qdrant upsert
+/// (and one query to read the rows, one to record the synced revisions). Failures are logged and left to [`repair`];
+/// they never fail a window.
+pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]) {
+    let mut vectors: HashMap<i64, &[f32]> = HashMap::new();
+    for (id, v) in windows {
+        match v {
+            Some(v) => {
+                vectors.insert(*id, v);
+            }
+            None => debug!(window = id, "no content vectors; no summary vector"),
         }
+    }
+    if vectors.is_empty() {
+        return;
+    }
+    let ids: Vec<i64> = vectors.keys().copied().collect();
+    let r = async {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT w.id, {ROW_COLUMNS} FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id
+             WHERE w.id = ANY($1)"
+        )))
+        .bind(&ids)
+        .fetch_all(ctx.store.pool())
+        .await?;
+        let items: Vec<(SummaryRef, Vec<f32>)> = rows
+            .iter()
+            .filter_map(|row| {
+                let window: i64 = row.get(0);
+                let r = SummaryRef {
+                    id: row.get(1),
+                    bot: row.get(2),
+                    user_id: row.get(3),
+                    start: row.get(4),
+                    end: row.get(5),
+                    revision: row.get(6),
+                    summary_type: row.get(7),
+                };
+                vectors.get(&window).map(|v| (r, v.to_vec()))
+            })
+            .collect();
+        upsert_many(&ctx.store, ctx.points.client(), items).await
     }
     .await;
     if let Err(e) = r {
-        metrics::counter!("recap_summary_vector_errors_total").increment(1);
-        warn!(window = window_id, error = %e, "summary vector not written; the repair pass will retry");
+        metrics::counter!("recap_summary_vector_errors_total").increment(ids.len() as u64);
+        warn!(windows = ids.len(), error = %e, "summary vectors not written; the repair pass will retry");
     }
+}
+
+/// Upserts many summaries' vectors (one request) and records the synced revisions (only while the rows still exist).
+pub async fn upsert_many(
+    store: &Store,
+    client: &Qdrant,
+    items: Vec<(SummaryRef, Vec<f32>)>,
+) -> Result<(), VectorError> {
+    let Some(dim) = items.first().map(|(_, v)| v.len() as u64) else {
+        return Ok(());
+    };
+    let (ids, revisions): (Vec<i32>, Vec<i32>) =
+        items.iter().map(|(r, _)| (r.id, r.revision)).unzip();
+    let points: Vec<PointStruct> = items
+        .into_iter()
+        .map(|(r, v)| PointStruct::new(point_id(&r.bot, &r.user_id, r.id), v, payload(&r)))
+        .collect();
+    let n = points.len() as u64;
+    // The collection nearly always exists: created (then tried again) only when the upsert fails.
+    if client
+        .upsert_points(UpsertPointsBuilder::new(COLLECTION, points.clone()).wait(true))
+        .await
+        .is_err()
+    {
+        ensure_collection(client, dim).await?;
+        client
+            .upsert_points(UpsertPointsBuilder::new(COLLECTION, points).wait(true))
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO recap_summary_vectors (summary_id, bot_name, user_id, revision)
+         SELECT s.id, s.bot_name, s.user_id, x.rev
+         FROM unnest($1::int[], $2::int[]) AS x(id, rev) JOIN conversation_summaries s ON s.id = x.id
+         ON CONFLICT (summary_id) DO UPDATE SET revision = EXCLUDED.revision, synced_at = now()",
+    )
+    .bind(&ids)
+    .bind(&revisions)
+    .execute(store.pool())
+    .await?;
+    metrics::counter!("recap_summary_vectors_synced_total").increment(n);
+    Ok(())
 }
 
 /// Summary vectors out of step with their rows (windows summarized by recap only).

@@ -4,14 +4,16 @@
 //! * [`IngestTx`]: one per source batch — new messages (de-duplicated by point id), the windows the tracker closed,
 //!   watermarks, dead letters and the source position commit together, fenced by the leader epoch. The source
 //!   acknowledges its messages only after [`IngestTx::commit`] returned.
-//! * [`Store::finish_window`]: one per window — the summary row (an upsert on the window key), the window's coverage,
-//!   revision and new state commit together, and only while the worker still holds the window's lease and the window's
-//!   messages are the ones it summarized.
+//! * [`Store::finish_windows`]: one per batch of windows ([`Store::finish_window`] for one) — per window, the summary
+//!   row (an upsert on the window key), the window's coverage, revision and new state commit together, and only while
+//!   the worker still holds the window's lease and the window's messages are the ones it summarized (checked per
+//!   window: a window that fails the check is skipped, the others are written).
 //!
 //! Files: `mod.rs` the shared types, errors and the connection (pool, migrations); `ingest.rs` the leader lease, the
-//! tracker state and [`IngestTx`]; `windows.rs` claiming, leases and [`Store::finish_window`]; `status.rs` what
-//! `status`, `retry` and `resummarize` read and change.
+//! tracker state and [`IngestTx`]; `windows.rs` claiming, leases and [`Store::finish_window`]; `finish_batch.rs`
+//! [`Store::finish_windows`]; `status.rs` what `status`, `retry` and `resummarize` read and change.
 
+mod finish_batch;
 mod ingest;
 mod status;
 mod windows;

@@ -1,6 +1,7 @@
 //! The window side: claiming due windows under a lease, extending and releasing leases, and finishing a window
 //! (the summary upsert and the window's new state in one transaction).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -55,14 +56,35 @@ impl Store {
             .collect())
     }
 
-    /// The point ids assigned to a window.
+    /// The point ids assigned to a window (see [`Store::window_point_ids`]).
     pub async fn window_points(&self, window_id: i64) -> Result<Vec<String>, StoreError> {
-        let ids: Option<Vec<String>> =
-            sqlx::query_scalar("SELECT point_ids FROM recap_windows WHERE id = $1")
-                .bind(window_id)
-                .fetch_optional(&self.pool)
+        Ok(self
+            .window_point_ids(&[window_id])
+            .await?
+            .remove(&window_id)
+            .unwrap_or_default())
+    }
+
+    /// The point ids of each of `window_ids` (its coverage, `recap_windows.point_ids`, in time order), in one query:
+    /// every id asked for has an entry (empty when no such window). The one place that knows where they are kept.
+    pub async fn window_point_ids(
+        &self,
+        window_ids: &[i64],
+    ) -> Result<HashMap<i64, Vec<String>>, StoreError> {
+        let mut out: HashMap<i64, Vec<String>> =
+            window_ids.iter().map(|id| (*id, Vec::new())).collect();
+        if window_ids.is_empty() {
+            return Ok(out);
+        }
+        let rows: Vec<(i64, Vec<String>)> =
+            sqlx::query_as("SELECT id, point_ids FROM recap_windows WHERE id = ANY($1)")
+                .bind(window_ids)
+                .fetch_all(&self.pool)
                 .await?;
-        Ok(ids.unwrap_or_default())
+        for (id, ids) in rows {
+            out.insert(id, ids);
+        }
+        Ok(out)
     }
 
     /// Gives back every lease `owner` holds (graceful shutdown).
@@ -230,7 +252,7 @@ impl Store {
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+pub(super) fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
@@ -238,7 +260,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn upsert_summary(
+pub(super) async fn upsert_summary(
     tx: &mut Transaction<'_, Postgres>,
     w: &ClaimedWindow,
     start: NaiveDateTime,
