@@ -231,25 +231,9 @@ async fn stored_window(s: &Scenario, user: &str, text: Option<&str>, start: i64)
         }
     }
     upsert(&qdrant().await, &s.collection, &pts).await;
-    let ts = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
     // the window as ingest stores it: its coverage (point ids and stored times) on the row
-    let ids: Vec<String> = pts.iter().map(|p| p.id.clone()).collect();
-    let times: Vec<chrono::DateTime<chrono::Utc>> = pts.iter().map(|p| ts(p.ts_ms)).collect();
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids, point_ts)
-         VALUES ($1, $2, $3, $4, 'due', $5, $6, $7) RETURNING id",
-    )
-    .bind(&s.bot)
-    .bind(user)
-    .bind(ts(pts.first().unwrap().ts_ms))
-    .bind(ts(pts.last().unwrap().ts_ms))
-    .bind(pts.len() as i32)
-    .bind(&ids)
-    .bind(&times)
-    .fetch_one(&s.db.pool)
-    .await
-    .unwrap();
-    id
+    let refs: Vec<&TestPoint> = pts.iter().collect();
+    insert_due_window(&s.db.pool, &s.bot, user, &refs).await
 }
 
 async fn window(pool: &sqlx::PgPool, id: i64) -> (String, i32) {

@@ -68,7 +68,7 @@ fn ts(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap()
 }
 
-/// A due window of `user` with 3 exchanges stored in Qdrant and in `recap_messages`; `unreported` more points in
+/// A due window of `user` with 3 exchanges stored in Qdrant and as the window's coverage; `unreported` more points in
 /// Qdrant within its time range that no event named.
 async fn due_window(s: &Scenario, user: &str, start: i64, unreported: usize) -> i64 {
     let pts = conversation(user, start, 3, MIN, true);
@@ -81,30 +81,7 @@ async fn due_window(s: &Scenario, user: &str, start: i64, unreported: usize) -> 
         .iter()
         .filter(|p| p.role != "conversation_pair")
         .collect();
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count)
-         VALUES ($1, $2, $3, $4, 'due', $5) RETURNING id",
-    )
-    .bind(&s.bot)
-    .bind(user)
-    .bind(ts(msgs.first().unwrap().ts_ms))
-    .bind(ts(msgs.last().unwrap().ts_ms))
-    .bind(msgs.len() as i32)
-    .fetch_one(&s.db.pool)
-    .await
-    .unwrap();
-    for p in msgs {
-        sqlx::query("INSERT INTO recap_messages (bot_name, point_id, user_id, ts, window_id) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&s.bot)
-            .bind(&p.id)
-            .bind(user)
-            .bind(ts(p.ts_ms))
-            .bind(id)
-            .execute(&s.db.pool)
-            .await
-            .unwrap();
-    }
-    id
+    insert_due_window(&s.db.pool, &s.bot, user, &msgs).await
 }
 
 #[derive(Debug, sqlx::FromRow)]

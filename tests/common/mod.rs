@@ -689,3 +689,26 @@ pub async fn assert_one_row_per_window(pool: &sqlx::PgPool) {
     .unwrap();
     assert_eq!(bad, 0, "empty or placeholder summaries");
 }
+
+/// A due window of `bot` and `user` stored as ingest stores one: its coverage (the points' ids and stored times) on
+/// the `recap_windows` row, bounds from the first and last point. Returns its id.
+pub async fn insert_due_window(pool: &PgPool, bot: &str, user: &str, pts: &[&TestPoint]) -> i64 {
+    let ts = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+    let ids: Vec<String> = pts.iter().map(|p| p.id.clone()).collect();
+    let times: Vec<chrono::DateTime<chrono::Utc>> = pts.iter().map(|p| ts(p.ts_ms)).collect();
+    sqlx::query_scalar(
+        "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids, point_ts)
+         VALUES ($1, $2, $3, $4, 'due', $5, $6, $7) RETURNING id",
+    )
+    .bind(bot)
+    .bind(user)
+    .bind(ts(pts.first().expect("points").ts_ms))
+    .bind(ts(pts.last().expect("points").ts_ms))
+    .bind(pts.len() as i32)
+    .bind(&ids)
+    .bind(&times)
+    .fetch_one(pool)
+    .await
+    .expect("window")
+}
+
