@@ -734,7 +734,7 @@ async fn stream_and_consumer_creation_is_idempotent() {
         c1.config.durable_name.as_deref(),
         Some(ns.consumer.as_str())
     );
-    assert_eq!(c1.config.ack_policy, AckPolicy::Explicit);
+    assert_eq!(c1.config.ack_policy, AckPolicy::All);
     assert_eq!(c1.config.filter_subject, filter);
 
     // Messages in between; three delivered and acked (confirmed), so the consumer has a position.
