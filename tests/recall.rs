@@ -814,8 +814,23 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
         .await
         .unwrap();
     assert!(built.written > 0, "no rollup built: {built:?}");
+    // an open window of the user to forget, as an ingest checkpoint stores it, so that forget has open state to delete
+    for u in [&a] {
+        sqlx::query(
+            "INSERT INTO recap_open_windows (bot_name, user_id, point_ids, point_ts)
+             VALUES ($1, $2, ARRAY[gen_random_uuid()::text], ARRAY[now()])",
+        )
+        .bind(&f.bot)
+        .bind(u)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    }
     let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.columns WHERE table_schema = 'public' AND column_name = 'user_id'",
+        // tables, not views (the view recap_messages reads recap_open_windows and recap_windows)
+        "SELECT c.table_name::text FROM information_schema.columns c
+         JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+         WHERE c.table_schema = 'public' AND c.column_name = 'user_id' AND t.table_type = 'BASE TABLE'",
     )
     .fetch_all(&f.db.pool)
     .await

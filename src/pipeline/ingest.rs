@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Clock, Context, Share, SystemClock, loop_backoff, sleep_or_shutdown};
-use crate::sink::{DeadLetter, Fence, Store, StoreError};
+use crate::sink::{Closing, DeadLetter, Fence, Store, StoreError};
 use crate::source::{Batch, Source};
 use crate::state::{Checkpoint, State};
 use crate::tracker::{Observed, Tracker, TrackerConfig};
@@ -73,7 +73,7 @@ pub struct Ingest {
 
 /// A checkpoint transaction running in the background.
 struct Writing {
-    task: tokio::task::JoinHandle<Result<usize, StoreError>>,
+    task: tokio::task::JoinHandle<Result<Closing, StoreError>>,
     started: Instant,
 }
 
@@ -161,7 +161,12 @@ impl Ingest {
     /// commands and tests; the ingest loop checkpoints every `CHECKPOINT_INTERVAL` instead, see [`Ingest::absorb`]).
     pub async fn apply(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
         let mut a = self.absorb(batch, now).await?;
-        a.too_short = self.checkpoint().await?;
+        let written = self.checkpoint().await?;
+        a.too_short = written.too_short;
+        // messages read again after their window closed were not new after all (de-duplicated at merge time)
+        let again = written.already_stored.min(a.new);
+        a.new -= again;
+        a.duplicates += again;
         Ok(a)
     }
 
@@ -267,14 +272,18 @@ impl Ingest {
         source.advance().await;
         let due = self.checkpoint_due(batch.caught_up);
         if self.is_writing() && (self.write_finished() || batch.caught_up || due) {
-            self.finish_checkpoint().await.unwrap_or(Ok(0))?;
+            self.finish_checkpoint()
+                .await
+                .unwrap_or(Ok(Closing::default()))?;
             ack(source).await;
         }
         if !self.is_writing() && due {
             source.seal();
             self.begin_checkpoint()?;
             if batch.caught_up {
-                self.finish_checkpoint().await.unwrap_or(Ok(0))?;
+                self.finish_checkpoint()
+                    .await
+                    .unwrap_or(Ok(Closing::default()))?;
                 ack(source).await;
             }
         } else if self.is_clean() {
@@ -288,12 +297,14 @@ impl Ingest {
     /// since the last, the windows closed since (merged into stored ones where they belong), dead letters, watermarks
     /// and source positions; the leader lease is renewed in it (the fence). Returns the windows recorded as too short.
     /// After a failure the state is restored from the store before the next batch (and the source must rewind).
-    pub async fn checkpoint(&mut self) -> Result<usize, StoreError> {
+    pub async fn checkpoint(&mut self) -> Result<Closing, StoreError> {
         if let Some(r) = self.finish_checkpoint().await {
             r?;
         }
         self.begin_checkpoint()?;
-        self.finish_checkpoint().await.unwrap_or(Ok(0))
+        self.finish_checkpoint()
+            .await
+            .unwrap_or(Ok(Closing::default()))
     }
 
     /// Takes a checkpoint of the state (in memory: what changed since the last) and starts writing it in the
@@ -342,7 +353,7 @@ impl Ingest {
     /// Waits for the checkpoint being written, if any: `Ok` with the windows it recorded as too short once it
     /// committed (the source may acknowledge what it covers). After a failure the state is restored from the last
     /// committed checkpoint before the next batch (and the source must rewind).
-    pub async fn finish_checkpoint(&mut self) -> Option<Result<usize, StoreError>> {
+    pub async fn finish_checkpoint(&mut self) -> Option<Result<Closing, StoreError>> {
         let w = self.writing.take()?;
         let r = match w.task.await {
             Ok(r) => r,
@@ -353,12 +364,14 @@ impl Ingest {
             })),
         };
         Some(match r {
-            Ok(too_short) => {
-                metrics::counter!("recap_windows_too_short_total").increment(too_short as u64);
+            Ok(done) => {
+                metrics::counter!("recap_windows_too_short_total").increment(done.too_short as u64);
+                metrics::counter!("recap_events_duplicate_total")
+                    .increment(done.already_stored as u64);
                 metrics::counter!("recap_checkpoints_total").increment(1);
                 metrics::histogram!("recap_checkpoint_seconds")
                     .record(w.started.elapsed().as_secs_f64());
-                Ok(too_short)
+                Ok(done)
             }
             Err(e) => {
                 warn!(error = %e, "checkpoint failed; the state will be restored from the last one");
@@ -411,17 +424,17 @@ async fn write(
     min: u32,
     c: &Checkpoint,
     letters: &[DeadLetter],
-) -> Result<usize, StoreError> {
+) -> Result<Closing, StoreError> {
     let mut tx = store.begin_ingest(fence).await?;
     tx.dead_letters(letters).await?;
-    let too_short = tx.close_windows(tcfg, &c.closed, min).await?;
+    let done = tx.close_windows(tcfg, &c.closed, min).await?;
     tx.save_snapshots(&c.snapshots, fence.part).await?;
     tx.save_watermarks(&c.watermarks).await?;
     for (name, pos, read) in &c.positions {
         tx.save_checkpoint(name, *pos, *read).await?;
     }
     tx.commit().await?;
-    Ok(too_short)
+    Ok(done)
 }
 
 /// Restores the operator state of partition `(k, n)` (`(0, 1)`: unpartitioned) from its last checkpoint: its bots'

@@ -299,6 +299,15 @@ pub const MERGE_CANDIDATES_SQL: &str = "SELECT id, start_ts, end_ts, summary_id,
              WHERE bot_name = $1 AND user_id = $2 AND start_ts <= $3 AND start_ts > $5 AND end_ts >= $4
              ORDER BY start_ts FOR UPDATE";
 
+/// What storing a checkpoint's closed windows did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    /// Windows recorded as too short to summarize.
+    pub too_short: usize,
+    /// Points a stored window had already (read again after their window closed): not new messages.
+    pub already_stored: usize,
+}
+
 /// One ingest transaction: a checkpoint (see `crate::state`).
 pub struct IngestTx {
     tx: Transaction<'static, Postgres>,
@@ -376,15 +385,16 @@ impl IngestTx {
     /// Stores a checkpoint's closed windows, in the order given, as [`IngestTx::close_window`] would one by one, in a
     /// fixed number of statements: one query finds which windows may belong to a stored one (a late message) and
     /// those, and any key closed twice in the batch, take the one-by-one path; the others (nearly all) are inserted
-    /// together with their coverage. Returns how many were recorded as too short.
+    /// together with their coverage.
     pub async fn close_windows(
         &mut self,
         cfg: &TrackerConfig,
         windows: &[Closed],
         min_messages: u32,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Closing, StoreError> {
+        let mut done = Closing::default();
         if windows.is_empty() {
-            return Ok(0);
+            return Ok(done);
         }
         let gap = match cfg.mode {
             Mode::Session => cfg.idle_gap_ms,
@@ -430,16 +440,17 @@ impl IngestTx {
                     || windows[i].clamped
             })
             .collect();
-        let mut too_short = 0;
         for (w, _) in windows.iter().zip(&one_by_one).filter(|(_, s)| **s) {
-            too_short += usize::from(self.close_window(cfg, w, min_messages).await?.1);
+            let (_, short, covered) = self.close_window(cfg, w, min_messages).await?;
+            done.too_short += usize::from(short);
+            done.already_stored += covered;
         }
         let bulk: Vec<&Closed> = (0..windows.len())
             .filter(|i| !one_by_one[*i])
             .map(|i| &windows[i])
             .collect();
         if bulk.is_empty() {
-            return Ok(too_short);
+            return Ok(done);
         }
         let b: Vec<&str> = bulk.iter().map(|w| &*w.window.bot).collect();
         let u: Vec<&str> = bulk.iter().map(|w| &*w.window.user).collect();
@@ -456,7 +467,7 @@ impl IngestTx {
                 }
             })
             .collect();
-        too_short += states.iter().filter(|s| **s == "too_short").count();
+        done.too_short += states.iter().filter(|s| **s == "too_short").count();
         let flat = FlatPoints::of(bulk.iter().map(|w| w.points.as_slice()));
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids, point_ts)
@@ -478,19 +489,20 @@ impl IngestTx {
         .bind(&flat.ts)
         .execute(&mut *self.tx)
         .await?;
-        Ok(too_short)
+        Ok(done)
     }
 
     /// Stores a closed window: merged into the stored window(s) it belongs to (a late message, or a message read
     /// again after its window closed), or inserted as a new one (`due`, or `too_short` under `min_messages`).
     /// A window whose points the stored windows already cover (a redelivery, the sweep's overlap) changes nothing.
-    /// Returns the window's id and whether it is recorded as too short.
+    /// Returns the window's id, whether it is recorded as too short, and how many of its points a stored window had
+    /// already (read again: not new).
     pub async fn close_window(
         &mut self,
         cfg: &TrackerConfig,
         c: &Closed,
         min_messages: u32,
-    ) -> Result<(i64, bool), StoreError> {
+    ) -> Result<(i64, bool, usize), StoreError> {
         let w = &c.window;
         let (lo, hi) = w.message_range(cfg.mode);
         let gap = match cfg.mode {
@@ -553,10 +565,11 @@ impl IngestTx {
             .iter()
             .filter(|(_, id)| !covered.contains(id.as_str()))
             .collect();
+        let covered_here = c.points.len() - fresh.len();
         if fresh.is_empty() {
             // Every point is stored already (read again after its window closed): nothing changes.
             let id = existing.first().map_or(0, |e| e.id);
-            return Ok((id, false));
+            return Ok((id, false, covered_here));
         }
         let (f_lo, f_hi) = (
             fresh.iter().map(|p| p.0).min().unwrap_or(w.start_ms),
@@ -646,7 +659,7 @@ impl IngestTx {
                 .await?
             }
         };
-        Ok((id, state == "too_short"))
+        Ok((id, state == "too_short", covered_here))
     }
 
     pub async fn save_watermarks(

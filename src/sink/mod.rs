@@ -18,7 +18,7 @@ mod ingest;
 mod status;
 mod windows;
 
-pub use ingest::{IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
+pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
 
 use std::time::Duration;
 

@@ -711,4 +711,3 @@ pub async fn insert_due_window(pool: &PgPool, bot: &str, user: &str, pts: &[&Tes
     .await
     .expect("window")
 }
-
