@@ -241,14 +241,14 @@ pub(super) async fn insert_messages(
 
 /// Rows with variable-length point lists, flattened for `unnest`: the row index (1-based) of each point, its id and
 /// time. SQL regroups them with [`POINTS_BY_ROW_SQL`].
-struct FlatPoints {
+struct FlatPoints<'a> {
     row: Vec<i64>,
-    ids: Vec<String>,
+    ids: Vec<&'a str>,
     ts: Vec<DateTime<Utc>>,
 }
 
-impl FlatPoints {
-    fn of<'a>(lists: impl IntoIterator<Item = &'a [Point]>) -> FlatPoints {
+impl<'a> FlatPoints<'a> {
+    fn of(lists: impl IntoIterator<Item = &'a [Point]>) -> FlatPoints<'a> {
         let mut f = FlatPoints {
             row: Vec::new(),
             ids: Vec::new(),
@@ -257,7 +257,7 @@ impl FlatPoints {
         for (i, list) in lists.into_iter().enumerate() {
             for (t, id) in list {
                 f.row.push(i as i64 + 1);
-                f.ids.push(id.clone());
+                f.ids.push(id);
                 f.ts.push(to_utc(*t));
             }
         }
