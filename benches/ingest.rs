@@ -205,6 +205,7 @@ async fn recap_consume(db_url: &str, s: &NatsSettings, n: usize) -> (f64, usize,
         if done >= n {
             // the end of the run: what was read is durable and acknowledged
             ingest.checkpoint().await.expect("checkpoint");
+            // the last sealed checkpoint's group, then what was handed out after it (nothing left unacknowledged)
             source.commit().await.expect("ack");
             source.commit().await.expect("ack");
         }

@@ -95,7 +95,6 @@ impl Ingest {
         shutdown: &CancellationToken,
     ) -> Result<Option<Ingest>, StoreError> {
         let ttl = Duration::from_secs(ctx.cfg.service.leader_lease_seconds.into());
-        let partitions = ctx.cfg.nats.nats_partitions.max(1);
         loop {
             let taken = match share {
                 Some(share) => share.try_take(&ctx, part, ttl).await,
@@ -108,12 +107,7 @@ impl Ingest {
             match taken {
                 Ok(Some(fence)) => {
                     info!(partition = part, epoch = fence.epoch, "ingest leader");
-                    let restored = renewing(
-                        &ctx.store,
-                        &fence,
-                        restore_state(&ctx.store, ctx.tracker_config(), (part, partitions)),
-                    )
-                    .await;
+                    let restored = restore_fenced(&ctx, &fence).await;
                     let state = match restored {
                         Ok(Ok(state)) => state,
                         Ok(Err(e)) | Err(e) => {
@@ -174,16 +168,7 @@ impl Ingest {
     /// position wait for the next [`Ingest::checkpoint`], and the source may acknowledge only after it.
     pub async fn absorb(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
         if self.stale {
-            let part = (
-                self.fence.part as u32,
-                self.ctx.cfg.nats.nats_partitions.max(1),
-            );
-            self.state = renewing(
-                &self.ctx.store,
-                &self.fence,
-                restore_state(&self.ctx.store, self.ctx.tracker_config(), part),
-            )
-            .await??;
+            self.state = restore_fenced(&self.ctx, &self.fence).await??;
             self.letters.clear();
             self.read = 0;
             self.stale = false;
@@ -437,6 +422,21 @@ async fn write(
     Ok(done)
 }
 
+/// Restores the state of the partition `fence` leads, renewing its lease meanwhile (`Err` outside: the lease was
+/// lost).
+async fn restore_fenced(
+    ctx: &Context,
+    fence: &Fence,
+) -> Result<Result<State, StoreError>, StoreError> {
+    let part = (fence.part as u32, ctx.cfg.nats.nats_partitions.max(1));
+    renewing(
+        &ctx.store,
+        fence,
+        restore_state(&ctx.store, ctx.tracker_config(), part),
+    )
+    .await
+}
+
 /// Restores the operator state of partition `(k, n)` (`(0, 1)`: unpartitioned) from its last checkpoint: its bots'
 /// watermarks, its open keys' snapshots, tombstones.
 pub async fn restore_state(
@@ -513,6 +513,12 @@ pub async fn run_partition<S: Source>(
     shutdown: CancellationToken,
     opts: IngestLoop,
 ) -> anyhow::Result<()> {
+    // This partition's lease went (given back or lost): it no longer counts towards this replica's share.
+    let released = || {
+        if let Some(share) = share {
+            share.released(part);
+        }
+    };
     let new_backoff = || loop_backoff(opts.backoff_min, opts.backoff_max);
     let mut backoff = new_backoff();
     let next_wait =
@@ -535,9 +541,7 @@ pub async fn run_partition<S: Source>(
             let wait = next_wait(&mut backoff);
             warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot rewind the source to the checkpoint; retrying");
             ingest.release().await;
-            if let Some(share) = share {
-                share.released(part);
-            }
+            released();
             if sleep_or_shutdown(&shutdown, wait).await {
                 return Ok(());
             }
@@ -549,9 +553,7 @@ pub async fn run_partition<S: Source>(
                 _ = shutdown.cancelled() => {
                     // Graceful: what was read is checkpointed and acknowledged before the lease goes back.
                     ingest.hand_back(&mut source).await;
-                    if let Some(share) = share {
-                        share.released(part);
-                    }
+                    released();
                     return Ok(());
                 }
                 b = next => b,
@@ -561,9 +563,7 @@ pub async fn run_partition<S: Source>(
                 Err(e) => {
                     warn!(error = %e, "lost the ingest lease while waiting for a batch; stepping down");
                     source.abandon().await;
-                    if let Some(share) = share {
-                        share.released(part);
-                    }
+                    released();
                     continue 'lead;
                 }
             };
@@ -574,9 +574,7 @@ pub async fn run_partition<S: Source>(
                     warn!(error = %e, wait_ms = wait.as_millis() as u64, "source unavailable; retrying");
                     if sleep_or_shutdown(&shutdown, wait).await {
                         ingest.release().await;
-                        if let Some(share) = share {
-                            share.released(part);
-                        }
+                        released();
                         return Ok(());
                     }
                     continue;
@@ -605,9 +603,7 @@ pub async fn run_partition<S: Source>(
                 Err(StoreError::LostLeadership(epoch)) => {
                     warn!(epoch, "lost the ingest lease; stepping down");
                     source.abandon().await;
-                    if let Some(share) = share {
-                        share.released(part);
-                    }
+                    released();
                     continue 'lead;
                 }
                 Err(e) => {

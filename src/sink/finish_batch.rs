@@ -119,18 +119,9 @@ fn upsert_rows_sql() -> String {
          SELECT x.u, x.b, x.text, 'time_window', x.st, x.en, x.mc, ARRAY(SELECT jsonb_array_elements_text(x.topics::jsonb)),
             x.tone, x.comp, x.conf, $20, x.rev, x.kind, x.model, x.pt, x.ct, x.lat, x.cost, x.cov, now(), now()
          FROM {ROWS_FROM}
-         ON CONFLICT ON CONSTRAINT uq_conversation_summaries_window DO UPDATE SET
-            summary_text = EXCLUDED.summary_text, message_count = EXCLUDED.message_count, key_topics = EXCLUDED.key_topics,
-            emotional_tone = EXCLUDED.emotional_tone, compression_ratio = EXCLUDED.compression_ratio,
-            confidence_score = EXCLUDED.confidence_score, enrichment_version = EXCLUDED.enrichment_version,
-            revision = EXCLUDED.revision, summarizer = EXCLUDED.summarizer, model = EXCLUDED.model,
-            prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-            llm_latency_ms = EXCLUDED.llm_latency_ms,
-            cost_usd = CASE WHEN EXCLUDED.cost_usd IS NULL THEN conversation_summaries.cost_usd
-                            ELSE coalesce(conversation_summaries.cost_usd, 0) + EXCLUDED.cost_usd END,
-            coverage = EXCLUDED.coverage,
-            updated_at = now()
-         RETURNING id, user_id, bot_name, start_timestamp, end_timestamp"
+         {}
+         RETURNING id, user_id, bot_name, start_timestamp, end_timestamp",
+        super::windows::on_window_conflict!()
     )
 }
 

@@ -329,13 +329,11 @@ const UPDATE_SUMMARY_SQL: &str = "UPDATE conversation_summaries SET summary_text
      WHERE id = $20 AND user_id = $1 AND bot_name = $2
      RETURNING id";
 
-/// Insert, or update the row with the same window key (e.g. a placeholder row the old worker wrote).
-const UPSERT_SUMMARY_SQL: &str =
-    "INSERT INTO conversation_summaries (user_id, bot_name, summary_text, summary_type, start_timestamp, end_timestamp,
-        message_count, key_topics, emotional_tone, compression_ratio, confidence_score, enrichment_version, revision,
-        summarizer, model, prompt_tokens, completion_tokens, llm_latency_ms, cost_usd, coverage, created_at, updated_at)
-     VALUES ($1, $2, $3, 'time_window', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, now(), now())
-     ON CONFLICT ON CONSTRAINT uq_conversation_summaries_window DO UPDATE SET
+/// The `ON CONFLICT` clause of a summary row's upsert on its window key: the new summary replaces the row's, and
+/// `cost_usd` adds up. Shared by [`UPSERT_SUMMARY_SQL`] and the batch upsert (`finish_batch.rs`).
+macro_rules! on_window_conflict {
+    () => {
+        "ON CONFLICT ON CONSTRAINT uq_conversation_summaries_window DO UPDATE SET
         summary_text = EXCLUDED.summary_text, message_count = EXCLUDED.message_count, key_topics = EXCLUDED.key_topics,
         emotional_tone = EXCLUDED.emotional_tone, compression_ratio = EXCLUDED.compression_ratio,
         confidence_score = EXCLUDED.confidence_score, enrichment_version = EXCLUDED.enrichment_version,
@@ -345,5 +343,19 @@ const UPSERT_SUMMARY_SQL: &str =
         cost_usd = CASE WHEN EXCLUDED.cost_usd IS NULL THEN conversation_summaries.cost_usd
                         ELSE coalesce(conversation_summaries.cost_usd, 0) + EXCLUDED.cost_usd END,
         coverage = EXCLUDED.coverage,
-        updated_at = now()
-     RETURNING id";
+        updated_at = now()"
+    };
+}
+pub(super) use on_window_conflict;
+
+/// Insert, or update the row with the same window key (e.g. a placeholder row the old worker wrote).
+const UPSERT_SUMMARY_SQL: &str = concat!(
+    "INSERT INTO conversation_summaries (user_id, bot_name, summary_text, summary_type, start_timestamp, end_timestamp,
+        message_count, key_topics, emotional_tone, compression_ratio, confidence_score, enrichment_version, revision,
+        summarizer, model, prompt_tokens, completion_tokens, llm_latency_ms, cost_usd, coverage, created_at, updated_at)
+     VALUES ($1, $2, $3, 'time_window', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, now(), now())
+     ",
+    on_window_conflict!(),
+    "
+     RETURNING id"
+);
