@@ -1,5 +1,6 @@
 //! Issue 14, the ingest half: how time moves the watermark (skewed clocks, sweep cycles, hybrid interleaving), fetch
-//! by stored points, leader renewal, sweep validation, the merge-candidate probe and far-future / bridging windows.
+//! by stored points, leader renewal, sweep validation, the merge-candidate probe, far-future / bridging windows and a
+//! checkpoint's windows stored in bulk as one by one.
 //! Each test drives the ingest shell in process (`Ingest::apply` with an explicit wall clock) against real Postgres
 //! (and Qdrant / NATS where the source is under test), so it runs in seconds.
 
@@ -604,4 +605,107 @@ async fn forgetting_a_user_resets_the_leaders_open_state() {
         !tombstone.contains("gone"),
         "the tombstone holds the user id"
     );
+}
+
+/// A checkpoint's closed windows go in bulk unless they may merge with a stored window or with another window of their
+/// key in the same checkpoint. Whatever the mix (several windows per key, some within the idle gap of each other, some
+/// inside an earlier one, some hours apart), storing them in one `close_windows` leaves the same rows as closing them
+/// one by one in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_checkpoint_stores_its_windows_as_one_by_one_would() {
+    use recap::state::Closed;
+    use recap::tracker::{ClosedWindow, TrackerConfig};
+    let cfg = TrackerConfig::default();
+    let gap = cfg.idle_gap_ms;
+    let t0 = now_ms() - 30 * 24 * 60 * MIN;
+    let mut rng = 0x5eed_u64;
+    let mut next = |n: u64| {
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (rng >> 33) % n
+    };
+    let mut windows: Vec<Closed> = Vec::new();
+    let mut id = 0u64;
+    for k in 0..12 {
+        let user = format!("u{k}");
+        let mut t = t0 + next(1000) as i64 * MIN;
+        let mut earlier: Vec<(i64, i64)> = Vec::new();
+        for _ in 0..(1 + next(5)) {
+            // a window inside an earlier one (a late message), or after the last: within the gap or hours apart
+            let (start, end) = match (next(4), earlier.first()) {
+                (0, Some(&(s, e))) => {
+                    let at = s + next((e - s + 1) as u64) as i64;
+                    (at, at)
+                }
+                (1, _) => (t + gap / 2, t + gap / 2 + next(20) as i64 * MIN),
+                _ => (t + 3 * gap, t + 3 * gap + next(20) as i64 * MIN),
+            };
+            t = t.max(end);
+            earlier.push((start, end));
+            let mut points: Vec<(i64, String)> = [start, end, (start + end) / 2]
+                .into_iter()
+                .take(1 + next(3) as usize)
+                .map(|ts| {
+                    id += 1;
+                    (ts, id.to_string())
+                })
+                .collect();
+            points.sort();
+            points.dedup_by_key(|p| p.0);
+            let (start, end) = (points[0].0, points[points.len() - 1].0);
+            windows.push(Closed {
+                window: ClosedWindow {
+                    bot: "b".into(),
+                    user: user.as_str().into(),
+                    start_ms: start,
+                    end_ms: end,
+                    count: points.len() as u32,
+                },
+                points,
+                clamped: false,
+            });
+        }
+    }
+    // Both stores start with a stored window some of the first windows belong to.
+    let mut rows = Vec::new();
+    for together in [true, false] {
+        let db = fresh_db().await;
+        let ctx = context(&db, &[]).await;
+        let fence = ctx
+            .store
+            .try_acquire_leader("merge-test", Duration::from_secs(600))
+            .await
+            .unwrap()
+            .expect("free lease");
+        let mut tx = ctx.store.begin_ingest(&fence).await.unwrap();
+        tx.close_windows(&cfg, &windows[..2], 2).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = ctx.store.begin_ingest(&fence).await.unwrap();
+        if together {
+            tx.close_windows(&cfg, &windows[2..], 2).await.unwrap();
+        } else {
+            for w in &windows[2..] {
+                tx.close_window(&cfg, w, 2).await.unwrap();
+            }
+        }
+        tx.commit().await.unwrap();
+        let got: Vec<(String, i64, i64, i32, String, Vec<String>)> = sqlx::query_as(
+            "SELECT user_id, (extract(epoch FROM start_ts) * 1000)::int8, (extract(epoch FROM end_ts) * 1000)::int8,
+                    message_count, state, point_ids
+             FROM recap_windows ORDER BY user_id, start_ts",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        rows.push(got);
+    }
+    assert!(
+        rows[0].len() < windows.len(),
+        "some windows merged ({} rows of {} windows)",
+        rows[0].len(),
+        windows.len()
+    );
+    assert!(rows[0].len() > 12, "keys with several windows");
+    assert_eq!(rows[0], rows[1], "one checkpoint = one by one");
 }

@@ -308,6 +308,43 @@ pub struct Closing {
     pub already_stored: usize,
 }
 
+/// For each window of a checkpoint: whether its key closed another window in the same checkpoint that one of them
+/// may belong to (the merge-candidate test of [`MERGE_CANDIDATES_SQL`], widened to the window's whole extent, in
+/// either order). Such keys take the one-by-one path, in order, so the later window sees the earlier one stored; a
+/// key whose windows lie apart (sessions hours apart, as in a backfill) is inserted with the others.
+fn near_each_other(cfg: &TrackerConfig, windows: &[Closed]) -> Vec<bool> {
+    let gap = match cfg.mode {
+        Mode::Session => cfg.idle_gap_ms,
+        Mode::Tumbling => 0,
+    };
+    let mut by_key: HashMap<(&str, &str), Vec<(Millis, Millis, usize)>> = HashMap::new();
+    for (i, c) in windows.iter().enumerate() {
+        let w = &c.window;
+        let (lo, hi) = w.message_range(cfg.mode);
+        by_key.entry((&*w.bot, &*w.user)).or_default().push((
+            lo.min(w.start_ms),
+            hi.max(w.end_ms).saturating_add(gap),
+            i,
+        ));
+    }
+    let mut near = vec![false; windows.len()];
+    for extents in by_key.values_mut().filter(|e| e.len() > 1) {
+        extents.sort_unstable();
+        let mut reach = Millis::MIN;
+        let conflict = extents.iter().any(|&(from, to, _)| {
+            let hit = from <= reach;
+            reach = reach.max(to);
+            hit
+        });
+        if conflict {
+            for &(_, _, i) in extents.iter() {
+                near[i] = true;
+            }
+        }
+    }
+    near
+}
+
 /// One ingest transaction: a checkpoint (see `crate::state`).
 pub struct IngestTx {
     tx: Transaction<'static, Postgres>,
@@ -427,18 +464,9 @@ impl IngestTx {
                 .await?
                 .into_iter()
                 .collect();
-        let mut per_key: HashMap<(&str, &str), usize> = HashMap::new();
-        for w in windows {
-            *per_key
-                .entry((&*w.window.bot, &*w.window.user))
-                .or_default() += 1;
-        }
+        let near = near_each_other(cfg, windows);
         let one_by_one: Vec<bool> = (0..windows.len())
-            .map(|i| {
-                with_candidates.contains(&(i as i64 + 1))
-                    || per_key[&(bots[i], users[i])] > 1
-                    || windows[i].clamped
-            })
+            .map(|i| with_candidates.contains(&(i as i64 + 1)) || near[i] || windows[i].clamped)
             .collect();
         for (w, _) in windows.iter().zip(&one_by_one).filter(|(_, s)| **s) {
             let (_, short, covered) = self.close_window(cfg, w, min_messages).await?;
@@ -708,5 +736,57 @@ impl IngestTx {
     pub async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::ClosedWindow;
+
+    fn closed(user: &str, start_ms: Millis, end_ms: Millis) -> Closed {
+        Closed {
+            window: ClosedWindow {
+                bot: "b".into(),
+                user: user.into(),
+                start_ms,
+                end_ms,
+                count: 1,
+            },
+            points: vec![(start_ms, "1".into())],
+            clamped: false,
+        }
+    }
+
+    #[test]
+    fn only_windows_of_one_key_within_the_gap_of_each_other_are_near() {
+        let cfg = TrackerConfig {
+            mode: Mode::Session,
+            idle_gap_ms: 100,
+            max_span_ms: 10_000,
+            lateness_ms: 0,
+        };
+        let windows = [
+            closed("u1", 0, 50),
+            closed("u1", 1_000, 1_050), // apart from the others by more than the gap
+            closed("u2", 0, 50),
+            closed("u2", 140, 150), // 90 after u2's first window: within the gap, whichever order
+            closed("u3", 10, 20),
+            closed("u1", 5_000, 5_010),
+        ];
+        assert_eq!(
+            near_each_other(&cfg, &windows),
+            [false, false, true, true, false, false]
+        );
+        let reversed: Vec<Closed> = windows.iter().rev().cloned().collect();
+        assert_eq!(
+            near_each_other(&cfg, &reversed),
+            [false, false, true, true, false, false]
+        );
+        // Exactly the gap apart is still a candidate (the stored window's end >= the next start - gap).
+        let edge = [closed("u", 0, 50), closed("u", 150, 160)];
+        assert_eq!(near_each_other(&cfg, &edge), [true, true]);
+        let apart = [closed("u", 0, 50), closed("u", 151, 160)];
+        assert_eq!(near_each_other(&cfg, &apart), [false, false]);
     }
 }
