@@ -317,7 +317,9 @@ fn near_each_other(cfg: &TrackerConfig, windows: &[Closed]) -> Vec<bool> {
         Mode::Session => cfg.idle_gap_ms,
         Mode::Tumbling => 0,
     };
-    let mut by_key: HashMap<(&str, &str), Vec<(Millis, Millis, usize)>> = HashMap::new();
+    /// A window's extent (first time, last time + gap) and its index.
+    type Extent = (Millis, Millis, usize);
+    let mut by_key: HashMap<(&str, &str), Vec<Extent>> = HashMap::new();
     for (i, c) in windows.iter().enumerate() {
         let w = &c.window;
         let (lo, hi) = w.message_range(cfg.mode);
