@@ -289,9 +289,10 @@ async fn restore(admin: &str) -> f64 {
     .await
     .expect("snapshots");
     let t = Instant::now();
-    let state = recap::pipeline::restore_state(&store, cfg.tracker_config(), (0, 1))
-        .await
-        .expect("restore");
+    let state =
+        recap::pipeline::restore_state(&store, cfg.tracker_config(), (0, 1), Default::default())
+            .await
+            .expect("restore");
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(state.open_keys(), keys);
     eprintln!("  restore: {keys} open windows (3 messages each) loaded in {secs:.2} s");

@@ -71,6 +71,29 @@ pub fn is_valid_bot(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The subject token that stands for a user (`<prefix>.<bot>.<user>`): the user id itself when it is printable ASCII
+/// without `.`, `*` and `>` (Discord ids are digits), else `~` and the 16 hex digits of its FNV-1a 64 hash. Publishers
+/// compute the same (`clients/python`: `recap_client.user_token`); only the partition depends on it.
+pub fn user_token(user_id: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !user_id.is_empty()
+        && user_id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>'));
+    if plain {
+        return std::borrow::Cow::Borrowed(user_id);
+    }
+    std::borrow::Cow::Owned(format!("~{:016x}", fnv1a64(user_id.as_bytes())))
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 fn check_text(field: &'static str, value: &str) -> Result<(), EventError> {
     let bad = |reason: &str| {
         Err(EventError::Field {
@@ -171,25 +194,39 @@ impl StoredEvent {
         Ok(())
     }
 
-    /// Parses an event received on `subject` and checks that the subject's bot token matches the body.
+    /// Parses an event received on `subject` and checks that the subject names the body's bot: as its last token
+    /// (`<prefix>.<bot>`, partitioned `<prefix>.p.<k>.<bot>`), or followed by the body's user token
+    /// (`<prefix>.<bot>.<user>`, partitioned `<prefix>.p.<k>.<bot>.<user>`; [`user_token`]).
     pub fn parse_on_subject(subject: &str, body: &[u8]) -> Result<StoredEvent, EventError> {
         let event = StoredEvent::parse(body)?;
-        if let Some(subject_bot) = subject.rsplit('.').next()
-            && subject.contains('.')
-            && subject_bot != event.bot
-        {
-            return Err(EventError::SubjectMismatch {
-                subject: subject.to_string(),
-                subject_bot: subject_bot.to_string(),
-                event_bot: event.bot,
-            });
+        if !subject.contains('.') {
+            return Ok(event);
         }
-        Ok(event)
+        let mut tokens = subject.rsplit('.');
+        let last = tokens.next().unwrap_or_default();
+        if last == event.bot {
+            return Ok(event);
+        }
+        let before = tokens.next().unwrap_or_default();
+        if before == event.bot && last == user_token(&event.user_id) {
+            return Ok(event);
+        }
+        Err(EventError::SubjectMismatch {
+            subject: subject.to_string(),
+            subject_bot: if before == event.bot { before } else { last }.to_string(),
+            event_bot: event.bot,
+        })
     }
 
-    /// The subject this event is published on.
+    /// The subject this event is published on: `<prefix>.<bot>`.
     pub fn subject(&self, prefix: &str) -> String {
         format!("{prefix}.{}", self.bot)
+    }
+
+    /// The subject with the user token, `<prefix>.<bot>.<user>`: what lets `NATS_PARTITION_BY=user` spread one bot's
+    /// users over the partitions. Either subject is accepted whatever recap's setting.
+    pub fn user_subject(&self, prefix: &str) -> String {
+        format!("{prefix}.{}.{}", self.bot, user_token(&self.user_id))
     }
 
     /// The serialized body (compact JSON).
@@ -318,5 +355,47 @@ mod tests {
         assert!(StoredEvent::parse_on_subject("recap.stored.elena", GOOD.as_bytes()).is_ok());
         let e = StoredEvent::parse_on_subject("recap.stored.marcus", GOOD.as_bytes()).unwrap_err();
         assert_eq!(e.kind(), "subject_mismatch");
+        // the user token after the bot, partitioned or not
+        for ok in [
+            "recap.stored.elena.123456789012345678",
+            "recap.stored.p.3.elena.123456789012345678",
+            "recap.stored.p.3.elena",
+        ] {
+            assert!(
+                StoredEvent::parse_on_subject(ok, GOOD.as_bytes()).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "recap.stored.elena.999",
+            "recap.stored.marcus.123456789012345678",
+        ] {
+            let e = StoredEvent::parse_on_subject(bad, GOOD.as_bytes()).unwrap_err();
+            assert_eq!(e.kind(), "subject_mismatch", "{bad}");
+        }
+        let e: StoredEvent = serde_json::from_str(GOOD).unwrap();
+        assert_eq!(
+            e.user_subject("recap.stored"),
+            "recap.stored.elena.123456789012345678"
+        );
+    }
+
+    #[test]
+    fn user_tokens_are_the_id_or_its_hash() {
+        assert_eq!(user_token("123456789012345678"), "123456789012345678");
+        assert_eq!(user_token("alice@example"), "alice@example");
+        assert!(
+            user_token("alice@example.com").starts_with('~'),
+            "a dot is a token separator"
+        );
+        // FNV-1a 64 (reference vectors) of the bytes
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(user_token("a.b"), format!("~{:016x}", fnv1a64(b"a.b")));
+        for odd in ["a b", "a*", ">", "x.y", "é", ""] {
+            let t = user_token(odd);
+            assert!(t.starts_with('~') && t.len() == 17, "{odd:?} -> {t}");
+        }
+        assert_ne!(user_token("x.y"), user_token("x.z"));
     }
 }

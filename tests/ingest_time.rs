@@ -296,6 +296,7 @@ async fn sweep_payloads_are_validated_like_events() {
             bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
             create_index: false,
             checkpoint_prefix: "sweep".into(),
+            keep_user: None,
         },
     );
     let (mut messages, mut letters) = (Vec::new(), Vec::new());
@@ -350,6 +351,7 @@ async fn sweep_only_waits_for_the_cycle_that_can_see_the_next_message() {
             bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
             create_index: false,
             checkpoint_prefix: "sweep".into(),
+            keep_user: None,
         },
     );
     let t0 = now_ms();
@@ -426,6 +428,7 @@ async fn hybrid_interleaves_sweep_pages_with_events() {
             bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
             create_index: false,
             checkpoint_prefix: "sweep".into(),
+            keep_user: None,
         },
     );
     let events = recap::source::nats::NatsSource::start(ns.settings())

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use recap::source::nats::{NatsSettings, partition_of, stream_config};
+use recap::source::nats::{NatsSettings, PartitionBy, partition_of, stream_config};
 
 const PARTITIONS: u32 = 8;
 
@@ -61,6 +61,67 @@ async fn the_stream_partitions_by_bot_as_recap_computes_it() {
         used.len() > 4,
         "64 bots over 8 partitions used only {used:?}"
     );
+    let _ = js.delete_stream(&ns.stream).await;
+}
+
+/// By user (`NATS_PARTITION_BY=user`): the stream stores `<prefix>.<bot>.<user>` where `NatsSettings::owner` says
+/// (user tokens from `event::user_token`, hashed ones included), and leaves `<prefix>.<bot>` for the route consumer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_partitions_by_user_as_recap_computes_it() {
+    let ns = nats_ns();
+    let client = async_nats::connect(&ns.url).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let settings = NatsSettings {
+        partitions: PARTITIONS,
+        partition_by: PartitionBy::User,
+        ..ns.settings()
+    };
+    js.create_stream(stream_config(&settings).unwrap())
+        .await
+        .unwrap();
+    let bot = format!("bot-{}", token());
+    let users: Vec<String> = (0..64)
+        .map(|i| match i % 4 {
+            0 => format!("user.{i}@example.com"), // not a subject token: hashed
+            _ => format!("{}", 100_000_000_000_000_000u64 + i * 7_919),
+        })
+        .collect();
+    for u in &users {
+        let subject = format!("{}.{bot}.{}", ns.prefix, recap::event::user_token(u));
+        js.publish(subject, "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    js.publish(format!("{}.{bot}", ns.prefix), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let stream = js.get_stream(&ns.stream).await.unwrap();
+    let mut used = BTreeSet::new();
+    for (seq, u) in (1..).zip(&users) {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let want = settings.owner(&bot, u);
+        assert_eq!(
+            m.subject.to_string(),
+            format!(
+                "{}.p.{want}.{bot}.{}",
+                ns.prefix,
+                recap::event::user_token(u)
+            ),
+            "{u}: NATS and recap disagree on the partition"
+        );
+        used.insert(want);
+    }
+    assert!(used.len() > 4, "one bot's 64 users used only {used:?}");
+    let legacy = stream
+        .get_raw_message(users.len() as u64 + 1)
+        .await
+        .unwrap();
+    assert_eq!(legacy.subject.as_str(), format!("{}.{bot}", ns.prefix));
+    assert_eq!(settings.route_subject(), format!("{}.*", ns.prefix));
     let _ = js.delete_stream(&ns.stream).await;
 }
 

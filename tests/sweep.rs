@@ -93,6 +93,7 @@ fn settings(tag: &str, page_size: u32, overlap_secs: u64, create_index: bool) ->
         bot_for_collection: bot_for(tag),
         create_index,
         checkpoint_prefix: "sweep".into(),
+        keep_user: None,
     }
 }
 
@@ -266,7 +267,7 @@ impl MiniIngest {
         let mut tx = self.store.begin_ingest(&self.fence).await?;
         tx.close_windows(self.state.config(), &c.closed, 5).await?;
         tx.save_snapshots(&c.snapshots, 0).await?;
-        tx.save_watermarks(&c.watermarks).await?;
+        tx.save_watermarks(&c.watermarks, 0).await?;
         for (name, pos, read) in &c.positions {
             tx.save_checkpoint(name, *pos, *read).await?;
         }

@@ -188,11 +188,14 @@ pub fn sweep_settings(cfg: &Config) -> crate::source::sweep::SweepSettings {
         bot_for_collection: Arc::new(move |c: &str| mapper.bot_for_collection(c)),
         create_index: cfg.sweep.sweep_create_index,
         checkpoint_prefix: "sweep".into(),
+        keep_user: None,
     }
 }
 
-/// The sweep of ingest partition `k` of `n`: only the collections of bots NATS puts in partition k
-/// (`source::nats::partition_of`), so each collection is swept by the replica leading its bot's events.
+/// The sweep of ingest partition `k` of `n`. By bot: only the collections of bots NATS puts in partition k
+/// (`source::nats::partition_of`), so each collection is swept by the replica leading its bot's events. By user:
+/// every collection, keeping the points of partition k's keys (`NatsSettings::owner`), with checkpoints of its own
+/// (`sweep:p<k>:<collection>`).
 pub fn sweep_settings_for_partition(
     cfg: &Config,
     k: u32,
@@ -200,10 +203,21 @@ pub fn sweep_settings_for_partition(
 ) -> crate::source::sweep::SweepSettings {
     let mut s = sweep_settings(cfg);
     if n > 1 {
-        let all = s.bot_for_collection.clone();
-        s.bot_for_collection = Arc::new(move |c: &str| {
-            all(c).filter(|bot| crate::source::nats::partition_of(bot, n) == k)
-        });
+        let nats = cfg.nats_settings();
+        match nats.partition_by {
+            crate::source::nats::PartitionBy::Bot => {
+                let all = s.bot_for_collection.clone();
+                s.bot_for_collection = Arc::new(move |c: &str| {
+                    all(c).filter(|bot| crate::source::nats::partition_of(bot, n) == k)
+                });
+            }
+            crate::source::nats::PartitionBy::User => {
+                s.keep_user = Some(Arc::new(move |bot: &str, user: &str| {
+                    nats.owner(bot, user) == k
+                }));
+                s.checkpoint_prefix = format!("sweep:p{k}");
+            }
+        }
     }
     s
 }

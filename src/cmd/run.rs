@@ -86,6 +86,16 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
             // One ingest loop per partition (one when NATS_PARTITIONS is 1): partition k's durable consumer and a
             // sweep of partition k's bots (a bot's events and collection belong to one partition).
             let partitions = settings.partitions.max(1);
+            if partitions > 1 {
+                // events on the other subject shape, re-published where their key's partition reads
+                tasks.spawn({
+                    let (settings, stop) = (settings.clone(), shutdown.clone());
+                    async move {
+                        crate::source::route::run_route(settings, stop).await;
+                        Ok(())
+                    }
+                });
+            }
             let (points, store, sweep_cfg) = (points.clone(), store.clone(), cfg.clone());
             let make_source = move |k: u32| {
                 let settings = settings.for_partition(k);

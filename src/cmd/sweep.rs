@@ -127,7 +127,9 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
         let mut settings = super::sweep_settings_for_partition(&cfg, part, partitions);
         if let Some(since) = backfill_since {
             settings.lookback = since;
-            settings.checkpoint_prefix = "backfill".into();
+            // backfill:<collection>, or backfill:p<k>:<collection> where each partition sweeps every collection
+            settings.checkpoint_prefix =
+                settings.checkpoint_prefix.replacen("sweep", "backfill", 1);
             what = "backfill";
         }
         let since_secs = (now_ms() as f64 / 1000.0) - settings.lookback.as_secs_f64();

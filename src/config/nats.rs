@@ -9,6 +9,8 @@ use super::{
     parse_bool, parse_duration, parse_path, redact_url, set_secret, set_str, set_url,
 };
 
+pub use crate::source::nats::PartitionBy;
+
 /// NATS settings.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NatsConfig {
@@ -37,6 +39,12 @@ pub struct NatsConfig {
     /// mapping by bot) and replicas share the partitions, each with its own lease, state and durable consumer
     #[arg(long, env = "NATS_PARTITIONS", default_value_t = 1, help_heading = H_NATS)]
     pub nats_partitions: u32,
+
+    /// What the partition is a hash of, above one partition: `bot` (`<prefix>.<bot>`, what every bot publishes) or
+    /// `user` (`<prefix>.<bot>.<user>`: one bot's users spread over the partitions). Events on the other subject are
+    /// accepted still: recap re-publishes them on the configured one (`<NATS_CONSUMER>-route`)
+    #[arg(long, env = "NATS_PARTITION_BY", value_enum, default_value_t = PartitionBy::Bot, help_heading = H_NATS)]
+    pub nats_partition_by: PartitionBy,
 
     /// How long JetStream waits for recap's ack before redelivering (e.g. 30s); unset keeps nats/consumer.json
     #[arg(long, env = "NATS_ACK_WAIT", value_parser = parse_duration, help_heading = H_NATS)]
@@ -258,6 +266,7 @@ impl NatsConfig {
             batch_size,
             ack_wait: self.nats_ack_wait.unwrap_or(Duration::ZERO),
             partitions: self.nats_partitions,
+            partition_by: self.nats_partition_by,
             partition: None,
         }
     }

@@ -1,6 +1,7 @@
 //! The ingest shell: leader lease (taken, renewed during long steps, released), the tracker fed batch by batch, and
 //! each batch's closed windows stored in the same transaction before the source acknowledges.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,9 +10,10 @@ use tracing::{debug, info, warn};
 
 use super::{Clock, Context, Share, SystemClock, loop_backoff, sleep_or_shutdown};
 use crate::sink::{Closing, DeadLetter, Fence, Store, StoreError};
+use crate::source::nats::PartitionBy;
 use crate::source::{Batch, Source};
 use crate::state::{Checkpoint, State};
-use crate::tracker::{Observed, Tracker, TrackerConfig};
+use crate::tracker::{Millis, Observed, Tracker, TrackerConfig};
 
 /// How far ahead of the wall clock a message time may be (clock skew between bots and recap).
 pub const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
@@ -414,7 +416,7 @@ async fn write(
     tx.dead_letters(letters).await?;
     let done = tx.close_windows(tcfg, &c.closed, min).await?;
     tx.save_snapshots(&c.snapshots, fence.part).await?;
-    tx.save_watermarks(&c.watermarks).await?;
+    tx.save_watermarks(&c.watermarks, fence.part).await?;
     for (name, pos, read) in &c.positions {
         tx.save_checkpoint(name, *pos, *read).await?;
     }
@@ -432,22 +434,39 @@ async fn restore_fenced(
     renewing(
         &ctx.store,
         fence,
-        restore_state(&ctx.store, ctx.tracker_config(), part),
+        restore_state(
+            &ctx.store,
+            ctx.tracker_config(),
+            part,
+            ctx.cfg.nats.nats_partition_by,
+        ),
     )
     .await
 }
 
-/// Restores the operator state of partition `(k, n)` (`(0, 1)`: unpartitioned) from its last checkpoint: its bots'
-/// watermarks, its open keys' snapshots, tombstones.
+/// Restores the operator state of partition `(k, n)` (`(0, 1)`: unpartitioned) from its last checkpoint: its
+/// watermarks (by bot: of its bots, whichever partition wrote them last; by user: its own), its open keys'
+/// snapshots, tombstones.
 pub async fn restore_state(
     store: &Store,
     cfg: TrackerConfig,
     (part, partitions): (u32, u32),
+    by: PartitionBy,
 ) -> Result<State, StoreError> {
     let started = Instant::now();
-    let mine = |bot: &str| crate::source::nats::partition_of(bot, partitions) == part;
-    let mut watermarks = store.load_watermarks().await?;
-    watermarks.retain(|(bot, _)| mine(bot));
+    let mine = |bot: &str, p: i32| match by {
+        _ if partitions <= 1 => true,
+        PartitionBy::Bot => crate::source::nats::partition_of(bot, partitions) == part,
+        PartitionBy::User => p == part as i32,
+    };
+    let mut marks: HashMap<String, Millis> = HashMap::new();
+    for (bot, p, w) in store.load_watermarks().await? {
+        if mine(&bot, p) {
+            let m = marks.entry(bot).or_insert(w);
+            *m = (*m).max(w);
+        }
+    }
+    let watermarks: Vec<(String, Millis)> = marks.into_iter().collect();
     let open = store
         .load_open_state((partitions > 1).then_some(part as i32))
         .await?;

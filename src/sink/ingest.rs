@@ -96,8 +96,8 @@ impl Store {
 
     // ---- tracker state ----------------------------------------------------------------------------------------
 
-    pub async fn load_watermarks(&self) -> Result<Vec<(String, Millis)>, StoreError> {
-        let rows = sqlx::query("SELECT bot_name, watermark FROM recap_watermarks")
+    pub async fn load_watermarks(&self) -> Result<Vec<(String, i32, Millis)>, StoreError> {
+        let rows = sqlx::query("SELECT bot_name, part, watermark FROM recap_watermarks")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -105,7 +105,8 @@ impl Store {
             .map(|r| {
                 (
                     r.get::<String, _>(0),
-                    r.get::<DateTime<Utc>, _>(1).timestamp_millis(),
+                    r.get::<i32, _>(1),
+                    r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
                 )
             })
             .collect())
@@ -695,21 +696,24 @@ impl IngestTx {
     pub async fn save_watermarks(
         &mut self,
         marks: &[(std::sync::Arc<str>, Millis)],
+        part: i32,
     ) -> Result<(), StoreError> {
         if marks.is_empty() {
             return Ok(());
         }
         let bots: Vec<&str> = marks.iter().map(|(b, _)| &**b).collect();
         let wms: Vec<DateTime<Utc>> = marks.iter().map(|(_, w)| to_utc(*w)).collect();
-        // One row per bot (the tracker reports each bot once; GREATEST keeps the watermark monotonic regardless).
+        // One row per bot and partition (the tracker reports each bot once; GREATEST keeps the watermark monotonic
+        // regardless).
         sqlx::query(
-            "INSERT INTO recap_watermarks (bot_name, watermark)
-             SELECT b, max(w) FROM unnest($1::text[], $2::timestamptz[]) AS x(b, w) GROUP BY b
-             ON CONFLICT (bot_name) DO UPDATE SET watermark = GREATEST(recap_watermarks.watermark, EXCLUDED.watermark),
+            "INSERT INTO recap_watermarks (bot_name, part, watermark)
+             SELECT b, $3, max(w) FROM unnest($1::text[], $2::timestamptz[]) AS x(b, w) GROUP BY b
+             ON CONFLICT (bot_name, part) DO UPDATE SET watermark = GREATEST(recap_watermarks.watermark, EXCLUDED.watermark),
                 updated_at = now()",
         )
         .bind(&bots)
         .bind(&wms)
+        .bind(part)
         .execute(&mut *self.tx)
         .await?;
         Ok(())

@@ -7,6 +7,7 @@
 mod batch;
 mod hybrid;
 pub mod nats;
+pub mod route;
 pub mod sweep;
 
 pub use batch::{Batch, Source, SourceError};

@@ -42,8 +42,20 @@ pub struct NatsSettings {
     pub ack_wait: Duration,
     /// NATS_PARTITIONS: the stream's subjects carry a partition when above 1 (see [`stream_config`]).
     pub partitions: u32,
+    /// NATS_PARTITION_BY: what the partition is a hash of.
+    pub partition_by: PartitionBy,
     /// The partition this source reads (`None`: all, through one consumer; unpartitioned or a replay).
     pub partition: Option<u32>,
+}
+
+/// What an event's partition is a hash of (`NATS_PARTITION_BY`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PartitionBy {
+    /// The bot: `<prefix>.<bot>`, partition `p` of `partition(n, 1)`.
+    #[default]
+    Bot,
+    /// The bot and the user: `<prefix>.<bot>.<user>` ([`crate::event::user_token`]), `partition(n, 1, 2)`.
+    User,
 }
 
 impl NatsSettings {
@@ -63,11 +75,32 @@ impl NatsSettings {
         }
     }
 
-    /// What the consumer reads: every subject, or partition k's (`<prefix>.p.<k>.*`).
+    /// What the consumer reads: every subject, or partition k's (`<prefix>.p.<k>.*`, by user `<prefix>.p.<k>.*.*`).
     pub fn filter_subject(&self) -> String {
-        match self.partition {
-            Some(k) => format!("{}.p.{k}.*", self.subject_prefix),
-            None => format!("{}.>", self.subject_prefix),
+        match (self.partition, self.partition_by) {
+            (Some(k), PartitionBy::Bot) => format!("{}.p.{k}.*", self.subject_prefix),
+            (Some(k), PartitionBy::User) => format!("{}.p.{k}.*.*", self.subject_prefix),
+            (None, _) => format!("{}.>", self.subject_prefix),
+        }
+    }
+
+    /// The partition that owns a (bot, user) key: the one NATS stores its events in. Above one partition only
+    /// this partition's leader keeps the key's state, sweeps its points and stores its windows.
+    pub fn owner(&self, bot: &str, user: &str) -> u32 {
+        match self.partition_by {
+            PartitionBy::Bot => partition_of(bot, self.partitions),
+            PartitionBy::User => {
+                partition_of_tokens(&[bot, &crate::event::user_token(user)], self.partitions)
+            }
+        }
+    }
+
+    /// The subjects the partitioned stream leaves untransformed (the other subject shape: `<prefix>.<bot>.<user>`
+    /// by bot, `<prefix>.<bot>` by user), which the route consumer re-publishes on the configured shape.
+    pub fn route_subject(&self) -> String {
+        match self.partition_by {
+            PartitionBy::Bot => format!("{}.*.*", self.subject_prefix),
+            PartitionBy::User => format!("{}.*", self.subject_prefix),
         }
     }
 }
@@ -134,13 +167,20 @@ pub fn stream_config(s: &NatsSettings) -> Result<stream::Config, SourceError> {
     c.max_age = s.max_age;
     if s.partitions > 1 {
         // NATS' own deterministic mapping: `<prefix>.<bot>` is stored as `<prefix>.p.<k>.<bot>`, k = the bot's bucket
-        // (FNV-1a 32 of the token, mod n: `partition_of`).
-        c.subject_transform = Some(stream::SubjectTransform {
-            source: format!("{}.*", s.subject_prefix),
-            destination: format!(
-                "{}.p.{{{{partition({},1)}}}}.{{{{wildcard(1)}}}}",
-                s.subject_prefix, s.partitions
-            ),
+        // (FNV-1a 32 of the token, mod n: `partition_of`); by user `<prefix>.<bot>.<user>` as
+        // `<prefix>.p.<k>.<bot>.<user>` (FNV-1a 32 of both tokens).
+        let (p, n) = (&s.subject_prefix, s.partitions);
+        c.subject_transform = Some(match s.partition_by {
+            PartitionBy::Bot => stream::SubjectTransform {
+                source: format!("{p}.*"),
+                destination: format!("{p}.p.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}"),
+            },
+            PartitionBy::User => stream::SubjectTransform {
+                source: format!("{p}.*.*"),
+                destination: format!(
+                    "{p}.p.{{{{partition({n},1,2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+                ),
+            },
         });
     }
     Ok(c)
@@ -149,11 +189,16 @@ pub fn stream_config(s: &NatsSettings) -> Result<stream::Config, SourceError> {
 /// The partition NATS stores a bot's events in (`partition(n, 1)` of the stream's subject transform): FNV-1a 32 of
 /// the bot name, mod `n`. The sweep and the state restore use it to take only their partition's bots.
 pub fn partition_of(bot: &str, n: u32) -> u32 {
+    partition_of_tokens(&[bot], n)
+}
+
+/// NATS' `partition(n, i, j, ...)`: FNV-1a 32 of the tokens one after the other, mod `n`.
+pub fn partition_of_tokens(tokens: &[&str], n: u32) -> u32 {
     if n <= 1 {
         return 0;
     }
     let mut h: u32 = 0x811c_9dc5;
-    for b in bot.as_bytes() {
+    for b in tokens.iter().flat_map(|t| t.as_bytes()) {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
@@ -284,6 +329,7 @@ impl LagProbe {
         let consumers = if settings.partitions > 1 {
             (0..settings.partitions)
                 .map(|k| settings.for_partition(k).consumer_name())
+                .chain([super::route::route_consumer_name(settings)])
                 .collect()
         } else {
             vec![settings.consumer_name()]

@@ -72,6 +72,9 @@ use crate::sink::{Store, StoreError};
 /// The bot a collection belongs to, or `None` for collections recap does not read.
 pub type BotForCollection = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
+/// Whether a (bot, user) key's points are this sweep's.
+pub type KeepUser = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
 /// How the sweep runs (see the module docs).
 #[derive(Clone)]
 pub struct SweepSettings {
@@ -87,6 +90,9 @@ pub struct SweepSettings {
     pub bot_for_collection: BotForCollection,
     /// Create a float index on `timestamp_unix` where it is missing (changes the bots' collections).
     pub create_index: bool,
+    /// Only the points of these (bot, user) keys become messages (`None`: all): a partition's keys when ingest is
+    /// partitioned by user and every partition sweeps every collection.
+    pub keep_user: Option<KeepUser>,
     /// Checkpoint names are `<prefix>:<collection>`: `sweep` for the service, `backfill` for `recap backfill` (so a
     /// backfill resumes where it stopped without moving the service's sweep).
     pub checkpoint_prefix: String,
@@ -628,6 +634,7 @@ mod tests {
                     bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
                     create_index: false,
                     checkpoint_prefix: "sweep".into(),
+                    keep_user: None,
                 };
                 let mut source = SweepSource::new(points.clone(), store.clone(), settings);
                 let what = format!("ordered={ordered} changed={changed}");

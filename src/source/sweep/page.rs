@@ -299,7 +299,15 @@ impl SweepSource {
             if let Some(t) = order_of(p, key) {
                 page_max = page_max.max(t);
             }
-            let checked = map_point(mapping, p).map(|mp| {
+            let mapped = map_point(mapping, p);
+            if let (Ok(mp), Some(keep)) = (&mapped, &self.settings.keep_user)
+                && !keep(&sweep.bot, &mp.user_id)
+            {
+                // another partition's key (NATS_PARTITION_BY=user: every partition reads every collection)
+                metrics::counter!("recap_sweep_points_skipped_total", "reason" => "other_partition").increment(1);
+                continue;
+            }
+            let checked = mapped.map(|mp| {
                 let valid =
                     crate::event::check_message(&sweep.bot, &mp.message.point_id, &mp.user_id);
                 (mp, valid)
