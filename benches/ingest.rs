@@ -277,8 +277,8 @@ async fn restore(admin: &str) -> f64 {
     let store = common::store(&cfg).await;
     let t0 = now_ms() - 10 * MIN;
     sqlx::query(
-        "INSERT INTO recap_open_windows (bot_name, user_id, part, point_ids, point_ts)
-         SELECT 'bot' || (i % 8), 'user' || i, 0,
+        "INSERT INTO recap_open_windows (bot_name, user_id, part, layout, point_ids, point_ts)
+         SELECT 'bot' || (i % 8), 'user' || i, 0, '1',
                 ARRAY[md5(i::text || 'a')::uuid::text, md5(i::text || 'b')::uuid::text, md5(i::text || 'c')::uuid::text],
                 ARRAY[to_timestamp($2 / 1000.0), to_timestamp($2 / 1000.0 + 60), to_timestamp($2 / 1000.0 + 120)]
          FROM generate_series(1, $1) AS i",

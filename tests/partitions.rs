@@ -139,6 +139,7 @@ async fn write_live(
     js: &async_nats::jetstream::Context,
     bots: &[(String, String)],
     users: usize,
+    mixed: bool,
 ) -> Vec<(String, String, i64)> {
     let mut tasks = Vec::new();
     for (b, (bot, collection)) in bots.iter().enumerate() {
@@ -147,7 +148,11 @@ async fn write_live(
                 (ns.clone(), js.clone(), bot.clone(), collection.clone());
             tasks.push(tokio::spawn(async move {
                 let q = qdrant().await;
-                let user = format!("{}", 300_000_000_000_000_000u64 + (b * 100 + u) as u64);
+                let user = match u {
+                    // a user id that is no subject token (its token is a hash)
+                    1 if mixed => format!("user.{b}@example.com"),
+                    _ => format!("{}", 300_000_000_000_000_000u64 + (b * 100 + u) as u64),
+                };
                 // users start a little apart, so the partitions' loads interleave
                 tokio::time::sleep(Duration::from_millis((b * 37 + u * 101) as u64 % 700)).await;
                 let mut out = Vec::new();
@@ -170,11 +175,14 @@ async fn write_live(
                         upsert(&q, &collection, std::slice::from_ref(&p)).await;
                         let mut e = p.event(&bot, &collection);
                         e.ts = chrono::Utc::now();
-                        ns.publish_raw(
-                            &js,
-                            vec![(e.subject(&ns.prefix), Some(p.id.clone()), e.to_body())],
-                        )
-                        .await;
+                        // mixed: half the users' publishers send the user token, half the bot's subject only
+                        let subject = if mixed && u % 2 == 0 {
+                            e.user_subject(&ns.prefix)
+                        } else {
+                            e.subject(&ns.prefix)
+                        };
+                        ns.publish_raw(&js, vec![(subject, Some(p.id.clone()), e.to_body())])
+                            .await;
                         out.push((bot.clone(), user.clone(), p.ts_ms));
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -294,7 +302,7 @@ async fn three_replicas_on_eight_partitions_write_the_one_replica_table_and_surv
         &log_path("partitions-solo"),
     );
     tokio::time::sleep(Duration::from_millis(1500)).await; // up and leading
-    let want1 = expected(&write_live(&ns1, &js1, &bots, USERS).await);
+    let want1 = expected(&write_live(&ns1, &js1, &bots, USERS, false).await);
     let solo = wait_for_rows(&db1.pool, want1.len(), Duration::from_secs(60)).await;
     let solo_leads = leaders(&db1.pool).await;
     terminate(&mut one);
@@ -328,7 +336,7 @@ async fn three_replicas_on_eight_partitions_write_the_one_replica_table_and_surv
         .collect();
     let writers = {
         let (ns, js, bots) = (ns.clone(), js.clone(), bots.clone());
-        tokio::spawn(async move { write_live(&ns, &js, &bots, USERS).await })
+        tokio::spawn(async move { write_live(&ns, &js, &bots, USERS, false).await })
     };
     // the fair share: every partition led, by three replicas, none leading more than ceil(8 / 3)
     let t0 = Instant::now();
@@ -428,4 +436,146 @@ async fn three_replicas_on_eight_partitions_write_the_one_replica_table_and_surv
         slowest <= Duration::from_secs(3 + 5),
         "took {slowest:?} to take over {orphaned:?}"
     );
+}
+
+/// By user (`NATS_PARTITION_BY=user`), two replicas on four partitions: one bot with many users, half of whose
+/// publishers send `<prefix>.<bot>.<user>` and half the old `<prefix>.<bot>` (re-published by the route consumer), one
+/// user id that is no subject token. The table equals the definition, no window is written twice, and the bot's keys
+/// were kept by the partitions `owner` names (each partition that held some wrote its own watermark of the bot).
+#[tokio::test(flavor = "multi_thread")]
+async fn by_user_one_bot_spreads_over_the_partitions_from_both_subjects() {
+    const PARTS: u32 = 4;
+    let bots = fleet(1, "byuser").await;
+    let (db, ns) = (fresh_db().await, nats_ns());
+    db.migrate().await;
+    let js = ns.ensure_partitioned_by(PARTS, PartitionBy::User).await;
+    let env = |instance: &str| {
+        let mut e = env(&db, &ns, instance);
+        e.retain(|(k, _)| k != "NATS_PARTITIONS");
+        e.push(("NATS_PARTITIONS".into(), PARTS.to_string()));
+        e.push(("NATS_PARTITION_BY".into(), "user".into()));
+        e
+    };
+    let mut children: Vec<std::process::Child> = ["u0", "u1"]
+        .iter()
+        .map(|n| spawn_recap(&["run"], &env(n), &log_path(&format!("partitions-{n}"))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // up and leading
+    let written = write_live(&ns, &js, &bots, 8, true).await;
+    let want = expected(&written);
+    let got = wait_for_rows(&db.pool, want.len(), Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // nothing more may come
+    let after = rows(&db.pool).await;
+    for c in children.iter_mut() {
+        terminate(c);
+    }
+    let (t, rev) = table(&got);
+    assert!(same(&t, &want), "by user: {t:?}\nexpected {want:?}");
+    assert_eq!(rev, 1, "a window was written twice");
+    assert_eq!(after.len(), got.len(), "rows appeared late");
+    let settings = NatsSettings {
+        partitions: PARTS,
+        partition_by: PartitionBy::User,
+        ..ns.settings()
+    };
+    let (bot, _) = &bots[0];
+    let owners: BTreeSet<i32> = written
+        .iter()
+        .map(|(b, u, _)| settings.owner(b, u) as i32)
+        .collect();
+    let marked: BTreeSet<i32> =
+        sqlx::query_scalar("SELECT part FROM recap_watermarks WHERE bot_name = $1")
+            .bind(bot)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert!(owners.len() > 1, "8 users over 4 partitions: {owners:?}");
+    assert_eq!(marked, owners, "the partitions that kept the bot's keys");
+    // every old-subject event went through the route consumer, and none waits there
+    let stream = js.get_stream(&ns.stream).await.unwrap();
+    let route = stream
+        .consumer_info(format!("{}-route", ns.consumer))
+        .await
+        .unwrap();
+    let old_subject = written.len() / 2; // odd users' publishers
+    assert!(
+        route.delivered.consumer_sequence >= old_subject as u64
+            && route.num_pending == 0
+            && route.num_ack_pending == 0,
+        "route consumer: {route:?}"
+    );
+    println!(
+        "PARTITIONS by=user partitions={PARTS} replicas=2 users=8 owners={owners:?} windows={} routed>={old_subject}",
+        t.len()
+    );
+}
+
+/// A change of NATS_PARTITIONS or NATS_PARTITION_BY moves keys between partitions: snapshot rows written under
+/// another layout are restored by the partition that owns their key now, each by exactly one, and rows of the
+/// current layout by their own partition only.
+#[tokio::test(flavor = "multi_thread")]
+async fn open_windows_follow_their_keys_when_the_layout_changes() {
+    use recap::pipeline::restore_state;
+    use recap::source::nats::{layout, owner};
+    let db = fresh_db().await;
+    db.migrate().await;
+    let store = recap::sink::Store::connect(db.url.parse().unwrap(), 2)
+        .await
+        .unwrap();
+    let t0 = chrono::Utc::now() - chrono::TimeDelta::minutes(5);
+    // 200 keys of 2 bots: half written by bot over 2 partitions, half (ids > 100) under the current layout already
+    let keys: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("bot{}", i % 2), format!("{}", 1_000 + i)))
+        .collect();
+    for (i, (b, u)) in keys.iter().enumerate() {
+        let (part, lay) = if i < 100 {
+            (
+                owner(PartitionBy::Bot, 2, b, u),
+                layout(PartitionBy::Bot, 2),
+            )
+        } else {
+            (
+                owner(PartitionBy::User, 4, b, u),
+                layout(PartitionBy::User, 4),
+            )
+        };
+        sqlx::query(
+            "INSERT INTO recap_open_windows (bot_name, user_id, part, layout, point_ids, point_ts)
+             VALUES ($1, $2, $3, $4, ARRAY[$5], ARRAY[$6::timestamptz])",
+        )
+        .bind(b)
+        .bind(u)
+        .bind(part as i32)
+        .bind(lay)
+        .bind(format!("{i}"))
+        .bind(t0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let cfg = recap::tracker::TrackerConfig::default();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut total = 0;
+    for k in 0..4u32 {
+        let mut state = restore_state(&store, cfg, (k, 4), PartitionBy::User)
+            .await
+            .unwrap();
+        let mine: Vec<usize> = (0..keys.len())
+            .filter(|i| owner(PartitionBy::User, 4, &keys[*i].0, &keys[*i].1) == k)
+            .collect();
+        assert_eq!(state.open_keys(), mine.len(), "partition {k}'s keys");
+        for i in mine {
+            let (b, u) = &keys[i];
+            // the key's stored point is known to this partition: read again, it is a duplicate
+            assert_eq!(
+                state.observe(b, u, &format!("{i}"), t0.timestamp_millis(), now),
+                Some(recap::tracker::Observed::Duplicate),
+                "{b}/{u} restored by partition {k}"
+            );
+        }
+        total += state.open_keys();
+    }
+    assert_eq!(total, keys.len(), "every key restored once");
 }

@@ -266,7 +266,7 @@ impl MiniIngest {
         let c = self.state.take_checkpoint();
         let mut tx = self.store.begin_ingest(&self.fence).await?;
         tx.close_windows(self.state.config(), &c.closed, 5).await?;
-        tx.save_snapshots(&c.snapshots, 0).await?;
+        tx.save_snapshots(&c.snapshots, 0, "1").await?;
         tx.save_watermarks(&c.watermarks, 0).await?;
         for (name, pos, read) in &c.positions {
             tx.save_checkpoint(name, *pos, *read).await?;

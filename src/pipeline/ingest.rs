@@ -318,8 +318,12 @@ impl Ingest {
             *self.state.config(),
         );
         let min = self.ctx.cfg.windows.min_messages_for_summary;
+        let nats = &self.ctx.cfg.nats;
+        let layout = crate::source::nats::layout(nats.nats_partition_by, nats.nats_partitions);
         let task =
-            tokio::spawn(async move { write(&store, &fence, &tcfg, min, &c, &letters).await });
+            tokio::spawn(
+                async move { write(&store, &fence, &layout, &tcfg, min, &c, &letters).await },
+            );
         self.writing = Some(Writing {
             task,
             started: Instant::now(),
@@ -407,6 +411,7 @@ async fn ack<S: Source>(source: &mut S) {
 async fn write(
     store: &Store,
     fence: &Fence,
+    layout: &str,
     tcfg: &TrackerConfig,
     min: u32,
     c: &Checkpoint,
@@ -415,7 +420,7 @@ async fn write(
     let mut tx = store.begin_ingest(fence).await?;
     tx.dead_letters(letters).await?;
     let done = tx.close_windows(tcfg, &c.closed, min).await?;
-    tx.save_snapshots(&c.snapshots, fence.part).await?;
+    tx.save_snapshots(&c.snapshots, fence.part, layout).await?;
     tx.save_watermarks(&c.watermarks, fence.part).await?;
     for (name, pos, read) in &c.positions {
         tx.save_checkpoint(name, *pos, *read).await?;
@@ -467,9 +472,16 @@ pub async fn restore_state(
         }
     }
     let watermarks: Vec<(String, Millis)> = marks.into_iter().collect();
-    let open = store
-        .load_open_state((partitions > 1).then_some(part as i32))
-        .await?;
+    let layout = crate::source::nats::layout(by, partitions);
+    let open: Vec<_> = store
+        .load_open_state(part as i32, &layout)
+        .await?
+        .into_iter()
+        .filter(|(s, current)| {
+            *current || crate::source::nats::owner(by, partitions, &s.bot, &s.user) == part
+        })
+        .map(|(s, _)| s)
+        .collect();
     let mut state = State::restore(cfg, watermarks, open);
     state.set_forgotten(store.load_forgotten().await?);
     metrics::gauge!("recap_windows_open").set(state.open_keys() as f64);

@@ -112,12 +112,21 @@ impl Store {
             .collect())
     }
 
-    /// The open messages of every key stored by the last checkpoints (of partition `part`, or all).
-    pub async fn load_open_state(&self, part: Option<i32>) -> Result<Vec<Snapshot>, StoreError> {
+    /// The open messages stored by the last checkpoints: partition `part`'s rows written under `layout` (see
+    /// [`crate::source::nats::layout`]), and every row written under another layout (`false` after it: the caller
+    /// keeps those whose key it owns now).
+    pub async fn load_open_state(
+        &self,
+        part: i32,
+        layout: &str,
+    ) -> Result<Vec<(Snapshot, bool)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT bot_name, user_id, point_ids, point_ts FROM recap_open_windows WHERE $1::int IS NULL OR part = $1",
+            "SELECT bot_name, user_id, point_ids, point_ts, true FROM recap_open_windows WHERE layout = $2 AND part = $1
+             UNION ALL
+             SELECT bot_name, user_id, point_ids, point_ts, false FROM recap_open_windows WHERE layout < $2 OR layout > $2",
         )
         .bind(part)
+        .bind(layout)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -125,11 +134,12 @@ impl Store {
             .map(|r| {
                 let ids: Vec<String> = r.get(2);
                 let ts: Vec<DateTime<Utc>> = r.get(3);
-                Snapshot {
+                let snapshot = Snapshot {
                     bot: std::sync::Arc::from(r.get::<&str, _>(0)),
                     user: std::sync::Arc::from(r.get::<&str, _>(1)),
                     points: ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect(),
-                }
+                };
+                (snapshot, r.get::<bool, _>(4))
             })
             .collect())
     }
@@ -382,6 +392,7 @@ impl IngestTx {
         &mut self,
         snaps: &[Snapshot],
         part: i32,
+        layout: &str,
     ) -> Result<(), StoreError> {
         let (keep, gone): (Vec<&Snapshot>, Vec<&Snapshot>) =
             snaps.iter().partition(|s| !s.points.is_empty());
@@ -404,16 +415,17 @@ impl IngestTx {
         let u: Vec<&str> = keep.iter().map(|s| &*s.user).collect();
         let flat = FlatPoints::of(keep.iter().map(|s| s.points.as_slice()));
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO recap_open_windows (bot_name, user_id, part, point_ids, point_ts)
-             SELECT k.b, k.u, $3, p.ids, p.ts
+            "INSERT INTO recap_open_windows (bot_name, user_id, part, layout, point_ids, point_ts)
+             SELECT k.b, k.u, $3, $4, p.ids, p.ts
              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(b, u, i) JOIN ({}) p ON p.i = k.i
-             ON CONFLICT (bot_name, user_id) DO UPDATE SET part = EXCLUDED.part, point_ids = EXCLUDED.point_ids,
-                 point_ts = EXCLUDED.point_ts, updated_at = now()",
-            points_by_row(4)
+             ON CONFLICT (bot_name, user_id) DO UPDATE SET part = EXCLUDED.part, layout = EXCLUDED.layout,
+                 point_ids = EXCLUDED.point_ids, point_ts = EXCLUDED.point_ts, updated_at = now()",
+            points_by_row(5)
         )))
         .bind(&b)
         .bind(&u)
         .bind(part)
+        .bind(layout)
         .bind(&flat.row)
         .bind(&flat.ids)
         .bind(&flat.ts)

@@ -87,12 +87,7 @@ impl NatsSettings {
     /// The partition that owns a (bot, user) key: the one NATS stores its events in. Above one partition only
     /// this partition's leader keeps the key's state, sweeps its points and stores its windows.
     pub fn owner(&self, bot: &str, user: &str) -> u32 {
-        match self.partition_by {
-            PartitionBy::Bot => partition_of(bot, self.partitions),
-            PartitionBy::User => {
-                partition_of_tokens(&[bot, &crate::event::user_token(user)], self.partitions)
-            }
-        }
+        owner(self.partition_by, self.partitions, bot, user)
     }
 
     /// The subjects the partitioned stream leaves untransformed (the other subject shape: `<prefix>.<bot>.<user>`
@@ -190,6 +185,24 @@ pub fn stream_config(s: &NatsSettings) -> Result<stream::Config, SourceError> {
 /// the bot name, mod `n`. The sweep and the state restore use it to take only their partition's bots.
 pub fn partition_of(bot: &str, n: u32) -> u32 {
     partition_of_tokens(&[bot], n)
+}
+
+/// The partition of `n` that owns a (bot, user) key when partitioned by `by` (see [`NatsSettings::owner`]).
+pub fn owner(by: PartitionBy, n: u32, bot: &str, user: &str) -> u32 {
+    match by {
+        PartitionBy::Bot => partition_of(bot, n),
+        PartitionBy::User => partition_of_tokens(&[bot, &crate::event::user_token(user)], n),
+    }
+}
+
+/// The partition layout a snapshot row is written under: `1` unpartitioned, else `bot/<n>` or `user/<n>`. Rows of
+/// another layout are re-assigned by key at restore.
+pub fn layout(by: PartitionBy, n: u32) -> String {
+    match by {
+        _ if n <= 1 => "1".to_string(),
+        PartitionBy::Bot => format!("bot/{n}"),
+        PartitionBy::User => format!("user/{n}"),
+    }
 }
 
 /// NATS' `partition(n, i, j, ...)`: FNV-1a 32 of the tokens one after the other, mod `n`.

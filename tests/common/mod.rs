@@ -269,10 +269,21 @@ impl NatsNs {
     /// Creates the stream with `partitions` ingest partitions (as recap would with NATS_PARTITIONS), so publishes
     /// before recap starts are kept, in their partitions.
     pub async fn ensure_partitioned(&self, partitions: u32) -> async_nats::jetstream::Context {
+        self.ensure_partitioned_by(partitions, Default::default())
+            .await
+    }
+
+    /// The stream partitioned `partitions` ways by `by` (NATS_PARTITION_BY).
+    pub async fn ensure_partitioned_by(
+        &self,
+        partitions: u32,
+        by: recap::source::nats::PartitionBy,
+    ) -> async_nats::jetstream::Context {
         let client = async_nats::connect(&self.url).await.expect("nats connect");
         let js = async_nats::jetstream::new(client);
         let settings = recap::source::nats::NatsSettings {
             partitions,
+            partition_by: by,
             ..self.settings()
         };
         js.create_or_update_stream(recap::source::nats::stream_config(&settings).expect("config"))
