@@ -27,6 +27,23 @@ log = logging.getLogger("recap.publish")
 BOT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")  # one NATS subject token
 
 
+def user_token(user_id):
+    """The subject token for a user (recap's `event::user_token`): the id itself when it is printable ASCII without
+    '.', '*' and '>' (Discord ids are digits), else '~' and the 16 hex digits of its FNV-1a 64 hash."""
+    user_id = str(user_id)
+    if user_id and all(0x21 <= ord(c) <= 0x7E and c not in ".*>" for c in user_id):
+        return user_id
+    h = 0xCBF29CE484222325
+    for b in user_id.encode():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"~{h:016x}"
+
+
+def subject(bot, user_id=None, prefix="recap.stored"):
+    """`<prefix>.<bot>`, or with a user `<prefix>.<bot>.<user token>` (what NATS_PARTITION_BY=user partitions)."""
+    return f"{prefix}.{bot}" if user_id is None else f"{prefix}.{bot}.{user_token(user_id)}"
+
+
 def _rfc3339(ts):
     """datetime (naive = UTC), float seconds or an RFC 3339 string -> '2026-11-20T14:03:11.512Z'."""
     if isinstance(ts, str):
@@ -38,11 +55,14 @@ def _rfc3339(ts):
     return ts.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def publish_stored(nc_or_js, bot, collection, point_id, user_id, role=None, ts=None, timeout=0.5):
+async def publish_stored(nc_or_js, bot, collection, point_id, user_id, role=None, ts=None, timeout=0.5,
+                         by_user=False):
     """Publish recap's `stored` event for one point; True when JetStream acknowledged it.
 
-    nc_or_js: a connected nats.aio.client.Client or its JetStreamContext. Every error (NATS down, no stream,
-    timeout, a bad bot name) is logged and swallowed; the call returns within `timeout` seconds."""
+    nc_or_js: a connected nats.aio.client.Client or its JetStreamContext. by_user: publish on
+    `recap.stored.<bot>.<user token>` (either subject is accepted; this one lets recap spread one bot's users over its
+    partitions). Every error (NATS down, no stream, timeout, a bad bot name) is logged and swallowed; the call returns
+    within `timeout` seconds."""
     try:
         if not BOT_TOKEN.match(bot or ""):
             raise ValueError(f"bot name {bot!r} is not one subject token ([A-Za-z0-9_-]+)")
@@ -56,7 +76,8 @@ async def publish_stored(nc_or_js, bot, collection, point_id, user_id, role=None
         body = json.dumps(event, separators=(",", ":")).encode()
         # Nats-Msg-Id = the point id: JetStream drops a re-publish of the same point within its duplicate window.
         await asyncio.wait_for(
-            js.publish(f"recap.stored.{bot}", body, timeout=timeout, headers={"Nats-Msg-Id": str(point_id)}),
+            js.publish(subject(bot, user_id if by_user else None), body, timeout=timeout,
+                       headers={"Nats-Msg-Id": str(point_id)}),
             timeout,
         )
         return True
@@ -76,6 +97,7 @@ async def main():
     ap.add_argument("--collection", help="default: whisperengine_memory_<bot>")
     ap.add_argument("--role", default="user")
     ap.add_argument("--timeout", type=float, default=0.5, help="seconds per publish (and for the connect)")
+    ap.add_argument("--by-user", action="store_true", help="publish on recap.stored.<bot>.<user token>")
     args = ap.parse_args()
     url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     collection = args.collection or f"whisperengine_memory_{args.bot}"
@@ -99,14 +121,14 @@ async def main():
         js = nc.jetstream()
         for _ in range(args.count):
             ok = await publish_stored(js, args.bot, collection, uuid.uuid4(), args.user, args.role,
-                                      datetime.now(timezone.utc), timeout=args.timeout)
+                                      datetime.now(timezone.utc), timeout=args.timeout, by_user=args.by_user)
             acked += ok
     finally:
         try:
             await asyncio.wait_for(nc.close(), args.timeout)
         except Exception:  # noqa: BLE001
             pass
-    print(f"{acked} of {args.count} events acknowledged on recap.stored.{args.bot} "
+    print(f"{acked} of {args.count} events acknowledged on {subject(args.bot, args.user if args.by_user else None)} "
           f"in {time.monotonic() - started:.3f}s")
     return 0
 

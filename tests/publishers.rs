@@ -460,6 +460,71 @@ async fn python_example_sends_contract_events_with_msg_id() {
     );
 }
 
+/// `publish.py --by-user` publishes on `recap.stored.<bot>.<user token>` with the token recap computes
+/// (`event::user_token`), for a plain id and one that is no subject token (hashed), and recap accepts the subject.
+#[tokio::test]
+async fn python_example_by_user_sends_the_user_token_recap_computes() {
+    let url = env("NATS_URL");
+    let bot = format!("pyu{}", token());
+    let client = async_nats::connect(&url).await.expect("connect");
+    if js(&url)
+        .await
+        .stream_by_subject(format!("recap.stored.{bot}.x"))
+        .await
+        .is_ok()
+    {
+        eprintln!("SKIPPED: a stream on this server captures recap.stored.{bot}.*");
+        return;
+    }
+    for user in ["987654321098765432", "user.7@example.com"] {
+        let token = recap::event::user_token(user).into_owned();
+        let mut sub = client
+            .subscribe(format!("recap.stored.{bot}.>"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let acker = tokio::spawn({
+            let client = client.clone();
+            async move {
+                let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                    .await
+                    .expect("an event")
+                    .expect("subscription open");
+                if let Some(reply) = m.reply.clone() {
+                    client
+                        .publish(reply, r#"{"stream":"STANDIN","seq":1}"#.into())
+                        .await
+                        .expect("puback");
+                    client.flush().await.expect("flush");
+                }
+                m
+            }
+        });
+        let (code, out, err, _) = tokio::task::spawn_blocking({
+            let (url, bot) = (url.clone(), bot.clone());
+            move || run_python(&["--by-user", "--bot", &bot, "--user", user], &url)
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{err}");
+        let m = acker.await.unwrap();
+        assert_eq!(
+            m.subject.as_str(),
+            format!("recap.stored.{bot}.{token}"),
+            "{user}"
+        );
+        assert!(
+            out.contains(&format!(
+                "1 of 1 events acknowledged on recap.stored.{bot}.{token}"
+            )),
+            "{out}"
+        );
+        let e = StoredEvent::parse_on_subject(m.subject.as_str(), &m.payload)
+            .unwrap_or_else(|err| panic!("publish.py --by-user event rejected by recap: {err}"));
+        assert_eq!(e.user_id, user);
+    }
+}
+
 /// The same stand-in that never answers: each publish gives up after its 0.5 s timeout and nothing is raised.
 #[tokio::test]
 async fn python_example_gives_up_on_a_missing_puback_within_its_timeout() {

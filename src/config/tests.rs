@@ -150,6 +150,10 @@ fn defaults_match_the_table() {
     assert_eq!(c.service.checkpoint_interval, Duration::from_secs(1));
     assert_eq!(c.service.checkpoint_messages, 50_000);
     assert_eq!(c.nats.nats_partitions, 1);
+    assert_eq!(
+        c.nats.nats_partition_by,
+        crate::source::nats::PartitionBy::Bot
+    );
     assert!(!c.service.rollups);
     assert_eq!(c.service.rollup_interval, Duration::from_secs(60));
 
@@ -598,6 +602,17 @@ fn clap_errors_become_one_line_naming_the_env_var() {
     assert_eq!(
         one_line_clap_error(&e, &cmd),
         "invalid value \"gpt\" for SUMMARIZER (--summarizer): expected one of auto, llm, extractive"
+    );
+    let e = try_parse(&["--nats-partition-by", "team"]).unwrap_err();
+    assert_eq!(
+        one_line_clap_error(&e, &cmd),
+        "invalid value \"team\" for NATS_PARTITION_BY (--nats-partition-by): expected one of bot, user"
+    );
+    assert_eq!(
+        parse(&["--nats-partition-by", "user"])
+            .nats
+            .nats_partition_by,
+        crate::source::nats::PartitionBy::User
     );
     let e = try_parse(&["--stream-max-age", "soon"]).unwrap_err();
     let line = one_line_clap_error(&e, &cmd);

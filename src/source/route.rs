@@ -33,19 +33,31 @@ pub fn route_consumer_name(s: &NatsSettings) -> String {
     format!("{}-route", s.consumer)
 }
 
-/// The route consumer: recap's consumer definition on the unpartitioned shape, with explicit acks.
+/// How far back the route consumer starts when it is first made: events of the other shape from before it (already
+/// read by the consumers of the previous layout) are not re-published, those since a restart a few seconds ago are.
+const ROUTE_START_BACK: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// The route consumer: durable `<NATS_CONSUMER>-route` on the unpartitioned shape, explicit acks (replicas share it),
+/// starting `ROUTE_START_BACK` before it is first made.
 pub fn route_consumer_config(
     s: &NatsSettings,
 ) -> Result<jetstream::consumer::pull::Config, SourceError> {
-    let mut c = consumer_config(s)?;
-    c.durable_name = Some(route_consumer_name(s));
-    c.name = Some(route_consumer_name(s));
-    c.filter_subject = s.route_subject();
-    c.ack_policy = jetstream::consumer::AckPolicy::Explicit;
-    c.max_ack_pending = ROUTE_BATCH as i64 * 4;
-    c.description =
-        Some("recap: events on the subject shape the partitions do not use, re-published".into());
-    Ok(c)
+    let ack_wait = consumer_config(s)?.ack_wait;
+    let start = chrono::Utc::now() - ROUTE_START_BACK;
+    let v = serde_json::json!({
+        "durable_name": route_consumer_name(s),
+        "name": route_consumer_name(s),
+        "description": "recap: events on the subject shape the partitions do not use, re-published (nats/README.md)",
+        "deliver_policy": "by_start_time",
+        "opt_start_time": start.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        "ack_policy": "explicit",
+        "ack_wait": ack_wait.as_nanos() as u64,
+        "max_deliver": -1,
+        "max_ack_pending": ROUTE_BATCH * 4,
+        "filter_subject": s.route_subject(),
+        "replay_policy": "instant",
+    });
+    serde_json::from_value(v).map_err(|e| err(format!("route consumer: {e}")))
 }
 
 /// Where an event received on `subject` (the route consumer's shape) goes: the configured shape for its key.
@@ -179,5 +191,13 @@ mod tests {
         assert_eq!(c.durable_name.as_deref(), Some("recap-route"));
         assert_eq!(c.filter_subject, "recap.stored.*");
         assert_eq!(c.ack_policy, jetstream::consumer::AckPolicy::Explicit);
+        assert_eq!(c.ack_wait, Duration::from_secs(30), "consumer.json's");
+        match c.deliver_policy {
+            jetstream::consumer::DeliverPolicy::ByStartTime { start_time } => {
+                let back = chrono::Utc::now().timestamp() - start_time.unix_timestamp();
+                assert!((590..=601).contains(&back), "{back} s back");
+            }
+            other => panic!("starts at {other:?}"),
+        }
     }
 }
