@@ -13,30 +13,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use recap::source::nats::{NatsSettings, PartitionBy, partition_of, stream_config};
+use recap::source::nats::{NatsSettings, PartitionBy, partition_of};
 
 const PARTITIONS: u32 = 8;
+
+/// Publishes `{}` on `subject` and waits for the PubAck.
+async fn publish_empty(js: &async_nats::jetstream::Context, subject: String) {
+    js.publish(subject, "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
 
 /// The stream's subject transform puts each bot where `partition_of` says.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stream_partitions_by_bot_as_recap_computes_it() {
     let ns = nats_ns();
-    let client = async_nats::connect(&ns.url).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
-    let settings = NatsSettings {
-        partitions: PARTITIONS,
-        ..ns.settings()
-    };
-    js.create_stream(stream_config(&settings).unwrap())
-        .await
-        .unwrap();
+    let js = ns.ensure_partitioned(PARTITIONS).await;
     let bots: Vec<String> = (0..64).map(|i| format!("bot{i}-{}", token())).collect();
     for b in &bots {
-        js.publish(format!("{}.{b}", ns.prefix), "{}".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish_empty(&js, format!("{}.{b}", ns.prefix)).await;
     }
     let stream = js.get_stream(&ns.stream).await.unwrap();
     let mut seen = BTreeMap::new();
@@ -69,16 +66,14 @@ async fn the_stream_partitions_by_bot_as_recap_computes_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stream_partitions_by_user_as_recap_computes_it() {
     let ns = nats_ns();
-    let client = async_nats::connect(&ns.url).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
+    let js = ns
+        .ensure_partitioned_by(PARTITIONS, PartitionBy::User)
+        .await;
     let settings = NatsSettings {
         partitions: PARTITIONS,
         partition_by: PartitionBy::User,
         ..ns.settings()
     };
-    js.create_stream(stream_config(&settings).unwrap())
-        .await
-        .unwrap();
     let bot = format!("bot-{}", token());
     let users: Vec<String> = (0..64)
         .map(|i| match i % 4 {
@@ -87,18 +82,13 @@ async fn the_stream_partitions_by_user_as_recap_computes_it() {
         })
         .collect();
     for u in &users {
-        let subject = format!("{}.{bot}.{}", ns.prefix, recap::event::user_token(u));
-        js.publish(subject, "{}".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish_empty(
+            &js,
+            format!("{}.{bot}.{}", ns.prefix, recap::event::user_token(u)),
+        )
+        .await;
     }
-    js.publish(format!("{}.{bot}", ns.prefix), "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_empty(&js, format!("{}.{bot}", ns.prefix)).await;
     let stream = js.get_stream(&ns.stream).await.unwrap();
     let mut used = BTreeSet::new();
     for (seq, u) in (1..).zip(&users) {
