@@ -54,7 +54,7 @@ async fn conversations_html(
 ) -> Result<String, StoreError> {
     let pool = c.store.pool();
     let bots: Vec<String> =
-        sqlx::query_scalar("SELECT bot_name FROM recap_watermarks ORDER BY bot_name")
+        sqlx::query_scalar("SELECT DISTINCT bot_name FROM recap_watermarks ORDER BY bot_name")
             .fetch_all(pool)
             .await?;
     let bot = cq
