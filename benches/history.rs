@@ -14,7 +14,9 @@
 //! Where the time goes: CPU seconds over the timed span of recap (`/proc/<pid>/stat` utime+stime before it is
 //! stopped), of the Qdrant test server (its process tree) and of PostgreSQL (the postmaster's tree: live backends plus
 //! the reaped ones' time in the postmaster's cutime/cstime), the pids from `$RECAP_SERVICES_DIR/*.pid`
-//! (`scripts/services`). The PostgreSQL figure includes the bench's own 20 ms count query.
+//! (`scripts/services`). The PostgreSQL figure includes the bench's own 20 ms count query. The same CPU figures are
+//! also taken at the first row, splitting the span into the sweep (reading the history, closing windows) and the
+//! window workers after it (the two overlap a little), and the test server's CPU / wall says how busy it was.
 //!
 //! Needs DATABASE_URL, QDRANT_URL and RECAP_SERVICES_DIR (`eval "$(scripts/services up)"`; QDRANT_URL may be a real
 //! Qdrant, then its CPU is not reported). `cargo bench --bench history`. Environment: `BENCH_HISTORY_USERS` (200),
@@ -184,6 +186,8 @@ struct RunResult {
     seconds: f64,
     first_row: f64,
     recap_cpu: f64,
+    /// recap, Qdrant and PostgreSQL CPU seconds up to the first row
+    first_cpu: [Option<f64>; 3],
     qdrant_cpu: Option<f64>,
     postgres_cpu: Option<f64>,
 }
@@ -265,6 +269,7 @@ async fn run(
     let pid = recap.0.id();
     let expected = shape.windows() as i64;
     let mut first_row = None;
+    let mut first_cpu = [None; 3];
     let (seconds, recap_ticks) = loop {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM conversation_summaries WHERE summary_type = 'time_window'",
@@ -274,6 +279,12 @@ async fn run(
         .expect("count");
         if n > 0 && first_row.is_none() {
             first_row = Some(t.elapsed().as_secs_f64());
+            // CPU up to the first row: mostly the sweep (reading the history, closing the windows)
+            first_cpu = [
+                proc_stat(pid).map(|s| s.1),
+                qdrant_pid.map(tree_ticks),
+                pg_pid.map(tree_ticks),
+            ];
         }
         if n >= expected {
             let secs = t.elapsed().as_secs_f64();
@@ -326,6 +337,15 @@ async fn run(
         seconds,
         first_row: first_row.unwrap_or(seconds),
         recap_cpu: recap_ticks as f64 / tck,
+        first_cpu: [
+            first_cpu[0].map(|v| v as f64 / tck),
+            first_cpu[1]
+                .zip(q0)
+                .map(|(b, a)| b.saturating_sub(a) as f64 / tck),
+            first_cpu[2]
+                .zip(p0)
+                .map(|(b, a)| b.saturating_sub(a) as f64 / tck),
+        ],
         qdrant_cpu: q0.zip(q1).map(|(a, b)| b.saturating_sub(a) as f64 / tck),
         postgres_cpu: p0.zip(p1).map(|(a, b)| b.saturating_sub(a) as f64 / tck),
     }
@@ -362,6 +382,7 @@ async fn main() {
         ("Qdrant test server CPU", "s", vec![]),
         ("PostgreSQL CPU", "s", vec![]),
         ("idle (cores x wall - CPU above)", "s", vec![]),
+        ("Qdrant test server CPU / wall", "x", vec![]),
     ];
     for r in 0..runs {
         let res = run(&admin, &qdrant_url, &shape, r, &q).await;
@@ -384,6 +405,16 @@ async fn main() {
         emit("history_seconds", res.seconds, "s");
         emit("history_first_row_seconds", res.first_row, "s");
         emit("history_windows_per_sec", wps, "windows/s");
+        let [fr, fq, fp] = res.first_cpu;
+        eprintln!(
+            "  run {r}: CPU up to the first row (the sweep): recap {}, Qdrant test server {}, PostgreSQL {}; after it (the windows): recap {}, Qdrant test server {}, PostgreSQL {}",
+            opt(fr),
+            opt(fq),
+            opt(fp),
+            opt(fr.map(|v| res.recap_cpu - v)),
+            opt(fq.zip(res.qdrant_cpu).map(|(a, b)| b - a)),
+            opt(fp.zip(res.postgres_cpu).map(|(a, b)| b - a)),
+        );
         emit("history_recap_cpu_s", res.recap_cpu, "s");
         agg[0].2.push(res.seconds);
         agg[1].2.push(res.first_row);
@@ -391,7 +422,9 @@ async fn main() {
         agg[3].2.push(res.recap_cpu);
         if let Some(v) = res.qdrant_cpu {
             emit("history_qdrant_cpu_s", v, "s");
+            emit("history_qdrant_busy_share", v / res.seconds, "x");
             agg[4].2.push(v);
+            agg[7].2.push(v / res.seconds);
         }
         if let Some(v) = res.postgres_cpu {
             emit("history_postgres_cpu_s", v, "s");
