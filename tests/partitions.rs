@@ -428,27 +428,38 @@ async fn three_replicas_on_eight_partitions_write_the_one_replica_table_and_surv
     );
 }
 
-/// By user (`NATS_PARTITION_BY=user`), two replicas on four partitions: one bot with many users, half of whose
-/// publishers send `<prefix>.<bot>.<user>` and half the old `<prefix>.<bot>` (re-published by the route consumer), one
-/// user id that is no subject token. The table equals the definition, no window is written twice, and the bot's keys
-/// were kept by the partitions `owner` names (each partition that held some wrote its own watermark of the bot).
-#[tokio::test(flavor = "multi_thread")]
-async fn by_user_one_bot_spreads_over_the_partitions_from_both_subjects() {
+/// Two replicas on four partitions, one bot with 8 users, half of whose publishers send `<prefix>.<bot>.<user>` and
+/// half `<prefix>.<bot>`, one user id that is no subject token: the events on the shape `by` does not partition are
+/// re-published by the route consumer. The table equals the definition, no window is written twice, the bot's keys
+/// were kept by the partitions `owner` names (each partition that held some wrote its own watermark of the bot), and
+/// the route consumer is drained. Returns those partitions.
+async fn two_replicas_from_both_subjects(by: PartitionBy, tag: &str) -> BTreeSet<i32> {
     const PARTS: u32 = 4;
-    let bots = fleet(1, "byuser").await;
+    let bots = fleet(1, tag).await;
     let (db, ns) = (fresh_db().await, nats_ns());
     db.migrate().await;
-    let js = ns.ensure_partitioned_by(PARTS, PartitionBy::User).await;
+    let js = ns.ensure_partitioned_by(PARTS, by).await;
+    let by_name = match by {
+        PartitionBy::Bot => "bot",
+        PartitionBy::User => "user",
+    };
     let env = |instance: &str| {
         let mut e = env(&db, &ns, instance);
         e.retain(|(k, _)| k != "NATS_PARTITIONS");
         e.push(("NATS_PARTITIONS".into(), PARTS.to_string()));
-        e.push(("NATS_PARTITION_BY".into(), "user".into()));
+        e.push(("NATS_PARTITION_BY".into(), by_name.into()));
         e
     };
-    let mut children: Vec<std::process::Child> = ["u0", "u1"]
+    let mut children: Vec<std::process::Child> = ["a", "b"]
         .iter()
-        .map(|n| spawn_recap(&["run"], &env(n), &log_path(&format!("partitions-{n}"))))
+        .map(|n| {
+            let name = format!("{tag}-{n}");
+            spawn_recap(
+                &["run"],
+                &env(&name),
+                &log_path(&format!("partitions-{name}")),
+            )
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await; // up and leading
     let written = write_live(&ns, &js, &bots, 8, true).await;
@@ -460,12 +471,12 @@ async fn by_user_one_bot_spreads_over_the_partitions_from_both_subjects() {
         terminate(c);
     }
     let (t, rev) = table(&got);
-    assert!(same(&t, &want), "by user: {t:?}\nexpected {want:?}");
+    assert!(same(&t, &want), "by {by_name}: {t:?}\nexpected {want:?}");
     assert_eq!(rev, 1, "a window was written twice");
     assert_eq!(after.len(), got.len(), "rows appeared late");
     let settings = NatsSettings {
         partitions: PARTS,
-        partition_by: PartitionBy::User,
+        partition_by: by,
         ..ns.settings()
     };
     let (bot, _) = &bots[0];
@@ -481,25 +492,39 @@ async fn by_user_one_bot_spreads_over_the_partitions_from_both_subjects() {
             .unwrap()
             .into_iter()
             .collect();
-    assert!(owners.len() > 1, "8 users over 4 partitions: {owners:?}");
     assert_eq!(marked, owners, "the partitions that kept the bot's keys");
-    // every old-subject event went through the route consumer, and none waits there
+    // every event of the other shape went through the route consumer, and none waits there
     let stream = js.get_stream(&ns.stream).await.unwrap();
     let route = stream
         .consumer_info(format!("{}-route", ns.consumer))
         .await
         .unwrap();
-    let old_subject = written.len() / 2; // odd users' publishers
+    let other_shape = written.len() / 2; // half the users' publishers
     assert!(
-        route.delivered.consumer_sequence >= old_subject as u64
+        route.delivered.consumer_sequence >= other_shape as u64
             && route.num_pending == 0
             && route.num_ack_pending == 0,
         "route consumer: {route:?}"
     );
     println!(
-        "PARTITIONS by=user partitions={PARTS} replicas=2 users=8 owners={owners:?} windows={} routed>={old_subject}",
+        "PARTITIONS by={by_name} partitions={PARTS} replicas=2 users=8 owners={owners:?} windows={} routed>={other_shape}",
         t.len()
     );
+    owners
+}
+
+/// By user (`NATS_PARTITION_BY=user`): one bot's users spread over the partitions, old publishers included.
+#[tokio::test(flavor = "multi_thread")]
+async fn by_user_one_bot_spreads_over_the_partitions_from_both_subjects() {
+    let owners = two_replicas_from_both_subjects(PartitionBy::User, "byuser").await;
+    assert!(owners.len() > 1, "8 users over 4 partitions: {owners:?}");
+}
+
+/// By bot (the default): publishers that already send the user token reach their bot's one partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn by_bot_user_subjects_reach_the_bots_partition() {
+    let owners = two_replicas_from_both_subjects(PartitionBy::Bot, "bybot").await;
+    assert_eq!(owners.len(), 1, "one bot, one partition: {owners:?}");
 }
 
 /// A change of NATS_PARTITIONS or NATS_PARTITION_BY moves keys between partitions: snapshot rows written under
