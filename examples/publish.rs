@@ -11,7 +11,8 @@
 //!     NATS_URL=nats://127.0.0.1:4222 cargo run --example publish -- --count 10 --bot elena --user u1
 //!
 //! Flags: --count N, --bot B, --user U, --prefix P (default recap.stored), --point-id ID (the same id for every
-//! event: JetStream keeps one, the others are acknowledged as duplicates).
+//! event: JetStream keeps one, the others are acknowledged as duplicates), --by-user (publish on
+//! `<prefix>.<bot>.<user token>`).
 
 use std::time::{Duration, Instant};
 
@@ -41,9 +42,40 @@ pub struct StoredEvent {
     pub ts: String,
 }
 
+/// The subject token for a user (nats/README.md): the id itself when it is printable ASCII without `.`, `*` and `>`,
+/// else `~` and the 16 hex digits of its FNV-1a 64 hash.
+pub fn user_token(user_id: &str) -> String {
+    let plain = !user_id.is_empty()
+        && user_id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>'));
+    if plain {
+        return user_id.to_string();
+    }
+    let hash = user_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("~{hash:016x}")
+}
+
 /// Publishes recap's `stored` event for one point on `<prefix>.<bot>` with `Nats-Msg-Id` = the point id.
 /// True when JetStream acknowledged it (a duplicate counts: the event is stored). Errors are logged, never returned.
 pub async fn publish_stored(js: &jetstream::Context, prefix: &str, event: &StoredEvent) -> bool {
+    publish_on(js, format!("{prefix}.{}", event.bot), event).await
+}
+
+/// The same on `<prefix>.<bot>.<user token>`: recap accepts either subject; this one lets it spread one bot's users
+/// over its ingest partitions (`NATS_PARTITION_BY=user`).
+pub async fn publish_stored_by_user(
+    js: &jetstream::Context,
+    prefix: &str,
+    event: &StoredEvent,
+) -> bool {
+    let subject = format!("{prefix}.{}.{}", event.bot, user_token(&event.user_id));
+    publish_on(js, subject, event).await
+}
+
+async fn publish_on(js: &jetstream::Context, subject: String, event: &StoredEvent) -> bool {
     let bot_ok = (1..=100).contains(&event.bot.len())
         && event
             .bot
@@ -63,11 +95,7 @@ pub async fn publish_stored(js: &jetstream::Context, prefix: &str, event: &Store
     let msg = PublishMessage::build()
         .payload(body.into())
         .message_id(&event.point_id);
-    let publish = async {
-        js.send_publish(format!("{prefix}.{}", event.bot), msg)
-            .await?
-            .await
-    };
+    let publish = async { js.send_publish(subject, msg).await?.await };
     match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
         Ok(Ok(_ack)) => true,
         Ok(Err(e)) => {
@@ -91,8 +119,13 @@ async fn main() {
         .init();
     let (mut count, mut bot, mut user) = (1usize, "elena".to_string(), "u1".to_string());
     let (mut prefix, mut point_id) = ("recap.stored".to_string(), None::<String>);
+    let mut by_user = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--by-user" {
+            by_user = true;
+            continue;
+        }
         let value = args.next().unwrap_or_default();
         match flag.as_str() {
             "--count" => count = value.parse().expect("--count takes a number"),
@@ -101,7 +134,9 @@ async fn main() {
             "--prefix" => prefix = value,
             "--point-id" => point_id = Some(value),
             other => {
-                panic!("unknown flag {other} (use --count, --bot, --user, --prefix, --point-id)")
+                panic!(
+                    "unknown flag {other} (use --count, --bot, --user, --prefix, --point-id, --by-user)"
+                )
             }
         }
     }
@@ -137,10 +172,19 @@ async fn main() {
             role: Some("user".into()),
             ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         };
-        acked += publish_stored(&js, &prefix, &event).await as usize;
+        acked += if by_user {
+            publish_stored_by_user(&js, &prefix, &event).await
+        } else {
+            publish_stored(&js, &prefix, &event).await
+        } as usize;
     }
+    let subject = if by_user {
+        format!("{prefix}.{bot}.{}", user_token(&user))
+    } else {
+        format!("{prefix}.{bot}")
+    };
     println!(
-        "{acked} of {count} events acknowledged on {prefix}.{bot} in {:.3}s",
+        "{acked} of {count} events acknowledged on {subject} in {:.3}s",
         started.elapsed().as_secs_f64()
     );
 }

@@ -117,6 +117,17 @@ async fn js(url: &str) -> async_nats::jetstream::Context {
 
 /// Reads every message of the namespace's stream through its consumer and checks each one against the contract.
 async fn read_stream(ns: &NatsNs, bot: &str, user: &str, n: usize) -> Vec<StoredEvent> {
+    read_stream_on(ns, &format!("{}.{bot}", ns.prefix), bot, user, n).await
+}
+
+/// [`read_stream`] for events published on `subject`.
+async fn read_stream_on(
+    ns: &NatsNs,
+    subject: &str,
+    bot: &str,
+    user: &str,
+    n: usize,
+) -> Vec<StoredEvent> {
     let js = js(&ns.url).await;
     let consumer = recap::source::nats::ensure_stream(&js, &ns.settings())
         .await
@@ -132,7 +143,7 @@ async fn read_stream(ns: &NatsNs, bot: &str, user: &str, n: usize) -> Vec<Stored
     while let Some(Ok(m)) = msgs.next().await {
         let e = StoredEvent::parse_on_subject(m.subject.as_str(), &m.payload)
             .unwrap_or_else(|err| panic!("event on {} rejected: {err}", m.subject));
-        assert_eq!(m.subject.as_str(), format!("{}.{bot}", ns.prefix));
+        assert_eq!(m.subject.as_str(), subject);
         assert_eq!((e.bot.as_str(), e.user_id.as_str()), (bot, user));
         let id = m
             .headers
@@ -204,6 +215,39 @@ async fn rust_example_publishes_events_that_land_in_the_stream() {
     eprintln!(
         "FIGURE rust example: {n} events published and acknowledged in {secs:.3}s wall (process included)"
     );
+    drop_stream(&ns).await;
+}
+
+/// `--by-user`: the Rust publisher's subject carries the user token recap computes (`event::user_token`), for an id
+/// that is no subject token too, and recap accepts the events.
+#[tokio::test]
+async fn rust_example_by_user_publishes_on_the_user_token_recap_computes() {
+    let ns = nats_ns();
+    ns.ensure().await;
+    let bot = format!("b{}", token());
+    let user = "user.7@example.com";
+    let subject = format!("{}.{bot}.{}", ns.prefix, recap::event::user_token(user));
+    assert!(subject.contains(".~"), "a hashed token: {subject}");
+    let (code, out, _, _) = run_rust(
+        &[
+            "--count",
+            "3",
+            "--bot",
+            &bot,
+            "--user",
+            user,
+            "--prefix",
+            &ns.prefix,
+            "--by-user",
+        ],
+        &ns.url,
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("3 of 3 events acknowledged on {subject}")),
+        "{out}"
+    );
+    assert_eq!(read_stream_on(&ns, &subject, &bot, user, 3).await.len(), 3);
     drop_stream(&ns).await;
 }
 
@@ -637,6 +681,44 @@ async fn ts_example_publishes_events_recap_accepts() {
     eprintln!(
         "FIGURE ts example: {n} events published and acknowledged in {secs:.3}s wall (node start included)"
     );
+    drop_stream(&ns).await;
+}
+
+/// `--by-user`: the TypeScript publisher's subject carries the user token recap computes (`event::user_token`), for an
+/// id that is no subject token too (FNV-1a 64 in BigInt), and recap accepts the events.
+#[tokio::test]
+async fn ts_example_by_user_publishes_on_the_user_token_recap_computes() {
+    let ns = nats_ns();
+    ns.ensure().await;
+    let bot = format!("t{}", token());
+    for user in ["123456789012345678", "user.7@example.com"] {
+        let subject = format!("{}.{bot}.{}", ns.prefix, recap::event::user_token(user));
+        let (url, prefix, b) = (ns.url.clone(), ns.prefix.clone(), bot.clone());
+        let (code, out, err, _) = tokio::task::spawn_blocking(move || {
+            run_ts(
+                &[
+                    "--count",
+                    "2",
+                    "--bot",
+                    &b,
+                    "--user",
+                    user,
+                    "--prefix",
+                    &prefix,
+                    "--by-user",
+                ],
+                &url,
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!("2 of 2 events acknowledged on {subject}")),
+            "{out}"
+        );
+        assert_eq!(read_stream_on(&ns, &subject, &bot, user, 2).await.len(), 2);
+    }
     drop_stream(&ns).await;
 }
 

@@ -7,7 +7,8 @@
 //   npm ci && npx tsc -p . && NATS_URL=nats://127.0.0.1:4222 node dist/publish.js --count 10 --bot elena --user u1
 //
 // Flags of the demo below: --count N, --bot B, --user U, --prefix P (default recap.stored), --point-id ID (the same id
-// for every event: JetStream keeps one, the others are acknowledged as duplicates).
+// for every event: JetStream keeps one, the others are acknowledged as duplicates), --by-user (publish on
+// `<prefix>.<bot>.<user token>`).
 
 import { randomUUID } from "node:crypto";
 import { pathToFileURL } from "node:url";
@@ -36,20 +37,38 @@ export interface StoredEvent {
 const BOT_TOKEN = /^[A-Za-z0-9_-]{1,100}$/;
 
 /**
- * Publishes recap's `stored` event for one point on `<prefix>.<bot>` with `Nats-Msg-Id` = the point id. Resolves to
- * true when JetStream acknowledged it (a duplicate counts: the event is stored). Errors are logged, never thrown.
+ * The subject token for a user (nats/README.md): the id itself when it is printable ASCII without `.`, `*` and `>`,
+ * else `~` and the 16 hex digits of its FNV-1a 64 hash.
+ */
+export function userToken(userId: string): string {
+  const bytes = new TextEncoder().encode(userId);
+  const plain =
+    bytes.length > 0 && bytes.every((b) => b >= 0x21 && b <= 0x7e && b !== 0x2e && b !== 0x2a && b !== 0x3e);
+  if (plain) return userId;
+  let h = 0xcbf29ce484222325n;
+  for (const b of bytes) h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  return `~${h.toString(16).padStart(16, "0")}`;
+}
+
+/**
+ * Publishes recap's `stored` event for one point on `<prefix>.<bot>` (with `byUser`, `<prefix>.<bot>.<user token>`:
+ * recap accepts either; this one lets it spread one bot's users over its ingest partitions) with `Nats-Msg-Id` = the
+ * point id. Resolves to true when JetStream acknowledged it (a duplicate counts: the event is stored). Errors are
+ * logged, never thrown.
  */
 export async function publishStored(
   js: JetStreamClient,
   event: StoredEvent,
   prefix = "recap.stored",
+  byUser = false,
 ): Promise<boolean> {
   if (!BOT_TOKEN.test(event.bot)) {
     console.warn(`recap event not published (${event.point_id}): bot must be 1-100 of [A-Za-z0-9_-]`);
     return false;
   }
   try {
-    await js.publish(`${prefix}.${event.bot}`, JSON.stringify(event), {
+    const subject = byUser ? `${prefix}.${event.bot}.${userToken(event.user_id)}` : `${prefix}.${event.bot}`;
+    await js.publish(subject, JSON.stringify(event), {
       msgID: event.point_id,
       timeout: PUBLISH_TIMEOUT_MS,
       retries: 0, // no stream ("no responders"): give up at once, recap's scan finds the point
@@ -69,16 +88,21 @@ async function main(): Promise<void> {
   let user = "u1";
   let prefix = "recap.stored";
   let pointId: string | undefined;
+  let byUser = false;
   const args = process.argv.slice(2);
-  for (let i = 0; i < args.length; i += 2) {
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === "--by-user") {
+      byUser = true;
+      continue;
+    }
     const value = args[i + 1] ?? "";
-    switch (args[i]) {
+    switch (args[i++]) {
       case "--count": count = Number.parseInt(value, 10); break;
       case "--bot": bot = value; break;
       case "--user": user = value; break;
       case "--prefix": prefix = value; break;
       case "--point-id": pointId = value; break;
-      default: throw new Error(`unknown flag ${args[i]} (use --count, --bot, --user, --prefix, --point-id)`);
+      default: throw new Error(`unknown flag ${args[i - 1]} (use --count, --bot, --user, --prefix, --point-id, --by-user)`);
     }
   }
   const url = process.env.NATS_URL ?? "nats://127.0.0.1:4222";
@@ -106,11 +130,12 @@ async function main(): Promise<void> {
       role: "user",
       ts: new Date().toISOString(),
     };
-    if (await publishStored(js, event, prefix)) acked++;
+    if (await publishStored(js, event, prefix, byUser)) acked++;
   }
   await nc.close();
   const secs = (performance.now() - started) / 1000;
-  console.log(`${acked} of ${count} events acknowledged on ${prefix}.${bot} in ${secs.toFixed(3)}s`);
+  const subject = byUser ? `${prefix}.${bot}.${userToken(user)}` : `${prefix}.${bot}`;
+  console.log(`${acked} of ${count} events acknowledged on ${subject} in ${secs.toFixed(3)}s`);
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
