@@ -256,3 +256,86 @@ async fn a_thousand_hostile_events_are_dead_lettered_and_the_stream_flows() {
         .unwrap();
     assert_eq!(tables as usize, expected.len());
 }
+
+/// A delivery that never reaches recap (a pull request dropped after a stream error, a reconnect): with `ack_policy`
+/// all, acknowledging a later message would acknowledge it unread. `NatsSource` sees the jump in delivery numbers,
+/// leaves the rest unacknowledged and starts the consumer again after the last message it handed out, so every event
+/// is handed out and none is acknowledged unread. (Here another client takes one delivery from the durable consumer
+/// and drops it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_delivery_is_read_again_not_acknowledged_unread() {
+    use futures::StreamExt;
+    use recap::source::Source;
+    let ns = nats_ns();
+    let js = ns.ensure().await;
+    let bot = format!("b{}", token());
+    let event = |i: usize| {
+        let e = recap::event::StoredEvent {
+            v: 1,
+            bot: bot.clone(),
+            collection: None,
+            point_id: format!("{}", 1000 + i),
+            user_id: "u".into(),
+            role: Some("user".into()),
+            ts: chrono::Utc::now(),
+        };
+        (e.subject(&ns.prefix), Some(e.point_id.clone()), e.to_body())
+    };
+    let mut settings = ns.settings();
+    settings.batch_size = 10;
+    let mut source = recap::source::nats::NatsSource::start(settings.clone())
+        .await
+        .unwrap();
+    let mut handed = std::collections::BTreeSet::new();
+    let take = async |source: &mut recap::source::nats::NatsSource,
+                          handed: &mut std::collections::BTreeSet<String>| {
+        let b = source.next_batch().await.unwrap();
+        handed.extend(b.messages.iter().map(|m| m.point_id.clone()));
+        source.seal();
+        source.commit().await.unwrap(); // as after the checkpoint
+    };
+    ns.publish_raw(&js, (1..=3).map(event).collect()).await;
+    while handed.len() < 3 {
+        take(&mut source, &mut handed).await;
+    }
+    // the pull stream goes (as on an error); another client takes event 4 from the consumer and drops it
+    source.drop_pull_stream();
+    ns.publish_raw(&js, vec![event(4)]).await;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&ns.stream)
+        .await
+        .unwrap()
+        .get_consumer(&ns.consumer)
+        .await
+        .unwrap();
+    let mut thief = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let stolen = thief.next().await.expect("a delivery").unwrap();
+    assert_eq!(stolen.info().unwrap().stream_sequence, 4);
+    drop(thief);
+    ns.publish_raw(&js, (5..=6).map(event).collect()).await;
+    let t0 = std::time::Instant::now();
+    while handed.len() < 6 && t0.elapsed() < Duration::from_secs(10) {
+        take(&mut source, &mut handed).await;
+    }
+    let want: std::collections::BTreeSet<String> =
+        (1..=6).map(|i| format!("{}", 1000 + i)).collect();
+    assert_eq!(handed, want, "every event handed out");
+    let info = consumer_info(&js, &ns).await;
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending),
+        (0, 0),
+        "all read and acknowledged"
+    );
+}
+
+async fn consumer_info(
+    js: &async_nats::jetstream::Context,
+    ns: &NatsNs,
+) -> async_nats::jetstream::consumer::Info {
+    js.get_stream(&ns.stream)
+        .await
+        .unwrap()
+        .consumer_info(&ns.consumer)
+        .await
+        .unwrap()
+}

@@ -381,6 +381,13 @@ pub struct NatsSource {
     /// A durable consumer (the ingest loop's), rewound to the stored position when ingest restores its state; a
     /// replay's ephemeral consumer is not.
     durable: bool,
+    /// The consumer sequence of the last message received from this consumer. Each delivery takes the next one, so
+    /// a jump means a delivery never reached this process (sent to a pull request the client dropped after an error
+    /// or lost in a reconnect): with `ack_policy` all, acknowledging anything after it would acknowledge it unread.
+    last_delivery: Option<u64>,
+    /// After such a jump: the stream sequence the consumer is recreated at before the next read (the first one not
+    /// handed out).
+    restart_at: Option<u64>,
     /// The pull stream: it keeps pull requests outstanding, so the next messages arrive while the current batch is
     /// being committed. Dropped on any error and opened again by the next call.
     stream: Option<jetstream::consumer::pull::Stream>,
@@ -401,6 +408,8 @@ impl NatsSource {
             sealed: std::collections::VecDeque::new(),
             max_seq: None,
             durable: true,
+            last_delivery: None,
+            restart_at: None,
             stream: None,
             wait: Duration::from_millis(500),
         }
@@ -471,18 +480,60 @@ impl NatsSource {
     pub fn set_wait(&mut self, wait: Duration) {
         self.wait = wait;
     }
+
+    /// Drops the pull stream, as an error does; the next call opens another (its deliveries may have been lost).
+    pub fn drop_pull_stream(&mut self) {
+        self.stream = None;
+    }
+
+    /// Deletes the durable consumer and creates it again, starting at stream sequence `next` (from the start when the
+    /// stream no longer reaches it). Deliveries are counted again from 1.
+    async fn recreate_consumer(&mut self, next: Option<u64>) -> Result<(), SourceError> {
+        self.stream = None;
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(&self.settings.stream).await.map_err(err)?;
+        let last = stream.info().await.map_err(err)?.state.last_sequence;
+        let mut config = consumer_config(&self.settings)?;
+        match next {
+            Some(next) if next > last + 1 => warn!(
+                next,
+                last,
+                "stored stream position is past the stream's end (stream recreated?); reading it from the start"
+            ),
+            Some(next) => {
+                config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                };
+            }
+            None => {}
+        }
+        match stream.delete_consumer(&self.settings.consumer_name()).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(err(e)),
+        }
+        self.consumer = stream.create_consumer(config).await.map_err(err)?;
+        self.last_delivery = None;
+        debug!(?next, "consumer recreated");
+        Ok(())
+    }
 }
 
 impl Source for NatsSource {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
         // Messages handed out before are still held (acknowledged together by the commit after the next checkpoint).
-        let held = self.in_flight.len();
+        if let Some(next) = self.restart_at {
+            self.recreate_consumer(Some(next)).await?;
+            self.restart_at = None;
+        }
         let mut batch = Batch::default();
         let max = self.settings.batch_size.max(1);
         let wait = self.wait;
         let mut last_seq = None;
         let mut pending = None;
         let mut failed = None;
+        let mut gap_at = None;
+        let mut got = 0usize;
         {
             let stream = self.stream().await?;
             // Wait (up to `wait`) for the first message; then, while the stream holds more (the last message's
@@ -523,10 +574,33 @@ impl Source for NatsSource {
                 }
             }
             for m in taken {
-                let (seq, pend) = m
+                let (seq, pend, delivery) = m
                     .info()
-                    .map(|i| (Some(i.stream_sequence), Some(i.pending)))
-                    .unwrap_or((None, None));
+                    .map(|i| {
+                        (
+                            Some(i.stream_sequence),
+                            Some(i.pending),
+                            Some(i.consumer_sequence),
+                        )
+                    })
+                    .unwrap_or((None, None, None));
+                if let (true, Some(d), Some(last), Some(max)) =
+                    (self.durable, delivery, self.last_delivery, self.max_seq)
+                    && d != last + 1
+                {
+                    // A delivery between these two never arrived: this message and the rest of the batch are left
+                    // unacknowledged, and the consumer starts again after the last message handed out.
+                    warn!(
+                        delivery = d,
+                        expected = last + 1,
+                        next = max + 1,
+                        "a delivery from the consumer was lost; reading again from the first message not handed out"
+                    );
+                    metrics::counter!("recap_consumer_restarts_total").increment(1);
+                    gap_at = Some(max + 1);
+                    break;
+                }
+                self.last_delivery = delivery.or(self.last_delivery);
                 pending = pend;
                 if let (Some(s), Some(max)) = (seq, self.max_seq)
                     && s <= max
@@ -534,22 +608,36 @@ impl Source for NatsSource {
                     // Redelivered while its first delivery waited for the checkpoint: applied already.
                     metrics::counter!("recap_events_redelivered_total").increment(1);
                     self.in_flight.push(m);
+                    got += 1;
                     continue;
                 }
                 last_seq = seq.or(last_seq);
                 self.max_seq = seq.max(self.max_seq);
                 accept(&mut batch, m.subject.as_str(), seq, &m.payload);
                 self.in_flight.push(m);
+                got += 1;
+            }
+        }
+        if let Some(next) = gap_at {
+            self.stream = None;
+            self.restart_at = Some(next);
+            // What was handed out before is applied and waits for its checkpoint; its acknowledgements would go to
+            // the recreated consumer (same name) and are not needed: the old one is gone.
+            self.in_flight.clear();
+            self.sealed.iter_mut().for_each(Vec::clear);
+            if let Err(e) = self.recreate_consumer(Some(next)).await {
+                debug!(error = %e, "consumer restart failed; tried again by the next call");
+            } else {
+                self.restart_at = None;
             }
         }
         if let Some(e) = failed {
             self.stream = None; // opened again by the next call
-            if self.in_flight.len() == held {
+            if got == 0 {
                 return Err(e);
             }
             tracing::debug!(error = %e, "pull stream failed after part of a batch; handing that part on");
         }
-        let got = self.in_flight.len() - held;
         metrics::counter!("recap_events_consumed_total").increment(got as u64);
         // Caught up means nothing left anywhere: no undelivered messages and none delivered (to us, still buffered
         // in the pull stream, or to a crashed process) and unacknowledged — those belong to windows still open.
@@ -616,6 +704,8 @@ impl Source for NatsSource {
         // would redeliver sooner, but during an outage that only spins; ack_wait is the back-off.
         self.in_flight.clear();
         self.max_seq = None;
+        self.last_delivery = None;
+        self.restart_at = None;
         // No pull request may stay outstanding: a replica that stopped leading this consumer would otherwise keep
         // taking its messages from the one that leads it now.
         self.stream = None;
@@ -626,6 +716,7 @@ impl Source for NatsSource {
         self.in_flight.clear();
         self.max_seq = None;
         self.stream = None;
+        self.restart_at = None;
         if !self.durable {
             return Ok(());
         }
@@ -635,30 +726,7 @@ impl Source for NatsSource {
         // The consumer may have delivered past the stored position (to this process before a failed checkpoint, to
         // a crashed replica) and would redeliver that only after ack_wait, behind newer messages: recreate it at the
         // position, so the stream comes again in order from there.
-        let js = jetstream::new(self.client.clone());
-        let mut stream = js.get_stream(&self.settings.stream).await.map_err(err)?;
-        let last = stream.info().await.map_err(err)?.state.last_sequence;
-        let mut config = consumer_config(&self.settings)?;
-        let next = position as u64 + 1;
-        if next > last + 1 {
-            warn!(
-                position,
-                last,
-                "stored stream position is past the stream's end (stream recreated?); reading it from the start"
-            );
-        } else {
-            config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: next,
-            };
-        }
-        match stream.delete_consumer(&self.settings.consumer_name()).await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => return Err(err(e)),
-        }
-        self.consumer = stream.create_consumer(config).await.map_err(err)?;
-        debug!(next, "consumer rewound to the stored position");
-        Ok(())
+        self.recreate_consumer(Some(position as u64 + 1)).await
     }
 }
 
