@@ -288,7 +288,7 @@ async fn a_lost_delivery_is_read_again_not_acknowledged_unread() {
         .unwrap();
     let mut handed = std::collections::BTreeSet::new();
     let take = async |source: &mut recap::source::nats::NatsSource,
-                          handed: &mut std::collections::BTreeSet<String>| {
+                      handed: &mut std::collections::BTreeSet<String>| {
         let b = source.next_batch().await.unwrap();
         handed.extend(b.messages.iter().map(|m| m.point_id.clone()));
         source.seal();
