@@ -33,8 +33,8 @@ use sqlx::postgres::PgPoolOptions;
 
 mod common;
 use common::{
-    BOTS, Columns, MIN, Rng, create_collection, drop_db, embed, emit, env, env_usize, fresh_db,
-    summary, token, upsert, we_point,
+    BOTS, Columns, MIN, Rng, TOPICS, create_collection, drop_db, embed, emit, env, env_usize,
+    fresh_db, summary, token, upsert, we_point,
 };
 
 const SUMMARY: Columns = Columns {
@@ -43,14 +43,6 @@ const SUMMARY: Columns = Columns {
     decimals: 2,
 };
 
-const USER_TEXTS: &[&str] = &[
-    "I have been learning to play the guitar every evening after work",
-    "my sister is visiting next weekend and we plan a hiking trip in the mountains",
-    "the new job at the bakery starts on monday and I am nervous about it",
-    "I adopted a small grey kitten called Pepper from the shelter",
-    "we talked about marine biology and the coral reefs near the coast",
-    "training for the marathon is going well, my knee feels better",
-];
 const BOT_TEXTS: &[&str] = &[
     "That sounds wonderful, tell me more about how it is going",
     "What a lovely plan, which trail are you thinking of taking",
@@ -91,9 +83,9 @@ fn history(bot_ix: usize, shape: &Shape, now: i64, seed: u64) -> Vec<PointStruct
                 + (u % 97) as i64 * 5 * MIN
                 + bot_ix as i64 * 3 * MIN;
             for m in 0..shape.messages {
-                let k = (u + s + m / 2) % USER_TEXTS.len();
+                let k = (u + s + m / 2) % TOPICS.len();
                 let (role, text) = if m % 2 == 0 {
-                    ("user", format!("{} ({user} #{s}.{m})", USER_TEXTS[k]))
+                    ("user", format!("{} ({user} #{s}.{m})", TOPICS[k]))
                 } else {
                     ("assistant", format!("{} (#{s}.{m})", BOT_TEXTS[k]))
                 };

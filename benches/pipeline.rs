@@ -37,8 +37,8 @@ use recap::tracker::ClosedWindow;
 
 mod common;
 use common::{
-    Columns, MIN, create_collection, drop_db, embed, emit, env, env_usize, fresh_db, summary,
-    token, upsert, we_point,
+    Columns, MIN, TOPICS, create_collection, drop_db, embed, emit, env, env_usize, fresh_db,
+    summary, token, upsert, we_point,
 };
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -60,14 +60,6 @@ const SUMMARY: Columns = Columns {
 
 const T0: i64 = 1_763_640_000_000; // 2025-11-20T12:00:00Z: in the past
 
-const TOPICS: &[&str] = &[
-    "I have been learning to play the guitar every evening after work",
-    "my sister is visiting next weekend and we plan a hiking trip in the mountains",
-    "the new job at the bakery starts on monday and I am nervous about it",
-    "I adopted a small grey kitten called Pepper from the shelter",
-    "we talked about marine biology and the coral reefs near the coast",
-    "training for the marathon is going well, my knee feels better",
-];
 const EMOTIONS: &[&str] = &[
     "joy",
     "neutral",

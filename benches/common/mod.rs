@@ -76,6 +76,16 @@ pub fn token() -> String {
 
 pub const MIN: i64 = 60_000;
 
+/// What the benches' users talk about (one topic a session).
+pub const TOPICS: &[&str] = &[
+    "I have been learning to play the guitar every evening after work",
+    "my sister is visiting next weekend and we plan a hiking trip in the mountains",
+    "the new job at the bakery starts on monday and I am nervous about it",
+    "I adopted a small grey kitten called Pepper from the shelter",
+    "we talked about marine biology and the coral reefs near the coast",
+    "training for the marathon is going well, my knee feels better",
+];
+
 pub const BOTS: &[&str] = &[
     "elena", "marcus", "jake", "ryan", "gabriel", "sophia", "dream", "aethys",
 ];

@@ -132,6 +132,21 @@ pub struct SummaryRef {
     pub summary_type: String,
 }
 
+impl SummaryRef {
+    /// From a row whose columns 1-7 are `ROW_COLUMNS` (column 0 is the window id).
+    fn from_row(row: &sqlx::postgres::PgRow) -> SummaryRef {
+        SummaryRef {
+            id: row.get(1),
+            bot: row.get(2),
+            user_id: row.get(3),
+            start: row.get(4),
+            end: row.get(5),
+            revision: row.get(6),
+            summary_type: row.get(7),
+        }
+    }
+}
+
 /// The point id of a summary's vector: a UUID derived from (bot, user, row id), so databases sharing one Qdrant
 /// (staging and production, tests) never overwrite each other's points. The row id is in the payload.
 pub fn point_id(bot: &str, user_id: &str, summary_id: i32) -> String {
@@ -225,15 +240,7 @@ pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]
             .iter()
             .filter_map(|row| {
                 let window: i64 = row.get(0);
-                let r = SummaryRef {
-                    id: row.get(1),
-                    bot: row.get(2),
-                    user_id: row.get(3),
-                    start: row.get(4),
-                    end: row.get(5),
-                    revision: row.get(6),
-                    summary_type: row.get(7),
-                };
+                let r = SummaryRef::from_row(row);
                 vectors.get(&window).map(|v| (r, v.to_vec()))
             })
             .collect();
@@ -323,15 +330,7 @@ pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
     let mut written = 0;
     for row in rows {
         let window_id: i64 = row.get(0);
-        let r = SummaryRef {
-            id: row.get(1),
-            bot: row.get(2),
-            user_id: row.get(3),
-            start: row.get(4),
-            end: row.get(5),
-            revision: row.get(6),
-            summary_type: row.get(7),
-        };
+        let r = SummaryRef::from_row(&row);
         let ids = ctx.store.window_points(window_id).await?;
         let bot_for = |c: &str| ctx.cfg.bot_for_collection(c);
         let fetched = match ctx.points.collections_for(&r.bot, &bot_for).await {

@@ -366,8 +366,8 @@ impl Store {
                     counts,
                     max_attempts,
                 } => {
-                    let attempts = w.attempts + i32::from(*counts);
-                    let dead = *counts && attempts >= *max_attempts;
+                    let (attempts, dead) =
+                        super::windows::next_attempt(w.attempts, *counts, *max_attempts);
                     let error = truncate(&error.replace('\0', ""), 2000).to_string();
                     Some((*at, w.id, dead, attempts, error, delay.as_millis() as f64))
                 }

@@ -226,8 +226,7 @@ impl Store {
                 counts,
                 max_attempts,
             } => {
-                let attempts = w.attempts + i32::from(*counts);
-                let dead = *counts && attempts >= *max_attempts;
+                let (attempts, dead) = next_attempt(w.attempts, *counts, *max_attempts);
                 sqlx::query(
                     "UPDATE recap_windows SET state = $2, attempts = $3, last_error = $4,
                         not_before = now() + $5 * interval '1 millisecond', lease_owner = NULL, lease_until = NULL,
@@ -359,3 +358,9 @@ const UPSERT_SUMMARY_SQL: &str = concat!(
     "
      RETURNING id"
 );
+
+/// A window's attempts after a failed one (`counts`: it counts against `max_attempts`), and whether it is now dead.
+pub(super) fn next_attempt(attempts: i32, counts: bool, max_attempts: i32) -> (i32, bool) {
+    let attempts = attempts + i32::from(counts);
+    (attempts, counts && attempts >= max_attempts)
+}
