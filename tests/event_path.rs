@@ -260,8 +260,8 @@ async fn a_thousand_hostile_events_are_dead_lettered_and_the_stream_flows() {
 /// A delivery that never reaches recap (a pull request dropped after a stream error, a reconnect): with `ack_policy`
 /// all, acknowledging a later message would acknowledge it unread. `NatsSource` sees the jump in delivery numbers,
 /// leaves the rest unacknowledged and starts the consumer again after the last message it handed out, so every event
-/// is handed out and none is acknowledged unread. (Here another client takes one delivery from the durable consumer
-/// and drops it.)
+/// is handed out and none is acknowledged unread. (Here the pull stream is dropped and another client takes one
+/// delivery from the durable consumer and drops it.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_delivery_is_read_again_not_acknowledged_unread() {
     use futures::StreamExt;
@@ -309,8 +309,11 @@ async fn a_lost_delivery_is_read_again_not_acknowledged_unread() {
         .await
         .unwrap();
     let mut thief = consumer.fetch().max_messages(1).messages().await.unwrap();
-    let stolen = thief.next().await.expect("a delivery").unwrap();
-    assert_eq!(stolen.info().unwrap().stream_sequence, 4);
+    // Event 4 goes to the thief, or (when the server still holds the dropped stream's pull request) into that
+    // request's inbox: either way a delivery recap never receives.
+    if let Some(Ok(stolen)) = thief.next().await {
+        assert_eq!(stolen.info().unwrap().stream_sequence, 4);
+    }
     drop(thief);
     ns.publish_raw(&js, (5..=6).map(event).collect()).await;
     let t0 = std::time::Instant::now();
