@@ -26,6 +26,7 @@ pub const USER_TABLES: &[&str] = &[
     "recap_open_windows",
     "recap_windows",
     "recap_rollups",
+    "recap_running_summaries",
 ];
 
 /// One summary as recall returns it.
