@@ -1,6 +1,8 @@
 //! Qdrant conformance from Rust: the operations recap uses, through `qdrant-client` 1.20 against QDRANT_URL.
 //! The same test must pass against the repo's test server and against a real Qdrant (set QDRANT_URL to its gRPC
-//! port), so it asserts only what Qdrant itself guarantees.
+//! port), so it asserts only what Qdrant itself guarantees. When QDRANT_URL is the real server (scripts/services
+//! starts it from ../shared/tools/qdrant where that exists: `RECAP_QDRANT_KIND=real`), the test server is started
+//! here as well and checked the same way, so it stays honest for the clones that run without the real one.
 
 mod common;
 
@@ -85,9 +87,26 @@ async fn count(q: &Qdrant, coll: &str, filter: Option<Filter>) -> u64 {
 
 #[tokio::test]
 async fn qdrant_answers_like_qdrant() {
-    let q = qdrant().await;
+    conformance_at(env("QDRANT_URL")).await;
+}
+
+/// The repo's Qdrant-compatible test server (testsupport/qdrant_server.py), checked against the same assertions
+/// the real server passes. Runs when QDRANT_URL is the real Qdrant; with the test server as QDRANT_URL the test
+/// above already checks it.
+#[tokio::test]
+async fn the_test_server_answers_like_qdrant() {
+    if std::env::var("RECAP_QDRANT_KIND").as_deref() != Ok("real") {
+        eprintln!("QDRANT_URL is the test server: qdrant_answers_like_qdrant checks it");
+        return;
+    }
+    let server = PyServer::start("testsupport/qdrant_server.py");
+    conformance_at(server.base.clone()).await;
+}
+
+async fn conformance_at(url: String) {
+    let q = Qdrant::from_url(&url).build().expect("qdrant client");
     let name = format!("conformance_rs_{}", token());
-    let body = tokio::spawn(conformance(name.clone()));
+    let body = tokio::spawn(conformance(url, name.clone()));
     let outcome = body.await;
     // Clean up whatever happened, then report.
     let _ = q.delete_collection(&name).await;
@@ -100,8 +119,8 @@ async fn qdrant_answers_like_qdrant() {
     );
 }
 
-async fn conformance(name: String) {
-    let q = qdrant().await;
+async fn conformance(url: String, name: String) {
+    let q = Qdrant::from_url(&url).build().expect("qdrant client");
 
     // ---- create: 3 named 384-d cosine vectors, keyword index on user_id, float index on timestamp_unix
     assert!(!q.collection_exists(&name).await.expect("exists"));

@@ -814,11 +814,24 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
         .await
         .unwrap();
     assert!(built.written > 0, "no rollup built: {built:?}");
-    // an open window of the user to forget, as an ingest checkpoint stores it, so that forget has open state to delete
+    // an open window of the user to forget, as an ingest checkpoint stores it, and its running summary (both users
+    // have one), so that forget has open state to delete
     for u in [&a] {
         sqlx::query(
             "INSERT INTO recap_open_windows (bot_name, user_id, point_ids, point_ts)
              VALUES ($1, $2, ARRAY[gen_random_uuid()::text], ARRAY[now()])",
+        )
+        .bind(&f.bot)
+        .bind(u)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    }
+    for u in [&a, &b] {
+        sqlx::query(
+            "INSERT INTO recap_running_summaries
+                 (bot_name, user_id, window_start, point_ids, covers_until, message_count, summary, key_topics)
+             VALUES ($1, $2, now(), ARRAY[gen_random_uuid()::text], now(), 1, 'a running summary', ARRAY['topic'])",
         )
         .bind(&f.bot)
         .bind(u)

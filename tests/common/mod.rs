@@ -490,30 +490,53 @@ pub struct LlmServer {
     pub base: String,
 }
 
+/// One of the repo's Python test servers (`script` relative to the repo) on a free port, for one test: it prints
+/// `READY port=N` once it serves. Killed on drop.
+pub struct PyServer {
+    child: Child,
+    pub base: String,
+}
+
+impl PyServer {
+    pub fn start(script: &str) -> PyServer {
+        let (child, base) = start_py_server(script);
+        PyServer { child, base }
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_py_server(script: &str) -> (Child, String) {
+    use std::io::BufRead;
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let mut child = Command::new("python3")
+        .arg(format!("{repo}/{script}"))
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {script}: {e}"));
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("READY line");
+    let port = line
+        .trim()
+        .strip_prefix("READY port=")
+        .unwrap_or_else(|| panic!("{script} printed {line:?}, not READY port=N"))
+        .to_string();
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
 impl LlmServer {
     pub fn start() -> LlmServer {
-        use std::io::BufRead;
-        let repo = env!("CARGO_MANIFEST_DIR");
-        let mut child = Command::new("python3")
-            .arg(format!("{repo}/testsupport/llm_server.py"))
-            .args(["--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the LLM test server");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("READY line");
-        let port = line
-            .trim()
-            .strip_prefix("READY port=")
-            .expect("READY port=N")
-            .to_string();
-        LlmServer {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        }
+        let (child, base) = start_py_server("testsupport/llm_server.py");
+        LlmServer { child, base }
     }
 
     pub fn api_base(&self) -> String {
