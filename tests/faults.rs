@@ -1769,7 +1769,8 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
         hostile.push(("odd_point_id", Some(ts), (subject.clone(), id("odd"), body)));
     }
     // points that exist but lack fields: 200 users x 5 points (a window of 5 messages each)
-    let kinds = ["no_content", "no_user", "no_timestamp", "nan_timestamp"];
+    // (a real Qdrant refuses a NaN in a payload, so the unusable number is a string there and everywhere)
+    let kinds = ["no_content", "no_user", "no_timestamp", "text_timestamp"];
     let mut nofield_points = Vec::new();
     for u in 0..200i64 {
         let user = format!("nofield-{u}");
@@ -1789,7 +1790,7 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
             }
             match kind {
                 "no_timestamp" => {}
-                "nan_timestamp" => payload.push(("timestamp_unix", f64::NAN.into())),
+                "text_timestamp" => payload.push(("timestamp_unix", "NaN".into())),
                 _ => payload.push(("timestamp_unix", (ts as f64 / 1000.0).into())),
             }
             nofield_points.push(raw_point(&pid, &payload, &pid));
