@@ -131,6 +131,7 @@ async fn summarize_prepared(
             text_chars,
             span,
             centroid: crate::recall::vectors::centroid(&input.messages),
+            words: crate::sink::words::said(&input.messages),
         },
         Err(SummarizeError::Empty) => WindowOutcome::TooShort { message_count },
         Err(SummarizeError::Unavailable(e)) => {

@@ -21,6 +21,7 @@ use crate::sink::{Store, StoreError};
 /// Every table holding per-(bot, user) state, each with `bot_name` and `user_id` columns: forgetting a user deletes
 /// their rows from all of them in one transaction. Add a table here when it holds user state.
 pub const USER_TABLES: &[&str] = &[
+    "recap_window_words",
     "conversation_summaries",
     "recap_summary_vectors",
     "recap_open_windows",
@@ -160,7 +161,29 @@ pub fn text_query(text: &str) -> Option<String> {
     (!words.is_empty()).then(|| words.join(" | "))
 }
 
-/// Full-text search over a (bot, user)'s summary text and topics, best first.
+/// The SQL of [`text_search`] (also used to show its plan): `$1` bot, `$2` user, `$3` limit, `$4` the tsquery
+/// ([`text_query`]), then the range.
+///
+/// A row matches when its summary (`recap_summary_tsv`: topics and text) or the words said in its window
+/// (`recap_window_words`) match. Summary matches rank first, scored `1 + ts_rank_cd` over the summary (above 1);
+/// rows found only by their said words follow, scored `r / (1 + r)` with `r = ts_rank` over the words (below 1:
+/// the said words are stripped of positions, so the cover density of `ts_rank_cd` does not apply to them). Ties: the
+/// newest first.
+pub fn text_search_sql() -> String {
+    format!(
+        "SELECT {ITEM_COLUMNS}, (CASE WHEN t.tsv @@ q THEN 1 + ts_rank_cd(t.tsv, q)
+                 ELSE ts_rank(w.said, q) / (1 + ts_rank(w.said, q)) END)::float8 AS rank
+         FROM conversation_summaries s CROSS JOIN to_tsquery('english', $4) q
+         CROSS JOIN LATERAL (SELECT recap_summary_tsv(s.summary_text, s.key_topics) AS tsv) t
+         LEFT JOIN LATERAL (SELECT ww.words AS said FROM recap_window_words ww WHERE ww.summary_id = s.id) w ON true
+         WHERE s.bot_name = $1 AND s.user_id = $2 AND (t.tsv @@ q OR coalesce(w.said @@ q, false)) {}
+         ORDER BY rank DESC, start_timestamp DESC LIMIT $3",
+        range_sql(5)
+    )
+}
+
+/// Full-text search over a (bot, user)'s summaries and the words said in their windows, best first (summary
+/// matches before said-word-only matches, see [`text_search_sql`]). The one text ranking of the recall API.
 pub async fn text_search(
     store: &Store,
     bot: &str,
@@ -169,13 +192,7 @@ pub async fn text_search(
     range: &Range,
     limit: i64,
 ) -> Result<Vec<SummaryItem>, StoreError> {
-    let sql = format!(
-        "SELECT {ITEM_COLUMNS}, ts_rank_cd(recap_summary_tsv(summary_text, key_topics), q)::float8 AS rank \
-         FROM conversation_summaries, to_tsquery('english', $4) q \
-         WHERE bot_name = $1 AND user_id = $2 AND recap_summary_tsv(summary_text, key_topics) @@ q {} \
-         ORDER BY rank DESC, start_timestamp DESC LIMIT $3",
-        range_sql(5)
-    );
+    let sql = text_search_sql();
     let q = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(bot)
         .bind(user_id)

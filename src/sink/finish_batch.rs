@@ -314,6 +314,12 @@ impl Store {
                 "a summary row was not written or not found",
             ));
         }
+        super::words::write(
+            &mut tx,
+            live.iter()
+                .map(|(at, w, o)| (summary_ids.get(at).copied(), *w, *o)),
+        )
+        .await?;
         // The windows' new states: done, too_short, retry or dead.
         let done: Vec<&SummaryRow> = rows.iter().collect();
         if !done.is_empty() {

@@ -11,12 +11,14 @@
 //!
 //! Files: `mod.rs` the shared types, errors and the connection (pool, migrations); `ingest.rs` the leader lease, the
 //! tracker state and [`IngestTx`]; `windows.rs` claiming, leases and [`Store::finish_window`]; `finish_batch.rs`
-//! [`Store::finish_windows`]; `status.rs` what `status`, `retry` and `resummarize` read and change.
+//! [`Store::finish_windows`]; `status.rs` what `status`, `retry` and `resummarize` read and change; `words.rs` the
+//! words said in a window, stored with its row for text search.
 
 mod finish_batch;
 mod ingest;
 mod status;
 mod windows;
+pub mod words;
 
 pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
 
@@ -133,6 +135,8 @@ pub struct ClaimedWindow {
 }
 
 /// What a worker did with a claimed window.
+// One value per window in flight, built once and moved to the finish: boxing the large variant saves nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum WindowOutcome {
     Summarized {
@@ -148,6 +152,8 @@ pub enum WindowOutcome {
         span: (Millis, Millis),
         /// The window's summary vector (normalized centroid of its `content` vectors), see `recall::vectors`.
         centroid: Option<Vec<f32>>,
+        /// The words said in the window ([`words::said`]), stored with the row for text search.
+        words: String,
     },
     TooShort {
         message_count: i32,

@@ -195,6 +195,7 @@ impl Store {
                     &coverage,
                 )
                 .await?;
+                super::words::write(&mut tx, [(Some(summary_id), w, outcome)]).await?;
                 sqlx::query(
                     "UPDATE recap_windows SET state = 'done', revision = $2, summary_id = $3, coverage = $4, attempts = 0,
                         message_count = $5, lease_owner = NULL, lease_until = NULL, last_error = NULL, updated_at = now()
