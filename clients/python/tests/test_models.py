@@ -77,7 +77,7 @@ def test_context_from_the_issue_shape() -> None:
             },
             "messages": [
                 {"role": "user", "text": "and the weather?", "ts": "2026-12-07T10:41:00Z", "point_id": "p-1"},
-                {"role": "assistant", "text": "sunny", "ts": "2026-12-07T10:41:05Z", "point_id": 7, "new": 1},
+                {"role": "assistant", "text": "sunny", "ts": "2026-12-07T10:41:05Z", "point_id": "7", "new": 1},
             ],
         },
         "earlier": [_item(2, future_field="ignored"), _item(1)],
@@ -91,7 +91,7 @@ def test_context_from_the_issue_shape() -> None:
     )
     assert c.conversation.messages == [
         Message("user", "and the weather?", datetime(2026, 12, 7, 10, 41, tzinfo=UTC), "p-1"),
-        Message("assistant", "sunny", datetime(2026, 12, 7, 10, 41, 5, tzinfo=UTC), 7),
+        Message("assistant", "sunny", datetime(2026, 12, 7, 10, 41, 5, tzinfo=UTC), "7"),
     ]
     assert [s.id for s in c.earlier] == [2, 1] and all(isinstance(s, Summary) for s in c.earlier)
 

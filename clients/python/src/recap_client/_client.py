@@ -314,9 +314,9 @@ class Recap:
         *,
         timeout: Optional[float] = None,
     ) -> Context:
-        """What to put in the prompt, within `max_tokens` (at least 64; recap's default when None): the running
-        conversation (its summary so far plus the rest verbatim) and recaps of earlier ones (with `query`, the most
-        relevant to it first)."""
+        """What to put in the prompt, within `max_tokens` (at least 64; None: recap's default, 2000): the user's
+        current conversation (its summary so far plus the rest verbatim, or with none open the last one's summary)
+        and recaps of earlier ones (newest first; with `query`, the most relevant to it first)."""
         return self._run(_context(bot, user_id, max_tokens, query), timeout)
 
     def forget(self, bot: str, user_id: str, *, timeout: Optional[float] = None) -> Forgotten:

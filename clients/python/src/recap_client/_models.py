@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = [
     "Summary",
@@ -113,23 +113,23 @@ class ConversationSummary:
 
 @dataclass(frozen=True)
 class Message:
-    """One message verbatim: `role` (`user`, `assistant`, ...), `text`, its stored time `ts`, its Qdrant `point_id`.
-    `truncated` is true only for a latest message that alone exceeded the budget and was cut."""
+    """One message verbatim: `role` (`user`, `assistant`, ...), `text`, its stored time `ts`, its Qdrant `point_id`
+    (a UUID or an unsigned integer, as text). `truncated` is true only for a latest message that alone exceeded the
+    budget and was cut."""
 
     role: str
     text: str
     ts: datetime
-    point_id: Union[str, int]
+    point_id: str
     truncated: bool = False
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Message":
-        pid = d["point_id"]
         return cls(
             role=str(d["role"]),
             text=str(d["text"]),
             ts=parse_time(d["ts"]),
-            point_id=pid if isinstance(pid, int) and not isinstance(pid, bool) else str(pid),
+            point_id=str(d["point_id"]),
             truncated=bool(d.get("truncated", False)),
         )
 
