@@ -4,6 +4,8 @@ answer within the call's timeout, a cancelled call, an answer that is not the AP
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from typing import Callable, List, Tuple
 
@@ -177,3 +179,49 @@ def test_bad_base_url_is_refused() -> None:
         with pytest.raises(RecapInputError) as e:
             Recap(bad)
         assert e.value.field == "base_url"
+
+
+def _slow_server(head_after: float, body_after: float) -> Tuple[str, threading.Thread]:
+    """A server that answers one request: headers after `head_after` s, the 2-byte body `body_after` s later."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            conn.recv(65536)
+            time.sleep(head_after)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n")
+            time.sleep(body_after)
+            try:
+                conn.sendall(b"{}")
+            except OSError:
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", t
+
+
+def test_slow_steps_add_up_to_one_timeout() -> None:
+    """Headers after 0.8 s and the body 0.8 s later: each step is within the 1 s timeout, the call is not (per-step
+    timeouts would end it at 1.6 s)."""
+    url, t = _slow_server(0.8, 0.8)
+    with Recap(url, timeout=1.0) as r:
+        start = time.monotonic()
+        with pytest.raises(RecapTimeout):
+            r.forget("b", "u")
+        assert time.monotonic() - start < 1.4
+    t.join(2)
+
+    async def run() -> None:
+        url, t = _slow_server(0.8, 0.8)
+        async with AsyncRecap(url, timeout=1.0) as a:
+            start = time.monotonic()
+            with pytest.raises(RecapTimeout):
+                await a.forget("b", "u")
+            assert time.monotonic() - start < 1.4
+        t.join(2)
+
+    asyncio.run(run())

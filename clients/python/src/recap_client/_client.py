@@ -206,6 +206,24 @@ def _closed(call: _Call[Any]) -> RecapError:
     return RecapTransportError(f"{call.method} {call.path}: the client is closed")
 
 
+def _deadline_extensions(deadline: float, budget: float) -> Dict[str, Any]:
+    """httpx request extensions that hold a sync call to one deadline.
+
+    httpx's timeouts are per step (connect, write, each read). httpcore reads them from the request's `timeout`
+    extension when each step starts, right after announcing the step to the `trace` extension; the trace callback
+    sets them to what is left of the budget then. So each step waits at most until the deadline (a body that
+    arrives in many chunks is checked against the deadline after each one)."""
+    limits: Dict[str, Optional[float]] = {"connect": budget, "read": budget, "write": budget, "pool": budget}
+
+    def trace(event: str, info: Mapping[str, Any]) -> None:
+        if event.endswith(".started"):
+            left = max(deadline - time.monotonic(), 0.001)
+            for k in limits:
+                limits[k] = left
+
+    return {"timeout": limits, "trace": trace}
+
+
 def _check_timeout(timeout: float) -> float:
     if not timeout > 0 or not math.isfinite(timeout):
         raise RecapInputError(f"timeout must be a positive number of seconds, not {timeout!r}", field="timeout")
@@ -259,7 +277,7 @@ class Recap:
                 params=call.params,
                 json=call.body,
                 headers=self._headers,
-                timeout=httpx.Timeout(budget),
+                extensions=_deadline_extensions(deadline, budget),
             ) as resp:
                 chunks = []
                 for chunk in resp.iter_bytes():
