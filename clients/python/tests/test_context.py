@@ -19,6 +19,7 @@ from recap_client import (
     Recap,
     RecapAPIError,
     RecapAuthError,
+    RecapError,
     Summary,
 )
 
@@ -120,3 +121,31 @@ def test_async_context(r: Recap, live: Live) -> None:
             assert closed.conversation is not None and not closed.conversation.open
 
     asyncio.run(run())
+
+
+def test_the_readme_prompt_lines(r: Recap, live: Live) -> None:
+    """The ~20 lines of README.md ("Python client: a bot's prompt from context()"), as written there."""
+    recap = r
+
+    def memory_for_prompt(bot: str, user_id: str, message: str) -> str:
+        """What recap knows of this user in at most 800 tokens: this conversation so far, then earlier ones."""
+        try:
+            ctx = recap.context(bot, user_id, max_tokens=800, query=message)
+        except RecapError:
+            return ""  # memory is an extra: never fail the reply for it
+        parts = [f"- {s.start:%Y-%m-%d}: {s.text}" for s in reversed(ctx.earlier)]
+        parts = ["Earlier conversations:", *parts] if parts else []
+        conv = ctx.conversation
+        if conv is not None and conv.summary is not None:
+            when = "This conversation so far" if conv.open else f"Our last conversation ({conv.start:%Y-%m-%d})"
+            parts.append(f"{when}: {conv.summary.text}")
+        if conv is not None and conv.messages:  # verbatim, oldest first; replaces the bot's own recent-history query
+            parts += ["Latest messages:", *(f"{m.role}: {m.text}" for m in conv.messages)]
+        return "\n".join(parts)
+
+    talking = memory_for_prompt(live.bot, live.open_user, "which bags?")
+    assert talking.startswith("Latest messages:") and talking.endswith(live.open_texts[-1]), talking
+    known = memory_for_prompt(live.bot, live.user, f"my {live.topic}")
+    assert "Earlier conversations:" in known and "Our last conversation (" in known, known
+    assert memory_for_prompt("no-such-bot", live.user, "hi") == ""  # a 404 is a RecapError too
+    assert memory_for_prompt(live.bot, "", "hi") == ""
