@@ -7,6 +7,7 @@
 //! * This module: the SQL (recall by time, full-text search, forget) and reciprocal rank fusion.
 
 pub mod api;
+pub mod context;
 pub mod timerange;
 pub mod vectors;
 
