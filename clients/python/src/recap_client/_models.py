@@ -160,8 +160,8 @@ class Conversation:
 class Context:
     """What a bot puts in its prompt, under `max_tokens` (`GET /v1/context`): the current `conversation` (None when
     recap holds no history of the user), and recaps of `earlier` conversations (newest first, or the most relevant
-    first with `query=`). `tokens` is recap's estimate of the whole; `omitted` counts the oldest verbatim messages the
-    budget dropped."""
+    first with `query=`). `tokens` is recap's estimate of the whole; `omitted` counts the messages the budget dropped
+    (the oldest verbatim ones, and the running summary's `message_count` if it was dropped too)."""
 
     bot: str
     user_id: str
