@@ -334,12 +334,14 @@ async fn python_client_from_a_fresh_virtualenv_against_a_live_recap() {
         "pip install of clients/python",
         hint,
     );
-    // the installed package (not the source tree) and the tests, as a user's mypy sees them
+    // the installed package (not the source tree) and the tests, as a user's mypy sees them (its cache, of the
+    // dependencies' stubs mostly, lives in the virtualenv)
     for target in [["-p", "recap_client"], ["--", "tests"]] {
         let typed = run(
             Command::new(&py)
                 .current_dir(&copy)
-                .args(["-m", "mypy", "--strict", "--no-incremental"])
+                .args(["-m", "mypy", "--strict", "--cache-dir"])
+                .arg(py.parent().unwrap().parent().unwrap().join("mypy-cache"))
                 .args(target),
             "mypy --strict",
             hint,
