@@ -225,3 +225,25 @@ def test_slow_steps_add_up_to_one_timeout() -> None:
         t.join(2)
 
     asyncio.run(run())
+
+
+def test_arguments_that_cannot_be_sent(stub: Stub) -> None:
+    with Recap(stub.url) as r:
+        calls: List[Callable[[], object]] = [
+            lambda: r.recall("b", "\ud800"),
+            lambda: r.forget("b", "\ud800"),
+            lambda: r.context("\udfff", "u"),
+        ]
+        for call in calls:
+            with pytest.raises(RecapInputError):
+                call()
+        stub.body = b'{"items": [[1, 2]]}'
+        with pytest.raises(RecapResponseError):
+            r.recall("b", "u")
+        stub.body = b'{"deleted": [1]}'
+        with pytest.raises(RecapResponseError):
+            r.forget("b", "u")
+    with pytest.raises(RecapInputError) as e:
+        Recap(stub.url, token="t\u00e9st\n")
+    assert e.value.field == "token" and "t\u00e9st" not in str(e.value)
+    assert stub.requests == 2

@@ -59,7 +59,7 @@ class SupportsToList(Protocol):
 
 
 Vector = Union[Sequence[SupportsFloat], SupportsToList]
-"""An embedding: a sequence of numbers (floats, numpy scalars ...), or a 1-d array with `tolist()` (numpy, torch, ...)."""
+"""An embedding: a sequence of numbers (floats, numpy scalars ...) or a 1-d array with `tolist()` (numpy, torch)."""
 
 
 def _vector(v: Vector) -> List[float]:
@@ -80,9 +80,12 @@ def _vector(v: Vector) -> List[float]:
     return out
 
 
-def _seg(s: str) -> str:
+def _seg(s: str, name: str) -> str:
     """One path segment, every reserved character escaped (a user id may hold `/`, `?`, `%`, spaces ...)."""
-    return urllib.parse.quote(s, safe="")
+    try:
+        return urllib.parse.quote(s, safe="")
+    except UnicodeEncodeError:
+        raise RecapInputError(f"{name} is not valid text (a lone surrogate)", field=name) from None
 
 
 def _query(params: Mapping[str, Any]) -> Dict[str, str]:
@@ -149,7 +152,7 @@ def _search(
 
 
 def _forget(bot: str, user_id: str) -> _Call[Forgotten]:
-    return _Call("DELETE", f"/v1/users/{_seg(bot)}/{_seg(user_id)}", Forgotten.from_json)
+    return _Call("DELETE", f"/v1/users/{_seg(bot, 'bot')}/{_seg(user_id, 'user_id')}", Forgotten.from_json)
 
 
 def _context(bot: str, user_id: str, max_tokens: Optional[int], query: Optional[str]) -> _Call[Context]:
@@ -175,7 +178,7 @@ def _read(call: _Call[T], status: int, content: bytes) -> T:
         raise RecapResponseError(f"{call.method} {call.path}: the answer is not a JSON object", status)
     try:
         return call.read(doc)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise RecapResponseError(f"{call.method} {call.path}: unexpected answer ({type(e).__name__}: {e})", status)
 
 
@@ -188,7 +191,10 @@ def _transport_error(call: _Call[Any], e: Exception, timeout: float) -> RecapErr
 def _headers(token: Optional[str]) -> Dict[str, str]:
     h = {"User-Agent": f"recap-client/{__version__}", "Accept": "application/json"}
     if token:
-        h["Authorization"] = f"Bearer {token.strip()}"
+        t = token.strip()
+        if not t.isascii() or not t.isprintable():
+            raise RecapInputError("token must be printable ASCII (RECALL_TOKEN)", field="token")
+        h["Authorization"] = f"Bearer {t}"
     return h
 
 
@@ -287,6 +293,8 @@ class Recap:
                 status = resp.status_code
         except (httpx.HTTPError, TimeoutError) as e:
             raise _transport_error(call, e, budget) from e
+        except UnicodeEncodeError:
+            raise RecapInputError(f"{call.method} {call.path}: an argument is not valid text") from None
         return _read(call, status, b"".join(chunks))
 
     def recall(
@@ -392,6 +400,8 @@ class AsyncRecap:
                 )
         except (httpx.HTTPError, TimeoutError) as e:
             raise _transport_error(call, e, budget) from e
+        except UnicodeEncodeError:
+            raise RecapInputError(f"{call.method} {call.path}: an argument is not valid text") from None
         return _read(call, resp.status_code, resp.content)
 
     async def recall(
