@@ -254,9 +254,9 @@ class Recap:
     ) -> None:
         self.base_url = _base_url(base_url)
         self.timeout = _check_timeout(timeout)
+        self._headers = _headers(token)  # every argument checked before a pool is made
         self._own = http is None
         self._http = http if http is not None else httpx.Client(limits=httpx.Limits(max_keepalive_connections=20))
-        self._headers = _headers(token)
 
     def __enter__(self) -> "Recap":
         return self
@@ -365,11 +365,11 @@ class AsyncRecap:
     ) -> None:
         self.base_url = _base_url(base_url)
         self.timeout = _check_timeout(timeout)
+        self._headers = _headers(token)  # every argument checked before a pool is made
         self._own = http is None
         self._http = (
             http if http is not None else httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=20))
         )
-        self._headers = _headers(token)
 
     async def __aenter__(self) -> "AsyncRecap":
         return self
