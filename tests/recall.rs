@@ -1,6 +1,6 @@
 //! The recall API on real services: recall by time (RFC 3339, relative forms, zones, type), search by vector / text /
 //! both (on windows with one topic each, summarized by recap itself), summary vectors and their repair, forgetting a
-//! user, bad input, auth, and the Python client.
+//! user, bad input and auth (the Python client: tests/python_client.rs).
 
 mod common;
 
@@ -344,7 +344,7 @@ async fn summary_points(bot: &str, user: Option<&str>) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn recall_search_vectors_auth_and_the_python_client() {
+async fn recall_search_vectors_and_auth() {
     let f = fixture(3).await;
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM conversation_summaries WHERE bot_name = $1")
@@ -730,30 +730,17 @@ async fn recall_search_vectors_auth_and_the_python_client() {
         .unwrap();
     assert!(metrics.contains("recap_recall_requests_total"), "metrics");
 
-    // ---- the Python client, against this recap ----
-    let repo = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new("python3")
-        .arg(format!("{repo}/clients/python/tests/test_client.py"))
-        .env("PYTHONPATH", format!("{repo}/clients/python/src"))
-        .env("RECAP_URL", &s.base)
-        .env("RECAP_TOKEN", TOKEN)
-        .env("RECAP_BOT", &f.bot)
-        .env("RECAP_USER", &u1)
-        .env(
-            "RECAP_VECTOR",
-            serde_json::to_string(&center(f.windows[1].1)).unwrap(),
+    // forget u1 (the Python client's own tests are in tests/python_client.rs)
+    let (code, body) = s
+        .call(
+            "DELETE",
+            &format!("/v1/users/{}/{}", f.bot, enc(&u1)),
+            None,
+            Some(TOKEN),
         )
-        .env("RECAP_TOPIC", TOPICS[f.windows[1].1])
-        .env("RECAP_WINDOWS", TOPICS.len().to_string())
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "python client test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // the client forgot u1: nothing of theirs is left
+        .await;
+    assert_eq!(code, 200, "{body}");
+    // nothing of u1's is left
     let left: i64 =
         sqlx::query_scalar("SELECT count(*) FROM conversation_summaries WHERE user_id = $1")
             .bind(&u1)

@@ -156,7 +156,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         store.clone(),
         points.clone(),
         cfg.service.recall_token.as_ref(),
-    );
+    )
+    .with_context(crate::recall::context::ContextSettings::from_config(&cfg));
     let ready = crate::http::Readiness {
         store,
         points,

@@ -48,6 +48,7 @@ struct Inner {
     token: Option<[u8; 32]>,
     known_bots: DashSet<String>,
     dim: OnceLock<u64>,
+    context: OnceLock<super::context::ContextSettings>,
 }
 
 impl RecallState {
@@ -60,7 +61,14 @@ impl RecallState {
                 .map(|t| Sha256::digest(t.expose().as_bytes()).into()),
             known_bots: DashSet::new(),
             dim: OnceLock::new(),
+            context: OnceLock::new(),
         }))
+    }
+
+    /// The window definition and collections `GET /v1/context` uses (default: the settings' defaults).
+    pub fn with_context(self, settings: super::context::ContextSettings) -> Self {
+        let _ = self.0.context.set(settings);
+        self
     }
 }
 
@@ -70,6 +78,7 @@ pub fn router(state: RecallState) -> Router {
         .route("/v1/recall", get(recall))
         .route("/v1/recall/search", post(search))
         .route("/v1/users/{bot}/{user_id}", delete(forget))
+        .route("/v1/context", get(context))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -528,4 +537,101 @@ async fn forget(
     info!(bot = %bot, user = %super::user_tag(&bot, &user), rows, "user forgotten");
     let deleted: Map<String, Value> = deleted.into_iter().map(|(t, n)| (t, json!(n))).collect();
     Ok(Json(json!({ "forgotten": true, "deleted": deleted })))
+}
+
+// ----- GET /v1/context -----
+
+/// Default `max_tokens` of `GET /v1/context`.
+pub const DEFAULT_CONTEXT_TOKENS: usize = 2000;
+/// Largest `max_tokens` accepted.
+pub const MAX_CONTEXT_TOKENS: usize = 1_000_000;
+
+impl From<super::context::ContextError> for ApiError {
+    fn from(e: super::context::ContextError) -> Self {
+        match e {
+            super::context::ContextError::Store(e) => e.into(),
+            super::context::ContextError::Fetch(e) => ApiError::unavailable("qdrant", e),
+        }
+    }
+}
+
+async fn context(
+    State(s): State<RecallState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<super::context::Context>, ApiError> {
+    use super::context::fit::MIN_MAX_TOKENS;
+    let Query(pairs) = q.map_err(|e| ApiError::bad("query", format!("bad query string: {e}")))?;
+    const KNOWN: [&str; 4] = ["bot", "user_id", "max_tokens", "query"];
+    let mut p: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (k, v) in &pairs {
+        let Some(key) = KNOWN.iter().find(|x| **x == k.as_str()) else {
+            return Err(ApiError::bad(
+                "query",
+                format!("unknown parameter {k:?} (known: {})", KNOWN.join(", ")),
+            ));
+        };
+        if p.insert(key, v.as_str()).is_some() {
+            return Err(ApiError::bad(key, format!("{key} is given more than once")));
+        }
+    }
+    let bot = p
+        .get("bot")
+        .ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
+    let user = p
+        .get("user_id")
+        .ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
+    check_bot(bot)?;
+    check_user(user)?;
+    let max_tokens = match p.get("max_tokens") {
+        None => DEFAULT_CONTEXT_TOKENS,
+        Some(m) => match m.trim().parse::<i64>() {
+            Ok(n) if (MIN_MAX_TOKENS as i64..=MAX_CONTEXT_TOKENS as i64).contains(&n) => n as usize,
+            Ok(n) => {
+                return Err(ApiError::bad(
+                    "max_tokens",
+                    format!(
+                        "max_tokens must be between {MIN_MAX_TOKENS} and {MAX_CONTEXT_TOKENS} (got {n})"
+                    ),
+                ));
+            }
+            Err(_) => {
+                return Err(ApiError::bad(
+                    "max_tokens",
+                    format!("max_tokens {m:?} is not an integer"),
+                ));
+            }
+        },
+    };
+    let query = match p.get("query") {
+        None => None,
+        Some(t) if t.chars().count() > MAX_TEXT_CHARS => {
+            return Err(ApiError::bad(
+                "query",
+                format!("query is longer than {MAX_TEXT_CHARS} characters"),
+            ));
+        }
+        Some(t) => Some(
+            super::text_query(t)
+                .ok_or_else(|| ApiError::bad("query", "query has no words to search for"))?,
+        ),
+    };
+    known_bot(&s, bot).await?;
+    let default_settings;
+    let settings = match s.0.context.get() {
+        Some(c) => c,
+        None => {
+            default_settings = super::context::ContextSettings::default();
+            &default_settings
+        }
+    };
+    let req = super::context::ContextQuery {
+        bot,
+        user_id: user,
+        max_tokens,
+        query,
+    };
+    let now = Utc::now().timestamp_millis();
+    Ok(Json(
+        super::context::context(&s.0.store, &s.0.points, settings, &req, now).await?,
+    ))
 }

@@ -7,6 +7,7 @@
 //! * This module: the SQL (recall by time, full-text search, forget) and reciprocal rank fusion.
 
 pub mod api;
+pub mod context;
 pub mod timerange;
 pub mod vectors;
 
@@ -277,11 +278,12 @@ pub async fn forget_rows(store: &Store, bot: &str, user_id: &str) -> Result<Dele
     Ok(deleted)
 }
 
-/// True when recap has anything for this bot (a summary or a window).
+/// True when recap has anything for this bot (a summary, a window, or open messages).
 pub async fn bot_known(store: &Store, bot: &str) -> Result<bool, StoreError> {
     let row = sqlx::query(
         "SELECT EXISTS (SELECT 1 FROM conversation_summaries WHERE bot_name = $1)
-             OR EXISTS (SELECT 1 FROM recap_windows WHERE bot_name = $1)",
+             OR EXISTS (SELECT 1 FROM recap_windows WHERE bot_name = $1)
+             OR EXISTS (SELECT 1 FROM recap_open_windows WHERE bot_name = $1)",
     )
     .bind(bot)
     .fetch_one(store.pool())
