@@ -245,7 +245,7 @@ async fn hostile_inputs_get_a_4xx_naming_the_field() {
         (format!("/v1/recall?bot={bot}&user_id=u%001"), "user_id"),
         (format!("/v1/recall?bot={bot}&user_id={long}"), "user_id"),
         (format!("/v1/recall?bot={long_bot}&user_id=u1"), "bot"),
-        (format!("/v1/recall?bot=a%00b&user_id=u1"), "bot"),
+        ("/v1/recall?bot=a%00b&user_id=u1".to_string(), "bot"),
         (
             format!("/v1/recall?bot={bot}&user_id=u1&since=5000000d"),
             "since",
