@@ -219,7 +219,9 @@ async fn open_mode_answers_only_loopback_hosts() {
 async fn hostile_inputs_get_a_4xx_naming_the_field() {
     let db = fresh_db().await;
     let bot = format!("trustbot_{}", token());
-    let r = Recap::start(&db, &[("RECALL_TOKEN", TOKEN)], "trust-hostile").await;
+    // the configured token is trimmed as the presented one is (pasted with spaces and a newline, it still matches)
+    let padded = format!("  {TOKEN}\n");
+    let r = Recap::start(&db, &[("RECALL_TOKEN", &padded)], "trust-hostile").await;
     // a known bot (recall answers 404 for bots it has nothing of)
     let t0 = Instant::now();
     while sqlx::query("INSERT INTO conversation_summaries (user_id, bot_name, summary_text, start_timestamp, end_timestamp, message_count, key_topics)

@@ -367,6 +367,12 @@ fn validation_errors_name_their_variable() {
         (&["--console-token", "too-short"], "CONSOLE_TOKEN"),
         // 16 characters only with the spaces, which are trimmed as from the presented token
         (&["--recall-token", "   too-short    "], "RECALL_TOKEN"),
+        (&["--recall-pool-size", "0"], "RECALL_POOL_SIZE"),
+        (&["--recall-concurrency", "0"], "RECALL_CONCURRENCY"),
+        (
+            &["--recall-statement-timeout", "10ms"],
+            "RECALL_STATEMENT_TIMEOUT",
+        ),
     ];
     for (args, var) in cases {
         let e = invalid(args);
