@@ -8,6 +8,8 @@
 //! * `store_errors_are_503_only_when_the_store_is_down`: a value Postgres refuses is a 400, the read pool's statement
 //!   timeout and a dead pool are 503.
 //! * `console_cookie_and_login_throttle`: the `__Host-` Secure cookie behind TLS, 429 after five attempts.
+//! * `reads_are_limited_and_time_out`: `RECALL_CONCURRENCY` makes a request wait for a slot; a read blocked past
+//!   `RECALL_STATEMENT_TIMEOUT` is a 503.
 //! * `alert_rules_pass_promtool`: docs/alerts.yml against docs/alerts.test.yml.
 
 mod common;
@@ -578,4 +580,84 @@ fn alert_rules_pass_promtool() {
     // operate.md points at the file rather than keeping a second copy
     let operate = std::fs::read_to_string(format!("{docs}/operate.md")).unwrap();
     assert!(operate.contains("docs/alerts.yml") && !operate.contains("alert: RecapNoSummaries"));
+}
+
+/// The read path's limits, end to end: with `RECALL_CONCURRENCY=1` a second request waits for the first's slot, and
+/// a read blocked past `RECALL_STATEMENT_TIMEOUT` (here by a table lock) is cancelled by Postgres and answered 503.
+#[tokio::test]
+async fn reads_are_limited_and_time_out() {
+    let db = fresh_db().await;
+    let bot = format!("trustbot_{}", token());
+    let r = Recap::start(
+        &db,
+        &[
+            ("RECALL_TOKEN", TOKEN),
+            ("RECALL_CONCURRENCY", "1"),
+            ("RECALL_STATEMENT_TIMEOUT", "2s"),
+        ],
+        "trust-limits",
+    )
+    .await;
+    let t0 = Instant::now();
+    while sqlx::query("INSERT INTO conversation_summaries (user_id, bot_name, summary_text, start_timestamp, end_timestamp, message_count, key_topics)
+         VALUES ('u1', $1, 'hiking', now() - interval '2 hours', now() - interval '1 hour', 4, ARRAY['hiking'])")
+        .bind(&bot)
+        .execute(&db.pool)
+        .await
+        .is_err()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "schema not migrated");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recall = format!("/v1/recall?bot={bot}&user_id=u1");
+    assert_eq!(
+        r.call("GET", &recall, None).await.0,
+        200,
+        "the bot is known (and cached)"
+    );
+    // a writer holds the table: the next read blocks in Postgres
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE conversation_summaries IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // (bounded: without a statement timeout the blocked read would wait for the lock, and the lock for this join)
+    let both = tokio::time::timeout(Duration::from_secs(15), async {
+        tokio::join!(
+            async {
+                let (code, v) = r.call("GET", &recall, None).await;
+                (code, v, started.elapsed())
+            },
+            async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                // needs no store at all (a bad limit), yet waits for the one slot
+                let (code, v) = r.call("GET", &format!("{recall}&limit=0"), None).await;
+                (code, v, started.elapsed())
+            }
+        )
+    })
+    .await;
+    tx.rollback().await.unwrap();
+    let (blocked, waiting) =
+        both.expect("the blocked read was not cancelled by RECALL_STATEMENT_TIMEOUT");
+    let (code, v, blocked_for) = blocked;
+    assert_eq!(code, 503, "cancelled by the statement timeout: {v}");
+    assert!(
+        blocked_for >= Duration::from_millis(1900) && blocked_for < Duration::from_secs(10),
+        "{blocked_for:?}"
+    );
+    let (code, v, waited) = waiting;
+    assert_eq!((code, &v["field"]), (400, &json!("limit")), "{v}");
+    assert!(
+        waited >= blocked_for,
+        "the second request was served only after the first left its slot: {waited:?} < {blocked_for:?}"
+    );
+    // and reads work again once the lock is gone
+    assert_eq!(r.call("GET", &recall, None).await.0, 200);
+    eprintln!(
+        "TRUST read limits: a read blocked by a lock answered 503 after {:.2} s (RECALL_STATEMENT_TIMEOUT=2s); a second request waited {:.2} s for the one slot",
+        blocked_for.as_secs_f64(),
+        waited.as_secs_f64() - 0.3
+    );
 }
