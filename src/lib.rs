@@ -13,6 +13,7 @@
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
 //! * [`status`]: the one status snapshot (`recap status`, `/metrics` gauges, the console); [`console`]: the web page.
 //! * [`recall`]: the read path for bots (recall by time, search, forget a user) and summary vectors.
+//! * [`telemetry`]: every metric's name, kind and help, registered at zero at start.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
@@ -31,4 +32,5 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod summarize;
+pub mod telemetry;
 pub mod tracker;

@@ -46,7 +46,8 @@ async fn thirty_percent_faults_end_summarized_or_dead_lettered_within_limits() {
             ("LLM_BREAKER_FAILURES", "50"),
         ],
     );
-    let mut child = spawn_recap(&["run"], &envs, &log_path("llm-faults"));
+    let log = log_path("llm-faults");
+    let mut child = spawn_recap(&["run"], &envs, &log);
     let states = wait_settled(
         &s.db.pool,
         expected.len() as i64 + 10,
@@ -88,6 +89,21 @@ async fn thirty_percent_faults_end_summarized_or_dead_lettered_within_limits() {
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert!(failed > 0, "the faults were injected");
+    // each retry's log line names its window (the summarizer call runs in the window's span)
+    let text = std::fs::read_to_string(&log).unwrap();
+    let retries: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("LLM call failed; retrying"))
+        .collect();
+    assert!(!retries.is_empty(), "no retry was logged");
+    let unnamed: Vec<&&str> = retries
+        .iter()
+        .filter(|l| !(l.contains("window{window_id=") && l.contains("user_id=")))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "retry lines without their window: {unnamed:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -337,7 +337,7 @@ print(json.dumps(n(yaml.safe_load(open(sys.argv[1])))))
 // ================================================================================================ compose and Docker
 
 /// Compose's variable interpolation with nothing set by the operator: `${X:-d}` / `${X-d}` give `d`, `${X}` gives
-/// "", `${X:?msg}` / `${X?msg}` (must be set) give `<X>`, `$$` gives `$`.
+/// "", `${X:?msg}` / `${X?msg}` (must be set) give `<X set by the operator>`, `$$` gives `$`.
 fn interpolate(s: &str) -> String {
     let mut out = String::new();
     let mut rest = s;
@@ -358,7 +358,8 @@ fn interpolate(s: &str) -> String {
             let value = if let Some(default) = op.strip_prefix('-') {
                 default.to_string()
             } else if op.starts_with('?') {
-                format!("<{name}>")
+                // what an operator must set: a stand-in long enough for recap's checks (tokens: 16 characters)
+                format!("<{name} set by the operator>")
             } else {
                 assert!(
                     op.is_empty(),
@@ -541,6 +542,13 @@ fn compose_wires_every_setting_recap_requires_to_a_service_in_the_file() {
             );
         }
     }
+
+    // no default recall token: compose refuses to start without one (a default would be a public secret)
+    let recall_token = raw_env.get("RECALL_TOKEN").map(String::as_str);
+    assert!(
+        recall_token.is_some_and(|v| v.starts_with("${RECALL_TOKEN:?")),
+        "RECALL_TOKEN must be required (${{RECALL_TOKEN:?...}}), not defaulted: {recall_token:?}"
+    );
 
     // recap's own configuration code accepts exactly this environment
     let env: BTreeMap<String, String> = raw_env
@@ -1394,7 +1402,8 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        if series.split('{').next() == Some(name) {
+        // a bare name sums its series; a name with labels (`x{a="b"}`) is that one series
+        if series == name || series.split('{').next() == Some(name) {
             *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(f64::NAN);
         }
     }
@@ -1562,7 +1571,7 @@ async fn metrics_and_status_match_the_events_sent() {
             "recap_windows_closed_total",
             Some((rows.len() + users) as f64),
         ),
-        ("recap_windows_open", Some(0.0)),
+        ("recap_windows_by_state{state=\"open\"}", Some(0.0)),
         // caught up: the lag gauge comes down to 0 (it is sampled every few seconds)
         ("recap_consumer_lag", Some(0.0)),
         // close-to-row latency: one observation per summary written

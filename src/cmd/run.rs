@@ -152,8 +152,19 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         ctx.clone(),
         shutdown.clone(),
     ));
-    let recall = crate::recall::api::RecallState::new(
+    // The recall API and the console read through a small pool of their own with a statement timeout, so a burst of
+    // reads (or a slow one) never takes the connections ingest and the workers need.
+    let read_store = crate::sink::Store::connect_lazy(
+        cfg.pg_connect_options()?.options([(
+            "statement_timeout",
+            cfg.service.recall_statement_timeout.as_millis().to_string(),
+        )]),
+        cfg.service.recall_pool_size,
+    );
+    let recall = crate::recall::api::RecallState::with_reads(
+        read_store.clone(),
         store.clone(),
+        cfg.service.recall_concurrency,
         points.clone(),
         cfg.service.recall_token.as_ref(),
     )
@@ -165,7 +176,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         max_lag: cfg.service.ready_max_lag,
         lag,
     };
-    let console = crate::console::Console::for_service(cfg.clone(), &ready);
+    let mut console = crate::console::Console::for_service(cfg.clone(), &ready);
+    console.store = read_store;
     let router = crate::http::router(metrics, ready)
         .merge(crate::console::router(console))
         .merge(crate::recall::api::router(recall));

@@ -56,7 +56,7 @@ pub use payload::PayloadConfig;
 pub use postgres::PostgresConfig;
 pub use qdrant::QdrantConfig;
 pub use secret::{RedactedUrl, Secret};
-pub use service::{LogFormat, ServiceConfig};
+pub use service::{LogFormat, SecureCookie, ServiceConfig};
 pub use sweep::{SweepConfig, is_valid_bot_name};
 pub use windows::{WindowConfig, WindowMode};
 

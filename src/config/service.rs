@@ -18,6 +18,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether the console's session cookie is `Secure` (see `console::auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecureCookie {
+    /// Secure when a TLS-terminating proxy says the request came over HTTPS (X-Forwarded-Proto / Forwarded).
+    Auto,
+    /// Always Secure: recap is reached only through HTTPS.
+    On,
+    /// Never Secure (plain HTTP on a private network).
+    Off,
+}
+
 /// Service settings.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServiceConfig {
@@ -29,6 +40,11 @@ pub struct ServiceConfig {
     /// HTTP_ADDR
     #[arg(long, env = "CONSOLE_TOKEN", hide_env_values = true, help_heading = H_SVC)]
     pub console_token: Option<Secret>,
+
+    /// Console session cookie `Secure` with a `__Host-` name: auto (when a TLS proxy sends X-Forwarded-Proto: https or
+    /// Forwarded: proto=https), on (always; recap is reached only over HTTPS) or off
+    #[arg(long, env = "CONSOLE_SECURE_COOKIE", value_enum, ignore_case = true, default_value = "auto", help_heading = H_SVC)]
+    pub console_secure_cookie: SecureCookie,
 
     /// Name of this instance in leases and logs (default: hostname:pid)
     #[arg(long, env = "INSTANCE_ID", help_heading = H_SVC)]
@@ -79,6 +95,18 @@ pub struct ServiceConfig {
     #[arg(long, env = "RECALL_TOKEN", hide_env_values = true, help_heading = H_SVC)]
     pub recall_token: Option<Secret>,
 
+    /// Postgres connections of the recall API and the console (their own pool, so reads never take ingest's)
+    #[arg(long, env = "RECALL_POOL_SIZE", default_value_t = 4, help_heading = H_SVC)]
+    pub recall_pool_size: u32,
+
+    /// Longest a recall or console statement may run (Postgres statement_timeout on the read pool), e.g. 5s
+    #[arg(long, env = "RECALL_STATEMENT_TIMEOUT", default_value = "5s", value_parser = parse_duration, help_heading = H_SVC)]
+    pub recall_statement_timeout: Duration,
+
+    /// Recall API requests served at once; more wait for a free slot
+    #[arg(long, env = "RECALL_CONCURRENCY", default_value_t = 16, help_heading = H_SVC)]
+    pub recall_concurrency: usize,
+
     /// How often the summary-vector repair pass runs (e.g. 60s)
     #[arg(long, env = "RECALL_REPAIR_INTERVAL", default_value = "60s", value_parser = parse_duration, help_heading = H_SVC)]
     pub recall_repair_interval: Duration,
@@ -109,13 +137,27 @@ impl ServiceConfig {
                 "CONSOLE_TOKEN must be at least 16 characters (set CONSOLE_TOKEN=$(openssl rand -hex 16))",
             );
         }
+        if set_secret(&self.recall_token).is_some_and(|t| t.expose().trim().len() < 16) {
+            return bad(
+                "RECALL_TOKEN",
+                "RECALL_TOKEN must be at least 16 characters (set RECALL_TOKEN=$(openssl rand -hex 16))",
+            );
+        }
         if !self.http_addr.ip().is_loopback() && set_secret(&self.recall_token).is_none() {
             return bad(
                 "RECALL_TOKEN",
                 format!(
-                    "RECALL_TOKEN is not set but HTTP_ADDR {} is not loopback: the recall API would be open (set RECALL_TOKEN=<a long random string>, or HTTP_ADDR=127.0.0.1:9090)",
+                    "RECALL_TOKEN is not set but HTTP_ADDR {} is not loopback: the recall API would be open (set RECALL_TOKEN=<a long random string>, or HTTP_ADDR=127.0.0.1:9464)",
                     self.http_addr
                 ),
+            );
+        }
+        at_least(self.recall_pool_size, 1, "RECALL_POOL_SIZE", "4")?;
+        at_least(self.recall_concurrency, 1, "RECALL_CONCURRENCY", "16")?;
+        if self.recall_statement_timeout < Duration::from_millis(100) {
+            return bad(
+                "RECALL_STATEMENT_TIMEOUT",
+                "RECALL_STATEMENT_TIMEOUT must be at least 100ms (set RECALL_STATEMENT_TIMEOUT=5s)",
             );
         }
         if self.recall_repair_interval < Duration::from_secs(1) {

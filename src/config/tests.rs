@@ -195,7 +195,7 @@ fn values_parse() {
         "--http-addr",
         "0.0.0.0:8080",
         "--recall-token",
-        "a-token",
+        "a-token-of-16-characters",
     ]);
     assert_eq!(c.nats.stream_max_age, Duration::from_secs(36 * 3600));
     assert_eq!(c.llm.llm_timeout, Duration::from_secs(90));
@@ -365,6 +365,14 @@ fn validation_errors_name_their_variable() {
         (&["--nats-partitions", "0"], "NATS_PARTITIONS"),
         (&["--nats-partitions", "257"], "NATS_PARTITIONS"),
         (&["--console-token", "too-short"], "CONSOLE_TOKEN"),
+        // 16 characters only with the spaces, which are trimmed as from the presented token
+        (&["--recall-token", "   too-short    "], "RECALL_TOKEN"),
+        (&["--recall-pool-size", "0"], "RECALL_POOL_SIZE"),
+        (&["--recall-concurrency", "0"], "RECALL_CONCURRENCY"),
+        (
+            &["--recall-statement-timeout", "10ms"],
+            "RECALL_STATEMENT_TIMEOUT",
+        ),
     ];
     for (args, var) in cases {
         let e = invalid(args);

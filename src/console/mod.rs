@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use crate::config::Config;
 use crate::fetch::Points;
 use crate::sink::Store;
-use auth::{Access, Session, Sessions};
+use auth::{Access, LoginThrottle, Session, Sessions};
 pub use pages::overview_html;
 
 /// What the console reads from.
@@ -35,7 +35,12 @@ pub struct Console {
     pub cfg: Arc<Config>,
     pub access: Access,
     pub sessions: Sessions,
+    pub logins: LoginThrottle,
 }
+
+/// Whether the request came over TLS (the cookie's name and `Secure`), put into the request's extensions by [`guard`].
+#[derive(Clone, Copy)]
+pub struct SecureRequest(pub bool);
 
 impl Console {
     pub fn new(
@@ -51,6 +56,7 @@ impl Console {
             nats,
             cfg,
             sessions: Sessions::default(),
+            logins: LoginThrottle::default(),
         }
     }
 
@@ -83,8 +89,16 @@ pub fn router(console: Console) -> Router {
 
 /// Decides who gets through (see [`auth`]) and puts the request's [`Session`] into its extensions.
 async fn guard(State(c): State<Console>, mut req: Request, next: Next) -> Response {
+    if matches!(c.access, Access::Open) && !crate::http::loopback_host(&req) {
+        return hardened(crate::http::not_loopback_host(
+            "the console",
+            "CONSOLE_TOKEN",
+        ));
+    }
     let is_login = req.uri().path() == "/console/login";
-    let session = c.sessions.from_headers(req.headers());
+    let secure = auth::secure_request(c.cfg.service.console_secure_cookie, req.headers());
+    req.extensions_mut().insert(SecureRequest(secure));
+    let session = c.sessions.from_headers(req.headers(), secure);
     let mut new_cookie = None;
     match (&c.access, session) {
         (Access::Off, _) => {
@@ -101,7 +115,7 @@ async fn guard(State(c): State<Console>, mut req: Request, next: Next) -> Respon
         }
         (Access::Open, None) => {
             let s = c.sessions.create();
-            new_cookie = Some(auth::set_cookie(&s));
+            new_cookie = Some(auth::set_cookie(&s, secure));
             req.extensions_mut().insert(s);
         }
         (Access::Token(_), None) if is_login => {}

@@ -219,7 +219,6 @@ impl Ingest {
         metrics::counter!("recap_events_ignored_total").increment(batch.ignored as u64);
         metrics::counter!("recap_events_late_total").increment(applied.late as u64);
         metrics::counter!("recap_windows_closed_total").increment(applied.closed as u64);
-        metrics::gauge!("recap_windows_open").set(self.state.open_keys() as f64);
         Ok(applied)
     }
 
@@ -360,7 +359,7 @@ impl Ingest {
                 metrics::counter!("recap_events_duplicate_total")
                     .increment(done.already_stored as u64);
                 metrics::counter!("recap_checkpoints_total").increment(1);
-                metrics::histogram!("recap_checkpoint_seconds")
+                metrics::histogram!("recap_checkpoint_duration_seconds")
                     .record(w.started.elapsed().as_secs_f64());
                 Ok(done)
             }
@@ -484,7 +483,6 @@ pub async fn restore_state(
         .collect();
     let mut state = State::restore(cfg, watermarks, open);
     state.set_forgotten(store.load_forgotten().await?);
-    metrics::gauge!("recap_windows_open").set(state.open_keys() as f64);
     info!(
         partition = part,
         open_keys = state.open_keys(),

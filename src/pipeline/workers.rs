@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Context, jittered, loop_backoff, now_ms, sleep_or_shutdown};
 use crate::fetch::{FetchError, Fetched, WindowQuery};
@@ -255,7 +255,7 @@ async fn finish_one(
 ) -> Result<(WindowOutcome, Finished), StoreError> {
     match ctx.store.finish_window(&ctx.instance, w, &outcome).await {
         Err(e) if e.is_repeatable() => {
-            warn!(window = w.id, error = %e, "the window's result cannot be stored; counted as a failed attempt");
+            warn!(window_id = w.id, error = %e, "the window's result cannot be stored; counted as a failed attempt");
             metrics::counter!("recap_window_write_errors_total").increment(1);
             let r = retry(
                 ctx,
@@ -270,9 +270,15 @@ async fn finish_one(
     }
 }
 
+/// The span a window's work runs in (`window{window_id, bot, user_id, start}`), so every line about it, the LLM
+/// client's retries included, names the window.
+pub fn window_span(w: &ClaimedWindow) -> tracing::Span {
+    info_span!("window", window_id = w.id, bot = %w.bot, user_id = %w.user_id, start = %crate::sink::to_utc(w.start_ms).to_rfc3339())
+}
+
 /// Metrics and log lines of a finished window.
 fn report(w: &ClaimedWindow, outcome: &WindowOutcome, finished: Finished) {
-    let span = info_span!("window", id = w.id, bot = %w.bot, user = %w.user_id, start = %crate::sink::to_utc(w.start_ms).to_rfc3339());
+    let span = window_span(w);
     let _e = span.enter();
     match (outcome, finished) {
         (WindowOutcome::Summarized { message_count, .. }, Finished::Done) => {
@@ -323,12 +329,15 @@ pub async fn process_windows(
     let mut futs = Vec::with_capacity(windows.len());
     for (w, p) in windows.iter().zip(prepared) {
         let calls = &calls;
-        futs.push(async move {
-            let _call = calls.acquire().await;
-            let r = summarize_prepared(ctx, w, p).await;
-            release(w.id);
-            r
-        });
+        futs.push(
+            async move {
+                let _call = calls.acquire().await;
+                let r = summarize_prepared(ctx, w, p).await;
+                release(w.id);
+                r
+            }
+            .instrument(window_span(w)),
+        );
     }
     let outcomes: Vec<Result<WindowOutcome, StoreError>> = futures::future::join_all(futs).await;
     let mut todo: Vec<(&ClaimedWindow, WindowOutcome)> = Vec::with_capacity(windows.len());
@@ -336,7 +345,7 @@ pub async fn process_windows(
         match r {
             Ok(o) => todo.push((w, o)),
             Err(e) => {
-                warn!(window = w.id, error = %e, "window not finished; its lease will expire and it will be retried")
+                warn!(window_id = w.id, error = %e, "window not finished; its lease will expire and it will be retried")
             }
         }
     }
@@ -361,7 +370,7 @@ pub async fn process_windows(
                     Ok((o, f)) => one_by_one.push((w, o, f)),
                     Err(e) if e.is_connection() => return Err(e),
                     Err(e) => {
-                        warn!(window = w.id, error = %e, "window not finished; its lease will expire and it will be retried")
+                        warn!(window_id = w.id, error = %e, "window not finished; its lease will expire and it will be retried")
                     }
                 }
             }

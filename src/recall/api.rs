@@ -43,22 +43,45 @@ const MAX_TEXT_CHARS: usize = 10_000;
 pub struct RecallState(Arc<Inner>);
 
 struct Inner {
+    /// The read pool (`RECALL_POOL_SIZE` connections with `RECALL_STATEMENT_TIMEOUT`): every read of the API.
     store: Store,
+    /// The service's own pool, for the forget (a write that must not be cut by the read timeout).
+    writer: Store,
     points: Arc<Points>,
     token: Option<[u8; 32]>,
     known_bots: DashSet<String>,
     dim: OnceLock<u64>,
     context: OnceLock<super::context::ContextSettings>,
+    /// Requests served at once (`RECALL_CONCURRENCY`).
+    concurrency: usize,
 }
+
+/// Requests served at once when not configured ([`RecallState::with_reads`]).
+pub const DEFAULT_CONCURRENCY: usize = 16;
 
 impl RecallState {
     pub fn new(store: Store, points: Arc<Points>, token: Option<&Secret>) -> Self {
+        Self::with_reads(store.clone(), store, DEFAULT_CONCURRENCY, points, token)
+    }
+
+    /// Reads on `read` (a small pool of its own, so the read path never starves ingest), the forget on `writer`, at
+    /// most `concurrency` requests at once.
+    pub fn with_reads(
+        read: Store,
+        writer: Store,
+        concurrency: usize,
+        points: Arc<Points>,
+        token: Option<&Secret>,
+    ) -> Self {
         RecallState(Arc::new(Inner {
-            store,
+            store: read,
+            writer,
+            concurrency: concurrency.max(1),
             points,
             token: token
                 .filter(|t| !t.is_blank())
-                .map(|t| Sha256::digest(t.expose().as_bytes()).into()),
+                // trimmed as the presented token is (a token pasted with a newline still matches)
+                .map(|t| Sha256::digest(t.expose().trim().as_bytes()).into()),
             known_bots: DashSet::new(),
             dim: OnceLock::new(),
             context: OnceLock::new(),
@@ -80,6 +103,11 @@ pub fn router(state: RecallState) -> Router {
         .route("/v1/users/{bot}/{user_id}", delete(forget))
         .route("/v1/context", get(context))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        // one semaphore for every route (the non-global layer would give each route its own); outside the guard, so
+        // a request waiting for a slot is not yet timed
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            state.0.concurrency,
+        ))
         .with_state(state)
 }
 
@@ -120,8 +148,35 @@ impl IntoResponse for ApiError {
 }
 
 impl From<crate::sink::StoreError> for ApiError {
+    /// A 503 only when Postgres is really unavailable (no connection, pool exhausted, the statement timeout, a server
+    /// shutting down: [`StoreError::is_connection`](crate::sink::StoreError::is_connection)); a value Postgres cannot
+    /// take (SQLSTATE class 22/23, which validation should have caught) is a 400; anything else a 500.
     fn from(e: crate::sink::StoreError) -> Self {
-        ApiError::unavailable("postgres", e)
+        store_error(e)
+    }
+}
+
+/// The answer for a store error (see `From<StoreError>`), counted in `recap_recall_store_errors_total{kind}`.
+pub fn store_error(e: crate::sink::StoreError) -> ApiError {
+    if e.is_connection() {
+        metrics::counter!("recap_recall_store_errors_total", "kind" => "unavailable").increment(1);
+        return ApiError::unavailable("postgres", e);
+    }
+    if e.is_repeatable() {
+        metrics::counter!("recap_recall_store_errors_total", "kind" => "data").increment(1);
+        warn!(error = %e, "recall: postgres refused a value of the request");
+        return ApiError {
+            status: StatusCode::BAD_REQUEST,
+            field: Some("query"),
+            message: "postgres cannot store or compare a value of this request".into(),
+        };
+    }
+    metrics::counter!("recap_recall_store_errors_total", "kind" => "internal").increment(1);
+    warn!(error = %e, "recall: postgres error");
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        field: None,
+        message: "internal error reading the store".into(),
     }
 }
 
@@ -139,6 +194,9 @@ async fn guard(State(s): State<RecallState>, req: Request, next: Next) -> Respon
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
     let started = Instant::now();
+    if s.0.token.is_none() && !crate::http::loopback_host(&req) {
+        return crate::http::not_loopback_host("the recall API", "RECALL_TOKEN");
+    }
     let resp = match &s.0.token {
         Some(want) => {
             let given = req
@@ -160,7 +218,7 @@ async fn guard(State(s): State<RecallState>, req: Request, next: Next) -> Respon
         None => next.run(req).await,
     };
     let status = resp.status().as_u16().to_string();
-    metrics::histogram!("recap_recall_request_seconds", "endpoint" => endpoint.clone())
+    metrics::histogram!("recap_recall_request_duration_seconds", "endpoint" => endpoint.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("recap_recall_requests_total", "endpoint" => endpoint, "status" => status)
         .increment(1);
@@ -169,7 +227,8 @@ async fn guard(State(s): State<RecallState>, req: Request, next: Next) -> Respon
 
 // ----- input parsing (each error names its field) -----
 
-fn check_bot(bot: &str) -> Result<(), ApiError> {
+/// A bot name: what ingest accepts (letters, digits, `_`, `-`), at most the column's 100.
+pub fn check_bot(bot: &str) -> Result<(), ApiError> {
     if !is_valid_bot_name(bot) || bot.len() > 100 {
         return Err(ApiError::bad(
             "bot",
@@ -179,14 +238,79 @@ fn check_bot(bot: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_user(user: &str) -> Result<(), ApiError> {
+/// A user id: non-empty, at most the column's 255 characters, no control characters (NUL included: ingest never
+/// stores one, and Postgres cannot take a NUL in text).
+pub fn check_user(user: &str) -> Result<(), ApiError> {
     if user.trim().is_empty() || user.chars().count() > 255 {
         return Err(ApiError::bad(
             "user_id",
             "user_id must be a non-empty string of at most 255 characters",
         ));
     }
+    if user.chars().any(char::is_control) {
+        return Err(ApiError::bad(
+            "user_id",
+            "user_id contains a control character (NUL, newline, ...)",
+        ));
+    }
     Ok(())
+}
+
+/// A free-text parameter (`text`, `tz`, `since`, ...): no NUL byte, which Postgres cannot take in text.
+pub fn check_no_nul(field: &'static str, value: &str) -> Result<(), ApiError> {
+    if value.contains('\0') {
+        return Err(ApiError::bad(field, format!("{field} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// The times Postgres stores and every client reads: years 1 to 9999.
+pub fn check_time(field: &'static str, t: DateTime<Utc>) -> Result<DateTime<Utc>, ApiError> {
+    use chrono::Datelike;
+    if !(1..=9999).contains(&t.year()) {
+        return Err(ApiError::bad(
+            field,
+            format!("{field} is out of range: it must lie between 0001-01-01 and 9999-12-31"),
+        ));
+    }
+    Ok(t)
+}
+
+/// A query vector: 1 to 65536 numbers, each finite as an f32 (`1e39` is finite in JSON's f64 and infinite in f32),
+/// not all zero.
+pub fn vector_of(v: &Value) -> Result<Option<Vec<f32>>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Array(a) => {
+            if a.is_empty() || a.len() > 65_536 {
+                return Err(ApiError::bad(
+                    "vector",
+                    "vector must have between 1 and 65536 numbers",
+                ));
+            }
+            let v = a
+                .iter()
+                .map(|x| x.as_f64().map(|f| f as f32).filter(|f| f.is_finite()))
+                .collect::<Option<Vec<f32>>>()
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "vector",
+                        "vector must be an array of numbers that are finite as 32-bit floats (|x| < 3.4e38)",
+                    )
+                })?;
+            if v.iter().all(|x| *x == 0.0) {
+                return Err(ApiError::bad(
+                    "vector",
+                    "vector is all zeros (no direction to search in)",
+                ));
+            }
+            Ok(Some(v))
+        }
+        _ => Err(ApiError::bad(
+            "vector",
+            "vector must be an array of numbers",
+        )),
+    }
 }
 
 async fn known_bot(s: &RecallState, bot: &str) -> Result<(), ApiError> {
@@ -205,7 +329,7 @@ async fn known_bot(s: &RecallState, bot: &str) -> Result<(), ApiError> {
     })
 }
 
-fn limit_of(v: Option<i64>, max: i64) -> Result<i64, ApiError> {
+pub fn limit_of(v: Option<i64>, max: i64) -> Result<i64, ApiError> {
     match v {
         None => Ok(DEFAULT_LIMIT.min(max)),
         Some(n) if (1..=max).contains(&n) => Ok(n),
@@ -216,7 +340,7 @@ fn limit_of(v: Option<i64>, max: i64) -> Result<i64, ApiError> {
     }
 }
 
-fn type_of(v: Option<&str>) -> Result<Option<String>, ApiError> {
+pub fn type_of(v: Option<&str>) -> Result<Option<String>, ApiError> {
     match v {
         None => Ok(None),
         Some(t)
@@ -233,7 +357,8 @@ fn type_of(v: Option<&str>) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn range_of(
+/// `since` / `until` (RFC 3339, a date or a relative form, in `tz`) and the summary type as a [`Range`].
+pub fn range_of(
     since: Option<&str>,
     until: Option<&str>,
     tz: Option<&str>,
@@ -241,15 +366,23 @@ fn range_of(
 ) -> Result<Range, ApiError> {
     let tz: Tz = match tz {
         None => Tz::UTC,
-        Some(z) => parse_tz(z).map_err(|e| ApiError::bad("tz", format!("tz {e}")))?,
+        Some(z) => {
+            check_no_nul("tz", z)?;
+            parse_tz(z).map_err(|e| ApiError::bad("tz", format!("tz {e}")))?
+        }
     };
     let now = Utc::now();
     let one = |v: Option<&str>,
                b: Bound,
                field: &'static str|
      -> Result<Option<DateTime<Utc>>, ApiError> {
-        v.map(|e| resolve(e, b, now, tz).map_err(|m| ApiError::bad(field, format!("{field} {m}"))))
-            .transpose()
+        v.map(|e| {
+            check_no_nul(field, e)?;
+            let t =
+                resolve(e, b, now, tz).map_err(|m| ApiError::bad(field, format!("{field} {m}")))?;
+            check_time(field, t)
+        })
+        .transpose()
     };
     let since = one(since, Bound::Since, "since")?;
     let until = one(until, Bound::Until, "until")?;
@@ -367,39 +500,12 @@ async fn search(State(s): State<RecallState>, body: Bytes) -> Result<Json<Value>
         Some(_) => return Err(ApiError::bad("limit", "limit must be an integer")),
     };
     let limit = limit_of(limit, 100)?;
-    let vector: Option<Vec<f32>> = match o.get("vector") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(a)) => {
-            if a.is_empty() || a.len() > 65_536 {
-                return Err(ApiError::bad(
-                    "vector",
-                    "vector must have between 1 and 65536 numbers",
-                ));
-            }
-            let v = a
-                .iter()
-                .map(|x| x.as_f64().filter(|f| f.is_finite()).map(|f| f as f32))
-                .collect::<Option<Vec<f32>>>()
-                .ok_or_else(|| {
-                    ApiError::bad("vector", "vector must be an array of finite numbers")
-                })?;
-            if v.iter().all(|x| *x == 0.0) {
-                return Err(ApiError::bad(
-                    "vector",
-                    "vector is all zeros (no direction to search in)",
-                ));
-            }
-            Some(v)
-        }
-        Some(_) => {
-            return Err(ApiError::bad(
-                "vector",
-                "vector must be an array of numbers",
-            ));
-        }
-    };
+    let vector = vector_of(o.get("vector").unwrap_or(&Value::Null))?;
     let text = match str_field(&o, "text")? {
         None => None,
+        Some(t) if t.contains('\0') => {
+            return Err(ApiError::bad("text", "text contains a NUL byte"));
+        }
         Some(t) if t.chars().count() > MAX_TEXT_CHARS => {
             return Err(ApiError::bad(
                 "text",
@@ -529,12 +635,13 @@ async fn forget(
     let Path((bot, user)) = p.map_err(|e| ApiError::bad("path", format!("bad path: {e}")))?;
     check_bot(&bot)?;
     check_user(&user)?;
-    let deleted = super::forget_rows(&s.0.store, &bot, &user).await?;
+    let deleted = super::forget_rows(&s.0.writer, &bot, &user).await?;
     // After the rows: a vector whose row is gone is never returned, and a retry of this request removes it.
     vectors::delete_user(s.0.points.client(), &bot, &user).await?;
     metrics::counter!("recap_users_forgotten_total").increment(1);
     let rows: u64 = deleted.iter().map(|(_, n)| n).sum();
-    info!(bot = %bot, user = %super::user_tag(&bot, &user), rows, "user forgotten");
+    // a tag (a hash), never the id of a user who asked to be forgotten
+    info!(bot = %bot, user_tag = %super::user_tag(&bot, &user), rows, "user forgotten");
     let deleted: Map<String, Value> = deleted.into_iter().map(|(t, n)| (t, json!(n))).collect();
     Ok(Json(json!({ "forgotten": true, "deleted": deleted })))
 }
@@ -610,10 +717,10 @@ async fn context(
                 format!("query is longer than {MAX_TEXT_CHARS} characters"),
             ));
         }
-        Some(t) => Some(
+        Some(t) => Some(check_no_nul("query", t).and_then(|()| {
             super::text_query(t)
-                .ok_or_else(|| ApiError::bad("query", "query has no words to search for"))?,
-        ),
+                .ok_or_else(|| ApiError::bad("query", "query has no words to search for"))
+        })?),
     };
     known_bot(&s, bot).await?;
     let default_settings;

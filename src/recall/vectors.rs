@@ -221,7 +221,7 @@ pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]
             Some(v) => {
                 vectors.insert(*id, v);
             }
-            None => debug!(window = id, "no content vectors; no summary vector"),
+            None => debug!(window_id = id, "no content vectors; no summary vector"),
         }
     }
     if vectors.is_empty() {

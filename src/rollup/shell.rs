@@ -240,7 +240,7 @@ impl Rollups {
             span.record("outcome", b.as_str());
             metrics::counter!("recap_rollups_total", "period" => c.key.period.as_str(), "outcome" => b.as_str())
                 .increment(1);
-            metrics::histogram!("recap_rollup_seconds", "period" => c.key.period.as_str())
+            metrics::histogram!("recap_rollup_duration_seconds", "period" => c.key.period.as_str())
                 .record(t0.elapsed().as_secs_f64());
         }
         out

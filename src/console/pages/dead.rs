@@ -159,7 +159,7 @@ pub async fn retry(
     }
     match c.store.retry_dead(f.window).await {
         Ok(n) => {
-            tracing::info!(window = ?f.window, retried = n, "console: dead window(s) put back to due");
+            tracing::info!(window_id = ?f.window, retried = n, "console: dead window(s) put back to due");
             match f.window {
                 Some(id) => Redirect::to(&format!("/console/window/{id}?retried={n}")),
                 None => Redirect::to(&format!("/console/dead?retried={n}")),

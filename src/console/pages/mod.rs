@@ -4,17 +4,18 @@
 //! One file per page: `overview`, `conversations` (a user's timeline), `window` (one window), `dead` (dead letters
 //! and their retry). Shared here: the error page, the `Server-Timing` header, login and logout.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use axum::Extension;
-use axum::extract::{Form, State};
+use axum::extract::{ConnectInfo, Form, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use super::auth::{self, Session};
 use super::view::{esc, page};
-use super::{Console, refuse_without_csrf};
+use super::{Console, SecureRequest, refuse_without_csrf};
 
 mod conversations;
 mod dead;
@@ -82,7 +83,27 @@ pub struct LoginForm {
     token: Option<String>,
 }
 
-pub async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Response {
+pub async fn login(
+    State(c): State<Console>,
+    Extension(SecureRequest(secure)): Extension<SecureRequest>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    // Without the client's address (a router served without connect info) every client shares one budget.
+    let ip = client.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.0.ip());
+    if let Err(wait) = c.logins.attempt(ip) {
+        tracing::warn!(client = %ip, "console: login attempts throttled");
+        metrics::counter!("recap_console_logins_throttled_total").increment(1);
+        let secs = wait.as_secs().max(1).to_string();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs)],
+            Html(login_page(Some(
+                "Too many login attempts from this address; wait a little.",
+            ))),
+        )
+            .into_response();
+    }
     if !c.access.token_matches(f.token.as_deref().unwrap_or("")) {
         tracing::warn!("console: a login with a wrong token");
         // Slows down guessing a little (the token has at least 16 characters).
@@ -95,7 +116,7 @@ pub async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Respon
     }
     let s = c.sessions.create();
     let mut resp = Redirect::to("/console").into_response();
-    if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(&s)) {
+    if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(&s, secure)) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
@@ -108,6 +129,7 @@ pub struct LogoutForm {
 
 pub async fn logout(
     State(c): State<Console>,
+    Extension(SecureRequest(secure)): Extension<SecureRequest>,
     session: Option<Extension<Session>>,
     Form(f): Form<LogoutForm>,
 ) -> Response {
@@ -118,7 +140,7 @@ pub async fn logout(
         c.sessions.remove(&s.id);
     }
     let mut resp = Redirect::to("/console").into_response();
-    if let Ok(v) = HeaderValue::from_str(&auth::clear_cookie()) {
+    if let Ok(v) = HeaderValue::from_str(&auth::clear_cookie(secure)) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp

@@ -296,7 +296,8 @@ impl LlmSummarizer {
                 self.read_response(status, &headers, &bytes, started.elapsed())
             }
         };
-        metrics::histogram!("recap_llm_latency_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("recap_llm_request_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         match &outcome {
             Ok(c) => {
                 guard.success();

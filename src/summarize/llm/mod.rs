@@ -34,7 +34,7 @@
 //! `recap_llm_errors_total{kind}` (`rate_limited`, `server`, `timeout`, `connect`, `client`, `invalid_json`,
 //! `breaker_open`, `budget`); `recap_llm_tokens_total{type=prompt|completion}`; `recap_llm_cost_usd_total` (a counter
 //! of USD: the `metrics` crate's counters are integers, so it is kept in [`cost_usd_total`] and `/metrics` renders
-//! it); `recap_llm_latency_seconds` (histogram, per HTTP attempt).
+//! it); `recap_llm_request_duration_seconds` (histogram, per HTTP attempt).
 //! The API key is never logged and never put into an error.
 //!
 //! [`CreateChatCompletionRequest`]: async_openai::types::chat::CreateChatCompletionRequest
