@@ -156,7 +156,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         store.clone(),
         points.clone(),
         cfg.service.recall_token.as_ref(),
-    );
+    )
+    .with_forget_scope(crate::recall::ForgetScope::from_config(cfg.clone()));
     let ready = crate::http::Readiness {
         store,
         points,

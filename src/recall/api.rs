@@ -48,6 +48,8 @@ struct Inner {
     token: Option<[u8; 32]>,
     known_bots: DashSet<String>,
     dim: OnceLock<u64>,
+    /// Which partition's leader a forget fences and where it lists the user's points.
+    forget: super::ForgetScope,
 }
 
 impl RecallState {
@@ -60,7 +62,16 @@ impl RecallState {
                 .map(|t| Sha256::digest(t.expose().as_bytes()).into()),
             known_bots: DashSet::new(),
             dim: OnceLock::new(),
+            forget: super::ForgetScope::default(),
         }))
+    }
+
+    /// The partition layout and collections a forget works with (default: one partition, default patterns).
+    pub fn with_forget_scope(mut self, scope: super::ForgetScope) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.forget = scope;
+        }
+        self
     }
 }
 
@@ -113,6 +124,17 @@ impl IntoResponse for ApiError {
 impl From<crate::sink::StoreError> for ApiError {
     fn from(e: crate::sink::StoreError) -> Self {
         ApiError::unavailable("postgres", e)
+    }
+}
+
+impl From<super::forget::ForgetError> for ApiError {
+    fn from(e: super::forget::ForgetError) -> Self {
+        use super::forget::ForgetError;
+        match e {
+            ForgetError::Store(e) => e.into(),
+            ForgetError::Vectors(e) => e.into(),
+            ForgetError::Points(e) => ApiError::unavailable("qdrant", e),
+        }
     }
 }
 
@@ -520,9 +542,7 @@ async fn forget(
     let Path((bot, user)) = p.map_err(|e| ApiError::bad("path", format!("bad path: {e}")))?;
     check_bot(&bot)?;
     check_user(&user)?;
-    let deleted = super::forget_rows(&s.0.store, &bot, &user).await?;
-    // After the rows: a vector whose row is gone is never returned, and a retry of this request removes it.
-    vectors::delete_user(s.0.points.client(), &bot, &user).await?;
+    let deleted = super::forget_user(&s.0.store, &s.0.points, &s.0.forget, &bot, &user).await?;
     metrics::counter!("recap_users_forgotten_total").increment(1);
     let rows: u64 = deleted.iter().map(|(_, n)| n).sum();
     info!(bot = %bot, user = %super::user_tag(&bot, &user), rows, "user forgotten");
