@@ -63,6 +63,9 @@ FROM (SELECT id, regexp_match(pg_temp.recap_dead_letter_text(raw), '^([^/]*)/(.*
       FROM recap_dead_letters WHERE source = 'sweep' AND user_id IS NULL) x
 WHERE d.id = x.id AND x.m IS NOT NULL;
 
+DROP FUNCTION pg_temp.recap_dead_letter_field(BYTEA, TEXT);
+DROP FUNCTION pg_temp.recap_dead_letter_text(BYTEA);
+
 -- 2. Tombstones list the forgotten user's points: every point id the bot's collections held for the user when the
 --    forget listed them, plus the points recap's rows held. Ingest skips exactly those, whatever their stored time
 --    or event time (the rule no longer compares a bot host's clock with Postgres `now()`). NULL in a tombstone written

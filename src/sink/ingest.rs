@@ -371,8 +371,12 @@ impl IngestTx {
                 // again with every sweep cycle that reads their point: stored once (idx_recap_dead_letters_raw).
                 "INSERT INTO recap_dead_letters (source, subject, stream_seq, raw, reason, bot_name, user_id)
                  SELECT $1, $2, $3, $4, $5, $6, $7
-                 WHERE $3::bigint IS NOT NULL OR NOT EXISTS (SELECT 1 FROM recap_dead_letters
-                     WHERE source = $1 AND stream_seq IS NULL AND md5(raw) = md5($4::bytea))
+                 WHERE ($3::bigint IS NOT NULL OR NOT EXISTS (SELECT 1 FROM recap_dead_letters
+                     WHERE source = $1 AND stream_seq IS NULL AND md5(raw) = md5($4::bytea)))
+                   -- a letter naming a forgotten user is not kept (read again after the forget, it would bring
+                   -- them back; the metrics count it, the stream or the collection keeps the input)
+                   AND ($8::text IS NULL OR NOT EXISTS (SELECT 1 FROM recap_forgotten f
+                     WHERE f.bot_name = $6 AND f.user_key = $8))
                  ON CONFLICT (source, stream_seq) WHERE stream_seq IS NOT NULL DO NOTHING",
             )
             .bind(d.source)
@@ -382,6 +386,10 @@ impl IngestTx {
             .bind(&d.reason)
             .bind(DeadLetter::key_part(d.bot.clone()))
             .bind(DeadLetter::key_part(d.user_id.clone()))
+            .bind(match (&d.bot, &d.user_id) {
+                (Some(b), Some(u)) => Some(super::user_key(b, u)),
+                _ => None,
+            })
             .execute(&mut *self.tx)
             .await?;
         }
