@@ -694,18 +694,29 @@ mod tests {
                 (3 * MIN, "new2".into()),
             ],
         };
-        let r = State::restore_forgetting(cfg(), [], [snap.clone()], [tomb()]);
+        let mut r = State::restore_forgetting(cfg(), [], [snap.clone()], [tomb()]);
         assert_eq!(r.tracker().open_messages(), 1);
         assert_eq!(r.open_keys(), 1);
+        // and the next checkpoint writes the row again without them
+        let c = r.take_checkpoint();
+        assert_eq!(c.snapshots.len(), 1);
+        assert_eq!(c.snapshots[0].points, vec![(3 * MIN, "new2".to_string())]);
         let only_old = Snapshot {
             points: snap.points[..2].to_vec(),
             ..snap
         };
-        let r = State::restore_forgetting(cfg(), [], [only_old], [tomb()]);
+        let mut r = State::restore_forgetting(cfg(), [], [only_old], [tomb()]);
         assert_eq!(
             r.open_keys(),
             0,
             "the forgotten user came back from a snapshot"
         );
+        // a row of forgotten points only is deleted by the next checkpoint
+        let c = r.take_checkpoint();
+        assert_eq!(c.snapshots.len(), 1);
+        assert!(c.snapshots[0].points.is_empty());
+        // a restore without their points in it has nothing to store
+        let mut r = State::restore_forgetting(cfg(), [], [], [tomb()]);
+        assert!(r.take_checkpoint().is_empty());
     }
 }
