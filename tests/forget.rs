@@ -533,3 +533,45 @@ async fn the_forget_finds_every_dead_letter_of_the_user_and_only_theirs() {
             .unwrap();
     assert_eq!(left, 4, "another user's letters were deleted");
 }
+
+/// A forget fences only the ingest partition that owns the key (by bot: the bot's; by user: the key's), so the
+/// other partitions keep their leaders and their in-memory state.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forget_fences_only_the_partition_that_owns_the_key() {
+    use recap::source::nats::{PartitionBy, owner};
+    let db = fresh_db().await;
+    let ctx = context(&db).await;
+    let n = 4u32;
+    for part in 0..n as i32 {
+        ctx.store
+            .try_acquire_partition("leader", Duration::from_secs(60), part)
+            .await
+            .unwrap()
+            .expect("lease");
+    }
+    let epochs = || async {
+        sqlx::query_as::<_, (i32, i64)>("SELECT id - 1, epoch FROM recap_leader ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
+    for by in [PartitionBy::Bot, PartitionBy::User] {
+        let scope = recap::recall::ForgetScope {
+            by,
+            partitions: n,
+            ..recap::recall::ForgetScope::default()
+        };
+        for user in ["u-1", "u-2", "u-3", "u-4", "u-5"] {
+            let before = epochs().await;
+            recap::recall::forget_user(&ctx.store, &ctx.points, &scope, "fence", user)
+                .await
+                .unwrap();
+            let after = epochs().await;
+            let owner = owner(by, n, "fence", user) as i32;
+            for ((part, e0), (_, e1)) in before.iter().zip(&after) {
+                let bumped = u32::from(*part == owner) as i64;
+                assert_eq!(e1 - e0, bumped, "{by:?}: partition {part}, owner {owner}");
+            }
+        }
+    }
+}
