@@ -575,3 +575,64 @@ async fn a_forget_fences_only_the_partition_that_owns_the_key() {
         }
     }
 }
+
+/// The deadlock seen on main (a forget answering 503): a checkpoint holding the leader row is about to merge a late
+/// message into the user's stored window while the forget, which locked the user's rows first, waits for the leader
+/// row. With one lock order the forget waits at the leader row instead: both commit, and nothing of the user is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forget_and_a_checkpoint_merging_into_the_users_window_do_not_deadlock() {
+    let db = fresh_db().await;
+    let ctx = context(&db).await;
+    let (bot, gone, kept) = ("dd", "gone-5", "kept-5");
+    let mut ing = ingest(&ctx).await;
+    let (first, now) = conversation_batch(bot, gone, kept, None);
+    ing.apply(&first, now).await.unwrap();
+    // the checkpoint's first statement after its fence (its dead letter, stream sequence 99) waits for this one
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO recap_dead_letters (source, stream_seq, raw, reason) VALUES ('nats', 99, 'x', 'blocker')",
+    )
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let now = now + 10 * SEC;
+    let race = Batch {
+        messages: vec![
+            // late: merged into the stored window T..T+2s (its row locked by the checkpoint)
+            msg(bot, gone, "gone-late", T + 3 * SEC),
+            msg(bot, gone, "gone-open-2", now - SEC),
+            msg(bot, kept, "kept-open-2", now - SEC),
+        ],
+        dead_letters: vec![letter(bot, gone, 99)],
+        caught_up: true,
+        ..Batch::default()
+    };
+    let checkpoint = tokio::spawn(async move {
+        let r = ing.apply(&race, now).await;
+        (ing, r)
+    });
+    wait_for_lock_waiters(&db.pool, 1).await;
+    let store = ctx.store.clone();
+    let forget =
+        tokio::spawn(
+            async move { recap::recall::forget_rows(&store, bot, gone, 0, &[], &[]).await },
+        );
+    wait_for_lock_waiters(&db.pool, 2).await;
+    blocker.rollback().await.unwrap();
+    let (_, applied) = checkpoint.await.unwrap();
+    let forgot = forget.await.unwrap();
+    assert!(
+        applied.is_ok() && forgot.is_ok(),
+        "checkpoint: {applied:?}, forget: {forgot:?}"
+    );
+    assert_eq!(
+        remains(&db.pool, bot, gone).await,
+        Vec::<String>::new(),
+        "the forgotten user is back"
+    );
+    let kept_rows = remains(&db.pool, bot, kept).await;
+    assert!(
+        kept_rows.iter().any(|r| r == "recap_messages: kept-open-2"),
+        "another user's state is missing: {kept_rows:?}"
+    );
+}
