@@ -30,13 +30,16 @@ use crate::fetch::{FetchError, Points, point_id_string};
 use crate::sink::{Store, StoreError};
 use crate::source::nats::PartitionBy;
 
+/// The bot a collection belongs to (`Config::bot_for_collection`), or `None`.
+pub type BotForCollection = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// What a forget needs of the configuration: the partition layout (which leader to fence) and which collections
 /// are a bot's (where its points are listed).
 #[derive(Clone)]
 pub struct ForgetScope {
     pub by: PartitionBy,
     pub partitions: u32,
-    pub bot_for_collection: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    pub bot_for_collection: BotForCollection,
 }
 
 impl ForgetScope {
