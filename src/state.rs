@@ -20,6 +20,19 @@ use crate::tracker::{ClosedWindow, Millis, Observed, Tracker, TrackerConfig};
 /// A (bot, user) key.
 pub type Key = (Arc<str>, Arc<str>);
 
+/// A forgotten user's tombstone (`recap_forgotten`, see `recall::forget`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    pub bot: String,
+    /// `sink::user_key(bot, user)`: never the id itself.
+    pub user_key: String,
+    /// When the forget committed (Postgres' clock): used only by tombstones without `points`.
+    pub at: Millis,
+    /// Every point of the user the forget listed (the bot's collections then, and recap's rows): exactly these are
+    /// not new, whatever their time. `None`: a tombstone written before migration 0017 (the old time rule).
+    pub points: Option<Vec<String>>,
+}
+
 /// An open message: stored time and point id.
 pub type Point = (Millis, String);
 
@@ -99,7 +112,11 @@ pub struct State {
     deleted: HashSet<Key, foldhash::fast::RandomState>,
     closed: Vec<Closed>,
     positions: HashMap<String, (f64, i64)>,
-    /// Forgotten users: (bot, user key) -> forgotten at. Messages stored up to then are not new.
+    /// Forgotten users' points by bot (see [`Tombstone`]): one lookup per message of a bot with a tombstone, none
+    /// for the others.
+    forgotten_points: HashMap<String, HashSet<String>>,
+    /// Tombstones written before migration 0017: (bot, user key) -> forgotten at; messages stored up to then are not
+    /// new.
     forgotten: HashMap<(String, String), Millis>,
     forgotten_bots: HashSet<String>,
     /// Points stamped ahead of the clock whose window closed: (bot, point id) -> stored time. Read again (the sweep
@@ -123,6 +140,7 @@ impl State {
             deleted: HashSet::default(),
             closed: Vec::new(),
             positions: HashMap::new(),
+            forgotten_points: HashMap::new(),
             forgotten: HashMap::new(),
             forgotten_bots: HashSet::new(),
             closed_clamped: HashMap::new(),
@@ -136,17 +154,44 @@ impl State {
         watermarks: impl IntoIterator<Item = (String, Millis)>,
         snapshots: impl IntoIterator<Item = Snapshot>,
     ) -> State {
+        State::restore_forgetting(cfg, watermarks, snapshots, [])
+    }
+
+    /// [`State::restore`] with the tombstones applied first: a snapshot row holding points of a forgotten user
+    /// (written before the forget) restores without them, so the user never comes back from a snapshot.
+    pub fn restore_forgetting(
+        cfg: TrackerConfig,
+        watermarks: impl IntoIterator<Item = (String, Millis)>,
+        snapshots: impl IntoIterator<Item = Snapshot>,
+        tombstones: impl IntoIterator<Item = Tombstone>,
+    ) -> State {
         let mut s = State::new(cfg);
+        s.set_forgotten(tombstones);
         for (bot, wm) in watermarks {
             s.tracker.restore_watermark(&bot, wm);
         }
-        for snap in snapshots {
+        for mut snap in snapshots {
+            let mut dropped = false;
+            if !s.forgotten_points.is_empty() || !s.forgotten_bots.is_empty() {
+                let before = snap.points.len();
+                snap.points
+                    .retain(|(ts, id)| !s.is_forgotten(&snap.bot, &snap.user, id, *ts));
+                dropped = snap.points.len() < before;
+            }
             for (ts, id) in &snap.points {
                 s.tracker.observe(&snap.bot, &snap.user, id, *ts);
             }
             let mut points = snap.points;
             points.sort();
+            if points.is_empty() && dropped {
+                // the row held only forgotten points: the next checkpoint deletes it
+                s.deleted.insert((snap.bot.clone(), snap.user.clone()));
+            }
             if !points.is_empty() {
+                // a row that held forgotten points is written again (without them) by the next checkpoint
+                if dropped {
+                    s.dirty.push((snap.bot.clone(), snap.user.clone()));
+                }
                 let b = s.open.entry(snap.bot.clone()).or_insert_with(|| BotKeys {
                     name: snap.bot.clone(),
                     users: HashMap::default(),
@@ -160,7 +205,7 @@ impl State {
                             points,
                             clamped: HashMap::new(),
                             stored: true,
-                            dirty: false,
+                            dirty: dropped,
                         },
                     )
                     .is_none()
@@ -174,11 +219,20 @@ impl State {
         s
     }
 
-    /// Users forgotten through recall: `key` is `sink::user_key(bot, user)`.
-    pub fn set_forgotten(&mut self, rows: impl IntoIterator<Item = (String, String, Millis)>) {
-        for (bot, key, at) in rows {
-            self.forgotten_bots.insert(bot.clone());
-            self.forgotten.insert((bot, key), at);
+    /// Users forgotten through recall (see [`Tombstone`]).
+    pub fn set_forgotten(&mut self, rows: impl IntoIterator<Item = Tombstone>) {
+        for t in rows {
+            match t.points {
+                Some(points) => self
+                    .forgotten_points
+                    .entry(t.bot)
+                    .or_default()
+                    .extend(points),
+                None => {
+                    self.forgotten_bots.insert(t.bot.clone());
+                    self.forgotten.insert((t.bot, t.user_key), t.at);
+                }
+            }
         }
     }
 
@@ -208,8 +262,16 @@ impl State {
             || !self.positions.is_empty()
     }
 
-    /// A message of a forgotten user stored at or before the forget (see migration 0009).
-    fn is_forgotten(&self, bot: &str, user: &str, ts: Millis) -> bool {
+    /// A message of a forgotten user from before the forget: its point was listed by the forget (migration 0017);
+    /// for a tombstone written before that, stored at or before the forget (migration 0009).
+    fn is_forgotten(&self, bot: &str, user: &str, point_id: &str, ts: Millis) -> bool {
+        if self
+            .forgotten_points
+            .get(bot)
+            .is_some_and(|ids| ids.contains(point_id))
+        {
+            return true;
+        }
         if !self.forgotten_bots.contains(bot) {
             return false;
         }
@@ -229,7 +291,7 @@ impl State {
         ts: Millis,
         now: Millis,
     ) -> Option<Observed> {
-        if self.is_forgotten(bot, user, ts) {
+        if self.is_forgotten(bot, user, point_id, ts) {
             return None;
         }
         let clamped = ts > now;
@@ -586,7 +648,12 @@ mod tests {
             Some(Observed::Accepted { .. })
         ));
         assert_eq!(s.observe("b", "u", "1", 0, 0), Some(Observed::Duplicate));
-        s.set_forgotten([("b".to_string(), crate::sink::user_key("b", "gone"), 5 * MIN)]);
+        s.set_forgotten([Tombstone {
+            bot: "b".to_string(),
+            user_key: crate::sink::user_key("b", "gone"),
+            at: 5 * MIN,
+            points: None,
+        }]);
         assert_eq!(s.observe("b", "gone", "2", 5 * MIN, 5 * MIN), None);
         assert!(
             s.observe("b", "gone", "3", 5 * MIN + 1, 5 * MIN + 1)
@@ -594,5 +661,62 @@ mod tests {
             "later messages start fresh"
         );
         assert_eq!(s.take_checkpoint().messages, 2);
+    }
+
+    /// The rule of migration 0017: exactly the points the forget listed are not new, whatever their time (a bot host
+    /// whose clock is fast or slow changes nothing), and a snapshot restored from before the forget drops them.
+    #[test]
+    fn a_forgotten_users_listed_points_are_skipped_whatever_their_time() {
+        let tomb = || Tombstone {
+            bot: "b".to_string(),
+            user_key: crate::sink::user_key("b", "gone"),
+            at: 5 * MIN,
+            points: Some(vec!["old1".into(), "old2".into()]),
+        };
+        let mut s = State::new(cfg());
+        s.set_forgotten([tomb()]);
+        // listed points: skipped even when stamped long after the forget (a fast host)
+        assert_eq!(s.observe("b", "gone", "old1", 50 * MIN, 50 * MIN), None);
+        // a point not listed: new, even when stamped before the forget (a slow host)
+        assert!(matches!(
+            s.observe("b", "gone", "new1", MIN, 50 * MIN),
+            Some(Observed::Accepted { .. })
+        ));
+        // another bot's point of the same id is not theirs
+        assert!(s.observe("c", "gone", "old2", MIN, 50 * MIN).is_some());
+        // a snapshot row written before the forget restores without the listed points
+        let snap = Snapshot {
+            bot: "b".into(),
+            user: "gone".into(),
+            points: vec![
+                (MIN, "old1".into()),
+                (2 * MIN, "old2".into()),
+                (3 * MIN, "new2".into()),
+            ],
+        };
+        let mut r = State::restore_forgetting(cfg(), [], [snap.clone()], [tomb()]);
+        assert_eq!(r.tracker().open_messages(), 1);
+        assert_eq!(r.open_keys(), 1);
+        // and the next checkpoint writes the row again without them
+        let c = r.take_checkpoint();
+        assert_eq!(c.snapshots.len(), 1);
+        assert_eq!(c.snapshots[0].points, vec![(3 * MIN, "new2".to_string())]);
+        let only_old = Snapshot {
+            points: snap.points[..2].to_vec(),
+            ..snap
+        };
+        let mut r = State::restore_forgetting(cfg(), [], [only_old], [tomb()]);
+        assert_eq!(
+            r.open_keys(),
+            0,
+            "the forgotten user came back from a snapshot"
+        );
+        // a row of forgotten points only is deleted by the next checkpoint
+        let c = r.take_checkpoint();
+        assert_eq!(c.snapshots.len(), 1);
+        assert!(c.snapshots[0].points.is_empty());
+        // a restore without their points in it has nothing to store
+        let mut r = State::restore_forgetting(cfg(), [], [], [tomb()]);
+        assert!(r.take_checkpoint().is_empty());
     }
 }

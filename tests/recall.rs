@@ -783,8 +783,11 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
     assert_ne!(a, b);
     // a dead letter of each user (their malformed events)
     for u in [&a, &b] {
-        sqlx::query("INSERT INTO recap_dead_letters (source, raw, reason) VALUES ('nats', $1, 'bad timestamp')")
+        // with its key, as every writer stores a letter (migration 0017)
+        sqlx::query("INSERT INTO recap_dead_letters (source, raw, reason, bot_name, user_id) VALUES ('nats', $1, 'bad timestamp', $2, $3)")
             .bind(serde_json::to_vec(&json!({"bot": f.bot, "user_id": u, "timestamp": "never"})).unwrap())
+            .bind(&f.bot)
+            .bind(u)
             .execute(&f.db.pool)
             .await
             .unwrap();

@@ -168,7 +168,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         points.clone(),
         cfg.service.recall_token.as_ref(),
     )
-    .with_context(crate::recall::context::ContextSettings::from_config(&cfg));
+    .with_context(crate::recall::context::ContextSettings::from_config(&cfg))
+    .with_forget_scope(crate::recall::ForgetScope::from_config(cfg.clone()));
     let ready = crate::http::Readiness {
         store,
         points,

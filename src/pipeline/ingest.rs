@@ -187,6 +187,8 @@ impl Ingest {
                     .increment(1);
                 self.letters.push(DeadLetter {
                     source: "ingest",
+                    bot: Some(m.bot.clone()),
+                    user_id: Some(m.user_id.clone()),
                     subject: Some(m.bot.clone()),
                     stream_seq: None,
                     raw: format!("{}/{}/{}/{}", m.bot, m.user_id, m.point_id, m.ts_ms).into_bytes(),
@@ -481,8 +483,15 @@ pub async fn restore_state(
         })
         .map(|(s, _)| s)
         .collect();
-    let mut state = State::restore(cfg, watermarks, open);
-    state.set_forgotten(store.load_forgotten().await?);
+    // Tombstones (a forget's listed points, `recall::forget`): by bot only this partition's bots' (the others' keys
+    // never reach it); by user every bot's (a tombstone names no user id, so its partition is unknown). Loaded here,
+    // at every restore, which every forget of a key this partition owns forces by bumping its epoch.
+    let tombstones = store.load_forgotten().await?.into_iter().filter(|t| {
+        partitions <= 1
+            || by == PartitionBy::User
+            || crate::source::nats::partition_of(&t.bot, partitions) == part
+    });
+    let state = State::restore_forgetting(cfg, watermarks, open, tombstones);
     info!(
         partition = part,
         open_keys = state.open_keys(),

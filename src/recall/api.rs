@@ -54,6 +54,8 @@ struct Inner {
     context: OnceLock<super::context::ContextSettings>,
     /// Requests served at once (`RECALL_CONCURRENCY`).
     concurrency: usize,
+    /// Which partition's leader a forget fences and where it lists the user's points.
+    forget: super::ForgetScope,
 }
 
 /// Requests served at once when not configured ([`RecallState::with_reads`]).
@@ -85,12 +87,21 @@ impl RecallState {
             known_bots: DashSet::new(),
             dim: OnceLock::new(),
             context: OnceLock::new(),
+            forget: super::ForgetScope::default(),
         }))
     }
 
     /// The window definition and collections `GET /v1/context` uses (default: the settings' defaults).
     pub fn with_context(self, settings: super::context::ContextSettings) -> Self {
         let _ = self.0.context.set(settings);
+        self
+    }
+
+    /// The partition layout and collections a forget works with (default: one partition, default patterns).
+    pub fn with_forget_scope(mut self, scope: super::ForgetScope) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.forget = scope;
+        }
         self
     }
 }
@@ -177,6 +188,17 @@ pub fn store_error(e: crate::sink::StoreError) -> ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         field: None,
         message: "internal error reading the store".into(),
+    }
+}
+
+impl From<super::forget::ForgetError> for ApiError {
+    fn from(e: super::forget::ForgetError) -> Self {
+        use super::forget::ForgetError;
+        match e {
+            ForgetError::Store(e) => e.into(),
+            ForgetError::Vectors(e) => e.into(),
+            ForgetError::Points(e) => ApiError::unavailable("qdrant", e),
+        }
     }
 }
 
@@ -635,9 +657,7 @@ async fn forget(
     let Path((bot, user)) = p.map_err(|e| ApiError::bad("path", format!("bad path: {e}")))?;
     check_bot(&bot)?;
     check_user(&user)?;
-    let deleted = super::forget_rows(&s.0.writer, &bot, &user).await?;
-    // After the rows: a vector whose row is gone is never returned, and a retry of this request removes it.
-    vectors::delete_user(s.0.points.client(), &bot, &user).await?;
+    let deleted = super::forget_user(&s.0.writer, &s.0.points, &s.0.forget, &bot, &user).await?;
     metrics::counter!("recap_users_forgotten_total").increment(1);
     let rows: u64 = deleted.iter().map(|(_, n)| n).sum();
     // a tag (a hash), never the id of a user who asked to be forgotten

@@ -4,10 +4,12 @@
 //!   bearer auth, input validation (every bad input a 4xx naming the field).
 //! * [`timerange`]: `since`/`until` (RFC 3339, dates, `7d`, `yesterday`, `last week` ...) in an IANA zone.
 //! * [`vectors`]: summary vectors in the Qdrant collection `recap_summaries`, their sync and repair.
-//! * This module: the SQL (recall by time, full-text search, forget) and reciprocal rank fusion.
+//! * [`forget`]: forgetting a user, completely, whatever runs at the same time.
+//! * This module: the SQL (recall by time, full-text search) and reciprocal rank fusion.
 
 pub mod api;
 pub mod context;
+pub mod forget;
 pub mod timerange;
 pub mod vectors;
 
@@ -20,7 +22,7 @@ use sqlx::Row;
 use crate::sink::{Store, StoreError};
 
 /// Every table holding per-(bot, user) state, each with `bot_name` and `user_id` columns: forgetting a user deletes
-/// their rows from all of them in one transaction. Add a table here when it holds user state.
+/// their rows from all of them in one transaction (`forget`). Add a table here when it holds user state.
 pub const USER_TABLES: &[&str] = &[
     "recap_window_words",
     "conversation_summaries",
@@ -29,7 +31,10 @@ pub const USER_TABLES: &[&str] = &[
     "recap_windows",
     "recap_rollups",
     "recap_running_summaries",
+    "recap_dead_letters",
 ];
+
+pub use forget::{ForgetScope, forget_rows, forget_user};
 
 /// One summary as recall returns it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -229,54 +234,6 @@ pub fn user_tag(bot: &str, user_id: &str) -> String {
 
 /// What forgetting a user deleted, per table.
 pub type Deleted = Vec<(String, u64)>;
-
-/// Deletes everything recap holds about one (bot, user) in Postgres, in one transaction: their rows in every
-/// [`USER_TABLES`] table and their dead letters (events naming both the bot and the user).
-pub async fn forget_rows(store: &Store, bot: &str, user_id: &str) -> Result<Deleted, StoreError> {
-    let mut tx = store.pool().begin().await?;
-    let mut deleted = Vec::new();
-    for table in USER_TABLES {
-        let n = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM {table} WHERE bot_name = $1 AND user_id = $2"
-        )))
-        .bind(bot)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        deleted.push((table.to_string(), n));
-    }
-    // Dead letters keep the raw event; one that names this bot and this user (as JSON strings) is theirs.
-    let n = sqlx::query(
-        "DELETE FROM recap_dead_letters
-         WHERE position(convert_to(to_json($1::text)::text, 'UTF8') IN raw) > 0
-           AND position(convert_to(to_json($2::text)::text, 'UTF8') IN raw) > 0",
-    )
-    .bind(bot)
-    .bind(user_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    deleted.push(("recap_dead_letters".to_string(), n));
-    // The ingest leader holds the user's open messages in memory. Bumping the leader's epoch fails the fence of its
-    // next transaction: it steps down, takes the lease again and rebuilds its tracker from Postgres, where the user
-    // is gone, so a later message of theirs starts fresh. Its uncommitted batch is not acknowledged and comes back.
-    sqlx::query("UPDATE recap_leader SET epoch = epoch + 1")
-        .execute(&mut *tx)
-        .await?;
-    // The bots' collections keep the user's points: the sweep's overlap, a backfill or a replay would read them again.
-    // The tombstone makes ingest skip every message of theirs stored until now (`sink::user_key`, never the id).
-    sqlx::query(
-        "INSERT INTO recap_forgotten (bot_name, user_key, forgotten_at) VALUES ($1, $2, now())
-         ON CONFLICT (bot_name, user_key) DO UPDATE SET forgotten_at = now()",
-    )
-    .bind(bot)
-    .bind(crate::sink::user_key(bot, user_id))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(deleted)
-}
 
 /// True when recap has anything for this bot (a summary, a window, or open messages).
 pub async fn bot_known(store: &Store, bot: &str) -> Result<bool, StoreError> {

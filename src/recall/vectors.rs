@@ -199,6 +199,7 @@ pub async fn upsert(
     .bind(r.revision)
     .execute(store.pool())
     .await?;
+    drop_orphans(store, client, &[(r.id, r.bot.clone(), r.user_id.clone())]).await?;
     metrics::counter!("recap_summary_vectors_synced_total").increment(1);
     Ok(())
 }
@@ -264,6 +265,10 @@ pub async fn upsert_many(
     };
     let (ids, revisions): (Vec<i32>, Vec<i32>) =
         items.iter().map(|(r, _)| (r.id, r.revision)).unzip();
+    let keys: Vec<(i32, String, String)> = items
+        .iter()
+        .map(|(r, _)| (r.id, r.bot.clone(), r.user_id.clone()))
+        .collect();
     let points: Vec<PointStruct> = items
         .into_iter()
         .map(|(r, v)| PointStruct::new(point_id(&r.bot, &r.user_id, r.id), v, payload(&r)))
@@ -290,7 +295,46 @@ pub async fn upsert_many(
     .bind(&revisions)
     .execute(store.pool())
     .await?;
+    drop_orphans(store, client, &keys).await?;
     metrics::counter!("recap_summary_vectors_synced_total").increment(n);
+    Ok(())
+}
+
+/// After an upsert: deletes the vectors just written whose row is gone (a forget, or a merge, that committed after
+/// the sync read its rows). Read after the upsert, so whichever order the two take, no vector outlives its row: a
+/// row still there now is deleted later, and its deleter removes the vectors afterwards (`recall::forget_user`).
+async fn drop_orphans(
+    store: &Store,
+    client: &Qdrant,
+    written: &[(i32, String, String)],
+) -> Result<(), VectorError> {
+    let ids: Vec<i32> = written.iter().map(|k| k.0).collect();
+    let gone: Vec<i32> = sqlx::query_scalar(
+        "SELECT x.id FROM unnest($1::int[]) AS x(id)
+         WHERE NOT EXISTS (SELECT 1 FROM conversation_summaries s WHERE s.id = x.id)",
+    )
+    .bind(&ids)
+    .fetch_all(store.pool())
+    .await?;
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let points: Vec<qdrant_client::qdrant::PointId> = written
+        .iter()
+        .filter(|k| gone.contains(&k.0))
+        .map(|(id, bot, user)| point_id(bot, user, *id).into())
+        .collect();
+    client
+        .delete_points(
+            DeletePointsBuilder::new(COLLECTION)
+                .points(qdrant_client::qdrant::PointsIdsList { ids: points })
+                .wait(true),
+        )
+        .await?;
+    debug!(
+        rows = gone.len(),
+        "vectors of rows deleted meanwhile removed"
+    );
     Ok(())
 }
 

@@ -144,19 +144,19 @@ impl Store {
             .collect())
     }
 
-    /// Tombstones of forgotten users: (bot, user key, forgotten at).
-    pub async fn load_forgotten(&self) -> Result<Vec<(String, String, Millis)>, StoreError> {
-        let rows = sqlx::query("SELECT bot_name, user_key, forgotten_at FROM recap_forgotten")
-            .fetch_all(&self.pool)
-            .await?;
+    /// Tombstones of forgotten users (see [`crate::state::Tombstone`]).
+    pub async fn load_forgotten(&self) -> Result<Vec<crate::state::Tombstone>, StoreError> {
+        let rows =
+            sqlx::query("SELECT bot_name, user_key, forgotten_at, point_ids FROM recap_forgotten")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    r.get(1),
-                    r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
-                )
+            .map(|r| crate::state::Tombstone {
+                bot: r.get(0),
+                user_key: r.get(1),
+                at: r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
+                points: r.get(3),
             })
             .collect())
     }
@@ -369,10 +369,14 @@ impl IngestTx {
             sqlx::query(
                 // Letters without a stream sequence (ingest's far-future points, the sweep's invalid payloads) come
                 // again with every sweep cycle that reads their point: stored once (idx_recap_dead_letters_raw).
-                "INSERT INTO recap_dead_letters (source, subject, stream_seq, raw, reason)
-                 SELECT $1, $2, $3, $4, $5
-                 WHERE $3::bigint IS NOT NULL OR NOT EXISTS (SELECT 1 FROM recap_dead_letters
-                     WHERE source = $1 AND stream_seq IS NULL AND md5(raw) = md5($4::bytea))
+                "INSERT INTO recap_dead_letters (source, subject, stream_seq, raw, reason, bot_name, user_id)
+                 SELECT $1, $2, $3, $4, $5, $6, $7
+                 WHERE ($3::bigint IS NOT NULL OR NOT EXISTS (SELECT 1 FROM recap_dead_letters
+                     WHERE source = $1 AND stream_seq IS NULL AND md5(raw) = md5($4::bytea)))
+                   -- a letter naming a forgotten user is not kept (read again after the forget, it would bring
+                   -- them back; the metrics count it, the stream or the collection keeps the input)
+                   AND ($8::text IS NULL OR NOT EXISTS (SELECT 1 FROM recap_forgotten f
+                     WHERE f.bot_name = $6 AND f.user_key = $8))
                  ON CONFLICT (source, stream_seq) WHERE stream_seq IS NOT NULL DO NOTHING",
             )
             .bind(d.source)
@@ -380,6 +384,12 @@ impl IngestTx {
             .bind(d.stream_seq.map(|s| s as i64))
             .bind(&d.raw)
             .bind(&d.reason)
+            .bind(DeadLetter::key_part(d.bot.clone()))
+            .bind(DeadLetter::key_part(d.user_id.clone()))
+            .bind(match (&d.bot, &d.user_id) {
+                (Some(b), Some(u)) => Some(super::user_key(b, u)),
+                _ => None,
+            })
             .execute(&mut *self.tx)
             .await?;
         }

@@ -106,6 +106,33 @@ pub struct DeadLetter {
     pub stream_seq: Option<u64>,
     pub raw: Vec<u8>,
     pub reason: String,
+    /// The (bot, user) key the input names, when it names one (migration 0017): how forgetting a user finds it.
+    pub bot: Option<String>,
+    pub user_id: Option<String>,
+}
+
+impl DeadLetter {
+    /// The key of a malformed event body: its `bot` and `user_id` fields (strings, or numbers as text) when it is a
+    /// JSON object that has them; a body cut short or not JSON names none (what remains of it is matched by the
+    /// forget through the subject).
+    pub fn key_of_json(body: &[u8]) -> (Option<String>, Option<String>) {
+        let Ok(serde_json::Value::Object(o)) = serde_json::from_slice::<serde_json::Value>(body)
+        else {
+            return (None, None);
+        };
+        let field = |name: &str| match o.get(name) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        (field("bot"), field("user_id"))
+    }
+
+    /// A key part as a column can store it: text without NUL (Postgres refuses it in `TEXT`; an id with one cannot be
+    /// forgotten through the API either).
+    pub fn key_part(s: Option<String>) -> Option<String> {
+        s.filter(|s| !s.contains('\0'))
+    }
 }
 
 /// The proof that this replica holds the ingest lease.

@@ -301,8 +301,11 @@ pub fn accept(batch: &mut Batch, subject: &str, stream_seq: Option<u64>, body: &
         Err(e) => {
             tracing::warn!(subject, stream_seq, reason = %e, "malformed event sent to the dead-letter table");
             metrics::counter!("recap_events_malformed_total", "reason" => e.kind()).increment(1);
+            let (bot, user_id) = DeadLetter::key_of_json(body);
             batch.dead_letters.push(DeadLetter {
                 source: "nats",
+                bot,
+                user_id,
                 subject: Some(subject.chars().take(255).collect()),
                 stream_seq,
                 // A flood of 1 MiB bodies must not fill the database: the first 4 KiB tell what it was (the whole

@@ -319,6 +319,8 @@ impl SweepSource {
                     metrics::counter!("recap_sweep_points_skipped_total", "reason" => e.kind()).increment(1);
                     batch.dead_letters.push(crate::sink::DeadLetter {
                         source: "sweep",
+                        bot: Some(sweep.bot.clone()),
+                        user_id: Some(mp.user_id.clone()),
                         subject: Some(sweep.collection.clone()),
                         stream_seq: None,
                         raw: format!("{}/{}", mp.message.point_id, mp.user_id)
