@@ -27,6 +27,7 @@ pub const USER_TABLES: &[&str] = &[
     "recap_windows",
     "recap_rollups",
     "recap_running_summaries",
+    "recap_clamped_points",
 ];
 
 /// One summary as recall returns it.
