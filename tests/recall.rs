@@ -825,6 +825,16 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
         .execute(&f.db.pool)
         .await
         .unwrap();
+        // and a closed point of theirs that was stamped ahead of the clock (migration 0016)
+        sqlx::query(
+            "INSERT INTO recap_clamped_points (bot_name, user_id, point_id, stored_ts)
+             VALUES ($1, $2, gen_random_uuid()::text, now())",
+        )
+        .bind(&f.bot)
+        .bind(u)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
     }
     let tables: Vec<String> = sqlx::query_scalar(
         // tables, not views (the view recap_messages reads recap_open_windows and recap_windows)
