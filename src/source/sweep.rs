@@ -174,6 +174,8 @@ struct Cycle {
     started_ms: i64,
     /// Bots with a collection this cycle skipped (failing, see [`SweepSource::isolate`]): its horizon is not theirs.
     held_back: Vec<String>,
+    /// Bots with more than one collection in this cycle: their pages never move a watermark (issue 24, case 2).
+    shared_bots: std::collections::HashSet<String>,
 }
 
 /// How long a failing collection is left out of the sweep after its `n`-th failure in a row: 10 s, doubling, at most
@@ -271,6 +273,15 @@ impl SweepSource {
             .filter_map(|c| (self.settings.bot_for_collection)(&c).map(|bot| (c, bot)))
             .collect();
         debug!(collections = queue.len(), "sweep cycle starts");
+        let mut per_bot: HashMap<&str, usize> = HashMap::new();
+        for (_, bot) in &queue {
+            *per_bot.entry(bot.as_str()).or_default() += 1;
+        }
+        let shared_bots = per_bot
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(b, _)| b.to_string())
+            .collect();
         let started = Instant::now();
         self.next_cycle = started + self.settings.interval;
         self.cycle = Some(Cycle {
@@ -280,6 +291,7 @@ impl SweepSource {
             started,
             started_ms: chrono::Utc::now().timestamp_millis(),
             held_back: Vec::new(),
+            shared_bots,
         });
         Ok(())
     }

@@ -296,8 +296,13 @@ impl SweepSource {
             }
         }
 
+        // Only an ordered page of a bot's only collection may move its watermark by its times (every later page of
+        // the bot is at least as late); an unordered page, the first sweep's undated pass and a bot with two
+        // collections hold it until the cycle's horizon (issue 24, case 2).
+        let ordered_alone = matches!(sweep.cursor, Cursor::Ordered { .. })
+            && !cycle.shared_bots.contains(&sweep.bot);
         let mut batch = Batch {
-            swept: true,
+            swept: !ordered_alone,
             ..Batch::default()
         };
         let start_ms = (sweep.start * 1000.0).floor() as i64;
