@@ -102,7 +102,7 @@ impl FetchError {
 
 pub fn point_id_string(id: &PointId) -> String {
     match &id.point_id_options {
-        Some(PointIdOptions::Uuid(u)) => u.clone(),
+        Some(PointIdOptions::Uuid(u)) => canonical_point_id(u).unwrap_or_else(|| u.clone()),
         Some(PointIdOptions::Num(n)) => n.to_string(),
         None => String::new(),
     }
@@ -111,6 +111,18 @@ pub fn point_id_string(id: &PointId) -> String {
 /// Whether Qdrant can take `id` as a point id: an unsigned integer or a UUID. Anything else fails a whole request.
 pub fn is_point_id(id: &str) -> bool {
     id.parse::<u64>().is_ok() || uuid::Uuid::parse_str(id).is_ok()
+}
+
+/// The one form of a point id recap compares and stores (issue 24, case 7): an unsigned integer in decimal without
+/// leading zeros, a UUID lowercase and hyphenated (the form Qdrant answers with), whatever form the event or the
+/// payload wrote (`uuid4().hex`, upper case, braces, `urn:uuid:`, `007`). `None` for anything Qdrant cannot take.
+pub fn canonical_point_id(id: &str) -> Option<String> {
+    if let Ok(n) = id.parse::<u64>() {
+        return Some(n.to_string());
+    }
+    uuid::Uuid::parse_str(id)
+        .ok()
+        .map(|u| u.hyphenated().to_string())
 }
 
 /// A point id as Qdrant takes it: integers stay integers, anything else is a UUID string.
@@ -601,12 +613,9 @@ pub struct WindowQuery<'a> {
     pub range_ms: (Millis, Millis),
 }
 
-/// A point id in the form Qdrant answers with (UUIDs lowercase and hyphenated), so a stored id finds its point.
+/// A point id in the form Qdrant answers with, so a stored id finds its point ([`canonical_point_id`]).
 fn canonical_id(id: &str) -> String {
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if id.parse::<u64>().is_err() => u.to_string(),
-        _ => id.to_string(),
-    }
+    canonical_point_id(id).unwrap_or_else(|| id.to_string())
 }
 
 #[cfg(test)]

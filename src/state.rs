@@ -17,6 +17,21 @@ use std::sync::Arc;
 
 use crate::tracker::{ClosedWindow, Millis, Observed, Tracker, TrackerConfig};
 
+mod clamped;
+pub use clamped::{CAPACITY as CLAMPED_CAPACITY, ClampedMemory, MEMORY_MS as CLAMPED_MEMORY_MS};
+
+/// A closed point that was stamped ahead of the clock when read, far enough that a read at its stamp would not be
+/// related to its window by time ([`clamped::escapes_time_probe`]): stored (`recap_clamped_points`) so a restarted
+/// state (a takeover, a replay) still knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClampedPoint {
+    pub bot: Arc<str>,
+    pub user: Arc<str>,
+    pub id: String,
+    /// The point's stored time (its stamp), not its arrival.
+    pub stored: Millis,
+}
+
 /// A (bot, user) key.
 pub type Key = (Arc<str>, Arc<str>);
 
@@ -66,6 +81,8 @@ pub struct Checkpoint {
     pub positions: Vec<(String, f64, i64)>,
     /// Messages applied since the last checkpoint.
     pub messages: usize,
+    /// Closed points stamped far ahead of the clock (see [`ClampedPoint`]).
+    pub clamped: Vec<ClampedPoint>,
 }
 
 impl Checkpoint {
@@ -74,6 +91,7 @@ impl Checkpoint {
             && self.closed.is_empty()
             && self.watermarks.is_empty()
             && self.positions.is_empty()
+            && self.clamped.is_empty()
     }
 }
 
@@ -119,16 +137,15 @@ pub struct State {
     /// new.
     forgotten: HashMap<(String, String), Millis>,
     forgotten_bots: HashSet<String>,
-    /// Points stamped ahead of the clock whose window closed: (bot, point id) -> stored time. Read again (the sweep
-    /// re-reads them while its overlap covers their stored time), they would get a new arrival time and open a new
-    /// window; they are duplicates until a day past their stored time.
-    closed_clamped: HashMap<(Arc<str>, String), Millis>,
+    /// Points stamped ahead of the clock whose window closed (by bot and point id). Read again (the sweep re-reads
+    /// them while its overlap covers their stored time; hybrid mode's sweep after their events; a replay), before or
+    /// after the clock passed their stamp, they would open a new window: they are duplicates until a day past their
+    /// stored time (`state/clamped.rs`).
+    closed_clamped: ClampedMemory,
+    /// Closed clamped points for the next checkpoint to store.
+    clamped_rows: Vec<ClampedPoint>,
     messages: usize,
 }
-
-/// How long after its stored time a closed point stamped ahead of the clock is remembered (`MAX_FUTURE_MS`: one later
-/// than that is a dead letter anyway).
-const CLAMPED_MEMORY_MS: Millis = 24 * 3_600_000;
 
 impl State {
     pub fn new(cfg: TrackerConfig) -> State {
@@ -143,7 +160,8 @@ impl State {
             forgotten_points: HashMap::new(),
             forgotten: HashMap::new(),
             forgotten_bots: HashSet::new(),
-            closed_clamped: HashMap::new(),
+            closed_clamped: ClampedMemory::new(),
+            clamped_rows: Vec::new(),
             messages: 0,
         }
     }
@@ -219,6 +237,18 @@ impl State {
         s
     }
 
+    /// Closed points stamped ahead of the clock, as stored (`recap_clamped_points`): (bot, point id, stored time).
+    pub fn remember_clamped(&mut self, rows: impl IntoIterator<Item = (String, String, Millis)>) {
+        for (bot, id, stored) in rows {
+            self.closed_clamped.remember(&Arc::from(bot), &id, stored);
+        }
+    }
+
+    /// Remembered closed clamped points, and the entries touched so far looking them up (cost accounting).
+    pub fn clamped_memory(&self) -> (usize, u64) {
+        (self.closed_clamped.len(), self.closed_clamped.work())
+    }
+
     /// Users forgotten through recall (see [`Tombstone`]).
     pub fn set_forgotten(&mut self, rows: impl IntoIterator<Item = Tombstone>) {
         for t in rows {
@@ -291,22 +321,35 @@ impl State {
         ts: Millis,
         now: Millis,
     ) -> Option<Observed> {
+        self.observe_from(bot, user, point_id, ts, now, true)
+    }
+
+    /// [`observe`](Self::observe); `event_time` false (a sweep page): the message moves no watermark
+    /// ([`Tracker::observe_at`]).
+    pub fn observe_from(
+        &mut self,
+        bot: &str,
+        user: &str,
+        point_id: &str,
+        ts: Millis,
+        now: Millis,
+        event_time: bool,
+    ) -> Option<Observed> {
         if self.is_forgotten(bot, user, point_id, ts) {
             return None;
         }
         let clamped = ts > now;
-        if clamped && !self.closed_clamped.is_empty() {
-            self.closed_clamped
-                .retain(|_, stored| stored.saturating_add(CLAMPED_MEMORY_MS) > now);
-            if self
-                .closed_clamped
-                .contains_key(&(Arc::from(bot), point_id.to_string()))
-            {
+        // Whatever the clock says now: a closed point read at arrival once is a duplicate at its stamp too.
+        if !self.closed_clamped.is_empty() {
+            self.closed_clamped.expire(now);
+            if self.closed_clamped.contains(bot, point_id) {
                 return Some(Observed::Duplicate);
             }
         }
         let eff = crate::tracker::effective_time(ts, now);
-        let o = self.tracker.observe(bot, user, point_id, eff);
+        let o = self
+            .tracker
+            .observe_at(bot, user, point_id, eff, event_time);
         if let Observed::Accepted { .. } = o {
             self.messages += 1;
             let b = match self.open.get_mut(bot) {
@@ -355,6 +398,11 @@ impl State {
         self.tracker.tick(now);
     }
 
+    /// [`tick`](Self::tick) for every bot but those `held` says (a sweep that skipped one of their collections).
+    pub fn tick_except(&mut self, now: Millis, held: impl Fn(&str) -> bool) {
+        self.tracker.tick_except(now, held);
+    }
+
     pub fn poll_timeout(&self) -> Option<Millis> {
         self.tracker.poll_timeout()
     }
@@ -391,11 +439,19 @@ impl State {
             debug_assert_eq!(points.len(), w.count as usize);
             let mut clamped = false;
             if !buf.clamped.is_empty() {
-                for (_, id) in &points {
+                let cfg = self.tracker.config();
+                for (eff, id) in &points {
                     if let Some(stored) = buf.clamped.remove(id) {
                         clamped = true;
-                        self.closed_clamped
-                            .insert((w.bot.clone(), id.clone()), stored);
+                        self.closed_clamped.remember(&w.bot, id, stored);
+                        if clamped::escapes_time_probe(cfg, *eff, stored) {
+                            self.clamped_rows.push(ClampedPoint {
+                                bot: w.bot.clone(),
+                                user: w.user.clone(),
+                                id: id.clone(),
+                                stored,
+                            });
+                        }
                     }
                 }
             }
@@ -462,6 +518,7 @@ impl State {
             watermarks: self.tracker.take_watermark_changes(),
             positions,
             messages: std::mem::take(&mut self.messages),
+            clamped: std::mem::take(&mut self.clamped_rows),
         }
     }
 }
@@ -638,6 +695,199 @@ mod tests {
             s.observe("b", "f", "p0", 30 * 3_600_000, 26 * 3_600_000),
             Some(Observed::Accepted { .. })
         ));
+    }
+
+    /// The sink's coverage rule, modelled: a closed window's point is not new when a stored window of its key has it
+    /// and either lies within the idle gap of the closing window (the merge-candidate probe) or the closing window is
+    /// marked `clamped` (the key-wide check). Returns each point id's count of stored windows holding it.
+    fn sink_model(cfg: &TrackerConfig, closed: &[Closed]) -> HashMap<String, usize> {
+        let mut stored: Vec<(Key, Millis, Millis, Vec<String>)> = Vec::new();
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for c in closed {
+            let key = (c.window.bot.clone(), c.window.user.clone());
+            let (lo, hi) = c.window.message_range(cfg.mode);
+            let gap = match cfg.mode {
+                crate::tracker::Mode::Session => cfg.idle_gap_ms,
+                crate::tracker::Mode::Tumbling => 0,
+            };
+            let fresh: Vec<String> = c
+                .points
+                .iter()
+                .map(|(_, id)| id.clone())
+                .filter(|id| {
+                    !stored.iter().any(|(k, s, e, ids)| {
+                        *k == key
+                            && (c.clamped || (*e >= lo - gap && *s <= hi + gap))
+                            && ids.contains(id)
+                    })
+                })
+                .collect();
+            for id in &fresh {
+                *count.entry(id.clone()).or_default() += 1;
+            }
+            if !fresh.is_empty() {
+                let ts: Vec<Millis> = c.points.iter().map(|p| p.0).collect();
+                stored.push((key, ts[0], ts[ts.len() - 1], fresh));
+            }
+        }
+        count
+    }
+
+    /// Reads `(wall time, user, point id, stamp)` in wall-clock order, ticking the clock as a caught-up event source
+    /// does, and closes everything at the end.
+    fn run_reads(s: &mut State, reads: &mut [(Millis, u8, u16, Millis)]) -> Vec<Closed> {
+        reads.sort();
+        let mut closed = Vec::new();
+        for (now, u, id, ts) in reads.iter() {
+            s.tick(*now);
+            s.close_due();
+            s.observe("bot", &format!("u{u}"), &format!("p{id}"), *ts, *now);
+            s.close_due();
+            closed.extend(s.take_checkpoint().closed);
+        }
+        s.tick(Millis::MAX / 4);
+        s.close_due();
+        closed.extend(s.take_checkpoint().closed);
+        closed
+    }
+
+    proptest! {
+        /// Hosts whose clocks run ahead (by ms, by 90 s, by 20 min), every message read twice (its event at arrival,
+        /// then the sweep or a replay any time later, before or after the clock passed its stamp): every point ends
+        /// in exactly one stored window, in session and tumbling mode (issue 24, case 1).
+        #[test]
+        fn a_fast_hosts_message_read_again_at_any_time_is_in_one_window(
+            msgs in proptest::collection::vec(
+                (0u8..3, 0u16..600, prop_oneof![Just(0i64), Just(3), Just(90_000), Just(20 * MIN)], 0i64..40 * MIN),
+                1..40,
+            ),
+            tumbling in any::<bool>(),
+        ) {
+            let cfg = TrackerConfig {
+                idle_gap_ms: MIN,
+                max_span_ms: 10 * MIN,
+                lateness_ms: 1000,
+                mode: if tumbling { crate::tracker::Mode::Tumbling } else { crate::tracker::Mode::Session },
+            };
+            let mut reads = Vec::new();
+            let mut seen = HashSet::new();
+            for (i, (u, t, skew, again)) in msgs.iter().enumerate() {
+                let wall = i64::from(*t) * 1000;
+                let id = i as u16;
+                // a point id belongs to one user
+                if !seen.insert(id) { continue; }
+                reads.push((wall, *u, id, wall + skew));
+                reads.push((wall + again, *u, id, wall + skew));
+            }
+            let mut s = State::new(cfg);
+            let closed = run_reads(&mut s, &mut reads);
+            let count = sink_model(&cfg, &closed);
+            prop_assert_eq!(count.len(), seen.len(), "every point stored");
+            prop_assert!(count.values().all(|n| *n == 1), "a point in two windows: {:?}", count);
+        }
+    }
+
+    #[test]
+    fn a_host_90_s_fast_read_again_once_the_clock_passed_its_stamps_opens_no_second_window() {
+        let cfg = TrackerConfig {
+            idle_gap_ms: MIN,
+            max_span_ms: 120 * MIN,
+            lateness_ms: 1000,
+            ..TrackerConfig::default()
+        };
+        let fast = 90_000;
+        let mut s = State::new(cfg);
+        let mut reads: Vec<(Millis, u8, u16, Millis)> = (0..6)
+            .flat_map(|i| {
+                let wall = i64::from(i) * 1000;
+                // the event at arrival, then the sweep 100 s later: past the stamps
+                [
+                    (wall, 0, i, wall + fast),
+                    (wall + 100_000, 0, i, wall + fast),
+                ]
+            })
+            .collect();
+        let closed = run_reads(&mut s, &mut reads);
+        assert_eq!(closed.len(), 1, "one window: {closed:?}");
+        assert_eq!(closed[0].points.len(), 6);
+        // far enough from their arrival that the sink's time probe would not relate them: stored for a restart
+        let (n, _) = s.clamped_memory();
+        assert_eq!(n, 6);
+    }
+
+    #[test]
+    fn a_restored_state_knows_the_stored_clamped_points_as_duplicates() {
+        let cfg = TrackerConfig {
+            idle_gap_ms: MIN,
+            lateness_ms: 1000,
+            ..TrackerConfig::default()
+        };
+        let mut s = State::new(cfg);
+        for i in 0..3 {
+            s.observe("b", "f", &format!("p{i}"), i * 1000 + 90_000, i * 1000);
+        }
+        s.tick(5 * MIN);
+        assert_eq!(s.close_due(), 1);
+        let c = s.take_checkpoint();
+        assert_eq!(c.clamped.len(), 3, "stored with the checkpoint");
+        assert_eq!(c.clamped[0].stored, 90_000);
+        // a takeover (or `recap replay`) restores them, then reads the points at their stamps
+        let mut r = State::restore(cfg, [("b".to_string(), 5 * MIN)], []);
+        r.remember_clamped(
+            c.clamped
+                .iter()
+                .map(|p| (p.bot.to_string(), p.id.clone(), p.stored)),
+        );
+        for i in 0..3 {
+            assert_eq!(
+                r.observe("b", "f", &format!("p{i}"), i * 1000 + 90_000, 6 * MIN),
+                Some(Observed::Duplicate)
+            );
+        }
+        assert_eq!(r.open_keys(), 0);
+        // a host a few ms fast: remembered in memory, not stored (the sink's time probe finds its re-reads)
+        let mut s = State::new(cfg);
+        s.observe("b", "g", "q", 10_003, 10_000);
+        s.tick(5 * MIN);
+        s.close_due();
+        assert!(s.take_checkpoint().clamped.is_empty());
+        assert_eq!(s.clamped_memory().0, 1);
+    }
+
+    /// Issue 24, case 15: with 10x more remembered clamped points, reading a clamped message costs the same number
+    /// of entries touched (it used to scan them all).
+    #[test]
+    fn the_cost_of_a_clamped_message_stays_flat_as_remembered_points_grow() {
+        let cfg = TrackerConfig {
+            idle_gap_ms: MIN,
+            lateness_ms: 1000,
+            ..TrackerConfig::default()
+        };
+        let per_message = |remembered: usize| {
+            let mut s = State::new(cfg);
+            // a host 5 ms fast: every message clamped; one message per user, each window closed
+            for i in 0..remembered {
+                let t = i as i64;
+                s.observe("b", &format!("u{i}"), &format!("p{i}"), t + 5, t);
+            }
+            s.tick(remembered as i64 + 10 * MIN);
+            s.close_due();
+            let _ = s.take_checkpoint();
+            assert_eq!(s.clamped_memory().0, remembered);
+            let before = s.clamped_memory().1;
+            let now = remembered as i64 + 10 * MIN;
+            for i in 0..1000 {
+                let t = now + i;
+                s.observe("b", &format!("v{i}"), &format!("n{i}"), t + 5, t);
+            }
+            (s.clamped_memory().1 - before) as f64 / 1000.0
+        };
+        let small = per_message(2_000);
+        let large = per_message(20_000);
+        assert!(
+            large <= small * 1.5 + 1.0,
+            "work per clamped message grew with the remembered points: {small} -> {large}"
+        );
     }
 
     #[test]

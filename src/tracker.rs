@@ -401,6 +401,20 @@ impl Tracker {
     /// not reproducibly (the seed differs per process), where the 64-bit FNV-1a [`point_hash`] used before collided
     /// for fixed pairs; it is still not cryptographic, and the store de-duplicates by point id before the tracker.
     pub fn observe(&mut self, bot: &str, user: &str, point_id: &str, ts: Millis) -> Observed {
+        self.observe_at(bot, user, point_id, ts, true)
+    }
+
+    /// [`observe`](Self::observe), moving the bot's watermark by the message's time only with `advance`. A sweep page's
+    /// messages advance nothing (issue 24, case 2): unordered paging, the first cycle and a bot's other collections
+    /// may still hold older points of the bot; the completed cycle's horizon ticks instead.
+    pub fn observe_at(
+        &mut self,
+        bot: &str,
+        user: &str,
+        point_id: &str,
+        ts: Millis,
+        advance: bool,
+    ) -> Observed {
         let bot_id = self.bot_id(bot);
         let hash = {
             let mut h = self.id_hasher.build_hasher();
@@ -487,7 +501,7 @@ impl Tracker {
             sift_up(heap, &mut self.slots, &self.users, at);
         }
         let bot_state = &mut self.bots[bot_id as usize];
-        if advanced > bot_state.watermark {
+        if advance && advanced > bot_state.watermark {
             bot_state.watermark = advanced;
             bot_state.watermark_changed = true;
         }
@@ -496,9 +510,14 @@ impl Tracker {
 
     /// The source is caught up at wall-clock time `now`: every bot's watermark moves to at least `now - lateness`.
     pub fn tick(&mut self, now: Millis) {
+        self.tick_except(now, |_| false);
+    }
+
+    /// [`tick`](Self::tick), leaving the bots `held` says where they are.
+    pub fn tick_except(&mut self, now: Millis, held: impl Fn(&str) -> bool) {
         let wm = now.saturating_sub(self.cfg.lateness_ms);
         for b in &mut self.bots {
-            if wm > b.watermark {
+            if wm > b.watermark && !held(&b.name) {
                 b.watermark = wm;
                 b.watermark_changed = true;
             }

@@ -816,6 +816,16 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
         .execute(&f.db.pool)
         .await
         .unwrap();
+        // and a closed point of theirs that was stamped ahead of the clock (migration 0016)
+        sqlx::query(
+            "INSERT INTO recap_clamped_points (bot_name, user_id, point_id, stored_ts)
+             VALUES ($1, $2, gen_random_uuid()::text, now())",
+        )
+        .bind(&f.bot)
+        .bind(u)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
     }
     for u in [&a, &b] {
         sqlx::query(

@@ -199,10 +199,14 @@ impl Ingest {
                 });
                 continue;
             }
-            match self
-                .state
-                .observe(&m.bot, &m.user_id, &m.point_id, m.ts_ms, now)
-            {
+            match self.state.observe_from(
+                &m.bot,
+                &m.user_id,
+                &m.point_id,
+                m.ts_ms,
+                now,
+                !batch.swept,
+            ) {
                 Some(Observed::Accepted { late }) => {
                     applied.new += 1;
                     applied.late += usize::from(late);
@@ -211,7 +215,13 @@ impl Ingest {
             }
         }
         if batch.caught_up {
-            self.state.tick(tick_time(batch, now));
+            if batch.held_back.is_empty() {
+                self.state.tick(tick_time(batch, now));
+            } else {
+                self.state.tick_except(tick_time(batch, now), |b| {
+                    batch.held_back.iter().any(|h| h == b)
+                });
+            }
         }
         applied.closed = self.state.close_due();
         if let Some((name, pos, read)) = &batch.checkpoint {
@@ -423,6 +433,7 @@ async fn write(
     let done = tx.close_windows(tcfg, &c.closed, min).await?;
     tx.save_snapshots(&c.snapshots, fence.part, layout).await?;
     tx.save_watermarks(&c.watermarks, fence.part).await?;
+    tx.save_clamped(&c.clamped).await?;
     for (name, pos, read) in &c.positions {
         tx.save_checkpoint(name, *pos, *read).await?;
     }
@@ -491,7 +502,17 @@ pub async fn restore_state(
             || by == PartitionBy::User
             || crate::source::nats::partition_of(&t.bot, partitions) == part
     });
-    let state = State::restore_forgetting(cfg, watermarks, open, tombstones);
+    let mut state = State::restore_forgetting(cfg, watermarks, open, tombstones);
+    state.remember_clamped(
+        store
+            .load_clamped()
+            .await?
+            .into_iter()
+            .filter(|(bot, user, _, _)| {
+                partitions <= 1 || crate::source::nats::owner(by, partitions, bot, user) == part
+            })
+            .map(|(bot, _, id, stored)| (bot, id, stored)),
+    );
     info!(
         partition = part,
         open_keys = state.open_keys(),

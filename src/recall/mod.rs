@@ -32,6 +32,7 @@ pub const USER_TABLES: &[&str] = &[
     "recap_rollups",
     "recap_running_summaries",
     "recap_dead_letters",
+    "recap_clamped_points",
 ];
 
 pub use forget::{ForgetScope, forget_rows, forget_user};

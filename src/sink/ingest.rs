@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{DeadLetter, Fence, NewMessage, Store, StoreError, to_utc};
-use crate::state::{Closed, Point, Snapshot};
+use crate::state::{ClampedPoint, Closed, Point, Snapshot};
 use crate::tracker::{Millis, Mode, TrackerConfig};
 
 impl Store {
@@ -140,6 +140,28 @@ impl Store {
                     points: ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect(),
                 };
                 (snapshot, r.get::<bool, _>(4))
+            })
+            .collect())
+    }
+
+    /// Closed points stamped far ahead of the clock, younger than a day: (bot, user, point id, stored time).
+    pub async fn load_clamped(&self) -> Result<Vec<(String, String, String, Millis)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT bot_name, user_id, point_id, stored_ts FROM recap_clamped_points
+             WHERE stored_ts >= now() - make_interval(secs => $1::float8 / 1000)",
+        )
+        .bind(crate::state::CLAMPED_MEMORY_MS as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get::<DateTime<Utc>, _>(3).timestamp_millis(),
+                )
             })
             .collect())
     }
@@ -713,6 +735,38 @@ impl IngestTx {
             }
         };
         Ok((id, state == "too_short", covered_here))
+    }
+
+    /// Stores closed points stamped far ahead of the clock (`recap_clamped_points`, see [`crate::state::ClampedPoint`])
+    /// and drops the rows a day past their stored time.
+    pub async fn save_clamped(&mut self, points: &[ClampedPoint]) -> Result<(), StoreError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let bots: Vec<&str> = points.iter().map(|p| &*p.bot).collect();
+        let ids: Vec<&str> = points.iter().map(|p| p.id.as_str()).collect();
+        let users: Vec<&str> = points.iter().map(|p| &*p.user).collect();
+        let ts: Vec<DateTime<Utc>> = points.iter().map(|p| to_utc(p.stored)).collect();
+        sqlx::query(
+            "INSERT INTO recap_clamped_points (bot_name, point_id, user_id, stored_ts)
+             SELECT b, p, u, max(t) FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS x(b, p, u, t)
+             GROUP BY b, p, u
+             ON CONFLICT (bot_name, point_id) DO UPDATE SET stored_ts = GREATEST(recap_clamped_points.stored_ts,
+                 EXCLUDED.stored_ts)",
+        )
+        .bind(&bots)
+        .bind(&ids)
+        .bind(&users)
+        .bind(&ts)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM recap_clamped_points WHERE stored_ts < now() - make_interval(secs => $1::float8 / 1000)",
+        )
+        .bind(crate::state::CLAMPED_MEMORY_MS as f64)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
     }
 
     pub async fn save_watermarks(

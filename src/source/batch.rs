@@ -20,6 +20,13 @@ pub struct Batch {
     /// earlier than now. The sweep's is the start of its last completed cycle (points written after it are unread);
     /// `None` means now (events: nothing undelivered). Watermarks move to at most `horizon - lateness`.
     pub horizon: Option<i64>,
+    /// A sweep page whose message times move no watermark (it may come before older points of the same bot:
+    /// unordered paging, the first sweep's undated pass, the bot's other collections); only the completed cycle's
+    /// `horizon` does (issue 24, case 2). An ordered page of a bot's only collection is not `swept`: every later
+    /// page of the bot is at least as late.
+    pub swept: bool,
+    /// With `horizon`: bots a collection of which the sweep skipped (failing): the horizon does not tick them.
+    pub held_back: Vec<String>,
 }
 
 impl Batch {

@@ -56,7 +56,7 @@ mod page;
 
 use page::{Cursor, Sweep};
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,6 +172,20 @@ struct Cycle {
     started: Instant,
     /// The wall clock (ms) when the cycle started: every point visible in Qdrant then is read by this cycle.
     started_ms: i64,
+    /// Bots with a collection this cycle skipped (failing, see [`SweepSource::isolate`]): its horizon is not theirs.
+    held_back: Vec<String>,
+    /// Bots with more than one collection in this cycle: their pages never move a watermark (issue 24, case 2).
+    shared_bots: std::collections::HashSet<String>,
+}
+
+/// How long a failing collection is left out of the sweep after its `n`-th failure in a row: 10 s, doubling, at most
+/// 10 minutes.
+pub fn collection_backoff(failures: u32) -> Duration {
+    Duration::from_secs(
+        10u64
+            .saturating_mul(1u64 << failures.saturating_sub(1).min(6))
+            .min(600),
+    )
 }
 
 /// The sweep source (see the module docs).
@@ -186,6 +200,10 @@ pub struct SweepSource {
     last_report: SweepReport,
     /// The start (wall clock, ms) of the last completed cycle: the sweep's horizon (see [`Batch::horizon`]).
     horizon: Option<i64>,
+    /// Bots the last completed cycle skipped a collection of: the horizon does not tick them.
+    held_back: Vec<String>,
+    /// Collections that failed, by name: failures in a row and when to try again (issue 24, case 6).
+    failing: HashMap<String, (u32, Instant)>,
 }
 
 fn now_secs() -> f64 {
@@ -204,6 +222,8 @@ impl SweepSource {
             cycles: 0,
             last_report: SweepReport::default(),
             horizon: None,
+            held_back: Vec::new(),
+            failing: HashMap::new(),
         }
     }
 
@@ -253,6 +273,15 @@ impl SweepSource {
             .filter_map(|c| (self.settings.bot_for_collection)(&c).map(|bot| (c, bot)))
             .collect();
         debug!(collections = queue.len(), "sweep cycle starts");
+        let mut per_bot: HashMap<&str, usize> = HashMap::new();
+        for (_, bot) in &queue {
+            *per_bot.entry(bot.as_str()).or_default() += 1;
+        }
+        let shared_bots = per_bot
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(b, _)| b.to_string())
+            .collect();
         let started = Instant::now();
         self.next_cycle = started + self.settings.interval;
         self.cycle = Some(Cycle {
@@ -261,6 +290,8 @@ impl SweepSource {
             report: SweepReport::default(),
             started,
             started_ms: chrono::Utc::now().timestamp_millis(),
+            held_back: Vec::new(),
+            shared_bots,
         });
         Ok(())
     }
@@ -272,6 +303,7 @@ impl SweepSource {
         cycle.report.duration = cycle.started.elapsed();
         self.cycles += 1;
         self.horizon = Some(cycle.started_ms);
+        self.held_back = std::mem::take(&mut cycle.held_back);
         let read = cycle.report.points_read();
         metrics::counter!("recap_sweep_cycles_total").increment(1);
         metrics::gauge!("recap_sweep_points_read_last_cycle").set(read as f64);
@@ -299,24 +331,55 @@ impl SweepSource {
                 return Ok(Batch {
                     caught_up: self.horizon.is_some(),
                     horizon: self.horizon,
+                    held_back: self.held_back.clone(),
                     ..Batch::default()
                 });
             };
-            if cycle.current.is_some() {
-                return self.read_page().await;
+            if let Some(current) = &cycle.current {
+                let (collection, bot) = (current.collection.clone(), current.bot.clone());
+                match self.read_page().await {
+                    Ok(mut b) => {
+                        // the cycle's last page: its horizon is not the skipped collections' bots'
+                        if b.caught_up
+                            && let Some(c) = &self.cycle
+                        {
+                            b.held_back = c.held_back.clone();
+                        }
+                        return Ok(b);
+                    }
+                    Err(e) => {
+                        self.skip_if_gone(&collection, e)
+                            .await
+                            .or_else(|e| self.isolate(&collection, &bot, e))?;
+                        continue;
+                    }
+                }
             }
             let Some((collection, bot)) = cycle.queue.front().cloned() else {
                 self.finish_cycle();
                 return Ok(Batch {
                     caught_up: true,
                     horizon: self.horizon,
+                    held_back: self.held_back.clone(),
                     ..Batch::default()
                 });
             };
+            if self
+                .failing
+                .get(&collection)
+                .is_some_and(|(_, retry)| Instant::now() < *retry)
+            {
+                // still backing off: left out of this cycle, its bot held back
+                cycle.queue.pop_front();
+                cycle.held_back.push(bot);
+                continue;
+            }
             let sweep = match self.open(&collection, &bot).await {
                 Ok(s) => s,
                 Err(e) => {
-                    self.skip_if_gone(&collection, e).await?;
+                    self.skip_if_gone(&collection, e)
+                        .await
+                        .or_else(|e| self.isolate(&collection, &bot, e))?;
                     continue;
                 }
             };
@@ -331,6 +394,47 @@ impl SweepSource {
             });
             cycle.current = Some(sweep);
         }
+    }
+
+    /// A collection that fails (Qdrant answers with an error for it, or cannot be reached) is left out of this cycle
+    /// and of the next ones for a back-off ([`collection_backoff`]), so the other collections, and the cycle's end
+    /// (the horizon, hybrid mode's event-time ticks), go on; its bot is held back (the horizon does not tick it, so
+    /// none of its windows closes while its points are unread). Its checkpoint stays: it resumes from there. A
+    /// Postgres error is not the collection's: it is returned.
+    fn isolate(&mut self, collection: &str, bot: &str, e: SweepError) -> Result<(), SweepError> {
+        if let SweepError::Store(_) = e {
+            return Err(e);
+        }
+        let entry = self
+            .failing
+            .entry(collection.to_string())
+            .or_insert((0, Instant::now()));
+        entry.0 += 1;
+        let wait = collection_backoff(entry.0);
+        entry.1 = Instant::now() + wait;
+        metrics::counter!("recap_sweep_collection_failures_total", "collection" => collection.to_string())
+            .increment(1);
+        warn!(
+            collection,
+            bot,
+            failures = entry.0,
+            retry_in_s = wait.as_secs(),
+            error = %e,
+            "sweep of a collection failed; skipped, the others go on"
+        );
+        self.pending = None;
+        if let Some(cycle) = self.cycle.as_mut() {
+            cycle.queue.retain(|(c, _)| c != collection);
+            if cycle
+                .current
+                .as_ref()
+                .is_some_and(|s| s.collection == collection)
+            {
+                cycle.current = None;
+            }
+            cycle.held_back.push(bot.to_string());
+        }
+        Ok(())
     }
 
     /// After an error on a collection: if it was deleted meanwhile, drop it from this cycle; else report the error.
@@ -406,6 +510,7 @@ impl Source for SweepSource {
         match p.next {
             Some(cursor) => sweep.cursor = cursor,
             None => {
+                self.failing.remove(&sweep.collection);
                 cycle.current = None;
                 if cycle.queue.is_empty() {
                     self.finish_cycle();
@@ -704,6 +809,228 @@ mod tests {
                 assert_eq!(source.last_cycle_points_read(), read, "{what}");
                 let _ = points.client().delete_collection(&coll).await;
             }
+        }
+        drop_db(store, &db).await;
+    }
+
+    /// Issue 24, case 3: an unordered sweep (no `timestamp_unix` range index) whose scroll takes longer than the
+    /// overlap stores a checkpoint from which the next cycle still reads a point written during the scroll with an id
+    /// below the cursor (this cycle could not see it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unordered_sweep_never_checkpoints_past_a_point_written_behind_its_cursor() {
+        use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
+        let (store, db) = fresh_store().await;
+        let points = Arc::new(
+            Points::new(
+                &env("QDRANT_URL"),
+                None,
+                crate::fetch::PayloadMapping::default(),
+            )
+            .expect("QDRANT_URL"),
+        );
+        let coll = format!(
+            "sweep_unit_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        points
+            .client()
+            .create_collection(
+                CreateCollectionBuilder::new(&coll)
+                    .vectors_config(VectorParamsBuilder::new(2, Distance::Cosine)),
+            )
+            .await
+            .expect("create collection");
+        let t0 = now_secs() - 60.0;
+        upsert(
+            &points,
+            &coll,
+            (0..30u64)
+                .map(|i| message(100 + 10 * i, t0 + i as f64 * 0.1))
+                .collect(),
+        )
+        .await;
+        let c = coll.clone();
+        let overlap = Duration::from_secs(1);
+        let settings = SweepSettings {
+            interval: Duration::from_secs(3600),
+            lookback: Duration::from_secs(86_400),
+            overlap,
+            page_size: 10,
+            bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
+            create_index: false,
+            checkpoint_prefix: "sweep".into(),
+            keep_user: None,
+        };
+        let mut source = SweepSource::new(points.clone(), store.clone(), settings);
+        let mut read = Vec::new();
+        loop {
+            let b = source.next_batch().await.unwrap();
+            source.commit().await.unwrap();
+            read.extend(ids(&b));
+            if read.len() >= 10 {
+                break;
+            }
+        }
+        // written during the scroll, behind its cursor; then the scroll goes on for longer than the overlap and reads
+        // a newer point
+        let x_ts = now_secs();
+        upsert(&points, &coll, vec![message(5, x_ts)]).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        upsert(&points, &coll, vec![message(1000, now_secs())]).await;
+        let last = loop {
+            let b = source.next_batch().await.unwrap();
+            source.commit().await.unwrap();
+            read.extend(ids(&b));
+            if b.caught_up {
+                break b;
+            }
+        };
+        assert!(!read.contains(&"5".to_string()), "behind the cursor");
+        assert!(read.contains(&"1000".to_string()));
+        let (_, position, _) = last.checkpoint.expect("a checkpoint");
+        assert!(
+            position - overlap.as_secs_f64() <= x_ts,
+            "the next cycle starts at {} and never reads the point written at {x_ts}",
+            position - overlap.as_secs_f64()
+        );
+        let _ = points.client().delete_collection(&coll).await;
+        drop_db(store, &db).await;
+    }
+
+    /// A TCP proxy to Qdrant that cuts every connection on which a request names `poison` (a collection): that
+    /// collection's requests fail as a broken collection's would, the others pass.
+    async fn poisoning_proxy(target: String, poison: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (target, poison) = (target.clone(), poison.clone());
+                tokio::spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = out.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut ro, &mut wi).await;
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = ri.read(&mut buf).await {
+                        if n == 0
+                            || buf[..n]
+                                .windows(poison.len())
+                                .any(|w| w == poison.as_bytes())
+                        {
+                            break;
+                        }
+                        if wo.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    back.abort();
+                });
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Issue 24, case 6: a collection whose every request fails is skipped with a back-off; the others are read and
+    /// the cycle completes (its horizon, and in hybrid mode the event-time ticks, go on), holding back only the
+    /// failing collection's bot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_collection_is_skipped_and_the_cycle_goes_on() {
+        use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
+        let (store, db) = fresh_store().await;
+        let direct = Points::new(
+            &env("QDRANT_URL"),
+            None,
+            crate::fetch::PayloadMapping::default(),
+        )
+        .expect("QDRANT_URL");
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let (bad, good) = (
+            format!("sweep_unit_{tag}_a_bad"),
+            format!("sweep_unit_{tag}_b_good"),
+        );
+        for coll in [&bad, &good] {
+            direct
+                .client()
+                .create_collection(
+                    CreateCollectionBuilder::new(coll)
+                        .vectors_config(VectorParamsBuilder::new(2, Distance::Cosine)),
+                )
+                .await
+                .expect("create collection");
+            let t0 = now_secs() - 60.0;
+            upsert(
+                &direct,
+                coll,
+                (0..5u64).map(|i| message(100 + i, t0 + i as f64)).collect(),
+            )
+            .await;
+        }
+        let target = env("QDRANT_URL").trim_start_matches("http://").to_string();
+        let url = poisoning_proxy(target, bad.clone()).await;
+        let points = Arc::new(
+            Points::new(&url, None, crate::fetch::PayloadMapping::default()).expect("proxy url"),
+        );
+        let (b2, g2) = (bad.clone(), good.clone());
+        let settings = SweepSettings {
+            interval: Duration::from_secs(3600),
+            lookback: Duration::from_secs(86_400),
+            overlap: Duration::from_secs(15),
+            page_size: 10,
+            bot_for_collection: Arc::new(move |n: &str| {
+                if n == b2 {
+                    Some("badbot".to_string())
+                } else if n == g2 {
+                    Some("goodbot".to_string())
+                } else {
+                    None
+                }
+            }),
+            create_index: false,
+            checkpoint_prefix: "sweep".into(),
+            keep_user: None,
+        };
+        let mut source = SweepSource::new(points.clone(), store.clone(), settings);
+        let mut read: Vec<String> = Vec::new();
+        let mut last = None;
+        for _ in 0..20 {
+            match source.next_batch().await {
+                Ok(b) => {
+                    source.commit().await.unwrap();
+                    read.extend(b.messages.iter().map(|m| m.bot.clone()));
+                    if b.caught_up {
+                        last = Some(b);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    source.abandon().await;
+                    println!("sweep error: {e}");
+                }
+            }
+        }
+        let last = last.expect("the cycle completes despite the failing collection");
+        assert_eq!(source.cycles_completed(), 1);
+        assert_eq!(
+            read,
+            vec!["goodbot".to_string(); 5],
+            "the good collection is read"
+        );
+        assert!(last.horizon.is_some());
+        assert_eq!(
+            last.held_back,
+            vec!["badbot".to_string()],
+            "only the failing bot held back"
+        );
+        assert!(source.failing.contains_key(&bad));
+        for coll in [&bad, &good] {
+            let _ = direct.client().delete_collection(coll).await;
         }
         drop_db(store, &db).await;
     }

@@ -41,6 +41,9 @@ pub(super) struct Sweep {
     pub(super) floor: f64,
     /// Largest `timestamp_unix` in the committed pages.
     pub(super) max_seen: f64,
+    /// The wall clock (seconds) when this collection's scroll began: an unordered scroll reads every point visible
+    /// then, but a point written since, with an id below the cursor, is not read by it (issue 24, case 3).
+    pub(super) opened: f64,
     /// The committed position.
     pub(super) cursor: Cursor,
     /// The request for the page after the one last read, already on its way.
@@ -178,6 +181,7 @@ impl SweepSource {
             start,
             floor: start + overlap,
             max_seen: f64::MIN,
+            opened: now_secs(),
             cursor,
             prefetch: None,
         })
@@ -292,7 +296,15 @@ impl SweepSource {
             }
         }
 
-        let mut batch = Batch::default();
+        // Only an ordered page of a bot's only collection may move its watermark by its times (every later page of
+        // the bot is at least as late); an unordered page, the first sweep's undated pass and a bot with two
+        // collections hold it until the cycle's horizon (issue 24, case 2).
+        let ordered_alone = matches!(sweep.cursor, Cursor::Ordered { .. })
+            && !cycle.shared_bots.contains(&sweep.bot);
+        let mut batch = Batch {
+            swept: !ordered_alone,
+            ..Batch::default()
+        };
         let start_ms = (sweep.start * 1000.0).floor() as i64;
         let mut page_max = sweep.max_seen;
         for p in &page.result {
@@ -347,11 +359,17 @@ impl SweepSource {
         }
 
         let done = next.is_none();
-        // Never past the wall clock; unordered pages hold the floor until the collection's last page.
+        // Never past the wall clock; unordered pages hold the floor until the collection's last page, and then store
+        // no more than the time the scroll began: points written during it may lie behind the cursor (a lower id),
+        // and the next cycle must still read them (its start is this minus the overlap).
         let position = match sweep.cursor {
             Cursor::Undated { .. } => None,
             Cursor::Ordered { .. } => Some(page_max),
-            Cursor::Unordered { .. } => Some(if done { page_max } else { sweep.floor }),
+            Cursor::Unordered { .. } => Some(if done {
+                page_max.min(sweep.opened)
+            } else {
+                sweep.floor
+            }),
         }
         .map(|p| p.min(now_secs()).max(sweep.floor));
         let checkpoint = format!("{}:{}", self.settings.checkpoint_prefix, sweep.collection);
