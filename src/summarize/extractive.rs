@@ -17,7 +17,9 @@ use std::sync::LazyLock;
 
 use futures::future::BoxFuture;
 
-use super::{Message, SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
+use super::{
+    Message, Prior, Purpose, SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput,
+};
 
 /// Most topics the extractive summarizer returns.
 pub const MAX_TOPICS: usize = 5;
@@ -85,6 +87,155 @@ impl Summarizer for Extractive {
     ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
         Box::pin(std::future::ready(summarize_window(window)))
     }
+
+    fn incremental(&self) -> bool {
+        true
+    }
+
+    fn summarize_incremental<'a>(
+        &'a self,
+        prior: &'a Prior,
+        new: &'a WindowInput,
+        _purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        Box::pin(std::future::ready(summarize_incremental(prior, new)))
+    }
+}
+
+/// How often a prior topic at `rank` (0 = first) counts in the incremental re-ranking: as if it had been said
+/// `max(1, prior_messages / (2 * (rank + 1)))` times (a Zipf-like share of the messages the prior summary covers).
+pub fn carried_weight(prior_messages: usize, rank: usize) -> f64 {
+    (prior_messages as f64 / (2.0 * (rank as f64 + 1.0))).max(1.0)
+}
+
+/// The quotes of a summary this summarizer wrote (`... Key messages: "a" / "b"`), without their quotation marks.
+pub fn quotes_of(text: &str) -> Vec<String> {
+    let Some((_, tail)) = text.split_once(" Key messages: ") else {
+        return Vec::new();
+    };
+    tail.split(" / ")
+        .map(|q| q.trim().trim_matches('"').trim_end_matches('…').trim().to_string())
+        .filter(|q| !q.is_empty())
+        .collect()
+}
+
+/// The incremental extractive summary: the prior summary plus the messages since, at a cost proportional to the new
+/// messages (the prior is a fixed-size input: at most [`MAX_TOPICS`] topics and 3 quotes). Pure and deterministic.
+///
+/// - **Topics**: the prior's topics and the new messages' topic words (as [`summarize_window`] finds them, over the
+///   new messages only) re-ranked together: a new word scores its count in the new messages, a prior topic at rank
+///   `r` scores [`carried_weight`] (plus its count in the new messages); best first, ties to the prior order, then
+///   alphabetical; up to [`MAX_TOPICS`]. So topics of a long conversation persist until the new messages say other
+///   words more often.
+/// - **Tone**: the majority over the new messages' emotion labels and the prior's tone counted once per prior message.
+/// - **Summary**: the topic sentence over the whole count, then the 1-3 key messages chosen by topic overlap among the
+///   prior's quotes and the new messages.
+pub fn summarize_incremental(prior: &Prior, new: &WindowInput) -> Result<Summary, SummarizeError> {
+    let messages: Vec<&Message> = new
+        .messages
+        .iter()
+        .filter(|m| !m.text.trim().is_empty())
+        .collect();
+    if messages.is_empty() {
+        return Err(SummarizeError::Empty);
+    }
+    let users: Vec<&Message> = messages
+        .iter()
+        .copied()
+        .filter(|m| m.role == "user")
+        .collect();
+    let source = if users.is_empty() { &messages } else { &users };
+    let exclude = bot_name_words(&new.bot);
+    let fresh = key_topics_excluding(source, MAX_TOPICS * 2, &exclude);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for m in source.iter() {
+        for w in words(&m.text) {
+            *counts.entry(w).or_default() += 1;
+        }
+    }
+    // (score, prior rank or usize::MAX, word)
+    let mut scored: Vec<(f64, usize, String)> = Vec::new();
+    for (r, t) in prior.key_topics.iter().enumerate() {
+        let t = t.trim().to_lowercase();
+        if t.is_empty() || scored.iter().any(|s| s.2 == t) {
+            continue;
+        }
+        let said = counts.get(&t).copied().unwrap_or(0) as f64;
+        scored.push((carried_weight(prior.message_count, r) + said, r, t));
+    }
+    for w in fresh {
+        if scored.iter().any(|s| s.2 == w) {
+            continue;
+        }
+        let said = counts.get(&w).copied().unwrap_or(0) as f64;
+        scored.push((said, usize::MAX, w));
+    }
+    scored.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then_with(|| a.2.cmp(&b.2))
+    });
+    let mut topics: Vec<String> = scored.into_iter().take(MAX_TOPICS).map(|s| s.2).collect();
+    if topics.is_empty() {
+        topics = fallback_topics(&messages, &exclude);
+    }
+
+    let tone_source: Vec<&Message> = if users.iter().any(|m| m.emotion.is_some()) {
+        users.clone()
+    } else {
+        messages.clone()
+    };
+    let prior_tone = prior.emotional_tone.trim().to_lowercase();
+    let carried = std::iter::repeat_n(prior_tone.as_str(), prior.message_count)
+        .filter(|t| !t.is_empty() && *t != "mixed");
+    let mixed_votes = if prior_tone == "mixed" {
+        prior.message_count
+    } else {
+        0
+    };
+    let tone = majority_tone(
+        tone_source
+            .iter()
+            .filter_map(|m| m.emotion.as_deref())
+            .chain(carried)
+            .chain(std::iter::repeat_n("mixed", mixed_votes)),
+    );
+
+    // The prior's quotes compete with the new messages for the key messages, by topic overlap (no vectors: the
+    // quotes have none).
+    let carried_quotes: Vec<Message> = quotes_of(&prior.text)
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| Message {
+            point_id: format!("prior-{i}"),
+            role: source.first().map_or("user".into(), |m| m.role.clone()),
+            text: q,
+            ts_ms: prior.covers_until_ms,
+            emotion: None,
+            vector: Vec::new(),
+        })
+        .collect();
+    let stripped: Vec<Message> = source
+        .iter()
+        .map(|m| Message {
+            vector: Vec::new(),
+            ..(*m).clone()
+        })
+        .collect();
+    let candidates: Vec<&Message> = carried_quotes.iter().chain(stripped.iter()).collect();
+    let total = prior.message_count + messages.len();
+    let text_chars = prior.text.chars().count() + new.text_chars();
+    let text = compose_summary(&candidates, &topics, tone, total, text_chars);
+    let n = total as f64;
+    Summary {
+        text,
+        key_topics: topics,
+        emotional_tone: tone.to_string(),
+        confidence: 0.3 + 0.3 * n / (n + 10.0),
+        kind: SummarizerKind::Extractive,
+        usage: None,
+    }
+    .validate()
 }
 
 /// Summarizes one window; pure and deterministic.
