@@ -111,8 +111,7 @@ fn stored_from(r: &sqlx::postgres::PgRow, at: usize) -> Option<StoredRunning> {
     })
 }
 
-const STORED_COLUMNS: &str =
-    "summary, key_topics, emotional_tone, confidence, point_ids, covers_until, message_count, summarizer";
+const STORED_COLUMNS: &str = "summary, key_topics, emotional_tone, confidence, point_ids, covers_until, message_count, summarizer";
 
 impl Store {
     /// Claims up to `limit` due running summaries for `owner` for `lease` (`FOR UPDATE SKIP LOCKED`, like windows).

@@ -114,7 +114,13 @@ pub fn quotes_of(text: &str) -> Vec<String> {
         return Vec::new();
     };
     tail.split(" / ")
-        .map(|q| q.trim().trim_matches('"').trim_end_matches('…').trim().to_string())
+        .map(|q| {
+            q.trim()
+                .trim_matches('"')
+                .trim_end_matches('…')
+                .trim()
+                .to_string()
+        })
         .filter(|q| !q.is_empty())
         .collect()
 }

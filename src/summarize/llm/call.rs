@@ -293,13 +293,14 @@ impl LlmSummarizer {
         }
         let started = Instant::now();
         lock(&self.totals).http_calls += 1;
-        let outcome = match tokio::time::timeout(self.settings.timeout, self.send(body, purpose)).await {
-            Err(_) => Err(CallError::Timeout(self.settings.timeout)),
-            Ok(Err(e)) => Err(self.transport_error(e)),
-            Ok(Ok((status, headers, bytes))) => {
-                self.read_response(status, &headers, &bytes, started.elapsed())
-            }
-        };
+        let outcome =
+            match tokio::time::timeout(self.settings.timeout, self.send(body, purpose)).await {
+                Err(_) => Err(CallError::Timeout(self.settings.timeout)),
+                Ok(Err(e)) => Err(self.transport_error(e)),
+                Ok(Ok((status, headers, bytes))) => {
+                    self.read_response(status, &headers, &bytes, started.elapsed())
+                }
+            };
         metrics::histogram!("recap_llm_latency_seconds").record(started.elapsed().as_secs_f64());
         match &outcome {
             Ok(c) => {

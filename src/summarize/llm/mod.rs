@@ -396,7 +396,8 @@ pub fn register_metrics() {
          closed window's summary, running: a running summary of an open window, rollup: a day/week/month rollup)"
     );
     for p in Purpose::ALL {
-        metrics::counter!("recap_llm_calls_total", "outcome" => "ok", "purpose" => p.as_str()).increment(0);
+        metrics::counter!("recap_llm_calls_total", "outcome" => "ok", "purpose" => p.as_str())
+            .increment(0);
     }
 }
 

@@ -165,7 +165,11 @@ fn incremental_header(
 /// The prompt of an incremental call: [`INCREMENTAL_SYSTEM_PROMPT`], the summary so far and only the new messages
 /// (the MMR selection under `max_input_tokens` as for a window). Its size depends on the new messages, not on how
 /// many the summary so far covers.
-pub(super) fn incremental_parts(settings: &LlmSettings, prior: &Prior, new: &WindowInput) -> PromptParts {
+pub(super) fn incremental_parts(
+    settings: &LlmSettings,
+    prior: &Prior,
+    new: &WindowInput,
+) -> PromptParts {
     parts_with(
         settings,
         new,
