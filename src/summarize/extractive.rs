@@ -1176,4 +1176,108 @@ mod tests {
         let out = s.summarize(&sample()).await.unwrap();
         assert_eq!(out, summarize_window(&sample()).unwrap());
     }
+
+    // ---- incremental ------------------------------------------------------------------------------------------
+
+    fn prior(topics: &[&str], n: usize, text: &str) -> Prior {
+        Prior {
+            text: text.into(),
+            key_topics: topics.iter().map(|t| t.to_string()).collect(),
+            emotional_tone: "positive".into(),
+            message_count: n,
+            covers_until_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn incremental_keeps_long_standing_topics_against_a_few_new_words() {
+        let p = prior(
+            &["guitar", "chords"],
+            60,
+            "The user talked about guitar and chords over 60 messages (tone: positive). Key messages: \
+             \"I practise the guitar chords every evening\"",
+        );
+        let w = window(vec![
+            msg(100, "user", "Rainy today.", Some("sadness"), vec![]),
+            msg(
+                101,
+                "user",
+                "I stayed home, it was rainy.",
+                Some("neutral"),
+                vec![],
+            ),
+        ]);
+        let s = summarize_incremental(&p, &w).unwrap();
+        assert_eq!(&s.key_topics[..2], ["guitar", "chords"], "{s:?}");
+        assert!(s.key_topics.contains(&"rainy".to_string()), "{s:?}");
+        assert!(s.text.contains("over 62 messages"), "{}", s.text);
+        // 60 prior messages of positive tone outweigh two new labels
+        assert_eq!(s.emotional_tone, "positive");
+        // the prior's key message still competes with the new ones
+        assert!(s.text.contains("guitar chords every evening"), "{}", s.text);
+    }
+
+    #[test]
+    fn incremental_new_topics_win_once_said_more_often_than_the_prior_weight() {
+        let p = prior(
+            &["guitar"],
+            4,
+            "The user talked about guitar over 4 messages (tone: positive).",
+        );
+        let new: Vec<Message> = (0..12)
+            .map(|i| {
+                msg(
+                    200 + i,
+                    "user",
+                    "the marathon training and marathon shoes",
+                    Some("joy"),
+                    vec![],
+                )
+            })
+            .collect();
+        let s = summarize_incremental(&p, &window(new)).unwrap();
+        assert_eq!(s.key_topics[0], "marathon", "{s:?}");
+        assert!(s.key_topics.contains(&"guitar".to_string()), "{s:?}");
+    }
+
+    #[test]
+    fn quotes_round_trip_through_a_summary() {
+        let s = summarize_window(&sample()).unwrap();
+        let q = quotes_of(&s.text);
+        assert!(!q.is_empty(), "{}", s.text);
+        for quote in q {
+            assert!(!quote.starts_with('"') && !quote.is_empty());
+        }
+        assert!(quotes_of("no quotes here").is_empty());
+    }
+
+    proptest::proptest! {
+        /// Every topic of an incremental summary is a prior topic or a word of the new messages; the summary counts
+        /// the prior's messages plus the new ones and validates; the same input gives the same summary.
+        #[test]
+        fn incremental_topics_come_from_the_prior_or_the_new_messages(
+            picks in proptest::collection::vec((0usize..6, 0usize..4), 1..30),
+            prior_n in 0usize..500,
+            prior_topics in proptest::collection::vec(0usize..6, 0..6),
+        ) {
+            const WORDS: &[&str] = &["guitar", "hiking", "bakery", "kitten", "marathon", "lighthouse"];
+            const EMO: &[&str] = &["joy", "sadness", "neutral", "anger"];
+            let new: Vec<Message> = picks
+                .iter()
+                .enumerate()
+                .map(|(i, (k, e))| msg(i as i64, "user", &format!("about the {} and the {}", WORDS[*k], WORDS[(k + i) % 6]), Some(EMO[*e]), vec![]))
+                .collect();
+            let topics: Vec<&str> = prior_topics.iter().map(|k| WORDS[*k]).collect();
+            let p = prior(&topics, prior_n, "The user talked about things (tone: neutral).");
+            let w = window(new);
+            let s = summarize_incremental(&p, &w).unwrap();
+            let said = w.messages.iter().map(|m| m.text.to_lowercase()).collect::<Vec<_>>().join(" ");
+            for t in &s.key_topics {
+                proptest::prop_assert!(topics.contains(&t.as_str()) || said.contains(t.as_str()), "{t} from nowhere");
+            }
+            let count = format!("over {} message", prior_n + w.messages.len());
+            proptest::prop_assert!(s.text.contains(&count), "{}", s.text);
+            proptest::prop_assert_eq!(s.clone(), summarize_incremental(&p, &w).unwrap());
+        }
+    }
 }

@@ -335,6 +335,49 @@ mod tests {
     }
 
     #[test]
+    fn incremental_prompt_holds_the_summary_so_far_and_only_the_new_messages() {
+        let w = convo("4711", 40, 3);
+        let prior = crate::summarize::Prior {
+            text: "The user talked about pottery and a marathon.".into(),
+            key_topics: vec!["pottery".into(), "marathon".into()],
+            emotional_tone: "mixed".into(),
+            message_count: 30,
+            covers_until_ms: w.messages[29].ts_ms,
+        };
+        let new = WindowInput {
+            messages: w.messages[30..].to_vec(),
+            start_ms: w.messages[30].ts_ms,
+            ..w.clone()
+        };
+        let (msgs, stats) = build_incremental_prompt(&LlmSettings::default(), &prior, &new);
+        let system = content_of(&msgs[0]);
+        assert!(system.contains("summary so far") && system.contains("JSON"));
+        let user = content_of(&msgs[1]);
+        assert!(
+            user.contains("Summary so far: The user talked about pottery and a marathon."),
+            "{user}"
+        );
+        assert!(user.contains("Key topics so far: pottery, marathon"));
+        assert!(user.contains("covers the first 30 messages"));
+        assert!(user.contains("All 10 messages since."), "{user}");
+        assert_eq!(stats.messages_total, 10);
+        assert_eq!(stats.messages_sent, 10);
+        // the prompt is the size of the new messages, not of the whole window
+        let (_, whole) = build_prompt(&LlmSettings::default(), &w);
+        assert!(
+            stats.est_tokens_sent < whole.est_tokens_sent / 2,
+            "{stats:?} vs {whole:?}"
+        );
+        // the covered messages' times are not in it, the new ones' are
+        assert!(user.contains(&format_line(&new.messages[0], false, None)));
+        assert!(!user.contains(&format_line(&w.messages[0], false, None)));
+        assert_eq!(
+            stats.est_tokens_sent,
+            estimate_tokens(chars(&system) + chars(&user))
+        );
+    }
+
+    #[test]
     fn token_estimate_is_ceil_chars_over_4() {
         assert_eq!(estimate_tokens(0), 0);
         assert_eq!(estimate_tokens(1), 1);
