@@ -231,6 +231,13 @@ pub const METRICS: &[Metric] = &[
         &[("reason", &[])],
     ),
     l(
+        "recap_sweep_collection_failures_total",
+        Counter,
+        "Sweep reads of one collection that failed on Qdrant; the collection is left out of the cycle with a back-off \
+         while the others go on.",
+        &[("collection", &[])],
+    ),
+    l(
         "recap_sweep_errors_total",
         Counter,
         "Sweep failures, by kind.",
@@ -240,9 +247,42 @@ pub const METRICS: &[Metric] = &[
     l(
         "recap_llm_calls_total",
         Counter,
-        "LLM HTTP attempts, by outcome (ok, rate_limited, server, timeout, connect, client).",
-        // registered at zero by summarize::llm::register_metrics (per purpose) once that lands; open here
-        &[("outcome", &[])],
+        "LLM HTTP attempts by outcome (ok, rate_limited, server, timeout, connect, client) and purpose (window: a \
+         closed window's summary, running: a running summary of an open window, rollup: a day/week/month rollup).",
+        &[
+            (
+                "outcome",
+                &[
+                    "ok",
+                    "rate_limited",
+                    "server",
+                    "timeout",
+                    "connect",
+                    "client",
+                ],
+            ),
+            ("purpose", &["window", "running", "rollup"]),
+        ],
+    ),
+    l(
+        "recap_running_summaries_total",
+        Counter,
+        "Running summaries of open windows by outcome (written, discarded: the window changed before the write, \
+         invalidated: the previous one no longer fitted its window and the new one was built from the whole window, \
+         nothing, retrying, failed, stale) and final window summaries that started from one (used_at_close).",
+        &[(
+            "outcome",
+            &[
+                "written",
+                "discarded",
+                "invalidated",
+                "nothing",
+                "retrying",
+                "failed",
+                "stale",
+                "used_at_close",
+            ],
+        )],
     ),
     l(
         "recap_llm_errors_total",

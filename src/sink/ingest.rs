@@ -201,7 +201,10 @@ impl Store {
             .begin_with("BEGIN; SET LOCAL synchronous_commit TO on")
             .await?;
         renew(&mut tx, fence).await?;
-        Ok(IngestTx { tx })
+        Ok(IngestTx {
+            tx,
+            running_every: self.running_every,
+        })
     }
 }
 
@@ -383,6 +386,7 @@ fn near_each_other(cfg: &TrackerConfig, windows: &[Closed]) -> Vec<bool> {
 /// One ingest transaction: a checkpoint (see `crate::state`).
 pub struct IngestTx {
     tx: Transaction<'static, Postgres>,
+    running_every: u32,
 }
 
 impl IngestTx {
@@ -463,6 +467,7 @@ impl IngestTx {
         .bind(&flat.ts)
         .execute(&mut *self.tx)
         .await?;
+        super::running::mark_due(&mut self.tx, (&b, &u), self.running_every).await?;
         Ok(())
     }
 
