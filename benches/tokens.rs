@@ -6,12 +6,19 @@
 //! every message — sent twice). Windows: the sample conversations (`demo/conversations.json`, the windows recap would
 //! summarize, i.e. at least MIN_MESSAGES_FOR_SUMMARY messages) and synthetic windows of 50, 200 and 2000 messages.
 //!
+//! Running summaries (CONTEXT_SUMMARY_EVERY = N, recap's configured value): the close of the synthetic 200-message
+//! window without them (`build_prompt` over the whole window) against with them (`build_incremental_prompt`: the
+//! last running summary, of the first `N * floor(199 / N)` messages — the one at 200 not yet run when the window
+//! closes — plus the messages since), both in one run; and what the running summaries themselves sent over the
+//! window's life (each an incremental prompt of the previous one plus N messages). The prior summary is taken at the
+//! LLM prompt's cap (600 characters, 8 topics): the largest a running summary is asked to be.
+//!
 //! `cargo bench --bench tokens`. Deterministic (no timing): one run is enough; `BENCH_RUNS` repeats it anyway.
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 #![allow(clippy::type_complexity)]
 
-use recap::summarize::llm::{LlmSettings, build_prompt};
-use recap::summarize::{Message, WindowInput};
+use recap::summarize::llm::{LlmSettings, build_incremental_prompt, build_prompt};
+use recap::summarize::{Message, Prior, WindowInput};
 use recap::tracker::{TrackerConfig, canonical_windows, point_hash};
 
 mod common;
@@ -162,6 +169,92 @@ fn synthetic(n: usize) -> WindowInput {
     }
 }
 
+/// A running summary of the first `covered` messages of `w`, at the prompt's cap (600 characters, 8 topics).
+fn prior_of(w: &WindowInput, covered: usize) -> Prior {
+    let text: String = "The user talked about learning the guitar in the evenings, a hiking trip with their sister, \
+        nerves before a new bakery job and a grey kitten called Pepper. "
+        .repeat(4)
+        .chars()
+        .take(600)
+        .collect();
+    Prior {
+        text,
+        key_topics: [
+            "guitar",
+            "hiking trip",
+            "sister",
+            "bakery job",
+            "kitten Pepper",
+            "marathon",
+            "coral reefs",
+            "novel",
+        ]
+        .map(String::from)
+        .to_vec(),
+        emotional_tone: "mixed".into(),
+        message_count: covered,
+        covers_until_ms: w.messages[covered - 1].ts_ms,
+    }
+}
+
+/// The messages of `w` from `from` to `to` (exclusive) as a window of their own.
+fn part(w: &WindowInput, from: usize, to: usize) -> WindowInput {
+    let messages = w.messages[from..to].to_vec();
+    WindowInput {
+        start_ms: messages[0].ts_ms,
+        end_ms: messages[messages.len() - 1].ts_ms,
+        messages,
+        ..w.clone()
+    }
+}
+
+/// The close of a window of `n` messages with and without running summaries every `every` messages; prints the
+/// figures and BENCH lines.
+fn running_summaries(settings: &LlmSettings, n: usize, every: usize) {
+    let w = synthetic(n);
+    let (_, full) = build_prompt(settings, &w);
+    let covered = every * ((n - 1) / every);
+    let (_, close) =
+        build_incremental_prompt(settings, &prior_of(&w, covered), &part(&w, covered, n));
+    // the running summaries over the window's life: the first from its first N messages, then each from the
+    // previous one plus N messages
+    let mut life = 0usize;
+    let mut calls = 0usize;
+    for upto in (every..=covered).step_by(every) {
+        let (_, st) = if upto == every {
+            build_prompt(settings, &part(&w, 0, upto))
+        } else {
+            build_incremental_prompt(
+                settings,
+                &prior_of(&w, upto - every),
+                &part(&w, upto - every, upto),
+            )
+        };
+        life += st.est_tokens_sent;
+        calls += 1;
+    }
+    let ratio = close.est_tokens_sent as f64 / full.est_tokens_sent as f64;
+    println!(
+        "  running summaries every {every}: close of {n} msgs sends {} tokens ({} msgs) vs {} without ({} of {} msgs \
+         sent): {ratio:.3}x; the {calls} running summaries before it sent {life} tokens in all",
+        close.est_tokens_sent,
+        close.messages_sent,
+        full.est_tokens_sent,
+        full.messages_sent,
+        full.messages_total,
+    );
+    println!(
+        "BENCH\ttokens_close_running_{n}msg\t{}\ttokens",
+        close.est_tokens_sent
+    );
+    println!(
+        "BENCH\ttokens_close_full_{n}msg\t{}\ttokens",
+        full.est_tokens_sent
+    );
+    println!("BENCH\ttokens_close_ratio_running_{n}msg\t{ratio:.4}\tx");
+    println!("BENCH\ttokens_running_life_{n}msg\t{life}\ttokens");
+}
+
 fn main() {
     let runs = env_usize("BENCH_RUNS", 1).max(1);
     // recap's configured budget (LLM_MAX_INPUT_TOKENS, default 6000) and minimum window size, from its own Config
@@ -231,6 +324,11 @@ fn main() {
             );
         }
         println!("BENCH\ttokens_ratio_demo\t{r:.4}\tx");
+        running_summaries(
+            &settings,
+            200,
+            (cfg.windows.context_summary_every as usize).max(2),
+        );
         println!(
             "BENCH\ttokens_sent_demo_per_window\t{:.1}\ttokens",
             demo_sent as f64

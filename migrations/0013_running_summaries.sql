@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS recap_running_summaries (
     summary TEXT,
     key_topics TEXT[] NOT NULL DEFAULT '{}',
     emotional_tone VARCHAR(50),
+    confidence DOUBLE PRECISION,
     summarizer VARCHAR(20),
     model VARCHAR(200),
     prompt_tokens INTEGER,

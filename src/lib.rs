@@ -10,6 +10,7 @@
 //! * [`sink`]: all Postgres state and the transactions that make effects atomic.
 //! * [`pipeline`]: the shell that drives the stages (ingest loop, window workers).
 //! * [`rollup`]: day -> week -> month summaries built from the window summaries.
+//! * [`running`]: running summaries of open windows (when due, which window, still valid), the pure core.
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
 //! * [`status`]: the one status snapshot (`recap status`, `/metrics` gauges, the console); [`console`]: the web page.
 //! * [`recall`]: the read path for bots (recall by time, search, forget a user) and summary vectors.
@@ -26,6 +27,7 @@ pub mod http;
 pub mod pipeline;
 pub mod recall;
 pub mod rollup;
+pub mod running;
 pub mod sink;
 pub mod source;
 pub mod state;

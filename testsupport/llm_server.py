@@ -44,7 +44,10 @@ Statistics (GET /stats): calls_total, calls_ok, calls_failed_by_mode {mode: n} (
 down, bad_request), prompt_tokens_total, completion_tokens_total, cost_total, in_flight, max_concurrency_observed
 (most completion requests in flight at once), early_retries (completions whose exact body was answered 429 before
 and that arrived before that 429's Retry-After time had passed), distinct_prompts (different last user messages
-seen: one per window summarized) and max_calls_one_prompt (most completions asked with the same last user message).
+seen: one per window summarized) and max_calls_one_prompt (most completions asked with the same last user message),
+calls_by_purpose {purpose: n} (every completion request counted by its X-Recap-Purpose header: window, running,
+rollup; "none" without the header). The per-call records (/stats?calls=1) carry "purpose" and "prompt" (the text of
+the last user message, so a test can check what a call was given).
 """
 
 import argparse
@@ -163,6 +166,19 @@ def summarize(text):
     return {"summary": summary, "key_topics": topics, "emotional_tone": tone, "confidence": 0.8}
 
 
+def last_user_text(body):
+    """The text of the last user message of a request body ("" when it has none or does not parse)."""
+    try:
+        messages = json.loads(body).get("messages") or []
+    except (ValueError, AttributeError):
+        return ""
+    last = ""
+    for m in messages if isinstance(messages, list) else []:
+        if isinstance(m, dict) and m.get("role") == "user":
+            last = content_text(m.get("content"))
+    return last
+
+
 def tokens(chars):
     return math.ceil(chars / 4)
 
@@ -192,6 +208,7 @@ class State:
                 "early_retries": 0,
                 "distinct_prompts": 0,
                 "max_calls_one_prompt": 0,
+                "calls_by_purpose": {},
             }
             self.calls = []
             self.by_prompt = Counter()  # sha256(last user message) -> completions asked with it
@@ -222,7 +239,7 @@ class State:
             self.settings = new
             return dict(new)
 
-    def record(self, mode, status, usage, duration_s):
+    def record(self, mode, status, usage, duration_s, purpose="none", prompt=""):
         """Counts one finished completion (called with the lock held)."""
         if mode == "ok":
             self.stats["calls_ok"] += 1
@@ -230,7 +247,7 @@ class State:
             by_mode = self.stats["calls_failed_by_mode"]
             by_mode[mode] = by_mode.get(mode, 0) + 1
         entry = {"time": time.time(), "status": status, "mode": mode, "prompt_tokens": 0, "completion_tokens": 0,
-                 "cost": 0.0, "duration_ms": round(duration_s * 1000, 3)}
+                 "cost": 0.0, "duration_ms": round(duration_s * 1000, 3), "purpose": purpose, "prompt": prompt}
         if usage:
             entry.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
                          cost=usage["cost"])
@@ -323,7 +340,10 @@ class Handler(BaseHTTPRequestHandler):
     def completion(self, body):
         arrived = time.monotonic()
         digest = hashlib.sha256(body).hexdigest()
+        purpose = (self.headers.get("X-Recap-Purpose") or "none").strip().lower() or "none"
         with STATE.lock:
+            by_purpose = STATE.stats["calls_by_purpose"]
+            by_purpose[purpose] = by_purpose.get(purpose, 0) + 1
             STATE.in_flight += 1
             STATE.stats["max_concurrency_observed"] = max(STATE.stats["max_concurrency_observed"], STATE.in_flight)
             STATE.stats["calls_total"] += 1
@@ -352,7 +372,7 @@ class Handler(BaseHTTPRequestHandler):
             with STATE.lock:
                 STATE.in_flight -= 1
                 if generation == STATE.generation:
-                    STATE.record(mode, status, usage, time.monotonic() - arrived)
+                    STATE.record(mode, status, usage, time.monotonic() - arrived, purpose, last_user_text(body))
 
     def answer(self, body, mode, settings, call_id, digest):
         """Sends the answer; returns (status, usage or None, mode as counted)."""

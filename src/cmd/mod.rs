@@ -151,6 +151,7 @@ pub async fn connect_store(cfg: &Config) -> anyhow::Result<Store> {
     let opts = cfg.pg_connect_options()?;
     Store::connect(opts, cfg.postgres.db_max_connections)
         .await
+        .map(|s| s.with_running_summaries(cfg.windows.context_summary_every))
         .map_err(|e| {
             anyhow::anyhow!(
                 "Postgres {}: {e} — is it running? set DATABASE_URL or POSTGRES_HOST/PORT",

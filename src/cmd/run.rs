@@ -53,6 +53,7 @@ async fn store_when_ready(
 pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = crate::http::install_metrics();
+    crate::pipeline::register_running_metrics();
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let cfg = Arc::new(cfg);

@@ -315,6 +315,11 @@ fn validation_errors_name_their_variable() {
             &["--min-messages-for-summary", "0"],
             "MIN_MESSAGES_FOR_SUMMARY",
         ),
+        (&["--context-summary-every", "1"], "CONTEXT_SUMMARY_EVERY"),
+        (
+            &["--context-summary-every", "100001"],
+            "CONTEXT_SUMMARY_EVERY",
+        ),
         (
             &["--enrichment-interval-seconds", "0"],
             "ENRICHMENT_INTERVAL_SECONDS",

@@ -39,6 +39,11 @@ pub struct WindowConfig {
     /// Windows with fewer messages are not summarized
     #[arg(long, env = "MIN_MESSAGES_FOR_SUMMARY", default_value_t = 5, help_heading = H_WIN)]
     pub min_messages_for_summary: u32,
+
+    /// Running summaries of open windows: one each time an open window's message count reaches a multiple of this
+    /// (built incrementally; the final summary starts from the last one); 0 turns them off
+    #[arg(long, env = "CONTEXT_SUMMARY_EVERY", default_value_t = 20, help_heading = H_WIN)]
+    pub context_summary_every: u32,
 }
 
 impl WindowConfig {
@@ -66,6 +71,18 @@ impl WindowConfig {
             1,
             "MIN_MESSAGES_FOR_SUMMARY",
             "5",
+        )?;
+        if self.context_summary_every == 1 {
+            return bad(
+                "CONTEXT_SUMMARY_EVERY",
+                "CONTEXT_SUMMARY_EVERY must be 0 (off) or at least 2 (set CONTEXT_SUMMARY_EVERY=20)",
+            );
+        }
+        at_most(
+            self.context_summary_every,
+            100_000,
+            "CONTEXT_SUMMARY_EVERY",
+            "20",
         )
     }
 

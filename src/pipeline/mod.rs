@@ -13,6 +13,7 @@ mod backoff;
 mod clock;
 mod ingest;
 mod partitions;
+mod running;
 mod workers;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use ingest::{
     run_ingest_with, run_partition,
 };
 pub use partitions::{Share, run_partitioned};
+pub use running::{register_metrics as register_running_metrics, run_due_running, summarize_from};
 pub use workers::{
     batch_shape, drain_due, process_window, process_windows, run_workers, summarize_window,
 };

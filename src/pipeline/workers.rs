@@ -10,8 +10,8 @@ use tracing::{debug, info, info_span, warn};
 
 use super::{Context, jittered, loop_backoff, now_ms, sleep_or_shutdown};
 use crate::fetch::{FetchError, Fetched, WindowQuery};
-use crate::sink::{ClaimedWindow, Finished, StoreError, WindowOutcome};
-use crate::summarize::{SummarizeError, SummarizerKind, WindowInput};
+use crate::sink::{ClaimedWindow, Finished, StoreError, StoredRunning, WindowOutcome};
+use crate::summarize::{Purpose, SummarizeError, SummarizerKind, WindowInput};
 
 /// Back-off for a window that failed: 5 s, 10 s, 20 s ... capped at 10 minutes.
 fn retry_delay(attempts: i32) -> Duration {
@@ -99,6 +99,7 @@ async fn summarize_prepared(
     ctx: &Context,
     w: &ClaimedWindow,
     p: Prepared,
+    running: Option<&StoredRunning>,
 ) -> Result<WindowOutcome, StoreError> {
     let (input, extra, message_count) = match p {
         Prepared::Outcome(o) => return Ok(o),
@@ -122,7 +123,21 @@ async fn summarize_prepared(
         ));
     }
     let span = (input.start_ms, input.end_ms);
-    Ok(match ctx.summarizer.summarize(&input).await {
+    // From the window's valid running summary plus the messages since, when it has one (CONTEXT_SUMMARY_EVERY).
+    let (result, from_running) = super::running::summarize_from(
+        ctx.summarizer.as_ref(),
+        running,
+        &w.bot,
+        &w.user_id,
+        &input.messages,
+        Purpose::Window,
+    )
+    .await;
+    if from_running && result.is_ok() {
+        metrics::counter!("recap_running_summaries_total", "outcome" => "used_at_close")
+            .increment(1);
+    }
+    Ok(match result {
         Ok(summary) => WindowOutcome::Summarized {
             summary,
             covered: input.messages.iter().map(|m| m.point_id.clone()).collect(),
@@ -165,7 +180,29 @@ pub async fn summarize_window(
         Ok(f) => prepare(ctx, w, &ids, f),
         Err(e) => Prepared::Outcome(fetch_failed(ctx, &e)),
     };
-    summarize_prepared(ctx, w, prepared).await
+    let running = running_of(ctx, std::slice::from_ref(w)).await?;
+    summarize_prepared(
+        ctx,
+        w,
+        prepared,
+        running.get(&(w.bot.clone(), w.user_id.clone())),
+    )
+    .await
+}
+
+/// The stored running summaries of the windows' keys (none when CONTEXT_SUMMARY_EVERY is 0), in one query.
+async fn running_of(
+    ctx: &Context,
+    windows: &[ClaimedWindow],
+) -> Result<HashMap<(String, String), StoredRunning>, StoreError> {
+    if ctx.cfg.windows.context_summary_every == 0 {
+        return Ok(HashMap::new());
+    }
+    let keys: Vec<(&str, &str)> = windows
+        .iter()
+        .map(|w| (w.bot.as_str(), w.user_id.as_str()))
+        .collect();
+    ctx.store.running_summaries(&keys).await
 }
 
 /// Fetches many claimed windows: their point ids in one query, then per bot one [`crate::fetch::Points::fetch_windows`]
@@ -317,14 +354,16 @@ pub async fn process_windows(
             .map(|_| Prepared::Outcome(not_ready(ctx, &e)))
             .collect(),
     };
+    let running = running_of(ctx, &windows).await?;
     // LLM_CONCURRENCY calls at once, in claim order (the semaphore is fair).
     let calls = tokio::sync::Semaphore::new(ctx.cfg.llm.llm_concurrency.max(1));
     let mut futs = Vec::with_capacity(windows.len());
     for (w, p) in windows.iter().zip(prepared) {
         let calls = &calls;
+        let running = running.get(&(w.bot.clone(), w.user_id.clone()));
         futs.push(async move {
             let _call = calls.acquire().await;
-            let r = summarize_prepared(ctx, w, p).await;
+            let r = summarize_prepared(ctx, w, p, running).await;
             release(w.id);
             r
         });
@@ -578,7 +617,19 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         };
         backoff = new_backoff();
         if claimed.is_empty() {
-            drop(permits);
+            // No window due: the free slots build due running summaries of open windows (CONTEXT_SUMMARY_EVERY);
+            // window work keeps priority, since they are claimed only after an empty window claim.
+            if ctx.cfg.windows.context_summary_every > 0 {
+                let ctx = ctx.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = super::running::run_due_running(&ctx, permits.len()).await {
+                        warn!(error = %e, "running summaries not finished; their leases will expire");
+                    }
+                    drop(permits);
+                });
+            } else {
+                drop(permits);
+            }
             if sleep_or_shutdown(&shutdown, Duration::from_millis(300)).await {
                 break;
             }
@@ -621,6 +672,9 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         _ = hard_stop.cancelled() => tasks.abort_all(),
     }
     drop(heartbeat);
+    if let Err(e) = ctx.store.release_running_leases(&ctx.instance).await {
+        warn!(error = %e, "could not release running-summary leases (they expire by themselves)");
+    }
     match ctx.store.release_leases(&ctx.instance).await {
         Ok(n) if n > 0 => info!(released = n, "released window leases"),
         Ok(_) => {}

@@ -328,7 +328,11 @@ impl Rollups {
         }
         drop(tx);
         let input = rollup_input(&c.key, &rows);
-        let summary = match self.summarizer.summarize(&input).await {
+        let summary = match self
+            .summarizer
+            .summarize_for(&input, crate::summarize::Purpose::Rollup)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let counts = !matches!(e, SummarizeError::Unavailable(_));

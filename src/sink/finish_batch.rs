@@ -334,6 +334,8 @@ impl Store {
             for r in &done {
                 out[r.at] = Finished::Done;
             }
+            let summarized: Vec<_> = done.iter().map(|r| (r.w, batch[r.at].1)).collect();
+            super::running::consume_windows(&mut tx, &summarized).await?;
         }
         let short: Vec<(usize, i64, i32)> = live
             .iter()

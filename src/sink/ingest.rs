@@ -179,7 +179,10 @@ impl Store {
             .begin_with("BEGIN; SET LOCAL synchronous_commit TO on")
             .await?;
         renew(&mut tx, fence).await?;
-        Ok(IngestTx { tx })
+        Ok(IngestTx {
+            tx,
+            running_every: self.running_every,
+        })
     }
 }
 
@@ -361,6 +364,7 @@ fn near_each_other(cfg: &TrackerConfig, windows: &[Closed]) -> Vec<bool> {
 /// One ingest transaction: a checkpoint (see `crate::state`).
 pub struct IngestTx {
     tx: Transaction<'static, Postgres>,
+    running_every: u32,
 }
 
 impl IngestTx {
@@ -431,6 +435,7 @@ impl IngestTx {
         .bind(&flat.ts)
         .execute(&mut *self.tx)
         .await?;
+        super::running::mark_due(&mut self.tx, (&b, &u), self.running_every).await?;
         Ok(())
     }
 

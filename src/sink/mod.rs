@@ -15,10 +15,12 @@
 
 mod finish_batch;
 mod ingest;
+mod running;
 mod status;
 mod windows;
 
 pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
+pub use running::{ClaimedRunning, RunningFinished, RunningOutcome, StoredRunning};
 
 use std::time::Duration;
 
@@ -213,6 +215,8 @@ pub fn coverage_fingerprint(ids: &[String]) -> String {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// CONTEXT_SUMMARY_EVERY: checkpoints mark running summaries due at each multiple (0 = off, the default).
+    running_every: u32,
 }
 
 impl Store {
@@ -226,7 +230,10 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(opts)
             .await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            running_every: 0,
+        })
     }
 
     /// A store over a pool that connects on first use (for `/readyz` and a service that starts before Postgres).
@@ -235,7 +242,21 @@ impl Store {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(opts);
-        Store { pool }
+        Store {
+            pool,
+            running_every: 0,
+        }
+    }
+
+    /// Checkpoints mark an open window's running summary due each time its message count reaches a multiple of
+    /// `every` (CONTEXT_SUMMARY_EVERY; 0 = off).
+    pub fn with_running_summaries(mut self, every: u32) -> Store {
+        self.running_every = every;
+        self
+    }
+
+    pub fn running_every(&self) -> u32 {
+        self.running_every
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -207,6 +207,7 @@ impl Store {
                 .bind(*message_count)
                 .execute(&mut *tx)
                 .await?;
+                super::running::consume_windows(&mut tx, &[(w, outcome)]).await?;
                 Finished::Done
             }
             WindowOutcome::TooShort { message_count } => {

@@ -17,7 +17,9 @@ use std::sync::LazyLock;
 
 use futures::future::BoxFuture;
 
-use super::{Message, SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
+use super::{
+    Message, Prior, Purpose, SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput,
+};
 
 /// Most topics the extractive summarizer returns.
 pub const MAX_TOPICS: usize = 5;
@@ -85,6 +87,161 @@ impl Summarizer for Extractive {
     ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
         Box::pin(std::future::ready(summarize_window(window)))
     }
+
+    fn incremental(&self) -> bool {
+        true
+    }
+
+    fn summarize_incremental<'a>(
+        &'a self,
+        prior: &'a Prior,
+        new: &'a WindowInput,
+        _purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        Box::pin(std::future::ready(summarize_incremental(prior, new)))
+    }
+}
+
+/// How often a prior topic at `rank` (0 = first) counts in the incremental re-ranking: as if it had been said
+/// `max(1, prior_messages / (2 * (rank + 1)))` times (a Zipf-like share of the messages the prior summary covers).
+pub fn carried_weight(prior_messages: usize, rank: usize) -> f64 {
+    (prior_messages as f64 / (2.0 * (rank as f64 + 1.0))).max(1.0)
+}
+
+/// The quotes of a summary this summarizer wrote (`... Key messages: "a" / "b"`), without their quotation marks.
+pub fn quotes_of(text: &str) -> Vec<String> {
+    let Some((_, tail)) = text.split_once(" Key messages: ") else {
+        return Vec::new();
+    };
+    tail.split(" / ")
+        .map(|q| {
+            q.trim()
+                .trim_matches('"')
+                .trim_end_matches('…')
+                .trim()
+                .to_string()
+        })
+        .filter(|q| !q.is_empty())
+        .collect()
+}
+
+/// The incremental extractive summary: the prior summary plus the messages since, at a cost proportional to the new
+/// messages (the prior is a fixed-size input: at most [`MAX_TOPICS`] topics and 3 quotes). Pure and deterministic.
+///
+/// - **Topics**: the prior's topics and the new messages' topic words (as [`summarize_window`] finds them, over the
+///   new messages only) re-ranked together: a new word scores its count in the new messages, a prior topic at rank
+///   `r` scores [`carried_weight`] (plus its count in the new messages); best first, ties to the prior order, then
+///   alphabetical; up to [`MAX_TOPICS`]. So topics of a long conversation persist until the new messages say other
+///   words more often.
+/// - **Tone**: the majority over the new messages' emotion labels and the prior's tone counted once per prior message.
+/// - **Summary**: the topic sentence over the whole count, then the 1-3 key messages chosen by topic overlap among the
+///   prior's quotes and the new messages.
+pub fn summarize_incremental(prior: &Prior, new: &WindowInput) -> Result<Summary, SummarizeError> {
+    let messages: Vec<&Message> = new
+        .messages
+        .iter()
+        .filter(|m| !m.text.trim().is_empty())
+        .collect();
+    if messages.is_empty() {
+        return Err(SummarizeError::Empty);
+    }
+    let users: Vec<&Message> = messages
+        .iter()
+        .copied()
+        .filter(|m| m.role == "user")
+        .collect();
+    let source = if users.is_empty() { &messages } else { &users };
+    let exclude = bot_name_words(&new.bot);
+    let fresh = key_topics_excluding(source, MAX_TOPICS * 2, &exclude);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for m in source.iter() {
+        for w in words(&m.text) {
+            *counts.entry(w).or_default() += 1;
+        }
+    }
+    // (score, prior rank or usize::MAX, word)
+    let mut scored: Vec<(f64, usize, String)> = Vec::new();
+    for (r, t) in prior.key_topics.iter().enumerate() {
+        let t = t.trim().to_lowercase();
+        if t.is_empty() || scored.iter().any(|s| s.2 == t) {
+            continue;
+        }
+        let said = counts.get(&t).copied().unwrap_or(0) as f64;
+        scored.push((carried_weight(prior.message_count, r) + said, r, t));
+    }
+    for w in fresh {
+        if scored.iter().any(|s| s.2 == w) {
+            continue;
+        }
+        let said = counts.get(&w).copied().unwrap_or(0) as f64;
+        scored.push((said, usize::MAX, w));
+    }
+    scored.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then_with(|| a.2.cmp(&b.2))
+    });
+    let mut topics: Vec<String> = scored.into_iter().take(MAX_TOPICS).map(|s| s.2).collect();
+    if topics.is_empty() {
+        topics = fallback_topics(&messages, &exclude);
+    }
+
+    let tone_source: Vec<&Message> = if users.iter().any(|m| m.emotion.is_some()) {
+        users.clone()
+    } else {
+        messages.clone()
+    };
+    let prior_tone = prior.emotional_tone.trim().to_lowercase();
+    let carried = std::iter::repeat_n(prior_tone.as_str(), prior.message_count)
+        .filter(|t| !t.is_empty() && *t != "mixed");
+    let mixed_votes = if prior_tone == "mixed" {
+        prior.message_count
+    } else {
+        0
+    };
+    let tone = majority_tone(
+        tone_source
+            .iter()
+            .filter_map(|m| m.emotion.as_deref())
+            .chain(carried)
+            .chain(std::iter::repeat_n("mixed", mixed_votes)),
+    );
+
+    // The prior's quotes compete with the new messages for the key messages, by topic overlap (no vectors: the
+    // quotes have none).
+    let carried_quotes: Vec<Message> = quotes_of(&prior.text)
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| Message {
+            point_id: format!("prior-{i}"),
+            role: source.first().map_or("user".into(), |m| m.role.clone()),
+            text: q,
+            ts_ms: prior.covers_until_ms,
+            emotion: None,
+            vector: Vec::new(),
+        })
+        .collect();
+    let stripped: Vec<Message> = source
+        .iter()
+        .map(|m| Message {
+            vector: Vec::new(),
+            ..(*m).clone()
+        })
+        .collect();
+    let candidates: Vec<&Message> = carried_quotes.iter().chain(stripped.iter()).collect();
+    let total = prior.message_count + messages.len();
+    let text_chars = prior.text.chars().count() + new.text_chars();
+    let text = compose_summary(&candidates, &topics, tone, total, text_chars);
+    let n = total as f64;
+    Summary {
+        text,
+        key_topics: topics,
+        emotional_tone: tone.to_string(),
+        confidence: 0.3 + 0.3 * n / (n + 10.0),
+        kind: SummarizerKind::Extractive,
+        usage: None,
+    }
+    .validate()
 }
 
 /// Summarizes one window; pure and deterministic.
@@ -1018,5 +1175,109 @@ mod tests {
         assert_eq!(s.kind(), SummarizerKind::Extractive);
         let out = s.summarize(&sample()).await.unwrap();
         assert_eq!(out, summarize_window(&sample()).unwrap());
+    }
+
+    // ---- incremental ------------------------------------------------------------------------------------------
+
+    fn prior(topics: &[&str], n: usize, text: &str) -> Prior {
+        Prior {
+            text: text.into(),
+            key_topics: topics.iter().map(|t| t.to_string()).collect(),
+            emotional_tone: "positive".into(),
+            message_count: n,
+            covers_until_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn incremental_keeps_long_standing_topics_against_a_few_new_words() {
+        let p = prior(
+            &["guitar", "chords"],
+            60,
+            "The user talked about guitar and chords over 60 messages (tone: positive). Key messages: \
+             \"I practise the guitar chords every evening\"",
+        );
+        let w = window(vec![
+            msg(100, "user", "Rainy today.", Some("sadness"), vec![]),
+            msg(
+                101,
+                "user",
+                "I stayed home, it was rainy.",
+                Some("neutral"),
+                vec![],
+            ),
+        ]);
+        let s = summarize_incremental(&p, &w).unwrap();
+        assert_eq!(&s.key_topics[..2], ["guitar", "chords"], "{s:?}");
+        assert!(s.key_topics.contains(&"rainy".to_string()), "{s:?}");
+        assert!(s.text.contains("over 62 messages"), "{}", s.text);
+        // 60 prior messages of positive tone outweigh two new labels
+        assert_eq!(s.emotional_tone, "positive");
+        // the prior's key message still competes with the new ones
+        assert!(s.text.contains("guitar chords every evening"), "{}", s.text);
+    }
+
+    #[test]
+    fn incremental_new_topics_win_once_said_more_often_than_the_prior_weight() {
+        let p = prior(
+            &["guitar"],
+            4,
+            "The user talked about guitar over 4 messages (tone: positive).",
+        );
+        let new: Vec<Message> = (0..12)
+            .map(|i| {
+                msg(
+                    200 + i,
+                    "user",
+                    "the marathon training and marathon shoes",
+                    Some("joy"),
+                    vec![],
+                )
+            })
+            .collect();
+        let s = summarize_incremental(&p, &window(new)).unwrap();
+        assert_eq!(s.key_topics[0], "marathon", "{s:?}");
+        assert!(s.key_topics.contains(&"guitar".to_string()), "{s:?}");
+    }
+
+    #[test]
+    fn quotes_round_trip_through_a_summary() {
+        let s = summarize_window(&sample()).unwrap();
+        let q = quotes_of(&s.text);
+        assert!(!q.is_empty(), "{}", s.text);
+        for quote in q {
+            assert!(!quote.starts_with('"') && !quote.is_empty());
+        }
+        assert!(quotes_of("no quotes here").is_empty());
+    }
+
+    proptest::proptest! {
+        /// Every topic of an incremental summary is a prior topic or a word of the new messages; the summary counts
+        /// the prior's messages plus the new ones and validates; the same input gives the same summary.
+        #[test]
+        fn incremental_topics_come_from_the_prior_or_the_new_messages(
+            picks in proptest::collection::vec((0usize..6, 0usize..4), 1..30),
+            prior_n in 0usize..500,
+            prior_topics in proptest::collection::vec(0usize..6, 0..6),
+        ) {
+            const WORDS: &[&str] = &["guitar", "hiking", "bakery", "kitten", "marathon", "lighthouse"];
+            const EMO: &[&str] = &["joy", "sadness", "neutral", "anger"];
+            let new: Vec<Message> = picks
+                .iter()
+                .enumerate()
+                .map(|(i, (k, e))| msg(i as i64, "user", &format!("about the {} and the {}", WORDS[*k], WORDS[(k + i) % 6]), Some(EMO[*e]), vec![]))
+                .collect();
+            let topics: Vec<&str> = prior_topics.iter().map(|k| WORDS[*k]).collect();
+            let p = prior(&topics, prior_n, "The user talked about things (tone: neutral).");
+            let w = window(new);
+            let s = summarize_incremental(&p, &w).unwrap();
+            let said = w.messages.iter().map(|m| m.text.to_lowercase()).collect::<Vec<_>>().join(" ");
+            for t in &s.key_topics {
+                proptest::prop_assert!(topics.contains(&t.as_str()) || said.contains(t.as_str()), "{t} from nowhere");
+            }
+            let count = format!("over {} message", prior_n + w.messages.len());
+            proptest::prop_assert!(s.text.contains(&count), "{}", s.text);
+            proptest::prop_assert_eq!(s.clone(), summarize_incremental(&p, &w).unwrap());
+        }
     }
 }

@@ -152,6 +152,43 @@ pub enum SummarizeError {
     Failed(String),
 }
 
+/// What an LLM call is for, sent as the `X-Recap-Purpose` request header and counted as the `purpose` label of
+/// `recap_llm_calls_total`, so the calls per closed window stay measurable next to running summaries and rollups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// The final summary of a closed window.
+    Window,
+    /// A running summary of an open window (`CONTEXT_SUMMARY_EVERY`).
+    Running,
+    /// A day, week or month rollup.
+    Rollup,
+}
+
+impl Purpose {
+    pub const ALL: [Purpose; 3] = [Purpose::Window, Purpose::Running, Purpose::Rollup];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Window => "window",
+            Purpose::Running => "running",
+            Purpose::Rollup => "rollup",
+        }
+    }
+}
+
+/// The summary so far of the first messages of a window (a valid running summary): the start of an incremental
+/// summary, which adds only the messages since ([`Summarizer::summarize_incremental`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prior {
+    pub text: String,
+    pub key_topics: Vec<String>,
+    pub emotional_tone: String,
+    /// How many messages the prior summary covers.
+    pub message_count: usize,
+    /// Stored time of the last covered message (ms).
+    pub covers_until_ms: i64,
+}
+
 /// The summarize stage's one seam.
 pub trait Summarizer: Send + Sync {
     fn kind(&self) -> SummarizerKind;
@@ -164,6 +201,35 @@ pub trait Summarizer: Send + Sync {
         &'a self,
         window: &'a WindowInput,
     ) -> BoxFuture<'a, Result<Summary, SummarizeError>>;
+
+    /// [`Summarizer::summarize`] for a given purpose (an LLM call says it; the extractive one has no calls).
+    fn summarize_for<'a>(
+        &'a self,
+        window: &'a WindowInput,
+        _purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        self.summarize(window)
+    }
+
+    /// Whether [`Summarizer::summarize_incremental`] is implemented (false: callers summarize the whole window).
+    fn incremental(&self) -> bool {
+        false
+    }
+
+    /// The summary of a window from the summary of its first messages (`prior`) and the messages since (`new`: only
+    /// those, in time order, all stored after `prior.covers_until_ms`), at a cost proportional to `new`.
+    fn summarize_incremental<'a>(
+        &'a self,
+        _prior: &'a Prior,
+        _new: &'a WindowInput,
+        _purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        Box::pin(async {
+            Err(SummarizeError::Failed(
+                "this summarizer has no incremental mode".into(),
+            ))
+        })
+    }
 }
 
 /// The LLM summarizer, falling back to the extractive one while the daily budget is spent (OVER_BUDGET=extractive).
@@ -191,6 +257,41 @@ impl Summarizer for BudgetFallback {
         &'a self,
         window: &'a WindowInput,
     ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        self.summarize_for(window, Purpose::Window)
+    }
+
+    fn incremental(&self) -> bool {
+        true
+    }
+
+    fn summarize_incremental<'a>(
+        &'a self,
+        prior: &'a Prior,
+        new: &'a WindowInput,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        Box::pin(async move {
+            let fallback = || {
+                metrics::counter!("recap_llm_budget_fallbacks_total").increment(1);
+                extractive::Extractive.summarize_incremental(prior, new, purpose)
+            };
+            if self.llm.over_budget_now().await {
+                return fallback().await;
+            }
+            match self.llm.summarize_incremental(prior, new, purpose).await {
+                Err(SummarizeError::Unavailable(_)) if self.llm.over_budget_now().await => {
+                    fallback().await
+                }
+                r => r,
+            }
+        })
+    }
+
+    fn summarize_for<'a>(
+        &'a self,
+        window: &'a WindowInput,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
         Box::pin(async move {
             let fallback = || {
                 metrics::counter!("recap_llm_budget_fallbacks_total").increment(1);
@@ -199,7 +300,7 @@ impl Summarizer for BudgetFallback {
             if self.llm.over_budget_now().await {
                 return fallback().await;
             }
-            match self.llm.summarize(window).await {
+            match self.llm.summarize_for(window, purpose).await {
                 // the budget ran out between the check and the call (another replica spent it)
                 Err(SummarizeError::Unavailable(_)) if self.llm.over_budget_now().await => {
                     fallback().await

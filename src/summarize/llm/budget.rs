@@ -96,6 +96,7 @@ impl LlmSummarizer {
         &self,
         system: &str,
         user: &str,
+        purpose: crate::summarize::Purpose,
     ) -> Result<Completion, SummarizeError> {
         let reserved = match (&self.ledger, self.settings.daily_budget_usd) {
             (None, _) => {
@@ -129,7 +130,7 @@ impl LlmSummarizer {
                 }
             }
         };
-        let result = self.complete(system, user).await;
+        let result = self.complete(system, user, purpose).await;
         if let Some(l) = &self.ledger {
             let cost = result.as_ref().ok().and_then(|c| c.cost_usd).unwrap_or(0.0);
             if (reserved.is_some() || cost > 0.0)

@@ -15,7 +15,10 @@ use serde::Deserialize;
 use super::breaker::AdmissionGuard;
 use super::prompt::chat_messages;
 use super::{LlmSummarizer, MAX_INLINE_RETRY_AFTER, MAX_OUTPUT_TOKENS, chars, lock};
-use crate::summarize::{SummarizeError, Summary, Usage};
+use crate::summarize::{Purpose, SummarizeError, Summary, Usage};
+
+/// The request header that says what a call is for (`window`, `running`, `rollup`); the test server counts by it.
+pub const PURPOSE_HEADER: &str = "x-recap-purpose";
 
 /// How long a response asks to wait: the larger of `retry-after-ms` (milliseconds) and `Retry-After` (seconds, or an
 /// HTTP date relative to `now`); `None` when neither is present and parseable.
@@ -212,6 +215,7 @@ impl LlmSummarizer {
         &self,
         system: &str,
         user: &str,
+        purpose: Purpose,
     ) -> Result<Completion, SummarizeError> {
         // The same bytes for every attempt (servers may recognise a retried request by its body).
         let body = self.request_body(system, user)?;
@@ -227,7 +231,7 @@ impl LlmSummarizer {
             .with_jitter();
         let result = (|| {
             attempts.fetch_add(1, Ordering::Relaxed);
-            self.attempt(&body)
+            self.attempt(&body, purpose)
         })
         .retry(backoff)
         .when(CallError::is_transient)
@@ -269,7 +273,7 @@ impl LlmSummarizer {
     }
 
     /// One HTTP attempt, through the breaker, the concurrency limit, the rate limiter and the timeout.
-    async fn attempt(&self, body: &[u8]) -> Result<Completion, CallError> {
+    async fn attempt(&self, body: &[u8], purpose: Purpose) -> Result<Completion, CallError> {
         let admission = lock(&self.breaker).admit(Instant::now()).map_err(|wait| {
             metrics::counter!("recap_llm_errors_total", "kind" => "breaker_open").increment(1);
             CallError::BreakerOpen(wait)
@@ -289,18 +293,20 @@ impl LlmSummarizer {
         }
         let started = Instant::now();
         lock(&self.totals).http_calls += 1;
-        let outcome = match tokio::time::timeout(self.settings.timeout, self.send(body)).await {
-            Err(_) => Err(CallError::Timeout(self.settings.timeout)),
-            Ok(Err(e)) => Err(self.transport_error(e)),
-            Ok(Ok((status, headers, bytes))) => {
-                self.read_response(status, &headers, &bytes, started.elapsed())
-            }
-        };
+        let outcome =
+            match tokio::time::timeout(self.settings.timeout, self.send(body, purpose)).await {
+                Err(_) => Err(CallError::Timeout(self.settings.timeout)),
+                Ok(Err(e)) => Err(self.transport_error(e)),
+                Ok(Ok((status, headers, bytes))) => {
+                    self.read_response(status, &headers, &bytes, started.elapsed())
+                }
+            };
         metrics::histogram!("recap_llm_latency_seconds").record(started.elapsed().as_secs_f64());
         match &outcome {
             Ok(c) => {
                 guard.success();
-                metrics::counter!("recap_llm_calls_total", "outcome" => "ok").increment(1);
+                metrics::counter!("recap_llm_calls_total", "outcome" => "ok", "purpose" => purpose.as_str())
+                    .increment(1);
                 self.account(c);
             }
             Err(e) => {
@@ -309,19 +315,25 @@ impl LlmSummarizer {
                 } else {
                     guard.success(); // the endpoint answered; the request was at fault
                 }
-                metrics::counter!("recap_llm_calls_total", "outcome" => e.kind()).increment(1);
+                metrics::counter!("recap_llm_calls_total", "outcome" => e.kind(), "purpose" => purpose.as_str())
+                    .increment(1);
                 metrics::counter!("recap_llm_errors_total", "kind" => e.kind()).increment(1);
             }
         }
         outcome
     }
 
-    async fn send(&self, body: &[u8]) -> Result<(StatusCode, HeaderMap, Vec<u8>), reqwest::Error> {
+    async fn send(
+        &self,
+        body: &[u8],
+        purpose: Purpose,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), reqwest::Error> {
         let response = self
             .http
             .post(&self.url)
             .headers(self.config.headers())
             .header(CONTENT_TYPE, "application/json")
+            .header(PURPOSE_HEADER, purpose.as_str())
             .body(body.to_vec())
             .send()
             .await?;

@@ -30,7 +30,8 @@
 //!   [`SummarizeError::Failed`] with the reason.
 //!
 //! # Metrics (`metrics` crate)
-//! `recap_llm_calls_total{outcome}` per HTTP attempt (`ok`, `rate_limited`, `server`, `timeout`, `connect`, `client`);
+//! `recap_llm_calls_total{outcome,purpose}` per HTTP attempt (`ok`, `rate_limited`, `server`, `timeout`, `connect`,
+//! `client`; purpose `window`, `running`, `rollup`: [`Purpose`], also sent as the `X-Recap-Purpose` header);
 //! `recap_llm_errors_total{kind}` (`rate_limited`, `server`, `timeout`, `connect`, `client`, `invalid_json`,
 //! `breaker_open`, `budget`); `recap_llm_tokens_total{type=prompt|completion}`; `recap_llm_cost_usd_total` (a counter
 //! of USD: the `metrics` crate's counters are integers, so it is kept in [`cost_usd_total`] and `/metrics` renders
@@ -58,9 +59,9 @@ use tokio::sync::Semaphore;
 
 use self::budget::{DailySpend, today_utc};
 use self::call::with_usage;
-use self::prompt::prompt_parts;
+use self::prompt::{incremental_parts, prompt_parts};
 use self::reply::repair_system_prompt;
-use super::{SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
+use super::{Prior, Purpose, SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
 
 /// OpenRouter's OpenAI-compatible API base.
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
@@ -195,7 +196,7 @@ pub use breaker::{Admission, BreakerState, CircuitBreaker};
 pub use budget::{LlmTotals, cost_usd_total};
 pub use call::parse_retry_after;
 pub use mmr::select_mmr;
-pub use prompt::{PromptStats, build_prompt};
+pub use prompt::{PromptStats, build_incremental_prompt, build_prompt};
 pub use reply::parse_reply;
 
 fn chars(s: &str) -> usize {
@@ -322,12 +323,37 @@ impl LlmSummarizer {
         lock(&self.breaker).state(Instant::now())
     }
 
-    async fn run(&self, w: &WindowInput) -> Result<Summary, SummarizeError> {
+    async fn run(&self, w: &WindowInput, purpose: Purpose) -> Result<Summary, SummarizeError> {
         if w.messages.iter().all(|m| m.text.trim().is_empty()) {
             return Err(SummarizeError::Empty);
         }
         self.admit_transport()?;
         let prompt = prompt_parts(&self.settings, w);
+        self.run_prompt(w, prompt, purpose).await
+    }
+
+    /// An incremental summary: one call whose prompt holds the prior summary and only the messages since
+    /// (`prompt::incremental_parts`).
+    async fn run_incremental(
+        &self,
+        prior: &Prior,
+        new: &WindowInput,
+        purpose: Purpose,
+    ) -> Result<Summary, SummarizeError> {
+        if new.messages.iter().all(|m| m.text.trim().is_empty()) {
+            return Err(SummarizeError::Empty);
+        }
+        self.admit_transport()?;
+        let prompt = incremental_parts(&self.settings, prior, new);
+        self.run_prompt(new, prompt, purpose).await
+    }
+
+    async fn run_prompt(
+        &self,
+        w: &WindowInput,
+        prompt: prompt::PromptParts,
+        purpose: Purpose,
+    ) -> Result<Summary, SummarizeError> {
         if prompt.stats.messages_sent < prompt.stats.messages_total {
             tracing::debug!(
                 bot = %w.bot, user_id = %w.user_id,
@@ -336,7 +362,9 @@ impl LlmSummarizer {
                 "window over the token budget: sending an MMR selection"
             );
         }
-        let first = self.complete_budgeted(&prompt.system, &prompt.user).await?;
+        let first = self
+            .complete_budgeted(&prompt.system, &prompt.user, purpose)
+            .await?;
         let reason = match parse_reply(&first.content) {
             Ok(s) => return Ok(with_usage(s, &[&first])),
             Err(reason) => reason,
@@ -344,7 +372,9 @@ impl LlmSummarizer {
         metrics::counter!("recap_llm_errors_total", "kind" => "invalid_json").increment(1);
         tracing::warn!(bot = %w.bot, user_id = %w.user_id, %reason, "LLM reply is not a valid summary; one repair call");
         let repair = repair_system_prompt(&prompt.system, &first.content, &reason);
-        let second = self.complete_budgeted(&repair, &prompt.user).await?;
+        let second = self
+            .complete_budgeted(&repair, &prompt.user, purpose)
+            .await?;
         match parse_reply(&second.content) {
             Ok(s) => Ok(with_usage(s, &[&first, &second])),
             Err(again) => {
@@ -354,6 +384,20 @@ impl LlmSummarizer {
                 )))
             }
         }
+    }
+}
+
+/// Registers the LLM call counters at 0 for every purpose and outcome `ok` (so a dashboard sees each series from
+/// the start), with their help text.
+pub fn register_metrics() {
+    metrics::describe_counter!(
+        "recap_llm_calls_total",
+        "LLM HTTP attempts by outcome (ok, rate_limited, server, timeout, connect, client) and purpose (window: a \
+         closed window's summary, running: a running summary of an open window, rollup: a day/week/month rollup)"
+    );
+    for p in Purpose::ALL {
+        metrics::counter!("recap_llm_calls_total", "outcome" => "ok", "purpose" => p.as_str())
+            .increment(0);
     }
 }
 
@@ -379,7 +423,28 @@ impl Summarizer for LlmSummarizer {
         &'a self,
         window: &'a WindowInput,
     ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
-        Box::pin(self.run(window))
+        Box::pin(self.run(window, Purpose::Window))
+    }
+
+    fn summarize_for<'a>(
+        &'a self,
+        window: &'a WindowInput,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        Box::pin(self.run(window, purpose))
+    }
+
+    fn incremental(&self) -> bool {
+        true
+    }
+
+    fn summarize_incremental<'a>(
+        &'a self,
+        prior: &'a Prior,
+        new: &'a WindowInput,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Summary, SummarizeError>> {
+        Box::pin(self.run_incremental(prior, new, purpose))
     }
 }
 

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use super::mmr::select_mmr;
 use super::{LlmSettings, MMR_LAMBDA, SYSTEM_PROMPT, chars, estimate_tokens};
-use crate::summarize::{Message, WindowInput};
+use crate::summarize::{Message, Prior, WindowInput};
 
 /// What [`build_prompt`] sent compared with the whole window (estimated tokens, `ceil(chars/4)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,95 @@ fn compose_user(header: &str, lines: &[&str]) -> String {
 }
 
 pub(super) fn prompt_parts(settings: &LlmSettings, w: &WindowInput) -> PromptParts {
+    parts_with(
+        settings,
+        w,
+        SYSTEM_PROMPT.to_string(),
+        &|shown, total, selected| header(w, shown, total, selected),
+    )
+}
+
+/// The system prompt of an incremental call: the window prompt's rules, and how to extend the summary so far.
+pub const INCREMENTAL_SYSTEM_PROMPT: &str = "You keep a running summary of one conversation between a user and a chat \
+bot up to date, so that the bot can later remember what this user talked about. You get the summary so far (of the \
+conversation's earlier messages, which you do not see again) and the messages since. Reply with ONLY a JSON object - \
+no prose, no code fences - of exactly this shape: {\"summary\": string, \"key_topics\": [string, 1 to 8 items], \
+\"emotional_tone\": one of \"positive\", \"negative\", \"neutral\", \"mixed\", \"confidence\": number from 0 to 1}. \
+The summary (2 to 5 sentences, third person, at most 600 characters) covers the WHOLE conversation: keep what the \
+summary so far says that still matters and add what the new messages bring (topics, facts, plans, people, \
+preferences, feelings); never invent facts. key_topics are short phrases from the summary so far or the new \
+messages, the most important first. emotional_tone is the user's overall tone over the whole conversation; the \
+emotion labels in parentheses are hints. confidence says how well the messages support the summary.";
+
+/// The lines above the new messages of an incremental prompt: the window header, then the summary so far. The
+/// summary so far is given as `Summary so far: ...` and `Key topics so far: ...` lines.
+fn incremental_header(
+    prior: &Prior,
+    w: &WindowInput,
+    shown: usize,
+    total: usize,
+    selected: bool,
+) -> String {
+    let flat = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let count = if selected {
+        format!(
+            "Showing {shown} of the {total} messages since, selected to represent them; the others are left out."
+        )
+    } else {
+        format!("All {total} messages since.")
+    };
+    format!(
+        "Conversation between user {} and the bot {}, messages from {} UTC on (message times are UTC).\n\
+         The summary so far covers the first {} messages, until {} UTC.\n\
+         Summary so far: {}\n\
+         Key topics so far: {}\n\
+         Tone so far: {}\n\n\
+         The messages since. {count}\nEach line gives [time] (emotion label) speaker, then the text.",
+        w.user_id,
+        w.bot,
+        fmt_ms(w.start_ms, "%Y-%m-%d %H:%M"),
+        prior.message_count,
+        fmt_ms(prior.covers_until_ms, "%Y-%m-%d %H:%M"),
+        flat(&prior.text),
+        flat(&prior.key_topics.join(", ")),
+        flat(&prior.emotional_tone),
+    )
+}
+
+/// The prompt of an incremental call: [`INCREMENTAL_SYSTEM_PROMPT`], the summary so far and only the new messages
+/// (the MMR selection under `max_input_tokens` as for a window). Its size depends on the new messages, not on how
+/// many the summary so far covers.
+pub(super) fn incremental_parts(
+    settings: &LlmSettings,
+    prior: &Prior,
+    new: &WindowInput,
+) -> PromptParts {
+    parts_with(
+        settings,
+        new,
+        INCREMENTAL_SYSTEM_PROMPT.to_string(),
+        &|shown, total, selected| incremental_header(prior, new, shown, total, selected),
+    )
+}
+
+/// The chat messages of an incremental call (see [`incremental_parts`]).
+pub fn build_incremental_prompt(
+    settings: &LlmSettings,
+    prior: &Prior,
+    new: &WindowInput,
+) -> (Vec<ChatCompletionRequestMessage>, PromptStats) {
+    let p = incremental_parts(settings, prior, new);
+    (chat_messages(&p.system, &p.user), p.stats)
+}
+
+type Header<'a> = dyn Fn(usize, usize, bool) -> String + 'a;
+
+fn parts_with(
+    settings: &LlmSettings,
+    w: &WindowInput,
+    system: String,
+    header: &Header<'_>,
+) -> PromptParts {
     let msgs: Vec<&Message> = w
         .messages
         .iter()
@@ -117,7 +206,6 @@ pub(super) fn prompt_parts(settings: &LlmSettings, w: &WindowInput) -> PromptPar
         (Some(a), Some(b)) => fmt_ms(a.ts_ms, "%Y-%m-%d") != fmt_ms(b.ts_ms, "%Y-%m-%d"),
         _ => false,
     };
-    let system = SYSTEM_PROMPT.to_string();
     let sys_chars = chars(&system);
 
     let full_lines: Vec<String> = msgs
@@ -125,7 +213,7 @@ pub(super) fn prompt_parts(settings: &LlmSettings, w: &WindowInput) -> PromptPar
         .map(|m| format_line(m, multi_day, None))
         .collect();
     let full_refs: Vec<&str> = full_lines.iter().map(String::as_str).collect();
-    let user_full = compose_user(&header(w, n, n, false), &full_refs);
+    let user_full = compose_user(&header(n, n, false), &full_refs);
     let est_full = estimate_tokens(sys_chars + chars(&user_full));
     let max = settings.max_input_tokens;
     if max == 0 || est_full <= max {
@@ -143,7 +231,7 @@ pub(super) fn prompt_parts(settings: &LlmSettings, w: &WindowInput) -> PromptPar
     }
 
     // Over budget: choose messages by MMR until the budget is used.
-    let fixed = sys_chars + chars(&header(w, n, n, true)) + 2;
+    let fixed = sys_chars + chars(&header(n, n, true)) + 2;
     let budget_chars = (max * 4).saturating_sub(fixed);
     // No single message may eat the budget: cap each at a sixth of it (at least 200 chars).
     let cap = (budget_chars / 6).max(200);
@@ -169,7 +257,7 @@ pub(super) fn prompt_parts(settings: &LlmSettings, w: &WindowInput) -> PromptPar
         let mut in_time: Vec<usize> = picked.clone();
         in_time.sort_unstable();
         let refs: Vec<&str> = in_time.iter().map(|&i| lines[i].as_str()).collect();
-        let user = compose_user(&header(w, in_time.len(), n, true), &refs);
+        let user = compose_user(&header(in_time.len(), n, true), &refs);
         let est = estimate_tokens(sys_chars + chars(&user));
         if est <= max || picked.len() <= 1 {
             let stats = PromptStats {
@@ -244,6 +332,49 @@ mod tests {
         );
         let (msgs, _) = build_prompt(&LlmSettings::default(), &w);
         assert!(content_of(&msgs[1]).ends_with("[14:00] user: first line second line"));
+    }
+
+    #[test]
+    fn incremental_prompt_holds_the_summary_so_far_and_only_the_new_messages() {
+        let w = convo("4711", 40, 3);
+        let prior = crate::summarize::Prior {
+            text: "The user talked about pottery and a marathon.".into(),
+            key_topics: vec!["pottery".into(), "marathon".into()],
+            emotional_tone: "mixed".into(),
+            message_count: 30,
+            covers_until_ms: w.messages[29].ts_ms,
+        };
+        let new = WindowInput {
+            messages: w.messages[30..].to_vec(),
+            start_ms: w.messages[30].ts_ms,
+            ..w.clone()
+        };
+        let (msgs, stats) = build_incremental_prompt(&LlmSettings::default(), &prior, &new);
+        let system = content_of(&msgs[0]);
+        assert!(system.contains("summary so far") && system.contains("JSON"));
+        let user = content_of(&msgs[1]);
+        assert!(
+            user.contains("Summary so far: The user talked about pottery and a marathon."),
+            "{user}"
+        );
+        assert!(user.contains("Key topics so far: pottery, marathon"));
+        assert!(user.contains("covers the first 30 messages"));
+        assert!(user.contains("All 10 messages since."), "{user}");
+        assert_eq!(stats.messages_total, 10);
+        assert_eq!(stats.messages_sent, 10);
+        // the prompt is the size of the new messages, not of the whole window
+        let (_, whole) = build_prompt(&LlmSettings::default(), &w);
+        assert!(
+            stats.est_tokens_sent < whole.est_tokens_sent / 2,
+            "{stats:?} vs {whole:?}"
+        );
+        // the covered messages' times are not in it, the new ones' are
+        assert!(user.contains(&format_line(&new.messages[0], false, None)));
+        assert!(!user.contains(&format_line(&w.messages[0], false, None)));
+        assert_eq!(
+            stats.est_tokens_sent,
+            estimate_tokens(chars(&system) + chars(&user))
+        );
     }
 
     #[test]
