@@ -12,12 +12,19 @@
 //! The Qdrant test server (Qdrant's engine behind a Python gRPC layer) loads about 8,500 vectors/s on 2 cores, so
 //! the default 1,000,000 vectors take about two minutes to load.
 //!
+//! `GET /v1/context` (issue 23) on the same rows: `BENCH_CONTEXT_OPEN` (default 100,000) open windows in
+//! `recap_open_windows` (users `u0..`, the first 1% of them also having the summary rows above), 12 messages each in
+//! the last 40 minutes, a running summary covering the first 9 (so 3 are verbatim, read from Qdrant by id), and for
+//! every tenth user one more point stored after the checkpoint (found by the scroll). The bot's collection holds the
+//! points the endpoint reads (3 per window + the newer ones; 4-d vectors, the endpoint reads none). Requests ask for
+//! `max_tokens=800` for a random open user.
+//!
 //! Needs DATABASE_URL and QDRANT_URL. `cargo bench --bench recall`. Lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qdrant_client::qdrant::{PointStruct, Value};
+use qdrant_client::qdrant::{FieldType, PointStruct, Value};
 use recap::recall::{api, vectors};
 use sqlx::Row;
 
@@ -171,6 +178,104 @@ async fn main() {
         "the recall query is not an index scan without sort"
     );
 
+    // ---- open windows, running summaries and the bot's collection for GET /v1/context
+    let open = env_usize("BENCH_CONTEXT_OPEN", 100_000).max(1);
+    let collection = format!("whisperengine_memory_{bot}_7d");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let base_ms = now_ms - 40 * 60_000; // message i (1..=12) at base + i minutes
+    let t = Instant::now();
+    sqlx::query(
+        "INSERT INTO recap_open_windows (bot_name, user_id, part, point_ids, point_ts)
+         SELECT $1, 'u' || g, 0,
+                ARRAY(SELECT (g::bigint * 100 + i)::text FROM generate_series(1, 12) i ORDER BY i),
+                ARRAY(SELECT to_timestamp(($3 + i * 60000) / 1000.0) FROM generate_series(1, 12) i ORDER BY i)
+         FROM generate_series(0, $2 - 1) g",
+    )
+    .bind(&bot)
+    .bind(open as i32)
+    .bind(base_ms as f64)
+    .execute(store.pool())
+    .await
+    .expect("open windows");
+    sqlx::query(
+        "INSERT INTO recap_running_summaries (bot_name, user_id, window_start, point_ids, covers_until, message_count,
+            summary, key_topics)
+         SELECT $1, 'u' || g, to_timestamp(($3 + 60000) / 1000.0),
+                ARRAY(SELECT (g::bigint * 100 + i)::text FROM generate_series(1, 9) i ORDER BY i),
+                to_timestamp(($3 + 9 * 60000) / 1000.0), 9,
+                'So far the user has talked about ' || (ARRAY['hiking','guitar','cooking','chess','astronomy'])[1 + g % 5]
+                    || ', a trip they are planning with their sister, and how work has been busy this week; they sound '
+                    || 'tired but hopeful and asked for advice on keeping a routine.',
+                ARRAY['routine', 'family']
+         FROM generate_series(0, $2 - 1) g",
+    )
+    .bind(&bot)
+    .bind(open as i32)
+    .bind(base_ms as f64)
+    .execute(store.pool())
+    .await
+    .expect("running summaries");
+    sqlx::query("ANALYZE recap_open_windows")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE recap_running_summaries")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    eprintln!(
+        "  inserted {open} open windows and running summaries in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    common::create_collection(
+        &q,
+        &collection,
+        4,
+        &[
+            ("user_id", FieldType::Keyword),
+            ("timestamp_unix", FieldType::Float),
+        ],
+    )
+    .await;
+    let mut tail = Vec::with_capacity(open * 3 + open / 10 + 1);
+    for g in 0..open as u64 {
+        let user = format!("u{g}");
+        for i in 10..=13u64 {
+            if i == 13 && g % 10 != 0 {
+                continue; // one point after the checkpoint for every tenth user
+            }
+            let ts = base_ms + i as i64 * 60_000;
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            tail.push(common::we_point(
+                (g * 100 + i).to_string(),
+                &user,
+                role,
+                "I finally booked the cabin for the weekend, do you think the weather will hold up for a hike?",
+                ts,
+                "joy",
+                vec![0.5, 0.5, 0.5, 0.5],
+            ));
+        }
+    }
+    let ntail = tail.len();
+    for p in &mut tail {
+        // integer ids, as some bots store them
+        if let Some(id) = p.id.as_mut()
+            && let Some(qdrant_client::qdrant::point_id::PointIdOptions::Uuid(u)) =
+                id.point_id_options.clone()
+            && let Ok(n) = u.parse::<u64>()
+        {
+            *id = n.into();
+        }
+    }
+    common::upsert(&q, &collection, tail, 1000).await;
+    eprintln!(
+        "  loaded {ntail} message points in {:.1}s ({:.0}/s)",
+        t.elapsed().as_secs_f64(),
+        ntail as f64 / t.elapsed().as_secs_f64()
+    );
+
     // ---- the HTTP server
     let points = Arc::new(
         recap::fetch::Points::new(&qdrant_url, None, recap::fetch::PayloadMapping::default())
@@ -180,7 +285,14 @@ async fn main() {
         store.clone(),
         points,
         Some(&recap::config::Secret::new(TOKEN)),
-    );
+    )
+    .with_context(recap::recall::context::ContextSettings {
+        tracker: recap::tracker::TrackerConfig::default(),
+        bot_for_collection: {
+            let (c, b) = (collection.clone(), bot.clone());
+            Arc::new(move |n: &str| (n == c).then(|| b.clone()))
+        },
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
@@ -189,12 +301,32 @@ async fn main() {
         .pool_max_idle_per_host(clients)
         .build()
         .unwrap();
+    // what the context requests read: a running summary, the verbatim tail from Qdrant (and for u0 the point after
+    // the checkpoint and its earlier recaps)
+    let v: serde_json::Value = http
+        .get(format!(
+            "{base}/v1/context?bot={bot}&user_id=u0&max_tokens=800"
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("context")
+        .json()
+        .await
+        .expect("context json");
+    let c = &v["conversation"];
+    assert_eq!(c["summary"]["message_count"], 9, "{v}");
+    assert_eq!(c["messages"].as_array().map(Vec::len), Some(4), "{v}");
+    assert_eq!(c["messages"][3]["point_id"], "13", "{v}");
+    assert!(v["tokens"].as_u64().unwrap() <= 800, "{v}");
+    assert!(!v["earlier"].as_array().unwrap().is_empty(), "{v}");
     let vec_users = nvec.div_ceil(PER_USER).max(1);
     for (name, endpoint) in [
         ("recall", 0u8),
         ("search_vector", 1),
         ("search_text", 2),
         ("search_both", 3),
+        ("context", 4),
     ] {
         let started = Instant::now();
         let per_client = requests / clients;
@@ -210,6 +342,10 @@ async fn main() {
                             http.get(format!(
                                 "{base}/v1/recall?bot={bot}&user_id={user}&since=2026-01-03T00:00:00Z&limit=20"
                             ))
+                        }
+                        4 => {
+                            let user = format!("u{}", rng.next() % open as u64);
+                            http.get(format!("{base}/v1/context?bot={bot}&user_id={user}&max_tokens=800"))
                         }
                         _ => {
                             let user = format!("u{}", rng.next() % vec_users as u64);
@@ -264,5 +400,6 @@ async fn main() {
                 .wait(true),
         )
         .await;
+    let _ = q.delete_collection(&collection).await;
     drop_db(&admin, &db_name).await;
 }

@@ -571,8 +571,8 @@ async fn bad_input_auth_and_unknown_users() {
             "max_tokens",
         ),
         (format!("bot={bot}&max_tokens=100"), "user_id"),
-        (format!("user_id=u&max_tokens=100"), "bot"),
-        (format!("bot=no%20such&user_id=u"), "bot"),
+        ("user_id=u&max_tokens=100".to_string(), "bot"),
+        ("bot=no%20such&user_id=u".to_string(), "bot"),
         (format!("bot={bot}&user_id=u&query=%20%2C%21"), "query"),
         (format!("bot={bot}&user_id=u&limit=3"), "query"),
         (format!("bot={bot}&user_id=u&user_id=v"), "user_id"),
@@ -749,5 +749,177 @@ async fn sweep_only_recap_run_serves_the_open_conversation() {
     assert_eq!(status, 200);
     assert_eq!(ids(&v).last().unwrap(), &newest.id, "{v}");
     check_answer(&v, open.len() + 1, Some(&newest.id));
+    terminate(&mut child);
+}
+
+/// The live test: event mode, the LLM summarizer on the LLM test server, `CONTEXT_SUMMARY_EVERY=10`. One user
+/// had an earlier conversation (closed and summarized), then talks 52 messages without a pause at the wall clock;
+/// mid-conversation the context holds a running summary of the earlier part and the rest verbatim, exhaustively, the
+/// earlier recap in `earlier`, within budgets of 600 and 150 tokens with the latest message last; `max_tokens=0` is a
+/// 4xx naming it and no token a 401. Needs the running summaries of task A (branch `running`).
+#[tokio::test]
+async fn live_running_summaries_mid_conversation() {
+    let db = fresh_db().await;
+    db.migrate().await;
+    let nats = nats_ns();
+    let js = nats.ensure().await;
+    let bot = format!("lbot{}", token());
+    let collection = format!("whisperengine_memory_{bot}_7d");
+    let q = qdrant().await;
+    create_collection(&q, &collection, true).await;
+    let llm = LlmServer::start();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut envs = recap_env(&db, Some(&nats));
+    envs.retain(|(k, _)| k != "HTTP_ADDR" && k != "SUMMARIZER");
+    envs.extend(
+        [
+            ("HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("RECALL_TOKEN", TOKEN.to_string()),
+            ("SUMMARIZER", "llm".into()),
+            ("LLM_BASE_URL", llm.api_base()),
+            ("LLM_API_KEY", "sk-test-key".into()),
+            ("LLM_MODEL", "test/model".into()),
+            ("LLM_REQUESTS_PER_SECOND", "50".into()),
+            ("CONTEXT_SUMMARY_EVERY", "10".into()),
+            ("IDLE_GAP", "60s".into()),
+            ("ALLOWED_LATENESS_SECONDS", "1".into()),
+            ("COLLECTION_PATTERNS", collection.clone()),
+            ("COLLECTION_MAP", format!("{collection}={bot}")),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    let mut child = spawn_recap(&["run"], &envs, &log_path("context-live"));
+    let http = {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::new()
+    };
+    wait_http(&http, &base).await;
+    let user = "live-user";
+    let say = |pts: Vec<TestPoint>| {
+        let (q, nats, js, bot, collection) = (&q, &nats, &js, &bot, &collection);
+        async move {
+            upsert(q, collection, &pts).await;
+            nats.publish(js, bot, collection, &pts).await;
+        }
+    };
+
+    // The earlier conversation, three hours ago: closed at once (the watermark follows the wall clock) and summarized.
+    let earlier = talk(user, now_ms() - 180 * MIN, 6, 20_000, "the sailing trip"); // within IDLE_GAP=60s
+    say(earlier.clone()).await;
+    let query = format!("bot={bot}&user_id={user}");
+    let v = poll_context(&http, &base, &query, Duration::from_secs(60), |v| {
+        v["conversation"]["open"] == false && !v["conversation"]["summary"].is_null()
+    })
+    .await;
+    assert_eq!(v["conversation"]["summary"]["message_count"], 6, "{v}");
+
+    // 52 messages without a pause: 35 first, then the context mid-conversation.
+    let mut said: Vec<TestPoint> = Vec::new();
+    for i in 0..52usize {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        said.push(point(
+            user,
+            role,
+            format!(
+                "live message {i}: the pottery class, the kiln and my sister's visit {}",
+                "ok ".repeat(i % 5)
+            ),
+            now_ms(),
+        ));
+        say(vec![said[i].clone()]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if i + 1 == 35 {
+            // the running summary of the first 30 (due at 10, 20 and 30 messages) is written by the workers
+            let v = poll_context(
+                &http,
+                &base,
+                &format!("{query}&max_tokens=100000"),
+                Duration::from_secs(45),
+                |v| {
+                    v["conversation"]["summary"]["message_count"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        >= 30
+                },
+            )
+            .await;
+            let c = &v["conversation"];
+            assert_eq!(c["open"], true, "{v}");
+            let covered = c["summary"]["message_count"].as_u64().unwrap() as usize;
+            let verbatim = ids(&v);
+            assert_eq!(covered + verbatim.len(), 35, "exhaustive: {v}");
+            assert_eq!(
+                verbatim,
+                of(&said[covered..35].iter().collect::<Vec<_>>()),
+                "{v}"
+            );
+            assert!(!c["summary"]["text"].as_str().unwrap().is_empty());
+            assert_eq!(v["earlier"].as_array().unwrap().len(), 1, "{v}");
+            assert_eq!(v["earlier"][0]["message_count"], 6);
+            check_answer(&v, 35, Some(&said[34].id));
+            for max in [600, 150] {
+                let (status, v) = get(
+                    &http,
+                    &base,
+                    &format!("{query}&max_tokens={max}"),
+                    Some(TOKEN),
+                )
+                .await;
+                assert_eq!(status, 200, "{v}");
+                assert!(v["tokens"].as_u64().unwrap() <= max, "{v}");
+                assert_eq!(ids(&v).last().unwrap(), &said[34].id, "{v}");
+                check_answer(&v, 35, Some(&said[34].id));
+                eprintln!(
+                    "CONTEXT max_tokens={max} tokens={} summary={} verbatim={} omitted={} earlier={}",
+                    v["tokens"],
+                    v["conversation"]["summary"]["message_count"],
+                    ids(&v).len(),
+                    v["omitted"],
+                    v["earlier"].as_array().unwrap().len()
+                );
+            }
+            let (status, v) =
+                get(&http, &base, &format!("{query}&max_tokens=0"), Some(TOKEN)).await;
+            assert!((400..500).contains(&status), "{status} {v}");
+            assert_eq!(v["field"], "max_tokens");
+            let (status, _) = get(&http, &base, &format!("{query}&max_tokens=600"), None).await;
+            assert_eq!(status, 401);
+        }
+    }
+    // All 52: the running summary grows (50 at most: due at every 10), the rest verbatim, the latest last.
+    let v = poll_context(
+        &http,
+        &base,
+        &format!("{query}&max_tokens=100000"),
+        Duration::from_secs(45),
+        |v| {
+            v["conversation"]["summary"]["message_count"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 50
+        },
+    )
+    .await;
+    // A running summary written after the latest message may cover all of them (`messages` empty): the latest
+    // message is then inside the summary (`covers_until` is its time).
+    let covered_all = v["conversation"]["summary"]["message_count"] == 52;
+    let latest = (!covered_all).then_some(said[51].id.as_str());
+    check_answer(&v, 52, latest);
+    if covered_all {
+        assert!(ids(&v).is_empty(), "{v}");
+    }
+    eprintln!(
+        "CONTEXT after 52: summary={} verbatim={}",
+        v["conversation"]["summary"]["message_count"],
+        ids(&v).len()
+    );
+    let stats = llm.stats().await;
+    // The cost rule (at most floor(n / CONTEXT_SUMMARY_EVERY) running-summary calls) is tests/running.rs' to check;
+    // here the calls by purpose are only reported.
+    eprintln!(
+        "CONTEXT live: calls by purpose {}",
+        stats["calls_by_purpose"]
+    );
     terminate(&mut child);
 }

@@ -376,6 +376,21 @@ pub async fn context(
         .max();
     let reach = now_ms - cfg.max_span_ms - cfg.lateness_ms;
     let from_ms = known_max.map_or(reach, |k| k.max(reach));
+    // The open messages the running summary does not cover are read by id at the same time as the scroll (the
+    // conversation is almost always the open window; any other message it needs is read after).
+    let prefetch: Vec<String> = {
+        let covered: HashSet<&str> = state
+            .running
+            .as_ref()
+            .map(|r| r.point_ids.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        state
+            .open
+            .iter()
+            .filter(|p| !covered.contains(p.0.as_str()))
+            .map(|p| p.0.clone())
+            .collect()
+    };
     let bot_for = settings.bot_for_collection.clone();
     let qdrant_fut = async {
         let collections = match points.collections_for(bot, &|c| bot_for(c)).await {
@@ -383,12 +398,15 @@ pub async fn context(
             Err(FetchError::NoCollection(_)) => Vec::new(),
             Err(e) => return Err(e),
         };
-        let scrolled = scroll_after(points, &collections, user, from_ms).await?;
-        Ok::<_, FetchError>((collections, scrolled))
+        let (scrolled, prefetched) = tokio::try_join!(
+            scroll_after(points, &collections, user, from_ms),
+            by_ids(points, &collections, user, &prefetch),
+        )?;
+        Ok::<_, FetchError>((collections, scrolled, prefetched))
     };
     let (earlier, qd) = tokio::join!(earlier_fut, qdrant_fut);
     let mut earlier = earlier?;
-    let (collections, mut texts) = qd?;
+    let (collections, scrolled, prefetched) = qd?;
 
     // The conversation the latest message is in: open messages and newer points, minus the last closed window's.
     let closed: HashSet<&str> = state
@@ -397,7 +415,11 @@ pub async fn context(
         .map(|w| w.points.iter().map(|p| p.0.as_str()).collect())
         .unwrap_or_default();
     let mut candidates: Vec<(String, Millis)> = state.open.clone();
-    candidates.extend(texts.values().map(|m| (m.point_id.clone(), m.ts_ms)));
+    candidates.extend(scrolled.values().map(|m| (m.point_id.clone(), m.ts_ms)));
+    let mut texts = scrolled;
+    for (id, m) in prefetched {
+        texts.entry(id).or_insert(m);
+    }
     candidates.retain(|p| !closed.contains(p.0.as_str()));
     let mut conv = fit::latest_window(cfg, &candidates);
     let mut open = !conv.is_empty();
