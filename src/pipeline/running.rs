@@ -125,8 +125,20 @@ async fn build(ctx: &Context, c: &ClaimedRunning) -> Result<RunningOutcome, Stor
     if messages.len() < every {
         return Ok(RunningOutcome::Nothing);
     }
+    // One call per multiple of N the window crossed since the last running summary, never more (a window of n
+    // messages costs at most floor(n / N) running calls): the last one was built when the window had
+    // `message_count + 1` messages (it leaves the latest out, below).
     if let Some(s) = &c.stored
-        && uncovered(&s.coverage(), &messages).is_some_and(|rest| rest.is_empty())
+        && uncovered(&s.coverage(), &messages).is_some()
+        && messages.len() / every <= (s.message_count.max(0) as usize + 1) / every
+    {
+        return Ok(RunningOutcome::Nothing);
+    }
+    // The latest message stays out of the running summary: `GET /v1/context` shows it verbatim (a bot's prompt
+    // always ends with what the user said last), and the next summary or the close starts from it.
+    let messages = &messages[..messages.len() - 1];
+    if let Some(s) = &c.stored
+        && uncovered(&s.coverage(), messages).is_some_and(|rest| rest.is_empty())
     {
         return Ok(RunningOutcome::Nothing); // nothing new since the last one
     }
@@ -149,7 +161,7 @@ async fn build(ctx: &Context, c: &ClaimedRunning) -> Result<RunningOutcome, Stor
         c.stored.as_ref(),
         &c.bot,
         &c.user_id,
-        &messages,
+        messages,
         Purpose::Running,
     )
     .await;

@@ -352,7 +352,8 @@ impl Store {
 
 /// Marks running summaries due in the checkpoint transaction, for the keys it changed (`keys`, with open points left):
 /// a key whose open message count crossed a multiple of `every` since its running summary (or reached `every` without
-/// one, or with one of an earlier window) gets `due_count` = that count. One statement, by primary key, only for keys
+/// one, or with one of an earlier window) gets `due_count` = that count. A running summary was built when its window
+/// had `message_count + 1` messages (it leaves the latest out: `pipeline::running`). One statement, by primary key, only for keys
 /// with at least `every` open messages.
 pub(super) async fn mark_due(
     tx: &mut Transaction<'static, Postgres>,
@@ -372,7 +373,7 @@ pub(super) async fn mark_due(
              SELECT o.bot_name, o.user_id, o.first_ts, o.n FROM o
              LEFT JOIN recap_running_summaries r ON r.bot_name = o.bot_name AND r.user_id = o.user_id
              WHERE o.n / $3 > (CASE WHEN r.summary IS NOT NULL AND r.point_ids <@ o.point_ids
-                                    THEN r.message_count ELSE 0 END) / $3
+                                    THEN r.message_count + 1 ELSE 0 END) / $3
                AND (r.due_count IS NULL OR r.due_count < o.n))
          INSERT INTO recap_running_summaries AS r (bot_name, user_id, window_start, due_count, not_before)
          SELECT bot_name, user_id, first_ts, n, now() FROM due
