@@ -547,7 +547,7 @@ impl Points {
     }
 
     /// The payload fields a point is mapped from (the rest of a bot's payload is never read).
-    fn payload_fields(&self) -> PayloadIncludeSelector {
+    pub fn payload_fields(&self) -> PayloadIncludeSelector {
         let m = &self.mapping;
         let mut fields: Vec<String> = [
             &m.user,

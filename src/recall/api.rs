@@ -433,32 +433,47 @@ fn items(items: Vec<SummaryItem>) -> Json<Value> {
 
 // ----- GET /v1/recall -----
 
+/// A GET's query parameters: each one known and given once, `bot` and `user_id` present and valid.
+struct Params<'a> {
+    map: std::collections::HashMap<&'static str, &'a str>,
+    bot: &'a str,
+    user: &'a str,
+}
+
+fn params<'a>(
+    pairs: &'a [(String, String)],
+    known: &[&'static str],
+) -> Result<Params<'a>, ApiError> {
+    let mut map = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        let Some(key) = known.iter().copied().find(|x| *x == k.as_str()) else {
+            return Err(ApiError::bad(
+                "query",
+                format!("unknown parameter {k:?} (known: {})", known.join(", ")),
+            ));
+        };
+        if map.insert(key, v.as_str()).is_some() {
+            return Err(ApiError::bad(key, format!("{key} is given more than once")));
+        }
+    }
+    let bot = *map
+        .get("bot")
+        .ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
+    let user = *map
+        .get("user_id")
+        .ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
+    check_bot(bot)?;
+    check_user(user)?;
+    Ok(Params { map, bot, user })
+}
+
 async fn recall(
     State(s): State<RecallState>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(pairs) = q.map_err(|e| ApiError::bad("query", format!("bad query string: {e}")))?;
     const KNOWN: [&str; 7] = ["bot", "user_id", "since", "until", "limit", "type", "tz"];
-    let mut p: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
-    for (k, v) in &pairs {
-        let Some(key) = KNOWN.iter().find(|x| **x == k.as_str()) else {
-            return Err(ApiError::bad(
-                "query",
-                format!("unknown parameter {k:?} (known: {})", KNOWN.join(", ")),
-            ));
-        };
-        if p.insert(key, v.as_str()).is_some() {
-            return Err(ApiError::bad(key, format!("{key} is given more than once")));
-        }
-    }
-    let bot = p
-        .get("bot")
-        .ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
-    let user = p
-        .get("user_id")
-        .ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
-    check_bot(bot)?;
-    check_user(user)?;
+    let Params { map: p, bot, user } = params(&pairs, &KNOWN)?;
     let limit = p
         .get("limit")
         .map(|l| {
@@ -689,26 +704,7 @@ async fn context(
     use super::context::fit::MIN_MAX_TOKENS;
     let Query(pairs) = q.map_err(|e| ApiError::bad("query", format!("bad query string: {e}")))?;
     const KNOWN: [&str; 4] = ["bot", "user_id", "max_tokens", "query"];
-    let mut p: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
-    for (k, v) in &pairs {
-        let Some(key) = KNOWN.iter().find(|x| **x == k.as_str()) else {
-            return Err(ApiError::bad(
-                "query",
-                format!("unknown parameter {k:?} (known: {})", KNOWN.join(", ")),
-            ));
-        };
-        if p.insert(key, v.as_str()).is_some() {
-            return Err(ApiError::bad(key, format!("{key} is given more than once")));
-        }
-    }
-    let bot = p
-        .get("bot")
-        .ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
-    let user = p
-        .get("user_id")
-        .ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
-    check_bot(bot)?;
-    check_user(user)?;
+    let Params { map: p, bot, user } = params(&pairs, &KNOWN)?;
     let max_tokens = match p.get("max_tokens") {
         None => DEFAULT_CONTEXT_TOKENS,
         Some(m) => match m.trim().parse::<i64>() {

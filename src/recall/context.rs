@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use qdrant_client::qdrant::{
-    Condition, Filter, GetPointsBuilder, PayloadIncludeSelector, PointId, Range as QRange,
-    RetrievedPoint, ScrollPointsBuilder,
+    Condition, Filter, GetPointsBuilder, PointId, Range as QRange, RetrievedPoint,
+    ScrollPointsBuilder,
 };
 use serde::Serialize;
 use sqlx::Row;
@@ -225,27 +225,6 @@ async fn key_state(store: &Store, bot: &str, user: &str) -> Result<KeyState, Con
     })
 }
 
-/// The payload fields a message is mapped from.
-fn payload_fields(points: &Points) -> PayloadIncludeSelector {
-    let m = &points.mapping;
-    let mut fields: Vec<String> = [
-        &m.user,
-        &m.content,
-        &m.role,
-        &m.memory_type,
-        &m.timestamp,
-        &m.timestamp_unix,
-        &m.emotion,
-    ]
-    .into_iter()
-    .cloned()
-    .collect();
-    fields.push("source".into());
-    fields.sort();
-    fields.dedup();
-    PayloadIncludeSelector { fields }
-}
-
 fn keep_message(
     points: &Points,
     user: &str,
@@ -291,7 +270,7 @@ async fn scroll_after(
             let mut req = ScrollPointsBuilder::new(coll)
                 .filter(filter.clone())
                 .limit(256)
-                .with_payload(payload_fields(points))
+                .with_payload(points.payload_fields())
                 .with_vectors(false);
             if let Some(o) = offset.take() {
                 req = req.offset(o);
@@ -328,7 +307,7 @@ async fn by_ids(
     let gets = collections.iter().map(|coll| {
         points.client().get_points(
             GetPointsBuilder::new(coll, ids.clone())
-                .with_payload(payload_fields(points))
+                .with_payload(points.payload_fields())
                 .with_vectors(false),
         )
     });

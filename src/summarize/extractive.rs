@@ -137,19 +137,7 @@ pub fn quotes_of(text: &str) -> Vec<String> {
 /// - **Summary**: the topic sentence over the whole count, then the 1-3 key messages chosen by topic overlap among the
 ///   prior's quotes and the new messages.
 pub fn summarize_incremental(prior: &Prior, new: &WindowInput) -> Result<Summary, SummarizeError> {
-    let messages: Vec<&Message> = new
-        .messages
-        .iter()
-        .filter(|m| !m.text.trim().is_empty())
-        .collect();
-    if messages.is_empty() {
-        return Err(SummarizeError::Empty);
-    }
-    let users: Vec<&Message> = messages
-        .iter()
-        .copied()
-        .filter(|m| m.role == "user")
-        .collect();
+    let (messages, users) = spoken(new)?;
     let source = if users.is_empty() { &messages } else { &users };
     let exclude = bot_name_words(&new.bot);
     let fresh = key_topics_excluding(source, MAX_TOPICS * 2, &exclude);
@@ -245,7 +233,9 @@ pub fn summarize_incremental(prior: &Prior, new: &WindowInput) -> Result<Summary
 }
 
 /// Summarizes one window; pure and deterministic.
-pub fn summarize_window(w: &WindowInput) -> Result<Summary, SummarizeError> {
+/// A window's messages with text, and the user's among them; `Empty` when none has text.
+#[allow(clippy::type_complexity)]
+fn spoken(w: &WindowInput) -> Result<(Vec<&Message>, Vec<&Message>), SummarizeError> {
     let messages: Vec<&Message> = w
         .messages
         .iter()
@@ -254,11 +244,16 @@ pub fn summarize_window(w: &WindowInput) -> Result<Summary, SummarizeError> {
     if messages.is_empty() {
         return Err(SummarizeError::Empty);
     }
-    let users: Vec<&Message> = messages
+    let users = messages
         .iter()
         .copied()
         .filter(|m| m.role == "user")
         .collect();
+    Ok((messages, users))
+}
+
+pub fn summarize_window(w: &WindowInput) -> Result<Summary, SummarizeError> {
+    let (messages, users) = spoken(w)?;
 
     let exclude = bot_name_words(&w.bot);
     let mut topics = if users.is_empty() {
