@@ -342,3 +342,64 @@ async fn consumer_info(
         .await
         .unwrap()
 }
+
+/// Issue 24, case 14: a partition handed over before its first checkpoint. The leader before took events from the
+/// durable consumer and never committed (nothing acknowledged, nothing stored); the next leader, with no stored
+/// position, must read them again now, not after `ack_wait` behind newer events (where its ack-all of a later event
+/// would acknowledge them unread).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_before_the_first_checkpoint_hands_its_deliveries_on() {
+    use recap::source::Source;
+    let ns = nats_ns();
+    let js = ns.ensure().await;
+    let db = fresh_db().await;
+    db.migrate().await;
+    let store = recap::sink::Store::connect(db.url.parse().unwrap(), 2)
+        .await
+        .unwrap();
+    let bot = format!("b{}", token());
+    let event = |i: usize| {
+        let e = recap::event::StoredEvent {
+            v: 1,
+            bot: bot.clone(),
+            collection: None,
+            point_id: format!("{}", 2000 + i),
+            user_id: "u".into(),
+            role: Some("user".into()),
+            ts: chrono::Utc::now(),
+        };
+        (e.subject(&ns.prefix), Some(e.point_id.clone()), e.to_body())
+    };
+    let mut settings = ns.settings();
+    settings.batch_size = 10;
+    // the first leader: takes events 1-3, never checkpoints, hands the partition back
+    let mut first = recap::source::nats::NatsSource::start(settings.clone())
+        .await
+        .unwrap();
+    first.rewind(&store).await.unwrap();
+    ns.publish_raw(&js, (1..=3).map(event).collect()).await;
+    let mut taken = 0;
+    let t0 = std::time::Instant::now();
+    while taken < 3 && t0.elapsed() < Duration::from_secs(10) {
+        taken += first.next_batch().await.unwrap().messages.len();
+    }
+    assert_eq!(taken, 3, "the first leader received events 1-3");
+    drop(first);
+    ns.publish_raw(&js, (4..=5).map(event).collect()).await;
+    // the next leader: nothing stored yet
+    let mut next = recap::source::nats::NatsSource::start(settings)
+        .await
+        .unwrap();
+    next.rewind(&store).await.unwrap();
+    let mut handed = Vec::new();
+    let t0 = std::time::Instant::now();
+    while handed.len() < 5 && t0.elapsed() < Duration::from_secs(10) {
+        let b = next.next_batch().await.unwrap();
+        handed.extend(b.messages.iter().map(|m| m.point_id.clone()));
+    }
+    let want: Vec<String> = (1..=5).map(|i| format!("{}", 2000 + i)).collect();
+    assert_eq!(
+        handed, want,
+        "the next leader reads every event, in order, before ack_wait"
+    );
+}

@@ -724,7 +724,11 @@ impl Source for NatsSource {
             return Ok(());
         }
         let Some(position) = store.checkpoint(&self.checkpoint_name()).await? else {
-            return Ok(()); // nothing stored yet: the consumer starts where it is
+            // Nothing stored yet: nothing was ever acknowledged, but a leader before this one may have taken events
+            // and never committed (a partition handed back before its first checkpoint). Left as it is, the consumer
+            // would redeliver them only after ack_wait, behind newer events whose ack-all acknowledges them unread:
+            // recreate it from the start of the stream (its `deliver_policy` all), so everything comes again in order.
+            return self.recreate_consumer(None).await;
         };
         // The consumer may have delivered past the stored position (to this process before a failed checkpoint, to
         // a crashed replica) and would redeliver that only after ack_wait, behind newer messages: recreate it at the
