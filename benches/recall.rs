@@ -276,26 +276,83 @@ async fn main() {
         ntail as f64 / t.elapsed().as_secs_f64()
     );
 
-    // ---- the HTTP server
-    let points = Arc::new(
-        recap::fetch::Points::new(&qdrant_url, None, recap::fetch::PayloadMapping::default())
-            .expect("qdrant client"),
+    // ---- quiet before measuring: Qdrant's optimizers done with what was loaded, Postgres' tables vacuumed (the
+    // visibility map for index-only scans, no autovacuum of the fresh million rows during the run)
+    let t = Instant::now();
+    let waited = common::wait_green(&q, vectors::COLLECTION, Duration::from_secs(1800)).await
+        + common::wait_green(&q, &collection, Duration::from_secs(1800)).await;
+    for table in [
+        "conversation_summaries",
+        "recap_open_windows",
+        "recap_running_summaries",
+        "recap_windows",
+    ] {
+        // one statement per query: VACUUM cannot run in the implicit transaction of a multi-statement query
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+            .execute(store.pool())
+            .await
+            .expect("vacuum");
+    }
+    eprintln!(
+        "  quiet after {:.1}s (Qdrant optimizers {waited:.1}s, then VACUUM ANALYZE)",
+        t.elapsed().as_secs_f64()
     );
-    let state = api::RecallState::new(
-        store.clone(),
-        points,
-        Some(&recap::config::Secret::new(TOKEN)),
-    )
-    .with_context(recap::recall::context::ContextSettings {
-        tracker: recap::tracker::TrackerConfig::default(),
-        bot_for_collection: {
-            let (c, b) = (collection.clone(), bot.clone());
-            Arc::new(move |n: &str| (n == c).then(|| b.clone()))
-        },
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+
+    // ---- the HTTP server: on a runtime of its own (2 worker threads named `recap-srv`, with its own pool and Qdrant
+    // client), as `recap run` would be, so its CPU is told apart from the clients'
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (cfg, qdrant_url, collection, bot) = (
+            cfg.clone(),
+            qdrant_url.clone(),
+            collection.clone(),
+            bot.clone(),
+        );
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("recap-srv")
+                .enable_all()
+                .build()
+                .expect("server runtime");
+            rt.block_on(async move {
+                let store = common::store(&cfg).await;
+                let points = Arc::new(
+                    recap::fetch::Points::new(
+                        &qdrant_url,
+                        None,
+                        recap::fetch::PayloadMapping::default(),
+                    )
+                    .expect("qdrant client"),
+                );
+                let state =
+                    api::RecallState::new(store, points, Some(&recap::config::Secret::new(TOKEN)))
+                        .with_context(recap::recall::context::ContextSettings {
+                            tracker: recap::tracker::TrackerConfig::default(),
+                            bot_for_collection: Arc::new(move |n: &str| {
+                                (n == collection).then(|| bot.clone())
+                            }),
+                        });
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                axum::serve(listener, api::router(state)).await
+            })
+        });
+    }
+    let base = format!("http://{}", rx.recv().expect("server address"));
+    let tick_us = 1e6 / common::cpu::clk_tck();
+    let (pg_pid, qd_pid) = (
+        common::cpu::service_pid("postgres"),
+        common::cpu::service_pid("qdrant"),
+    );
+    let cpu_now = || {
+        (
+            common::cpu::tree_ticks(std::process::id()),
+            common::cpu::thread_ticks("recap-srv"),
+            pg_pid.map(common::cpu::tree_ticks),
+            qd_pid.map(common::cpu::tree_ticks),
+        )
+    };
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
@@ -329,6 +386,7 @@ async fn main() {
         ("context", 4),
     ] {
         let started = Instant::now();
+        let cpu0 = cpu_now();
         let per_client = requests / clients;
         let tasks = (0..clients).map(|c| {
             let (http, base, bot) = (http.clone(), base.clone(), bot.clone());
@@ -381,6 +439,7 @@ async fn main() {
             .flat_map(|r| r.unwrap())
             .collect();
         let wall = started.elapsed().as_secs_f64();
+        let cpu1 = cpu_now();
         let (p50, p99) = (pct(&mut lat, 0.50), pct(&mut lat, 0.99));
         println!(
             "  {name:<14} p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  ({} requests, {:.0} req/s)",
@@ -389,6 +448,31 @@ async fn main() {
         );
         emit(&format!("recall_{name}_p50"), p50, "ms");
         emit(&format!("recall_{name}_p99"), p99, "ms");
+        // where the CPU went, per request (the 20 warm-up requests per client included)
+        let n = (per_client + 20) as f64 * clients as f64;
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 * tick_us / n;
+        let server = per(cpu0.1, cpu1.1);
+        let clients_us = per(cpu0.0, cpu1.0) - server;
+        let pg = cpu0.2.zip(cpu1.2).map(|(a, b)| per(a, b));
+        let qd = cpu0.3.zip(cpu1.3).map(|(a, b)| per(a, b));
+        let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+        println!(
+            "  {:<14} CPU per request, us: server {server:.0}, clients {clients_us:.0}, PostgreSQL {}, Qdrant {}",
+            "",
+            show(pg),
+            show(qd)
+        );
+        emit(
+            &format!("recall_{name}_server_cpu_per_request"),
+            server,
+            "us",
+        );
+        if let Some(v) = pg {
+            emit(&format!("recall_{name}_postgres_cpu_per_request"), v, "us");
+        }
+        if let Some(v) = qd {
+            emit(&format!("recall_{name}_qdrant_cpu_per_request"), v, "us");
+        }
     }
     // leave the shared collection as we found it
     let _ = q

@@ -569,7 +569,8 @@ impl Points {
 
     /// Every point of `filter` in `coll`, page by page, with payloads and without vectors (most of them were read
     /// by id already).
-    async fn scroll_all(
+    /// Every point matching `filter` in `coll` (payload fields only, no vectors), page after page.
+    pub(crate) async fn scroll_all(
         &self,
         coll: &str,
         filter: Filter,

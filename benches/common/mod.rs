@@ -3,6 +3,8 @@
 //! Not every bench uses every helper.
 #![allow(dead_code)]
 
+pub mod cpu;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +13,8 @@ use clap::Parser;
 use futures::StreamExt;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType, PointStruct,
-    UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsConfigBuilder,
+    CollectionStatus, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance,
+    FieldType, PointStruct, UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsConfigBuilder,
 };
 use recap::config::Config;
 use recap::pipeline::Context;
@@ -238,6 +240,28 @@ pub async fn create_collection(q: &Qdrant, coll: &str, dim: u64, indexes: &[(&st
             .await
             .expect("index");
     }
+}
+
+/// Waits (at most `limit`) until Qdrant has no optimization running or pending on `coll` (status green), so what is
+/// measured next does not share the cores with index building and segment merges. Returns the seconds waited.
+#[allow(dead_code)] // not every bench loads a collection
+pub async fn wait_green(q: &Qdrant, coll: &str, limit: Duration) -> f64 {
+    let t = std::time::Instant::now();
+    loop {
+        let info = q.collection_info(coll).await.expect("collection info");
+        let status = info.result.map_or(-1, |r| r.status);
+        if status == CollectionStatus::Green as i32 {
+            break;
+        }
+        if t.elapsed() > limit {
+            eprintln!(
+                "  {coll}: still not green (status {status}) after {limit:?}; measuring anyway"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    t.elapsed().as_secs_f64()
 }
 
 /// Upserts `pts` in chunks of `chunk`, two requests in flight, each waiting for the write.

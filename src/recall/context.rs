@@ -18,7 +18,6 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use qdrant_client::qdrant::{
     Condition, Filter, GetPointsBuilder, PointId, Range as QRange, RetrievedPoint,
-    ScrollPointsBuilder,
 };
 use serde::Serialize;
 use sqlx::Row;
@@ -159,15 +158,24 @@ struct Running {
     covers_until: Option<DateTime<Utc>>,
 }
 
-const KEY_STATE_SQL: &str = "\
+/// The key's open messages, last closed window and running summary, and (`$3` > 0) its earlier recaps by time
+/// ([`super::recalled_cte`], `$3`..`$6` as [`super::recall_sql`] binds them): the whole Postgres side of a request
+/// without `query=` in one statement.
+fn key_state_sql() -> String {
+    format!(
+        "WITH {}
 SELECT o.point_ids, o.point_ts,
        w.state, w.summary_id, w.point_ids, w.point_ts, w.end_ts,
-       r.summary, r.key_topics, r.point_ids, r.covers_until
+       r.summary, r.key_topics, r.point_ids, r.covers_until,
+       (SELECT json_agg(recalled ORDER BY recalled.start DESC)::text FROM recalled)
 FROM (SELECT 1) one
 LEFT JOIN recap_open_windows o ON o.bot_name = $1 AND o.user_id = $2
 LEFT JOIN LATERAL (SELECT state, summary_id, point_ids, point_ts, end_ts FROM recap_windows
                    WHERE bot_name = $1 AND user_id = $2 ORDER BY start_ts DESC LIMIT 1) w ON true
-LEFT JOIN recap_running_summaries r ON r.bot_name = $1 AND r.user_id = $2 AND r.summary IS NOT NULL";
+LEFT JOIN recap_running_summaries r ON r.bot_name = $1 AND r.user_id = $2 AND r.summary IS NOT NULL",
+        super::recalled_cte()
+    )
+}
 
 fn ms(t: &DateTime<Utc>) -> Millis {
     t.timestamp_millis()
@@ -193,12 +201,24 @@ fn zip_points(ids: Option<Vec<String>>, ts: Option<Vec<DateTime<Utc>>>) -> Vec<(
         .collect()
 }
 
-async fn key_state(store: &Store, bot: &str, user: &str) -> Result<KeyState, ContextError> {
-    let row = sqlx::query(KEY_STATE_SQL)
+/// The key's state and, when `recall_limit` > 0, its latest `recall_limit` recaps in `range` (newest first).
+async fn key_state(
+    store: &Store,
+    bot: &str,
+    user: &str,
+    range: &Range,
+    recall_limit: i64,
+) -> Result<(KeyState, Vec<SummaryItem>), ContextError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(key_state_sql()))
         .bind(bot)
         .bind(user)
+        .bind(recall_limit)
+        .bind(range.since.map(|t| t.naive_utc()))
+        .bind(range.until.map(|t| t.naive_utc()))
+        .bind(range.summary_type.as_deref())
         .fetch_one(store.pool())
         .await?;
+    let recalled = super::items_from_json(row.get::<Option<String>, _>(11).as_deref())?;
     let open = zip_points(row.get(0), row.get(1));
     let last_window = row.get::<Option<String>, _>(2).map(|state| LastWindow {
         done: state == "done" && row.get::<Option<i32>, _>(3).is_some(),
@@ -218,11 +238,14 @@ async fn key_state(store: &Store, bot: &str, user: &str) -> Result<KeyState, Con
             .collect(),
         covers_until: row.get(10),
     });
-    Ok(KeyState {
-        open,
-        last_window,
-        running,
-    })
+    Ok((
+        KeyState {
+            open,
+            last_window,
+            running,
+        },
+        recalled,
+    ))
 }
 
 fn keep_message(
@@ -238,51 +261,47 @@ fn keep_message(
     }
 }
 
-/// The user's messages stored at or after `from_ms` in the bot's collections (no vectors).
-async fn scroll_after(
+/// The user's messages stored at or after `from_ms`, and those with the ids `named` whenever they were stored, in the
+/// bot's collections (no vectors): one scroll per collection, the two conditions as `should` (either is enough).
+async fn scroll_conversation(
     points: &Points,
     collections: &[String],
     user: &str,
     from_ms: Millis,
+    named: &[String],
 ) -> Result<HashMap<String, Message>, FetchError> {
     let m = &points.mapping;
+    let mut should = vec![Condition::range(
+        m.timestamp_unix.clone(),
+        QRange {
+            gte: Some(from_ms as f64 / 1000.0),
+            ..Default::default()
+        },
+    )];
+    let ids: Vec<PointId> = named
+        .iter()
+        .filter(|i| is_point_id(i))
+        .map(|i| point_id_from_str(i))
+        .collect();
+    if !ids.is_empty() {
+        should.push(Condition::has_id(ids));
+    }
     let filter = Filter {
-        must: vec![
-            Condition::matches(m.user.clone(), user.to_string()),
-            Condition::range(
-                m.timestamp_unix.clone(),
-                QRange {
-                    gte: Some(from_ms as f64 / 1000.0),
-                    ..Default::default()
-                },
-            ),
-        ],
+        must: vec![Condition::matches(m.user.clone(), user.to_string())],
+        should,
         must_not: vec![Condition::matches(
             m.role.clone(),
             "conversation_pair".to_string(),
         )],
         ..Default::default()
     };
+    let scrolls = collections
+        .iter()
+        .map(|coll| points.scroll_all(coll, filter.clone()));
     let mut out = HashMap::new();
-    for coll in collections {
-        let mut offset: Option<PointId> = None;
-        loop {
-            let mut req = ScrollPointsBuilder::new(coll)
-                .filter(filter.clone())
-                .limit(256)
-                .with_payload(points.payload_fields())
-                .with_vectors(false);
-            if let Some(o) = offset.take() {
-                req = req.offset(o);
-            }
-            let page = points.client().scroll(req).await?;
-            for p in &page.result {
-                keep_message(points, user, p, &mut out);
-            }
-            match page.next_page_offset {
-                Some(o) => offset = Some(o),
-                None => break,
-            }
+    for page in futures::future::try_join_all(scrolls).await? {
+        for p in &page {
+            keep_message(points, user, p, &mut out);
         }
     }
     Ok(out)
@@ -330,19 +349,20 @@ pub async fn context(
     now_ms: Millis,
 ) -> Result<Context, ContextError> {
     let (bot, user) = (q.bot, q.user_id);
-    let state = key_state(store, bot, user).await?;
     let cfg = &settings.tracker;
-
-    // Earlier recaps, fetched while Qdrant is read: one more than could fit, plus one for the closed conversation.
+    // Earlier recaps: one more than could fit, plus one for the closed conversation. By time they come with the key's
+    // state (one statement); ranked by `query=` they are searched while Qdrant is read.
     let depth = (q.max_tokens / 16).clamp(1, 100) as i64 + 1;
     let range = Range {
         summary_type: Some("time_window".into()),
         ..Default::default()
     };
+    let by_time = if q.query.is_some() { 0 } else { depth };
+    let (state, recalled) = key_state(store, bot, user, &range, by_time).await?;
     let earlier_fut = async {
         match &q.query {
             Some(tsq) => super::text_search(store, bot, user, tsq, &range, depth).await,
-            None => super::recall(store, bot, user, &range, depth).await,
+            None => Ok(recalled),
         }
     };
 
@@ -377,15 +397,12 @@ pub async fn context(
             Err(FetchError::NoCollection(_)) => Vec::new(),
             Err(e) => return Err(e),
         };
-        let (scrolled, prefetched) = tokio::try_join!(
-            scroll_after(points, &collections, user, from_ms),
-            by_ids(points, &collections, user, &prefetch),
-        )?;
-        Ok::<_, FetchError>((collections, scrolled, prefetched))
+        let scrolled = scroll_conversation(points, &collections, user, from_ms, &prefetch).await?;
+        Ok::<_, FetchError>((collections, scrolled))
     };
     let (earlier, qd) = tokio::join!(earlier_fut, qdrant_fut);
     let mut earlier = earlier?;
-    let (collections, scrolled, prefetched) = qd?;
+    let (collections, scrolled) = qd?;
 
     // The conversation the latest message is in: open messages and newer points, minus the last closed window's.
     let closed: HashSet<&str> = state
@@ -394,11 +411,16 @@ pub async fn context(
         .map(|w| w.points.iter().map(|p| p.0.as_str()).collect())
         .unwrap_or_default();
     let mut candidates: Vec<(String, Millis)> = state.open.clone();
-    candidates.extend(scrolled.values().map(|m| (m.point_id.clone(), m.ts_ms)));
+    // the points stored after the checkpoint are candidates; an open message read by id is one already (with the
+    // checkpoint's time)
+    let named: HashSet<&str> = prefetch.iter().map(String::as_str).collect();
+    candidates.extend(
+        scrolled
+            .values()
+            .filter(|m| m.ts_ms >= from_ms || !named.contains(m.point_id.as_str()))
+            .map(|m| (m.point_id.clone(), m.ts_ms)),
+    );
     let mut texts = scrolled;
-    for (id, m) in prefetched {
-        texts.entry(id).or_insert(m);
-    }
     candidates.retain(|p| !closed.contains(p.0.as_str()));
     let mut conv = fit::latest_window(cfg, &candidates);
     let mut open = !conv.is_empty();

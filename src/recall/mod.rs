@@ -113,6 +113,56 @@ pub fn recall_sql() -> String {
     )
 }
 
+/// [`recall_sql`] as a common table expression `recalled` whose columns are named as [`SummaryItem`]'s fields, for a
+/// statement that reads the recalled rows besides other things (`json_agg(recalled)` and [`items_from_json`]).
+pub fn recalled_cte() -> String {
+    format!(
+        "recalled(id, bot, user_id, summary_type, text, key_topics, emotional_tone, start, \"end\", message_count, \
+         revision) AS ({})",
+        recall_sql()
+    )
+}
+
+/// Rows of [`recalled_cte`] aggregated as JSON text (`json_agg`), back as items in the same order.
+pub fn items_from_json(json: Option<&str>) -> Result<Vec<SummaryItem>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        id: i32,
+        bot: String,
+        user_id: String,
+        summary_type: String,
+        text: String,
+        key_topics: Vec<String>,
+        emotional_tone: Option<String>,
+        start: NaiveDateTime,
+        end: NaiveDateTime,
+        message_count: i32,
+        revision: i32,
+    }
+    let Some(json) = json else {
+        return Ok(Vec::new());
+    };
+    let raw: Vec<Raw> =
+        serde_json::from_str(json).map_err(|e| StoreError::Db(sqlx::Error::Decode(Box::new(e))))?;
+    Ok(raw
+        .into_iter()
+        .map(|r| SummaryItem {
+            id: r.id,
+            bot: r.bot,
+            user_id: r.user_id,
+            summary_type: r.summary_type,
+            text: r.text,
+            key_topics: r.key_topics,
+            emotional_tone: r.emotional_tone,
+            start: r.start.and_utc(),
+            end: r.end.and_utc(),
+            message_count: r.message_count,
+            revision: r.revision,
+            score: None,
+        })
+        .collect())
+}
+
 /// A (bot, user)'s summaries overlapping the range, newest first.
 pub async fn recall(
     store: &Store,
