@@ -31,7 +31,7 @@ use sqlx::Row;
 mod common;
 use common::{drop_db, emit, env, env_usize, fresh_db, token};
 
-const TOKEN: &str = "bench-token";
+const TOKEN: &str = "bench-token-0123456789";
 const DIM: usize = 384;
 const PER_USER: usize = 100;
 
@@ -316,7 +316,15 @@ async fn main() {
                 .build()
                 .expect("server runtime");
             rt.block_on(async move {
-                let store = common::store(&cfg).await;
+                // what `recap run` serves: its read pool (RECALL_POOL_SIZE, statement timeout), concurrency limit and
+                // context settings (the bench's collection mapped to its bot)
+                let map = format!("{collection}={bot}");
+                let cfg = common::config(
+                    &db_url,
+                    &qdrant_url,
+                    &["--recall-token", TOKEN, "--collection-map", &map],
+                );
+                let writer = common::store(&cfg).await;
                 let points = Arc::new(
                     recap::fetch::Points::new(
                         &qdrant_url,
@@ -325,14 +333,8 @@ async fn main() {
                     )
                     .expect("qdrant client"),
                 );
-                let state =
-                    api::RecallState::new(store, points, Some(&recap::config::Secret::new(TOKEN)))
-                        .with_context(recap::recall::context::ContextSettings {
-                            tracker: recap::tracker::TrackerConfig::default(),
-                            bot_for_collection: Arc::new(move |n: &str| {
-                                (n == collection).then(|| bot.clone())
-                            }),
-                        });
+                let read = recap::cmd::read_store(&cfg).expect("read pool");
+                let state = recap::cmd::recall_state(&cfg, read, writer, points);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
                 axum::serve(listener, api::router(state)).await

@@ -3,6 +3,7 @@
 mod check;
 mod replay;
 mod run;
+pub use run::{read_store, recall_state};
 mod status;
 mod sweep;
 

@@ -152,24 +152,8 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         ctx.clone(),
         shutdown.clone(),
     ));
-    // The recall API and the console read through a small pool of their own with a statement timeout, so a burst of
-    // reads (or a slow one) never takes the connections ingest and the workers need.
-    let read_store = crate::sink::Store::connect_lazy(
-        cfg.pg_connect_options()?.options([(
-            "statement_timeout",
-            cfg.service.recall_statement_timeout.as_millis().to_string(),
-        )]),
-        cfg.service.recall_pool_size,
-    );
-    let recall = crate::recall::api::RecallState::with_reads(
-        read_store.clone(),
-        store.clone(),
-        cfg.service.recall_concurrency,
-        points.clone(),
-        cfg.service.recall_token.as_ref(),
-    )
-    .with_context(crate::recall::context::ContextSettings::from_config(&cfg))
-    .with_forget_scope(crate::recall::ForgetScope::from_config(cfg.clone()));
+    let read_store = read_store(&cfg)?;
+    let recall = recall_state(&cfg, read_store.clone(), store.clone(), points.clone());
     let ready = crate::http::Readiness {
         store,
         points,
@@ -211,4 +195,34 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The pool the recall API and the console read through: small, of its own, with a statement timeout, so a burst of
+/// reads (or a slow one) never takes the connections ingest and the workers need.
+pub fn read_store(cfg: &Config) -> anyhow::Result<crate::sink::Store> {
+    Ok(crate::sink::Store::connect_lazy(
+        cfg.pg_connect_options()?.options([(
+            "statement_timeout",
+            cfg.service.recall_statement_timeout.as_millis().to_string(),
+        )]),
+        cfg.service.recall_pool_size,
+    ))
+}
+
+/// The recall API's state as `recap run` serves it: reads on `read` ([`read_store`]), the forget on `writer`.
+pub fn recall_state(
+    cfg: &Config,
+    read: crate::sink::Store,
+    writer: crate::sink::Store,
+    points: std::sync::Arc<crate::fetch::Points>,
+) -> crate::recall::api::RecallState {
+    crate::recall::api::RecallState::with_reads(
+        read,
+        writer,
+        cfg.service.recall_concurrency,
+        points,
+        cfg.service.recall_token.as_ref(),
+    )
+    .with_context(crate::recall::context::ContextSettings::from_config(cfg))
+    .with_forget_scope(crate::recall::ForgetScope::from_config(Arc::new(cfg.clone())))
 }
