@@ -11,6 +11,7 @@ use super::server_error;
 use crate::console::Console;
 use crate::console::auth::Session;
 use crate::console::view::{naive, num, page, q, table, usd};
+use crate::model::WindowState;
 use crate::sink::StoreError;
 
 #[derive(Deserialize, Default)]
@@ -24,7 +25,7 @@ struct TimelineItem {
     link: Option<i64>,
     start: NaiveDateTime,
     end: NaiveDateTime,
-    state: String,
+    state: WindowState,
     count: i32,
     topics: Vec<String>,
     tone: Option<String>,
@@ -40,7 +41,7 @@ struct WindowRow {
     id: i64,
     start_ts: DateTime<Utc>,
     end_ts: DateTime<Utc>,
-    state: String,
+    state: WindowState,
     message_count: i32,
     revision: i32,
     key_topics: Option<Vec<String>>,
@@ -177,7 +178,7 @@ async fn load_conversations(c: &Console, cq: ConvQuery) -> Result<ConversationsD
         link: None,
         start: r.start_timestamp,
         end: r.end_timestamp,
-        state: "done".into(),
+        state: WindowState::Done,
         count: r.message_count,
         topics: r.key_topics.unwrap_or_default(),
         tone: r.emotional_tone,
@@ -263,7 +264,7 @@ fn render_conversations(d: &ConversationsData, session: Option<&Session>) -> Mar
 }
 
 fn timeline_row(i: &TimelineItem) -> Vec<Markup> {
-    let state = i.state.replace('_', " ");
+    let state = i.state.label();
     vec![
         match i.link {
             Some(id) => {

@@ -63,6 +63,7 @@ pub async fn dead(
 
 async fn load_dead(c: &Console) -> Result<DeadData, StoreError> {
     let pool = c.store.pool();
+    // `WindowState::Dead` as a literal: the partial index `idx_recap_windows_not_done` (see `model::WindowState`).
     let windows = sqlx::query_as(
         "SELECT id, bot_name, user_id, start_ts, attempts, last_error, updated_at FROM recap_windows
          WHERE state = 'dead' ORDER BY updated_at DESC LIMIT 200",

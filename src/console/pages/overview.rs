@@ -12,6 +12,7 @@ use super::{server_error, with_server_time};
 use crate::console::Console;
 use crate::console::auth::Session;
 use crate::console::view::{age, bar_chart, num, page, table, ts, usd};
+use crate::model::WindowState;
 use crate::sink::StoreError;
 use crate::status::{self, Snapshot};
 
@@ -155,7 +156,7 @@ fn render_overview(c: &Console, d: &OverviewData, session: Option<&Session>) -> 
             @for (state, n) in s.states() {
                 div class={ "card " (state) } data-state=(state) {
                     div.n {
-                        @if state == "done" && s.store.windows_done_estimated { "≈" }
+                        @if state == WindowState::Done.as_str() && s.store.windows_done_estimated { "≈" }
                         (num(n))
                     }
                     div.l { (state.replace('_', " ")) }

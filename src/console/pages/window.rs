@@ -12,6 +12,7 @@ use super::server_error;
 use crate::console::Console;
 use crate::console::auth::Session;
 use crate::console::view::{self, page, q, ts, usd};
+use crate::model::WindowState;
 use crate::sink::StoreError;
 use crate::summarize::Message;
 
@@ -27,7 +28,7 @@ struct WindowRow {
     user_id: String,
     start_ts: DateTime<Utc>,
     end_ts: DateTime<Utc>,
-    state: String,
+    state: WindowState,
     message_count: i32,
     revision: i32,
     attempts: i32,
@@ -122,7 +123,7 @@ async fn load_window(c: &Console, id: i64) -> Result<Option<WindowData>, StoreEr
 
 fn render_window(d: &WindowData, session: Option<&Session>, retried: Option<u64>) -> Markup {
     let (id, w) = (d.id, &d.w);
-    let state = w.state.as_str();
+    let state = w.state;
     let coverage_line = match &d.fetched {
         Ok(msgs) => {
             let fetched_ids: Vec<String> = msgs.iter().map(|m| m.point_id.clone()).collect();
@@ -153,14 +154,14 @@ fn render_window(d: &WindowData, session: Option<&Session>, retried: Option<u64>
         @if let Some(n) = retried {
             p.notice #retry-result {
                 "Retry: " (n) " dead window(s) put back to due"
-                @if state == "done" { " — and summarized since" } @else { "; a worker picks it up shortly (reload)" }
+                @if state == WindowState::Done { " — and summarized since" } @else { "; a worker picks it up shortly (reload)" }
                 "."
             }
         }
         @if let Some(err) = &w.last_error {
             p.error #last-error { "Last error: " (err) }
         }
-        @if state == "dead" {
+        @if state == WindowState::Dead {
             @if let Some(s) = session {
                 form method="post" action="/console/dead/retry" class="inline" {
                     (view::csrf_field(s))
