@@ -301,7 +301,7 @@ pub fn check_time(field: &'static str, t: DateTime<Utc>) -> Result<DateTime<Utc>
 }
 
 /// A query vector: 1 to 65536 numbers, each finite as an f32 (`1e39` is finite in JSON's f64 and infinite in f32),
-/// not all zero. (That it is an array of numbers is the body's type: [`body::search_body`].)
+/// not all zero. (That it is an array of numbers is the body's type: `body::search_body`.)
 pub fn vector_of(v: Option<Vec<f64>>) -> Result<Option<Vec<f32>>, ApiError> {
     let Some(a) = v else {
         return Ok(None);
