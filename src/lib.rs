@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! Data flows one way: [`source`] -> [`tracker`] -> [`fetch`] -> [`summarize`] -> [`sink`].
+//! * [`model`]: domain types every stage shares (at the bottom: it imports none of recap's), e.g. [`model::WindowState`].
 //! * [`event`]: the `message stored` wire type and its validation (the contract in `nats/README.md`).
 //! * [`source`]: JetStream events ([`source::nats`]) and the Qdrant sweep ([`source::sweep`]).
 //! * [`tracker`]: the pure window state machine (no IO, no clock).
@@ -25,6 +26,7 @@ pub mod console;
 pub mod event;
 pub mod fetch;
 pub mod http;
+pub mod model;
 pub mod pipeline;
 pub mod recall;
 pub mod rollup;

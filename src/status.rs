@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::model::WindowState;
 use crate::sink::{StatusReport, Store, StoreError};
 
 /// The JetStream consumer as its server reports it.
@@ -46,6 +47,11 @@ pub struct Instance {
     pub windows_leased: i64,
 }
 
+/// The label of the keys with an open window in [`Snapshot::states`].
+pub const OPEN: &str = "open";
+/// The label of the due windows a worker holds a lease on in [`Snapshot::states`].
+pub const LEASED: &str = "leased";
+
 /// Everything `recap status --json` prints (the store's report flattened in, field names unchanged).
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
@@ -66,26 +72,32 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Count of windows in a raw state (`due`, `done`, `too_short`, `dead`).
-    pub fn windows_in(&self, state: &str) -> i64 {
+    /// Count of windows in a state.
+    pub fn windows_in(&self, state: WindowState) -> i64 {
         self.store
             .windows
             .iter()
-            .filter(|(s, _)| s == state)
+            .filter(|(s, _)| s == state.as_str())
             .map(|(_, n)| *n)
             .sum()
     }
 
-    /// The states an operator reads, in pipeline order: open, due (not leased), leased, done, too short, dead.
+    /// The states an operator reads, in pipeline order: open, due (not leased), leased, done, too short, dead. `open`
+    /// (a key's window not closed yet, `recap_open_windows`) and `leased` (due, held by a worker) are no
+    /// [`WindowState`]: they are what the snapshot adds to the window rows' states.
     pub fn states(&self) -> [(&'static str, i64); 6] {
+        use WindowState::{Dead, Done, Due, TooShort};
         [
-            ("open", self.windows_open),
+            (OPEN, self.windows_open),
             // read a moment apart: a lease taken in between must not make `due` negative
-            ("due", (self.windows_in("due") - self.windows_leased).max(0)),
-            ("leased", self.windows_leased),
-            ("done", self.windows_in("done")),
-            ("too_short", self.windows_in("too_short")),
-            ("dead", self.windows_in("dead")),
+            (
+                Due.as_str(),
+                (self.windows_in(Due) - self.windows_leased).max(0),
+            ),
+            (LEASED, self.windows_leased),
+            (Done.as_str(), self.windows_in(Done)),
+            (TooShort.as_str(), self.windows_in(TooShort)),
+            (Dead.as_str(), self.windows_in(Dead)),
         ]
     }
 
@@ -124,6 +136,7 @@ pub async fn snapshot(
     let windows_open: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_open_windows")
         .fetch_one(pool)
         .await?;
+    // `WindowState::Due` as a literal: the partial index `idx_recap_windows_due` (see `model::WindowState`).
     let leases: Vec<(String, i64)> = sqlx::query_as(
         "SELECT lease_owner, count(*) FROM recap_windows
          WHERE state = 'due' AND lease_until >= now() AND lease_owner IS NOT NULL

@@ -671,3 +671,465 @@ async fn abandoned_pages_are_reread_and_committed_ones_are_not() {
         assert_eq!(r.points_read(), 2);
     }
 }
+
+/// Moved from `src/source/sweep.rs` (they need the services, so `cargo test --lib` runs without them); they look into
+/// the source through `SweepSource::prefetch_probe` and `SweepSource::is_failing`.
+mod from_src {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use qdrant_client::qdrant::{CreateFieldIndexCollectionBuilder, FieldType, Value};
+    use recap::fetch::Points;
+    use recap::sink::Store;
+    use recap::source::Batch;
+    use recap::source::Source;
+    use recap::source::sweep::{PrefetchProbe, SweepSettings, SweepSource};
+    use tokio::time::Instant;
+
+    fn now_secs() -> f64 {
+        chrono::Utc::now().timestamp_micros() as f64 / 1e6
+    }
+
+    // ---- with the services (DATABASE_URL, QDRANT_URL: `eval "$(scripts/services up)"`)
+
+    fn env(name: &str) -> String {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: this test needs the real services; start them with `eval \"$(scripts/services up)\"`")
+        })
+    }
+
+    /// A fresh database with recap's schema; returns it and its name (to drop it).
+    async fn fresh_store() -> (Store, String) {
+        let opts: sqlx::postgres::PgConnectOptions =
+            env("DATABASE_URL").parse().expect("DATABASE_URL");
+        let admin = Store::connect(opts.clone(), 1).await.expect("connect");
+        let db = format!("recap_unit_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(admin.pool())
+            .await
+            .expect("create database");
+        admin.pool().close().await;
+        let store = Store::connect(opts.database(&db), 2)
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrations");
+        (store, db)
+    }
+
+    async fn drop_db(store: Store, db: &str) {
+        store.pool().close().await;
+        let opts: sqlx::postgres::PgConnectOptions =
+            env("DATABASE_URL").parse().expect("DATABASE_URL");
+        let admin = Store::connect(opts, 1).await.expect("connect");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(admin.pool())
+        .await;
+    }
+
+    /// A message point with an integer id (so its place in id order is known).
+    fn message(id: u64, ts: f64) -> qdrant_client::qdrant::PointStruct {
+        let s = |v: &str| Value::from(v.to_string());
+        let iso = chrono::DateTime::from_timestamp_micros((ts * 1e6).round() as i64)
+            .unwrap()
+            .naive_utc()
+            .format("%Y-%m-%dT%H:%M:%S%.6f")
+            .to_string();
+        let payload: HashMap<String, Value> = [
+            ("user_id", s("u1")),
+            ("content", s(&format!("message {id}"))),
+            ("role", s("user")),
+            ("source", s("user_message")),
+            ("memory_type", s("conversation")),
+            ("timestamp", s(&iso)),
+            ("timestamp_unix", Value::from(ts)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        qdrant_client::qdrant::PointStruct::new(id, vec![0.5f32, 0.5], payload)
+    }
+
+    async fn upsert(points: &Points, coll: &str, ps: Vec<qdrant_client::qdrant::PointStruct>) {
+        points
+            .client()
+            .upsert_points(qdrant_client::qdrant::UpsertPointsBuilder::new(coll, ps).wait(true))
+            .await
+            .expect("upsert");
+    }
+
+    fn prefetch_of(source: &SweepSource) -> Option<PrefetchProbe> {
+        source.prefetch_probe()
+    }
+
+    /// Waits until the prefetch (there must be one) has its page.
+    async fn prefetch_arrived(source: &SweepSource) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !prefetch_of(source).expect("a prefetch").arrived {
+            assert!(Instant::now() < until, "the prefetch never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn ids(b: &Batch) -> Vec<String> {
+        b.messages.iter().map(|m| m.point_id.clone()).collect()
+    }
+
+    /// With prefetch on, an abandoned page is read again exactly and the cycle goes on from it: no point lost, none
+    /// delivered twice. Both when the page read again is unchanged (the prefetched next page is used) and when a
+    /// point was added to it meanwhile (its next page starts elsewhere: the prefetched one is discarded, counted as
+    /// read, never delivered) — on the ordered and the unordered path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_page_is_read_again_exactly_with_prefetch() {
+        use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
+        let (store, db) = fresh_store().await;
+        let points = Arc::new(
+            Points::new(
+                &env("QDRANT_URL"),
+                None,
+                recap::fetch::PayloadMapping::default(),
+            )
+            .expect("QDRANT_URL"),
+        );
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        for ordered in [true, false] {
+            for changed in [false, true] {
+                let coll = format!("sweep_unit_{tag}_{ordered}_{changed}");
+                points
+                    .client()
+                    .create_collection(
+                        CreateCollectionBuilder::new(&coll)
+                            .vectors_config(VectorParamsBuilder::new(2, Distance::Cosine)),
+                    )
+                    .await
+                    .expect("create collection");
+                if ordered {
+                    points
+                        .client()
+                        .create_field_index(
+                            CreateFieldIndexCollectionBuilder::new(
+                                &coll,
+                                "timestamp_unix",
+                                FieldType::Float,
+                            )
+                            .wait(true),
+                        )
+                        .await
+                        .expect("index");
+                }
+                // 30 points: ids 100, 110, ... and times t0, t0 + 10 s, ...: id order is time order
+                let t0 = now_secs() - 3600.0;
+                let at = |i: u64| (100 + 10 * i, t0 + 10.0 * i as f64);
+                upsert(
+                    &points,
+                    &coll,
+                    (0..30).map(|i| message(at(i).0, at(i).1)).collect(),
+                )
+                .await;
+                let c = coll.clone();
+                let settings = SweepSettings {
+                    interval: Duration::from_secs(3600),
+                    lookback: Duration::from_secs(86_400),
+                    overlap: Duration::from_secs(15),
+                    page_size: 10,
+                    bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
+                    create_index: false,
+                    checkpoint_prefix: "sweep".into(),
+                    keep_user: None,
+                };
+                let mut source = SweepSource::new(points.clone(), store.clone(), settings);
+                let what = format!("ordered={ordered} changed={changed}");
+                let expect_ids = |r: std::ops::Range<u64>| -> Vec<String> {
+                    r.map(|i| at(i).0.to_string()).collect()
+                };
+
+                let undated = source.next_batch().await.unwrap();
+                assert!(undated.messages.is_empty() && !undated.caught_up, "{what}");
+                source.commit().await.unwrap();
+                let mut committed = Vec::new();
+                let p1 = source.next_batch().await.unwrap();
+                assert_eq!(ids(&p1), expect_ids(0..10), "{what}");
+                source.commit().await.unwrap();
+                committed.extend(ids(&p1));
+
+                let p2 = source.next_batch().await.unwrap();
+                assert_eq!(ids(&p2), expect_ids(10..20), "{what}");
+                prefetch_arrived(&source).await; // page 3 is here, not handed out
+                let page3 = prefetch_of(&source).unwrap().cursor.clone();
+                source.abandon().await;
+                if changed {
+                    // a point inside page 2, in time and in id order
+                    upsert(&points, &coll, vec![message(255, t0 + 155.0)]).await;
+                }
+                let again = source.next_batch().await.unwrap();
+                let next = prefetch_of(&source).expect("a prefetch").cursor.clone();
+                if changed {
+                    let mut want = expect_ids(10..16);
+                    want.push("255".into());
+                    want.extend(expect_ids(16..19));
+                    assert_eq!(ids(&again), want, "{what}: page 2 as it is now");
+                    assert_ne!(next, page3, "{what}: the prefetched page 3 was discarded");
+                } else {
+                    assert_eq!(
+                        ids(&again),
+                        ids(&p2),
+                        "{what}: the abandoned page comes again"
+                    );
+                    assert_eq!(again.checkpoint, p2.checkpoint, "{what}");
+                    assert_eq!(next, page3, "{what}: the prefetched page 3 is kept");
+                }
+                source.commit().await.unwrap();
+                committed.extend(ids(&again));
+                loop {
+                    let b = source.next_batch().await.unwrap();
+                    source.commit().await.unwrap();
+                    committed.extend(ids(&b));
+                    if b.caught_up {
+                        break;
+                    }
+                }
+                let mut want = expect_ids(0..30);
+                if changed {
+                    want.insert(16, "255".into());
+                }
+                if ordered {
+                    assert_eq!(committed, want, "{what}: every point once, in time order");
+                } else {
+                    let mut sorted = committed.clone();
+                    sorted.sort_by_key(|i| i.parse::<u64>().unwrap());
+                    assert_eq!(sorted, want, "{what}: every point once");
+                }
+                assert_eq!(source.cycles_completed(), 1, "{what}");
+                // 30 (or 31) points + page 2 read again (+ the discarded page 3)
+                let read = if changed { 31 + 10 + 10 } else { 30 + 10 };
+                assert_eq!(source.last_cycle_points_read(), read, "{what}");
+                let _ = points.client().delete_collection(&coll).await;
+            }
+        }
+        drop_db(store, &db).await;
+    }
+
+    /// Issue 24, case 3: an unordered sweep (no `timestamp_unix` range index) whose scroll takes longer than the
+    /// overlap stores a checkpoint from which the next cycle still reads a point written during the scroll with an id
+    /// below the cursor (this cycle could not see it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unordered_sweep_never_checkpoints_past_a_point_written_behind_its_cursor() {
+        use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
+        let (store, db) = fresh_store().await;
+        let points = Arc::new(
+            Points::new(
+                &env("QDRANT_URL"),
+                None,
+                recap::fetch::PayloadMapping::default(),
+            )
+            .expect("QDRANT_URL"),
+        );
+        let coll = format!(
+            "sweep_unit_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        points
+            .client()
+            .create_collection(
+                CreateCollectionBuilder::new(&coll)
+                    .vectors_config(VectorParamsBuilder::new(2, Distance::Cosine)),
+            )
+            .await
+            .expect("create collection");
+        let t0 = now_secs() - 60.0;
+        upsert(
+            &points,
+            &coll,
+            (0..30u64)
+                .map(|i| message(100 + 10 * i, t0 + i as f64 * 0.1))
+                .collect(),
+        )
+        .await;
+        let c = coll.clone();
+        let overlap = Duration::from_secs(1);
+        let settings = SweepSettings {
+            interval: Duration::from_secs(3600),
+            lookback: Duration::from_secs(86_400),
+            overlap,
+            page_size: 10,
+            bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
+            create_index: false,
+            checkpoint_prefix: "sweep".into(),
+            keep_user: None,
+        };
+        let mut source = SweepSource::new(points.clone(), store.clone(), settings);
+        let mut read = Vec::new();
+        loop {
+            let b = source.next_batch().await.unwrap();
+            source.commit().await.unwrap();
+            read.extend(ids(&b));
+            if read.len() >= 10 {
+                break;
+            }
+        }
+        // written during the scroll, behind its cursor; then the scroll goes on for longer than the overlap and reads
+        // a newer point
+        let x_ts = now_secs();
+        upsert(&points, &coll, vec![message(5, x_ts)]).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        upsert(&points, &coll, vec![message(1000, now_secs())]).await;
+        let last = loop {
+            let b = source.next_batch().await.unwrap();
+            source.commit().await.unwrap();
+            read.extend(ids(&b));
+            if b.caught_up {
+                break b;
+            }
+        };
+        assert!(!read.contains(&"5".to_string()), "behind the cursor");
+        assert!(read.contains(&"1000".to_string()));
+        let (_, position, _) = last.checkpoint.expect("a checkpoint");
+        assert!(
+            position - overlap.as_secs_f64() <= x_ts,
+            "the next cycle starts at {} and never reads the point written at {x_ts}",
+            position - overlap.as_secs_f64()
+        );
+        let _ = points.client().delete_collection(&coll).await;
+        drop_db(store, &db).await;
+    }
+
+    /// A TCP proxy to Qdrant that cuts every connection on which a request names `poison` (a collection): that
+    /// collection's requests fail as a broken collection's would, the others pass.
+    async fn poisoning_proxy(target: String, poison: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (target, poison) = (target.clone(), poison.clone());
+                tokio::spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = out.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut ro, &mut wi).await;
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = ri.read(&mut buf).await {
+                        if n == 0
+                            || buf[..n]
+                                .windows(poison.len())
+                                .any(|w| w == poison.as_bytes())
+                        {
+                            break;
+                        }
+                        if wo.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    back.abort();
+                });
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Issue 24, case 6: a collection whose every request fails is skipped with a back-off; the others are read and
+    /// the cycle completes (its horizon, and in hybrid mode the event-time ticks, go on), holding back only the
+    /// failing collection's bot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_collection_is_skipped_and_the_cycle_goes_on() {
+        use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
+        let (store, db) = fresh_store().await;
+        let direct = Points::new(
+            &env("QDRANT_URL"),
+            None,
+            recap::fetch::PayloadMapping::default(),
+        )
+        .expect("QDRANT_URL");
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let (bad, good) = (
+            format!("sweep_unit_{tag}_a_bad"),
+            format!("sweep_unit_{tag}_b_good"),
+        );
+        for coll in [&bad, &good] {
+            direct
+                .client()
+                .create_collection(
+                    CreateCollectionBuilder::new(coll)
+                        .vectors_config(VectorParamsBuilder::new(2, Distance::Cosine)),
+                )
+                .await
+                .expect("create collection");
+            let t0 = now_secs() - 60.0;
+            upsert(
+                &direct,
+                coll,
+                (0..5u64).map(|i| message(100 + i, t0 + i as f64)).collect(),
+            )
+            .await;
+        }
+        let target = env("QDRANT_URL").trim_start_matches("http://").to_string();
+        let url = poisoning_proxy(target, bad.clone()).await;
+        let points = Arc::new(
+            Points::new(&url, None, recap::fetch::PayloadMapping::default()).expect("proxy url"),
+        );
+        let (b2, g2) = (bad.clone(), good.clone());
+        let settings = SweepSettings {
+            interval: Duration::from_secs(3600),
+            lookback: Duration::from_secs(86_400),
+            overlap: Duration::from_secs(15),
+            page_size: 10,
+            bot_for_collection: Arc::new(move |n: &str| {
+                if n == b2 {
+                    Some("badbot".to_string())
+                } else if n == g2 {
+                    Some("goodbot".to_string())
+                } else {
+                    None
+                }
+            }),
+            create_index: false,
+            checkpoint_prefix: "sweep".into(),
+            keep_user: None,
+        };
+        let mut source = SweepSource::new(points.clone(), store.clone(), settings);
+        let mut read: Vec<String> = Vec::new();
+        let mut last = None;
+        for _ in 0..20 {
+            match source.next_batch().await {
+                Ok(b) => {
+                    source.commit().await.unwrap();
+                    read.extend(b.messages.iter().map(|m| m.bot.clone()));
+                    if b.caught_up {
+                        last = Some(b);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    source.abandon().await;
+                    println!("sweep error: {e}");
+                }
+            }
+        }
+        let last = last.expect("the cycle completes despite the failing collection");
+        assert_eq!(source.cycles_completed(), 1);
+        assert_eq!(
+            read,
+            vec!["goodbot".to_string(); 5],
+            "the good collection is read"
+        );
+        assert!(last.horizon.is_some());
+        assert_eq!(
+            last.held_back,
+            vec!["badbot".to_string()],
+            "only the failing bot held back"
+        );
+        assert!(source.is_failing(&bad));
+        for coll in [&bad, &good] {
+            let _ = direct.client().delete_collection(coll).await;
+        }
+        drop_db(store, &db).await;
+    }
+}

@@ -27,6 +27,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
+mod body;
+
 use super::timerange::{Bound, parse_tz, resolve};
 use super::{Range, SummaryItem, vectors};
 use crate::config::{Secret, is_valid_bot_name};
@@ -299,40 +301,34 @@ pub fn check_time(field: &'static str, t: DateTime<Utc>) -> Result<DateTime<Utc>
 }
 
 /// A query vector: 1 to 65536 numbers, each finite as an f32 (`1e39` is finite in JSON's f64 and infinite in f32),
-/// not all zero.
-pub fn vector_of(v: &Value) -> Result<Option<Vec<f32>>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::Array(a) => {
-            if a.is_empty() || a.len() > 65_536 {
-                return Err(ApiError::bad(
-                    "vector",
-                    "vector must have between 1 and 65536 numbers",
-                ));
-            }
-            let v = a
-                .iter()
-                .map(|x| x.as_f64().map(|f| f as f32).filter(|f| f.is_finite()))
-                .collect::<Option<Vec<f32>>>()
-                .ok_or_else(|| {
-                    ApiError::bad(
-                        "vector",
-                        "vector must be an array of numbers that are finite as 32-bit floats (|x| < 3.4e38)",
-                    )
-                })?;
-            if v.iter().all(|x| *x == 0.0) {
-                return Err(ApiError::bad(
-                    "vector",
-                    "vector is all zeros (no direction to search in)",
-                ));
-            }
-            Ok(Some(v))
-        }
-        _ => Err(ApiError::bad(
+/// not all zero. (That it is an array of numbers is the body's type: `body::search_body`.)
+pub fn vector_of(v: Option<Vec<f64>>) -> Result<Option<Vec<f32>>, ApiError> {
+    let Some(a) = v else {
+        return Ok(None);
+    };
+    if a.is_empty() || a.len() > 65_536 {
+        return Err(ApiError::bad(
             "vector",
-            "vector must be an array of numbers",
-        )),
+            "vector must have between 1 and 65536 numbers",
+        ));
     }
+    let v = a
+        .iter()
+        .map(|x| Some(*x as f32).filter(|f| f.is_finite()))
+        .collect::<Option<Vec<f32>>>()
+        .ok_or_else(|| {
+            ApiError::bad(
+                "vector",
+                "vector must be an array of numbers that are finite as 32-bit floats (|x| < 3.4e38)",
+            )
+        })?;
+    if v.iter().all(|x| *x == 0.0) {
+        return Err(ApiError::bad(
+            "vector",
+            "vector is all zeros (no direction to search in)",
+        ));
+    }
+    Ok(Some(v))
 }
 
 async fn known_bot(s: &RecallState, bot: &str) -> Result<(), ApiError> {
@@ -497,48 +493,21 @@ async fn recall(
 
 // ----- POST /v1/recall/search -----
 
-fn str_field<'a>(
-    o: &'a Map<String, Value>,
-    field: &'static str,
-) -> Result<Option<&'a str>, ApiError> {
-    match o.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ApiError::bad(field, format!("{field} must be a string"))),
-    }
-}
-
 async fn search(State(s): State<RecallState>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad("body", format!("body is not JSON: {e}")))?;
-    let Value::Object(o) = v else {
-        return Err(ApiError::bad("body", "body must be a JSON object"));
-    };
-    const KNOWN: [&str; 9] = [
-        "bot", "user_id", "vector", "text", "limit", "since", "until", "tz", "type",
-    ];
-    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(ApiError::bad(
-            "body",
-            format!("unknown field {k:?} (known: {})", KNOWN.join(", ")),
-        ));
-    }
-    let bot = str_field(&o, "bot")?.ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
-    let user =
-        str_field(&o, "user_id")?.ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
+    let b = body::search_body(&body)?;
+    let bot = b
+        .bot
+        .as_deref()
+        .ok_or_else(|| ApiError::bad("bot", "bot is required"))?;
+    let user = b
+        .user_id
+        .as_deref()
+        .ok_or_else(|| ApiError::bad("user_id", "user_id is required"))?;
     check_bot(bot)?;
     check_user(user)?;
-    let limit = match o.get("limit") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(
-            n.as_i64()
-                .ok_or_else(|| ApiError::bad("limit", "limit must be an integer"))?,
-        ),
-        Some(_) => return Err(ApiError::bad("limit", "limit must be an integer")),
-    };
-    let limit = limit_of(limit, 100)?;
-    let vector = vector_of(o.get("vector").unwrap_or(&Value::Null))?;
-    let text = match str_field(&o, "text")? {
+    let limit = limit_of(b.limit, 100)?;
+    let vector = vector_of(b.vector)?;
+    let text = match b.text.as_deref() {
         None => None,
         Some(t) if t.contains('\0') => {
             return Err(ApiError::bad("text", "text contains a NUL byte"));
@@ -557,11 +526,11 @@ async fn search(State(s): State<RecallState>, body: Bytes) -> Result<Json<Value>
     if vector.is_none() && text.is_none() {
         return Err(ApiError::bad("vector", "give a vector, a text, or both"));
     }
-    let summary_type = type_of(str_field(&o, "type")?)?;
+    let summary_type = type_of(b.summary_type.as_deref())?;
     let range = range_of(
-        str_field(&o, "since")?,
-        str_field(&o, "until")?,
-        str_field(&o, "tz")?,
+        b.since.as_deref(),
+        b.until.as_deref(),
+        b.tz.as_deref(),
         summary_type,
     )?;
     known_bot(&s, bot).await?;

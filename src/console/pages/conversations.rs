@@ -1,18 +1,17 @@
 //! The conversations page: a user's (or bot's) windows and summaries as a timeline.
 
-use std::fmt::Write;
-
 use axum::Extension;
 use axum::extract::{Query, State};
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, NaiveDateTime, Utc};
+use maud::{Markup, html};
 use serde::Deserialize;
-use sqlx::Row;
 
 use super::server_error;
 use crate::console::Console;
 use crate::console::auth::Session;
-use crate::console::view::{esc, naive, num, page, q, table, usd};
+use crate::console::view::{naive, num, page, q, table, usd};
+use crate::model::WindowState;
 use crate::sink::StoreError;
 
 #[derive(Deserialize, Default)]
@@ -26,7 +25,7 @@ struct TimelineItem {
     link: Option<i64>,
     start: NaiveDateTime,
     end: NaiveDateTime,
-    state: String,
+    state: WindowState,
     count: i32,
     topics: Vec<String>,
     tone: Option<String>,
@@ -36,22 +35,69 @@ struct TimelineItem {
     cost: Option<f64>,
 }
 
+/// A window row of the timeline.
+#[derive(sqlx::FromRow)]
+struct WindowRow {
+    id: i64,
+    start_ts: DateTime<Utc>,
+    end_ts: DateTime<Utc>,
+    state: WindowState,
+    message_count: i32,
+    revision: i32,
+    key_topics: Option<Vec<String>>,
+    emotional_tone: Option<String>,
+    summarizer: Option<String>,
+    prompt_tokens: Option<i32>,
+    completion_tokens: Option<i32>,
+    cost_usd: Option<f64>,
+}
+
+/// A rollup row (day, week, month) of the timeline.
+#[derive(sqlx::FromRow)]
+struct RollupRow {
+    summary_type: Option<String>,
+    start_timestamp: NaiveDateTime,
+    end_timestamp: NaiveDateTime,
+    message_count: i32,
+    key_topics: Option<Vec<String>>,
+    emotional_tone: Option<String>,
+    revision: i32,
+    summarizer: Option<String>,
+    prompt_tokens: Option<i32>,
+    completion_tokens: Option<i32>,
+    cost_usd: Option<f64>,
+}
+
+/// What the conversations page shows.
+struct ConversationsData {
+    bots: Vec<String>,
+    /// The bot asked for, else the first one seen (None: no bot seen yet).
+    bot: Option<String>,
+    user: String,
+    found: Found,
+}
+
+enum Found {
+    /// No bot, or no user typed: only the form.
+    Nothing,
+    /// Not an exact user id: the users whose id starts with it (maybe none).
+    Near(Vec<String>),
+    /// The user's windows and rollups, newest first.
+    Timeline(Vec<TimelineItem>),
+}
+
 pub async fn conversations(
     State(c): State<Console>,
     session: Option<Extension<Session>>,
     Query(cq): Query<ConvQuery>,
 ) -> Response {
-    match conversations_html(&c, session.as_deref(), cq).await {
-        Ok(h) => Html(h).into_response(),
+    match load_conversations(&c, cq).await {
+        Ok(d) => Html(render_conversations(&d, session.as_deref()).into_string()).into_response(),
         Err(e) => server_error(e),
     }
 }
 
-async fn conversations_html(
-    c: &Console,
-    session: Option<&Session>,
-    cq: ConvQuery,
-) -> Result<String, StoreError> {
+async fn load_conversations(c: &Console, cq: ConvQuery) -> Result<ConversationsData, StoreError> {
     let pool = c.store.pool();
     let bots: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT bot_name FROM recap_watermarks ORDER BY bot_name")
@@ -62,32 +108,20 @@ async fn conversations_html(
         .filter(|b| !b.is_empty())
         .or_else(|| bots.first().cloned());
     let user = cq.user.map(|u| u.trim().to_string()).unwrap_or_default();
-    let mut b = String::from("<h1>Conversations</h1>");
-    b.push_str(
-        r#"<form method="get" action="/console/conversations" id="find"><label>bot <select name="bot" id="bot">"#,
-    );
-    for x in &bots {
-        let sel = if Some(x) == bot.as_ref() {
-            " selected"
-        } else {
-            ""
-        };
-        let _ = write!(b, r#"<option value="{0}"{sel}>{0}</option>"#, esc(x));
-    }
-    let _ = write!(
-        b,
-        r#"</select></label> <label>user id <input name="user" id="user" value="{}" placeholder="user id or its beginning" size="32"></label> <button type="submit" id="search">Search</button></form>"#,
-        esc(&user)
-    );
-    let Some(bot) = bot else {
-        b.push_str(r#"<p class="empty">No bot seen yet.</p>"#);
-        return Ok(page("Conversations", "Conversations", session, &b));
+    let mut data = ConversationsData {
+        bots,
+        bot,
+        user,
+        found: Found::Nothing,
     };
+    let Some(bot) = data.bot.clone() else {
+        return Ok(data);
+    };
+    let user = data.user.clone();
     if user.is_empty() {
-        b.push_str(r#"<p class="muted">Type a user id (or its first characters) to see their timeline.</p>"#);
-        return Ok(page("Conversations", "Conversations", session, &b));
+        return Ok(data);
     }
-    let windows = sqlx::query(
+    let windows: Vec<WindowRow> = sqlx::query_as(
         "SELECT w.id, w.start_ts, w.end_ts, w.state, w.message_count, w.revision, s.key_topics, s.emotional_tone,
                 s.summarizer, s.prompt_tokens, s.completion_tokens, s.cost_usd
          FROM recap_windows w LEFT JOIN conversation_summaries s ON s.id = w.summary_id
@@ -107,30 +141,10 @@ async fn conversations_html(
         .bind(&user)
         .fetch_all(pool)
         .await?;
-        let near: Vec<&String> = near.iter().filter(|u| u.starts_with(&user)).collect();
-        if near.is_empty() {
-            let _ = write!(
-                b,
-                r#"<p class="empty" id="no-user">No windows for user {} of {}.</p>"#,
-                esc(&user),
-                esc(&bot)
-            );
-        } else {
-            b.push_str(r#"<h2>Users starting with that</h2><ul id="users">"#);
-            for u in near {
-                let _ = write!(
-                    b,
-                    r#"<li><a href="/console/conversations?bot={}&amp;user={}">{}</a></li>"#,
-                    q(&bot),
-                    q(u),
-                    esc(u)
-                );
-            }
-            b.push_str("</ul>");
-        }
-        return Ok(page("Conversations", "Conversations", session, &b));
+        data.found = Found::Near(near.into_iter().filter(|u| u.starts_with(&user)).collect());
+        return Ok(data);
     }
-    let rollups = sqlx::query(
+    let rollups: Vec<RollupRow> = sqlx::query_as(
         "SELECT summary_type, start_timestamp, end_timestamp, message_count, key_topics, emotional_tone, revision,
                 summarizer, prompt_tokens, completion_tokens, cost_usd
          FROM conversation_summaries
@@ -143,93 +157,132 @@ async fn conversations_html(
     .await?;
     let tokens = |p: Option<i32>, c: Option<i32>| p.zip(c).or(p.map(|p| (p, 0)));
     let mut items: Vec<TimelineItem> = windows
-        .iter()
+        .into_iter()
         .map(|r| TimelineItem {
             kind: "window".into(),
-            link: Some(r.get(0)),
-            start: r.get::<DateTime<Utc>, _>(1).naive_utc(),
-            end: r.get::<DateTime<Utc>, _>(2).naive_utc(),
-            state: r.get(3),
-            count: r.get(4),
-            revision: r.get(5),
-            topics: r.get::<Option<Vec<String>>, _>(6).unwrap_or_default(),
-            tone: r.get(7),
-            summarizer: r.get(8),
-            tokens: tokens(r.get(9), r.get(10)),
-            cost: r.get(11),
+            link: Some(r.id),
+            start: r.start_ts.naive_utc(),
+            end: r.end_ts.naive_utc(),
+            state: r.state,
+            count: r.message_count,
+            revision: r.revision,
+            topics: r.key_topics.unwrap_or_default(),
+            tone: r.emotional_tone,
+            summarizer: r.summarizer,
+            tokens: tokens(r.prompt_tokens, r.completion_tokens),
+            cost: r.cost_usd,
         })
         .collect();
-    items.extend(rollups.iter().map(|r| {
-        TimelineItem {
-            kind: r
-                .get::<Option<String>, _>(0)
-                .unwrap_or_else(|| "rollup".into()),
-            link: None,
-            start: r.get(1),
-            end: r.get(2),
-            state: "done".into(),
-            count: r.get(3),
-            topics: r.get::<Option<Vec<String>>, _>(4).unwrap_or_default(),
-            tone: r.get(5),
-            revision: r.get(6),
-            summarizer: r.get(7),
-            tokens: tokens(r.get(8), r.get(9)),
-            cost: r.get(10),
-        }
+    items.extend(rollups.into_iter().map(|r| TimelineItem {
+        kind: r.summary_type.unwrap_or_else(|| "rollup".into()),
+        link: None,
+        start: r.start_timestamp,
+        end: r.end_timestamp,
+        state: WindowState::Done,
+        count: r.message_count,
+        topics: r.key_topics.unwrap_or_default(),
+        tone: r.emotional_tone,
+        revision: r.revision,
+        summarizer: r.summarizer,
+        tokens: tokens(r.prompt_tokens, r.completion_tokens),
+        cost: r.cost_usd,
     }));
     items.sort_by(|a, b| b.start.cmp(&a.start).then(a.kind.cmp(&b.kind)));
-    let rows: Vec<Vec<String>> = items
-        .iter()
-        .map(|i| {
-            let kind = match i.link {
-                Some(id) => {
-                    format!(r#"<a href="/console/window/{id}" class="window-link">window {id}</a>"#)
+    data.found = Found::Timeline(items);
+    Ok(data)
+}
+
+fn render_conversations(d: &ConversationsData, session: Option<&Session>) -> Markup {
+    let form = html! {
+        h1 { "Conversations" }
+        form method="get" action="/console/conversations" id="find" {
+            label {
+                "bot "
+                select name="bot" id="bot" {
+                    @for x in &d.bots {
+                        option value=(x) selected[Some(x) == d.bot.as_ref()] { (x) }
+                    }
                 }
-                None => format!(r#"<span class="kind">{}</span>"#, esc(&i.kind)),
-            };
-            vec![
-                kind,
-                naive(i.start),
-                naive(i.end),
-                format!(
-                    r#"<span class="state {0}">{0}</span>"#,
-                    esc(&i.state.replace('_', " "))
-                ),
-                num(i.count.into()),
-                esc(&i.topics.join(", ")),
-                esc(i.tone.as_deref().unwrap_or("")),
-                i.revision.to_string(),
-                esc(i.summarizer.as_deref().unwrap_or("")),
-                i.tokens
-                    .map(|(p, c)| format!("{} + {}", num(p.into()), num(c.into())))
-                    .unwrap_or_default(),
-                i.cost.map(usd).unwrap_or_default(),
-            ]
-        })
-        .collect();
-    let _ = write!(
-        b,
-        r#"<h2>Timeline of <span id="timeline-user">{}</span> with {}</h2>{}"#,
-        esc(&user),
-        esc(&bot),
-        table(
-            "timeline",
-            &[
-                "item",
-                "start (UTC)",
-                "end (UTC)",
-                "state",
-                "messages",
-                "topics",
-                "tone",
-                "revision",
-                "summarizer",
-                "tokens (prompt + completion)",
-                "cost",
-            ],
-            &rows,
-            "nothing yet",
-        )
-    );
-    Ok(page("Conversations", "Conversations", session, &b))
+            }
+            " "
+            label {
+                "user id "
+                input name="user" id="user" value=(d.user) placeholder="user id or its beginning" size="32";
+            }
+            " "
+            button type="submit" id="search" { "Search" }
+        }
+    };
+    let (bot, user) = (d.bot.as_deref().unwrap_or(""), d.user.as_str());
+    let rest = match &d.found {
+        Found::Nothing if d.bot.is_none() => html! { p.empty { "No bot seen yet." } },
+        Found::Nothing => {
+            html! { p.muted { "Type a user id (or its first characters) to see their timeline." } }
+        }
+        Found::Near(near) if near.is_empty() => html! {
+            p.empty #no-user { "No windows for user " (user) " of " (bot) "." }
+        },
+        Found::Near(near) => html! {
+            h2 { "Users starting with that" }
+            ul #users {
+                @for u in near {
+                    li { a href={ "/console/conversations?bot=" (q(bot)) "&user=" (q(u)) } { (u) } }
+                }
+            }
+        },
+        Found::Timeline(items) => {
+            let rows: Vec<Vec<Markup>> = items.iter().map(timeline_row).collect();
+            html! {
+                h2 { "Timeline of " span #timeline-user { (user) } " with " (bot) }
+                (table(
+                    "timeline",
+                    &[
+                        "item",
+                        "start (UTC)",
+                        "end (UTC)",
+                        "state",
+                        "messages",
+                        "topics",
+                        "tone",
+                        "revision",
+                        "summarizer",
+                        "tokens (prompt + completion)",
+                        "cost",
+                    ],
+                    &rows,
+                    "nothing yet",
+                ))
+            }
+        }
+    };
+    page(
+        "Conversations",
+        "Conversations",
+        session,
+        html! { (form) (rest) },
+    )
+}
+
+fn timeline_row(i: &TimelineItem) -> Vec<Markup> {
+    let state = i.state.label();
+    vec![
+        match i.link {
+            Some(id) => {
+                html! { a href={ "/console/window/" (id) } class="window-link" { "window " (id) } }
+            }
+            None => html! { span.kind { (i.kind) } },
+        },
+        html! { (naive(i.start)) },
+        html! { (naive(i.end)) },
+        html! { span class={ "state " (state) } { (state) } },
+        html! { (num(i.count.into())) },
+        html! { (i.topics.join(", ")) },
+        html! { (i.tone.as_deref().unwrap_or("")) },
+        html! { (i.revision) },
+        html! { (i.summarizer.as_deref().unwrap_or("")) },
+        html! {
+            @if let Some((p, c)) = i.tokens { (num(p.into())) " + " (num(c.into())) }
+        },
+        html! { @if let Some(v) = i.cost { (usd(v)) } },
+    ]
 }

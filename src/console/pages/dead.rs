@@ -1,16 +1,15 @@
 //! The dead letters page and the retry of dead windows.
 
-use std::fmt::Write;
-
 use axum::Extension;
 use axum::extract::{Form, Query, State};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::{DateTime, Utc};
+use maud::{Markup, html};
 use serde::Deserialize;
-use sqlx::Row;
 
 use super::server_error;
 use crate::console::auth::Session;
-use crate::console::view::{self, esc, page, table, ts};
+use crate::console::view::{self, page, table, ts};
 use crate::console::{Console, refuse_without_csrf};
 use crate::sink::StoreError;
 
@@ -19,127 +18,133 @@ pub struct DeadQuery {
     retried: Option<u64>,
 }
 
+/// A dead window.
+#[derive(sqlx::FromRow)]
+struct DeadWindow {
+    id: i64,
+    bot_name: String,
+    user_id: String,
+    start_ts: DateTime<Utc>,
+    attempts: i32,
+    last_error: Option<String>,
+    updated_at: DateTime<Utc>,
+}
+
+/// A dead letter, its body cut to 240 bytes.
+#[derive(sqlx::FromRow)]
+struct DeadLetter {
+    id: i64,
+    source: String,
+    subject: Option<String>,
+    stream_seq: Option<i64>,
+    reason: String,
+    received_at: DateTime<Utc>,
+    excerpt: Vec<u8>,
+}
+
+/// What the dead letters page shows (the latest 200 of each).
+struct DeadData {
+    windows: Vec<DeadWindow>,
+    letters: Vec<DeadLetter>,
+}
+
 pub async fn dead(
     State(c): State<Console>,
     session: Option<Extension<Session>>,
     Query(dq): Query<DeadQuery>,
 ) -> Response {
-    match dead_html(&c, session.as_deref(), dq).await {
-        Ok(h) => Html(h).into_response(),
+    match load_dead(&c).await {
+        Ok(d) => {
+            Html(render_dead(&d, session.as_deref(), dq.retried).into_string()).into_response()
+        }
         Err(e) => server_error(e),
     }
 }
 
-async fn dead_html(
-    c: &Console,
-    session: Option<&Session>,
-    dq: DeadQuery,
-) -> Result<String, StoreError> {
+async fn load_dead(c: &Console) -> Result<DeadData, StoreError> {
     let pool = c.store.pool();
-    let windows = sqlx::query(
+    // `WindowState::Dead` as a literal: the partial index `idx_recap_windows_not_done` (see `model::WindowState`).
+    let windows = sqlx::query_as(
         "SELECT id, bot_name, user_id, start_ts, attempts, last_error, updated_at FROM recap_windows
          WHERE state = 'dead' ORDER BY updated_at DESC LIMIT 200",
     )
     .fetch_all(pool)
     .await?;
-    let letters = sqlx::query(
-        "SELECT id, source, subject, stream_seq, reason, received_at, substring(raw FROM 1 FOR 240)
+    let letters = sqlx::query_as(
+        "SELECT id, source, subject, stream_seq, reason, received_at, substring(raw FROM 1 FOR 240) AS excerpt
          FROM recap_dead_letters ORDER BY id DESC LIMIT 200",
     )
     .fetch_all(pool)
     .await?;
-    let mut b = String::from("<h1>Dead windows and dead letters</h1>");
-    if let Some(n) = dq.retried {
-        let _ = write!(
-            b,
-            r#"<p class="notice" id="retry-result">{n} dead window(s) put back to due.</p>"#
-        );
-    }
-    let csrf = session.map(view::csrf_field).unwrap_or_default();
-    let rows: Vec<Vec<String>> = windows
+    Ok(DeadData { windows, letters })
+}
+
+fn render_dead(d: &DeadData, session: Option<&Session>, retried: Option<u64>) -> Markup {
+    let csrf = html! { @if let Some(s) = session { (view::csrf_field(s)) } };
+    let windows: Vec<Vec<Markup>> = d
+        .windows
         .iter()
-        .map(|r| {
-            let id: i64 = r.get(0);
+        .map(|w| {
             vec![
-                format!(r#"<a href="/console/window/{id}">window {id}</a>"#),
-                esc(&r.get::<String, _>(1)),
-                esc(&r.get::<String, _>(2)),
-                ts(r.get(3)),
-                r.get::<i32, _>(4).to_string(),
-                esc(r.get::<Option<String>, _>(5).as_deref().unwrap_or("")),
-                ts(r.get(6)),
-                format!(
-                    r#"<form method="post" action="/console/dead/retry" class="inline">{csrf}<input type="hidden" name="window" value="{id}"><button type="submit" class="retry" data-window="{id}">Retry</button></form>"#
-                ),
+                html! { a href={ "/console/window/" (w.id) } { "window " (w.id) } },
+                html! { (w.bot_name) },
+                html! { (w.user_id) },
+                html! { (ts(w.start_ts)) },
+                html! { (w.attempts) },
+                html! { (w.last_error.as_deref().unwrap_or("")) },
+                html! { (ts(w.updated_at)) },
+                html! {
+                    form method="post" action="/console/dead/retry" class="inline" {
+                        (csrf)
+                        input type="hidden" name="window" value=(w.id);
+                        button type="submit" class="retry" data-window=(w.id) { "Retry" }
+                    }
+                },
             ]
         })
         .collect();
-    let _ = write!(
-        b,
-        "<h2>Dead windows ({})</h2>{}",
-        windows.len(),
-        table(
+    let letters: Vec<Vec<Markup>> = d
+        .letters
+        .iter()
+        .map(|l| {
+            vec![
+                html! { (l.id) },
+                html! { (l.source) },
+                html! { (l.subject.as_deref().unwrap_or("")) },
+                html! { @if let Some(seq) = l.stream_seq { (seq) } },
+                html! { (l.reason) },
+                html! { (ts(l.received_at)) },
+                html! { pre.body { (String::from_utf8_lossy(&l.excerpt)) } },
+            ]
+        })
+        .collect();
+    let body = html! {
+        h1 { "Dead windows and dead letters" }
+        @if let Some(n) = retried {
+            p.notice #retry-result { (n) " dead window(s) put back to due." }
+        }
+        h2 { "Dead windows (" (d.windows.len()) ")" }
+        (table(
             "dead-windows",
-            &[
-                "window",
-                "bot",
-                "user",
-                "start (UTC)",
-                "attempts",
-                "reason",
-                "when (UTC)",
-                ""
-            ],
-            &rows,
+            &["window", "bot", "user", "start (UTC)", "attempts", "reason", "when (UTC)", ""],
+            &windows,
             "no dead window",
-        )
-    );
-    if !windows.is_empty() {
-        let _ = write!(
-            b,
-            r#"<form method="post" action="/console/dead/retry">{csrf}<button type="submit" id="retry-all">Retry all dead windows</button></form>"#
-        );
-    }
-    let rows: Vec<Vec<String>> = letters
-        .iter()
-        .map(|r| {
-            let raw: Vec<u8> = r.get(6);
-            vec![
-                r.get::<i64, _>(0).to_string(),
-                esc(&r.get::<String, _>(1)),
-                esc(r.get::<Option<String>, _>(2).as_deref().unwrap_or("")),
-                r.get::<Option<i64>, _>(3)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                esc(&r.get::<String, _>(4)),
-                ts(r.get(5)),
-                format!(
-                    r#"<pre class="body">{}</pre>"#,
-                    esc(&String::from_utf8_lossy(&raw))
-                ),
-            ]
-        })
-        .collect();
-    let _ = write!(
-        b,
-        "<h2>Dead letters (latest {})</h2>{}",
-        letters.len(),
-        table(
+        ))
+        @if !d.windows.is_empty() {
+            form method="post" action="/console/dead/retry" {
+                (csrf)
+                button type="submit" id="retry-all" { "Retry all dead windows" }
+            }
+        }
+        h2 { "Dead letters (latest " (d.letters.len()) ")" }
+        (table(
             "dead-letters",
-            &[
-                "id",
-                "source",
-                "subject",
-                "stream seq",
-                "reason",
-                "when (UTC)",
-                "body (excerpt)"
-            ],
-            &rows,
+            &["id", "source", "subject", "stream seq", "reason", "when (UTC)", "body (excerpt)"],
+            &letters,
             "no dead letter",
-        )
-    );
-    Ok(page("Dead letters", "Dead letters", session, &b))
+        ))
+    };
+    page("Dead letters", "Dead letters", session, body)
 }
 
 #[derive(Deserialize)]

@@ -2,7 +2,9 @@
 //! [`Store::retry_dead`](crate::sink::Store::retry_dead) (the same statement `recap retry` runs).
 //!
 //! One file per page: `overview`, `conversations` (a user's timeline), `window` (one window), `dead` (dead letters
-//! and their retry). Shared here: the error page, the `Server-Timing` header, login and logout.
+//! and their retry). Each page is a `load_*` function (its SQL, rows as `sqlx::FromRow` structs, returning the page's
+//! data) and a `render_*` function (maud markup: every value escaped). Shared here: the error page, the `Server-Timing`
+//! header, login and logout.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -11,10 +13,11 @@ use axum::Extension;
 use axum::extract::{ConnectInfo, Form, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use maud::html;
 use serde::Deserialize;
 
 use super::auth::{self, Session};
-use super::view::{esc, page};
+use super::view::page;
 use super::{Console, SecureRequest, refuse_without_csrf};
 
 mod conversations;
@@ -31,15 +34,15 @@ fn server_error(e: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "console: a page failed");
     (
         StatusCode::INTERNAL_SERVER_ERROR,
-        Html(page(
-            "error",
-            "",
-            None,
-            &format!(
-                r#"<p class="error">This page could not be read: {}</p>"#,
-                esc(&e.to_string())
-            ),
-        )),
+        Html(
+            page(
+                "error",
+                "",
+                None,
+                html! { p.error { "This page could not be read: " (e.to_string()) } },
+            )
+            .into_string(),
+        ),
     )
         .into_response()
 }
@@ -57,18 +60,25 @@ fn with_server_time(mut resp: Response, t0: Instant) -> Response {
 // ------------------------------------------------------------------------------------------------ login
 
 pub fn login_page(error: Option<&str>) -> String {
-    let err = error
-        .map(|e| format!(r#"<p class="error">{}</p>"#, esc(e)))
-        .unwrap_or_default();
     page(
         "Log in",
         "",
         None,
-        &format!(
-            r#"<h1>Log in</h1>{err}<form method="post" action="/console/login" id="login"><label>console token <input type="password" name="token" id="token" autocomplete="current-password" size="40" autofocus></label> <button type="submit" id="login-button">Log in</button></form>
-<p class="muted">The token is the service's <code>CONSOLE_TOKEN</code>.</p>"#
-        ),
+        html! {
+            h1 { "Log in" }
+            @if let Some(e) = error { p.error { (e) } }
+            form method="post" action="/console/login" id="login" {
+                label {
+                    "console token "
+                    input type="password" name="token" id="token" autocomplete="current-password" size="40" autofocus;
+                }
+                " "
+                button type="submit" id="login-button" { "Log in" }
+            }
+            p.muted { "The token is the service's " code { "CONSOLE_TOKEN" } "." }
+        },
     )
+    .into_string()
 }
 
 pub async fn login_form(session: Option<Extension<Session>>) -> Response {
@@ -149,12 +159,15 @@ pub async fn logout(
 pub async fn not_found(session: Option<Extension<Session>>) -> Response {
     (
         StatusCode::NOT_FOUND,
-        Html(page(
-            "not found",
-            "",
-            session.as_deref(),
-            "<p class=\"error\">No such page.</p>",
-        )),
+        Html(
+            page(
+                "not found",
+                "",
+                session.as_deref(),
+                html! { p.error { "No such page." } },
+            )
+            .into_string(),
+        ),
     )
         .into_response()
 }
