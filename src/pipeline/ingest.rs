@@ -666,8 +666,13 @@ pub async fn run_partition<S: Source>(
                     continue 'lead;
                 }
                 Err(e) => {
-                    // The state is restored from the last checkpoint and the source rewound to it.
+                    // The state is restored from the last checkpoint and the source rewound to it, by whichever
+                    // replica leads the partition next: the lease is given back (it may be gone already, expired
+                    // while Postgres was away) and the partition leaves this replica's share at once, so the share
+                    // never counts a partition this replica does not lead (issue 24, case 10).
                     source.abandon().await;
+                    ingest.release().await;
+                    released();
                     let wait = next_wait(&mut backoff);
                     warn!(error = %e, wait_ms = wait.as_millis() as u64, "checkpoint not committed; restoring the last one");
                     if sleep_or_shutdown(&shutdown, wait).await {

@@ -1,0 +1,233 @@
+//! Issue 24's partition, share, consumer and layout cases (10-13), in process against real Postgres (and NATS where
+//! the case is the consumer's): each test failed before its fix.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use common::*;
+use recap::pipeline::{Context, IngestLoop, run_partitioned};
+use recap::source::{Batch, Source, SourceError};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    c: recap::config::Config,
+}
+
+/// Lease of the partition leaders in these tests (the smallest `LEADER_LEASE_SECONDS` allowed).
+const LEASE_S: u64 = 2;
+
+async fn context(db: &TestDb, instance: &str, extra: &[&str]) -> Context {
+    let q = env("QDRANT_URL");
+    let lease = LEASE_S.to_string();
+    let base = [
+        "t",
+        "--database-url",
+        db.url.as_str(),
+        "--qdrant-url",
+        q.as_str(),
+        "--leader-lease-seconds",
+        lease.as_str(),
+    ];
+    let mut cfg = Args::parse_from(base.iter().chain(extra)).c;
+    cfg.normalize();
+    let store = recap::cmd::connect_store(&cfg).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let points =
+        Arc::new(recap::fetch::Points::new(&q, None, cfg.payload_mapping()).expect("points"));
+    Context {
+        store,
+        points,
+        summarizer: Arc::new(recap::summarize::extractive::Extractive),
+        instance: instance.to_string(),
+        cfg: Arc::new(cfg),
+    }
+}
+
+/// A source that always has one (ignored) event: every batch is caught up and asks for a checkpoint, whose position
+/// is `fake:<instance>:<partition>`. While `down` is set it fails as NATS does when unreachable.
+struct Fake {
+    name: String,
+    pos: f64,
+    down: Arc<AtomicBool>,
+}
+
+impl Source for Fake {
+    async fn next_batch(&mut self) -> Result<Batch, SourceError> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.down.load(Ordering::Relaxed) {
+            return Err(SourceError::Nats("unreachable (test)".into()));
+        }
+        self.pos += 1.0;
+        Ok(Batch {
+            ignored: 1,
+            caught_up: true,
+            checkpoint: Some((self.name.clone(), self.pos, 0)),
+            ..Default::default()
+        })
+    }
+    async fn commit(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    async fn abandon(&mut self) {}
+}
+
+/// One replica: `run_partitioned` over fake sources, until its token is cancelled.
+struct Replica {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn replica(ctx: &Context, partitions: u32, down: Arc<AtomicBool>, opts: IngestLoop) -> Replica {
+    let stop = CancellationToken::new();
+    let instance = ctx.instance.clone();
+    let make = move |k: u32| {
+        let (name, down) = (format!("fake:{instance}:{k}"), down.clone());
+        async move {
+            if down.load(Ordering::Relaxed) {
+                return Err(SourceError::Nats("unreachable (test)".into()));
+            }
+            Ok(Fake {
+                name,
+                pos: 0.0,
+                down,
+            })
+        }
+    };
+    let task = tokio::spawn(run_partitioned(
+        ctx.clone(),
+        partitions,
+        make,
+        stop.clone(),
+        opts,
+    ));
+    Replica { stop, task }
+}
+
+impl Replica {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// Partition -> the instance whose lease on it is current.
+async fn leaders(db: &TestDb) -> BTreeMap<i32, String> {
+    sqlx::query_as::<_, (i32, String)>(
+        "SELECT id - 1, owner FROM recap_leader WHERE lease_until > now() ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+/// Polls until `ok` holds for the current leaders, or `timeout`: the last leaders seen, and whether it held.
+async fn wait_leaders(
+    db: &TestDb,
+    timeout: Duration,
+    ok: impl Fn(&BTreeMap<i32, String>) -> bool,
+) -> (BTreeMap<i32, String>, bool) {
+    let t0 = Instant::now();
+    loop {
+        let l = leaders(db).await;
+        if ok(&l) {
+            return (l, true);
+        }
+        if t0.elapsed() > timeout {
+            return (l, false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn led_by(l: &BTreeMap<i32, String>, who: &str) -> Vec<i32> {
+    l.iter()
+        .filter(|(_, o)| *o == who)
+        .map(|(p, _)| *p)
+        .collect()
+}
+
+/// Issue 24, case 10: a checkpoint fails (not for a lost lease: here a trigger refuses it) and its loop backs off
+/// past the lease; another replica takes the partition. Before the fix the partition stayed in the failed replica's
+/// share (`Share.held`), so when a third replica left, its partition was led by nobody: both survivors counted one
+/// partition each. Now a partition leaves the share the moment its checkpoint fails (its lease is released).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_checkpoint_leaves_the_share_so_every_partition_is_led_again() {
+    let db = fresh_db().await;
+    let extra = ["--nats-partitions", "2"];
+    let (a, b, c) = (
+        context(&db, "a", &extra).await,
+        context(&db, "b", &extra).await,
+        context(&db, "c", &extra).await,
+    );
+    // The first checkpoint of replica a's that names `fail:` fails, once (a sequence is not rolled back).
+    sqlx::raw_sql(
+        "CREATE SEQUENCE fail_once;
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.name LIKE 'fake:a:%' AND EXISTS (SELECT 1 FROM pg_class WHERE relname = 'fail_armed')
+                AND nextval('fail_once') = 1 THEN
+                 RAISE EXCEPTION 'checkpoint refused (test)';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER fail_once BEFORE INSERT OR UPDATE ON recap_checkpoints
+             FOR EACH ROW EXECUTE FUNCTION fail_once();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Three live replicas: a fair share of one partition each.
+    let ttl = Duration::from_secs(LEASE_S);
+    for ctx in [&a, &b, &c] {
+        ctx.store
+            .ingest_heartbeat(&ctx.instance, ttl)
+            .await
+            .unwrap();
+    }
+    // a's back-off after a failed checkpoint outlasts its lease (as a Postgres outage would)
+    let slow = IngestLoop {
+        backoff_min: ttl * 2,
+        backoff_max: ttl * 2,
+        ..IngestLoop::default()
+    };
+    let up = Arc::new(AtomicBool::new(false));
+    let ra = replica(&a, 2, up.clone(), slow);
+    let (l, ok) = wait_leaders(&db, ttl * 5, |l| led_by(l, "a").len() == 1).await;
+    assert!(ok, "a leads one partition: {l:?}");
+    let rb = replica(&b, 2, up.clone(), IngestLoop::default());
+    let (l, ok) = wait_leaders(&db, ttl * 5, |l| l.len() == 2).await;
+    assert!(ok, "a and b lead one each: {l:?}");
+    let rc = replica(&c, 2, up.clone(), IngestLoop::default());
+    let pa = led_by(&l, "a")[0];
+    // a's next checkpoint fails; c takes a's partition while a backs off
+    sqlx::query("CREATE TABLE fail_armed ()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (l, ok) = wait_leaders(&db, ttl * 5, |l| {
+        l.get(&pa).map(String::as_str) == Some("c")
+    })
+    .await;
+    assert!(ok, "c took a's partition {pa}: {l:?}");
+    // b leaves: a and c remain, one partition each, and b's must be led again
+    rb.stop().await;
+    let (l, ok) = wait_leaders(&db, ttl * 5, |l| {
+        l.len() == 2 && l.values().all(|o| o != "b")
+    })
+    .await;
+    assert!(
+        ok,
+        "b's partition is led again within 5 lease terms: {l:?} (a's share still counts partition {pa})"
+    );
+    ra.stop().await;
+    rc.stop().await;
+}
