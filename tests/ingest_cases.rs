@@ -76,6 +76,12 @@ impl Source for Fake {
         Ok(())
     }
     async fn abandon(&mut self) {}
+    async fn probe(&mut self) -> Result<(), SourceError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(SourceError::Nats("unreachable (test)".into()));
+        }
+        Ok(())
+    }
 }
 
 /// One replica: `run_partitioned` over fake sources, until its token is cancelled.
@@ -189,7 +195,7 @@ async fn a_failed_checkpoint_leaves_the_share_so_every_partition_is_led_again() 
     let ttl = Duration::from_secs(LEASE_S);
     for ctx in [&a, &b, &c] {
         ctx.store
-            .ingest_heartbeat(&ctx.instance, ttl)
+            .ingest_heartbeat(&ctx.instance, ttl, true)
             .await
             .unwrap();
     }
@@ -230,4 +236,93 @@ async fn a_failed_checkpoint_leaves_the_share_so_every_partition_is_led_again() 
     );
     ra.stop().await;
     rc.stop().await;
+}
+
+/// Issue 24, case 11: a replica that heartbeats but cannot open its sources (NATS unreachable, a missing grant) holds
+/// no share: before the fix the other replica led only half of the partitions (its fair share of two replicas) and
+/// the rest stayed unled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_cannot_reach_nats_holds_no_share() {
+    let db = fresh_db().await;
+    let extra = ["--nats-partitions", "4"];
+    let (a, b) = (
+        context(&db, "a", &extra).await,
+        context(&db, "b", &extra).await,
+    );
+    let ttl = Duration::from_secs(LEASE_S);
+    let ra = replica(
+        &a,
+        4,
+        Arc::new(AtomicBool::new(true)),
+        IngestLoop::default(),
+    );
+    // a heartbeats first (as a replica whose NATS is away does), then b starts
+    let t0 = Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM recap_ingest_members")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(t0.elapsed() < ttl * 3, "a never heartbeat");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rb = replica(
+        &b,
+        4,
+        Arc::new(AtomicBool::new(false)),
+        IngestLoop::default(),
+    );
+    let (l, ok) = wait_leaders(&db, ttl * 5, |l| led_by(l, "b").len() == 4).await;
+    assert!(ok, "b leads all 4 partitions: {l:?}");
+    ra.stop().await;
+    rb.stop().await;
+}
+
+/// Issue 24, case 11: a leader whose NATS goes away hands its partitions back and stops counting in the fair share,
+/// so the other replica leads every partition; before the fix its partitions stayed unled (their leases lapsed, and
+/// the other replica was at its share of two).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_that_loses_nats_hands_its_partitions_on() {
+    let db = fresh_db().await;
+    let extra = ["--nats-partitions", "2"];
+    let (a, b) = (
+        context(&db, "a", &extra).await,
+        context(&db, "b", &extra).await,
+    );
+    let ttl = Duration::from_secs(LEASE_S);
+    let down = Arc::new(AtomicBool::new(false));
+    for ctx in [&a, &b] {
+        ctx.store
+            .ingest_heartbeat(&ctx.instance, ttl, true)
+            .await
+            .unwrap();
+    }
+    let ra = replica(&a, 2, down.clone(), IngestLoop::default());
+    let rb = replica(
+        &b,
+        2,
+        Arc::new(AtomicBool::new(false)),
+        IngestLoop::default(),
+    );
+    let (l, ok) = wait_leaders(&db, ttl * 5, |l| {
+        led_by(l, "a").len() == 1 && led_by(l, "b").len() == 1
+    })
+    .await;
+    assert!(ok, "one partition each: {l:?}");
+    down.store(true, Ordering::Relaxed);
+    let (l, ok) = wait_leaders(&db, ttl * 5, |l| led_by(l, "b").len() == 2).await;
+    assert!(
+        ok,
+        "b leads both partitions once a cannot read its own: {l:?}"
+    );
+    // a's NATS comes back: it counts again, and takes its share back
+    down.store(false, Ordering::Relaxed);
+    let (l, ok) = wait_leaders(&db, ttl * 8, |l| {
+        led_by(l, "a").len() == 1 && led_by(l, "b").len() == 1
+    })
+    .await;
+    assert!(ok, "one partition each again: {l:?}");
+    ra.stop().await;
+    rb.stop().await;
 }

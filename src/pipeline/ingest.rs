@@ -582,7 +582,24 @@ pub async fn run_partition<S: Source>(
     let mut backoff = new_backoff();
     let next_wait =
         move |b: &mut dyn Iterator<Item = Duration>| b.next().unwrap_or(opts.backoff_max);
+    let ttl = Duration::from_secs(ctx.cfg.service.leader_lease_seconds.into());
     'lead: loop {
+        // A partition handed back because its source kept failing is taken again only once the source answers.
+        if let Some(share) = share
+            && !share.source_is_ok(part)
+        {
+            match source.probe().await {
+                Ok(()) => share.source_ok(part),
+                Err(e) => {
+                    let wait = next_wait(&mut backoff);
+                    debug!(partition = part, error = %e, "the partition's source is still unavailable");
+                    if sleep_or_shutdown(&shutdown, wait).await {
+                        return Ok(());
+                    }
+                    continue 'lead;
+                }
+            }
+        }
         let mut ingest = match Ingest::start_partition(ctx.clone(), part, share, &shutdown).await {
             Ok(Some(i)) => i,
             Ok(None) => return Ok(()),
@@ -606,6 +623,7 @@ pub async fn run_partition<S: Source>(
             }
             continue 'lead;
         }
+        let mut failing_since: Option<Instant> = None;
         loop {
             let next = renewing(&ctx.store, &ingest.fence, source.next_batch());
             let batch = tokio::select! {
@@ -629,6 +647,20 @@ pub async fn run_partition<S: Source>(
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if let Some(share) = share
+                        && since.elapsed() >= ttl / 3
+                    {
+                        // A leader that cannot read its partition hands it back (what it read is checkpointed),
+                        // and the replica counts in nobody's share until a source of its works again: another
+                        // replica leads the partition meanwhile (issue 24, case 11).
+                        warn!(partition = part, error = %e, "the partition's source keeps failing: handing it back");
+                        metrics::counter!("recap_partitions_handed_back_total", "reason" => "source").increment(1);
+                        ingest.hand_back(&mut source).await;
+                        share.source_failed(part);
+                        released();
+                        continue 'lead;
+                    }
                     let wait = next_wait(&mut backoff);
                     warn!(error = %e, wait_ms = wait.as_millis() as u64, "source unavailable; retrying");
                     if sleep_or_shutdown(&shutdown, wait).await {
@@ -639,10 +671,14 @@ pub async fn run_partition<S: Source>(
                     continue;
                 }
             };
+            failing_since = None;
             let result = ingest.step(&mut source, &batch, opts.clock.now_ms()).await;
             match result {
                 Ok(()) => {
                     backoff = new_backoff();
+                    if let Some(share) = share {
+                        share.source_ok(part);
+                    }
                     if let Some(share) = share
                         && share.must_give_back(part)
                     {
@@ -673,6 +709,8 @@ pub async fn run_partition<S: Source>(
                     source.abandon().await;
                     ingest.release().await;
                     released();
+                    metrics::counter!("recap_partitions_handed_back_total", "reason" => "checkpoint")
+                        .increment(1);
                     let wait = next_wait(&mut backoff);
                     warn!(error = %e, wait_ms = wait.as_millis() as u64, "checkpoint not committed; restoring the last one");
                     if sleep_or_shutdown(&shutdown, wait).await {

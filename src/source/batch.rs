@@ -62,6 +62,11 @@ pub trait Source: Send {
     }
     /// What was handed out since the last commit is lost: it must come again.
     fn abandon(&mut self) -> impl Future<Output = ()> + Send;
+    /// Whether the source could be read now, without reading anything (NATS: the consumer's info answers). A
+    /// partition whose source kept failing is handed back and taken again only once this succeeds.
+    fn probe(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send {
+        async { Ok(()) }
+    }
     /// The ingest state was restored from the last checkpoint: go back to the position stored with it, so
     /// everything after it comes again (and nothing before it does).
     fn rewind(&mut self, _store: &Store) -> impl Future<Output = Result<(), SourceError>> + Send {

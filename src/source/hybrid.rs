@@ -93,6 +93,10 @@ impl Source for Hybrid {
         self.events.abandon().await;
     }
 
+    async fn probe(&mut self) -> Result<(), SourceError> {
+        self.events.probe().await
+    }
+
     async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
         self.sweep.rewind(store).await?;
         self.events.rewind(store).await

@@ -714,6 +714,19 @@ impl Source for NatsSource {
         self.stream = None;
     }
 
+    async fn probe(&mut self) -> Result<(), SourceError> {
+        // The stream's consumer list is what a leader needs first (its rewind recreates the consumer): a request
+        // that fails without a connection or a grant, and reads no message.
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(&self.settings.stream).await.map_err(err)?;
+        stream.info().await.map_err(err)?;
+        match stream.consumer_info(&self.settings.consumer_name()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
     async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
         self.sealed.clear();
         self.in_flight.clear();
