@@ -326,3 +326,177 @@ async fn a_leader_that_loses_nats_hands_its_partitions_on() {
     ra.stop().await;
     rb.stop().await;
 }
+
+/// Events `ids` of bot `bot` for the stream of `ns` (subject, message id, body).
+fn events(
+    ns: &NatsNs,
+    bot: &str,
+    ids: std::ops::RangeInclusive<usize>,
+) -> Vec<(String, Option<String>, Vec<u8>)> {
+    ids.map(|i| {
+        let e = recap::event::StoredEvent {
+            v: 1,
+            bot: bot.into(),
+            collection: None,
+            point_id: format!("{}", 1000 + i),
+            user_id: "u".into(),
+            role: Some("user".into()),
+            ts: chrono::Utc::now(),
+        };
+        (e.subject(&ns.prefix), Some(e.point_id.clone()), e.to_body())
+    })
+    .collect()
+}
+
+async fn store_of(db: &TestDb) -> recap::sink::Store {
+    db.migrate().await;
+    recap::sink::Store::connect(db.url.parse().unwrap(), 2)
+        .await
+        .unwrap()
+}
+
+async fn consumer_info(
+    js: &async_nats::jetstream::Context,
+    ns: &NatsNs,
+) -> async_nats::jetstream::consumer::Info {
+    js.get_stream(&ns.stream)
+        .await
+        .unwrap()
+        .consumer_info(&ns.consumer)
+        .await
+        .unwrap()
+}
+
+/// Takes batches (each committed, as after its checkpoint) until `n` distinct events were handed out or 10 s passed.
+async fn take_until(
+    source: &mut recap::source::nats::NatsSource,
+    handed: &mut std::collections::BTreeSet<String>,
+    n: usize,
+) {
+    let t0 = Instant::now();
+    while handed.len() < n && t0.elapsed() < Duration::from_secs(10) {
+        let b = source.next_batch().await.unwrap();
+        handed.extend(b.messages.iter().map(|m| m.point_id.clone()));
+        source.seal();
+        source.commit().await.unwrap();
+    }
+}
+
+/// Issue 24, case 12: right after the consumer is recreated (a rewind), a deposed leader's pull takes its first
+/// delivery. Before the fix the lost-delivery check had no previous delivery to compare with, took delivery 2 as the
+/// first, and the ack-all of the next commit acknowledged event 1 unread. Now a new consumer's first delivery must be
+/// its sequence 1: the consumer is recreated where it started and event 1 is read.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_delivery_of_a_recreated_consumer_is_checked() {
+    use futures::StreamExt;
+    let db = fresh_db().await;
+    let store = store_of(&db).await;
+    let ns = nats_ns();
+    let js = ns.ensure().await;
+    let bot = format!("b{}", token());
+    let mut settings = ns.settings();
+    settings.batch_size = 10;
+    let mut source = recap::source::nats::NatsSource::start(settings)
+        .await
+        .unwrap();
+    // a leader takes the partition: nothing stored yet, so the consumer is recreated from the stream's start
+    source.rewind(&store).await.unwrap();
+    ns.publish_raw(&js, events(&ns, &bot, 1..=3)).await;
+    // a deposed leader's pull request takes delivery 1 (event 1) before this leader's first pull
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&ns.stream)
+        .await
+        .unwrap()
+        .get_consumer(&ns.consumer)
+        .await
+        .unwrap();
+    let mut thief = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let stolen = thief.next().await.unwrap().unwrap();
+    assert_eq!(stolen.info().unwrap().stream_sequence, 1);
+    drop(thief);
+    let mut handed = std::collections::BTreeSet::new();
+    take_until(&mut source, &mut handed, 3).await;
+    let want: std::collections::BTreeSet<String> =
+        (1..=3).map(|i| format!("{}", 1000 + i)).collect();
+    assert_eq!(handed, want, "event 1 read, not acknowledged unread");
+    let info = consumer_info(&js, &ns).await;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+}
+
+/// Issue 24, case 12: a leader frozen past its lease (another replica leads the partition meanwhile) resumes. Before
+/// the fix it kept pulling from the consumer the new leader recreated, and its rewind deleted and recreated that
+/// consumer again. Now it learns it is deposed from its own clock and from Postgres: it pulls nothing and leaves the
+/// consumer alone, and the new leader reads every event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deposed_leader_neither_pulls_nor_recreates_the_consumer() {
+    let db = fresh_db().await;
+    let store = store_of(&db).await;
+    let ns = nats_ns();
+    let js = ns.ensure().await;
+    let bot = format!("b{}", token());
+    let mut settings = ns.settings();
+    settings.batch_size = 10;
+    let ttl = Duration::from_secs(LEASE_S);
+    let lead = async |who: &str| {
+        let sent = Instant::now();
+        let fence = store
+            .try_acquire_partition(who, ttl, 0)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{who} takes the lease"));
+        recap::sink::Lease::new(store.clone(), fence, sent)
+    };
+    let mut a = recap::source::nats::NatsSource::start(settings.clone())
+        .await
+        .unwrap();
+    a.lead(Some(lead("a").await));
+    a.rewind(&store).await.unwrap();
+    ns.publish_raw(&js, events(&ns, &bot, 1..=3)).await;
+    let mut by_a = std::collections::BTreeSet::new();
+    take_until(&mut a, &mut by_a, 3).await;
+    assert_eq!(by_a.len(), 3, "a leads and reads");
+    // a freezes past its lease; b takes the partition and recreates the consumer
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    let mut b = recap::source::nats::NatsSource::start(settings.clone())
+        .await
+        .unwrap();
+    b.lead(Some(lead("b").await));
+    b.rewind(&store).await.unwrap();
+    let created = consumer_info(&js, &ns).await.created;
+    ns.publish_raw(&js, events(&ns, &bot, 4..=6)).await;
+    // a resumes (and, as its ingest loop would, reads again after an error): its own clock says the lease is over
+    let mut deposed = false;
+    for _ in 0..5 {
+        match a.next_batch().await {
+            Err(recap::source::SourceError::Deposed) => {
+                deposed = true;
+                break;
+            }
+            Ok(batch) => assert!(
+                batch.messages.is_empty(),
+                "a deposed leader read {} events of the new leader's consumer",
+                batch.messages.len()
+            ),
+            Err(_) => {}
+        }
+    }
+    assert!(deposed, "a learnt it was deposed");
+    // and Postgres says so: its rewind leaves the new leader's consumer alone
+    assert!(a.rewind(&store).await.is_err(), "a deposed leader's rewind");
+    let info = consumer_info(&js, &ns).await;
+    assert_eq!(info.created, created, "the consumer was not recreated");
+    assert_eq!(
+        info.delivered.consumer_sequence, 0,
+        "nothing pulled from it"
+    );
+    let mut by_b = std::collections::BTreeSet::new();
+    take_until(&mut b, &mut by_b, 6).await;
+    let want: std::collections::BTreeSet<String> =
+        (1..=6).map(|i| format!("{}", 1000 + i)).collect();
+    assert_eq!(
+        by_b, want,
+        "the new leader reads every event (nothing was committed before)"
+    );
+    let info = consumer_info(&js, &ns).await;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+}
