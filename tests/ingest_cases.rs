@@ -500,3 +500,157 @@ async fn a_deposed_leader_neither_pulls_nor_recreates_the_consumer() {
     let info = consumer_info(&js, &ns).await;
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
 }
+
+/// Publishes the events of `points` (bot `bot`) in time order, each user's on one subject shape: users in `route`
+/// on `<prefix>.<bot>.<user>`, the others on `<prefix>.<bot>`. Returns how many went on the user subject.
+async fn publish_shapes(
+    ns: &NatsNs,
+    js: &async_nats::jetstream::Context,
+    bot: &str,
+    collection: &str,
+    points: &[TestPoint],
+    route: impl Fn(&str) -> bool,
+) -> usize {
+    let mut ordered: Vec<&TestPoint> = points.iter().collect();
+    ordered.sort_by_key(|p| p.ts_ms);
+    let mut on_user = 0;
+    let items = ordered
+        .into_iter()
+        .map(|p| {
+            let e = p.event(bot, collection);
+            let subject = if route(&p.user_id) {
+                on_user += 1;
+                e.user_subject(&ns.prefix)
+            } else {
+                e.subject(&ns.prefix)
+            };
+            (subject, Some(p.id.clone()), e.to_body())
+        })
+        .collect();
+    assert_eq!(ns.publish_raw(js, items).await, points.len());
+    on_user
+}
+
+/// Issue 24, case 13: `NATS_PARTITIONS` 2 by bot -> 4 by user with a backlog. Bot 1's events were read under the old
+/// layout; bot 2's (half on each subject shape) wait in the stream when the replicas restart with the new layout.
+/// Before the fix the events stored under the old partition subjects (`<prefix>.p.<k>.<bot>`) were read by no
+/// consumer of the new layout and the route consumer kept its old filter. Now the first replica re-publishes the
+/// unread backlog (only it: bot 1's events are not read twice) on the new layout, and every message ends in exactly
+/// one window.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layout_change_moves_the_unread_backlog_to_the_new_partitions() {
+    use recap::source::nats::PartitionBy;
+    let s = scenario(4).await;
+    let q = qdrant().await;
+    let bot2 = format!("bot{}", token());
+    let col2 = format!("whisperengine_memory_{bot2}_7d");
+    create_collection(&q, &col2, true).await;
+    let mut points2 = Vec::new();
+    for u in 0..4 {
+        let user = format!("{}{u}", 200_000_000_000_000_000u64 + u as u64);
+        let base = T0 + u as i64 * 7 * MIN;
+        points2.extend(conversation(&user, base, 6, 2 * MIN, true));
+        points2.extend(conversation(&user, base + 3 * 60 * MIN, 4, 5 * MIN, true));
+    }
+    upsert(&q, &col2, &points2).await;
+    let mut envs: Vec<(String, String)> = s
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "COLLECTION_PATTERNS" && k != "COLLECTION_MAP")
+        .collect();
+    envs.extend([
+        (
+            "COLLECTION_PATTERNS".to_string(),
+            format!("{},{col2}", s.collection),
+        ),
+        (
+            "COLLECTION_MAP".to_string(),
+            format!("{}={},{col2}={bot2}", s.collection, s.bot),
+        ),
+        // events only: the sweep would find the points in Qdrant whatever happened to their events
+        (
+            "ENRICHMENT_INTERVAL_SECONDS".to_string(),
+            "3600".to_string(),
+        ),
+    ]);
+    let with = |extra: &[(&str, &str)]| {
+        let mut e = envs.clone();
+        e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        e
+    };
+    let old = with(&[("NATS_PARTITIONS", "2"), ("NATS_PARTITION_BY", "bot")]);
+    let new = with(&[("NATS_PARTITIONS", "4"), ("NATS_PARTITION_BY", "user")]);
+    let js = s.nats.ensure_partitioned(2).await;
+    let odd = |u: &str| u.ends_with(['1', '3']);
+    // bot 1 under the old layout, read
+    let r1 = publish_shapes(&s.nats, &js, &s.bot, &s.collection, &s.points, odd).await;
+    let want1 = expected_rows(&s.bot, &s.points, 5);
+    let mut child = spawn_recap(&["run"], &old, &log_path("layout-old"));
+    wait_for_rows(&s.db.pool, want1.len(), Duration::from_secs(60)).await;
+    terminate(&mut child);
+    // bot 2's backlog, under the old layout, unread; then the new layout
+    publish_shapes(&s.nats, &js, &bot2, &col2, &points2, odd).await;
+    let log = log_path("layout-new");
+    let mut child = spawn_recap(&["run"], &new, &log);
+    let mut want = want1.clone();
+    want.extend(expected_rows(&bot2, &points2, 5));
+    want.sort_by(|a, b| (&a.bot, &a.user, a.start).cmp(&(&b.bot, &b.user, b.start)));
+    let got = std::panic::AssertUnwindSafe(wait_for_rows(
+        &s.db.pool,
+        want.len(),
+        Duration::from_secs(60),
+    ));
+    let got = futures::FutureExt::catch_unwind(got).await;
+    terminate(&mut child);
+    let got = got.unwrap_or_else(|_| {
+        panic!(
+            "bot 2's backlog never became its windows (log {})",
+            log.display()
+        )
+    });
+    assert_eq!(got, want);
+    assert_one_row_per_window(&s.db.pool).await;
+    // every message in exactly one window's coverage
+    let messages: std::collections::BTreeSet<String> = s
+        .points
+        .iter()
+        .chain(&points2)
+        .filter(|p| p.role != "conversation_pair")
+        .map(|p| p.id.clone())
+        .collect();
+    let covered: Vec<String> =
+        sqlx::query_scalar("SELECT p FROM recap_windows, unnest(point_ids) p ORDER BY p")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    let distinct: std::collections::BTreeSet<String> = covered.iter().cloned().collect();
+    assert_eq!(covered.len(), distinct.len(), "a message in two windows");
+    assert_eq!(distinct, messages, "every message in a window");
+    // only bot 2's events were re-published: the stream holds bot 1's events, their route copies, bot 2's events and
+    // one copy each of them
+    let mut stream = js.get_stream(&s.nats.stream).await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages as usize;
+    assert_eq!(
+        stored,
+        s.points.len() + r1 + 2 * points2.len(),
+        "events in the stream"
+    );
+    let route = stream
+        .consumer_info(format!("{}-route", s.nats.consumer))
+        .await
+        .unwrap();
+    let settings = recap::source::nats::NatsSettings {
+        partitions: 4,
+        partition_by: PartitionBy::User,
+        ..s.nats.settings()
+    };
+    assert_eq!(route.config.filter_subject, settings.route_subject());
+    assert_eq!(route.config.filter_subject, format!("{}.*", s.nats.prefix));
+    let recorded: String =
+        sqlx::query_scalar("SELECT layout FROM recap_nats_layout WHERE stream = $1")
+            .bind(&s.nats.stream)
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, "user/4");
+}

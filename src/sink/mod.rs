@@ -16,6 +16,7 @@
 
 mod finish_batch;
 mod ingest;
+mod layout;
 mod lease;
 mod running;
 mod status;
@@ -23,6 +24,7 @@ mod windows;
 pub mod words;
 
 pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
+pub use layout::LayoutLock;
 pub use lease::Lease;
 pub use running::{ClaimedRunning, RunningFinished, RunningOutcome, StoredRunning};
 
