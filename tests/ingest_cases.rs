@@ -367,6 +367,19 @@ async fn consumer_info(
         .unwrap()
 }
 
+/// The consumer's (pending, ack pending), polled until both are 0 (acks reach the server asynchronously) or 5 s.
+async fn drained(js: &async_nats::jetstream::Context, ns: &NatsNs) -> (u64, usize) {
+    let t0 = Instant::now();
+    loop {
+        let info = consumer_info(js, ns).await;
+        let got = (info.num_pending, info.num_ack_pending);
+        if got == (0, 0) || t0.elapsed() > Duration::from_secs(5) {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Takes batches (each committed, as after its checkpoint) until `n` distinct events were handed out or 10 s passed.
 async fn take_until(
     source: &mut recap::source::nats::NatsSource,
@@ -419,8 +432,7 @@ async fn the_first_delivery_of_a_recreated_consumer_is_checked() {
     let want: std::collections::BTreeSet<String> =
         (1..=3).map(|i| format!("{}", 1000 + i)).collect();
     assert_eq!(handed, want, "event 1 read, not acknowledged unread");
-    let info = consumer_info(&js, &ns).await;
-    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    assert_eq!(drained(&js, &ns).await, (0, 0), "all read and acknowledged");
 }
 
 /// Issue 24, case 12: a leader frozen past its lease (another replica leads the partition meanwhile) resumes. Before
@@ -497,8 +509,7 @@ async fn a_deposed_leader_neither_pulls_nor_recreates_the_consumer() {
         by_b, want,
         "the new leader reads every event (nothing was committed before)"
     );
-    let info = consumer_info(&js, &ns).await;
-    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    assert_eq!(drained(&js, &ns).await, (0, 0), "all read and acknowledged");
 }
 
 /// Publishes the events of `points` (bot `bot`) in time order, each user's on one subject shape: users in `route`
