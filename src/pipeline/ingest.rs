@@ -389,6 +389,8 @@ impl Ingest {
 
     /// Gives up the leader lease (graceful shutdown).
     pub async fn release(&self) {
+        // From here the source must not act as the leader (pull, recreate its consumer), whatever its clock says.
+        self.lease.deposed();
         if let Err(e) = self.ctx.store.release_leader(&self.fence).await {
             warn!(error = %e, "could not release the ingest lease (it expires by itself)");
         }
