@@ -115,6 +115,11 @@ fn new_subject(s: &NatsSettings, subject: String, body: &[u8]) -> String {
     }
 }
 
+/// The consumer that reads the backlog at a layout change: `<NATS_CONSUMER>-relayout`.
+fn reader_name(s: &NatsSettings) -> String {
+    format!("{}-relayout", s.consumer)
+}
+
 /// The checkpoint name of the consumer `s` describes (as `NatsSource` stores it).
 fn position_name(s: &NatsSettings) -> String {
     format!("nats:{}:{}", s.stream, s.consumer_name())
@@ -179,6 +184,8 @@ pub async fn apply(s: &NatsSettings, store: &Store) -> Result<u64, SourceError> 
     if first <= last {
         let reader = stream
             .create_consumer(consumer::pull::Config {
+                // named, so the grants of the partitioned consumers (`RECAP.*`) cover it; gone when unused a minute
+                name: Some(reader_name(s)),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: first,
                 },
@@ -229,6 +236,8 @@ pub async fn apply(s: &NatsSettings, store: &Store) -> Result<u64, SourceError> 
         for a in acks {
             a.await.map_err(err)?;
         }
+        drop(messages);
+        let _ = stream.delete_consumer(&reader_name(s)).await;
     }
     metrics::counter!("recap_events_relayout_total").increment(moved);
     // The old layout's consumers go; the route consumer is made again on the new shape, after `last`.
