@@ -691,10 +691,11 @@ pub async fn run_partition<S: Source>(
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if let Some(share) = share
                         && since.elapsed() >= ttl / 3
+                        && share.others_can_ingest()
                     {
                         // A leader that cannot read its partition hands it back (what it read is checkpointed),
                         // and the replica counts in nobody's share until a source of its works again: another
-                        // replica leads the partition meanwhile (issue 24, case 11).
+                        // replica leads the partition meanwhile (issue 24, case 11). Alone, it keeps it and retries.
                         warn!(partition = part, error = %e, "the partition's source keeps failing: handing it back");
                         metrics::counter!("recap_partitions_handed_back_total", "reason" => "source").increment(1);
                         ingest.hand_back(&mut source).await;

@@ -23,6 +23,8 @@ use crate::source::{Source, SourceError};
 pub struct Share {
     partitions: usize,
     target: AtomicUsize,
+    /// The replicas the last heartbeat counted (this one and the others alive that can ingest).
+    live: AtomicUsize,
     held: Mutex<BTreeSet<u32>>,
     /// Per partition, whether its source was last seen working (`true`: opened, read or probed; `false`: failing long
     /// enough that its lease was handed back; absent: not known). The replica can ingest while one is `true`.
@@ -37,6 +39,7 @@ impl Share {
         Share {
             partitions,
             target: AtomicUsize::new(partitions),
+            live: AtomicUsize::new(1),
             held: Mutex::new(BTreeSet::new()),
             health: Mutex::new(BTreeMap::new()),
             gate: tokio::sync::Mutex::new(()),
@@ -45,11 +48,17 @@ impl Share {
 
     /// The live replicas (this one included) changed: the fair share is `ceil(partitions / live)`.
     pub fn set_live(&self, live: usize) {
+        self.live.store(live.max(1), Ordering::Relaxed);
         let target = self.partitions.div_ceil(live.max(1));
         let old = self.target.swap(target, Ordering::Relaxed);
         if old != target {
             info!(live, target, "ingest share");
         }
+    }
+
+    /// Another replica that can ingest is alive (one could lead what this one hands back).
+    pub fn others_can_ingest(&self) -> bool {
+        self.live.load(Ordering::Relaxed) > 1
     }
 
     pub fn target(&self) -> usize {
