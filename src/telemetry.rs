@@ -129,6 +129,17 @@ pub const METRICS: &[Metric] = &[
         Counter,
         "Times a delivery never arrived and the consumer was started again after the last message handed out.",
     ),
+    l(
+        "recap_partitions_handed_back_total",
+        Counter,
+        "Ingest partitions whose lease a leader gave up: its checkpoint failed, its source kept failing, or it learnt it was deposed.",
+        &[("reason", &["checkpoint", "source", "deposed"])],
+    ),
+    m(
+        "recap_events_relayout_total",
+        Counter,
+        "Unread events of the previous partition layout re-published on the new one's subjects at a layout change.",
+    ),
     m(
         "recap_consumer_lag",
         Gauge,

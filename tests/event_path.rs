@@ -323,7 +323,15 @@ async fn a_lost_delivery_is_read_again_not_acknowledged_unread() {
     let want: std::collections::BTreeSet<String> =
         (1..=6).map(|i| format!("{}", 1000 + i)).collect();
     assert_eq!(handed, want, "every event handed out");
-    let info = consumer_info(&js, &ns).await;
+    // acks reach the server asynchronously (this reads from another connection): poll a little
+    let t0 = std::time::Instant::now();
+    let mut info = consumer_info(&js, &ns).await;
+    while (info.num_pending, info.num_ack_pending) != (0, 0)
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        info = consumer_info(&js, &ns).await;
+    }
     assert_eq!(
         (info.num_pending, info.num_ack_pending),
         (0, 0),

@@ -68,6 +68,9 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
     let nats_client = match (&cfg.nats.nats_url, no_nats) {
         (Some(_), false) => {
             let settings = cfg.nats_settings();
+            // A changed NATS_PARTITIONS / NATS_PARTITION_BY: the unread backlog moves to the new layout's subjects
+            // before any consumer reads (issue 24, case 13); otherwise the stream config is applied as it is.
+            crate::source::relayout::apply(&settings, &store).await?;
             let (client, probe) = LagProbe::start(&settings).await?;
             let (lag, stop) = (lag.clone(), shutdown.clone());
             tasks.spawn(async move {

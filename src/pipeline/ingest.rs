@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Clock, Context, Share, SystemClock, loop_backoff, sleep_or_shutdown};
-use crate::sink::{Closing, DeadLetter, Fence, Store, StoreError};
+use crate::sink::{Closing, DeadLetter, Fence, Lease, Store, StoreError};
 use crate::source::nats::PartitionBy;
-use crate::source::{Batch, Source};
+use crate::source::{Batch, Source, SourceError};
 use crate::state::{Checkpoint, State};
 use crate::tracker::{Millis, Observed, Tracker, TrackerConfig};
 
@@ -27,16 +27,15 @@ fn tick_time(batch: &Batch, now: i64) -> i64 {
 /// scroll) never lets the lease lapse. Returns `Err` only when the lease was lost; a renewal that fails for an outage
 /// is logged and tried again at the next period (the ingest transaction is the fence in any case).
 pub async fn renewing<T>(
-    store: &Store,
-    fence: &Fence,
+    lease: &Lease,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, StoreError> {
     tokio::pin!(fut);
-    let period = (fence.ttl / 3).max(Duration::from_millis(100));
+    let period = (lease.fence().ttl / 3).max(Duration::from_millis(100));
     loop {
         tokio::select! {
             r = &mut fut => return Ok(r),
-            _ = tokio::time::sleep(period) => match store.renew_leader(fence).await {
+            _ = tokio::time::sleep(period) => match lease.renew().await {
                 Ok(()) => {}
                 Err(e @ StoreError::LostLeadership(_)) => return Err(e),
                 Err(e) => warn!(error = %e, "could not renew the ingest lease; retrying"),
@@ -62,6 +61,8 @@ pub struct Ingest {
     pub ctx: Context,
     state: State,
     fence: Fence,
+    /// The same lease as this process knows it (its own clock's end of the term; deposed): the source reads under it.
+    lease: Lease,
     /// Dead letters read since the last checkpoint (stored with it).
     letters: Vec<DeadLetter>,
     /// Events read since the last checkpoint (messages, ignored events and dead letters).
@@ -98,6 +99,7 @@ impl Ingest {
     ) -> Result<Option<Ingest>, StoreError> {
         let ttl = Duration::from_secs(ctx.cfg.service.leader_lease_seconds.into());
         loop {
+            let sent = Instant::now();
             let taken = match share {
                 Some(share) => share.try_take(&ctx, part, ttl).await,
                 None => {
@@ -109,7 +111,8 @@ impl Ingest {
             match taken {
                 Ok(Some(fence)) => {
                     info!(partition = part, epoch = fence.epoch, "ingest leader");
-                    let restored = restore_fenced(&ctx, &fence).await;
+                    let lease = Lease::new(ctx.store.clone(), fence.clone(), sent);
+                    let restored = restore_fenced(&ctx, &lease).await;
                     let state = match restored {
                         Ok(Ok(state)) => state,
                         Ok(Err(e)) | Err(e) => {
@@ -123,6 +126,7 @@ impl Ingest {
                         ctx,
                         state,
                         fence,
+                        lease,
                         letters: Vec::new(),
                         read: 0,
                         last_checkpoint: Instant::now(),
@@ -170,7 +174,7 @@ impl Ingest {
     /// position wait for the next [`Ingest::checkpoint`], and the source may acknowledge only after it.
     pub async fn absorb(&mut self, batch: &Batch, now: i64) -> Result<Applied, StoreError> {
         if self.stale {
-            self.state = restore_fenced(&self.ctx, &self.fence).await??;
+            self.state = restore_fenced(&self.ctx, &self.lease).await??;
             self.letters.clear();
             self.read = 0;
             self.stale = false;
@@ -323,9 +327,9 @@ impl Ingest {
         let letters = std::mem::take(&mut self.letters);
         self.read = 0;
         self.last_checkpoint = Instant::now();
-        let (store, fence, tcfg) = (
+        let (store, lease, tcfg) = (
             self.ctx.store.clone(),
-            self.fence.clone(),
+            self.lease.clone(),
             *self.state.config(),
         );
         let min = self.ctx.cfg.windows.min_messages_for_summary;
@@ -333,7 +337,7 @@ impl Ingest {
         let layout = crate::source::nats::layout(nats.nats_partition_by, nats.nats_partitions);
         let task =
             tokio::spawn(
-                async move { write(&store, &fence, &layout, &tcfg, min, &c, &letters).await },
+                async move { write(&store, &lease, &layout, &tcfg, min, &c, &letters).await },
             );
         self.writing = Some(Writing {
             task,
@@ -385,6 +389,8 @@ impl Ingest {
 
     /// Gives up the leader lease (graceful shutdown).
     pub async fn release(&self) {
+        // From here the source must not act as the leader (pull, recreate its consumer), whatever its clock says.
+        self.lease.deposed();
         if let Err(e) = self.ctx.store.release_leader(&self.fence).await {
             warn!(error = %e, "could not release the ingest lease (it expires by itself)");
         }
@@ -421,6 +427,25 @@ async fn ack<S: Source>(source: &mut S) {
 /// positions. Returns the windows recorded as too short.
 async fn write(
     store: &Store,
+    lease: &Lease,
+    layout: &str,
+    tcfg: &TrackerConfig,
+    min: u32,
+    c: &Checkpoint,
+    letters: &[DeadLetter],
+) -> Result<Closing, StoreError> {
+    let sent = Instant::now();
+    let r = write_tx(store, lease.fence(), layout, tcfg, min, c, letters).await;
+    match &r {
+        Ok(_) => lease.renewed(sent),
+        Err(StoreError::LostLeadership(_)) => lease.deposed(),
+        Err(_) => {}
+    }
+    r
+}
+
+async fn write_tx(
+    store: &Store,
     fence: &Fence,
     layout: &str,
     tcfg: &TrackerConfig,
@@ -445,12 +470,14 @@ async fn write(
 /// lost).
 async fn restore_fenced(
     ctx: &Context,
-    fence: &Fence,
+    lease: &Lease,
 ) -> Result<Result<State, StoreError>, StoreError> {
-    let part = (fence.part as u32, ctx.cfg.nats.nats_partitions.max(1));
+    let part = (
+        lease.fence().part as u32,
+        ctx.cfg.nats.nats_partitions.max(1),
+    );
     renewing(
-        &ctx.store,
-        fence,
+        lease,
         restore_state(
             &ctx.store,
             ctx.tracker_config(),
@@ -582,7 +609,24 @@ pub async fn run_partition<S: Source>(
     let mut backoff = new_backoff();
     let next_wait =
         move |b: &mut dyn Iterator<Item = Duration>| b.next().unwrap_or(opts.backoff_max);
+    let ttl = Duration::from_secs(ctx.cfg.service.leader_lease_seconds.into());
     'lead: loop {
+        // A partition handed back because its source kept failing is taken again only once the source answers.
+        if let Some(share) = share
+            && !share.source_is_ok(part)
+        {
+            match source.probe().await {
+                Ok(()) => share.source_ok(part),
+                Err(e) => {
+                    let wait = next_wait(&mut backoff);
+                    debug!(partition = part, error = %e, "the partition's source is still unavailable");
+                    if sleep_or_shutdown(&shutdown, wait).await {
+                        return Ok(());
+                    }
+                    continue 'lead;
+                }
+            }
+        }
         let mut ingest = match Ingest::start_partition(ctx.clone(), part, share, &shutdown).await {
             Ok(Some(i)) => i,
             Ok(None) => return Ok(()),
@@ -595,7 +639,8 @@ pub async fn run_partition<S: Source>(
                 continue 'lead;
             }
         };
-        // The state is the last checkpoint's: the source goes back to the position stored with it.
+        // The state is the last checkpoint's: the source goes back to the position stored with it (under this lease).
+        source.lead(Some(ingest.lease.clone()));
         if let Err(e) = source.rewind(&ctx.store).await {
             let wait = next_wait(&mut backoff);
             warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot rewind the source to the checkpoint; retrying");
@@ -606,8 +651,9 @@ pub async fn run_partition<S: Source>(
             }
             continue 'lead;
         }
+        let mut failing_since: Option<Instant> = None;
         loop {
-            let next = renewing(&ctx.store, &ingest.fence, source.next_batch());
+            let next = renewing(&ingest.lease, source.next_batch());
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Graceful: what was read is checkpointed and acknowledged before the lease goes back.
@@ -628,7 +674,35 @@ pub async fn run_partition<S: Source>(
             };
             let batch = match batch {
                 Ok(b) => b,
+                Err(SourceError::Deposed) => {
+                    // Its own clock says the lease ran out (a pause past it), or another epoch leads: it stopped
+                    // pulling already; what it read is not acknowledged (the next leader reads it again).
+                    warn!(
+                        partition = part,
+                        "no longer the partition's leader; stepping down"
+                    );
+                    metrics::counter!("recap_partitions_handed_back_total", "reason" => "deposed")
+                        .increment(1);
+                    source.abandon().await;
+                    released();
+                    continue 'lead;
+                }
                 Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if let Some(share) = share
+                        && since.elapsed() >= ttl / 3
+                        && share.others_can_ingest()
+                    {
+                        // A leader that cannot read its partition hands it back (what it read is checkpointed),
+                        // and the replica counts in nobody's share until a source of its works again: another
+                        // replica leads the partition meanwhile (issue 24, case 11). Alone, it keeps it and retries.
+                        warn!(partition = part, error = %e, "the partition's source keeps failing: handing it back");
+                        metrics::counter!("recap_partitions_handed_back_total", "reason" => "source").increment(1);
+                        ingest.hand_back(&mut source).await;
+                        share.source_failed(part);
+                        released();
+                        continue 'lead;
+                    }
                     let wait = next_wait(&mut backoff);
                     warn!(error = %e, wait_ms = wait.as_millis() as u64, "source unavailable; retrying");
                     if sleep_or_shutdown(&shutdown, wait).await {
@@ -639,10 +713,14 @@ pub async fn run_partition<S: Source>(
                     continue;
                 }
             };
+            failing_since = None;
             let result = ingest.step(&mut source, &batch, opts.clock.now_ms()).await;
             match result {
                 Ok(()) => {
                     backoff = new_backoff();
+                    if let Some(share) = share {
+                        share.source_ok(part);
+                    }
                     if let Some(share) = share
                         && share.must_give_back(part)
                     {
@@ -666,8 +744,15 @@ pub async fn run_partition<S: Source>(
                     continue 'lead;
                 }
                 Err(e) => {
-                    // The state is restored from the last checkpoint and the source rewound to it.
+                    // The state is restored from the last checkpoint and the source rewound to it, by whichever
+                    // replica leads the partition next: the lease is given back (it may be gone already, expired
+                    // while Postgres was away) and the partition leaves this replica's share at once, so the share
+                    // never counts a partition this replica does not lead (issue 24, case 10).
                     source.abandon().await;
+                    ingest.release().await;
+                    released();
+                    metrics::counter!("recap_partitions_handed_back_total", "reason" => "checkpoint")
+                        .increment(1);
                     let wait = next_wait(&mut backoff);
                     warn!(error = %e, wait_ms = wait.as_millis() as u64, "checkpoint not committed; restoring the last one");
                     if sleep_or_shutdown(&shutdown, wait).await {

@@ -66,20 +66,26 @@ impl Store {
         Ok(())
     }
 
-    /// Says this replica takes part in ingest for `ttl` more; returns how many replicas do now (itself included).
+    /// Says this replica takes part in ingest for `ttl` more, and whether it `can_ingest` (its sources read); returns
+    /// how many replicas share the partitions now: itself plus the others alive that can ingest (issue 24, case 11: a
+    /// replica that heartbeats but cannot reach NATS holds no share).
     pub async fn ingest_heartbeat(
         &self,
         instance: &str,
         ttl: Duration,
+        can_ingest: bool,
     ) -> Result<usize, StoreError> {
         let n: i64 = sqlx::query_scalar(
-            "WITH me AS (INSERT INTO recap_ingest_members (instance, seen_until)
-                 VALUES ($1, now() + $2 * interval '1 millisecond')
-                 ON CONFLICT (instance) DO UPDATE SET seen_until = EXCLUDED.seen_until RETURNING instance)
-             SELECT 1 + count(*) FROM recap_ingest_members WHERE seen_until >= now() AND instance <> $1",
+            "WITH me AS (INSERT INTO recap_ingest_members (instance, seen_until, can_ingest)
+                 VALUES ($1, now() + $2 * interval '1 millisecond', $3)
+                 ON CONFLICT (instance) DO UPDATE SET seen_until = EXCLUDED.seen_until,
+                     can_ingest = EXCLUDED.can_ingest RETURNING instance)
+             SELECT 1 + count(*) FROM recap_ingest_members
+             WHERE seen_until >= now() AND can_ingest AND instance <> $1",
         )
         .bind(instance)
         .bind(ttl.as_millis() as f64)
+        .bind(can_ingest)
         .fetch_one(&self.pool)
         .await?;
         Ok(n as usize)

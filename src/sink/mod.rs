@@ -16,12 +16,16 @@
 
 mod finish_batch;
 mod ingest;
+mod layout;
+mod lease;
 mod running;
 mod status;
 mod windows;
 pub mod words;
 
 pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
+pub use layout::LayoutLock;
+pub use lease::Lease;
 pub use running::{ClaimedRunning, RunningFinished, RunningOutcome, StoredRunning};
 
 use std::time::Duration;

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use crate::sink::{DeadLetter, NewMessage, Store};
+use crate::sink::{DeadLetter, Lease, NewMessage, Store};
 
 /// One batch of input for one ingest transaction.
 #[derive(Debug, Default)]
@@ -43,6 +43,10 @@ pub enum SourceError {
     Qdrant(#[from] crate::fetch::FetchError),
     #[error("postgres: {0}")]
     Store(#[from] crate::sink::StoreError),
+    /// This process no longer leads the partition (its lease ran out by its own clock, or another epoch leads):
+    /// it neither pulls nor touches the consumer.
+    #[error("not the partition's leader any more")]
+    Deposed,
 }
 
 /// A source of message batches.
@@ -62,6 +66,14 @@ pub trait Source: Send {
     }
     /// What was handed out since the last commit is lost: it must come again.
     fn abandon(&mut self) -> impl Future<Output = ()> + Send;
+    /// This process leads the source's partition under `lease` (`None`: it does not). A source with a position of
+    /// its own (a durable consumer) reads, deletes and recreates it only while the lease is current.
+    fn lead(&mut self, _lease: Option<Lease>) {}
+    /// Whether the source could be read now, without reading anything (NATS: the consumer's info answers). A
+    /// partition whose source kept failing is handed back and taken again only once this succeeds.
+    fn probe(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send {
+        async { Ok(()) }
+    }
     /// The ingest state was restored from the last checkpoint: go back to the position stored with it, so
     /// everything after it comes again (and nothing before it does).
     fn rewind(&mut self, _store: &Store) -> impl Future<Output = Result<(), SourceError>> + Send {

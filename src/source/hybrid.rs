@@ -93,6 +93,14 @@ impl Source for Hybrid {
         self.events.abandon().await;
     }
 
+    fn lead(&mut self, lease: Option<crate::sink::Lease>) {
+        self.events.lead(lease);
+    }
+
+    async fn probe(&mut self) -> Result<(), SourceError> {
+        self.events.probe().await
+    }
+
     async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
         self.sweep.rewind(store).await?;
         self.events.rewind(store).await

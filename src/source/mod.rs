@@ -7,6 +7,7 @@
 mod batch;
 mod hybrid;
 pub mod nats;
+pub mod relayout;
 pub mod route;
 pub mod sweep;
 

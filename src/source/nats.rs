@@ -13,7 +13,7 @@ use futures::{FutureExt, StreamExt};
 
 use super::batch::{Batch, Source, SourceError};
 use crate::event::StoredEvent;
-use crate::sink::{DeadLetter, NewMessage, Store};
+use crate::sink::{DeadLetter, Lease, NewMessage, Store, StoreError};
 use tracing::{debug, warn};
 
 pub const STREAM_JSON: &str = include_str!("../../nats/stream.json");
@@ -388,9 +388,15 @@ pub struct NatsSource {
     /// a jump means a delivery never reached this process (sent to a pull request the client dropped after an error
     /// or lost in a reconnect): with `ack_policy` all, acknowledging anything after it would acknowledge it unread.
     last_delivery: Option<u64>,
-    /// After such a jump: the stream sequence the consumer is recreated at before the next read (the first one not
-    /// handed out).
-    restart_at: Option<u64>,
+    /// After such a jump: where the consumer is recreated before the next read (the first stream sequence not handed
+    /// out; `None` inside: the stream's start).
+    restart_at: Option<Option<u64>>,
+    /// Where the consumer was last created to start (`None`: the stream's start): a jump before anything was handed
+    /// out since restarts it there.
+    start_from: Option<u64>,
+    /// The partition lease this process reads under (set by the ingest loop, [`Source::lead`]): without a current
+    /// one it neither pulls nor deletes or recreates the consumer (issue 24, case 12).
+    lease: Option<Lease>,
     /// The pull stream: it keeps pull requests outstanding, so the next messages arrive while the current batch is
     /// being committed. Dropped on any error and opened again by the next call.
     stream: Option<jetstream::consumer::pull::Stream>,
@@ -403,6 +409,7 @@ impl NatsSource {
         consumer: PullConsumer,
         settings: NatsSettings,
     ) -> NatsSource {
+        let delivered = consumer.cached_info().delivered.consumer_sequence;
         NatsSource {
             client,
             consumer,
@@ -411,8 +418,11 @@ impl NatsSource {
             sealed: std::collections::VecDeque::new(),
             max_seq: None,
             durable: true,
-            last_delivery: None,
+            // the next delivery of the consumer as found takes the next consumer sequence
+            last_delivery: Some(delivered),
             restart_at: None,
+            start_from: None,
+            lease: None,
             stream: None,
             wait: Duration::from_millis(500),
         }
@@ -493,22 +503,33 @@ impl NatsSource {
     /// stream no longer reaches it). Deliveries are counted again from 1.
     async fn recreate_consumer(&mut self, next: Option<u64>) -> Result<(), SourceError> {
         self.stream = None;
+        // Only the leader may replace the consumer: a deposed one would take the new leader's deliveries away.
+        if let Some(lease) = &self.lease {
+            lease.confirm().await.map_err(|e| match e {
+                StoreError::LostLeadership(_) => SourceError::Deposed,
+                e => SourceError::Store(e),
+            })?;
+        }
         let js = jetstream::new(self.client.clone());
         let mut stream = js.get_stream(&self.settings.stream).await.map_err(err)?;
         let last = stream.info().await.map_err(err)?.state.last_sequence;
         let mut config = consumer_config(&self.settings)?;
         match next {
-            Some(next) if next > last + 1 => warn!(
-                next,
-                last,
-                "stored stream position is past the stream's end (stream recreated?); reading it from the start"
-            ),
+            Some(next) if next > last + 1 => {
+                warn!(
+                    next,
+                    last,
+                    "stored stream position is past the stream's end (stream recreated?); reading it from the start"
+                );
+                self.start_from = None;
+            }
             Some(next) => {
+                self.start_from = Some(next);
                 config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: next,
                 };
             }
-            None => {}
+            None => self.start_from = None,
         }
         match stream.delete_consumer(&self.settings.consumer_name()).await {
             Ok(_) => {}
@@ -516,7 +537,9 @@ impl NatsSource {
             Err(e) => return Err(err(e)),
         }
         self.consumer = stream.create_consumer(config).await.map_err(err)?;
-        self.last_delivery = None;
+        // A new consumer's first delivery is its sequence 1: one that comes with a later sequence means the ones
+        // before went elsewhere (a deposed leader's pull request), and ack-all must not cover them.
+        self.last_delivery = Some(0);
         debug!(?next, "consumer recreated");
         Ok(())
     }
@@ -525,8 +548,15 @@ impl NatsSource {
 impl Source for NatsSource {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
         // Messages handed out before are still held (acknowledged together by the commit after the next checkpoint).
+        if let Some(lease) = &self.lease
+            && !lease.is_current()
+        {
+            // Deposed (or frozen past the lease): no pull request may stay outstanding.
+            self.stream = None;
+            return Err(SourceError::Deposed);
+        }
         if let Some(next) = self.restart_at {
-            self.recreate_consumer(Some(next)).await?;
+            self.recreate_consumer(next).await?;
             self.restart_at = None;
         }
         let mut batch = Batch::default();
@@ -587,20 +617,20 @@ impl Source for NatsSource {
                         )
                     })
                     .unwrap_or((None, None, None));
-                if let (true, Some(d), Some(last), Some(max)) =
-                    (self.durable, delivery, self.last_delivery, self.max_seq)
+                if let (true, Some(d), Some(last)) = (self.durable, delivery, self.last_delivery)
                     && d != last + 1
                 {
+                    let next = self.max_seq.map(|m| m + 1).or(self.start_from);
                     // A delivery between these two never arrived: this message and the rest of the batch are left
                     // unacknowledged, and the consumer starts again after the last message handed out.
                     warn!(
                         delivery = d,
                         expected = last + 1,
-                        next = max + 1,
+                        next,
                         "a delivery from the consumer was lost; reading again from the first message not handed out"
                     );
                     metrics::counter!("recap_consumer_restarts_total").increment(1);
-                    gap_at = Some(max + 1);
+                    gap_at = Some(next);
                     break;
                 }
                 self.last_delivery = delivery.or(self.last_delivery);
@@ -628,7 +658,7 @@ impl Source for NatsSource {
             // the recreated consumer (same name) and are not needed: the old one is gone.
             self.in_flight.clear();
             self.sealed.iter_mut().for_each(Vec::clear);
-            if let Err(e) = self.recreate_consumer(Some(next)).await {
+            if let Err(e) = self.recreate_consumer(next).await {
                 debug!(error = %e, "consumer restart failed; tried again by the next call");
             } else {
                 self.restart_at = None;
@@ -712,6 +742,23 @@ impl Source for NatsSource {
         // No pull request may stay outstanding: a replica that stopped leading this consumer would otherwise keep
         // taking its messages from the one that leads it now.
         self.stream = None;
+    }
+
+    fn lead(&mut self, lease: Option<Lease>) {
+        self.lease = lease;
+    }
+
+    async fn probe(&mut self) -> Result<(), SourceError> {
+        // The stream's consumer list is what a leader needs first (its rewind recreates the consumer): a request
+        // that fails without a connection or a grant, and reads no message.
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(&self.settings.stream).await.map_err(err)?;
+        stream.info().await.map_err(err)?;
+        match stream.consumer_info(&self.settings.consumer_name()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(err(e)),
+        }
     }
 
     async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
