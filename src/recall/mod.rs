@@ -87,11 +87,18 @@ pub struct Range {
 }
 
 /// The SQL condition for `Range`, with parameters from `$first` on (bound by [`bind_range`]).
+///
+/// An unset bound is the widest one (`coalesce` with an infinity, the row's own type) rather than `$n IS NULL OR ...`:
+/// with `IS NULL OR` a custom plan (which folds the unset bounds away) always looked cheaper than the generic plan, so
+/// Postgres planned every execution again (about 130 us of a recall's 210 us in Postgres, measured with
+/// `EXPLAIN (ANALYZE) EXECUTE` at 1,000,000 rows); written this way the generic plan costs the same and is kept after
+/// the fifth execution (an index scan on (bot, user, start), planning about 15 us).
 fn range_sql(first: usize) -> String {
     let (a, b, c) = (first, first + 1, first + 2);
     format!(
-        "AND (${a}::timestamp IS NULL OR end_timestamp > ${a}) AND (${b}::timestamp IS NULL OR start_timestamp < ${b}) \
-         AND (${c}::text IS NULL OR coalesce(summary_type, 'time_window') = ${c})"
+        "AND end_timestamp > coalesce(${a}::timestamp, '-infinity') \
+         AND start_timestamp < coalesce(${b}::timestamp, 'infinity') \
+         AND coalesce(summary_type, 'time_window') = coalesce(${c}::text, summary_type, 'time_window')"
     )
 }
 
