@@ -232,13 +232,15 @@ pub fn text_query(text: &str) -> Option<String> {
 /// (`recap_window_words`) match. Summary matches rank first, scored `1 + ts_rank_cd` over the summary (above 1);
 /// rows found only by their said words follow, scored `r / (1 + r)` with `r = ts_rank` over the words (below 1:
 /// the said words are stripped of positions, so the cover density of `ts_rank_cd` does not apply to them). Ties: the
-/// newest first.
+/// newest first. The summary's tsvector is computed once per row (`OFFSET 0` keeps the lateral subquery from being
+/// inlined into the filter, the CASE and `ts_rank_cd`, which computed it three times: 5.9 ms -> 2.6 ms for a user with
+/// 100 rows, `EXPLAIN (ANALYZE) EXECUTE`).
 pub fn text_search_sql() -> String {
     format!(
         "SELECT {ITEM_COLUMNS}, (CASE WHEN t.tsv @@ q THEN 1 + ts_rank_cd(t.tsv, q)
                  ELSE ts_rank(w.said, q) / (1 + ts_rank(w.said, q)) END)::float8 AS rank
          FROM conversation_summaries s CROSS JOIN to_tsquery('english', $4) q
-         CROSS JOIN LATERAL (SELECT recap_summary_tsv(s.summary_text, s.key_topics) AS tsv) t
+         CROSS JOIN LATERAL (SELECT recap_summary_tsv(s.summary_text, s.key_topics) AS tsv OFFSET 0) t
          LEFT JOIN LATERAL (SELECT ww.words AS said FROM recap_window_words ww WHERE ww.summary_id = s.id) w ON true
          WHERE s.bot_name = $1 AND s.user_id = $2 AND (t.tsv @@ q OR coalesce(w.said @@ q, false)) {}
          ORDER BY rank DESC, start_timestamp DESC LIMIT $3",
