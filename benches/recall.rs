@@ -302,8 +302,8 @@ async fn main() {
     // client), as `recap run` would be, so its CPU is told apart from the clients'
     let (tx, rx) = std::sync::mpsc::channel();
     {
-        let (cfg, qdrant_url, collection, bot) = (
-            cfg.clone(),
+        let (db_url, qdrant_url, collection, bot) = (
+            db_url.clone(),
             qdrant_url.clone(),
             collection.clone(),
             bot.clone(),
