@@ -3,7 +3,7 @@
 //! * [`api`]: the HTTP handlers (`GET /v1/recall`, `POST /v1/recall/search`, `DELETE /v1/users/{bot}/{user_id}`),
 //!   bearer auth, input validation (every bad input a 4xx naming the field).
 //! * [`timerange`]: `since`/`until` (RFC 3339, dates, `7d`, `yesterday`, `last week` ...) in an IANA zone.
-//! * [`vectors`]: summary vectors in the Qdrant collection `recap_summaries`, their sync and repair.
+//! * [`vectors`] (re-exported from [`crate::vectors`]): summary vectors in the Qdrant collection `recap_summaries`.
 //! * [`forget`]: forgetting a user, completely, whatever runs at the same time.
 //! * This module: the SQL (recall by time, full-text search) and reciprocal rank fusion.
 
@@ -11,7 +11,9 @@ pub mod api;
 pub mod context;
 pub mod forget;
 pub mod timerange;
-pub mod vectors;
+/// Moved to the top-level [`crate::vectors`] (issue 27: `status` and `pipeline` use it, below `recall`); kept here so
+/// older paths compile.
+pub use crate::vectors;
 
 use std::collections::HashMap;
 
@@ -35,6 +37,8 @@ pub const USER_TABLES: &[&str] = &[
     "recap_clamped_points",
 ];
 
+/// Lives with the said words it must split alike (`sink::words`, below `recall`).
+pub use crate::sink::words::text_query;
 pub use forget::{ForgetScope, forget_rows, forget_user};
 
 /// One summary as recall returns it.
@@ -198,26 +202,6 @@ pub async fn by_ids(
     Ok(rows.iter().map(|r| (r.get::<i32, _>(0), item(r))).collect())
 }
 
-/// The words of a query as an OR of tsquery terms (letters and digits only, at most 32 distinct words of at most
-/// 100 bytes); `None`
-/// when the text has no word.
-pub fn text_query(text: &str) -> Option<String> {
-    let mut words: Vec<String> = Vec::new();
-    for w in text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty() && w.len() <= 100) // longer is no word (and no lexeme: Postgres caps them)
-        .map(str::to_lowercase)
-    {
-        if !words.contains(&w) {
-            words.push(w);
-        }
-        if words.len() == 32 {
-            break;
-        }
-    }
-    (!words.is_empty()).then(|| words.join(" | "))
-}
-
 /// The SQL of [`text_search`] (also used to show its plan): `$1` bot, `$2` user, `$3` limit, `$4` the tsquery
 /// ([`text_query`]), then the range.
 ///
@@ -280,7 +264,7 @@ pub fn rrf(rankings: &[Vec<i32>], k: f64) -> Vec<(i32, f64)> {
 
 /// A short, non-reversible tag for a user in logs (never the id in clear text).
 pub fn user_tag(bot: &str, user_id: &str) -> String {
-    crate::sink::user_key(bot, user_id)[..12].to_string()
+    crate::model::user_key(bot, user_id)[..12].to_string()
 }
 
 /// What forgetting a user deleted, per table.

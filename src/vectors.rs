@@ -21,7 +21,9 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::pipeline::Context;
+use std::sync::Arc;
+
+use crate::fetch::Points;
 use crate::sink::{Store, StoreError};
 use crate::summarize::Message;
 
@@ -219,14 +221,19 @@ const ROW_COLUMNS: &str = "s.id, s.bot_name, s.user_id, s.start_timestamp, s.end
 
 /// Called by the worker after a window's summary committed: writes the summary's vector. Failures are logged and
 /// left to [`repair`]; they never fail the window. [`on_summarized_many`] for one window.
-pub async fn on_summarized(ctx: &Context, window_id: i64, centroid: Option<&[f32]>) {
-    on_summarized_many(ctx, &[(window_id, centroid)]).await
+pub async fn on_summarized(
+    store: &Store,
+    client: &Qdrant,
+    window_id: i64,
+    centroid: Option<&[f32]>,
+) {
+    on_summarized_many(store, client, &[(window_id, centroid)]).await
 }
 
 /// Called by the worker after a batch of windows' summaries committed: writes their vectors in one Qdrant upsert
 /// (and one query to read the rows, one to record the synced revisions). Failures are logged and left to [`repair`];
 /// they never fail a window.
-pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]) {
+pub async fn on_summarized_many(store: &Store, client: &Qdrant, windows: &[(i64, Option<&[f32]>)]) {
     let mut vectors: HashMap<i64, &[f32]> = HashMap::new();
     for (id, v) in windows {
         match v {
@@ -246,7 +253,7 @@ pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]
              WHERE w.id = ANY($1)"
         )))
         .bind(&ids)
-        .fetch_all(ctx.store.pool())
+        .fetch_all(store.pool())
         .await?;
         let items: Vec<(SummaryRef, Vec<f32>)> = rows
             .iter()
@@ -256,7 +263,7 @@ pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]
                 vectors.get(&window).map(|v| (r, v.to_vec()))
             })
             .collect();
-        upsert_many(&ctx.store, ctx.points.client(), items).await
+        upsert_many(store, client, items).await
     }
     .await;
     if let Err(e) = r {
@@ -374,8 +381,23 @@ pub async fn drift(store: &Store) -> Result<Drift, StoreError> {
     })
 }
 
+/// Which bot a Qdrant collection belongs to, if any.
+pub type BotForCollection = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// What the repair pass needs (not the whole pipeline context): the store, the bots' points (whose client also holds
+/// [`COLLECTION`]), which bot a collection belongs to, and how often it runs.
+#[derive(Clone)]
+pub struct Repair {
+    pub store: Store,
+    pub points: Arc<Points>,
+    /// The bot a Qdrant collection belongs to (`COLLECTION_MAP` / `COLLECTION_PATTERNS`: `Config::bot_for_collection`).
+    pub bot_for_collection: BotForCollection,
+    /// `RECALL_REPAIR_INTERVAL`.
+    pub every: Duration,
+}
+
 /// Re-syncs up to `limit` rows whose vector is missing or stale; returns how many were written.
-pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
+pub async fn repair(ctx: &Repair, limit: i64) -> Result<usize, VectorError> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT w.id, {ROW_COLUMNS} {DRIFT_FROM} ORDER BY s.id LIMIT $1"
     )))
@@ -387,7 +409,7 @@ pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
         let window_id: i64 = row.get(0);
         let r = SummaryRef::from_row(&row);
         let ids = ctx.store.window_points(window_id).await?;
-        let bot_for = |c: &str| ctx.cfg.bot_for_collection(c);
+        let bot_for = |c: &str| (ctx.bot_for_collection)(c);
         let fetched = match ctx.points.collections_for(&r.bot, &bot_for).await {
             Ok(colls) => {
                 let range = (
@@ -416,8 +438,8 @@ pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
 }
 
 /// The periodic repair pass of `recap run`.
-pub async fn run_repair(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let every = ctx.cfg.service.recall_repair_interval;
+pub async fn run_repair(ctx: Repair, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let every = ctx.every;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
