@@ -166,8 +166,8 @@ pub enum WindowOutcome {
     },
 }
 
-/// A source position as `recap status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+/// A source position as `recap status` shows it (a `recap_checkpoints` row, read by name).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct CheckpointRow {
     pub name: String,
     pub position: f64,
