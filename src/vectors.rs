@@ -132,7 +132,7 @@ pub async fn ensure_collection(client: &Qdrant, dim: u64) -> Result<(), VectorEr
     Ok(())
 }
 
-/// The row a vector is written for (read by name: [`ROW_COLUMNS`]).
+/// The row a vector is written for (read by name: `ROW_COLUMNS`).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SummaryRef {
     pub id: i32,
