@@ -123,7 +123,7 @@ pub fn check_message(bot: &str, point_id: &str, user_id: &str) -> Result<(), Eve
         });
     }
     check_text("point_id", point_id)?;
-    if !crate::fetch::is_point_id(point_id) {
+    if !crate::model::is_point_id(point_id) {
         return Err(EventError::Field {
             field: "point_id",
             reason: "not a UUID or an unsigned integer".into(),
@@ -161,10 +161,10 @@ impl StoredEvent {
         Ok(event.canonical())
     }
 
-    /// The event with its point id in the one form recap compares and stores (`fetch::canonical_point_id`): an event
+    /// The event with its point id in the one form recap compares and stores (`model::canonical_point_id`): an event
     /// naming `uuid4().hex` and the sweep reading the same point (hyphenated) name one message.
     fn canonical(mut self) -> StoredEvent {
-        if let Some(id) = crate::fetch::canonical_point_id(&self.point_id) {
+        if let Some(id) = crate::model::canonical_point_id(&self.point_id) {
             self.point_id = id;
         }
         self
@@ -180,7 +180,7 @@ impl StoredEvent {
         }
         check_text("point_id", &self.point_id)?;
         // A Qdrant point id is a UUID or an unsigned integer; anything else can never be fetched.
-        if !crate::fetch::is_point_id(&self.point_id) {
+        if !crate::model::is_point_id(&self.point_id) {
             return Err(EventError::Field {
                 field: "point_id",
                 reason: "not a UUID or an unsigned integer".into(),
@@ -252,51 +252,6 @@ impl StoredEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Issue 24, case 7: an event naming its point as `uuid4().hex` (or upper case, or an integer with leading zeros)
-    /// and the sweep reading the same point from Qdrant name one message: both come out in one canonical form.
-    #[test]
-    fn an_events_point_id_is_the_form_the_sweep_reads() {
-        let u = uuid::Uuid::new_v4();
-        let swept =
-            crate::fetch::point_id_string(&qdrant_client::qdrant::PointId::from(u.to_string()));
-        for written in [
-            u.simple().to_string(),
-            u.simple().to_string().to_uppercase(),
-            u.hyphenated().to_string().to_uppercase(),
-            format!("{{{}}}", u.hyphenated()),
-            format!("urn:uuid:{}", u.hyphenated()),
-        ] {
-            let body = format!(
-                r#"{{"v":1,"bot":"elena","point_id":"{written}","user_id":"u","ts":"2026-11-20T14:03:11Z"}}"#
-            );
-            let e = StoredEvent::parse(body.as_bytes()).expect("valid");
-            assert_eq!(e.point_id, swept, "{written}");
-        }
-        let swept = crate::fetch::point_id_string(&qdrant_client::qdrant::PointId::from(7u64));
-        let e = StoredEvent::parse(
-            br#"{"v":1,"bot":"elena","point_id":"007","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#,
-        )
-        .expect("valid");
-        assert_eq!(e.point_id, swept);
-        // so the state sees one message
-        let mut s = crate::state::State::new(crate::tracker::TrackerConfig::default());
-        let hex = StoredEvent::parse(
-            format!(
-                r#"{{"v":1,"bot":"b","point_id":"{}","user_id":"u","ts":"2026-11-20T14:03:11Z"}}"#,
-                u.simple()
-            )
-            .as_bytes(),
-        )
-        .expect("valid");
-        s.observe("b", "u", &hex.point_id, 1000, 1000);
-        let sweep =
-            crate::fetch::point_id_string(&qdrant_client::qdrant::PointId::from(u.to_string()));
-        assert_eq!(
-            s.observe("b", "u", &sweep, 1000, 1000),
-            Some(crate::tracker::Observed::Duplicate)
-        );
-    }
 
     const GOOD: &str = r#"{"v":1, "bot":"elena", "collection":"whisperengine_memory_elena_7d",
         "point_id":"6f1c2d9e-8a55-4c0e-9a43-1f7f1b2a9c10", "user_id":"123456789012345678", "role":"user",

@@ -17,6 +17,8 @@ use qdrant_client::qdrant::{
     vector_output, vectors_output::VectorsOptions,
 };
 
+/// Moved to [`crate::model`] (issue 27); kept here so older paths compile.
+pub use crate::model::{canonical_point_id, is_point_id};
 use crate::summarize::Message;
 use crate::tracker::Millis;
 
@@ -106,23 +108,6 @@ pub fn point_id_string(id: &PointId) -> String {
         Some(PointIdOptions::Num(n)) => n.to_string(),
         None => String::new(),
     }
-}
-
-/// Whether Qdrant can take `id` as a point id: an unsigned integer or a UUID. Anything else fails a whole request.
-pub fn is_point_id(id: &str) -> bool {
-    id.parse::<u64>().is_ok() || uuid::Uuid::parse_str(id).is_ok()
-}
-
-/// The one form of a point id recap compares and stores (issue 24, case 7): an unsigned integer in decimal without
-/// leading zeros, a UUID lowercase and hyphenated (the form Qdrant answers with), whatever form the event or the
-/// payload wrote (`uuid4().hex`, upper case, braces, `urn:uuid:`, `007`). `None` for anything Qdrant cannot take.
-pub fn canonical_point_id(id: &str) -> Option<String> {
-    if let Ok(n) = id.parse::<u64>() {
-        return Some(n.to_string());
-    }
-    uuid::Uuid::parse_str(id)
-        .ok()
-        .map(|u| u.hyphenated().to_string())
 }
 
 /// A point id as Qdrant takes it: integers stay integers, anything else is a UUID string.
@@ -622,6 +607,50 @@ fn canonical_id(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 24, case 7: an event naming its point as `uuid4().hex` (or upper case, or an integer with leading zeros)
+    /// and the sweep reading the same point from Qdrant name one message: both come out in one canonical form. (Here,
+    /// not in `event`: it needs the Qdrant-typed `point_id_string` and the state, both above `event`.)
+    #[test]
+    fn an_events_point_id_is_the_form_the_sweep_reads() {
+        let u = uuid::Uuid::new_v4();
+        let swept = point_id_string(&qdrant_client::qdrant::PointId::from(u.to_string()));
+        for written in [
+            u.simple().to_string(),
+            u.simple().to_string().to_uppercase(),
+            u.hyphenated().to_string().to_uppercase(),
+            format!("{{{}}}", u.hyphenated()),
+            format!("urn:uuid:{}", u.hyphenated()),
+        ] {
+            let body = format!(
+                r#"{{"v":1,"bot":"elena","point_id":"{written}","user_id":"u","ts":"2026-11-20T14:03:11Z"}}"#
+            );
+            let e = crate::event::StoredEvent::parse(body.as_bytes()).expect("valid");
+            assert_eq!(e.point_id, swept, "{written}");
+        }
+        let swept = point_id_string(&qdrant_client::qdrant::PointId::from(7u64));
+        let e = crate::event::StoredEvent::parse(
+            br#"{"v":1,"bot":"elena","point_id":"007","user_id":"u","ts":"2026-11-20T14:03:11Z"}"#,
+        )
+        .expect("valid");
+        assert_eq!(e.point_id, swept);
+        // so the state sees one message
+        let mut s = crate::state::State::new(crate::tracker::TrackerConfig::default());
+        let hex = crate::event::StoredEvent::parse(
+            format!(
+                r#"{{"v":1,"bot":"b","point_id":"{}","user_id":"u","ts":"2026-11-20T14:03:11Z"}}"#,
+                u.simple()
+            )
+            .as_bytes(),
+        )
+        .expect("valid");
+        s.observe("b", "u", &hex.point_id, 1000, 1000);
+        let sweep = point_id_string(&qdrant_client::qdrant::PointId::from(u.to_string()));
+        assert_eq!(
+            s.observe("b", "u", &sweep, 1000, 1000),
+            Some(crate::tracker::Observed::Duplicate)
+        );
+    }
 
     fn v_str(s: &str) -> Value {
         Value {

@@ -14,7 +14,10 @@
 //! * [`running`]: running summaries of open windows (when due, which window, still valid), the pure core.
 //! * [`config`], [`http`], [`cmd`]: configuration, operations endpoint, subcommands.
 //! * [`status`]: the one status snapshot (`recap status`, `/metrics` gauges, the console); [`console`]: the web page.
-//! * [`recall`]: the read path for bots (recall by time, search, forget a user) and summary vectors.
+//! * [`recall`]: the read path for bots (recall by time, search, forget a user).
+//! * [`vectors`]: summary vectors in recap's Qdrant collection, kept in step with the rows (worker sync, repair, drift).
+//!
+//! The module order (lowest first, no module refers to a later one) is in ARCHITECTURE.md, checked by `tests/layers.rs`.
 //! * [`telemetry`]: every metric's name, kind and help, registered at zero at start.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.
@@ -38,3 +41,4 @@ pub mod status;
 pub mod summarize;
 pub mod telemetry;
 pub mod tracker;
+pub mod vectors;

@@ -1,11 +1,27 @@
 //! Domain types every stage shares, at the bottom of the module order (this module imports none of recap's).
 //!
 //! * [`WindowState`]: a closed window's state in `recap_windows.state`.
+//! * [`Millis`]: a time, milliseconds since the Unix epoch, UTC.
+//! * [`NewMessage`], [`Message`], [`DeadLetter`] (`message.rs`): a message entering the tracker, a message fetched
+//!   for a summary, input recap could not use.
+//! * [`is_point_id`], [`canonical_point_id`], [`user_key`] (`ids.rs`): the point-id rules (the Qdrant-typed helpers,
+//!   `point_id_string` and `point_id_from_str`, stay in `fetch`) and the key a (bot, user) is forgotten by.
+//!
+//! The old homes (`sink::NewMessage`, `summarize::Message`, `fetch::is_point_id`, ...) re-export these.
+
+mod ids;
+mod message;
+
+pub use ids::{canonical_point_id, is_point_id, user_key};
+pub use message::{DeadLetter, Message, NewMessage};
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
 
 /// A closed window's state (`recap_windows.state`, a `text` column with `CHECK (state IN (...))`, migration 0002).
 /// Decoded from and bound as text (`sqlx::Type`); its JSON and text forms are the column's (`too_short`).

@@ -39,7 +39,7 @@ pub type Key = (Arc<str>, Arc<str>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tombstone {
     pub bot: String,
-    /// `sink::user_key(bot, user)`: never the id itself.
+    /// `model::user_key(bot, user)`: never the id itself.
     pub user_key: String,
     /// When the forget committed (Postgres' clock): used only by tombstones without `points`.
     pub at: Millis,
@@ -306,7 +306,7 @@ impl State {
             return false;
         }
         self.forgotten
-            .get(&(bot.to_string(), crate::sink::user_key(bot, user)))
+            .get(&(bot.to_string(), crate::model::user_key(bot, user)))
             .is_some_and(|at| ts <= *at)
     }
 
@@ -900,7 +900,7 @@ mod tests {
         assert_eq!(s.observe("b", "u", "1", 0, 0), Some(Observed::Duplicate));
         s.set_forgotten([Tombstone {
             bot: "b".to_string(),
-            user_key: crate::sink::user_key("b", "gone"),
+            user_key: crate::model::user_key("b", "gone"),
             at: 5 * MIN,
             points: None,
         }]);
@@ -919,7 +919,7 @@ mod tests {
     fn a_forgotten_users_listed_points_are_skipped_whatever_their_time() {
         let tomb = || Tombstone {
             bot: "b".to_string(),
-            user_key: crate::sink::user_key("b", "gone"),
+            user_key: crate::model::user_key("b", "gone"),
             at: 5 * MIN,
             points: Some(vec!["old1".into(), "old2".into()]),
         };

@@ -66,8 +66,8 @@ pub struct Snapshot {
     /// None: no NATS configured, or the server did not answer.
     pub consumer: Option<ConsumerSample>,
     pub consumer_lag: Option<u64>,
-    /// Summary vectors out of step with their rows (`recall::vectors`).
-    pub summary_vector_drift: crate::recall::vectors::Drift,
+    /// Summary vectors out of step with their rows (`vectors`).
+    pub summary_vector_drift: crate::vectors::Drift,
     pub taken_at: DateTime<Utc>,
 }
 
@@ -190,7 +190,7 @@ pub async fn snapshot(
         instances,
         consumer,
         consumer_lag: consumer.map(|c| c.lag()),
-        summary_vector_drift: crate::recall::vectors::drift(store).await?,
+        summary_vector_drift: crate::vectors::drift(store).await?,
         taken_at: Utc::now(),
     })
 }

@@ -37,8 +37,8 @@ use std::sync::Arc;
 
 use heap::{heap_pop, heap_update, sift_up};
 
-/// Milliseconds since the Unix epoch, UTC.
-pub type Millis = i64;
+/// Milliseconds since the Unix epoch, UTC ([`crate::model::Millis`]).
+pub use crate::model::Millis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

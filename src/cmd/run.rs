@@ -151,10 +151,16 @@ pub async fn run(cfg: Config, no_nats: bool) -> anyhow::Result<ExitCode> {
         };
         tasks.spawn(rollups.run(shutdown.clone()));
     }
-    tasks.spawn(crate::recall::vectors::run_repair(
-        ctx.clone(),
-        shutdown.clone(),
-    ));
+    let repair = crate::vectors::Repair {
+        store: ctx.store.clone(),
+        points: ctx.points.clone(),
+        bot_for_collection: {
+            let cfg = ctx.cfg.clone();
+            Arc::new(move |c: &str| cfg.bot_for_collection(c))
+        },
+        every: cfg.service.recall_repair_interval,
+    };
+    tasks.spawn(crate::vectors::run_repair(repair, shutdown.clone()));
     let read_store = read_store(&cfg)?;
     let recall = recall_state(&cfg, read_store.clone(), store.clone(), points.clone());
     let ready = crate::http::Readiness {
@@ -227,5 +233,7 @@ pub fn recall_state(
         cfg.service.recall_token.as_ref(),
     )
     .with_context(crate::recall::context::ContextSettings::from_config(cfg))
-    .with_forget_scope(crate::recall::ForgetScope::from_config(Arc::new(cfg.clone())))
+    .with_forget_scope(crate::recall::ForgetScope::from_config(Arc::new(
+        cfg.clone(),
+    )))
 }

@@ -145,7 +145,7 @@ async fn summarize_prepared(
             message_count,
             text_chars,
             span,
-            centroid: crate::recall::vectors::centroid(&input.messages),
+            centroid: crate::vectors::centroid(&input.messages),
             words: crate::sink::words::said(&input.messages),
         },
         Err(SummarizeError::Empty) => WindowOutcome::TooShort { message_count },
@@ -425,7 +425,7 @@ pub async fn process_windows(
             _ => None,
         })
         .collect();
-    crate::recall::vectors::on_summarized_many(ctx, &vectors).await;
+    crate::vectors::on_summarized_many(&ctx.store, ctx.points.client(), &vectors).await;
     Ok(finished
         .iter()
         .map(|(w, o, f)| {

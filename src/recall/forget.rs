@@ -240,7 +240,7 @@ pub async fn forget_rows(
              point_ids = ARRAY(SELECT DISTINCT unnest(coalesce(recap_forgotten.point_ids, '{}') || EXCLUDED.point_ids))",
     )
     .bind(bot)
-    .bind(crate::sink::user_key(bot, user_id))
+    .bind(crate::model::user_key(bot, user_id))
     .bind(&points)
     .execute(&mut *tx)
     .await?;

@@ -3,7 +3,7 @@
 //! * [`api`]: the HTTP handlers (`GET /v1/recall`, `POST /v1/recall/search`, `DELETE /v1/users/{bot}/{user_id}`),
 //!   bearer auth, input validation (every bad input a 4xx naming the field).
 //! * [`timerange`]: `since`/`until` (RFC 3339, dates, `7d`, `yesterday`, `last week` ...) in an IANA zone.
-//! * [`vectors`]: summary vectors in the Qdrant collection `recap_summaries`, their sync and repair.
+//! * [`vectors`] (re-exported from [`crate::vectors`]): summary vectors in the Qdrant collection `recap_summaries`.
 //! * [`forget`]: forgetting a user, completely, whatever runs at the same time.
 //! * This module: the SQL (recall by time, full-text search) and reciprocal rank fusion.
 
@@ -11,13 +11,14 @@ pub mod api;
 pub mod context;
 pub mod forget;
 pub mod timerange;
-pub mod vectors;
+/// Moved to the top-level [`crate::vectors`] (issue 27: `status` and `pipeline` use it, below `recall`); kept here so
+/// older paths compile.
+pub use crate::vectors;
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
 
 use crate::sink::{Store, StoreError};
 
@@ -35,6 +36,8 @@ pub const USER_TABLES: &[&str] = &[
     "recap_clamped_points",
 ];
 
+/// Lives with the said words it must split alike (`sink::words`, below `recall`).
+pub use crate::sink::words::text_query;
 pub use forget::{ForgetScope, forget_rows, forget_user};
 
 /// One summary as recall returns it.
@@ -56,25 +59,47 @@ pub struct SummaryItem {
     pub score: Option<f64>,
 }
 
-const ITEM_COLUMNS: &str = "id, bot_name, user_id, coalesce(summary_type, 'time_window'), summary_text, \
-    coalesce(key_topics, '{}'), emotional_tone, start_timestamp, end_timestamp, message_count, revision";
+/// The columns of a [`SummaryItem`] as [`ItemRow`] reads them (by name).
+const ITEM_COLUMNS: &str = "id, bot_name AS bot, user_id, coalesce(summary_type, 'time_window') AS summary_type, \
+    summary_text AS text, coalesce(key_topics, '{}') AS key_topics, emotional_tone, start_timestamp AS start, \
+    end_timestamp AS \"end\", message_count, revision";
 
-fn item(row: &sqlx::postgres::PgRow) -> SummaryItem {
-    let start: NaiveDateTime = row.get(7);
-    let end: NaiveDateTime = row.get(8);
-    SummaryItem {
-        id: row.get(0),
-        bot: row.get(1),
-        user_id: row.get(2),
-        summary_type: row.get(3),
-        text: row.get(4),
-        key_topics: row.get(5),
-        emotional_tone: row.get(6),
-        start: start.and_utc(),
-        end: end.and_utc(),
-        message_count: row.get(9),
-        revision: row.get(10),
-        score: None,
+/// A summary row as read ([`ITEM_COLUMNS`], and [`recalled_cte`]'s rows as JSON): times without a zone (UTC).
+#[derive(Debug, sqlx::FromRow, serde::Deserialize)]
+struct ItemRow {
+    id: i32,
+    bot: String,
+    user_id: String,
+    summary_type: String,
+    text: String,
+    key_topics: Vec<String>,
+    emotional_tone: Option<String>,
+    start: NaiveDateTime,
+    end: NaiveDateTime,
+    message_count: i32,
+    revision: i32,
+    /// [`text_search_sql`]'s score; absent elsewhere.
+    #[sqlx(default)]
+    #[serde(default)]
+    rank: Option<f64>,
+}
+
+impl From<ItemRow> for SummaryItem {
+    fn from(r: ItemRow) -> Self {
+        SummaryItem {
+            id: r.id,
+            bot: r.bot,
+            user_id: r.user_id,
+            summary_type: r.summary_type,
+            text: r.text,
+            key_topics: r.key_topics,
+            emotional_tone: r.emotional_tone,
+            start: r.start.and_utc(),
+            end: r.end.and_utc(),
+            message_count: r.message_count,
+            revision: r.revision,
+            score: r.rank,
+        }
     }
 }
 
@@ -102,10 +127,10 @@ fn range_sql(first: usize) -> String {
     )
 }
 
-fn bind_range<'q>(
-    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    r: &'q Range,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+/// A statement reading [`ItemRow`]s.
+type ItemQuery<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, ItemRow, sqlx::postgres::PgArguments>;
+
+fn bind_range<'q>(q: ItemQuery<'q>, r: &'q Range) -> ItemQuery<'q> {
     q.bind(r.since.map(|t| t.naive_utc()))
         .bind(r.until.map(|t| t.naive_utc()))
         .bind(r.summary_type.as_deref())
@@ -132,42 +157,12 @@ pub fn recalled_cte() -> String {
 
 /// Rows of [`recalled_cte`] aggregated as JSON text (`json_agg`), back as items in the same order.
 pub fn items_from_json(json: Option<&str>) -> Result<Vec<SummaryItem>, StoreError> {
-    #[derive(serde::Deserialize)]
-    struct Raw {
-        id: i32,
-        bot: String,
-        user_id: String,
-        summary_type: String,
-        text: String,
-        key_topics: Vec<String>,
-        emotional_tone: Option<String>,
-        start: NaiveDateTime,
-        end: NaiveDateTime,
-        message_count: i32,
-        revision: i32,
-    }
     let Some(json) = json else {
         return Ok(Vec::new());
     };
-    let raw: Vec<Raw> =
+    let raw: Vec<ItemRow> =
         serde_json::from_str(json).map_err(|e| StoreError::Db(sqlx::Error::Decode(Box::new(e))))?;
-    Ok(raw
-        .into_iter()
-        .map(|r| SummaryItem {
-            id: r.id,
-            bot: r.bot,
-            user_id: r.user_id,
-            summary_type: r.summary_type,
-            text: r.text,
-            key_topics: r.key_topics,
-            emotional_tone: r.emotional_tone,
-            start: r.start.and_utc(),
-            end: r.end.and_utc(),
-            message_count: r.message_count,
-            revision: r.revision,
-            score: None,
-        })
-        .collect())
+    Ok(raw.into_iter().map(SummaryItem::from).collect())
 }
 
 /// A (bot, user)'s summaries overlapping the range, newest first.
@@ -179,12 +174,12 @@ pub async fn recall(
     limit: i64,
 ) -> Result<Vec<SummaryItem>, StoreError> {
     let sql = recall_sql();
-    let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(bot)
         .bind(user_id)
         .bind(limit);
     let rows = bind_range(q, range).fetch_all(store.pool()).await?;
-    Ok(rows.iter().map(item).collect())
+    Ok(rows.into_iter().map(SummaryItem::from).collect())
 }
 
 /// Rows by id, restricted to one (bot, user) (a vector whose row is gone or belongs elsewhere is dropped).
@@ -194,7 +189,7 @@ pub async fn by_ids(
     user_id: &str,
     ids: &[i32],
 ) -> Result<HashMap<i32, SummaryItem>, StoreError> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let rows: Vec<ItemRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {ITEM_COLUMNS} FROM conversation_summaries WHERE id = ANY($1) AND bot_name = $2 AND user_id = $3"
     )))
     .bind(ids)
@@ -202,27 +197,10 @@ pub async fn by_ids(
     .bind(user_id)
     .fetch_all(store.pool())
     .await?;
-    Ok(rows.iter().map(|r| (r.get::<i32, _>(0), item(r))).collect())
-}
-
-/// The words of a query as an OR of tsquery terms (letters and digits only, at most 32 distinct words of at most
-/// 100 bytes); `None`
-/// when the text has no word.
-pub fn text_query(text: &str) -> Option<String> {
-    let mut words: Vec<String> = Vec::new();
-    for w in text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty() && w.len() <= 100) // longer is no word (and no lexeme: Postgres caps them)
-        .map(str::to_lowercase)
-    {
-        if !words.contains(&w) {
-            words.push(w);
-        }
-        if words.len() == 32 {
-            break;
-        }
-    }
-    (!words.is_empty()).then(|| words.join(" | "))
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.id, SummaryItem::from(r)))
+        .collect())
 }
 
 /// The SQL of [`text_search`] (also used to show its plan): `$1` bot, `$2` user, `$3` limit, `$4` the tsquery
@@ -259,19 +237,14 @@ pub async fn text_search(
     limit: i64,
 ) -> Result<Vec<SummaryItem>, StoreError> {
     let sql = text_search_sql();
-    let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(bot)
         .bind(user_id)
         .bind(limit)
         .bind(query);
     let rows = bind_range(q, range).fetch_all(store.pool()).await?;
-    Ok(rows
-        .iter()
-        .map(|r| SummaryItem {
-            score: Some(r.get::<f64, _>(11)),
-            ..item(r)
-        })
-        .collect())
+    // every row has its `rank` (the statement selects it)
+    Ok(rows.into_iter().map(SummaryItem::from).collect())
 }
 
 /// Reciprocal rank fusion (k = 60) of rankings of ids, best first, with the fused scores.
@@ -289,7 +262,7 @@ pub fn rrf(rankings: &[Vec<i32>], k: f64) -> Vec<(i32, f64)> {
 
 /// A short, non-reversible tag for a user in logs (never the id in clear text).
 pub fn user_tag(bot: &str, user_id: &str) -> String {
-    crate::sink::user_key(bot, user_id)[..12].to_string()
+    crate::model::user_key(bot, user_id)[..12].to_string()
 }
 
 /// What forgetting a user deleted, per table.
@@ -297,7 +270,7 @@ pub type Deleted = Vec<(String, u64)>;
 
 /// True when recap has anything for this bot (a summary, a window, or open messages).
 pub async fn bot_known(store: &Store, bot: &str) -> Result<bool, StoreError> {
-    let row = sqlx::query(
+    let known: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM conversation_summaries WHERE bot_name = $1)
              OR EXISTS (SELECT 1 FROM recap_windows WHERE bot_name = $1)
              OR EXISTS (SELECT 1 FROM recap_open_windows WHERE bot_name = $1)",
@@ -305,7 +278,7 @@ pub async fn bot_known(store: &Store, bot: &str) -> Result<bool, StoreError> {
     .bind(bot)
     .fetch_one(store.pool())
     .await?;
-    Ok(row.get(0))
+    Ok(known)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -56,6 +56,20 @@ pub struct ClaimedRollup {
     pub summary_id: Option<i32>,
     pub inputs: Vec<String>,
     pub attempts: i32,
+}
+
+/// A `recap_rollups` row as a claim returns it.
+#[derive(Debug, sqlx::FromRow)]
+struct ClaimedRow {
+    id: i64,
+    bot_name: String,
+    user_id: String,
+    period: String,
+    period_start: DateTime<Utc>,
+    revision: i32,
+    summary_id: Option<i32>,
+    inputs: Vec<String>,
+    attempts: i32,
 }
 
 /// How building one rollup ended.
@@ -174,7 +188,7 @@ impl Rollups {
 
     /// Claims up to `batch` dirty rollups: days first, and a week or month only while none of its days is dirty.
     pub async fn claim(&self) -> Result<Vec<ClaimedRollup>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query_as::<_, ClaimedRow>(
             "UPDATE recap_rollups r SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond'
              FROM (SELECT c.id FROM recap_rollups c
                    WHERE c.dirty AND (c.lease_until IS NULL OR c.lease_until < now())
@@ -194,22 +208,21 @@ impl Rollups {
         .bind(self.settings.batch)
         .fetch_all(self.store.pool())
         .await?;
-        rows.iter()
+        rows.into_iter()
             .map(|r| {
-                let period: String = r.get(3);
                 Ok(ClaimedRollup {
-                    id: r.get(0),
+                    id: r.id,
                     key: PeriodKey {
-                        bot: r.get(1),
-                        user_id: r.get(2),
-                        period: Period::parse(&period)
+                        bot: r.bot_name,
+                        user_id: r.user_id,
+                        period: Period::parse(&r.period)
                             .ok_or(StoreError::Invariant("unknown rollup period"))?,
-                        start: r.get(4),
+                        start: r.period_start,
                     },
-                    revision: r.get(5),
-                    summary_id: r.get(6),
-                    inputs: r.get(7),
-                    attempts: r.get(8),
+                    revision: r.revision,
+                    summary_id: r.summary_id,
+                    inputs: r.inputs,
+                    attempts: r.attempts,
                 })
             })
             .collect()
@@ -437,6 +450,19 @@ impl Rollups {
     }
 }
 
+/// A finer summary as [`load_inputs`] reads it (its start without a zone, UTC).
+#[derive(Debug, sqlx::FromRow)]
+struct FinerRow {
+    id: i64,
+    revision: i32,
+    text: String,
+    key_topics: Vec<String>,
+    tone: Option<String>,
+    message_count: i32,
+    start: NaiveDateTime,
+    covered_ids: Vec<i64>,
+}
+
 /// The finer summaries of a rollup: the window rows starting in a day, or the day rollups of a week or a month.
 /// Placeholder rows (an older worker's) are left out.
 async fn load_inputs(
@@ -446,9 +472,9 @@ async fn load_inputs(
     let (start, end) = (naive(key.start), naive(key.end()));
     let rows = match key.period {
         Period::Day => {
-            sqlx::query(
-                "SELECT id::bigint, revision, summary_text, coalesce(key_topics, '{}'), emotional_tone, message_count,
-                    start_timestamp, ARRAY[id::bigint]
+            sqlx::query_as::<_, FinerRow>(
+                "SELECT id::bigint AS id, revision, summary_text AS text, coalesce(key_topics, '{}') AS key_topics,
+                    emotional_tone AS tone, message_count, start_timestamp AS start, ARRAY[id::bigint] AS covered_ids
                  FROM conversation_summaries
                  WHERE user_id = $1 AND bot_name = $2 AND summary_type = 'time_window'
                    AND start_timestamp >= $3 AND start_timestamp < $4
@@ -462,9 +488,9 @@ async fn load_inputs(
             .await?
         }
         Period::Week | Period::Month => {
-            sqlx::query(
-                "SELECT s.id::bigint, s.revision, s.summary_text, coalesce(s.key_topics, '{}'), s.emotional_tone,
-                    s.message_count, s.start_timestamp, r.covered_ids
+            sqlx::query_as::<_, FinerRow>(
+                "SELECT s.id::bigint AS id, s.revision, s.summary_text AS text, coalesce(s.key_topics, '{}') AS key_topics,
+                    s.emotional_tone AS tone, s.message_count, s.start_timestamp AS start, r.covered_ids
                  FROM recap_rollups r JOIN conversation_summaries s ON s.id = r.summary_id
                  WHERE r.bot_name = $2 AND r.user_id = $1 AND r.period = 'day'
                    AND r.period_start >= $3 AND r.period_start < $4
@@ -479,16 +505,16 @@ async fn load_inputs(
         }
     };
     Ok(rows
-        .iter()
+        .into_iter()
         .map(|r| FinerSummary {
-            id: r.get(0),
-            revision: r.get(1),
-            text: r.get(2),
-            key_topics: r.get(3),
-            tone: r.get(4),
-            message_count: r.get(5),
-            start: utc(r.get(6)),
-            covered_ids: r.get(7),
+            id: r.id,
+            revision: r.revision,
+            text: r.text,
+            key_topics: r.key_topics,
+            tone: r.tone,
+            message_count: r.message_count,
+            start: utc(r.start),
+            covered_ids: r.covered_ids,
         })
         .filter(|f| !looks_like_placeholder(&f.text))
         .collect())

@@ -23,6 +23,8 @@ mod status;
 mod windows;
 pub mod words;
 
+/// Moved to [`crate::model`] (issue 27); kept here so older paths compile.
+pub use crate::model::{DeadLetter, NewMessage, user_key};
 pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
 pub use layout::LayoutLock;
 pub use lease::Lease;
@@ -91,54 +93,22 @@ impl StoreError {
     }
 }
 
+/// `s` cut to at most `max` characters (at a character boundary).
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A window's attempts after a failed one (`counts`: it counts against `max_attempts`), and whether it is now dead.
+fn next_attempt(attempts: i32, counts: bool, max_attempts: i32) -> (i32, bool) {
+    let attempts = attempts + i32::from(counts);
+    (attempts, counts && attempts >= max_attempts)
+}
+
 pub fn to_utc(ms: Millis) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
-}
-
-/// One message entering the tracker from a source.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewMessage {
-    pub bot: String,
-    pub user_id: String,
-    pub point_id: String,
-    pub ts_ms: Millis,
-}
-
-/// Input recap could not use.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub source: &'static str,
-    pub subject: Option<String>,
-    pub stream_seq: Option<u64>,
-    pub raw: Vec<u8>,
-    pub reason: String,
-    /// The (bot, user) key the input names, when it names one (migration 0017): how forgetting a user finds it.
-    pub bot: Option<String>,
-    pub user_id: Option<String>,
-}
-
-impl DeadLetter {
-    /// The key of a malformed event body: its `bot` and `user_id` fields (strings, or numbers as text) when it is a
-    /// JSON object that has them; a body cut short or not JSON names none (what remains of it is matched by the
-    /// forget through the subject).
-    pub fn key_of_json(body: &[u8]) -> (Option<String>, Option<String>) {
-        let Ok(serde_json::Value::Object(o)) = serde_json::from_slice::<serde_json::Value>(body)
-        else {
-            return (None, None);
-        };
-        let field = |name: &str| match o.get(name) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        };
-        (field("bot"), field("user_id"))
-    }
-
-    /// A key part as a column can store it: text without NUL (Postgres refuses it in `TEXT`; an id with one cannot be
-    /// forgotten through the API either).
-    pub fn key_part(s: Option<String>) -> Option<String> {
-        s.filter(|s| !s.contains('\0'))
-    }
 }
 
 /// The proof that this replica holds the ingest lease.
@@ -183,7 +153,7 @@ pub enum WindowOutcome {
         text_chars: usize,
         /// The window's first and last stored message times (the row's start and end).
         span: (Millis, Millis),
-        /// The window's summary vector (normalized centroid of its `content` vectors), see `recall::vectors`.
+        /// The window's summary vector (normalized centroid of its `content` vectors), see `vectors`.
         centroid: Option<Vec<f32>>,
         /// The words said in the window ([`words::said`]), stored with the row for text search.
         words: String,
@@ -200,8 +170,8 @@ pub enum WindowOutcome {
     },
 }
 
-/// A source position as `recap status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+/// A source position as `recap status` shows it (a `recap_checkpoints` row, read by name).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct CheckpointRow {
     pub name: String,
     pub position: f64,
@@ -335,11 +305,4 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
-}
-
-/// The key of a (bot, user) in `recap_forgotten`: a SHA-256 of both, hex (never the user id in clear text).
-pub fn user_key(bot: &str, user_id: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let d = Sha256::digest(format!("{bot}\u{0}{user_id}").as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Row, Transaction};
 
-use super::windows::truncate;
+use super::truncate;
 use super::{Store, StoreError, to_utc};
 use crate::summarize::{Prior, Summary};
 use crate::tracker::Millis;
@@ -288,8 +288,7 @@ impl Store {
                 counts,
                 max_attempts,
             } => {
-                let (attempts, give_up) =
-                    super::windows::next_attempt(c.attempts, *counts, *max_attempts);
+                let (attempts, give_up) = super::next_attempt(c.attempts, *counts, *max_attempts);
                 let r = sqlx::query(
                     "UPDATE recap_running_summaries SET attempts = CASE WHEN $5 THEN 0 ELSE $4 END,
                         due_count = CASE WHEN $5 THEN NULL ELSE due_count END, last_error = $6,

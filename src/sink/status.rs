@@ -1,7 +1,6 @@
 //! What `recap status`, `retry` and `resummarize` read and change.
 
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 
 use super::{CheckpointRow, DONE_EXACT_BELOW, StatusReport, Store, StoreError};
 
@@ -38,20 +37,11 @@ impl Store {
         )
         .fetch_one(&self.pool)
         .await?;
-        let rows = sqlx::query(
+        let checkpoints: Vec<CheckpointRow> = sqlx::query_as(
             "SELECT name, position, points_read, updated_at FROM recap_checkpoints ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
-        let checkpoints = rows
-            .iter()
-            .map(|r| CheckpointRow {
-                name: r.get(0),
-                position: r.get(1),
-                points_read: r.get(2),
-                updated_at: r.get(3),
-            })
-            .collect();
         Ok(StatusReport {
             windows,
             windows_done_estimated,

@@ -12,6 +12,8 @@ use super::{
     ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome,
     coverage_fingerprint, to_utc,
 };
+/// In `sink/mod.rs` (issue 27: `running.rs` needs them too; here they closed a circle windows -> running -> windows).
+pub(super) use super::{next_attempt, truncate};
 use crate::summarize::Summary;
 
 impl Store {
@@ -253,13 +255,6 @@ impl Store {
     }
 }
 
-pub(super) fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn upsert_summary(
     tx: &mut Transaction<'_, Postgres>,
@@ -360,9 +355,3 @@ const UPSERT_SUMMARY_SQL: &str = concat!(
     "
      RETURNING id"
 );
-
-/// A window's attempts after a failed one (`counts`: it counts against `max_attempts`), and whether it is now dead.
-pub(super) fn next_attempt(attempts: i32, counts: bool, max_attempts: i32) -> (i32, bool) {
-    let attempts = attempts + i32::from(counts);
-    (attempts, counts && attempts >= max_attempts)
-}

@@ -17,11 +17,31 @@ use crate::summarize::Message;
 /// Most distinct words stored per window: a window of thousands of messages keeps the first this many it said.
 /// Conversational English uses far fewer in one window; the cap bounds a window of random tokens.
 pub const MAX_WORDS: usize = 8192;
-/// Longer runs of letters and digits are not words (the search's `text_query` drops them too).
+/// Longer runs of letters and digits are not words ([`text_query`] drops them too).
 pub const MAX_WORD_BYTES: usize = 100;
 
+/// The words of a query as an OR of tsquery terms (letters and digits only, at most 32 distinct words of at most
+/// 100 bytes); `None`
+/// when the text has no word.
+pub fn text_query(text: &str) -> Option<String> {
+    let mut words: Vec<String> = Vec::new();
+    for w in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty() && w.len() <= 100) // longer is no word (and no lexeme: Postgres caps them)
+        .map(str::to_lowercase)
+    {
+        if !words.contains(&w) {
+            words.push(w);
+        }
+        if words.len() == 32 {
+            break;
+        }
+    }
+    (!words.is_empty()).then(|| words.join(" | "))
+}
+
 /// The distinct words of the messages' text (both sides), lowercased, space-separated, in the order first said. A
-/// word is a run of letters and digits, the split `recall::text_query` applies to a query, so every query word can
+/// word is a run of letters and digits, the split [`text_query`] applies to a query, so every query word can
 /// match a said word.
 pub fn said(messages: &[Message]) -> String {
     let mut seen: HashSet<String> = HashSet::new();
@@ -128,7 +148,7 @@ mod tests {
     }
 
     proptest! {
-        /// Every word of a query (as `recall::text_query` splits it) that was said is among the said words, and no
+        /// Every word of a query (as [`text_query`] splits it) that was said is among the said words, and no
         /// word is stored twice.
         #[test]
         fn every_query_word_said_is_stored_once(texts in proptest::collection::vec("[a-zA-Z0-9 ,.!'é-]{0,40}", 0..20)) {
@@ -138,7 +158,7 @@ mod tests {
             let set: HashSet<&str> = stored.iter().copied().collect();
             prop_assert_eq!(set.len(), stored.len());
             for t in &texts {
-                if let Some(q) = crate::recall::text_query(t) {
+                if let Some(q) = text_query(t) {
                     for w in q.split(" | ") {
                         prop_assert!(set.contains(w), "{} missing from {}", w, s);
                     }

@@ -114,6 +114,12 @@ fn err(e: impl std::fmt::Display) -> SourceError {
     SourceError::Nats(e.to_string())
 }
 
+/// The route consumer's name (`route.rs`): `<NATS_CONSUMER>-route`. Here, beside the partitions' consumer names, so
+/// `nats` does not import `route` (which imports `nats`; issue 27).
+pub fn route_consumer_name(s: &NatsSettings) -> String {
+    format!("{}-route", s.consumer)
+}
+
 /// Connects with the configured auth and TLS. With `wait`, keeps trying until NATS answers (the service); without it,
 /// fails at once (`recap check`). Once connected, the client reconnects by itself forever.
 pub async fn connect(s: &NatsSettings, wait: bool) -> Result<async_nats::Client, SourceError> {
@@ -345,7 +351,7 @@ impl LagProbe {
         let consumers = if settings.partitions > 1 {
             (0..settings.partitions)
                 .map(|k| settings.for_partition(k).consumer_name())
-                .chain([super::route::route_consumer_name(settings)])
+                .chain([route_consumer_name(settings)])
                 .collect()
         } else {
             vec![settings.consumer_name()]

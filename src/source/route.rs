@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::batch::SourceError;
+/// In `nats.rs` (issue 27: `nats` needs it too; here it closed a circle nats -> route -> nats).
+pub use super::nats::route_consumer_name;
 use super::nats::{NatsSettings, PartitionBy, connect, consumer_config};
 use crate::event::{StoredEvent, user_token};
 
@@ -26,11 +28,6 @@ const ROUTE_BATCH: usize = 256;
 
 fn err(e: impl std::fmt::Display) -> SourceError {
     SourceError::Nats(e.to_string())
-}
-
-/// The route consumer's name: `<NATS_CONSUMER>-route`.
-pub fn route_consumer_name(s: &NatsSettings) -> String {
-    format!("{}-route", s.consumer)
 }
 
 /// How far back the route consumer starts when it is first made: events of the other shape from before it (already

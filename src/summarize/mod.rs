@@ -9,22 +9,8 @@ pub mod llm;
 
 use futures::future::BoxFuture;
 
-/// One message of a window, as fetched from Qdrant (payload fields already mapped).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Message {
-    /// Qdrant point id, as a string (UUID or integer).
-    pub point_id: String,
-    /// Speaker: `user`, `assistant`, or `unknown` when the payload has no usable speaker field.
-    pub role: String,
-    /// The message text (`content`).
-    pub text: String,
-    /// Message time, milliseconds since the Unix epoch (UTC).
-    pub ts_ms: i64,
-    /// `emotional_context` label (e.g. `joy`, `neutral`), if any.
-    pub emotion: Option<String>,
-    /// The `content` named vector (384-d in WhisperEngine data); empty when the point has none.
-    pub vector: Vec<f32>,
-}
+/// Moved to [`crate::model`] (issue 27); kept here so older paths compile.
+pub use crate::model::Message;
 
 /// Everything a summarizer gets for one window. Messages are sorted by time, duplicates and
 /// `conversation_pair` points already removed.

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::Row;
 
 use super::{Rollups, naive, utc};
 use crate::rollup::{PeriodKey, WindowChange, dirty_days};
@@ -19,6 +18,21 @@ pub const SCAN_OVERLAP: Duration = Duration::from_secs(600);
 /// Window rows read per scan query.
 const SCAN_BATCH: i64 = 2000;
 
+/// A window row the scan reads, with the day rollups covering it (`days`) and whether each has its current revision
+/// among its inputs (`same`); `head` its text's start (placeholder test).
+#[derive(Debug, sqlx::FromRow)]
+struct ScanRow {
+    id: i64,
+    bot_name: String,
+    user_id: String,
+    revision: i32,
+    start_timestamp: NaiveDateTime,
+    updated_at: NaiveDateTime,
+    days: Vec<DateTime<Utc>>,
+    same: Vec<bool>,
+    head: String,
+}
+
 impl Rollups {
     /// Reads window rows written since the scan position (minus [`SCAN_OVERLAP`]) and marks their days dirty.
     /// Returns (windows read, days marked).
@@ -33,10 +47,12 @@ impl Rollups {
         );
         let (mut scanned, mut marked) = (0, 0);
         loop {
-            let rows = sqlx::query(
-                "SELECT s.id::bigint, s.bot_name::text, s.user_id::text, s.revision, s.start_timestamp, s.updated_at,
-                        coalesce(array_agg(r.period_start) FILTER (WHERE r.id IS NOT NULL), '{}'),
-                        coalesce(array_agg(r.inputs @> ARRAY[s.id || ':' || s.revision]) FILTER (WHERE r.id IS NOT NULL), '{}'),
+            let rows: Vec<ScanRow> = sqlx::query_as(
+                "SELECT s.id::bigint AS id, s.bot_name::text AS bot_name, s.user_id::text AS user_id, s.revision,
+                        s.start_timestamp, s.updated_at,
+                        coalesce(array_agg(r.period_start) FILTER (WHERE r.id IS NOT NULL), '{}') AS days,
+                        coalesce(array_agg(r.inputs @> ARRAY[s.id || ':' || s.revision]) FILTER (WHERE r.id IS NOT NULL), '{}')
+                            AS same,
                         s.head
                  FROM (SELECT id, bot_name, user_id, revision, start_timestamp, updated_at, left(summary_text, 300) AS head
                        FROM conversation_summaries
@@ -53,30 +69,27 @@ impl Rollups {
             .fetch_all(pool)
             .await?;
             let Some(last) = rows.last() else { break };
-            after = (last.get(5), last.get(0));
+            after = (last.updated_at, last.id);
+            let read = rows.len();
             // Placeholder rows (an older worker's) are never a rollup's input, so they make no day dirty.
             let changes: Vec<WindowChange> = rows
-                .iter()
-                .filter(|r| !looks_like_placeholder(r.get::<&str, _>(8)))
-                .map(|r| {
-                    let days: Vec<DateTime<Utc>> = r.get(6);
-                    let same: Vec<bool> = r.get(7);
-                    WindowChange {
-                        summary_id: r.get(0),
-                        bot: r.get(1),
-                        user_id: r.get(2),
-                        revision: r.get(3),
-                        start: utc(r.get(4)),
-                        covered_by: days.into_iter().zip(same).collect(),
-                    }
+                .into_iter()
+                .filter(|r| !looks_like_placeholder(&r.head))
+                .map(|r| WindowChange {
+                    summary_id: r.id,
+                    bot: r.bot_name,
+                    user_id: r.user_id,
+                    revision: r.revision,
+                    start: utc(r.start_timestamp),
+                    covered_by: r.days.into_iter().zip(r.same).collect(),
                 })
                 .collect();
-            scanned += rows.len();
+            scanned += read;
             let dirty: Vec<PeriodKey> = dirty_days(&changes).into_iter().collect();
             marked += dirty.len();
             let mut conn = pool.acquire().await?;
             mark_dirty(&mut conn, &dirty).await?;
-            if (rows.len() as i64) < SCAN_BATCH {
+            if (read as i64) < SCAN_BATCH {
                 break;
             }
         }

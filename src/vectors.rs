@@ -17,11 +17,12 @@ use qdrant_client::qdrant::{
     PayloadIncludeSelector, PointStruct, Range, SearchPointsBuilder, UpsertPointsBuilder, Value,
     VectorParamsBuilder, vectors_config,
 };
-use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::pipeline::Context;
+use std::sync::Arc;
+
+use crate::fetch::Points;
 use crate::sink::{Store, StoreError};
 use crate::summarize::Message;
 
@@ -131,8 +132,8 @@ pub async fn ensure_collection(client: &Qdrant, dim: u64) -> Result<(), VectorEr
     Ok(())
 }
 
-/// The row a vector is written for.
-#[derive(Debug, Clone)]
+/// The row a vector is written for (read by name: `ROW_COLUMNS`).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SummaryRef {
     pub id: i32,
     pub bot: String,
@@ -143,19 +144,12 @@ pub struct SummaryRef {
     pub summary_type: String,
 }
 
-impl SummaryRef {
-    /// From a row whose columns 1-7 are `ROW_COLUMNS` (column 0 is the window id).
-    fn from_row(row: &sqlx::postgres::PgRow) -> SummaryRef {
-        SummaryRef {
-            id: row.get(1),
-            bot: row.get(2),
-            user_id: row.get(3),
-            start: row.get(4),
-            end: row.get(5),
-            revision: row.get(6),
-            summary_type: row.get(7),
-        }
-    }
+/// A summary row with the window it belongs to (`w.id AS window_id`, then [`ROW_COLUMNS`]).
+#[derive(Debug, sqlx::FromRow)]
+struct WindowSummary {
+    window_id: i64,
+    #[sqlx(flatten)]
+    summary: SummaryRef,
 }
 
 /// The point id of a summary's vector: a UUID derived from (bot, user, row id), so databases sharing one Qdrant
@@ -215,18 +209,25 @@ pub async fn upsert(
     Ok(())
 }
 
-const ROW_COLUMNS: &str = "s.id, s.bot_name, s.user_id, s.start_timestamp, s.end_timestamp, s.revision, coalesce(s.summary_type, 'time_window')";
+/// The columns of a [`SummaryRef`] (named as its fields) from `conversation_summaries s`.
+const ROW_COLUMNS: &str = "s.id, s.bot_name AS bot, s.user_id, s.start_timestamp AS start, s.end_timestamp AS \"end\", \
+    s.revision, coalesce(s.summary_type, 'time_window') AS summary_type";
 
 /// Called by the worker after a window's summary committed: writes the summary's vector. Failures are logged and
 /// left to [`repair`]; they never fail the window. [`on_summarized_many`] for one window.
-pub async fn on_summarized(ctx: &Context, window_id: i64, centroid: Option<&[f32]>) {
-    on_summarized_many(ctx, &[(window_id, centroid)]).await
+pub async fn on_summarized(
+    store: &Store,
+    client: &Qdrant,
+    window_id: i64,
+    centroid: Option<&[f32]>,
+) {
+    on_summarized_many(store, client, &[(window_id, centroid)]).await
 }
 
 /// Called by the worker after a batch of windows' summaries committed: writes their vectors in one Qdrant upsert
 /// (and one query to read the rows, one to record the synced revisions). Failures are logged and left to [`repair`];
 /// they never fail a window.
-pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]) {
+pub async fn on_summarized_many(store: &Store, client: &Qdrant, windows: &[(i64, Option<&[f32]>)]) {
     let mut vectors: HashMap<i64, &[f32]> = HashMap::new();
     for (id, v) in windows {
         match v {
@@ -241,22 +242,22 @@ pub async fn on_summarized_many(ctx: &Context, windows: &[(i64, Option<&[f32]>)]
     }
     let ids: Vec<i64> = vectors.keys().copied().collect();
     let r = async {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT w.id, {ROW_COLUMNS} FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id
-             WHERE w.id = ANY($1)"
+        let rows: Vec<WindowSummary> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT w.id AS window_id, {ROW_COLUMNS} FROM recap_windows w
+             JOIN conversation_summaries s ON s.id = w.summary_id WHERE w.id = ANY($1)"
         )))
         .bind(&ids)
-        .fetch_all(ctx.store.pool())
+        .fetch_all(store.pool())
         .await?;
         let items: Vec<(SummaryRef, Vec<f32>)> = rows
-            .iter()
+            .into_iter()
             .filter_map(|row| {
-                let window: i64 = row.get(0);
-                let r = SummaryRef::from_row(row);
-                vectors.get(&window).map(|v| (r, v.to_vec()))
+                vectors
+                    .get(&row.window_id)
+                    .map(|v| (row.summary, v.to_vec()))
             })
             .collect();
-        upsert_many(&ctx.store, ctx.points.client(), items).await
+        upsert_many(store, client, items).await
     }
     .await;
     if let Err(e) = r {
@@ -350,7 +351,7 @@ async fn drop_orphans(
 }
 
 /// Summary vectors out of step with their rows (windows summarized by recap only).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct Drift {
     /// Rows without a vector.
     pub missing: i64,
@@ -363,31 +364,45 @@ const DRIFT_FROM: &str = "FROM recap_windows w JOIN conversation_summaries s ON 
      WHERE w.state = 'done' AND (v.summary_id IS NULL OR v.revision <> s.revision)";
 
 pub async fn drift(store: &Store) -> Result<Drift, StoreError> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FILTER (WHERE v.summary_id IS NULL), count(*) FILTER (WHERE v.summary_id IS NOT NULL) {DRIFT_FROM}"
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FILTER (WHERE v.summary_id IS NULL) AS missing,
+                count(*) FILTER (WHERE v.summary_id IS NOT NULL) AS stale {DRIFT_FROM}"
     )))
     .fetch_one(store.pool())
-    .await?;
-    Ok(Drift {
-        missing: row.get(0),
-        stale: row.get(1),
-    })
+    .await?)
+}
+
+/// Which bot a Qdrant collection belongs to, if any.
+pub type BotForCollection = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// What the repair pass needs (not the whole pipeline context): the store, the bots' points (whose client also holds
+/// [`COLLECTION`]), which bot a collection belongs to, and how often it runs.
+#[derive(Clone)]
+pub struct Repair {
+    pub store: Store,
+    pub points: Arc<Points>,
+    /// The bot a Qdrant collection belongs to (`COLLECTION_MAP` / `COLLECTION_PATTERNS`: `Config::bot_for_collection`).
+    pub bot_for_collection: BotForCollection,
+    /// `RECALL_REPAIR_INTERVAL`.
+    pub every: Duration,
 }
 
 /// Re-syncs up to `limit` rows whose vector is missing or stale; returns how many were written.
-pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT w.id, {ROW_COLUMNS} {DRIFT_FROM} ORDER BY s.id LIMIT $1"
+pub async fn repair(ctx: &Repair, limit: i64) -> Result<usize, VectorError> {
+    let rows: Vec<WindowSummary> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT w.id AS window_id, {ROW_COLUMNS} {DRIFT_FROM} ORDER BY s.id LIMIT $1"
     )))
     .bind(limit)
     .fetch_all(ctx.store.pool())
     .await?;
     let mut written = 0;
-    for row in rows {
-        let window_id: i64 = row.get(0);
-        let r = SummaryRef::from_row(&row);
+    for WindowSummary {
+        window_id,
+        summary: r,
+    } in rows
+    {
         let ids = ctx.store.window_points(window_id).await?;
-        let bot_for = |c: &str| ctx.cfg.bot_for_collection(c);
+        let bot_for = |c: &str| (ctx.bot_for_collection)(c);
         let fetched = match ctx.points.collections_for(&r.bot, &bot_for).await {
             Ok(colls) => {
                 let range = (
@@ -416,8 +431,8 @@ pub async fn repair(ctx: &Context, limit: i64) -> Result<usize, VectorError> {
 }
 
 /// The periodic repair pass of `recap run`.
-pub async fn run_repair(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let every = ctx.cfg.service.recall_repair_interval;
+pub async fn run_repair(ctx: Repair, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let every = ctx.every;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
