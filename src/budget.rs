@@ -68,6 +68,11 @@ impl PgLedger {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Writes the settlements recorded so far (none are pending: each is written when its call returns).
+    pub async fn flush(&self) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+
     pub async fn reset_own(&self) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE recap_llm_reservations SET usd = 0 WHERE owner = $1")
             .bind(&self.owner)

@@ -39,6 +39,8 @@ Fault injection (settings, all changeable at run time through POST /control):
   reply_style      "plain" (default): the JSON object alone; "aliases": the object inside a ```json fence, carrying
                    each field next to its alias ("summary" and "summary_text", "key_topics" and "topics",
                    "emotional_tone" and "tone") plus keys nobody asked for, as some models answer
+  usage            false -> 200 answers carry no "usage" object (as some endpoints answer); the statistics still
+                   count the call's tokens and cost by the rule above
 
 Statistics (GET /stats): calls_total, calls_ok, calls_failed_by_mode {mode: n} (modes: 429, 500, nonjson, timeout,
 down, bad_request), prompt_tokens_total, completion_tokens_total, cost_total, in_flight, max_concurrency_observed
@@ -79,6 +81,7 @@ DEFAULT_SETTINGS = {
     "down": False,
     "fail_next": 0,
     "reply_style": "plain",
+    "usage": True,
 }
 REPLY_STYLES = ("plain", "aliases")
 
@@ -439,7 +442,7 @@ class Handler(BaseHTTPRequestHandler):
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": "stop", "logprobs": None}],
-            "usage": usage,
+            **({"usage": usage} if settings.get("usage", True) else {}),
         })
         return 200, usage, mode
 

@@ -92,6 +92,11 @@ pub fn estimate_tokens(chars: usize) -> usize {
     chars.div_ceil(4)
 }
 
+/// Estimated tokens of a text.
+pub fn estimate_text_tokens(text: &str) -> usize {
+    estimate_tokens(chars(text))
+}
+
 /// Settings of the LLM summarizer. `Debug` never shows the key.
 #[derive(Clone)]
 pub struct LlmSettings {
