@@ -200,7 +200,11 @@ impl LlmServer {
             .send()
             .await
             .expect("reset the LLM test server");
-        assert!(r.status().is_success(), "LLM test server reset: {}", r.status());
+        assert!(
+            r.status().is_success(),
+            "LLM test server reset: {}",
+            r.status()
+        );
     }
 
     /// The window calls the server counted (`calls_by_purpose.window`), once none is in flight.
@@ -214,7 +218,8 @@ impl LlmServer {
                 .await
                 .expect("LLM test server /stats");
             let v: serde_json::Value =
-                serde_json::from_slice(&r.bytes().await.expect("/stats body")).expect("/stats JSON");
+                serde_json::from_slice(&r.bytes().await.expect("/stats body"))
+                    .expect("/stats JSON");
             if v["in_flight"].as_u64() == Some(0) || Instant::now() > deadline {
                 return v["calls_by_purpose"]["window"].as_u64().unwrap_or(0);
             }

@@ -29,7 +29,13 @@ fn config(s: &Scenario, db_url: &str, llm: &LlmServer, extra: &[&str]) -> Config
     config_for(&s.collection, &s.bot, db_url, llm, extra)
 }
 
-fn config_for(collection: &str, bot: &str, db_url: &str, llm: &LlmServer, extra: &[&str]) -> Config {
+fn config_for(
+    collection: &str,
+    bot: &str,
+    db_url: &str,
+    llm: &LlmServer,
+    extra: &[&str],
+) -> Config {
     let q = env("QDRANT_URL");
     let map = format!("{collection}={bot}");
     let base = llm.api_base();
@@ -277,8 +283,10 @@ async fn case5_a_timed_out_call_is_counted_in_the_spend() {
     let db = fresh_db().await;
     db.migrate().await;
     let llm = LlmServer::start();
-    llm.control(serde_json::json!({"fail_next": 1, "fail_modes": ["timeout"], "timeout_sleep_s": 3}))
-        .await;
+    llm.control(
+        serde_json::json!({"fail_next": 1, "fail_modes": ["timeout"], "timeout_sleep_s": 3}),
+    )
+    .await;
     let (sum, ledger) = ledgered(&db, &llm, "case5-timeout", |s| {
         s.timeout = Duration::from_millis(500);
         s.max_retries = 0;
@@ -287,8 +295,9 @@ async fn case5_a_timed_out_call_is_counted_in_the_spend() {
     let r = sum.summarize(&window_input("u1", TEXTS)).await;
     assert!(matches!(r, Err(SummarizeError::Unavailable(_))), "{r:?}");
     flush(&ledger).await;
-    let completion_floor =
-        f64::from(recap::summarize::llm::MAX_OUTPUT_TOKENS) * sum.settings().price_completion_per_mtok / 1e6;
+    let completion_floor = f64::from(recap::summarize::llm::MAX_OUTPUT_TOKENS)
+        * sum.settings().price_completion_per_mtok
+        / 1e6;
     let usd = spent(&db.pool).await;
     assert!(
         usd >= completion_floor,
@@ -360,53 +369,65 @@ fn case5_cjk_text_is_estimated_at_about_a_token_per_character() {
 
 // ---- case 8 -----------------------------------------------------------------------------------------------------
 
-/// A TCP proxy to Postgres that can cut every connection and refuse new ones for a while (a short outage).
+/// A TCP proxy to Postgres that can cut every connection and refuse new ones for a while (a short outage: its port
+/// is closed meanwhile, so connecting fails as with a Postgres that is down).
 struct Proxy {
     port: u16,
-    down: Arc<std::sync::atomic::AtomicBool>,
-    cut: tokio::sync::watch::Sender<u64>,
+    cut: tokio::sync::watch::Sender<Option<Instant>>,
 }
 
 impl Proxy {
     async fn start(target: std::net::SocketAddr) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (cut, cuts) = tokio::sync::watch::channel(0u64);
-        let d = down.clone();
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let (cut, cuts) = tokio::sync::watch::channel(None::<Instant>);
         tokio::spawn(async move {
+            let mut listener = Some(first);
+            let mut down = cuts.clone();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
+                let l = match listener.take() {
+                    Some(l) => l,
+                    None => match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
                 };
-                if d.load(std::sync::atomic::Ordering::SeqCst) {
-                    drop(inbound); // refused while down
-                    continue;
-                }
-                let mut cuts = cuts.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cuts.changed() => {}
+                tokio::select! {
+                    a = l.accept() => {
+                        let Ok((mut inbound, _)) = a else { return };
+                        listener = Some(l);
+                        let mut cuts = cuts.clone();
+                        cuts.borrow_and_update(); // only cuts from now on end this connection
+                        tokio::spawn(async move {
+                            let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                                return;
+                            };
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                _ = cuts.changed() => {}
+                            }
+                        });
                     }
-                });
+                    _ = down.changed() => {
+                        // down: the port is closed until the outage ends
+                        drop(l);
+                        let until = *down.borrow_and_update();
+                        if let Some(until) = until {
+                            tokio::time::sleep_until(until.into()).await;
+                        }
+                    }
+                }
             }
         });
-        Proxy { port, down, cut }
+        Proxy { port, cut }
     }
 
-    /// Cuts every connection and refuses new ones for `d` (in the background).
+    /// Cuts every connection and refuses new ones for `d`.
     fn outage(&self, d: Duration) {
-        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.cut.send_modify(|n| *n += 1);
-        let down = self.down.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(d).await;
-            down.store(false, std::sync::atomic::Ordering::SeqCst);
-        });
+        let _ = self.cut.send(Some(Instant::now() + d));
     }
 }
 
@@ -414,19 +435,19 @@ impl Proxy {
 /// the row is written with one LLM call, not thrown away and paid again after the lease.
 #[tokio::test(flavor = "multi_thread")]
 async fn case8_a_postgres_outage_at_finish_keeps_the_paid_summary() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("recap=debug")
+        .with_test_writer()
+        .try_init();
     let s = scenario(0).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"latency_ms": 1000})).await;
     let user = "880000000000000008";
     let (id, _) = due_window(&s, user, 3, 0).await;
     let url = reqwest::Url::parse(&s.db.url).unwrap();
-    let target = format!(
-        "{}:{}",
-        url.host_str().unwrap(),
-        url.port().unwrap_or(5432)
-    )
-    .parse()
-    .unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+        .parse()
+        .unwrap();
     let proxy = Proxy::start(target).await;
     let mut proxied = url.clone();
     proxied.set_host(Some("127.0.0.1")).unwrap();
@@ -451,8 +472,9 @@ async fn case8_a_postgres_outage_at_finish_keeps_the_paid_summary() {
         llm.stats().await["in_flight"].as_u64() == Some(1)
     })
     .await;
-    // Postgres unreachable from the worker from now until 2.5 s later: the call returns (1 s) into the outage
-    proxy.outage(Duration::from_millis(2500));
+    // Postgres unreachable from the worker from now until 7 s later: the call returns (1 s) into the outage, and
+    // the finish's wait for a connection (the pool's 5 s acquire timeout) ends in it
+    proxy.outage(Duration::from_secs(7));
     let finished = tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("process_windows returns")
@@ -507,7 +529,11 @@ async fn case9_a_named_point_not_yet_visible_puts_the_window_back() {
         .unwrap();
     assert_eq!(first, vec![(id, Finished::Retrying)]);
     let (state, _, waits) = state_of(&s.db.pool, id).await;
-    assert_eq!((state.as_str(), waits), ("due", true), "put back for a while");
+    assert_eq!(
+        (state.as_str(), waits),
+        ("due", true),
+        "put back for a while"
+    );
     assert!(summary_rows(&s.db.pool, user).await.is_empty());
 
     // the point becomes visible: once the delay has passed the window is summarized with all six messages
