@@ -217,7 +217,7 @@ pub async fn summarize_window(
         if !ctx.store.extend_lease(&ctx.instance, w, lease).await? {
             return Ok(lease_lost(ctx));
         }
-        let gate = LeaseGate::new(ctx, w, lease);
+        let gate = LeaseGate::for_window(ctx, w, lease);
         return crate::summarize::gated(
             gate,
             summarize_prepared(
@@ -262,7 +262,7 @@ struct LeaseGate {
 }
 
 impl LeaseGate {
-    fn new(ctx: &Context, w: &ClaimedWindow, lease: Duration) -> Arc<dyn CallGate> {
+    fn for_window(ctx: &Context, w: &ClaimedWindow, lease: Duration) -> Arc<dyn CallGate> {
         Arc::new(LeaseGate {
             store: ctx.store.clone(),
             owner: ctx.instance.clone(),
@@ -516,8 +516,8 @@ pub async fn process_claimed(
     for (w, p) in windows.iter().zip(prepared) {
         let calls = &calls;
         let running = running.get(&(w.bot.clone(), w.user_id.clone()));
-        let gate =
-            (llm && matches!(p, Prepared::Input { .. })).then(|| LeaseGate::new(ctx, w, lease));
+        let gate = (llm && matches!(p, Prepared::Input { .. }))
+            .then(|| LeaseGate::for_window(ctx, w, lease));
         futs.push(
             async move {
                 let _call = calls.acquire().await;
