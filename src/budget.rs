@@ -63,29 +63,34 @@ impl Settlement {
     }
 }
 
-/// Writes `s` in `tx` (one statement): today's spend and calls grow, `s.owner`'s reservation shrinks.
+/// Writes `s` in `tx`: today's spend and calls grow, `s.owner`'s reservation shrinks. Two statements in this order
+/// (the day row, then the reservation row), the order every ledger transaction locks them in: one statement with a
+/// data-modifying CTE would leave the order to the executor, and two transactions taking the rows in opposite
+/// orders deadlock.
 pub async fn settle_in(
     tx: &mut Transaction<'_, Postgres>,
     s: &Settlement,
 ) -> Result<(), sqlx::Error> {
-    if s.is_empty() {
-        return Ok(());
+    if s.spent_usd > 0.0 || s.calls > 0 {
+        sqlx::query(
+            "INSERT INTO recap_llm_spend (day, spent_usd, calls) VALUES ((now() AT TIME ZONE 'UTC')::date, $1, $2)
+             ON CONFLICT (day) DO UPDATE SET spent_usd = recap_llm_spend.spent_usd + EXCLUDED.spent_usd,
+                calls = recap_llm_spend.calls + EXCLUDED.calls, updated_at = now()",
+        )
+        .bind(s.spent_usd)
+        .bind(s.calls)
+        .execute(&mut **tx)
+        .await?;
     }
-    sqlx::query(
-        "WITH spend AS (
-            INSERT INTO recap_llm_spend (day, spent_usd, calls) SELECT (now() AT TIME ZONE 'UTC')::date, $2, $3
-             WHERE $2 > 0 OR $3 > 0
-            ON CONFLICT (day) DO UPDATE SET spent_usd = recap_llm_spend.spent_usd + EXCLUDED.spent_usd,
-               calls = recap_llm_spend.calls + EXCLUDED.calls, updated_at = now()
-            RETURNING 1)
-         UPDATE recap_llm_reservations SET usd = greatest(usd - $4, 0) WHERE owner = $1 AND $4 > 0",
-    )
-    .bind(&s.owner)
-    .bind(s.spent_usd)
-    .bind(s.calls)
-    .bind(s.release_usd)
-    .execute(&mut **tx)
-    .await?;
+    if s.release_usd > 0.0 {
+        sqlx::query(
+            "UPDATE recap_llm_reservations SET usd = greatest(usd - $2, 0) WHERE owner = $1",
+        )
+        .bind(&s.owner)
+        .bind(s.release_usd)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 
@@ -138,6 +143,9 @@ pub struct PgLedger {
     /// Calls one reservation transaction reserves ahead for (1: each call its own).
     chunk: usize,
     local: Mutex<Local>,
+    /// One reservation transaction of this replica at a time: calls that find the remainder used up wait for the
+    /// grant under way and draw from it.
+    granting: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -151,6 +159,7 @@ impl PgLedger {
             pool,
             in_flight: AtomicUsize::new(0),
             chunk: 1,
+            granting: tokio::sync::Mutex::new(()),
             local: Mutex::new(Local {
                 pool_usd: 0.0,
                 pool_until: Instant::now(),
@@ -207,12 +216,20 @@ impl PgLedger {
         budget: f64,
         ttl: Duration,
     ) -> Result<Reserve, sqlx::Error> {
-        {
+        let draw = || {
             let mut l = lock(&self.local);
             if l.pool_usd >= estimate && Instant::now() < l.pool_until {
                 l.pool_usd -= estimate;
-                return Ok(Reserve::Granted { usd: estimate });
+                return true;
             }
+            false
+        };
+        if draw() {
+            return Ok(Reserve::Granted { usd: estimate });
+        }
+        let _one = self.granting.lock().await;
+        if draw() {
+            return Ok(Reserve::Granted { usd: estimate });
         }
         // A new grant: the settlements pending and the unused remainder are written in its transaction.
         let pending = {

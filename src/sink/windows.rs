@@ -160,10 +160,13 @@ impl Store {
             return Ok(Vec::new());
         }
         let (ids, versions): (Vec<i64>, Vec<i32>) = windows.iter().copied().unzip();
+        // Locked in id order, as the finish locks its windows, so the two never wait on each other in a circle.
         let held = sqlx::query_scalar(
             "UPDATE recap_windows w SET lease_until = now() + $4 * interval '1 millisecond'
-             FROM unnest($1::bigint[], $2::int[]) AS x(id, version)
-             WHERE w.id = x.id AND w.version = x.version AND w.lease_owner = $3 AND w.state = 'due'
+             FROM (SELECT v.id FROM recap_windows v JOIN unnest($1::bigint[], $2::int[]) AS x(id, version)
+                     ON v.id = x.id AND v.version = x.version
+                   WHERE v.lease_owner = $3 AND v.state = 'due' ORDER BY v.id FOR UPDATE OF v) c
+             WHERE w.id = c.id
              RETURNING w.id",
         )
         .bind(&ids)
