@@ -268,14 +268,17 @@ impl PgLedger {
         ttl: Duration,
     ) -> Result<(Reserve, f64, f64), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        settle_in(&mut tx, pending).await?;
-        // the day row's lock serializes every replica's check-and-reserve
+        // The day row first (its lock serializes every replica's check-and-reserve), then the pending settlements
+        // (the day row again, then this replica's reservation row): every ledger transaction locks the day row
+        // before the reservation row.
         let spent: f64 = sqlx::query_scalar(
             "INSERT INTO recap_llm_spend (day) VALUES ((now() AT TIME ZONE 'UTC')::date)
              ON CONFLICT (day) DO UPDATE SET day = EXCLUDED.day RETURNING spent_usd",
         )
         .fetch_one(&mut *tx)
         .await?;
+        settle_in(&mut tx, pending).await?;
+        let spent = spent + pending.spent_usd;
         // read after the lock is held (a new snapshot): every reservation committed before it is seen
         let reserved: f64 = sqlx::query_scalar(
             "SELECT coalesce(sum(usd), 0)::float8 FROM recap_llm_reservations WHERE expires_at > now()",
