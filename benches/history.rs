@@ -18,9 +18,17 @@
 //! also taken at the first row, splitting the span into the sweep (reading the history, closing windows) and the
 //! window workers after it (the two overlap a little), and the test server's CPU / wall says how busy it was.
 //!
+//! LLM mode (`BENCH_HISTORY_SUMMARIZER=llm`, issue 25): the same history with SUMMARIZER llm against the LLM test
+//! server of `scripts/services` (`LLM_BASE_URL`; it answers in about 1 ms), `LLM_CONCURRENCY` 8, no request rate limit
+//! and a daily budget far above the run's spend (so every call goes through the shared budget's reservation, as in
+//! production). Before each run the server's counters are reset; after it, `/stats` gives the LLM calls per window
+//! (`calls_by_purpose.window` / windows), which must be 1.00. Its figures are `history_llm_*`.
+//!
 //! Needs DATABASE_URL, QDRANT_URL and RECAP_SERVICES_DIR (`eval "$(scripts/services up)"`; QDRANT_URL may be a real
 //! Qdrant, then its CPU is not reported). `cargo bench --bench history`. Environment: `BENCH_HISTORY_USERS` (200),
-//! `BENCH_HISTORY_BOTS` (3), `BENCH_HISTORY_SESSIONS` (5), `BENCH_HISTORY_MESSAGES` (12), `BENCH_RUNS` (3).
+//! `BENCH_HISTORY_BOTS` (3), `BENCH_HISTORY_SESSIONS` (5), `BENCH_HISTORY_MESSAGES` (12), `BENCH_RUNS` (3),
+//! `BENCH_HISTORY_SUMMARIZER` (`extractive`, or `llm`: needs LLM_BASE_URL), `RECAP_QDRANT_KIND` (printed: `real` or
+//! `test`, as `scripts/services` says).
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 
 use std::collections::HashMap;
@@ -165,6 +173,61 @@ fn service_pid(name: &str) -> Option<u32> {
 
 // ---------------------------------------------------------------------------------------------------------------
 
+/// The LLM test server of `scripts/services` (LLM mode).
+struct LlmServer {
+    /// The API base (`LLM_BASE_URL`, `.../v1`).
+    base: String,
+    /// The server root (`/stats`, `/control/reset`).
+    root: String,
+    http: reqwest::Client,
+}
+
+impl LlmServer {
+    fn from_env() -> LlmServer {
+        let base = env("LLM_BASE_URL").trim_end_matches('/').to_string();
+        let root = base.trim_end_matches("/v1").to_string();
+        LlmServer {
+            base,
+            root,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn reset(&self) {
+        let r = self
+            .http
+            .post(format!("{}/control/reset", self.root))
+            .send()
+            .await
+            .expect("reset the LLM test server");
+        assert!(
+            r.status().is_success(),
+            "LLM test server reset: {}",
+            r.status()
+        );
+    }
+
+    /// The window calls the server counted (`calls_by_purpose.window`), once none is in flight.
+    async fn window_calls(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .http
+                .get(format!("{}/stats", self.root))
+                .send()
+                .await
+                .expect("LLM test server /stats");
+            let v: serde_json::Value =
+                serde_json::from_slice(&r.bytes().await.expect("/stats body"))
+                    .expect("/stats JSON");
+            if v["in_flight"].as_u64() == Some(0) || Instant::now() > deadline {
+                return v["calls_by_purpose"]["window"].as_u64().unwrap_or(0);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 struct Recap(Child);
 
 impl Drop for Recap {
@@ -175,6 +238,8 @@ impl Drop for Recap {
 }
 
 struct RunResult {
+    /// LLM mode: the window calls the LLM test server counted
+    window_calls: Option<u64>,
     seconds: f64,
     first_row: f64,
     recap_cpu: f64,
@@ -190,6 +255,7 @@ async fn run(
     shape: &Shape,
     r: usize,
     q: &std::sync::Arc<qdrant_client::Qdrant>,
+    llm: Option<&LlmServer>,
 ) -> RunResult {
     // ---- setup (not timed)
     let tag = format!("hb{}", token());
@@ -232,7 +298,7 @@ async fn run(
 
     // ---- timed: `recap run`, sweep-only, until the last row
     let log = std::env::temp_dir().join(format!("recap-bench-history-{tag}.log"));
-    let envs = [
+    let mut envs = vec![
         ("DATABASE_URL", db_url.as_str()),
         ("QDRANT_URL", qdrant_url),
         ("HTTP_ADDR", "127.0.0.1:0"),
@@ -241,6 +307,17 @@ async fn run(
         ("LOOKBACK_DAYS", "7"),
         ("RUST_LOG", "warn"),
     ];
+    if let Some(llm) = llm {
+        llm.reset().await;
+        envs[3].1 = "llm";
+        envs.extend([
+            ("LLM_BASE_URL", llm.base.as_str()),
+            ("LLM_API_KEY", "bench-history-key"),
+            ("LLM_CONCURRENCY", "8"),
+            ("LLM_REQUESTS_PER_SECOND", "100000"),
+            ("LLM_DAILY_BUDGET_USD", "100000"),
+        ]);
+    }
     let pattern = format!("whisperengine_memory_{tag}_*");
     let (qdrant_pid, pg_pid) = (service_pid("qdrant"), service_pid("postgres"));
     let (q0, p0) = (qdrant_pid.map(tree_ticks), pg_pid.map(tree_ticks));
@@ -295,6 +372,10 @@ async fn run(
     };
     let (q1, p1) = (qdrant_pid.map(tree_ticks), pg_pid.map(tree_ticks));
     drop(recap);
+    let window_calls = match llm {
+        Some(llm) => Some(llm.window_calls().await),
+        None => None,
+    };
     let tck = clk_tck();
 
     // ---- checks (not timed)
@@ -326,6 +407,7 @@ async fn run(
     }
     let _ = std::fs::remove_file(&log);
     RunResult {
+        window_calls,
         seconds,
         first_row: first_row.unwrap_or(seconds),
         recap_cpu: recap_ticks as f64 / tck,
@@ -355,9 +437,20 @@ async fn main() {
         messages: env_usize("BENCH_HISTORY_MESSAGES", 12).max(5),
     };
     let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let llm = match std::env::var("BENCH_HISTORY_SUMMARIZER").as_deref() {
+        Ok("llm") => Some(LlmServer::from_env()),
+        Ok("extractive") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("BENCH_HISTORY_SUMMARIZER={other}: use extractive or llm"),
+    };
+    let (mode, prefix) = match llm {
+        Some(_) => ("LLM (test server, LLM_CONCURRENCY 8)", "history_llm"),
+        None => ("extractive", "history"),
+    };
+    let qdrant_kind = std::env::var("RECAP_QDRANT_KIND").unwrap_or_else(|_| "unknown".into());
+    let metric = |m: &str| format!("{prefix}_{m}");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "history benchmark: {} points ({} bots x {} users x {} sessions x {} messages), {} windows, `recap run` sweep-only, extractive, {runs} runs, {cores} cores",
+        "history benchmark: {} points ({} bots x {} users x {} sessions x {} messages), {} windows, `recap run` sweep-only, {mode}, {runs} runs, {cores} cores, Qdrant: {qdrant_kind}",
         shape.points(),
         shape.bots,
         shape.users,
@@ -377,7 +470,7 @@ async fn main() {
         ("Qdrant test server CPU / wall", "x", vec![]),
     ];
     for r in 0..runs {
-        let res = run(&admin, &qdrant_url, &shape, r, &q).await;
+        let res = run(&admin, &qdrant_url, &shape, r, &q, llm.as_ref()).await;
         let wps = shape.windows() as f64 / res.seconds;
         let (qc, pc) = (
             res.qdrant_cpu.unwrap_or(0.0),
@@ -394,9 +487,9 @@ async fn main() {
             opt(res.postgres_cpu),
             res.seconds * cores as f64
         );
-        emit("history_seconds", res.seconds, "s");
-        emit("history_first_row_seconds", res.first_row, "s");
-        emit("history_windows_per_sec", wps, "windows/s");
+        emit(&metric("seconds"), res.seconds, "s");
+        emit(&metric("first_row_seconds"), res.first_row, "s");
+        emit(&metric("windows_per_sec"), wps, "windows/s");
         let [fr, fq, fp] = res.first_cpu;
         eprintln!(
             "  run {r}: CPU up to the first row (the sweep): recap {}, Qdrant test server {}, PostgreSQL {}; after it (the windows): recap {}, Qdrant test server {}, PostgreSQL {}",
@@ -407,19 +500,32 @@ async fn main() {
             opt(fq.zip(res.qdrant_cpu).map(|(a, b)| b - a)),
             opt(fp.zip(res.postgres_cpu).map(|(a, b)| b - a)),
         );
-        emit("history_recap_cpu_s", res.recap_cpu, "s");
+        emit(&metric("recap_cpu_s"), res.recap_cpu, "s");
+        if let Some(calls) = res.window_calls {
+            let per_window = calls as f64 / shape.windows() as f64;
+            eprintln!(
+                "  run {r}: {calls} window calls at the LLM test server for {} windows: {per_window:.2} per window",
+                shape.windows()
+            );
+            emit(&metric("calls_per_window"), per_window, "calls");
+            assert_eq!(
+                calls,
+                shape.windows() as u64,
+                "one LLM call per window (counted at the LLM test server)"
+            );
+        }
         agg[0].2.push(res.seconds);
         agg[1].2.push(res.first_row);
         agg[2].2.push(wps);
         agg[3].2.push(res.recap_cpu);
         if let Some(v) = res.qdrant_cpu {
-            emit("history_qdrant_cpu_s", v, "s");
-            emit("history_qdrant_busy_share", v / res.seconds, "x");
+            emit(&metric("qdrant_cpu_s"), v, "s");
+            emit(&metric("qdrant_busy_share"), v / res.seconds, "x");
             agg[4].2.push(v);
             agg[7].2.push(v / res.seconds);
         }
         if let Some(v) = res.postgres_cpu {
-            emit("history_postgres_cpu_s", v, "s");
+            emit(&metric("postgres_cpu_s"), v, "s");
             agg[5].2.push(v);
         }
         agg[6].2.push(idle);

@@ -63,6 +63,8 @@ pub enum SkipReason {
     NoContent,
     /// A stored point id Qdrant cannot parse (not a UUID or an unsigned integer): never asked for.
     BadPointId,
+    /// A point the window names that no collection returned (not visible yet, or deleted).
+    NotFound,
 }
 
 impl SkipReason {
@@ -74,6 +76,7 @@ impl SkipReason {
             SkipReason::ConversationPair => "conversation_pair",
             SkipReason::NoContent => "no_content",
             SkipReason::BadPointId => "bad_point_id",
+            SkipReason::NotFound => "not_found",
         }
     }
 }
@@ -372,7 +375,10 @@ impl Points {
         }
         for (i, ids) in wanted.iter().enumerate() {
             for id in ids {
-                let Some(p) = by_id.get(id) else { continue };
+                let Some(p) = by_id.get(id) else {
+                    *skipped[i].entry(SkipReason::NotFound).or_default() += 1;
+                    continue;
+                };
                 if !seen[i].insert(id.clone()) {
                     continue;
                 }

@@ -192,6 +192,17 @@ pub const METRICS: &[Metric] = &[
         Counter,
         "Windows not sent to the LLM because their lease was no longer this replica's (or the window changed).",
     ),
+    l(
+        "recap_window_points_missing_total",
+        Counter,
+        "Windows whose named points Qdrant did not show yet: put back for a while (waited), or past the wait summarized from what is visible (proceeded).",
+        &[("outcome", &["waited", "proceeded"])],
+    ),
+    m(
+        "recap_window_finish_retries_total",
+        Counter,
+        "Window finish transactions tried again after a lost Postgres connection (the paid results are kept).",
+    ),
     m(
         "recap_window_write_errors_total",
         Counter,

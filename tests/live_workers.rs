@@ -360,6 +360,10 @@ async fn the_spend_ledger_admits_at_most_the_budget_plus_one_call() {
     while let Some(n) = tasks.join_next().await {
         calls += n.unwrap();
     }
+    // settlements are written in batches (the next reservation, a finish transaction, a flush)
+    for l in &ledgers {
+        l.flush().await.unwrap();
+    }
     let (spent, recorded): (f64, i64) =
         sqlx::query_as("SELECT spent_usd, calls FROM recap_llm_spend")
             .fetch_one(&db.pool)

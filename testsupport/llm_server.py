@@ -19,9 +19,10 @@ answers a model it does not have (mode "model_not_found" in the statistics).
   GET  /healthz               "ok"
 
 Token counting and cost (the same simple rule for every call, so tests can recompute it):
-  prompt_tokens     = ceil(sum of the character lengths of all message contents / 4)
-                      (a content given as a list of parts counts the "text" of each part)
-  completion_tokens = ceil(len(choices[0].message.content) / 4)
+  prompt_tokens     = ceil(sum of the token units of all message contents / 4)
+                      (a content given as a list of parts counts the "text" of each part; a unit is 1 per Latin
+                      character, 4 per any other: CJK text counts about a token a character)
+  completion_tokens = ceil(units(choices[0].message.content) / 4)
   total_tokens      = prompt_tokens + completion_tokens
   cost (USD)        = prompt_tokens * 1e-6 + completion_tokens * 5e-6
 Only 200 answers (ok and "nonjson") carry usage and add to the token and cost totals.
@@ -39,6 +40,8 @@ Fault injection (settings, all changeable at run time through POST /control):
   reply_style      "plain" (default): the JSON object alone; "aliases": the object inside a ```json fence, carrying
                    each field next to its alias ("summary" and "summary_text", "key_topics" and "topics",
                    "emotional_tone" and "tone") plus keys nobody asked for, as some models answer
+  usage            false -> 200 answers carry no "usage" object (as some endpoints answer); the statistics still
+                   count the call's tokens and cost by the rule above
 
 Statistics (GET /stats): calls_total, calls_ok, calls_failed_by_mode {mode: n} (modes: 429, 500, nonjson, timeout,
 down, bad_request), prompt_tokens_total, completion_tokens_total, cost_total, in_flight, max_concurrency_observed
@@ -79,6 +82,7 @@ DEFAULT_SETTINGS = {
     "down": False,
     "fail_next": 0,
     "reply_style": "plain",
+    "usage": True,
 }
 REPLY_STYLES = ("plain", "aliases")
 
@@ -179,8 +183,19 @@ def last_user_text(body):
     return last
 
 
-def tokens(chars):
-    return math.ceil(chars / 4)
+def is_latin(c):
+    o = ord(c)
+    return o < 0x0250 or 0x1E00 <= o <= 0x1EFF or 0x2000 <= o <= 0x206F
+
+
+def units(text):
+    """Token units of a text, a quarter token each: 1 per Latin character, 4 (a whole token) per any other (CJK is
+    about a token per character). recap's `summarize::llm::token_units` is the same rule."""
+    return sum(1 if is_latin(c) else 4 for c in text)
+
+
+def tokens(n_units):
+    return math.ceil(n_units / 4)
 
 
 class State:
@@ -428,8 +443,8 @@ class Handler(BaseHTTPRequestHandler):
             content = "```json\n" + json.dumps(both, indent=2) + "\n```"
         else:
             content = json.dumps(result)
-        prompt_chars = sum(len(content_text(m.get("content"))) for m in messages if isinstance(m, dict))
-        pt, ct = tokens(prompt_chars), tokens(len(content))
+        prompt_units = sum(units(content_text(m.get("content"))) for m in messages if isinstance(m, dict))
+        pt, ct = tokens(prompt_units), tokens(units(content))
         usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct,
                  "cost": round(pt * PROMPT_PRICE + ct * COMPLETION_PRICE, 12)}
         self.send_json(200, {
@@ -439,7 +454,7 @@ class Handler(BaseHTTPRequestHandler):
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": "stop", "logprobs": None}],
-            "usage": usage,
+            **({"usage": usage} if settings.get("usage", True) else {}),
         })
         return 200, usage, mode
 

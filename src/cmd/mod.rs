@@ -259,7 +259,8 @@ pub async fn summarizer(
     let mut llm = LlmSummarizer::new(settings)?;
     if let Some(store) = store {
         // the budget and the spend live in Postgres, one ledger for every replica
-        let ledger = crate::budget::PgLedger::new(store.pool().clone(), cfg.instance_id());
+        let ledger = crate::budget::PgLedger::new(store.pool().clone(), cfg.instance_id())
+            .with_chunk(cfg.llm.llm_concurrency);
         if let Err(e) = ledger.reset_own().await {
             tracing::warn!(error = %e, "could not reset this replica's budget reservations (they expire by themselves)");
         }

@@ -9,9 +9,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Context, jittered, loop_backoff, now_ms, sleep_or_shutdown};
-use crate::fetch::{FetchError, Fetched, WindowQuery};
+use crate::fetch::{FetchError, Fetched, SkipReason, WindowQuery};
 use crate::sink::{ClaimedWindow, Finished, StoreError, StoredRunning, WindowOutcome};
-use crate::summarize::{Purpose, SummarizeError, SummarizerKind, WindowInput};
+use crate::summarize::{CallGate, Purpose, SummarizeError, SummarizerKind, WindowInput};
+
+/// How long after its close a window whose named points Qdrant does not show yet waits for them (issue 24 case 9):
+/// the bots store a point before publishing its event, so a named point missing this long after the window closed
+/// is not a visibility delay (deleted, or written elsewhere); the window then proceeds with what is visible.
+pub const MISSING_POINTS_WAIT: Duration = Duration::from_secs(30);
+/// The delay before a window waiting for its named points is claimed again (jittered); so it is tried at most about
+/// `MISSING_POINTS_WAIT / MISSING_POINTS_RETRY` times.
+pub const MISSING_POINTS_RETRY: Duration = Duration::from_secs(2);
 
 /// Back-off for a window that failed: 5 s, 10 s, 20 s ... capped at 10 minutes.
 fn retry_delay(attempts: i32) -> Duration {
@@ -58,6 +66,39 @@ fn prepare(ctx: &Context, w: &ClaimedWindow, ids: &[String], fetched: Fetched) -
         metrics::counter!("recap_points_skipped_total", "reason" => reason.as_str())
             .increment(*n as u64);
     }
+    // Named points Qdrant does not show (yet): wait for them a bounded time, then go on with what is visible.
+    let missing = skipped.get(&SkipReason::NotFound).copied().unwrap_or(0);
+    if missing > 0 {
+        let since_close = Duration::from_millis((now_ms() - w.closed_at_ms).max(0) as u64);
+        let span = window_span(w);
+        let _e = span.enter();
+        if since_close < MISSING_POINTS_WAIT {
+            metrics::counter!("recap_window_points_missing_total", "outcome" => "waited")
+                .increment(1);
+            info!(
+                missing,
+                named = ids.len(),
+                "named points not visible in Qdrant yet; the window waits for them"
+            );
+            return Prepared::Outcome(retry(
+                ctx,
+                format!(
+                    "{missing} of the window's {} named points are not visible in Qdrant yet",
+                    ids.len()
+                ),
+                jittered(MISSING_POINTS_RETRY),
+                false,
+            ));
+        }
+        metrics::counter!("recap_window_points_missing_total", "outcome" => "proceeded")
+            .increment(1);
+        warn!(
+            missing,
+            named = ids.len(),
+            waited_s = MISSING_POINTS_WAIT.as_secs(),
+            "named points still not visible in Qdrant; summarizing the window from the points that are"
+        );
+    }
     let known: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let extra = messages
         .iter()
@@ -91,10 +132,11 @@ fn prepare(ctx: &Context, w: &ClaimedWindow, ids: &[String], fetched: Fetched) -
     }
 }
 
-/// Summarizes a prepared window. Before an LLM call the window's lease is extended: never call the LLM for a lease
-/// that is not ours any more (the heartbeat keeps it while the call runs). A lost lease or a changed window is
-/// written as nothing (the finish finds it stale). The extractive summarizer costs no money and little time, and the
-/// finish checks the lease again: no extension for it.
+/// Summarizes a prepared window. With the LLM summarizer the caller has extended the window's lease right before
+/// (`extend_leases`, one statement per batch), and runs this under the window's [`LeaseGate`], so every attempt
+/// after the first (a retry, the repair call) checks the lease and version again and none is sent for a window that
+/// is no longer this worker's or changed. A lost lease or a changed window is written as nothing (the finish finds
+/// it stale). The extractive summarizer costs no money and little time, and the finish checks the lease again.
 async fn summarize_prepared(
     ctx: &Context,
     w: &ClaimedWindow,
@@ -110,18 +152,6 @@ async fn summarize_prepared(
         } => (input, extra, message_count),
     };
     let text_chars = input.text_chars();
-    let lease = Duration::from_secs(ctx.cfg.service.lease_seconds.into());
-    if ctx.summarizer.kind() == SummarizerKind::Llm
-        && !ctx.store.extend_lease(&ctx.instance, w, lease).await?
-    {
-        metrics::counter!("recap_window_leases_lost_total").increment(1);
-        return Ok(retry(
-            ctx,
-            "lease lost or window changed before the summarizer call".into(),
-            Duration::ZERO,
-            false,
-        ));
-    }
     let span = (input.start_ms, input.end_ms);
     // From the window's valid running summary plus the messages since, when it has one (CONTEXT_SUMMARY_EVERY).
     let (result, from_running) = super::running::summarize_from(
@@ -168,6 +198,7 @@ pub async fn summarize_window(
         return Ok(not_ready(ctx, e));
     }
     let ids = ctx.store.window_points(w.id).await?;
+    let lease = Duration::from_secs(ctx.cfg.service.lease_seconds.into());
     let bot_for = |c: &str| ctx.cfg.bot_for_collection(c);
     let fetched = match ctx.points.collections_for(&w.bot, &bot_for).await {
         Ok(colls) => {
@@ -182,6 +213,22 @@ pub async fn summarize_window(
         Err(e) => Prepared::Outcome(fetch_failed(ctx, &e)),
     };
     let running = running_of(ctx, std::slice::from_ref(w)).await?;
+    if ctx.summarizer.kind() == SummarizerKind::Llm && matches!(prepared, Prepared::Input { .. }) {
+        if !ctx.store.extend_lease(&ctx.instance, w, lease).await? {
+            return Ok(lease_lost(ctx));
+        }
+        let gate = LeaseGate::for_window(ctx, w, lease);
+        return crate::summarize::gated(
+            gate,
+            summarize_prepared(
+                ctx,
+                w,
+                prepared,
+                running.get(&(w.bot.clone(), w.user_id.clone())),
+            ),
+        )
+        .await;
+    }
     summarize_prepared(
         ctx,
         w,
@@ -189,6 +236,63 @@ pub async fn summarize_window(
         running.get(&(w.bot.clone(), w.user_id.clone())),
     )
     .await
+}
+
+/// A window whose lease was no longer this worker's (or that changed) before its LLM call: nothing is called; the
+/// finish finds it stale.
+fn lease_lost(ctx: &Context) -> WindowOutcome {
+    metrics::counter!("recap_window_leases_lost_total").increment(1);
+    retry(
+        ctx,
+        "lease lost or window changed before the summarizer call".into(),
+        Duration::ZERO,
+        false,
+    )
+}
+
+/// The check before each LLM attempt of a window ([`CallGate`]): its lease extended while it is still this worker's,
+/// due and at the claimed version (`Store::extend_lease`). The first attempt is admitted without a round trip: the
+/// caller extended the lease right before (for a batch in one statement).
+struct LeaseGate {
+    store: crate::sink::Store,
+    owner: String,
+    window: ClaimedWindow,
+    lease: Duration,
+    checked: std::sync::atomic::AtomicBool,
+}
+
+impl LeaseGate {
+    fn for_window(ctx: &Context, w: &ClaimedWindow, lease: Duration) -> Arc<dyn CallGate> {
+        Arc::new(LeaseGate {
+            store: ctx.store.clone(),
+            owner: ctx.instance.clone(),
+            window: w.clone(),
+            lease,
+            checked: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+}
+
+impl CallGate for LeaseGate {
+    fn admit(&self) -> futures::future::BoxFuture<'_, Result<bool, String>> {
+        Box::pin(async move {
+            if self
+                .checked
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Ok(true);
+            }
+            let ok = self
+                .store
+                .extend_lease(&self.owner, &self.window, self.lease)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !ok {
+                metrics::counter!("recap_window_leases_lost_total").increment(1);
+            }
+            Ok(ok)
+        })
+    }
 }
 
 /// The stored running summaries of the windows' keys (none when CONTEXT_SUMMARY_EVERY is 0), in one query.
@@ -212,9 +316,15 @@ async fn running_of(
 async fn fetch_batch(
     ctx: &Context,
     windows: &[ClaimedWindow],
+    ids: Option<HashMap<i64, Vec<String>>>,
 ) -> Result<Vec<Prepared>, StoreError> {
-    let all: Vec<i64> = windows.iter().map(|w| w.id).collect();
-    let ids = ctx.store.window_point_ids(&all).await?;
+    let ids = match ids {
+        Some(ids) => ids,
+        None => {
+            let all: Vec<i64> = windows.iter().map(|w| w.id).collect();
+            ctx.store.window_point_ids(&all).await?
+        }
+    };
     let none: Vec<String> = Vec::new();
     let ids_of = |w: &ClaimedWindow| ids.get(&w.id).unwrap_or(&none);
     let mut by_bot: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -351,16 +461,54 @@ pub async fn process_windows(
     windows: Vec<ClaimedWindow>,
     release: &(dyn Fn(i64) + Sync),
 ) -> Result<Vec<(i64, Finished)>, StoreError> {
+    process_claimed(ctx, windows, None, release).await
+}
+
+/// [`process_windows`] with the windows' point ids when the claim read them already
+/// ([`crate::sink::Store::claim_due_with_points`]). The round trips of a batch of n windows with the LLM summarizer:
+/// the claim (with the point ids), the running summaries of the keys (when CONTEXT_SUMMARY_EVERY is on), Qdrant's
+/// retrieve and scroll, one lease extension for all n right before their calls, the n calls (a budget reservation
+/// only every LLM_CONCURRENCY calls: [`crate::budget`]), one finish transaction that also writes the calls' costs,
+/// then the summary vectors. A retry or repair call adds one lease check each.
+pub async fn process_claimed(
+    ctx: &Context,
+    windows: Vec<ClaimedWindow>,
+    ids: Option<HashMap<i64, Vec<String>>>,
+    release: &(dyn Fn(i64) + Sync),
+) -> Result<Vec<(i64, Finished)>, StoreError> {
     if windows.is_empty() {
         return Ok(Vec::new());
     }
-    let prepared = match ctx.summarizer.ready().await {
-        Ok(()) => fetch_batch(ctx, &windows).await?,
+    let lease = Duration::from_secs(ctx.cfg.service.lease_seconds.into());
+    let llm = ctx.summarizer.kind() == SummarizerKind::Llm;
+    let mut prepared = match ctx.summarizer.ready().await {
+        Ok(()) => fetch_batch(ctx, &windows, ids).await?,
         Err(e) => windows
             .iter()
             .map(|_| Prepared::Outcome(not_ready(ctx, &e)))
             .collect(),
     };
+    // Right before the calls: the leases of the windows about to be sent, extended in one statement; a window no
+    // longer this worker's or changed since the claim is not sent.
+    if llm {
+        let to_call: Vec<(i64, i32)> = windows
+            .iter()
+            .zip(&prepared)
+            .filter(|(_, p)| matches!(p, Prepared::Input { .. }))
+            .map(|(w, _)| (w.id, w.version))
+            .collect();
+        if !to_call.is_empty() {
+            let held = ctx
+                .store
+                .extend_leases(&ctx.instance, &to_call, lease)
+                .await?;
+            for (w, p) in windows.iter().zip(prepared.iter_mut()) {
+                if matches!(p, Prepared::Input { .. }) && !held.contains(&w.id) {
+                    *p = Prepared::Outcome(lease_lost(ctx));
+                }
+            }
+        }
+    }
     let running = running_of(ctx, &windows).await?;
     // LLM_CONCURRENCY calls at once, in claim order (the semaphore is fair).
     let calls = tokio::sync::Semaphore::new(ctx.cfg.llm.llm_concurrency.max(1));
@@ -368,10 +516,17 @@ pub async fn process_windows(
     for (w, p) in windows.iter().zip(prepared) {
         let calls = &calls;
         let running = running.get(&(w.bot.clone(), w.user_id.clone()));
+        let gate = (llm && matches!(p, Prepared::Input { .. }))
+            .then(|| LeaseGate::for_window(ctx, w, lease));
         futs.push(
             async move {
                 let _call = calls.acquire().await;
-                let r = summarize_prepared(ctx, w, p, running).await;
+                let r = match gate {
+                    Some(gate) => {
+                        crate::summarize::gated(gate, summarize_prepared(ctx, w, p, running)).await
+                    }
+                    None => summarize_prepared(ctx, w, p, running).await,
+                };
                 release(w.id);
                 r
             }
@@ -389,10 +544,10 @@ pub async fn process_windows(
         }
     }
     let batch: Vec<(&ClaimedWindow, &WindowOutcome)> = todo.iter().map(|(w, o)| (*w, o)).collect();
-    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> = match ctx
-        .store
-        .finish_windows(&ctx.instance, &batch)
-        .await
+    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> = match finish_batch(
+        ctx, &batch, lease,
+    )
+    .await
     {
         Ok(f) => todo
             .into_iter()
@@ -435,6 +590,47 @@ pub async fn process_windows(
         .collect())
 }
 
+/// The batch's finish transaction, carrying the LLM spend settled since the last write (issue 25), and tried again
+/// while Postgres cannot be reached (issue 24 case 8): the results are paid for, so they are kept and written once
+/// Postgres is back, for at most a lease (`lease`, from the first failure; the heartbeat keeps renewing the leases
+/// meanwhile, and the finish checks each window's lease and version, so a window taken over is skipped). Other
+/// errors are returned at once (the caller finishes one by one).
+async fn finish_batch(
+    ctx: &Context,
+    batch: &[(&ClaimedWindow, &WindowOutcome)],
+    lease: Duration,
+) -> Result<Vec<Finished>, StoreError> {
+    use backon::{ExponentialBuilder, Retryable};
+    let ledger = ctx.summarizer.ledger();
+    let deadline = std::time::Instant::now() + lease;
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(usize::MAX)
+        .with_jitter();
+    (|| async {
+        let settlement = ledger.as_ref().and_then(|l| l.take_pending());
+        let r = ctx
+            .store
+            .finish_windows_settling(&ctx.instance, batch, settlement.as_ref())
+            .await;
+        if r.is_err()
+            && let (Some(l), Some(s)) = (&ledger, settlement)
+        {
+            l.restore_pending(s);
+        }
+        r
+    })
+    .retry(backoff)
+    .when(|e: &StoreError| e.is_connection() && std::time::Instant::now() < deadline)
+    .notify(|e, wait| {
+        metrics::counter!("recap_window_finish_retries_total").increment(1);
+        warn!(windows = batch.len(), error = %e, retry_in_ms = wait.as_millis() as u64,
+            "cannot write the finished windows (Postgres unreachable); keeping the results and retrying");
+    })
+    .await
+}
+
 /// Processes one claimed window end to end ([`process_windows`] for one window).
 pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished, StoreError> {
     let id = w.id;
@@ -445,6 +641,9 @@ pub async fn process_window(ctx: &Context, w: ClaimedWindow) -> Result<Finished,
         .map(|(_, f)| f)
         .ok_or(StoreError::Invariant("the window was not finished"))
 }
+
+/// How long a claim waits for more free LLM slots (see `run_workers`).
+const CLAIM_GATHER: Duration = Duration::from_millis(10);
 
 /// How a worker batches: windows per claim, and batches in flight at once. With the LLM summarizer a worker claims
 /// only what it can start now (at most LLM_CONCURRENCY, ENRICHMENT_BATCH_SIZE caps it); with the extractive one
@@ -459,21 +658,30 @@ pub fn batch_shape(ctx: &Context) -> (usize, usize) {
     }
 }
 
-/// The windows a worker is working on, whose leases a background task renews every third of the lease until the
-/// window is finished (so a window waiting for a slow LLM is never claimed by another replica).
+/// The windows a worker is working on (id and claimed version), whose leases a background task renews every third
+/// of the lease until the window is finished (so a window waiting for a slow LLM is never claimed by another
+/// replica), as long as the window is still at that version (a changed window's result will be thrown away: its
+/// lease is let go). The same task writes the LLM spend settled meanwhile (running summaries and rollups have no
+/// finish transaction of their own to carry it).
 struct Heartbeat {
-    ids: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+    ids: Arc<std::sync::Mutex<HashMap<i64, i32>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Heartbeat {
     fn start(ctx: &Context, lease: Duration) -> Heartbeat {
-        let ids: Arc<std::sync::Mutex<std::collections::HashSet<i64>>> = Arc::default();
+        let ids: Arc<std::sync::Mutex<HashMap<i64, i32>>> = Arc::default();
         let (store, owner, held) = (ctx.store.clone(), ctx.instance.clone(), ids.clone());
+        let ledger = ctx.summarizer.ledger();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(lease / 3).await;
-                let now: Vec<i64> = lock(&held).iter().copied().collect();
+                if let Some(l) = &ledger
+                    && let Err(e) = l.flush().await
+                {
+                    warn!(error = %e, "cannot write the LLM spend; retrying");
+                }
+                let now: Vec<(i64, i32)> = lock(&held).iter().map(|(k, v)| (*k, *v)).collect();
                 if now.is_empty() {
                     continue;
                 }
@@ -493,8 +701,15 @@ impl Heartbeat {
     }
 
     /// Adds a window; false when it is being worked on here already.
-    fn add(&self, id: i64) -> bool {
-        lock(&self.ids).insert(id)
+    fn add(&self, w: &ClaimedWindow) -> bool {
+        use std::collections::hash_map::Entry;
+        match lock(&self.ids).entry(w.id) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(e) => {
+                e.insert(w.version);
+                true
+            }
+        }
     }
 
     fn remove(&self, id: i64) {
@@ -530,18 +745,18 @@ pub async fn drain_due(
                 // the LLM is down or the budget spent: what is left waits for the service (or the next run)
                 return Ok::<(), StoreError>(());
             }
-            let claimed = ctx
+            let (claimed, points) = ctx
                 .store
-                .claim_due(&ctx.instance, lease, limit as i64)
+                .claim_due_with_points(&ctx.instance, lease, limit as i64)
                 .await?;
             if claimed.is_empty() {
                 return Ok(());
             }
             let ids: Vec<i64> = claimed.iter().map(|w| w.id).collect();
-            for id in &ids {
-                heartbeat.add(*id);
+            for w in &claimed {
+                heartbeat.add(w);
             }
-            let r = process_windows(ctx, claimed, &|_| {}).await;
+            let r = process_claimed(ctx, claimed, Some(points), &|_| {}).await;
             for id in &ids {
                 heartbeat.remove(*id);
             }
@@ -551,6 +766,11 @@ pub async fn drain_due(
         }
     };
     futures::future::try_join_all((0..in_flight).map(|_| lane())).await?;
+    if let Some(l) = ctx.summarizer.ledger()
+        && let Err(e) = l.flush().await
+    {
+        warn!(error = %e, "cannot write the LLM spend of the last calls");
+    }
     Ok(finished.into_inner())
 }
 
@@ -603,15 +823,28 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             continue;
         }
         let mut permits = vec![first];
-        while permits.len() < batch {
-            match slots.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        // With the LLM summarizer slots come free one call at a time: a claim waits a little (CLAIM_GATHER) for half
+        // a batch of them, so windows are claimed, fetched, leased and finished in batches, not one by one.
+        let gather_until = tokio::time::Instant::now() + CLAIM_GATHER;
+        let enough = if llm { batch.div_ceil(2) } else { 1 };
+        loop {
+            while permits.len() < batch {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            if permits.len() >= enough || tokio::time::Instant::now() >= gather_until {
+                break;
+            }
+            match tokio::time::timeout_at(gather_until, slots.clone().acquire_owned()).await {
+                Ok(Ok(p)) => permits.push(p),
+                _ => break,
             }
         }
         let claimed = match ctx
             .store
-            .claim_due(&ctx.instance, lease, permits.len() as i64)
+            .claim_due_with_points(&ctx.instance, lease, permits.len() as i64)
             .await
         {
             Ok(c) => c,
@@ -626,6 +859,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             }
         };
         backoff = new_backoff();
+        let (claimed, mut points) = claimed;
         if claimed.is_empty() {
             // No window due: the free slots build due running summaries of open windows (CONTEXT_SUMMARY_EVERY);
             // window work keeps priority, since they are claimed only after an empty window claim.
@@ -648,7 +882,8 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         let mut held = HashMap::new();
         let mut mine = Vec::with_capacity(claimed.len());
         for (w, permit) in claimed.into_iter().zip(permits) {
-            if !heartbeat.add(w.id) {
+            if !heartbeat.add(&w) {
+                points.remove(&w.id);
                 continue; // already being worked on here (its lease had expired): one worker per window
             }
             held.insert(w.id, permit);
@@ -668,7 +903,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
                     lock(&held).remove(&id);
                 }
             };
-            if let Err(e) = process_windows(&ctx, mine, &release).await {
+            if let Err(e) = process_claimed(&ctx, mine, Some(points), &release).await {
                 warn!(windows = ids.len(), error = %e, "windows not finished; their leases will expire and they will be retried");
             }
             for id in ids {
@@ -682,6 +917,11 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         _ = hard_stop.cancelled() => tasks.abort_all(),
     }
     drop(heartbeat);
+    if let Some(l) = ctx.summarizer.ledger()
+        && let Err(e) = l.flush().await
+    {
+        warn!(error = %e, "cannot write the LLM spend of the last calls");
+    }
     if let Err(e) = ctx.store.release_running_leases(&ctx.instance).await {
         warn!(error = %e, "could not release running-summary leases (they expire by themselves)");
     }

@@ -190,8 +190,20 @@ impl Store {
         owner: &str,
         batch: &[(&ClaimedWindow, &WindowOutcome)],
     ) -> Result<Vec<Finished>, StoreError> {
+        self.finish_windows_settling(owner, batch, None).await
+    }
+
+    /// [`Store::finish_windows`], also writing the LLM spend `settlement` (the costs of the calls behind these
+    /// results and any others recorded since the last write, [`crate::budget::settle_in`]) in the same transaction:
+    /// a summary and what it cost commit together, with no round trip of their own.
+    pub async fn finish_windows_settling(
+        &self,
+        owner: &str,
+        batch: &[(&ClaimedWindow, &WindowOutcome)],
+        settlement: Option<&crate::budget::Settlement>,
+    ) -> Result<Vec<Finished>, StoreError> {
         let mut out = vec![Finished::Stale; batch.len()];
-        if batch.is_empty() {
+        if batch.is_empty() && settlement.is_none() {
             return Ok(out);
         }
         let mut tx = self.pool.begin().await?;
@@ -410,6 +422,10 @@ impl Store {
                     Finished::Retrying
                 };
             }
+        }
+        // Last, so the day row of the ledger is locked only for the commit.
+        if let Some(s) = settlement {
+            crate::budget::settle_in(&mut tx, s).await?;
         }
         tx.commit().await?;
         Ok(out)

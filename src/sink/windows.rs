@@ -26,6 +26,17 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<Vec<ClaimedWindow>, StoreError> {
+        Ok(self.claim_due_with_points(owner, lease, limit).await?.0)
+    }
+
+    /// [`Store::claim_due`], with each claimed window's point ids (as [`Store::window_point_ids`]) read by the
+    /// claim's own statement: a worker's batch needs no second query for them.
+    pub async fn claim_due_with_points(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<(Vec<ClaimedWindow>, HashMap<i64, Vec<String>>), StoreError> {
         let rows = sqlx::query(
             "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
              FROM (SELECT id FROM recap_windows
@@ -34,14 +45,18 @@ impl Store {
                    ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
              RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
-                       w.closed_at",
+                       w.closed_at, w.point_ids",
         )
         .bind(owner)
         .bind(lease.as_millis() as f64)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
+        let ids = rows
+            .iter()
+            .map(|r| (r.get::<i64, _>(0), r.get::<Vec<String>, _>(10)))
+            .collect();
+        let windows = rows
             .iter()
             .map(|r| ClaimedWindow {
                 id: r.get(0),
@@ -55,7 +70,8 @@ impl Store {
                 summary_id: r.get(8),
                 closed_at_ms: r.get::<DateTime<Utc>, _>(9).timestamp_millis(),
             })
-            .collect())
+            .collect();
+        Ok((windows, ids))
     }
 
     /// The point ids assigned to a window (see [`Store::window_point_ids`]).
@@ -120,21 +136,43 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Renews the leases `owner` holds on `ids` (the worker's heartbeat); returns the ids still held.
+    /// Extends the leases of many claimed windows in one statement (see [`Store::extend_lease`]): right before a
+    /// claim's LLM calls start. Returns the ids still this worker's, due and at the version given.
+    pub async fn extend_leases(
+        &self,
+        owner: &str,
+        windows: &[(i64, i32)],
+        lease: Duration,
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        self.renew_leases(owner, windows, lease)
+            .await
+            .map(|v| v.into_iter().collect())
+    }
+
+    /// Renews the leases `owner` holds on `windows` (id, version claimed; the worker's heartbeat), only where the
+    /// window is still due at that version: a window changed meanwhile (a late message) is not kept by a worker
+    /// whose result its finish will throw away. Returns the ids still held.
     pub async fn renew_leases(
         &self,
         owner: &str,
-        ids: &[i64],
+        windows: &[(i64, i32)],
         lease: Duration,
     ) -> Result<Vec<i64>, StoreError> {
-        if ids.is_empty() {
+        if windows.is_empty() {
             return Ok(Vec::new());
         }
+        let (ids, versions): (Vec<i64>, Vec<i32>) = windows.iter().copied().unzip();
+        // Locked in id order, as the finish locks its windows, so the two never wait on each other in a circle.
         let held = sqlx::query_scalar(
-            "UPDATE recap_windows SET lease_until = now() + $3 * interval '1 millisecond'
-             WHERE id = ANY($1) AND lease_owner = $2 AND state = 'due' RETURNING id",
+            "UPDATE recap_windows w SET lease_until = now() + $4 * interval '1 millisecond'
+             FROM (SELECT v.id FROM recap_windows v JOIN unnest($1::bigint[], $2::int[]) AS x(id, version)
+                     ON v.id = x.id AND v.version = x.version
+                   WHERE v.lease_owner = $3 AND v.state = 'due' ORDER BY v.id FOR UPDATE OF v) c
+             WHERE w.id = c.id
+             RETURNING w.id",
         )
-        .bind(ids)
+        .bind(&ids)
+        .bind(&versions)
         .bind(owner)
         .bind(lease.as_millis() as f64)
         .fetch_all(&self.pool)

@@ -175,9 +175,35 @@ pub struct Prior {
     pub covers_until_ms: i64,
 }
 
+/// What a caller checks before every LLM attempt (the first, each retry, the repair call): for a window, whether its
+/// lease is still this worker's and its version unchanged (`pipeline::workers`). `Ok(false)` or an error: the
+/// attempt is not sent and the call ends `Unavailable` (no money spent on a result that would be thrown away).
+pub trait CallGate: Send + Sync {
+    fn admit(&self) -> BoxFuture<'_, Result<bool, String>>;
+}
+
+tokio::task_local! {
+    static CALL_GATE: std::sync::Arc<dyn CallGate>;
+}
+
+/// Runs `f` (a summarizer call) with `gate` asked before each of its LLM attempts.
+pub async fn gated<F: std::future::Future>(gate: std::sync::Arc<dyn CallGate>, f: F) -> F::Output {
+    CALL_GATE.scope(gate, f).await
+}
+
+/// The gate of the summarizer call running now (see [`gated`]), if any.
+pub fn current_gate() -> Option<std::sync::Arc<dyn CallGate>> {
+    CALL_GATE.try_with(|g| g.clone()).ok()
+}
+
 /// The summarize stage's one seam.
 pub trait Summarizer: Send + Sync {
     fn kind(&self) -> SummarizerKind;
+    /// The shared spend ledger the summarizer records its calls' costs in, if any: the window finish writes the
+    /// settlements recorded so far in its own transaction ([`crate::budget::SpendLedger::take_pending`]).
+    fn ledger(&self) -> Option<std::sync::Arc<dyn crate::budget::SpendLedger>> {
+        None
+    }
     /// `Err(Unavailable)` while no window could be summarized now (LLM circuit open, budget spent): workers ask
     /// before they claim and fetch, so an outage or a budget wait costs no Qdrant or Postgres work per window.
     fn ready(&self) -> BoxFuture<'_, Result<(), SummarizeError>> {
@@ -227,6 +253,10 @@ pub struct BudgetFallback {
 impl Summarizer for BudgetFallback {
     fn kind(&self) -> SummarizerKind {
         SummarizerKind::Llm
+    }
+
+    fn ledger(&self) -> Option<std::sync::Arc<dyn crate::budget::SpendLedger>> {
+        self.llm.ledger()
     }
 
     /// Over budget the extractive summarizer answers, so only the LLM's circuit can hold windows back.

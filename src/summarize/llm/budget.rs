@@ -6,7 +6,7 @@ use chrono::{NaiveDate, Utc};
 
 use super::call::Completion;
 use super::{
-    LlmSummarizer, MAX_INLINE_RETRY_AFTER, MAX_OUTPUT_TOKENS, chars, estimate_tokens, lock,
+    LlmSummarizer, MAX_INLINE_RETRY_AFTER, MAX_OUTPUT_TOKENS, estimate_tokens, lock, token_units,
 };
 use crate::summarize::SummarizeError;
 
@@ -63,7 +63,7 @@ impl LlmSummarizer {
     /// What one call with this prompt may cost at most: its tokens at the configured prices plus a full
     /// [`MAX_OUTPUT_TOKENS`] completion (what a call reserves from the shared budget).
     pub fn estimate_cost(&self, system: &str, user: &str) -> f64 {
-        let prompt = estimate_tokens(chars(system) + chars(user)) as f64;
+        let prompt = estimate_tokens(token_units(system) + token_units(user)) as f64;
         (prompt * self.settings.price_prompt_per_mtok
             + f64::from(MAX_OUTPUT_TOKENS) * self.settings.price_completion_per_mtok)
             / 1e6
@@ -91,13 +91,16 @@ impl LlmSummarizer {
         }
     }
     /// One logical call within the budget: reserves its estimated cost in the shared ledger (or checks this
-    /// instance's spend without one), calls, then records what it cost.
+    /// instance's spend without one), calls, then records what it cost: the completion's cost, plus what failed
+    /// attempts may have been billed (a timed-out attempt at the reserved estimate, see [`LlmSummarizer::complete`]).
+    /// The ledger writes settlements in batches (the window's finish transaction, the next reservation).
     pub(super) async fn complete_budgeted(
         &self,
         system: &str,
         user: &str,
         purpose: crate::summarize::Purpose,
     ) -> Result<Completion, SummarizeError> {
+        let estimate = self.estimate_cost(system, user);
         let reserved = match (&self.ledger, self.settings.daily_budget_usd) {
             (None, _) => {
                 self.check_budget()?;
@@ -105,14 +108,7 @@ impl LlmSummarizer {
             }
             (Some(_), None) => None,
             (Some(l), Some(budget)) => {
-                match l
-                    .reserve(
-                        self.estimate_cost(system, user),
-                        budget,
-                        self.reservation_ttl(),
-                    )
-                    .await
-                {
+                match l.reserve(estimate, budget, self.reservation_ttl()).await {
                     Ok(crate::budget::Reserve::Granted { usd }) => Some(usd),
                     Ok(crate::budget::Reserve::Over { committed_usd }) => {
                         metrics::counter!("recap_llm_errors_total", "kind" => "budget")
@@ -130,9 +126,15 @@ impl LlmSummarizer {
                 }
             }
         };
-        let result = self.complete(system, user, purpose).await;
+        let (result, billed_failures) = self.complete(system, user, purpose, estimate).await;
+        if billed_failures > 0.0 {
+            add_cost_usd_total(billed_failures);
+            *lock(&self.spend).at(today_utc()) += billed_failures;
+            lock(&self.totals).cost_usd += billed_failures;
+        }
         if let Some(l) = &self.ledger {
-            let cost = result.as_ref().ok().and_then(|c| c.cost_usd).unwrap_or(0.0);
+            let cost =
+                result.as_ref().ok().and_then(|c| c.cost_usd).unwrap_or(0.0) + billed_failures;
             if (reserved.is_some() || cost > 0.0)
                 && let Err(e) = l.settle(reserved, cost).await
             {

@@ -14,7 +14,10 @@ use serde::Deserialize;
 
 use super::breaker::AdmissionGuard;
 use super::prompt::chat_messages;
-use super::{LlmSummarizer, MAX_INLINE_RETRY_AFTER, MAX_OUTPUT_TOKENS, chars, lock};
+use super::{
+    LlmSummarizer, MAX_INLINE_RETRY_AFTER, MAX_OUTPUT_TOKENS, chars, estimate_text_tokens,
+    estimate_tokens, lock, token_units,
+};
 use crate::summarize::{Purpose, SummarizeError, Summary, Usage};
 
 /// The request header that says what a call is for (`window`, `running`, `rollup`); the test server counts by it.
@@ -64,6 +67,8 @@ enum CallError {
         message: String,
     },
     BreakerOpen(Duration),
+    /// The caller's gate ([`crate::summarize::CallGate`]) refused the attempt: no request was sent.
+    Fenced(String),
 }
 
 impl CallError {
@@ -75,6 +80,7 @@ impl CallError {
             CallError::Connect(_) => "connect",
             CallError::Client { .. } => "client",
             CallError::BreakerOpen(_) => "breaker_open",
+            CallError::Fenced(_) => "fenced",
         }
     }
 
@@ -87,6 +93,16 @@ impl CallError {
                 | CallError::Timeout(_)
                 | CallError::Connect(_)
         )
+    }
+
+    /// An attempt the provider may have billed though we got no completion: it timed out (the answer may have come
+    /// after we stopped waiting), or a 2xx came whose body cannot be read.
+    fn may_be_billed(&self) -> bool {
+        match self {
+            CallError::Timeout(_) => true,
+            CallError::Server { status, .. } => (200..300).contains(status),
+            _ => false,
+        }
     }
 
     fn retry_after(&self) -> Option<Duration> {
@@ -115,6 +131,7 @@ impl fmt::Display for CallError {
             CallError::BreakerOpen(d) => {
                 write!(f, "circuit open for another {:.1}s", d.as_secs_f64())
             }
+            CallError::Fenced(why) => write!(f, "no call made: {why}"),
         }
     }
 }
@@ -210,15 +227,27 @@ impl LlmSummarizer {
             .map_err(|e| SummarizeError::Failed(format!("cannot encode the request: {e}")))
     }
 
-    /// One logical call: attempts with retries; maps the final failure onto [`SummarizeError`].
+    /// One logical call: attempts with retries; maps the final failure onto [`SummarizeError`]. Every attempt first
+    /// asks the caller's gate ([`crate::summarize::current_gate`]: for a window, is its lease still this worker's and
+    /// its version unchanged?) and is not sent when it says no. Also returns what failed attempts may have been
+    /// billed: a timed-out attempt or a 2xx whose body cannot be read at `estimate_usd` (the call may have been
+    /// answered, and billed, after we stopped waiting; the reserved estimate is its most), others at 0 (a 429, 5xx,
+    /// 4xx or a refused connection is not billed).
     pub(super) async fn complete(
         &self,
         system: &str,
         user: &str,
         purpose: Purpose,
-    ) -> Result<Completion, SummarizeError> {
+        estimate_usd: f64,
+    ) -> (Result<Completion, SummarizeError>, f64) {
         // The same bytes for every attempt (servers may recognise a retried request by its body).
-        let body = self.request_body(system, user)?;
+        let body = match self.request_body(system, user) {
+            Ok(b) => b,
+            Err(e) => return (Err(e), 0.0),
+        };
+        let prompt_tokens_est = estimate_tokens(token_units(system) + token_units(user)) as u64;
+        let gate = crate::summarize::current_gate();
+        let billed = std::sync::Mutex::new(0.0f64);
         let attempts = AtomicUsize::new(0);
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.settings.retry_base_delay)
@@ -229,9 +258,30 @@ impl LlmSummarizer {
             )
             .with_max_times(self.settings.max_retries)
             .with_jitter();
-        let result = (|| {
+        let result = (|| async {
+            if let Some(gate) = &gate {
+                match gate.admit().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(CallError::Fenced(
+                            "the window's lease is no longer this worker's or the window changed".into(),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(CallError::Fenced(format!(
+                            "cannot check the window's lease: {e}"
+                        )));
+                    }
+                }
+            }
             attempts.fetch_add(1, Ordering::Relaxed);
-            self.attempt(&body, purpose)
+            let r = self.attempt(&body, purpose, prompt_tokens_est).await;
+            if let Err(e) = &r
+                && e.may_be_billed()
+            {
+                *lock(&billed) += estimate_usd;
+            }
+            r
         })
         .retry(backoff)
         .when(CallError::is_transient)
@@ -249,7 +299,11 @@ impl LlmSummarizer {
         })
         .await;
         let n = attempts.load(Ordering::Relaxed);
-        result.map_err(|e| match e {
+        let billed = *lock(&billed);
+        let result = result.map_err(|e| match e {
+            CallError::Fenced(why) => {
+                SummarizeError::Unavailable(format!("no LLM call made: {why}"))
+            }
             CallError::BreakerOpen(wait) => SummarizeError::Unavailable(format!(
                 "circuit open for another {:.1}s after repeated endpoint failures",
                 wait.as_secs_f64()
@@ -269,11 +323,17 @@ impl LlmSummarizer {
                 "LLM endpoint unavailable after {n} attempt(s): {e}"
             )),
             e => SummarizeError::Failed(format!("LLM endpoint rejected the request: {e}")),
-        })
+        });
+        (result, billed)
     }
 
     /// One HTTP attempt, through the breaker, the concurrency limit, the rate limiter and the timeout.
-    async fn attempt(&self, body: &[u8], purpose: Purpose) -> Result<Completion, CallError> {
+    async fn attempt(
+        &self,
+        body: &[u8],
+        purpose: Purpose,
+        prompt_tokens_est: u64,
+    ) -> Result<Completion, CallError> {
         let admission = lock(&self.breaker).admit(Instant::now()).map_err(|wait| {
             metrics::counter!("recap_llm_errors_total", "kind" => "breaker_open").increment(1);
             CallError::BreakerOpen(wait)
@@ -297,9 +357,13 @@ impl LlmSummarizer {
             match tokio::time::timeout(self.settings.timeout, self.send(body, purpose)).await {
                 Err(_) => Err(CallError::Timeout(self.settings.timeout)),
                 Ok(Err(e)) => Err(self.transport_error(e)),
-                Ok(Ok((status, headers, bytes))) => {
-                    self.read_response(status, &headers, &bytes, started.elapsed())
-                }
+                Ok(Ok((status, headers, bytes))) => self.read_response(
+                    status,
+                    &headers,
+                    &bytes,
+                    started.elapsed(),
+                    prompt_tokens_est,
+                ),
             };
         metrics::histogram!("recap_llm_request_duration_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -365,6 +429,7 @@ impl LlmSummarizer {
         headers: &HeaderMap,
         body: &[u8],
         latency: Duration,
+        prompt_tokens_est: u64,
     ) -> Result<Completion, CallError> {
         let retry_after = parse_retry_after(headers, Utc::now());
         if status.is_success() {
@@ -394,13 +459,18 @@ impl LlmSummarizer {
                     .join(""),
                 _ => String::new(),
             };
+            // Without `usage` the call is still billed: its tokens estimated from the prompt and the reply text.
             let (prompt_tokens, completion_tokens, provider_cost) = match resp.usage {
                 Some(u) => (
                     u.prompt_tokens,
                     u.completion_tokens,
                     u.cost.filter(|c| c.is_finite() && *c >= 0.0),
                 ),
-                None => (0, 0, None),
+                None => (
+                    prompt_tokens_est,
+                    estimate_text_tokens(&content) as u64,
+                    None,
+                ),
             };
             let priced = self.settings.price_prompt_per_mtok > 0.0
                 || self.settings.price_completion_per_mtok > 0.0;

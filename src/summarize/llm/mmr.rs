@@ -183,7 +183,7 @@ mod tests {
         assert!(stats.messages_sent > 20 && stats.messages_sent < N);
         let user = content_of(&msgs[1]);
         assert_eq!(
-            estimate_tokens(chars(&content_of(&msgs[0])) + chars(&user)),
+            estimate_tokens(token_units(&content_of(&msgs[0])) + token_units(&user)),
             stats.est_tokens_sent
         );
         assert!(

@@ -87,9 +87,28 @@ themselves (facts, plans, people, preferences, feelings) and the overall tone; n
 short phrases that appear in the conversation. emotional_tone is the user's overall tone; the emotion labels in \
 parentheses are hints. confidence says how well the messages support the summary.";
 
-/// Estimated tokens for `chars` characters: `ceil(chars / 4)` (the test server's rule; a usual average for English).
-pub fn estimate_tokens(chars: usize) -> usize {
-    chars.div_ceil(4)
+/// Estimated tokens for `units` token units ([`token_units`]): `ceil(units / 4)` (the test server's rule; for Latin
+/// text a unit is a character, a usual average of 4 characters a token for English).
+pub fn estimate_tokens(units: usize) -> usize {
+    units.div_ceil(4)
+}
+
+/// Estimated tokens of a text: [`estimate_tokens`] of its [`token_units`].
+pub fn estimate_text_tokens(text: &str) -> usize {
+    estimate_tokens(token_units(text))
+}
+
+/// A text's length in token units, a quarter token each: 1 per Latin character (ASCII, Latin-1, Latin Extended,
+/// general punctuation), 4 (a whole token) per any other character. CJK text is about one token per character in
+/// BPE tokenizers (4 characters a token would undercount it about 4x); Cyrillic, Greek, Arabic and emoji lie between
+/// and are counted high, on the safe side for the budget. The LLM test server counts by the same rule.
+pub fn token_units(text: &str) -> usize {
+    text.chars().map(|c| if is_latin(c) { 1 } else { 4 }).sum()
+}
+
+fn is_latin(c: char) -> bool {
+    let c = c as u32;
+    c < 0x0250 || (0x1E00..=0x1EFF).contains(&c) || (0x2000..=0x206F).contains(&c)
 }
 
 /// Settings of the LLM summarizer. `Debug` never shows the key.
@@ -399,6 +418,10 @@ fn rate_quota(rps: f64) -> Option<Quota> {
 impl Summarizer for LlmSummarizer {
     fn kind(&self) -> SummarizerKind {
         SummarizerKind::Llm
+    }
+
+    fn ledger(&self) -> Option<std::sync::Arc<dyn crate::budget::SpendLedger>> {
+        self.ledger.clone()
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), SummarizeError>> {

@@ -7,7 +7,7 @@ use async_openai::types::chat::{
 use chrono::{DateTime, Utc};
 
 use super::mmr::select_mmr;
-use super::{LlmSettings, MMR_LAMBDA, SYSTEM_PROMPT, chars, estimate_tokens};
+use super::{LlmSettings, MMR_LAMBDA, SYSTEM_PROMPT, chars, estimate_tokens, token_units};
 use crate::summarize::{Message, Prior, WindowInput};
 
 /// What [`build_prompt`] sent compared with the whole window (estimated tokens, `ceil(chars/4)`).
@@ -206,7 +206,7 @@ fn parts_with(
         (Some(a), Some(b)) => fmt_ms(a.ts_ms, "%Y-%m-%d") != fmt_ms(b.ts_ms, "%Y-%m-%d"),
         _ => false,
     };
-    let sys_chars = chars(&system);
+    let sys_chars = token_units(&system);
 
     let full_lines: Vec<String> = msgs
         .iter()
@@ -214,7 +214,7 @@ fn parts_with(
         .collect();
     let full_refs: Vec<&str> = full_lines.iter().map(String::as_str).collect();
     let user_full = compose_user(&header(n, n, false), &full_refs);
-    let est_full = estimate_tokens(sys_chars + chars(&user_full));
+    let est_full = estimate_tokens(sys_chars + token_units(&user_full));
     let max = settings.max_input_tokens;
     if max == 0 || est_full <= max {
         let stats = PromptStats {
@@ -231,7 +231,7 @@ fn parts_with(
     }
 
     // Over budget: choose messages by MMR until the budget is used.
-    let fixed = sys_chars + chars(&header(n, n, true)) + 2;
+    let fixed = sys_chars + token_units(&header(n, n, true)) + 2;
     let budget_chars = (max * 4).saturating_sub(fixed);
     // No single message may eat the budget: cap each at a sixth of it (at least 200 chars).
     let cap = (budget_chars / 6).max(200);
@@ -239,7 +239,7 @@ fn parts_with(
         .iter()
         .map(|m| format_line(m, multi_day, Some(cap)))
         .collect();
-    let costs: Vec<usize> = lines.iter().map(|l| chars(l) + 1).collect();
+    let costs: Vec<usize> = lines.iter().map(|l| token_units(l) + 1).collect();
     let vectors: Vec<&[f32]> = msgs.iter().map(|m| m.vector.as_slice()).collect();
     let mut picked = select_mmr(&vectors, &costs, budget_chars, MMR_LAMBDA);
     let mut lines = lines;
@@ -258,7 +258,7 @@ fn parts_with(
         in_time.sort_unstable();
         let refs: Vec<&str> = in_time.iter().map(|&i| lines[i].as_str()).collect();
         let user = compose_user(&header(in_time.len(), n, true), &refs);
-        let est = estimate_tokens(sys_chars + chars(&user));
+        let est = estimate_tokens(sys_chars + token_units(&user));
         if est <= max || picked.len() <= 1 {
             let stats = PromptStats {
                 messages_total: n,
@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(stats.est_tokens_full, stats.est_tokens_sent);
         assert_eq!(
             stats.est_tokens_sent,
-            estimate_tokens(chars(&system) + chars(&user))
+            estimate_tokens(token_units(&system) + token_units(&user))
         );
         // multi-line messages stay on one line
         let w = window(
@@ -373,7 +373,7 @@ mod tests {
         assert!(!user.contains(&format_line(&w.messages[0], false, None)));
         assert_eq!(
             stats.est_tokens_sent,
-            estimate_tokens(chars(&system) + chars(&user))
+            estimate_tokens(token_units(&system) + token_units(&user))
         );
     }
 
