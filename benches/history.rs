@@ -31,7 +31,6 @@
 //! `test`, as `scripts/services` says).
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,6 +39,7 @@ use recap::pipeline::now_ms;
 use sqlx::postgres::PgPoolOptions;
 
 mod common;
+use common::cpu::{clk_tck, proc_stat, service_pid, tree_ticks};
 use common::{
     BOTS, Columns, MIN, Rng, TOPICS, create_collection, drop_db, embed, emit, env, env_usize,
     fresh_db, summary, token, upsert, we_point,
@@ -112,63 +112,6 @@ fn history(bot_ix: usize, shape: &Shape, now: i64, seed: u64) -> Vec<PointStruct
         }
     }
     out
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// CPU time from /proc
-
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// (ppid, own utime+stime, reaped children's cutime+cstime) in ticks.
-fn proc_stat(pid: u32) -> Option<(u32, u64, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // fields after the command name (which may hold spaces): state ppid ... utime(14) stime cutime cstime
-    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
-    Some((n(1)? as u32, n(11)? + n(12)?, n(13)? + n(14)?))
-}
-
-/// CPU ticks of a process and all its descendants, including those already reaped (their time is in the
-/// parents' cutime/cstime).
-fn tree_ticks(root: u32) -> u64 {
-    let mut stats: HashMap<u32, (u32, u64, u64)> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
-                && let Some(st) = proc_stat(pid)
-            {
-                stats.insert(pid, st);
-            }
-        }
-    }
-    let mut total = 0;
-    let mut todo = vec![root];
-    while let Some(p) = todo.pop() {
-        if let Some(&(_, own, reaped)) = stats.get(&p) {
-            total += own + reaped;
-            todo.extend(stats.iter().filter(|(_, s)| s.0 == p).map(|(c, _)| *c));
-        }
-    }
-    total
-}
-
-/// A service's pid recorded by `scripts/services`, when it is running.
-fn service_pid(name: &str) -> Option<u32> {
-    let dir = std::env::var("RECAP_SERVICES_DIR").ok()?;
-    let pid = std::fs::read_to_string(format!("{dir}/{name}.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    proc_stat(pid).map(|_| pid)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
