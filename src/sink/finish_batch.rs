@@ -12,6 +12,7 @@ use super::{
     ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome,
     coverage_fingerprint, to_utc,
 };
+use crate::model::WindowState;
 
 /// One summary row to write, as its columns.
 struct SummaryRow<'a> {
@@ -376,8 +377,16 @@ impl Store {
                 out[s.0] = Finished::TooShort;
             }
         }
-        // (position, id, state, attempts, error, delay ms)
-        let retry: Vec<(usize, i64, bool, i32, String, f64)> = live
+        /// A window put back (or dead): its position in the batch, id, new state, attempts, error and delay.
+        struct Retry {
+            at: usize,
+            id: i64,
+            state: WindowState,
+            attempts: i32,
+            error: String,
+            delay_ms: f64,
+        }
+        let retry: Vec<Retry> = live
             .iter()
             .filter_map(|(at, w, o)| match o {
                 WindowOutcome::Retry {
@@ -389,7 +398,18 @@ impl Store {
                     let (attempts, dead) =
                         super::windows::next_attempt(w.attempts, *counts, *max_attempts);
                     let error = truncate(&error.replace('\0', ""), 2000).to_string();
-                    Some((*at, w.id, dead, attempts, error, delay.as_millis() as f64))
+                    Some(Retry {
+                        at: *at,
+                        id: w.id,
+                        state: if dead {
+                            WindowState::Dead
+                        } else {
+                            WindowState::Due
+                        },
+                        attempts,
+                        error,
+                        delay_ms: delay.as_millis() as f64,
+                    })
                 }
                 _ => None,
             })
@@ -403,20 +423,20 @@ impl Store {
                      AS x(id, state, attempts, err, delay)
                  WHERE w.id = x.id",
             )
-            .bind(retry.iter().map(|r| r.1).collect::<Vec<i64>>())
+            .bind(retry.iter().map(|r| r.id).collect::<Vec<i64>>())
             .bind(
                 retry
                     .iter()
-                    .map(|r| if r.2 { "dead" } else { "due" })
+                    .map(|r| r.state.as_str())
                     .collect::<Vec<&str>>(),
             )
-            .bind(retry.iter().map(|r| r.3).collect::<Vec<i32>>())
-            .bind(retry.iter().map(|r| r.4.clone()).collect::<Vec<String>>())
-            .bind(retry.iter().map(|r| r.5).collect::<Vec<f64>>())
+            .bind(retry.iter().map(|r| r.attempts).collect::<Vec<i32>>())
+            .bind(retry.iter().map(|r| r.error.clone()).collect::<Vec<String>>())
+            .bind(retry.iter().map(|r| r.delay_ms).collect::<Vec<f64>>())
             .execute(&mut *tx)
             .await?;
             for r in &retry {
-                out[r.0] = if r.2 {
+                out[r.at] = if r.state == WindowState::Dead {
                     Finished::Dead
                 } else {
                     Finished::Retrying

@@ -15,6 +15,7 @@ pub use coverage::{MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
 pub use tx::{Closing, IngestTx};
 
 use super::{Fence, Store, StoreError};
+use crate::model::StreamSeq;
 use crate::state::Snapshot;
 use crate::tracker::Millis;
 
@@ -194,6 +195,19 @@ impl Store {
                 points: r.get(3),
             })
             .collect())
+    }
+
+    /// A stored stream position (`recap_checkpoints.position` of a JetStream source), exactly: a stored value that is
+    /// not a whole sequence is an error, never rounded.
+    pub async fn stream_position(&self, name: &str) -> Result<Option<StreamSeq>, StoreError> {
+        match self.checkpoint(name).await? {
+            None => Ok(None),
+            Some(v) => StreamSeq::from_column(v)
+                .map(Some)
+                .ok_or(StoreError::Invariant(
+                    "a stored stream position is not a whole sequence",
+                )),
+        }
     }
 
     pub async fn checkpoint(&self, name: &str) -> Result<Option<f64>, StoreError> {

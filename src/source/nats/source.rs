@@ -11,6 +11,7 @@ use super::consumer::{
 };
 use super::{BACKLOG_LINGER, NatsSettings, err};
 use crate::event::StoredEvent;
+use crate::model::StreamSeq;
 use crate::sink::{DeadLetter, Lease, NewMessage, Store, StoreError};
 use crate::source::batch::{Batch, Source, SourceError};
 
@@ -64,7 +65,7 @@ pub struct NatsSource {
     sealed: std::collections::VecDeque<Vec<jetstream::Message>>,
     /// The highest stream sequence handed out since the last rewind: a message at or below it is a redelivery of
     /// one already applied (its ack was still waiting for the checkpoint) and is only acknowledged again.
-    max_seq: Option<u64>,
+    max_seq: Option<StreamSeq>,
     /// A durable consumer (the ingest loop's), rewound to the stored position when ingest restores its state; a
     /// replay's ephemeral consumer is not.
     durable: bool,
@@ -74,10 +75,10 @@ pub struct NatsSource {
     last_delivery: Option<u64>,
     /// After such a jump: where the consumer is recreated before the next read (the first stream sequence not handed
     /// out; `None` inside: the stream's start).
-    restart_at: Option<Option<u64>>,
+    restart_at: Option<Option<StreamSeq>>,
     /// Where the consumer was last created to start (`None`: the stream's start): a jump before anything was handed
     /// out since restarts it there.
-    start_from: Option<u64>,
+    start_from: Option<StreamSeq>,
     /// The partition lease this process reads under (set by the ingest loop, [`Source::lead`]): without a current
     /// one it neither pulls nor deletes or recreates the consumer (issue 24, case 12).
     lease: Option<Lease>,
@@ -185,7 +186,7 @@ impl NatsSource {
 
     /// Deletes the durable consumer and creates it again, starting at stream sequence `next` (from the start when the
     /// stream no longer reaches it). Deliveries are counted again from 1.
-    async fn recreate_consumer(&mut self, next: Option<u64>) -> Result<(), SourceError> {
+    async fn recreate_consumer(&mut self, next: Option<StreamSeq>) -> Result<(), SourceError> {
         self.stream = None;
         // Only the leader may replace the consumer: a deposed one would take the new leader's deliveries away.
         if let Some(lease) = &self.lease {
@@ -199,9 +200,9 @@ impl NatsSource {
         let last = stream.info().await.map_err(err)?.state.last_sequence;
         let mut config = consumer_config(&self.settings)?;
         match next {
-            Some(next) if next > last + 1 => {
+            Some(next) if next.0 > last.saturating_add(1) => {
                 warn!(
-                    next,
+                    next = next.0,
                     last,
                     "stored stream position is past the stream's end (stream recreated?); reading it from the start"
                 );
@@ -210,7 +211,7 @@ impl NatsSource {
             Some(next) => {
                 self.start_from = Some(next);
                 config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: next,
+                    start_sequence: next.0,
                 };
             }
             None => self.start_from = None,
@@ -295,7 +296,7 @@ impl Source for NatsSource {
                     .info()
                     .map(|i| {
                         (
-                            Some(i.stream_sequence),
+                            Some(StreamSeq(i.stream_sequence)),
                             Some(i.pending),
                             Some(i.consumer_sequence),
                         )
@@ -304,13 +305,13 @@ impl Source for NatsSource {
                 if let (true, Some(d), Some(last)) = (self.durable, delivery, self.last_delivery)
                     && d != last + 1
                 {
-                    let next = self.max_seq.map(|m| m + 1).or(self.start_from);
+                    let next = self.max_seq.map(StreamSeq::next).or(self.start_from);
                     // A delivery between these two never arrived: this message and the rest of the batch are left
                     // unacknowledged, and the consumer starts again after the last message handed out.
                     warn!(
                         delivery = d,
                         expected = last + 1,
-                        next,
+                        next = next.map(|n| n.0),
                         "a delivery from the consumer was lost; reading again from the first message not handed out"
                     );
                     metrics::counter!("recap_consumer_restarts_total").increment(1);
@@ -330,7 +331,7 @@ impl Source for NatsSource {
                 }
                 last_seq = seq.or(last_seq);
                 self.max_seq = seq.max(self.max_seq);
-                accept(&mut batch, m.subject.as_str(), seq, &m.payload);
+                accept(&mut batch, m.subject.as_str(), seq.map(|s| s.0), &m.payload);
                 self.in_flight.push(m);
                 got += 1;
             }
@@ -377,7 +378,7 @@ impl Source for NatsSource {
             };
         }
         if let Some(seq) = last_seq {
-            batch.checkpoint = Some((self.checkpoint_name(), seq as f64, 0));
+            batch.checkpoint = Some((self.checkpoint_name(), seq.to_column(), 0));
         }
         if let Some(p) = pending {
             metrics::gauge!("recap_consumer_pending").set(p as f64);
@@ -454,7 +455,7 @@ impl Source for NatsSource {
         if !self.durable {
             return Ok(());
         }
-        let Some(position) = store.checkpoint(&self.checkpoint_name()).await? else {
+        let Some(position) = store.stream_position(&self.checkpoint_name()).await? else {
             // Nothing stored yet: nothing was ever acknowledged, but a leader before this one may have taken events
             // and never committed (a partition handed back before its first checkpoint). Left as it is, the consumer
             // would redeliver them only after ack_wait, behind newer events whose ack-all acknowledges them unread:
@@ -464,7 +465,7 @@ impl Source for NatsSource {
         // The consumer may have delivered past the stored position (to this process before a failed checkpoint, to
         // a crashed replica) and would redeliver that only after ack_wait, behind newer messages: recreate it at the
         // position, so the stream comes again in order from there.
-        self.recreate_consumer(Some(position as u64 + 1)).await
+        self.recreate_consumer(Some(position.next())).await
     }
 }
 
