@@ -1,6 +1,6 @@
 //! Source positions stored with a checkpoint (`recap_checkpoints.position`, a `double precision` column): a JetStream
 //! stream sequence ([`StreamSeq`], an integer end to end in Rust) or a sweep's high-water mark ([`SweepPos`], seconds
-//! of `timestamp_unix`). The column stays a double: it holds every sequence below 2^53 exactly, and
+//! of `timestamp_unix`, read back by `Store::sweep_position`). The column stays a double: it holds every sequence below 2^53 exactly, and
 //! [`StreamSeq::from_column`] refuses anything else instead of rounding.
 
 use std::fmt;
@@ -42,42 +42,6 @@ impl fmt::Display for StreamSeq {
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
 pub struct SweepPos(pub f64);
 
-/// A source position stored with a checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Position {
-    Stream(StreamSeq),
-    Sweep(SweepPos),
-}
-
-impl Position {
-    /// The value stored in `recap_checkpoints.position`.
-    pub fn to_column(self) -> f64 {
-        match self {
-            Position::Stream(s) => s.to_column(),
-            Position::Sweep(SweepPos(p)) => p,
-        }
-    }
-
-    /// The later of two positions of one source (the store keeps the greatest, `GREATEST` in SQL, likewise).
-    pub fn later(self, other: Position) -> Position {
-        match (self, other) {
-            (Position::Stream(a), Position::Stream(b)) => Position::Stream(a.max(b)),
-            (Position::Sweep(a), Position::Sweep(b)) => Position::Sweep(SweepPos(a.0.max(b.0))),
-            _ if other.to_column() > self.to_column() => other,
-            _ => self,
-        }
-    }
-}
-
-/// A source position to store with the next checkpoint: its checkpoint name (`recap_checkpoints.name`), where the
-/// source is, and how many points it read since the last checkpoint.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SourcePosition {
-    pub name: String,
-    pub position: Position,
-    pub read: i64,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,17 +73,5 @@ mod tests {
             assert_eq!(StreamSeq::from_column(v), None, "{v}");
         }
         assert_eq!(StreamSeq(41).next(), StreamSeq(42));
-    }
-
-    #[test]
-    fn the_later_position_wins() {
-        let a = Position::Stream(StreamSeq(5));
-        let b = Position::Stream(StreamSeq(9));
-        assert_eq!(a.later(b), b);
-        assert_eq!(b.later(a), b);
-        let s = Position::Sweep(SweepPos(1.5));
-        let t = Position::Sweep(SweepPos(0.5));
-        assert_eq!(s.later(t), s);
-        assert_eq!(t.later(s), s);
     }
 }

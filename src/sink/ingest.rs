@@ -15,7 +15,7 @@ pub use coverage::{MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
 pub use tx::{Closing, IngestTx};
 
 use super::{Fence, Store, StoreError};
-use crate::model::StreamSeq;
+use crate::model::{StreamSeq, SweepPos};
 use crate::state::Snapshot;
 use crate::tracker::Millis;
 
@@ -208,6 +208,11 @@ impl Store {
                     "a stored stream position is not a whole sequence",
                 )),
         }
+    }
+
+    /// A stored sweep position (`recap_checkpoints.position` of a collection's sweep).
+    pub async fn sweep_position(&self, name: &str) -> Result<Option<SweepPos>, StoreError> {
+        Ok(self.checkpoint(name).await?.map(SweepPos))
     }
 
     pub async fn checkpoint(&self, name: &str) -> Result<Option<f64>, StoreError> {
