@@ -8,7 +8,6 @@ mod tx;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 
 pub(super) use coverage::insert_messages;
 pub use coverage::{MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
@@ -18,6 +17,42 @@ use super::{Fence, Store, StoreError};
 use crate::model::{StreamSeq, SweepPos};
 use crate::state::Snapshot;
 use crate::tracker::Millis;
+
+/// A `recap_watermarks` row.
+#[derive(sqlx::FromRow)]
+struct WatermarkRow {
+    bot_name: String,
+    part: i32,
+    watermark: DateTime<Utc>,
+}
+
+/// A `recap_open_windows` row, and whether it was written under the current layout.
+#[derive(sqlx::FromRow)]
+struct OpenRow {
+    bot_name: String,
+    user_id: String,
+    point_ids: Vec<String>,
+    point_ts: Vec<DateTime<Utc>>,
+    current: bool,
+}
+
+/// A `recap_clamped_points` row.
+#[derive(sqlx::FromRow)]
+struct ClampedRow {
+    bot_name: String,
+    user_id: String,
+    point_id: String,
+    stored_ts: DateTime<Utc>,
+}
+
+/// A `recap_forgotten` row.
+#[derive(sqlx::FromRow)]
+struct ForgottenRow {
+    bot_name: String,
+    user_key: String,
+    forgotten_at: DateTime<Utc>,
+    point_ids: Option<Vec<String>>,
+}
 
 impl Store {
     // ---- leadership -------------------------------------------------------------------------------------------
@@ -38,7 +73,7 @@ impl Store {
         ttl: Duration,
         part: i32,
     ) -> Result<Option<Fence>, StoreError> {
-        let row = sqlx::query(
+        let epoch = sqlx::query_scalar(
             "INSERT INTO recap_leader (id, owner, epoch, lease_until) VALUES ($3 + 1, $1, 1, now() + $2 * interval '1 millisecond')
              ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, epoch = recap_leader.epoch + 1,
                  lease_until = EXCLUDED.lease_until
@@ -50,9 +85,9 @@ impl Store {
         .bind(part)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| Fence {
+        Ok(epoch.map(|epoch| Fence {
             owner: owner.to_string(),
-            epoch: r.get(0),
+            epoch,
             ttl,
             part,
         }))
@@ -111,18 +146,13 @@ impl Store {
     // ---- tracker state ----------------------------------------------------------------------------------------
 
     pub async fn load_watermarks(&self) -> Result<Vec<(String, i32, Millis)>, StoreError> {
-        let rows = sqlx::query("SELECT bot_name, part, watermark FROM recap_watermarks")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<WatermarkRow> =
+            sqlx::query_as("SELECT bot_name, part, watermark FROM recap_watermarks")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<String, _>(0),
-                    r.get::<i32, _>(1),
-                    r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
-                )
-            })
+            .into_iter()
+            .map(|r| (r.bot_name, r.part, r.watermark.timestamp_millis()))
             .collect())
     }
 
@@ -134,8 +164,8 @@ impl Store {
         part: i32,
         layout: &str,
     ) -> Result<Vec<(Snapshot, bool)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT bot_name, user_id, point_ids, point_ts, true FROM recap_open_windows WHERE layout = $2 AND part = $1
+        let rows: Vec<OpenRow> = sqlx::query_as(
+            "SELECT bot_name, user_id, point_ids, point_ts, true AS current FROM recap_open_windows WHERE layout = $2 AND part = $1
              UNION ALL
              SELECT bot_name, user_id, point_ids, point_ts, false FROM recap_open_windows WHERE layout < $2 OR layout > $2",
         )
@@ -144,23 +174,26 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
-            .iter()
+            .into_iter()
             .map(|r| {
-                let ids: Vec<String> = r.get(2);
-                let ts: Vec<DateTime<Utc>> = r.get(3);
                 let snapshot = Snapshot {
-                    bot: std::sync::Arc::from(r.get::<&str, _>(0)),
-                    user: std::sync::Arc::from(r.get::<&str, _>(1)),
-                    points: ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect(),
+                    bot: std::sync::Arc::from(r.bot_name),
+                    user: std::sync::Arc::from(r.user_id),
+                    points: r
+                        .point_ts
+                        .iter()
+                        .map(|t| t.timestamp_millis())
+                        .zip(r.point_ids)
+                        .collect(),
                 };
-                (snapshot, r.get::<bool, _>(4))
+                (snapshot, r.current)
             })
             .collect())
     }
 
     /// Closed points stamped far ahead of the clock, younger than a day: (bot, user, point id, stored time).
     pub async fn load_clamped(&self) -> Result<Vec<(String, String, String, Millis)>, StoreError> {
-        let rows = sqlx::query(
+        let rows: Vec<ClampedRow> = sqlx::query_as(
             "SELECT bot_name, user_id, point_id, stored_ts FROM recap_clamped_points
              WHERE stored_ts >= now() - make_interval(secs => $1::float8 / 1000)",
         )
@@ -168,13 +201,13 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
-            .iter()
+            .into_iter()
             .map(|r| {
                 (
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get::<DateTime<Utc>, _>(3).timestamp_millis(),
+                    r.bot_name,
+                    r.user_id,
+                    r.point_id,
+                    r.stored_ts.timestamp_millis(),
                 )
             })
             .collect())
@@ -182,17 +215,18 @@ impl Store {
 
     /// Tombstones of forgotten users (see [`crate::state::Tombstone`]).
     pub async fn load_forgotten(&self) -> Result<Vec<crate::state::Tombstone>, StoreError> {
-        let rows =
-            sqlx::query("SELECT bot_name, user_key, forgotten_at, point_ids FROM recap_forgotten")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<ForgottenRow> = sqlx::query_as(
+            "SELECT bot_name, user_key, forgotten_at, point_ids FROM recap_forgotten",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
-            .iter()
+            .into_iter()
             .map(|r| crate::state::Tombstone {
-                bot: r.get(0),
-                user_key: r.get(1),
-                at: r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
-                points: r.get(3),
+                bot: r.bot_name,
+                user_key: r.user_key,
+                at: r.forgotten_at.timestamp_millis(),
+                points: r.point_ids,
             })
             .collect())
     }
@@ -216,11 +250,12 @@ impl Store {
     }
 
     pub async fn checkpoint(&self, name: &str) -> Result<Option<f64>, StoreError> {
-        let row = sqlx::query("SELECT position FROM recap_checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(
+            sqlx::query_scalar("SELECT position FROM recap_checkpoints WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Starts an ingest transaction, renewing the leader lease inside it (the fence).

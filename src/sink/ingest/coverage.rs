@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use crate::sink::{NewMessage, StoreError, to_utc};
 use crate::state::{Closed, Point};
@@ -13,6 +13,13 @@ use crate::tracker::{Millis, Mode, TrackerConfig};
 
 /// Adds points to a stored window's coverage (`recap_windows.point_ids`, `point_ts`: time order), skipping those it
 /// already has. Returns a flag per input: true when it was new to the window. (The worker stores here the points a
+/// A stored window's coverage columns.
+#[derive(sqlx::FromRow)]
+struct CoverageRow {
+    point_ids: Vec<String>,
+    point_ts: Vec<DateTime<Utc>>,
+}
+
 /// window's scroll found that no event named.)
 pub(in crate::sink) async fn insert_messages(
     tx: &mut Transaction<'_, Postgres>,
@@ -27,14 +34,17 @@ pub(in crate::sink) async fn insert_messages(
     if msgs.is_empty() {
         return Ok(Vec::new());
     }
-    let row = sqlx::query("SELECT point_ids, point_ts FROM recap_windows WHERE id = $1 FOR UPDATE")
-        .bind(window)
-        .fetch_one(&mut **tx)
-        .await?;
-    let ids: Vec<String> = row.get(0);
-    let ts: Vec<DateTime<Utc>> = row.get(1);
-    let mut points: Vec<(Millis, String)> =
-        ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect();
+    let row: CoverageRow =
+        sqlx::query_as("SELECT point_ids, point_ts FROM recap_windows WHERE id = $1 FOR UPDATE")
+            .bind(window)
+            .fetch_one(&mut **tx)
+            .await?;
+    let mut points: Vec<(Millis, String)> = row
+        .point_ts
+        .iter()
+        .map(|t| t.timestamp_millis())
+        .zip(row.point_ids)
+        .collect();
     let mut known: std::collections::HashSet<String> =
         points.iter().map(|(_, id)| id.clone()).collect();
     let new: Vec<bool> = msgs

@@ -2,7 +2,7 @@
 //! windows' coverage), clamped points, watermarks and source positions, under the leader's fence.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use super::coverage::{
     FlatPoints, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, near_each_other, points_by_row,
@@ -226,7 +226,17 @@ impl IngestTx {
             Mode::Session => cfg.idle_gap_ms,
             Mode::Tumbling => 0,
         };
-        let candidates = sqlx::query(MERGE_CANDIDATES_SQL)
+        /// A row of [`MERGE_CANDIDATES_SQL`].
+        #[derive(sqlx::FromRow)]
+        struct CandidateRow {
+            id: i64,
+            start_ts: DateTime<Utc>,
+            end_ts: DateTime<Utc>,
+            summary_id: Option<i32>,
+            point_ids: Vec<String>,
+            point_ts: Vec<DateTime<Utc>>,
+        }
+        let candidates: Vec<CandidateRow> = sqlx::query_as(MERGE_CANDIDATES_SQL)
             .bind(&*w.bot)
             .bind(&*w.user)
             .bind(to_utc(hi.saturating_add(gap)))
@@ -242,17 +252,18 @@ impl IngestTx {
             points: Vec<Point>,
         }
         let existing: Vec<Candidate> = candidates
-            .iter()
-            .map(|r| {
-                let ids: Vec<String> = r.get(4);
-                let ts: Vec<DateTime<Utc>> = r.get(5);
-                Candidate {
-                    id: r.get(0),
-                    start: r.get::<DateTime<Utc>, _>(1).timestamp_millis(),
-                    end: r.get::<DateTime<Utc>, _>(2).timestamp_millis(),
-                    summary: r.get(3),
-                    points: ts.iter().map(|t| t.timestamp_millis()).zip(ids).collect(),
-                }
+            .into_iter()
+            .map(|r| Candidate {
+                id: r.id,
+                start: r.start_ts.timestamp_millis(),
+                end: r.end_ts.timestamp_millis(),
+                summary: r.summary_id,
+                points: r
+                    .point_ts
+                    .iter()
+                    .map(|t| t.timestamp_millis())
+                    .zip(r.point_ids)
+                    .collect(),
             })
             .collect();
         // De-duplication against the closed windows' coverage: points a stored window already has are not new.
