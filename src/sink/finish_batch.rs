@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDateTime;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use super::ingest::insert_messages;
 use super::windows::{truncate, upsert_summary};
@@ -127,11 +127,39 @@ fn upsert_rows_sql() -> String {
 }
 
 /// Runs `sql` over `rows` (see [`ROWS_FROM`]).
-async fn write_rows(
+/// A summary row [`update_rows_sql`] wrote (`RETURNING s.id`).
+#[derive(sqlx::FromRow)]
+struct UpdatedRow {
+    id: i32,
+}
+
+/// A summary row [`upsert_rows_sql`] wrote, with its window key.
+#[derive(sqlx::FromRow)]
+struct UpsertedRow {
+    id: i32,
+    user_id: String,
+    bot_name: String,
+    start_timestamp: NaiveDateTime,
+    end_timestamp: NaiveDateTime,
+}
+
+/// A window row locked by the finish.
+#[derive(sqlx::FromRow)]
+struct LockedWindow {
+    id: i64,
+    version: i32,
+    lease_owner: Option<String>,
+    state: WindowState,
+}
+
+async fn write_rows<T>(
     tx: &mut Transaction<'_, Postgres>,
     sql: &str,
     rows: &[&SummaryRow<'_>],
-) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
+) -> Result<Vec<T>, StoreError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
     let col =
         |f: &dyn Fn(&SummaryRow) -> String| rows.iter().map(|r| f(r)).collect::<Vec<String>>();
     let sid: Vec<Option<i32>> = rows.iter().map(|r| r.w.summary_id).collect();
@@ -153,7 +181,7 @@ async fn write_rows(
     let latencies: Vec<Option<i32>> = rows.iter().map(|r| r.latency).collect();
     let costs: Vec<Option<f64>> = rows.iter().map(|r| r.cost).collect();
     let coverages = col(&|r| r.coverage.clone());
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
         .bind(sid)
         .bind(users)
         .bind(bots)
@@ -211,16 +239,13 @@ impl Store {
         let ids: Vec<i64> = batch.iter().map(|(w, _)| w.id).collect();
         // Locked in id order (as every multi-window writer should), so two batches never wait on each other in a
         // circle.
-        let locked = sqlx::query(
+        let locked: Vec<LockedWindow> = sqlx::query_as(
             "SELECT id, version, lease_owner, state FROM recap_windows WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        let now: HashMap<i64, (i32, Option<String>, String)> = locked
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
-            .collect();
+        let now: HashMap<i64, LockedWindow> = locked.into_iter().map(|r| (r.id, r)).collect();
         let mut changed = Vec::new();
         let mut live = Vec::new();
         let mut seen = HashSet::new();
@@ -229,9 +254,10 @@ impl Store {
                 continue; // the same window twice: written once
             }
             match now.get(&w.id) {
-                Some((_, lease, state)) if lease.as_deref() != Some(owner) || state != "due" => {}
+                Some(l)
+                    if l.lease_owner.as_deref() != Some(owner) || l.state != WindowState::Due => {}
                 None => {}
-                Some((version, _, _)) if *version != w.version => changed.push(w.id),
+                Some(l) if l.version != w.version => changed.push(w.id),
                 Some(_) => live.push((at, *w, *outcome)),
             }
         }
@@ -270,11 +296,12 @@ impl Store {
             }
         }
         if !by_id.is_empty() {
-            let updated: HashSet<i32> = write_rows(&mut tx, &update_rows_sql(), &by_id)
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let updated: HashSet<i32> =
+                write_rows::<UpdatedRow>(&mut tx, &update_rows_sql(), &by_id)
+                    .await?
+                    .iter()
+                    .map(|r| r.id)
+                    .collect();
             for r in by_id {
                 match r.w.summary_id.filter(|s| updated.contains(s)) {
                     Some(s) => {
@@ -286,11 +313,15 @@ impl Store {
         }
         if !by_key.is_empty() {
             let at_key: HashMap<_, usize> = by_key.iter().map(|r| (r.key(), r.at)).collect();
-            for row in write_rows(&mut tx, &upsert_rows_sql(), &by_key).await? {
-                let key: (String, String, NaiveDateTime, NaiveDateTime) =
-                    (row.get(1), row.get(2), row.get(3), row.get(4));
+            for row in write_rows::<UpsertedRow>(&mut tx, &upsert_rows_sql(), &by_key).await? {
+                let key: (String, String, NaiveDateTime, NaiveDateTime) = (
+                    row.user_id,
+                    row.bot_name,
+                    row.start_timestamp,
+                    row.end_timestamp,
+                );
                 if let Some(at) = at_key.get(&key) {
-                    summary_ids.insert(*at, row.get(0));
+                    summary_ids.insert(*at, row.id);
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use super::ingest::insert_messages;
 use super::{
@@ -14,7 +14,24 @@ use super::{
 };
 /// In `sink/mod.rs` (issue 27: `running.rs` needs them too; here they closed a circle windows -> running -> windows).
 pub(super) use super::{next_attempt, truncate};
+use crate::model::WindowState;
 use crate::summarize::Summary;
+
+/// A window row as a claim returns it, with its point ids.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    id: i64,
+    bot_name: String,
+    user_id: String,
+    start_ts: DateTime<Utc>,
+    end_ts: DateTime<Utc>,
+    version: i32,
+    revision: i32,
+    attempts: i32,
+    summary_id: Option<i32>,
+    closed_at: DateTime<Utc>,
+    point_ids: Vec<String>,
+}
 
 impl Store {
     // ---- windows ----------------------------------------------------------------------------------------------
@@ -37,7 +54,7 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<(Vec<ClaimedWindow>, HashMap<i64, Vec<String>>), StoreError> {
-        let rows = sqlx::query(
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
             "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
              FROM (SELECT id FROM recap_windows
                    WHERE state = 'due' AND (not_before IS NULL OR not_before <= now())
@@ -52,25 +69,23 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let ids = rows
-            .iter()
-            .map(|r| (r.get::<i64, _>(0), r.get::<Vec<String>, _>(10)))
-            .collect();
-        let windows = rows
-            .iter()
-            .map(|r| ClaimedWindow {
-                id: r.get(0),
-                bot: r.get(1),
-                user_id: r.get(2),
-                start_ms: r.get::<DateTime<Utc>, _>(3).timestamp_millis(),
-                end_ms: r.get::<DateTime<Utc>, _>(4).timestamp_millis(),
-                version: r.get(5),
-                revision: r.get(6),
-                attempts: r.get(7),
-                summary_id: r.get(8),
-                closed_at_ms: r.get::<DateTime<Utc>, _>(9).timestamp_millis(),
-            })
-            .collect();
+        let mut ids = HashMap::with_capacity(rows.len());
+        let mut windows = Vec::with_capacity(rows.len());
+        for r in rows {
+            ids.insert(r.id, r.point_ids);
+            windows.push(ClaimedWindow {
+                id: r.id,
+                bot: r.bot_name,
+                user_id: r.user_id,
+                start_ms: r.start_ts.timestamp_millis(),
+                end_ms: r.end_ts.timestamp_millis(),
+                version: r.version,
+                revision: r.revision,
+                attempts: r.attempts,
+                summary_id: r.summary_id,
+                closed_at_ms: r.closed_at.timestamp_millis(),
+            });
+        }
         Ok((windows, ids))
     }
 
@@ -188,17 +203,22 @@ impl Store {
         outcome: &WindowOutcome,
     ) -> Result<Finished, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT version, lease_owner, state, start_ts, end_ts FROM recap_windows WHERE id = $1 FOR UPDATE")
-            .bind(w.id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let version: i32 = row.get(0);
-        let lease_owner: Option<String> = row.get(1);
-        let state: String = row.get(2);
-        if lease_owner.as_deref() != Some(owner) || state != "due" {
+        #[derive(sqlx::FromRow)]
+        struct Locked {
+            version: i32,
+            lease_owner: Option<String>,
+            state: WindowState,
+        }
+        let locked: Locked = sqlx::query_as(
+            "SELECT version, lease_owner, state FROM recap_windows WHERE id = $1 FOR UPDATE",
+        )
+        .bind(w.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if locked.lease_owner.as_deref() != Some(owner) || locked.state != WindowState::Due {
             return Ok(Finished::Stale);
         }
-        if version != w.version {
+        if locked.version != w.version {
             sqlx::query(
                 "UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE id = $1",
             )
@@ -318,7 +338,7 @@ pub(super) async fn upsert_summary(
     let topics: Vec<String> = s.key_topics.iter().map(|t| clean(t)).collect();
     let text = clean(&s.text);
     let bind_all = |sql: &'static str| {
-        sqlx::query(sql)
+        sqlx::query_scalar(sql)
             .bind(w.user_id.clone())
             .bind(w.bot.clone())
             .bind(text.clone())
@@ -346,10 +366,9 @@ pub(super) async fn upsert_summary(
             .fetch_optional(&mut **tx)
             .await?
     {
-        return Ok(r.get(0));
+        return Ok(r);
     }
-    let row = bind_all(UPSERT_SUMMARY_SQL).fetch_one(&mut **tx).await?;
-    Ok(row.get(0))
+    Ok(bind_all(UPSERT_SUMMARY_SQL).fetch_one(&mut **tx).await?)
 }
 
 /// Parameters $1..$19 are shared with [`UPSERT_SUMMARY_SQL`]; $20 is the row id. `cost_usd` adds up over a window's
