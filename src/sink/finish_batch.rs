@@ -1,5 +1,6 @@
-//! Finishing many windows in one transaction ([`Store::finish_windows`]): the same rules as
-//! [`Store::finish_window`] per window, in a fixed number of set-based statements (`unnest`) whatever the batch size.
+//! Finishing windows in one transaction ([`Store::finish_windows`]), the one finish path: the rules apply per window,
+//! in a fixed number of set-based statements (`unnest`) whatever the batch size; [`Store::finish_window`] is this
+//! finish of a batch of one.
 
 use std::collections::{HashMap, HashSet};
 
@@ -207,8 +208,8 @@ where
 }
 
 impl Store {
-    /// Writes the workers' results for many windows in one transaction, with the rules of [`Store::finish_window`]
-    /// applied to each window on its own: a window whose lease is no longer `owner`'s or that is no longer due is
+    /// Writes the workers' results for many windows in one transaction, the rules applied to each window on its
+    /// own: a window whose lease is no longer `owner`'s or that is no longer due is
     /// [`Finished::Stale`] and untouched, one whose version changed since the claim is `Stale` with its lease given
     /// back, and the others are written (the summary row updated by `summary_id` or upserted on the window key,
     /// `revision + 1`, coverage, `cost_usd` added; too_short; retry or dead). Returns one [`Finished`] per window, in
@@ -368,7 +369,7 @@ impl Store {
         let done: Vec<&SummaryRow> = rows.iter().collect();
         if !done.is_empty() {
             sqlx::query(
-                "UPDATE recap_windows w SET state = 'done', revision = x.rev, summary_id = x.sid, coverage = x.cov,
+                "UPDATE recap_windows w SET state = $6, revision = x.rev, summary_id = x.sid, coverage = x.cov,
                     attempts = 0, message_count = x.mc, lease_owner = NULL, lease_until = NULL, last_error = NULL,
                     updated_at = now()
                  FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::int[]) AS x(id, rev, sid, cov, mc)
@@ -379,6 +380,7 @@ impl Store {
             .bind(done.iter().map(|r| summary_ids[&r.at]).collect::<Vec<i32>>())
             .bind(done.iter().map(|r| r.coverage.clone()).collect::<Vec<String>>())
             .bind(done.iter().map(|r| r.message_count).collect::<Vec<i32>>())
+            .bind(WindowState::Done)
             .execute(&mut *tx)
             .await?;
             for r in &done {
@@ -396,12 +398,13 @@ impl Store {
             .collect();
         if !short.is_empty() {
             sqlx::query(
-                "UPDATE recap_windows w SET state = 'too_short', message_count = x.mc, lease_owner = NULL,
+                "UPDATE recap_windows w SET state = $3, message_count = x.mc, lease_owner = NULL,
                     lease_until = NULL, updated_at = now()
                  FROM unnest($1::bigint[], $2::int[]) AS x(id, mc) WHERE w.id = x.id",
             )
             .bind(short.iter().map(|s| s.1).collect::<Vec<i64>>())
             .bind(short.iter().map(|s| s.2).collect::<Vec<i32>>())
+            .bind(WindowState::TooShort)
             .execute(&mut *tx)
             .await?;
             for s in &short {

@@ -7,14 +7,9 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
-use super::ingest::insert_messages;
-use super::{
-    ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome,
-    coverage_fingerprint, to_utc,
-};
+use super::{ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome};
 /// In `sink/mod.rs` (issue 27: `running.rs` needs them too; here they closed a circle windows -> running -> windows).
 pub(super) use super::{next_attempt, truncate};
-use crate::model::WindowState;
 use crate::summarize::Summary;
 
 /// A window row as a claim returns it, with its point ids.
@@ -195,121 +190,20 @@ impl Store {
         Ok(held)
     }
 
-    /// Writes a worker's result for a window in one transaction (see the module docs).
+    /// Writes a worker's result for a window in one transaction: the batch finish ([`Store::finish_windows`]) of
+    /// this one window, so the two can never drift apart (see the module docs for the rules).
     pub async fn finish_window(
         &self,
         owner: &str,
         w: &ClaimedWindow,
         outcome: &WindowOutcome,
     ) -> Result<Finished, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        #[derive(sqlx::FromRow)]
-        struct Locked {
-            version: i32,
-            lease_owner: Option<String>,
-            state: WindowState,
-        }
-        let locked: Locked = sqlx::query_as(
-            "SELECT version, lease_owner, state FROM recap_windows WHERE id = $1 FOR UPDATE",
-        )
-        .bind(w.id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if locked.lease_owner.as_deref() != Some(owner) || locked.state != WindowState::Due {
-            return Ok(Finished::Stale);
-        }
-        if locked.version != w.version {
-            sqlx::query(
-                "UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE id = $1",
-            )
-            .bind(w.id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(Finished::Stale);
-        }
-        let finished = match outcome {
-            WindowOutcome::Summarized {
-                summary,
-                covered,
-                extra,
-                message_count,
-                text_chars,
-                span,
-                ..
-            } => {
-                // The row's bounds are the stored points' times; the window keeps its tracker bounds.
-                let (start, end) = (to_utc(span.0), to_utc(span.1));
-                insert_messages(&mut tx, extra, Some(w.id)).await?;
-                let coverage = coverage_fingerprint(covered);
-                let revision = w.revision + 1;
-                let summary_id = upsert_summary(
-                    &mut tx,
-                    w,
-                    start.naive_utc(),
-                    end.naive_utc(),
-                    summary,
-                    *message_count,
-                    *text_chars,
-                    revision,
-                    &coverage,
-                )
-                .await?;
-                super::words::write(&mut tx, [(Some(summary_id), w, outcome)]).await?;
-                sqlx::query(
-                    "UPDATE recap_windows SET state = 'done', revision = $2, summary_id = $3, coverage = $4, attempts = 0,
-                        message_count = $5, lease_owner = NULL, lease_until = NULL, last_error = NULL, updated_at = now()
-                     WHERE id = $1",
-                )
-                .bind(w.id)
-                .bind(revision)
-                .bind(summary_id)
-                .bind(&coverage)
-                .bind(*message_count)
-                .execute(&mut *tx)
-                .await?;
-                super::running::consume_windows(&mut tx, &[(w, outcome)]).await?;
-                Finished::Done
-            }
-            WindowOutcome::TooShort { message_count } => {
-                sqlx::query(
-                    "UPDATE recap_windows SET state = 'too_short', message_count = $2, lease_owner = NULL, lease_until = NULL,
-                        updated_at = now() WHERE id = $1",
-                )
-                .bind(w.id)
-                .bind(*message_count)
-                .execute(&mut *tx)
-                .await?;
-                Finished::TooShort
-            }
-            WindowOutcome::Retry {
-                error,
-                delay,
-                counts,
-                max_attempts,
-            } => {
-                let (attempts, dead) = next_attempt(w.attempts, *counts, *max_attempts);
-                sqlx::query(
-                    "UPDATE recap_windows SET state = $2, attempts = $3, last_error = $4,
-                        not_before = now() + $5 * interval '1 millisecond', lease_owner = NULL, lease_until = NULL,
-                        updated_at = now() WHERE id = $1",
-                )
-                .bind(w.id)
-                .bind(if dead { "dead" } else { "due" })
-                .bind(attempts)
-                .bind(truncate(&error.replace('\0', ""), 2000))
-                .bind(delay.as_millis() as f64)
-                .execute(&mut *tx)
-                .await?;
-                if dead {
-                    Finished::Dead
-                } else {
-                    Finished::Retrying
-                }
-            }
-        };
-        tx.commit().await?;
-        Ok(finished)
+        self.finish_windows(owner, &[(w, outcome)])
+            .await?
+            .pop()
+            .ok_or(StoreError::Invariant(
+                "a finish of one window returned no result",
+            ))
     }
 }
 
