@@ -1,19 +1,29 @@
 //! The ingest shell: leader lease (taken, renewed during long steps, released), the tracker fed batch by batch, and
 //! each batch's closed windows stored in the same transaction before the source acknowledges.
+//!
+//! Files: `ingest.rs` the batch -> state -> checkpoint step (`Ingest`); `ingest/run.rs` the loop (`run_partition`,
+//! `IngestLoop`); `ingest/restore.rs` the state restored from the last checkpoint; `ingest/leader.rs` the lease
+//! renewed during long steps (`renewing`).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+mod leader;
+mod restore;
+mod run;
+
+pub use leader::renewing;
+use restore::restore_fenced;
+pub use restore::restore_state;
+pub use run::{IngestLoop, run_ingest, run_ingest_with, run_partition};
+
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Clock, Context, Share, SystemClock, loop_backoff, sleep_or_shutdown};
+use super::{Context, Share};
 use crate::sink::{Closing, DeadLetter, Fence, Lease, Store, StoreError};
-use crate::source::nats::PartitionBy;
-use crate::source::{Batch, Source, SourceError};
+use crate::source::{Batch, Source};
 use crate::state::{Checkpoint, State};
-use crate::tracker::{Millis, Observed, Tracker, TrackerConfig};
+use crate::tracker::{Observed, Tracker, TrackerConfig};
 
 /// How far ahead of the wall clock a message time may be (clock skew between bots and recap).
 pub const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
@@ -21,27 +31,6 @@ pub const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
 /// The wall-clock time a caught-up batch lets the tracker tick to: `now`, or the source's horizon when earlier.
 fn tick_time(batch: &Batch, now: i64) -> i64 {
     batch.horizon.map_or(now, |h| h.min(now))
-}
-
-/// Runs `fut` while renewing the leader lease every third of its term, so a long step (a tracker rebuild, a slow
-/// scroll) never lets the lease lapse. Returns `Err` only when the lease was lost; a renewal that fails for an outage
-/// is logged and tried again at the next period (the ingest transaction is the fence in any case).
-pub async fn renewing<T>(
-    lease: &Lease,
-    fut: impl std::future::Future<Output = T>,
-) -> Result<T, StoreError> {
-    tokio::pin!(fut);
-    let period = (lease.fence().ttl / 3).max(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            r = &mut fut => return Ok(r),
-            _ = tokio::time::sleep(period) => match lease.renew().await {
-                Ok(()) => {}
-                Err(e @ StoreError::LostLeadership(_)) => return Err(e),
-                Err(e) => warn!(error = %e, "could not renew the ingest lease; retrying"),
-            },
-        }
-    }
 }
 
 /// What one applied batch did.
@@ -464,303 +453,4 @@ async fn write_tx(
     }
     tx.commit().await?;
     Ok(done)
-}
-
-/// Restores the state of the partition `fence` leads, renewing its lease meanwhile (`Err` outside: the lease was
-/// lost).
-async fn restore_fenced(
-    ctx: &Context,
-    lease: &Lease,
-) -> Result<Result<State, StoreError>, StoreError> {
-    let part = (
-        lease.fence().part as u32,
-        ctx.cfg.nats.nats_partitions.max(1),
-    );
-    renewing(
-        lease,
-        restore_state(
-            &ctx.store,
-            ctx.tracker_config(),
-            part,
-            ctx.cfg.nats.nats_partition_by,
-        ),
-    )
-    .await
-}
-
-/// Restores the operator state of partition `(k, n)` (`(0, 1)`: unpartitioned) from its last checkpoint: its
-/// watermarks (by bot: of its bots, whichever partition wrote them last; by user: its own), its open keys'
-/// snapshots, tombstones.
-pub async fn restore_state(
-    store: &Store,
-    cfg: TrackerConfig,
-    (part, partitions): (u32, u32),
-    by: PartitionBy,
-) -> Result<State, StoreError> {
-    let started = Instant::now();
-    let mine = |bot: &str, p: i32| match by {
-        _ if partitions <= 1 => true,
-        PartitionBy::Bot => crate::source::nats::partition_of(bot, partitions) == part,
-        PartitionBy::User => p == part as i32,
-    };
-    let mut marks: HashMap<String, Millis> = HashMap::new();
-    for (bot, p, w) in store.load_watermarks().await? {
-        if mine(&bot, p) {
-            let m = marks.entry(bot).or_insert(w);
-            *m = (*m).max(w);
-        }
-    }
-    let watermarks: Vec<(String, Millis)> = marks.into_iter().collect();
-    let layout = crate::source::nats::layout(by, partitions);
-    let open: Vec<_> = store
-        .load_open_state(part as i32, &layout)
-        .await?
-        .into_iter()
-        .filter(|(s, current)| {
-            *current || crate::source::nats::owner(by, partitions, &s.bot, &s.user) == part
-        })
-        .map(|(s, _)| s)
-        .collect();
-    // Tombstones (a forget's listed points, `recall::forget`): by bot only this partition's bots' (the others' keys
-    // never reach it); by user every bot's (a tombstone names no user id, so its partition is unknown). Loaded here,
-    // at every restore, which every forget of a key this partition owns forces by bumping its epoch.
-    let tombstones = store.load_forgotten().await?.into_iter().filter(|t| {
-        partitions <= 1
-            || by == PartitionBy::User
-            || crate::source::nats::partition_of(&t.bot, partitions) == part
-    });
-    let mut state = State::restore_forgetting(cfg, watermarks, open, tombstones);
-    state.remember_clamped(
-        store
-            .load_clamped()
-            .await?
-            .into_iter()
-            .filter(|(bot, user, _, _)| {
-                partitions <= 1 || crate::source::nats::owner(by, partitions, bot, user) == part
-            })
-            .map(|(bot, _, id, stored)| (bot, id, stored)),
-    );
-    info!(
-        partition = part,
-        open_keys = state.open_keys(),
-        ms = started.elapsed().as_millis() as u64,
-        "ingest state restored from the last checkpoint"
-    );
-    Ok(state)
-}
-
-/// How the ingest loop waits and retries: a jittered exponential back-off between `backoff_min` and `backoff_max`
-/// while the source or Postgres is unavailable (shutdown ends any wait at once), and the clock it reads for the
-/// tracker.
-#[derive(Debug, Clone)]
-pub struct IngestLoop {
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
-    /// The wall clock handed to [`Ingest::apply`]: the only place the ingest loop reads the time for the tracker.
-    pub clock: Arc<dyn Clock>,
-}
-
-impl Default for IngestLoop {
-    fn default() -> Self {
-        IngestLoop {
-            backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(5),
-            clock: Arc::new(SystemClock),
-        }
-    }
-}
-
-/// Runs ingest from `source` until `shutdown`: batches in, transactions committed, then acks.
-pub async fn run_ingest<S: Source>(
-    ctx: Context,
-    source: S,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    run_ingest_with(ctx, source, shutdown, IngestLoop::default()).await
-}
-
-/// [`run_ingest`] with explicit loop settings (tests: a long back-off that shutdown must interrupt).
-pub async fn run_ingest_with<S: Source>(
-    ctx: Context,
-    source: S,
-    shutdown: CancellationToken,
-    opts: IngestLoop,
-) -> anyhow::Result<()> {
-    run_partition(ctx, 0, None, source, shutdown, opts).await
-}
-
-/// The ingest loop of partition `part`: leads it whenever it can (within this replica's `share`, if any), batches
-/// into memory, checkpoints, acks; gives the partition back when the share says so, or on shutdown.
-pub async fn run_partition<S: Source>(
-    ctx: Context,
-    part: u32,
-    share: Option<&Share>,
-    mut source: S,
-    shutdown: CancellationToken,
-    opts: IngestLoop,
-) -> anyhow::Result<()> {
-    // This partition's lease went (given back or lost): it no longer counts towards this replica's share.
-    let released = || {
-        if let Some(share) = share {
-            share.released(part);
-        }
-    };
-    let new_backoff = || loop_backoff(opts.backoff_min, opts.backoff_max);
-    let mut backoff = new_backoff();
-    let next_wait =
-        move |b: &mut dyn Iterator<Item = Duration>| b.next().unwrap_or(opts.backoff_max);
-    let ttl = Duration::from_secs(ctx.cfg.service.leader_lease_seconds.into());
-    'lead: loop {
-        // A partition handed back because its source kept failing is taken again only once the source answers.
-        if let Some(share) = share
-            && !share.source_is_ok(part)
-        {
-            match source.probe().await {
-                Ok(()) => share.source_ok(part),
-                Err(e) => {
-                    let wait = next_wait(&mut backoff);
-                    debug!(partition = part, error = %e, "the partition's source is still unavailable");
-                    if sleep_or_shutdown(&shutdown, wait).await {
-                        return Ok(());
-                    }
-                    continue 'lead;
-                }
-            }
-        }
-        let mut ingest = match Ingest::start_partition(ctx.clone(), part, share, &shutdown).await {
-            Ok(Some(i)) => i,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                let wait = next_wait(&mut backoff);
-                warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot restore the ingest state from Postgres; retrying");
-                if sleep_or_shutdown(&shutdown, wait).await {
-                    return Ok(());
-                }
-                continue 'lead;
-            }
-        };
-        // The state is the last checkpoint's: the source goes back to the position stored with it (under this lease).
-        source.lead(Some(ingest.lease.clone()));
-        if let Err(e) = source.rewind(&ctx.store).await {
-            let wait = next_wait(&mut backoff);
-            warn!(error = %e, wait_ms = wait.as_millis() as u64, "cannot rewind the source to the checkpoint; retrying");
-            ingest.release().await;
-            released();
-            if sleep_or_shutdown(&shutdown, wait).await {
-                return Ok(());
-            }
-            continue 'lead;
-        }
-        let mut failing_since: Option<Instant> = None;
-        loop {
-            let next = renewing(&ingest.lease, source.next_batch());
-            let batch = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // Graceful: what was read is checkpointed and acknowledged before the lease goes back.
-                    ingest.hand_back(&mut source).await;
-                    released();
-                    return Ok(());
-                }
-                b = next => b,
-            };
-            let batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(error = %e, "lost the ingest lease while waiting for a batch; stepping down");
-                    source.abandon().await;
-                    released();
-                    continue 'lead;
-                }
-            };
-            let batch = match batch {
-                Ok(b) => b,
-                Err(SourceError::Deposed) => {
-                    // Its own clock says the lease ran out (a pause past it), or another epoch leads: it stopped
-                    // pulling already; what it read is not acknowledged (the next leader reads it again).
-                    warn!(
-                        partition = part,
-                        "no longer the partition's leader; stepping down"
-                    );
-                    metrics::counter!("recap_partitions_handed_back_total", "reason" => "deposed")
-                        .increment(1);
-                    source.abandon().await;
-                    released();
-                    continue 'lead;
-                }
-                Err(e) => {
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if let Some(share) = share
-                        && since.elapsed() >= ttl / 3
-                        && share.others_can_ingest()
-                    {
-                        // A leader that cannot read its partition hands it back (what it read is checkpointed),
-                        // and the replica counts in nobody's share until a source of its works again: another
-                        // replica leads the partition meanwhile (issue 24, case 11). Alone, it keeps it and retries.
-                        warn!(partition = part, error = %e, "the partition's source keeps failing: handing it back");
-                        metrics::counter!("recap_partitions_handed_back_total", "reason" => "source").increment(1);
-                        ingest.hand_back(&mut source).await;
-                        share.source_failed(part);
-                        released();
-                        continue 'lead;
-                    }
-                    let wait = next_wait(&mut backoff);
-                    warn!(error = %e, wait_ms = wait.as_millis() as u64, "source unavailable; retrying");
-                    if sleep_or_shutdown(&shutdown, wait).await {
-                        ingest.release().await;
-                        released();
-                        return Ok(());
-                    }
-                    continue;
-                }
-            };
-            failing_since = None;
-            let result = ingest.step(&mut source, &batch, opts.clock.now_ms()).await;
-            match result {
-                Ok(()) => {
-                    backoff = new_backoff();
-                    if let Some(share) = share {
-                        share.source_ok(part);
-                    }
-                    if let Some(share) = share
-                        && share.must_give_back(part)
-                    {
-                        info!(
-                            partition = part,
-                            "more partitions than the fair share: handing this one back"
-                        );
-                        ingest.hand_back(&mut source).await;
-                        share.released(part);
-                        // Long enough for a replica under its share to take it (they look every third of the lease).
-                        if sleep_or_shutdown(&shutdown, ingest.fence.ttl).await {
-                            return Ok(());
-                        }
-                        continue 'lead;
-                    }
-                }
-                Err(StoreError::LostLeadership(epoch)) => {
-                    warn!(epoch, "lost the ingest lease; stepping down");
-                    source.abandon().await;
-                    released();
-                    continue 'lead;
-                }
-                Err(e) => {
-                    // The state is restored from the last checkpoint and the source rewound to it, by whichever
-                    // replica leads the partition next: the lease is given back (it may be gone already, expired
-                    // while Postgres was away) and the partition leaves this replica's share at once, so the share
-                    // never counts a partition this replica does not lead (issue 24, case 10).
-                    source.abandon().await;
-                    ingest.release().await;
-                    released();
-                    metrics::counter!("recap_partitions_handed_back_total", "reason" => "checkpoint")
-                        .increment(1);
-                    let wait = next_wait(&mut backoff);
-                    warn!(error = %e, wait_ms = wait.as_millis() as u64, "checkpoint not committed; restoring the last one");
-                    if sleep_or_shutdown(&shutdown, wait).await {
-                        return Ok(());
-                    }
-                    continue 'lead;
-                }
-            }
-        }
-    }
 }

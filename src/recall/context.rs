@@ -20,12 +20,12 @@ use qdrant_client::qdrant::{
     Condition, Filter, GetPointsBuilder, PointId, Range as QRange, RetrievedPoint,
 };
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{Range, SummaryItem};
 use crate::fetch::{
     FetchError, Points, is_point_id, map_point, point_id_from_str, point_id_string,
 };
+use crate::model::WindowState;
 use crate::sink::{Store, StoreError};
 use crate::summarize::Message;
 use crate::tracker::{Millis, TrackerConfig};
@@ -164,10 +164,12 @@ struct Running {
 fn key_state_sql() -> String {
     format!(
         "WITH {}
-SELECT o.point_ids, o.point_ts,
-       w.state, w.summary_id, w.point_ids, w.point_ts, w.end_ts,
-       r.summary, r.key_topics, r.point_ids, r.covers_until,
-       (SELECT json_agg(recalled ORDER BY recalled.start DESC)::text FROM recalled)
+SELECT o.point_ids AS open_ids, o.point_ts AS open_ts,
+       w.state AS last_state, w.summary_id AS last_summary_id, w.point_ids AS last_ids, w.point_ts AS last_ts,
+       w.end_ts AS last_end,
+       r.summary AS running_summary, r.key_topics AS running_topics, r.point_ids AS running_ids,
+       r.covers_until AS running_until,
+       (SELECT json_agg(recalled ORDER BY recalled.start DESC)::text FROM recalled) AS recalled
 FROM (SELECT 1) one
 LEFT JOIN recap_open_windows o ON o.bot_name = $1 AND o.user_id = $2
 LEFT JOIN LATERAL (SELECT state, summary_id, point_ids, point_ts, end_ts FROM recap_windows
@@ -201,6 +203,23 @@ fn zip_points(ids: Option<Vec<String>>, ts: Option<Vec<DateTime<Utc>>>) -> Vec<(
         .collect()
 }
 
+/// The row of [`key_state_sql`]: the key's open points, its last window, its running summary, its recaps as JSON.
+#[derive(sqlx::FromRow)]
+struct KeyStateRow {
+    open_ids: Option<Vec<String>>,
+    open_ts: Option<Vec<DateTime<Utc>>>,
+    last_state: Option<WindowState>,
+    last_summary_id: Option<i32>,
+    last_ids: Option<Vec<String>>,
+    last_ts: Option<Vec<DateTime<Utc>>>,
+    last_end: Option<DateTime<Utc>>,
+    running_summary: Option<String>,
+    running_topics: Option<Vec<String>>,
+    running_ids: Option<Vec<String>>,
+    running_until: Option<DateTime<Utc>>,
+    recalled: Option<String>,
+}
+
 /// The key's state and, when `recall_limit` > 0, its latest `recall_limit` recaps in `range` (newest first).
 async fn key_state(
     store: &Store,
@@ -209,7 +228,7 @@ async fn key_state(
     range: &Range,
     recall_limit: i64,
 ) -> Result<(KeyState, Vec<SummaryItem>), ContextError> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(key_state_sql()))
+    let row: KeyStateRow = sqlx::query_as(sqlx::AssertSqlSafe(key_state_sql()))
         .bind(bot)
         .bind(user)
         .bind(recall_limit)
@@ -218,25 +237,23 @@ async fn key_state(
         .bind(range.summary_type.as_deref())
         .fetch_one(store.pool())
         .await?;
-    let recalled = super::items_from_json(row.get::<Option<String>, _>(11).as_deref())?;
-    let open = zip_points(row.get(0), row.get(1));
-    let last_window = row.get::<Option<String>, _>(2).map(|state| LastWindow {
-        done: state == "done" && row.get::<Option<i32>, _>(3).is_some(),
-        points: zip_points(row.get(4), row.get(5)),
-        end_ms: row
-            .get::<Option<DateTime<Utc>>, _>(6)
-            .map_or(Millis::MIN, |t| ms(&t)),
+    let recalled = super::items_from_json(row.recalled.as_deref())?;
+    let open = zip_points(row.open_ids, row.open_ts);
+    let last_window = row.last_state.map(|state| LastWindow {
+        done: state == WindowState::Done && row.last_summary_id.is_some(),
+        points: zip_points(row.last_ids, row.last_ts),
+        end_ms: row.last_end.map_or(Millis::MIN, |t| ms(&t)),
     });
-    let running = row.get::<Option<String>, _>(7).map(|text| Running {
+    let running = row.running_summary.map(|text| Running {
         text,
-        key_topics: row.get::<Option<Vec<String>>, _>(8).unwrap_or_default(),
+        key_topics: row.running_topics.unwrap_or_default(),
         point_ids: row
-            .get::<Option<Vec<String>>, _>(9)
+            .running_ids
             .unwrap_or_default()
             .iter()
             .map(|i| canonical(i))
             .collect(),
-        covers_until: row.get(10),
+        covers_until: row.running_until,
     });
     Ok((
         KeyState {

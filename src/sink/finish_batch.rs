@@ -1,10 +1,11 @@
-//! Finishing many windows in one transaction ([`Store::finish_windows`]): the same rules as
-//! [`Store::finish_window`] per window, in a fixed number of set-based statements (`unnest`) whatever the batch size.
+//! Finishing windows in one transaction ([`Store::finish_windows`]), the one finish path: the rules apply per window,
+//! in a fixed number of set-based statements (`unnest`) whatever the batch size; [`Store::finish_window`] is this
+//! finish of a batch of one.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDateTime;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use super::ingest::insert_messages;
 use super::windows::{truncate, upsert_summary};
@@ -12,6 +13,7 @@ use super::{
     ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome,
     coverage_fingerprint, to_utc,
 };
+use crate::model::WindowState;
 
 /// One summary row to write, as its columns.
 struct SummaryRow<'a> {
@@ -126,11 +128,39 @@ fn upsert_rows_sql() -> String {
 }
 
 /// Runs `sql` over `rows` (see [`ROWS_FROM`]).
-async fn write_rows(
+/// A summary row [`update_rows_sql`] wrote (`RETURNING s.id`).
+#[derive(sqlx::FromRow)]
+struct UpdatedRow {
+    id: i32,
+}
+
+/// A summary row [`upsert_rows_sql`] wrote, with its window key.
+#[derive(sqlx::FromRow)]
+struct UpsertedRow {
+    id: i32,
+    user_id: String,
+    bot_name: String,
+    start_timestamp: NaiveDateTime,
+    end_timestamp: NaiveDateTime,
+}
+
+/// A window row locked by the finish.
+#[derive(sqlx::FromRow)]
+struct LockedWindow {
+    id: i64,
+    version: i32,
+    lease_owner: Option<String>,
+    state: WindowState,
+}
+
+async fn write_rows<T>(
     tx: &mut Transaction<'_, Postgres>,
     sql: &str,
     rows: &[&SummaryRow<'_>],
-) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
+) -> Result<Vec<T>, StoreError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
     let col =
         |f: &dyn Fn(&SummaryRow) -> String| rows.iter().map(|r| f(r)).collect::<Vec<String>>();
     let sid: Vec<Option<i32>> = rows.iter().map(|r| r.w.summary_id).collect();
@@ -152,7 +182,7 @@ async fn write_rows(
     let latencies: Vec<Option<i32>> = rows.iter().map(|r| r.latency).collect();
     let costs: Vec<Option<f64>> = rows.iter().map(|r| r.cost).collect();
     let coverages = col(&|r| r.coverage.clone());
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
         .bind(sid)
         .bind(users)
         .bind(bots)
@@ -178,8 +208,8 @@ async fn write_rows(
 }
 
 impl Store {
-    /// Writes the workers' results for many windows in one transaction, with the rules of [`Store::finish_window`]
-    /// applied to each window on its own: a window whose lease is no longer `owner`'s or that is no longer due is
+    /// Writes the workers' results for many windows in one transaction, the rules applied to each window on its
+    /// own: a window whose lease is no longer `owner`'s or that is no longer due is
     /// [`Finished::Stale`] and untouched, one whose version changed since the claim is `Stale` with its lease given
     /// back, and the others are written (the summary row updated by `summary_id` or upserted on the window key,
     /// `revision + 1`, coverage, `cost_usd` added; too_short; retry or dead). Returns one [`Finished`] per window, in
@@ -210,16 +240,13 @@ impl Store {
         let ids: Vec<i64> = batch.iter().map(|(w, _)| w.id).collect();
         // Locked in id order (as every multi-window writer should), so two batches never wait on each other in a
         // circle.
-        let locked = sqlx::query(
+        let locked: Vec<LockedWindow> = sqlx::query_as(
             "SELECT id, version, lease_owner, state FROM recap_windows WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        let now: HashMap<i64, (i32, Option<String>, String)> = locked
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
-            .collect();
+        let now: HashMap<i64, LockedWindow> = locked.into_iter().map(|r| (r.id, r)).collect();
         let mut changed = Vec::new();
         let mut live = Vec::new();
         let mut seen = HashSet::new();
@@ -228,9 +255,10 @@ impl Store {
                 continue; // the same window twice: written once
             }
             match now.get(&w.id) {
-                Some((_, lease, state)) if lease.as_deref() != Some(owner) || state != "due" => {}
+                Some(l)
+                    if l.lease_owner.as_deref() != Some(owner) || l.state != WindowState::Due => {}
                 None => {}
-                Some((version, _, _)) if *version != w.version => changed.push(w.id),
+                Some(l) if l.version != w.version => changed.push(w.id),
                 Some(_) => live.push((at, *w, *outcome)),
             }
         }
@@ -269,11 +297,12 @@ impl Store {
             }
         }
         if !by_id.is_empty() {
-            let updated: HashSet<i32> = write_rows(&mut tx, &update_rows_sql(), &by_id)
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let updated: HashSet<i32> =
+                write_rows::<UpdatedRow>(&mut tx, &update_rows_sql(), &by_id)
+                    .await?
+                    .iter()
+                    .map(|r| r.id)
+                    .collect();
             for r in by_id {
                 match r.w.summary_id.filter(|s| updated.contains(s)) {
                     Some(s) => {
@@ -285,11 +314,15 @@ impl Store {
         }
         if !by_key.is_empty() {
             let at_key: HashMap<_, usize> = by_key.iter().map(|r| (r.key(), r.at)).collect();
-            for row in write_rows(&mut tx, &upsert_rows_sql(), &by_key).await? {
-                let key: (String, String, NaiveDateTime, NaiveDateTime) =
-                    (row.get(1), row.get(2), row.get(3), row.get(4));
+            for row in write_rows::<UpsertedRow>(&mut tx, &upsert_rows_sql(), &by_key).await? {
+                let key: (String, String, NaiveDateTime, NaiveDateTime) = (
+                    row.user_id,
+                    row.bot_name,
+                    row.start_timestamp,
+                    row.end_timestamp,
+                );
                 if let Some(at) = at_key.get(&key) {
-                    summary_ids.insert(*at, row.get(0));
+                    summary_ids.insert(*at, row.id);
                 }
             }
         }
@@ -336,7 +369,7 @@ impl Store {
         let done: Vec<&SummaryRow> = rows.iter().collect();
         if !done.is_empty() {
             sqlx::query(
-                "UPDATE recap_windows w SET state = 'done', revision = x.rev, summary_id = x.sid, coverage = x.cov,
+                "UPDATE recap_windows w SET state = $6, revision = x.rev, summary_id = x.sid, coverage = x.cov,
                     attempts = 0, message_count = x.mc, lease_owner = NULL, lease_until = NULL, last_error = NULL,
                     updated_at = now()
                  FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::int[]) AS x(id, rev, sid, cov, mc)
@@ -347,6 +380,7 @@ impl Store {
             .bind(done.iter().map(|r| summary_ids[&r.at]).collect::<Vec<i32>>())
             .bind(done.iter().map(|r| r.coverage.clone()).collect::<Vec<String>>())
             .bind(done.iter().map(|r| r.message_count).collect::<Vec<i32>>())
+            .bind(WindowState::Done)
             .execute(&mut *tx)
             .await?;
             for r in &done {
@@ -364,20 +398,29 @@ impl Store {
             .collect();
         if !short.is_empty() {
             sqlx::query(
-                "UPDATE recap_windows w SET state = 'too_short', message_count = x.mc, lease_owner = NULL,
+                "UPDATE recap_windows w SET state = $3, message_count = x.mc, lease_owner = NULL,
                     lease_until = NULL, updated_at = now()
                  FROM unnest($1::bigint[], $2::int[]) AS x(id, mc) WHERE w.id = x.id",
             )
             .bind(short.iter().map(|s| s.1).collect::<Vec<i64>>())
             .bind(short.iter().map(|s| s.2).collect::<Vec<i32>>())
+            .bind(WindowState::TooShort)
             .execute(&mut *tx)
             .await?;
             for s in &short {
                 out[s.0] = Finished::TooShort;
             }
         }
-        // (position, id, state, attempts, error, delay ms)
-        let retry: Vec<(usize, i64, bool, i32, String, f64)> = live
+        /// A window put back (or dead): its position in the batch, id, new state, attempts, error and delay.
+        struct Retry {
+            at: usize,
+            id: i64,
+            state: WindowState,
+            attempts: i32,
+            error: String,
+            delay_ms: f64,
+        }
+        let retry: Vec<Retry> = live
             .iter()
             .filter_map(|(at, w, o)| match o {
                 WindowOutcome::Retry {
@@ -389,7 +432,18 @@ impl Store {
                     let (attempts, dead) =
                         super::windows::next_attempt(w.attempts, *counts, *max_attempts);
                     let error = truncate(&error.replace('\0', ""), 2000).to_string();
-                    Some((*at, w.id, dead, attempts, error, delay.as_millis() as f64))
+                    Some(Retry {
+                        at: *at,
+                        id: w.id,
+                        state: if dead {
+                            WindowState::Dead
+                        } else {
+                            WindowState::Due
+                        },
+                        attempts,
+                        error,
+                        delay_ms: delay.as_millis() as f64,
+                    })
                 }
                 _ => None,
             })
@@ -403,20 +457,20 @@ impl Store {
                      AS x(id, state, attempts, err, delay)
                  WHERE w.id = x.id",
             )
-            .bind(retry.iter().map(|r| r.1).collect::<Vec<i64>>())
+            .bind(retry.iter().map(|r| r.id).collect::<Vec<i64>>())
             .bind(
                 retry
                     .iter()
-                    .map(|r| if r.2 { "dead" } else { "due" })
+                    .map(|r| r.state.as_str())
                     .collect::<Vec<&str>>(),
             )
-            .bind(retry.iter().map(|r| r.3).collect::<Vec<i32>>())
-            .bind(retry.iter().map(|r| r.4.clone()).collect::<Vec<String>>())
-            .bind(retry.iter().map(|r| r.5).collect::<Vec<f64>>())
+            .bind(retry.iter().map(|r| r.attempts).collect::<Vec<i32>>())
+            .bind(retry.iter().map(|r| r.error.clone()).collect::<Vec<String>>())
+            .bind(retry.iter().map(|r| r.delay_ms).collect::<Vec<f64>>())
             .execute(&mut *tx)
             .await?;
             for r in &retry {
-                out[r.0] = if r.2 {
+                out[r.at] = if r.state == WindowState::Dead {
                     Finished::Dead
                 } else {
                     Finished::Retrying

@@ -10,7 +10,7 @@
 //!   window: a window that fails the check is skipped, the others are written).
 //!
 //! Files: `mod.rs` the shared types, errors and the connection (pool, migrations); `ingest.rs` the leader lease, the
-//! tracker state and [`IngestTx`]; `windows.rs` claiming, leases and [`Store::finish_window`]; `finish_batch.rs`
+//! tracker state read at start (`ingest/tx.rs`: [`IngestTx`], `ingest/coverage.rs`: coverage lists, merge probes); `windows.rs` claiming, leases and [`Store::finish_window`] (a batch of one); `finish_batch.rs`
 //! [`Store::finish_windows`]; `status.rs` what `status`, `retry` and `resummarize` read and change; `words.rs` the
 //! words said in a window, stored with its row for text search.
 

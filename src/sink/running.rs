@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use super::truncate;
 use super::{Store, StoreError, to_utc};
@@ -93,22 +93,53 @@ pub enum RunningFinished {
     Stale,
 }
 
-fn stored_from(r: &sqlx::postgres::PgRow, at: usize) -> Option<StoredRunning> {
-    let summary: Option<String> = r.get(at);
-    Some(StoredRunning {
-        summary: summary?,
-        key_topics: r.get(at + 1),
-        emotional_tone: r
-            .get::<Option<String>, _>(at + 2)
-            .unwrap_or_else(|| "neutral".into()),
-        confidence: r.get(at + 3),
-        point_ids: r.get(at + 4),
-        covers_until_ms: r
-            .get::<Option<DateTime<Utc>>, _>(at + 5)
-            .map_or(0, |t| t.timestamp_millis()),
-        message_count: r.get(at + 6),
-        summarizer: r.get(at + 7),
-    })
+/// The stored-summary columns of a `recap_running_summaries` row ([`STORED_COLUMNS`]).
+#[derive(sqlx::FromRow)]
+struct StoredColumns {
+    summary: Option<String>,
+    key_topics: Vec<String>,
+    emotional_tone: Option<String>,
+    confidence: Option<f64>,
+    point_ids: Vec<String>,
+    covers_until: Option<DateTime<Utc>>,
+    message_count: i32,
+    summarizer: Option<String>,
+}
+
+impl StoredColumns {
+    /// The stored running summary, if one was written (summary not NULL).
+    fn stored(self) -> Option<StoredRunning> {
+        Some(StoredRunning {
+            summary: self.summary?,
+            key_topics: self.key_topics,
+            emotional_tone: self.emotional_tone.unwrap_or_else(|| "neutral".into()),
+            confidence: self.confidence,
+            point_ids: self.point_ids,
+            covers_until_ms: self.covers_until.map_or(0, |t| t.timestamp_millis()),
+            message_count: self.message_count,
+            summarizer: self.summarizer,
+        })
+    }
+}
+
+/// A claimed `recap_running_summaries` row.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    bot_name: String,
+    user_id: String,
+    due_count: i32,
+    attempts: i32,
+    #[sqlx(flatten)]
+    stored: StoredColumns,
+}
+
+/// A key's stored running summary.
+#[derive(sqlx::FromRow)]
+struct KeyRunningRow {
+    bot_name: String,
+    user_id: String,
+    #[sqlx(flatten)]
+    stored: StoredColumns,
 }
 
 const STORED_COLUMNS: &str = "summary, key_topics, emotional_tone, confidence, point_ids, covers_until, message_count, summarizer";
@@ -121,7 +152,7 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<Vec<ClaimedRunning>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE recap_running_summaries r SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond'
              FROM (SELECT bot_name, user_id FROM recap_running_summaries
                    WHERE due_count IS NOT NULL AND (not_before IS NULL OR not_before <= now())
@@ -141,13 +172,13 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
-            .iter()
+            .into_iter()
             .map(|r| ClaimedRunning {
-                bot: r.get(0),
-                user_id: r.get(1),
-                due_count: r.get(2),
-                attempts: r.get(3),
-                stored: stored_from(r, 4),
+                bot: r.bot_name,
+                user_id: r.user_id,
+                due_count: r.due_count,
+                attempts: r.attempts,
+                stored: r.stored.stored(),
             })
             .collect())
     }
@@ -200,7 +231,7 @@ impl Store {
         }
         let b: Vec<&str> = keys.iter().map(|k| k.0).collect();
         let u: Vec<&str> = keys.iter().map(|k| k.1).collect();
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows: Vec<KeyRunningRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT r.bot_name, r.user_id, {} FROM recap_running_summaries r
              JOIN unnest($1::text[], $2::text[]) AS k(b, u) ON r.bot_name = k.b AND r.user_id = k.u
              WHERE r.summary IS NOT NULL",
@@ -215,8 +246,8 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
-            .iter()
-            .filter_map(|r| Some(((r.get(0), r.get(1)), stored_from(r, 2)?)))
+            .into_iter()
+            .filter_map(|r| Some(((r.bot_name, r.user_id), r.stored.stored()?)))
             .collect())
     }
 

@@ -5,16 +5,28 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
-use super::ingest::insert_messages;
-use super::{
-    ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome,
-    coverage_fingerprint, to_utc,
-};
+use super::{ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome};
 /// In `sink/mod.rs` (issue 27: `running.rs` needs them too; here they closed a circle windows -> running -> windows).
 pub(super) use super::{next_attempt, truncate};
 use crate::summarize::Summary;
+
+/// A window row as a claim returns it, with its point ids.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    id: i64,
+    bot_name: String,
+    user_id: String,
+    start_ts: DateTime<Utc>,
+    end_ts: DateTime<Utc>,
+    version: i32,
+    revision: i32,
+    attempts: i32,
+    summary_id: Option<i32>,
+    closed_at: DateTime<Utc>,
+    point_ids: Vec<String>,
+}
 
 impl Store {
     // ---- windows ----------------------------------------------------------------------------------------------
@@ -37,7 +49,7 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<(Vec<ClaimedWindow>, HashMap<i64, Vec<String>>), StoreError> {
-        let rows = sqlx::query(
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
             "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
              FROM (SELECT id FROM recap_windows
                    WHERE state = 'due' AND (not_before IS NULL OR not_before <= now())
@@ -52,25 +64,23 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let ids = rows
-            .iter()
-            .map(|r| (r.get::<i64, _>(0), r.get::<Vec<String>, _>(10)))
-            .collect();
-        let windows = rows
-            .iter()
-            .map(|r| ClaimedWindow {
-                id: r.get(0),
-                bot: r.get(1),
-                user_id: r.get(2),
-                start_ms: r.get::<DateTime<Utc>, _>(3).timestamp_millis(),
-                end_ms: r.get::<DateTime<Utc>, _>(4).timestamp_millis(),
-                version: r.get(5),
-                revision: r.get(6),
-                attempts: r.get(7),
-                summary_id: r.get(8),
-                closed_at_ms: r.get::<DateTime<Utc>, _>(9).timestamp_millis(),
-            })
-            .collect();
+        let mut ids = HashMap::with_capacity(rows.len());
+        let mut windows = Vec::with_capacity(rows.len());
+        for r in rows {
+            ids.insert(r.id, r.point_ids);
+            windows.push(ClaimedWindow {
+                id: r.id,
+                bot: r.bot_name,
+                user_id: r.user_id,
+                start_ms: r.start_ts.timestamp_millis(),
+                end_ms: r.end_ts.timestamp_millis(),
+                version: r.version,
+                revision: r.revision,
+                attempts: r.attempts,
+                summary_id: r.summary_id,
+                closed_at_ms: r.closed_at.timestamp_millis(),
+            });
+        }
         Ok((windows, ids))
     }
 
@@ -180,116 +190,20 @@ impl Store {
         Ok(held)
     }
 
-    /// Writes a worker's result for a window in one transaction (see the module docs).
+    /// Writes a worker's result for a window in one transaction: the batch finish ([`Store::finish_windows`]) of
+    /// this one window, so the two can never drift apart (see the module docs for the rules).
     pub async fn finish_window(
         &self,
         owner: &str,
         w: &ClaimedWindow,
         outcome: &WindowOutcome,
     ) -> Result<Finished, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT version, lease_owner, state, start_ts, end_ts FROM recap_windows WHERE id = $1 FOR UPDATE")
-            .bind(w.id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let version: i32 = row.get(0);
-        let lease_owner: Option<String> = row.get(1);
-        let state: String = row.get(2);
-        if lease_owner.as_deref() != Some(owner) || state != "due" {
-            return Ok(Finished::Stale);
-        }
-        if version != w.version {
-            sqlx::query(
-                "UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE id = $1",
-            )
-            .bind(w.id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(Finished::Stale);
-        }
-        let finished = match outcome {
-            WindowOutcome::Summarized {
-                summary,
-                covered,
-                extra,
-                message_count,
-                text_chars,
-                span,
-                ..
-            } => {
-                // The row's bounds are the stored points' times; the window keeps its tracker bounds.
-                let (start, end) = (to_utc(span.0), to_utc(span.1));
-                insert_messages(&mut tx, extra, Some(w.id)).await?;
-                let coverage = coverage_fingerprint(covered);
-                let revision = w.revision + 1;
-                let summary_id = upsert_summary(
-                    &mut tx,
-                    w,
-                    start.naive_utc(),
-                    end.naive_utc(),
-                    summary,
-                    *message_count,
-                    *text_chars,
-                    revision,
-                    &coverage,
-                )
-                .await?;
-                super::words::write(&mut tx, [(Some(summary_id), w, outcome)]).await?;
-                sqlx::query(
-                    "UPDATE recap_windows SET state = 'done', revision = $2, summary_id = $3, coverage = $4, attempts = 0,
-                        message_count = $5, lease_owner = NULL, lease_until = NULL, last_error = NULL, updated_at = now()
-                     WHERE id = $1",
-                )
-                .bind(w.id)
-                .bind(revision)
-                .bind(summary_id)
-                .bind(&coverage)
-                .bind(*message_count)
-                .execute(&mut *tx)
-                .await?;
-                super::running::consume_windows(&mut tx, &[(w, outcome)]).await?;
-                Finished::Done
-            }
-            WindowOutcome::TooShort { message_count } => {
-                sqlx::query(
-                    "UPDATE recap_windows SET state = 'too_short', message_count = $2, lease_owner = NULL, lease_until = NULL,
-                        updated_at = now() WHERE id = $1",
-                )
-                .bind(w.id)
-                .bind(*message_count)
-                .execute(&mut *tx)
-                .await?;
-                Finished::TooShort
-            }
-            WindowOutcome::Retry {
-                error,
-                delay,
-                counts,
-                max_attempts,
-            } => {
-                let (attempts, dead) = next_attempt(w.attempts, *counts, *max_attempts);
-                sqlx::query(
-                    "UPDATE recap_windows SET state = $2, attempts = $3, last_error = $4,
-                        not_before = now() + $5 * interval '1 millisecond', lease_owner = NULL, lease_until = NULL,
-                        updated_at = now() WHERE id = $1",
-                )
-                .bind(w.id)
-                .bind(if dead { "dead" } else { "due" })
-                .bind(attempts)
-                .bind(truncate(&error.replace('\0', ""), 2000))
-                .bind(delay.as_millis() as f64)
-                .execute(&mut *tx)
-                .await?;
-                if dead {
-                    Finished::Dead
-                } else {
-                    Finished::Retrying
-                }
-            }
-        };
-        tx.commit().await?;
-        Ok(finished)
+        self.finish_windows(owner, &[(w, outcome)])
+            .await?
+            .pop()
+            .ok_or(StoreError::Invariant(
+                "a finish of one window returned no result",
+            ))
     }
 }
 
@@ -318,7 +232,7 @@ pub(super) async fn upsert_summary(
     let topics: Vec<String> = s.key_topics.iter().map(|t| clean(t)).collect();
     let text = clean(&s.text);
     let bind_all = |sql: &'static str| {
-        sqlx::query(sql)
+        sqlx::query_scalar(sql)
             .bind(w.user_id.clone())
             .bind(w.bot.clone())
             .bind(text.clone())
@@ -346,10 +260,9 @@ pub(super) async fn upsert_summary(
             .fetch_optional(&mut **tx)
             .await?
     {
-        return Ok(r.get(0));
+        return Ok(r);
     }
-    let row = bind_all(UPSERT_SUMMARY_SQL).fetch_one(&mut **tx).await?;
-    Ok(row.get(0))
+    Ok(bind_all(UPSERT_SUMMARY_SQL).fetch_one(&mut **tx).await?)
 }
 
 /// Parameters $1..$19 are shared with [`UPSERT_SUMMARY_SQL`]; $20 is the row id. `cost_usd` adds up over a window's

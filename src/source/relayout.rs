@@ -160,9 +160,9 @@ pub async fn apply(s: &NatsSettings, store: &Store) -> Result<u64, SourceError> 
     let mut floors: HashMap<Option<u32>, u64> = HashMap::new();
     for k in 0..old_n.max(1) {
         let pos = store
-            .checkpoint(&position_name(&old_s.for_partition(k)))
+            .stream_position(&position_name(&old_s.for_partition(k)))
             .await?;
-        floors.insert(Some(k), pos.map_or(0, |p| p as u64));
+        floors.insert(Some(k), pos.map_or(0, |p| p.0));
     }
     let mut stream = js.get_stream(&s.stream).await.map_err(err)?;
     let route_floor = if old_n > 1 {

@@ -17,6 +17,7 @@ use tracing::{debug, info};
 
 use super::{Batch, Pending, SweepError, SweepSource, now_secs};
 use crate::fetch::{PayloadMapping, Points, SkipReason, map_point};
+use crate::model::SweepPos;
 use crate::sink::NewMessage;
 
 /// Where a collection's scroll stands: the request for its next page.
@@ -138,11 +139,11 @@ impl SweepSource {
     pub(super) async fn open(&self, collection: &str, bot: &str) -> Result<Sweep, SweepError> {
         let stored = self
             .store
-            .checkpoint(&self.checkpoint_name(collection))
+            .sweep_position(&self.checkpoint_name(collection))
             .await?;
         let overlap = self.settings.overlap.as_secs_f64();
         let start = match stored {
-            Some(position) => position - overlap,
+            Some(SweepPos(position)) => position - overlap,
             None => now_secs() - self.settings.lookback.as_secs_f64(),
         };
         let mut ordered = self.has_range_index(collection).await?;
