@@ -306,6 +306,7 @@ fn expected(ps: &[P], since: f64) -> BTreeSet<(String, String, i64)> {
 /// 1. Points read per cycle ≈ points added since the last cycle (plus the overlap), not the history.
 #[tokio::test]
 async fn points_read_per_cycle_follow_the_points_added() {
+    let _shared = crate::common::shared().await;
     let (store, q, tag) = (fresh_store().await, qdrant(), tag());
     let coll = format!("whisperengine_memory_{tag}_7d");
     create_collection(&q, &coll, true).await;
@@ -397,6 +398,7 @@ async fn points_read_per_cycle_follow_the_points_added() {
 /// 2. Collection names map to bots; conversation_pair points (and other memory types) are not messages.
 #[tokio::test]
 async fn collections_map_to_bots_and_pairs_are_not_messages() {
+    let _shared = crate::common::shared().await;
     let (store, q, tag) = (fresh_store().await, qdrant(), tag());
     let names = [
         (
@@ -467,6 +469,7 @@ async fn collections_map_to_bots_and_pairs_are_not_messages() {
 /// 3. Ordered (index on timestamp_unix), unordered (no index) and create_index give the same messages.
 #[tokio::test]
 async fn ordered_and_unordered_sweeps_find_the_same_messages() {
+    let _shared = crate::common::shared().await;
     let (store, q, tag) = (fresh_store().await, qdrant(), tag());
     let [a, b, c] = ["a", "b", "c"].map(|s| format!("whisperengine_memory_{tag}{s}"));
     create_collection(&q, &a, true).await;
@@ -579,6 +582,7 @@ async fn ordered_and_unordered_sweeps_find_the_same_messages() {
 /// 4. An abandoned page is read again; committed pages are not — neither in the cycle nor after a restart.
 #[tokio::test]
 async fn abandoned_pages_are_reread_and_committed_ones_are_not() {
+    let _shared = crate::common::shared().await;
     for ordered in [true, false] {
         let (store, q, tag) = (fresh_store().await, qdrant(), tag());
         let coll = format!("whisperengine_memory_{tag}");
@@ -783,6 +787,7 @@ mod from_src {
     /// read, never delivered) — on the ordered and the unordered path.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_abandoned_page_is_read_again_exactly_with_prefetch() {
+        let _shared = crate::common::shared().await;
         use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
         let (store, db) = fresh_store().await;
         let points = Arc::new(
@@ -916,6 +921,7 @@ mod from_src {
     /// below the cursor (this cycle could not see it).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unordered_sweep_never_checkpoints_past_a_point_written_behind_its_cursor() {
+        let _shared = crate::common::shared().await;
         use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
         let (store, db) = fresh_store().await;
         let points = Arc::new(
@@ -1040,6 +1046,7 @@ mod from_src {
     /// failing collection's bot.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_collection_is_skipped_and_the_cycle_goes_on() {
+        let _shared = crate::common::shared().await;
         use qdrant_client::qdrant::{CreateCollectionBuilder, Distance, VectorParamsBuilder};
         let (store, db) = fresh_store().await;
         let direct = Points::new(

@@ -3,7 +3,7 @@
 //! prompt: the cost per window, the final summary that starts from the running summary, and the discard of a running
 //! summary whose window changed under it (a late message stored before `covers_until`).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -184,6 +184,7 @@ fn of<'a>(calls: &'a [Value], user: &str, purpose: &str) -> Vec<&'a str> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn running_summaries_cost_at_most_one_per_multiple_and_the_close_starts_from_them() {
+    let _shared = common::shared().await;
     let run = Run::new().await;
     let llm = LlmServer::start();
     let tag = token();

@@ -14,6 +14,27 @@ use qdrant_client::qdrant::{
 };
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
+/// The suite runs as one binary, its tests on several threads at once. A test that disturbs what the others share
+/// (stops or crashes the shared PostgreSQL or nats-server) holds [`exclusive`]; every other test that uses a service
+/// holds [`shared`] (or [`shared_blocking`] outside a runtime) for its whole run. tokio's lock is fair: a waiting
+/// exclusive test is not starved by a stream of shared ones, and a failing test releases its guard as it unwinds.
+static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// The guard of a test that uses the shared services without disturbing them.
+pub async fn shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    EXCLUSIVE.read().await
+}
+
+/// [`shared`] for a test without a runtime.
+pub fn shared_blocking() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    EXCLUSIVE.blocking_read()
+}
+
+/// The guard of a test that stops, crashes or otherwise disturbs a shared service: no other test runs meanwhile.
+pub async fn exclusive() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    EXCLUSIVE.write().await
+}
+
 pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: start the services with `eval \"$(scripts/services up)\"` (or run scripts/test)")

@@ -4,7 +4,7 @@
 //! Each test drives the ingest shell in process (`Ingest::apply` with an explicit wall clock) against real Postgres
 //! (and Qdrant / NATS where the source is under test), so it runs in seconds.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,6 +95,7 @@ const SEC: i64 = 1000;
 /// window early nor make that user's next message (just under the idle gap) late.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fast_clock_closes_no_other_window() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(
         &db,
@@ -149,6 +150,7 @@ async fn a_fast_clock_closes_no_other_window() {
 /// Defect 11 (far future): a point more than a day ahead, read again by every sweep cycle, is one dead letter.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_far_future_point_is_dead_lettered_once() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db, &[]).await;
     let mut ing = ingest(&ctx).await;
@@ -171,6 +173,7 @@ async fn a_far_future_point_is_dead_lettered_once() {
 /// one window row remains, with every message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_message_bridging_two_windows_leaves_one() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(
         &db,
@@ -209,6 +212,7 @@ async fn a_late_message_bridging_two_windows_leaves_one() {
 /// EXPLAIN ANALYZE of the lookup on a user with 20 000 stored windows reads a handful of buffers, not the history.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_merge_candidate_lookup_is_one_probe() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let _ctx = context(&db, &[]).await;
     sqlx::query(
@@ -274,6 +278,7 @@ async fn the_merge_candidate_lookup_is_one_probe() {
 /// character) is a dead letter with its reason, never a message.
 #[tokio::test(flavor = "multi_thread")]
 async fn sweep_payloads_are_validated_like_events() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db, &[]).await;
     let q = qdrant().await;
@@ -322,6 +327,7 @@ async fn sweep_payloads_are_validated_like_events() {
 /// window must wait for the next cycle and close once, with both messages.
 #[tokio::test(flavor = "multi_thread")]
 async fn sweep_only_waits_for_the_cycle_that_can_see_the_next_message() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(
         &db,
@@ -402,6 +408,7 @@ fn until_ms(t: i64) -> Duration {
 /// sweep page never ticks the wall clock with a "caught up" flag taken before the cycle.
 #[tokio::test(flavor = "multi_thread")]
 async fn hybrid_interleaves_sweep_pages_with_events() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db, &[]).await;
     let ns = nats_ns();
@@ -493,6 +500,7 @@ impl Source for SlowSource {
 /// never takes it from a live leader.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_leader_lease_is_renewed_during_a_slow_step() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db, &["--leader-lease-seconds", "2"]).await;
     let shutdown = CancellationToken::new();
@@ -523,6 +531,7 @@ async fn the_leader_lease_is_renewed_during_a_slow_step() {
 /// at publish (a few ms after the point's stored time), no message is dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn fetch_keeps_the_named_points_whatever_their_stored_time() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db, &[]).await;
     let q = qdrant().await;
@@ -549,6 +558,7 @@ async fn fetch_keeps_the_named_points_whatever_their_stored_time() {
 /// message of theirs starts a fresh window.
 #[tokio::test(flavor = "multi_thread")]
 async fn forgetting_a_user_resets_the_leaders_open_state() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db, &["--idle-gap-minutes", "10"]).await;
     let mut ing = ingest(&ctx).await;
@@ -620,6 +630,7 @@ async fn forgetting_a_user_resets_the_leaders_open_state() {
 /// one by one in order.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_checkpoint_stores_its_windows_as_one_by_one_would() {
+    let _shared = common::shared().await;
     use recap::state::Closed;
     use recap::tracker::{ClosedWindow, TrackerConfig};
     let cfg = TrackerConfig::default();

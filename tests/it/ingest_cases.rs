@@ -1,7 +1,7 @@
 //! Issue 24's partition, share, consumer and layout cases (10-13), in process against real Postgres (and NATS where
 //! the case is the consumer's): each test failed before its fix.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -167,6 +167,7 @@ fn led_by(l: &BTreeMap<i32, String>, who: &str) -> Vec<i32> {
 /// partition each. Now a partition leaves the share the moment its checkpoint fails (its lease is released).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_checkpoint_leaves_the_share_so_every_partition_is_led_again() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let extra = ["--nats-partitions", "2"];
     let (a, b, c) = (
@@ -243,6 +244,7 @@ async fn a_failed_checkpoint_leaves_the_share_so_every_partition_is_led_again() 
 /// the rest stayed unled.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_that_cannot_reach_nats_holds_no_share() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let extra = ["--nats-partitions", "4"];
     let (a, b) = (
@@ -284,6 +286,7 @@ async fn a_replica_that_cannot_reach_nats_holds_no_share() {
 /// the other replica was at its share of two).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_that_loses_nats_hands_its_partitions_on() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let extra = ["--nats-partitions", "2"];
     let (a, b) = (
@@ -401,6 +404,7 @@ async fn take_until(
 /// its sequence 1: the consumer is recreated where it started and event 1 is read.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_first_delivery_of_a_recreated_consumer_is_checked() {
+    let _shared = common::shared().await;
     use futures::StreamExt;
     let db = fresh_db().await;
     let store = store_of(&db).await;
@@ -441,6 +445,7 @@ async fn the_first_delivery_of_a_recreated_consumer_is_checked() {
 /// consumer alone, and the new leader reads every event.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deposed_leader_neither_pulls_nor_recreates_the_consumer() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let store = store_of(&db).await;
     let ns = nats_ns();
@@ -550,6 +555,7 @@ async fn publish_shapes(
 /// one window.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_layout_change_moves_the_unread_backlog_to_the_new_partitions() {
+    let _shared = common::shared().await;
     use recap::source::nats::PartitionBy;
     let s = scenario(4).await;
     let q = qdrant().await;

@@ -1,7 +1,7 @@
 //! The ingest loop's shell, in process against real Postgres: shutdown interrupts its back-off sleep, and (with a
 //! virtual clock, issue 14's "inject the clock into the pipeline shell") windows close exactly at their idle deadline plus lateness, never before.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +63,7 @@ impl Source for Down {
 /// Shutdown ends the ingest loop's back-off sleep at once, although the back-off is 30 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_interrupts_the_ingest_backoff() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db, &[]).await;
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -165,6 +166,7 @@ const SEC: i64 = 1000;
 /// message from a host whose clock is 20 minutes fast closes no one else's window.
 #[tokio::test(flavor = "multi_thread")]
 async fn windows_close_at_the_idle_deadline_plus_lateness_on_a_virtual_clock() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(
         &db,

@@ -2,7 +2,7 @@
 //! across replicas, LLM replies with aliased fields, and windows whose result cannot be stored. Every LLM call is
 //! counted at the LLM test server, never in log lines.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,7 @@ fn u(v: &serde_json::Value, k: &str) -> u64 {
 /// costs exactly one call (counted at the server).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_slow_replicas_call_the_llm_exactly_once_per_window() {
+    let _shared = common::shared().await;
     let s = scenario(18).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"latency_ms": 1500})).await;
@@ -91,6 +92,7 @@ async fn two_slow_replicas_call_the_llm_exactly_once_per_window() {
 /// budget plus one call's cost, and the ledger records what the server charged.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daily_budget_holds_across_two_replicas() {
+    let _shared = common::shared().await;
     let s = scenario(8).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"latency_ms": 300})).await;
@@ -199,6 +201,7 @@ async fn reqwest_stats(llm: &LlmServer) -> serde_json::Value {
 /// accepted (one call per window, no repair) and what is stored is clean.
 #[tokio::test(flavor = "multi_thread")]
 async fn replies_with_aliases_side_by_side_are_accepted() {
+    let _shared = common::shared().await;
     let s = scenario(3).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"reply_style": "aliases"}))
@@ -265,6 +268,7 @@ async fn wait_state(
 /// stored, so that window gets its row.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_result_that_cannot_be_stored_counts_as_an_attempt() {
+    let _shared = common::shared().await;
     let s = scenario(0).await;
     let long_user = "9".repeat(300);
     let long = stored_window(&s, &long_user, None, T0).await;
@@ -316,6 +320,7 @@ async fn a_result_that_cannot_be_stored_counts_as_an_attempt() {
 /// plus one call, and use it up.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_spend_ledger_admits_at_most_the_budget_plus_one_call() {
+    let _shared = common::shared().await;
     use recap::budget::{PgLedger, Reserve, SpendLedger};
     let db = fresh_db().await;
     db.migrate().await;

@@ -4,7 +4,7 @@
 //! ran is skipped on its own (the others are written), and a row that cannot be stored fails only its own window.
 //! In process against real Postgres and Qdrant; runs in seconds.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -121,6 +121,7 @@ async fn rows_of(pool: &sqlx::PgPool, user: &str) -> Vec<(i32, i32, Option<Strin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_skips_or_fails_only_the_window_that_changed_or_cannot_be_stored() {
+    let _shared = common::shared().await;
     let s = scenario(0).await;
     let users: Vec<String> = (0..6).map(|i| format!("77000{i}")).collect();
     let long_user = "9".repeat(300); // longer than conversation_summaries.user_id VARCHAR(255)

@@ -1,6 +1,6 @@
 //! Sweep-only mode, hybrid mode (events + sweep) and backfill, end to end on real services.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,7 @@ async fn duplicates(pool: &sqlx::PgPool) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sweep_only_produces_the_same_table_as_events() {
+    let _shared = common::shared().await;
     let s = scenario(6).await;
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
@@ -80,6 +81,7 @@ async fn sweep_only_produces_the_same_table_as_events() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hybrid_with_ten_percent_of_events_dropped_loses_nothing() {
+    let _shared = common::shared().await;
     let s = scenario(10).await;
     let js = s.nats.ensure().await;
     // drop 10% of the events at random (deterministic per run)
@@ -136,6 +138,7 @@ async fn hybrid_with_ten_percent_of_events_dropped_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_backfill_resumes_to_the_same_table() {
+    let _shared = common::shared().await;
     let s = scenario(100).await; // 3,600 points
     let expected = expected_rows(&s.bot, &s.points, 5);
     let base = without_nats(s.env(), &s.db);

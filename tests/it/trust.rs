@@ -12,7 +12,7 @@
 //!   `RECALL_STATEMENT_TIMEOUT` is a 503.
 //! * `alert_rules_pass_promtool`: docs/alerts.yml against docs/alerts.test.yml.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -103,6 +103,7 @@ impl Recap {
 
 #[tokio::test]
 async fn metrics_are_registered_at_zero_with_help() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let r = Recap::start(&db, &[], "trust-metrics").await;
     let text = r
@@ -173,6 +174,7 @@ async fn metrics_are_registered_at_zero_with_help() {
 
 #[tokio::test]
 async fn open_mode_answers_only_loopback_hosts() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let r = Recap::start(&db, &[], "trust-hosts").await;
     let get = |path: &str, host: &str| {
@@ -219,6 +221,7 @@ async fn open_mode_answers_only_loopback_hosts() {
 
 #[tokio::test]
 async fn hostile_inputs_get_a_4xx_naming_the_field() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let bot = format!("trustbot_{}", token());
     // the configured token is trimmed as the presented one is (pasted with spaces and a newline, it still matches)
@@ -386,6 +389,7 @@ async fn hostile_inputs_get_a_4xx_naming_the_field() {
 
 #[tokio::test]
 async fn store_errors_are_503_only_when_the_store_is_down() {
+    let _shared = common::shared().await;
     use axum::response::IntoResponse;
     use recap::recall::api::store_error;
     let db = fresh_db().await;
@@ -450,6 +454,7 @@ async fn store_errors_are_503_only_when_the_store_is_down() {
 
 #[tokio::test]
 async fn console_cookie_and_login_throttle() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let r = Recap::start(&db, &[("CONSOLE_TOKEN", CONSOLE)], "trust-console").await;
     let login = |token: &str, tls: bool| {
@@ -531,6 +536,7 @@ async fn console_cookie_and_login_throttle() {
 
 #[test]
 fn alert_rules_pass_promtool() {
+    let _shared = common::shared_blocking();
     let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/docs");
     let Ok(out) = std::process::Command::new("promtool")
         .args(["test", "rules", "alerts.test.yml"])
@@ -586,6 +592,7 @@ fn alert_rules_pass_promtool() {
 /// a read blocked past `RECALL_STATEMENT_TIMEOUT` (here by a table lock) is cancelled by Postgres and answered 503.
 #[tokio::test]
 async fn reads_are_limited_and_time_out() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let bot = format!("trustbot_{}", token());
     let r = Recap::start(

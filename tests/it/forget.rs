@@ -7,7 +7,7 @@
 //! `recap_messages`, the dead letters and the Qdrant collection `recap_summaries`. A last test checks the dead
 //! letters' key columns (migration 0017) on the shapes stored before it.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -224,6 +224,7 @@ async fn wait_for_lock_waiters(pool: &PgPool, n: i64) {
 /// row: the checkpoint's rows survived it (or the two deadlocked, a 503).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forget_during_a_checkpoint_of_that_user_leaves_nothing() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db).await;
     let (bot, gone, kept) = ("ck", "g\u{e9}rald-1", "kept-1");
@@ -310,6 +311,7 @@ async fn a_forget_during_a_checkpoint_of_that_user_leaves_nothing() {
 /// one, and the row survived.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forget_during_a_worker_finish_of_that_users_window_leaves_nothing() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db).await;
     let (bot, gone, kept) = ("wk", "gone-2", "kept-2");
@@ -391,6 +393,7 @@ async fn a_forget_during_a_worker_finish_of_that_users_window_leaves_nothing() {
 /// deleted, after the forget deleted the user's vectors). Before issue 26 that vector stayed in `recap_summaries`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forget_during_a_vector_sync_leaves_no_vector() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db).await;
     let bot = format!("vs{}", token());
@@ -456,6 +459,7 @@ async fn a_forget_during_a_vector_sync_leaves_no_vector() {
 /// `point/user`), so the forget finds each of a user's letters and no one else's.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_forget_finds_every_dead_letter_of_the_user_and_only_theirs() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db).await;
     let (bot, gone, kept) = ("dl", "\u{c9}lodie", "Zo\u{e9}");
@@ -493,7 +497,7 @@ async fn the_forget_finds_every_dead_letter_of_the_user_and_only_theirs() {
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     use sqlx::{Connection, Executor};
     conn.execute(sqlx::raw_sql(include_str!(
-        "../migrations/0017_forget_complete.sql"
+        "../../migrations/0017_forget_complete.sql"
     )))
     .await
     .unwrap();
@@ -539,6 +543,7 @@ async fn the_forget_finds_every_dead_letter_of_the_user_and_only_theirs() {
 /// other partitions keep their leaders and their in-memory state.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forget_fences_only_the_partition_that_owns_the_key() {
+    let _shared = common::shared().await;
     use recap::source::nats::{PartitionBy, owner};
     let db = fresh_db().await;
     let ctx = context(&db).await;
@@ -582,6 +587,7 @@ async fn a_forget_fences_only_the_partition_that_owns_the_key() {
 /// row. With one lock order the forget waits at the leader row instead: both commit, and nothing of the user is left.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forget_and_a_checkpoint_merging_into_the_users_window_do_not_deadlock() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(&db).await;
     let (bot, gone, kept) = ("dd", "gone-5", "kept-5");

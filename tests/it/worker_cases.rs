@@ -4,7 +4,7 @@
 //! point not yet visible in Qdrant puts its window back, a bounded time, instead of dropping it).
 //! In process against real Postgres and Qdrant and a private LLM test server per test; each runs in seconds.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,6 +141,7 @@ async fn summary_rows(pool: &sqlx::PgPool, user: &str) -> Vec<i32> {
 /// after 1 s); meanwhile a late message changes the window; the retry is not sent.
 #[tokio::test(flavor = "multi_thread")]
 async fn case4_a_retry_is_not_sent_for_a_window_that_changed_meanwhile() {
+    let _shared = common::shared().await;
     let s = scenario(0).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"fail_next": 1, "fail_modes": ["429"], "retry_after": 1}))
@@ -182,6 +183,7 @@ async fn case4_a_retry_is_not_sent_for_a_window_that_changed_meanwhile() {
 /// (slow) call runs loses its lease when it ends, instead of being kept by a worker whose result is thrown away.
 #[tokio::test(flavor = "multi_thread")]
 async fn case4_the_heartbeat_does_not_renew_the_lease_of_a_changed_window() {
+    let _shared = common::shared().await;
     let s = scenario(0).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"latency_ms": 6000})).await;
@@ -280,6 +282,7 @@ async fn flush(ledger: &PgLedger) {
 /// counts it at its reserved estimate (prompt + a full MAX_OUTPUT_TOKENS completion), not at 0.
 #[tokio::test(flavor = "multi_thread")]
 async fn case5_a_timed_out_call_is_counted_in_the_spend() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let llm = LlmServer::start();
@@ -309,6 +312,7 @@ async fn case5_a_timed_out_call_is_counted_in_the_spend() {
 /// not counted as free.
 #[tokio::test(flavor = "multi_thread")]
 async fn case5_a_reply_without_usage_is_priced_from_its_text() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let llm = LlmServer::start();
@@ -435,6 +439,7 @@ impl Proxy {
 /// the row is written with one LLM call, not thrown away and paid again after the lease.
 #[tokio::test(flavor = "multi_thread")]
 async fn case8_a_postgres_outage_at_finish_keeps_the_paid_summary() {
+    let _shared = common::shared().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter("recap=debug")
         .with_test_writer()
@@ -494,6 +499,7 @@ async fn case8_a_postgres_outage_at_finish_keeps_the_paid_summary() {
 /// proceeds with what is visible.
 #[tokio::test(flavor = "multi_thread")]
 async fn case9_a_named_point_not_yet_visible_puts_the_window_back() {
+    let _shared = common::shared().await;
     let s = scenario(0).await;
     let user = "880000000000000009";
     let (id, hidden) = due_window(&s, user, 3, 1).await; // 6 named, 5 visible

@@ -2,7 +2,7 @@
 //! both (on windows with one topic each, summarized by recap itself), summary vectors and their repair, forgetting a
 //! user, bad input and auth (the Python client: tests/python_client.rs).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -345,6 +345,7 @@ async fn summary_points(bot: &str, user: Option<&str>) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn recall_search_vectors_and_auth() {
+    let _shared = common::shared().await;
     let f = fixture(3).await;
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM conversation_summaries WHERE bot_name = $1")
@@ -778,6 +779,7 @@ async fn state_of(db: &TestDb, bot: &str, user: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
+    let _shared = common::shared().await;
     let f = fixture(2).await;
     let (a, b) = (f.windows[0].0.clone(), f.windows[TOPICS.len()].0.clone());
     assert_ne!(a, b);
@@ -947,6 +949,7 @@ async fn forgetting_a_user_leaves_nothing_of_theirs_and_touches_no_one_else() {
 
 #[test]
 fn recall_token_is_required_beyond_loopback() {
+    let _shared = common::shared_blocking();
     let envs = vec![
         (
             "DATABASE_URL".to_string(),

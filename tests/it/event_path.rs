@@ -1,6 +1,6 @@
 //! The event path end to end on real services: JetStream -> tracker -> Qdrant fetch -> summary rows.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_become_exactly_the_expected_windows_once() {
+    let _shared = common::shared().await;
     let s = scenario(4).await;
     let js = s.nats.ensure().await;
     let stored = s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
@@ -30,6 +31,7 @@ async fn events_become_exactly_the_expected_windows_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    let _shared = common::shared().await;
     let s = scenario(40).await; // 40 users x 24 messages (+ pair events) = 1,200 points
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
@@ -64,6 +66,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_produce_the_same_table_as_one() {
+    let _shared = common::shared().await;
     let s = scenario(12).await;
     // an LLM that takes longer than a lease lasts for a batch worked two at a time: calls are counted where they are
     // made, at the server
@@ -106,6 +109,7 @@ async fn two_replicas_produce_the_same_table_as_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_message_updates_the_same_row_with_revision_2() {
+    let _shared = common::shared().await;
     let s = scenario(2).await;
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
@@ -152,6 +156,7 @@ async fn a_late_message_updates_the_same_row_with_revision_2() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicate_publishes_and_redeliveries_change_nothing() {
+    let _shared = common::shared().await;
     let s = scenario(3).await;
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
@@ -189,6 +194,7 @@ async fn duplicate_publishes_and_redeliveries_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_hostile_events_are_dead_lettered_and_the_stream_flows() {
+    let _shared = common::shared().await;
     let s = scenario(4).await;
     let js = s.nats.ensure().await;
     // The valid events go out in time order, as live bots publish them (see `NatsNs::publish`): in `s.points` order
@@ -264,6 +270,7 @@ async fn a_thousand_hostile_events_are_dead_lettered_and_the_stream_flows() {
 /// delivery from the durable consumer and drops it.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_delivery_is_read_again_not_acknowledged_unread() {
+    let _shared = common::shared().await;
     use futures::StreamExt;
     use recap::source::Source;
     let ns = nats_ns();
@@ -357,6 +364,7 @@ async fn consumer_info(
 /// would acknowledge them unread).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_before_the_first_checkpoint_hands_its_deliveries_on() {
+    let _shared = common::shared().await;
     use recap::source::Source;
     let ns = nats_ns();
     let js = ns.ensure().await;

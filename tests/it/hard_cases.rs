@@ -1,7 +1,7 @@
 //! Issue 24's hard cases that the shell's ingest path shows in process against Postgres (the live fast host is
 //! `tests/fast_host.rs`; the sweep's own cases are unit tests in `src/source/sweep.rs`).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -64,6 +64,7 @@ fn page(bot: &str, msgs: &[(&str, &str, i64)]) -> Batch {
 /// when the cycle completes (its horizon).
 #[tokio::test(flavor = "multi_thread")]
 async fn sweep_pages_move_no_watermark_past_points_the_cycle_has_not_read() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(
         &db,
@@ -122,6 +123,7 @@ async fn sweep_pages_move_no_watermark_past_points_the_cycle_has_not_read() {
 /// held-back one, whose window stays open until its collection is read again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_back_bot_is_not_ticked_by_the_sweeps_horizon() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     let ctx = context(
         &db,

@@ -4,7 +4,7 @@
 //! starts it from ../shared/tools/qdrant where that exists: `RECAP_QDRANT_KIND=real`), the test server is started
 //! here as well and checked the same way, so it stays honest for the clones that run without the real one.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 
@@ -87,6 +87,7 @@ async fn count(q: &Qdrant, coll: &str, filter: Option<Filter>) -> u64 {
 
 #[tokio::test]
 async fn qdrant_answers_like_qdrant() {
+    let _shared = common::shared().await;
     conformance_at(env("QDRANT_URL")).await;
 }
 
@@ -95,6 +96,7 @@ async fn qdrant_answers_like_qdrant() {
 /// above already checks it.
 #[tokio::test]
 async fn the_test_server_answers_like_qdrant() {
+    let _shared = common::shared().await;
     if std::env::var("RECAP_QDRANT_KIND").as_deref() != Ok("real") {
         eprintln!("QDRANT_URL is the test server: qdrant_answers_like_qdrant checks it");
         return;
@@ -467,6 +469,7 @@ async fn conformance(url: String, name: String) {
 /// leaves such ids out, counts them, and returns the window's other messages.
 #[tokio::test]
 async fn an_unparseable_point_id_fails_a_retrieve_and_fetch_window_leaves_it_out() {
+    let _shared = common::shared().await;
     let q = qdrant().await;
     let name = format!("badid_rs_{}", token());
     create_collection(&q, &name, true).await;

@@ -9,7 +9,7 @@
 //!   answers 401; with a token, every URL answers 401 without the session, and a POST without (or with a wrong) CSRF
 //!   token is refused (403) and changes nothing.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -327,6 +327,7 @@ fn card(text: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn console_in_a_real_browser() {
+    let _shared = common::shared().await;
     let t_start = Instant::now();
     let db = fresh_db().await;
     db.migrate().await;
@@ -581,6 +582,7 @@ async fn console_in_a_real_browser() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn console_refuses_without_token_and_csrf() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let dead_id: i64 = sqlx::query_scalar(

@@ -3,7 +3,7 @@
 //! through `POST /v1/recall/search`; a summary match ranks before a said-word match; the words are replaced when the
 //! window is summarized again, go with their row, and are forgotten with the user.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -341,6 +341,7 @@ async fn setup() -> Setup {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_is_found_by_a_word_said_in_it_that_its_summary_does_not_repeat() {
+    let _shared = common::shared().await;
     let s = setup().await;
     let server = s.serve().await;
     let (mut found, mut first, mut total) = (0, 0, 0);
@@ -397,6 +398,7 @@ async fn a_window_is_found_by_a_word_said_in_it_that_its_summary_does_not_repeat
 
 #[tokio::test(flavor = "multi_thread")]
 async fn said_words_are_bounded_replaced_on_a_new_revision_gone_with_their_row_and_forgotten() {
+    let _shared = common::shared().await;
     let s = setup().await;
     let pool = &s.db.pool;
     // one words row per window row, none for anything else
@@ -534,6 +536,7 @@ fn outcome(bot: &str, user: &str, pts: &[TestPoint]) -> recap::sink::WindowOutco
 /// window summarized again replaces them.
 #[tokio::test(flavor = "multi_thread")]
 async fn both_finish_paths_write_the_words_and_a_revision_replaces_them() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let store = recap::sink::Store::connect_lazy(db.url.parse().unwrap(), 2);

@@ -3,10 +3,10 @@
 //! SIGTERM mid-run then restart gives the uninterrupted table, no secret reaches a log line or a command's output,
 //! `recap status --json` reports windows by state.
 //!
-//! One test here stops the shared Postgres. Every test in this file that uses a service holds `SERVICES` (tests
-//! inside one binary run in parallel; cargo runs test binaries one after another, so other files are not affected).
+//! One test here stops the shared Postgres: it holds `common::exclusive()`, every other service-bound test of the
+//! suite a `common::shared()` guard, so no test sees that outage.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,9 +18,6 @@ use common::*;
 const T0: i64 = 1_763_640_000_000; // 2025-11-20T12:00:00Z
 const MIN: i64 = 60_000;
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-/// Held by every test in this file that talks to a service (one of them stops Postgres).
-static SERVICES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ================================================================================================ a tiny YAML reader
 //
@@ -1421,7 +1418,7 @@ async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_flips_when_postgres_stops_and_comes_back() {
-    let _guard = SERVICES.lock().await;
+    let _exclusive = common::exclusive().await; // stops a shared service
     let db = fresh_db().await;
     let nats = nats_ns();
     let port = free_port();
@@ -1502,7 +1499,7 @@ async fn readyz_flips_when_postgres_stops_and_comes_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_status_match_the_events_sent() {
-    let _guard = SERVICES.lock().await;
+    let _shared = common::shared().await;
     let users = 5;
     let s = scenario(users).await;
     let js = s.nats.ensure().await;
@@ -1650,7 +1647,7 @@ async fn metrics_and_status_match_the_events_sent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_run_exits_0_within_the_grace_and_a_restart_loses_nothing() {
-    let _guard = SERVICES.lock().await;
+    let _shared = common::shared().await;
     let s = scenario(40).await;
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
@@ -1770,7 +1767,7 @@ fn leaks(text: &str, secrets: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_secret_reaches_a_log_line_or_a_command_output() {
-    let _guard = SERVICES.lock().await;
+    let _shared = common::shared().await;
     let s = scenario(3).await;
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
@@ -1933,7 +1930,7 @@ fn documented_grants() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn recap_runs_with_only_the_documented_postgres_grants() {
-    let _guard = SERVICES.lock().await;
+    let _shared = common::shared().await;
     // the schema is migrated by the owner (the test's superuser), as `recap migrate` would be
     let s = scenario(2).await;
     let js = s.nats.ensure().await;
@@ -2049,7 +2046,7 @@ async fn recap_runs_with_only_the_documented_postgres_grants() {
 /// reaches the user on stderr.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_command_logs_the_configuration_warnings() {
-    let _guard = SERVICES.lock().await;
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let envs = recap_env(&db, None);
@@ -2074,7 +2071,7 @@ async fn every_command_logs_the_configuration_warnings() {
 /// fails and says so in plain words, naming LLM_MODEL; the configured model answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn check_llm_says_when_the_model_does_not_exist_at_the_endpoint() {
-    let _guard = SERVICES.lock().await;
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let mut envs = recap_env(&db, None);

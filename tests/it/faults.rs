@@ -6,13 +6,13 @@
 //! message stored exactly once and no window lost, doubled or overlapping.
 //!
 //! These tests stop and restart SHARED services (the PostgreSQL cluster and nats-server that `scripts/services up`
-//! started, found through `RECAP_SERVICES_DIR`). Cargo runs test binaries one at a time, so other test files never see
-//! an outage; the tests in this file run one at a time through [`LOCK`], and a stopped service is restarted by a drop
-//! guard ([`Outage`]) even when a test fails. Qdrant and the LLM endpoint are never stopped: Qdrant is cut off by a
+//! started, found through `RECAP_SERVICES_DIR`). Those hold `common::exclusive()` (every other service-bound test of
+//! the suite holds `common::shared()`), so no other test sees an outage; the tests in this file run one at a time
+//! through [`LOCK`], and a stopped service is restarted by a drop guard ([`Outage`]) even when a test fails. Qdrant and the LLM endpoint are never stopped: Qdrant is cut off by a
 //! TCP proxy in front of it (its data stays), the LLM endpoint is a private test server per test.
 //!
 //! `scripts/test` runs them with the rest (about 4 minutes; each outage lasts 30 s, the LLM one 60 s, the slow-Postgres
-//! lock 20 s). To run only these: `eval "$(scripts/services up)"; cargo test --test faults -- --nocapture`.
+//! lock 20 s). To run only these: `eval "$(scripts/services up)"; cargo test --test it faults:: -- --nocapture`.
 //!
 //! Each test prints one `FAULTS |` line with its figures (run with `--nocapture` to see them); the same lines are
 //! appended to `faults-report.txt` in cargo's test tmp dir.
@@ -23,7 +23,7 @@
 //! acks fail (NATS down) are sent again, whole, once the connection is back; JetStream drops the copies it already
 //! stored by `Nats-Msg-Id`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -842,6 +842,7 @@ async fn wait_row_count(pool: &PgPool, n: usize, timeout: Duration) {
 /// once, and /readyz must say not-ready while NATS is away.
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_down_30s_mid_run_recap_reconnects_and_loses_nothing() {
+    let _exclusive = common::exclusive().await; // stops a shared service
     let _serial = LOCK.lock().await;
     assert_managed("nats");
     let s = scenario(40).await;
@@ -975,6 +976,7 @@ async fn open_transactions_in_recap(
 /// was not committed: every event must end in recap_messages, each window exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_doubled() {
+    let _exclusive = common::exclusive().await; // stops a shared service
     let _serial = LOCK.lock().await;
     assert_managed("postgres");
     let s = scenario(40).await;
@@ -1055,6 +1057,7 @@ async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_d
 /// comes straight back (crash recovery). The open transactions are lost; recap must redo them, once.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_crash_with_open_transactions_redoes_them_once() {
+    let _exclusive = common::exclusive().await; // stops a shared service
     let _serial = LOCK.lock().await;
     assert_managed("postgres");
     let s = scenario(16).await;
@@ -1199,6 +1202,7 @@ async fn sweep_checkpoints(pool: &PgPool) -> Vec<(String, f64)> {
 /// Qdrant is back; the sweep resumes from its checkpoint and finds the points written meanwhile that no event named.
 #[tokio::test(flavor = "multi_thread")]
 async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
+    let _shared = common::shared().await;
     let _serial = LOCK.lock().await;
     let s = scenario(30).await;
     s.nats.ensure().await;
@@ -1359,6 +1363,7 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
 /// summarized by the LLM.
 #[tokio::test(flavor = "multi_thread")]
 async fn llm_failing_60s_breaker_opens_and_closes_no_dead_letters() {
+    let _shared = common::shared().await;
     let _serial = LOCK.lock().await;
     let s = scenario(16).await;
     s.nats.ensure().await;
@@ -1481,6 +1486,7 @@ async fn llm_failing_60s_breaker_opens_and_closes_no_dead_letters() {
 /// arriving. recap must wait (its transactions block) without taking the backlog into memory, and finish afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_postgres_lock_20s_recap_waits_with_bounded_memory() {
+    let _shared = common::shared().await;
     let _serial = LOCK.lock().await;
     let s = scenario(120).await;
     s.nats.ensure().await;
@@ -1587,6 +1593,7 @@ fn event_body(bot: &str, point: &str, user: &str, ts_ms: i64) -> Vec<u8> {
 /// nothing hostile reaches SQL as code.
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_are_unaffected() {
+    let _shared = common::shared().await;
     let _serial = LOCK.lock().await;
     let s = scenario(20).await;
     let js = s.nats.ensure().await;
@@ -2072,6 +2079,7 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
 /// as a partial window and reopens it with the next message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_far_future_timestamp_does_not_make_every_later_message_late() {
+    let _shared = common::shared().await;
     let _serial = LOCK.lock().await;
     let s = scenario(6).await;
     let js = s.nats.ensure().await;

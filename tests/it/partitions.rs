@@ -7,7 +7,7 @@
 //!   most partitions: each of them is led by another replica within LEADER_LEASE_SECONDS + 5 s, and no window is
 //!   lost or written twice. Prints `PARTITIONS` lines with the figures.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ async fn publish_empty(js: &async_nats::jetstream::Context, subject: String) {
 /// The stream's subject transform puts each bot where `partition_of` says.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stream_partitions_by_bot_as_recap_computes_it() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     let js = ns.ensure_partitioned(PARTITIONS).await;
     let bots: Vec<String> = (0..64).map(|i| format!("bot{i}-{}", token())).collect();
@@ -65,6 +66,7 @@ async fn the_stream_partitions_by_bot_as_recap_computes_it() {
 /// (user tokens from `event::user_token`, hashed ones included), and leaves `<prefix>.<bot>` for the route consumer.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stream_partitions_by_user_as_recap_computes_it() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     let js = ns
         .ensure_partitioned_by(PARTITIONS, PartitionBy::User)
@@ -281,6 +283,7 @@ const USERS: usize = 3;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_on_eight_partitions_write_the_one_replica_table_and_survive_a_kill() {
+    let _shared = common::shared().await;
     // One replica: the reference.
     let bots = fleet(BOTS, "solo").await;
     let (db1, ns1) = (fresh_db().await, nats_ns());
@@ -516,6 +519,7 @@ async fn two_replicas_from_both_subjects(by: PartitionBy, tag: &str) -> BTreeSet
 /// By user (`NATS_PARTITION_BY=user`): one bot's users spread over the partitions, old publishers included.
 #[tokio::test(flavor = "multi_thread")]
 async fn by_user_one_bot_spreads_over_the_partitions_from_both_subjects() {
+    let _shared = common::shared().await;
     let owners = two_replicas_from_both_subjects(PartitionBy::User, "byuser").await;
     assert!(owners.len() > 1, "8 users over 4 partitions: {owners:?}");
 }
@@ -523,6 +527,7 @@ async fn by_user_one_bot_spreads_over_the_partitions_from_both_subjects() {
 /// By bot (the default): publishers that already send the user token reach their bot's one partition.
 #[tokio::test(flavor = "multi_thread")]
 async fn by_bot_user_subjects_reach_the_bots_partition() {
+    let _shared = common::shared().await;
     let owners = two_replicas_from_both_subjects(PartitionBy::Bot, "bybot").await;
     assert_eq!(owners.len(), 1, "one bot, one partition: {owners:?}");
 }
@@ -532,6 +537,7 @@ async fn by_bot_user_subjects_reach_the_bots_partition() {
 /// current layout by their own partition only.
 #[tokio::test(flavor = "multi_thread")]
 async fn open_windows_follow_their_keys_when_the_layout_changes() {
+    let _shared = common::shared().await;
     use recap::pipeline::restore_state;
     use recap::source::nats::{layout, owner};
     let db = fresh_db().await;

@@ -6,7 +6,7 @@
 //! client's dependencies and its `test` extra: pytest, mypy, numpy); every run then re-installs the client itself from
 //! a copy of `clients/python`, so the tested code is always the tree's. Interpreter: `RECAP_PYTHON`, else `python3`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -311,6 +311,7 @@ fn venv(client: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_client_from_a_fresh_virtualenv_against_a_live_recap() {
+    let _shared = common::shared().await;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let copy = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pyclient-src-{}", token()));
     copy_tree(&repo.join("clients/python"), &copy);

@@ -15,7 +15,7 @@
 //! Asserts every window exactly once, with its exact message count and stored-time bounds, every row at revision 1,
 //! and prints freshness: how long after a window's idle deadline (last write + gap) its row appeared.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -325,6 +325,7 @@ fn median(v: &mut [i64]) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_window_once_at_live_timing_in_every_mode() {
+    let _shared = common::shared().await;
     let outcomes = futures::future::join_all(
         [Mode::Events, Mode::Hybrid, Mode::SweepOnly]
             .into_iter()

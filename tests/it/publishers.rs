@@ -3,7 +3,7 @@
 //! `Nats-Msg-Id` = point id (so duplicates are dropped), and NATS being down, silent or stream-less never makes the
 //! publisher fail or wait longer than its timeout.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -179,6 +179,7 @@ async fn drop_stream(ns: &NatsNs) {
 
 #[tokio::test]
 async fn rust_example_publishes_events_that_land_in_the_stream() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     ns.ensure().await;
     let bot = format!("b{}", token());
@@ -222,6 +223,7 @@ async fn rust_example_publishes_events_that_land_in_the_stream() {
 /// that is no subject token too, and recap accepts the events.
 #[tokio::test]
 async fn rust_example_by_user_publishes_on_the_user_token_recap_computes() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     ns.ensure().await;
     let bot = format!("b{}", token());
@@ -253,6 +255,7 @@ async fn rust_example_by_user_publishes_on_the_user_token_recap_computes() {
 
 #[tokio::test]
 async fn rust_example_duplicate_point_ids_are_dropped() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     ns.ensure().await;
     let bot = format!("b{}", token());
@@ -286,6 +289,7 @@ async fn rust_example_duplicate_point_ids_are_dropped() {
 
 #[tokio::test]
 async fn rust_example_with_nats_down_exits_at_once() {
+    let _shared = common::shared().await;
     let url = format!("nats://127.0.0.1:{}", dead_port());
     let (code, out, _, secs) = run_rust(&["--count", "5"], &url);
     assert_eq!(code, 0);
@@ -296,6 +300,7 @@ async fn rust_example_with_nats_down_exits_at_once() {
 
 #[tokio::test]
 async fn rust_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
+    let _shared = common::shared().await;
     // Listening but never accepting: the TCP handshake succeeds, no INFO ever comes.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("nats://{}", silent.local_addr().unwrap());
@@ -309,6 +314,7 @@ async fn rust_example_with_a_silent_server_gives_up_after_its_connect_timeout() 
 
 #[tokio::test]
 async fn rust_example_without_a_stream_does_not_fail_or_block() {
+    let _shared = common::shared().await;
     let prefix = format!("nostream{}.stored", token());
     let (code, out, _, secs) = run_rust(
         &["--count", "5", "--bot", "elena", "--prefix", &prefix],
@@ -323,6 +329,7 @@ async fn rust_example_without_a_stream_does_not_fail_or_block() {
 /// A core subscriber on the subject that never answers: the PubAck never comes, each publish gives up after 0.5 s.
 #[tokio::test]
 async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
+    let _shared = common::shared().await;
     rust_example(); // built before the subscriber waits
     let prefix = format!("noack{}.stored", token());
     let client = async_nats::connect(env("NATS_URL")).await.expect("connect");
@@ -376,6 +383,7 @@ async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
 
 #[test]
 fn python_example_with_nats_down_exits_at_once() {
+    let _shared = common::shared_blocking();
     let url = format!("nats://127.0.0.1:{}", dead_port());
     let (code, out, err, secs) = run_python(&["--count", "5"], &url);
     assert_eq!(code, 0, "{err}");
@@ -389,6 +397,7 @@ fn python_example_with_nats_down_exits_at_once() {
 
 #[test]
 fn python_example_with_a_silent_server_exits_quickly() {
+    let _shared = common::shared_blocking();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("nats://{}", silent.local_addr().unwrap());
     let (code, out, err, secs) = run_python(&["--count", "5"], &url);
@@ -405,6 +414,7 @@ fn python_example_with_a_silent_server_exits_quickly() {
 /// `recap.stored.>` stream would store our events in someone else's stream).
 #[tokio::test]
 async fn python_example_sends_contract_events_with_msg_id() {
+    let _shared = common::shared().await;
     let url = env("NATS_URL");
     let bot = format!("py{}", token());
     let subject = format!("recap.stored.{bot}");
@@ -508,6 +518,7 @@ async fn python_example_sends_contract_events_with_msg_id() {
 /// (`event::user_token`), for a plain id and one that is no subject token (hashed), and recap accepts the subject.
 #[tokio::test]
 async fn python_example_by_user_sends_the_user_token_recap_computes() {
+    let _shared = common::shared().await;
     let url = env("NATS_URL");
     let bot = format!("pyu{}", token());
     let client = async_nats::connect(&url).await.expect("connect");
@@ -572,6 +583,7 @@ async fn python_example_by_user_sends_the_user_token_recap_computes() {
 /// The same stand-in that never answers: each publish gives up after its 0.5 s timeout and nothing is raised.
 #[tokio::test]
 async fn python_example_gives_up_on_a_missing_puback_within_its_timeout() {
+    let _shared = common::shared().await;
     let url = env("NATS_URL");
     let bot = format!("py{}", token());
     let subject = format!("recap.stored.{bot}");
@@ -639,6 +651,7 @@ fn run_ts(args: &[&str], nats_url: &str) -> (i32, String, String, f64) {
 
 #[tokio::test]
 async fn ts_example_publishes_events_recap_accepts() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     ns.ensure().await;
     let bot = format!("t{}", token());
@@ -688,6 +701,7 @@ async fn ts_example_publishes_events_recap_accepts() {
 /// id that is no subject token too (FNV-1a 64 in BigInt), and recap accepts the events.
 #[tokio::test]
 async fn ts_example_by_user_publishes_on_the_user_token_recap_computes() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     ns.ensure().await;
     let bot = format!("t{}", token());
@@ -724,6 +738,7 @@ async fn ts_example_by_user_publishes_on_the_user_token_recap_computes() {
 
 #[tokio::test]
 async fn ts_example_duplicate_point_ids_are_dropped() {
+    let _shared = common::shared().await;
     let ns = nats_ns();
     ns.ensure().await;
     let bot = format!("t{}", token());
@@ -763,6 +778,7 @@ async fn ts_example_duplicate_point_ids_are_dropped() {
 
 #[test]
 fn ts_example_with_nats_down_exits_at_once() {
+    let _shared = common::shared_blocking();
     let url = format!("nats://127.0.0.1:{}", dead_port());
     let (code, out, err, secs) = run_ts(&["--count", "5"], &url);
     assert_eq!(code, 0, "{err}");
@@ -773,6 +789,7 @@ fn ts_example_with_nats_down_exits_at_once() {
 
 #[test]
 fn ts_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
+    let _shared = common::shared_blocking();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("nats://{}", silent.local_addr().unwrap());
     let (code, out, err, secs) = run_ts(&["--count", "5"], &url);
@@ -785,6 +802,7 @@ fn ts_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
 
 #[test]
 fn ts_example_without_a_stream_does_not_fail_or_block() {
+    let _shared = common::shared_blocking();
     let prefix = format!("nostream{}.stored", token());
     let (code, out, err, secs) = run_ts(
         &["--count", "5", "--bot", "elena", "--prefix", &prefix],
@@ -799,6 +817,7 @@ fn ts_example_without_a_stream_does_not_fail_or_block() {
 /// A core subscriber on the subject that never answers: each publish gives up after its 0.5 s timeout.
 #[tokio::test]
 async fn ts_example_gives_up_on_a_missing_puback_within_its_timeout() {
+    let _shared = common::shared().await;
     ts_example(); // built before the subscriber waits
     let prefix = format!("noack{}.stored", token());
     let client = async_nats::connect(env("NATS_URL")).await.expect("connect");
@@ -837,6 +856,7 @@ async fn ts_example_gives_up_on_a_missing_puback_within_its_timeout() {
 /// nats/README.md lists each of them.
 #[test]
 fn publisher_snippets_stand_alone_and_are_listed() {
+    let _shared = common::shared_blocking();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let rust = std::fs::read_to_string(root.join("examples/publish.rs")).unwrap();
     assert!(

@@ -6,7 +6,7 @@
 //!
 //! Real timing (the skew and the gap are the point): about 2.5 minutes.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ const GAP_MS: i64 = 60_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_90_s_fast_is_one_window_summarized_once() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let ns = nats_ns();
@@ -125,6 +126,7 @@ fn batch(bot: &str, ids: &[String], stamps: &[i64], caught_up: bool) -> recap::s
 /// `recap_clamped_points`, so no second window.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restored_leader_knows_a_fast_hosts_closed_points() {
+    let _shared = common::shared().await;
     use clap::Parser;
     let db = fresh_db().await;
     let q = env("QDRANT_URL");

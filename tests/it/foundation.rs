@@ -2,7 +2,7 @@
 //! database with rows), `recap migrate` / `recap check` in plain words (including dead services and config errors,
 //! never leaking a password), and idempotent JetStream stream/consumer creation.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -180,6 +180,7 @@ const RECAP_TABLES: &[&str] = &[
 
 #[tokio::test]
 async fn migrations_create_the_documented_table_on_an_empty_database() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     assert!(
         tables(&db.pool).await.is_empty(),
@@ -432,11 +433,13 @@ async fn upgrade_existing(with_constraint: bool) {
 
 #[tokio::test]
 async fn migrations_upgrade_the_old_workers_table_in_place() {
+    let _shared = common::shared().await;
     upgrade_existing(true).await;
 }
 
 #[tokio::test]
 async fn migrations_add_the_window_constraint_to_an_old_table_without_it() {
+    let _shared = common::shared().await;
     upgrade_existing(false).await;
 }
 
@@ -558,6 +561,7 @@ fn lines_of<'a>(lines: &'a [(bool, String)], service: &str) -> Vec<&'a (bool, St
 
 #[tokio::test]
 async fn migrate_then_check_reports_every_service_ok() {
+    let _shared = common::shared().await;
     let s = CheckSetup::new().await;
     let pw = url_password(&s.db.url);
     let envs = s.env();
@@ -610,6 +614,7 @@ fn assert_only_failing(out: &str, code: i32, service: &str, var: &str) {
 
 #[tokio::test]
 async fn check_names_a_dead_postgres_and_never_prints_its_password() {
+    let _shared = common::shared().await;
     let s = CheckSetup::new().await;
     let envs = s.env();
     let port = dead_port();
@@ -642,6 +647,7 @@ async fn check_names_a_dead_postgres_and_never_prints_its_password() {
 
 #[tokio::test]
 async fn check_names_a_dead_qdrant() {
+    let _shared = common::shared().await;
     let s = CheckSetup::new().await;
     let pw = url_password(&s.db.url);
     let mut envs = s.env();
@@ -660,6 +666,7 @@ async fn check_names_a_dead_qdrant() {
 
 #[tokio::test]
 async fn check_names_a_dead_nats() {
+    let _shared = common::shared().await;
     let s = CheckSetup::new().await;
     let pw = url_password(&s.db.url);
     let mut envs = s.env();
@@ -678,6 +685,7 @@ async fn check_names_a_dead_nats() {
 
 #[test]
 fn config_errors_are_one_line_naming_the_variable() {
+    let _shared = common::shared_blocking();
     let secret = "Cfg-s3cret-Hunter2";
     let base = vec![
         (
@@ -709,6 +717,7 @@ fn config_errors_are_one_line_naming_the_variable() {
 
 #[tokio::test]
 async fn stream_and_consumer_creation_is_idempotent() {
+    let _shared = common::shared().await;
     use async_nats::jetstream::{consumer::AckPolicy, stream::StorageType};
     use futures::StreamExt;
 

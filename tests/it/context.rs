@@ -9,7 +9,7 @@
 //! without NATS. `live_running_summaries_mid_conversation` is the live test (event mode, LLM test server,
 //! CONTEXT_SUMMARY_EVERY=10).
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -291,6 +291,7 @@ fn check_answer(v: &Json, total: usize, latest: Option<&str>) {
 
 #[tokio::test]
 async fn open_conversation_is_exhaustive_and_fits_every_budget() {
+    let _shared = common::shared().await;
     let f = fx(tracker()).await;
     let user = "user-open";
     let now = now_ms();
@@ -442,6 +443,7 @@ async fn open_conversation_is_exhaustive_and_fits_every_budget() {
 
 #[tokio::test]
 async fn a_latest_message_alone_over_the_budget_is_cut_and_marked() {
+    let _shared = common::shared().await;
     let f = fx(tracker()).await;
     let user = "user-long";
     let now = now_ms();
@@ -466,6 +468,7 @@ async fn a_latest_message_alone_over_the_budget_is_cut_and_marked() {
 
 #[tokio::test]
 async fn with_none_open_the_conversation_is_the_last_closed_window() {
+    let _shared = common::shared().await;
     let f = fx(tracker()).await;
     let user = "user-closed";
     let now = now_ms();
@@ -549,6 +552,7 @@ async fn with_none_open_the_conversation_is_the_last_closed_window() {
 
 #[tokio::test]
 async fn bad_input_auth_and_unknown_users() {
+    let _shared = common::shared().await;
     let f = fx(tracker()).await;
     let now = now_ms();
     let pts = talk("known", now - 60 * MIN, 6, MIN, "music");
@@ -609,6 +613,7 @@ async fn bad_input_auth_and_unknown_users() {
 
 #[tokio::test]
 async fn tumbling_windows_split_the_conversation_at_the_bucket() {
+    let _shared = common::shared().await;
     let hour = 60 * MIN;
     let f = fx(TrackerConfig {
         mode: Mode::Tumbling,
@@ -683,6 +688,7 @@ async fn poll_context(
 
 #[tokio::test]
 async fn sweep_only_recap_run_serves_the_open_conversation() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let bot = format!("sbot{}", token());
@@ -759,6 +765,7 @@ async fn sweep_only_recap_run_serves_the_open_conversation() {
 /// 4xx naming it and no token a 401. Needs the running summaries of task A (branch `running`).
 #[tokio::test]
 async fn live_running_summaries_mid_conversation() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let nats = nats_ns();

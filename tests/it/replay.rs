@@ -1,11 +1,12 @@
 //! `recap replay`: re-reading the whole stream through the same path changes no row.
 
-mod common;
+use crate::common;
 
 use common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_the_whole_stream_changes_no_row() {
+    let _shared = common::shared().await;
     let s = scenario(5).await;
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;

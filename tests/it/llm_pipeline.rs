@@ -1,6 +1,6 @@
 //! The LLM summarizer inside the running service, against the repo's OpenAI-compatible test server with faults.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ async fn placeholders(pool: &sqlx::PgPool) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn thirty_percent_faults_end_summarized_or_dead_lettered_within_limits() {
+    let _shared = common::shared().await;
     let s = scenario(10).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"fail_rate": 0.3, "fail_modes": ["429", "500", "nonjson"], "retry_after": 1, "seed": 11}))
@@ -108,6 +109,7 @@ async fn thirty_percent_faults_end_summarized_or_dead_lettered_within_limits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_and_cost_on_every_row_match_the_servers_counts() {
+    let _shared = common::shared().await;
     let s = scenario(4).await;
     let llm = LlmServer::start();
     let js = s.nats.ensure().await;
@@ -154,6 +156,7 @@ async fn tokens_and_cost_on_every_row_match_the_servers_counts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endpoint_outage_opens_the_breaker_and_dead_letters_nothing() {
+    let _shared = common::shared().await;
     let s = scenario(6).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"down": true})).await;
@@ -202,6 +205,7 @@ async fn an_endpoint_outage_opens_the_breaker_and_dead_letters_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_key_the_sample_data_gets_real_extractive_summaries() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let nats = nats_ns();
@@ -295,6 +299,7 @@ async fn without_a_key_the_sample_data_gets_real_extractive_summaries() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn extractive_rows_are_upgraded_by_an_llm_pass_in_place() {
+    let _shared = common::shared().await;
     let s = scenario(3).await;
     let llm = LlmServer::start();
     let js = s.nats.ensure().await;
@@ -356,6 +361,7 @@ async fn extractive_rows_are_upgraded_by_an_llm_pass_in_place() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_windows_come_back_with_retry() {
+    let _shared = common::shared().await;
     let s = scenario(2).await;
     let llm = LlmServer::start();
     llm.control(serde_json::json!({"fail_rate": 1.0, "fail_modes": ["nonjson"]}))

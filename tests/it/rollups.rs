@@ -1,7 +1,7 @@
 //! Rollups on a real Postgres (issue 15): day -> week -> month summaries built from the window rows.
 //! Window rows are written directly (as the window worker writes them); the rollup task runs its rounds in-process.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -190,6 +190,7 @@ async fn round(r: &Rollups) -> RoundStats {
 
 #[tokio::test]
 async fn coverage_is_union_of_days_and_revisions_cascade() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let pool = &db.pool;
@@ -373,6 +374,7 @@ async fn coverage_is_union_of_days_and_revisions_cascade() {
 
 #[tokio::test]
 async fn rollups_never_collide_with_tumbling_windows() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let pool = &db.pool;
@@ -536,6 +538,7 @@ impl Summarizer for Counting {
 
 #[tokio::test]
 async fn two_workers_never_build_the_same_rollup_twice() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let pool = &db.pool;
@@ -592,6 +595,7 @@ async fn two_workers_never_build_the_same_rollup_twice() {
 
 #[tokio::test]
 async fn llm_summarizer_builds_rollups() {
+    let _shared = common::shared().await;
     let db = fresh_db().await;
     db.migrate().await;
     let pool = &db.pool;
@@ -645,6 +649,7 @@ async fn llm_summarizer_builds_rollups() {
 #[tokio::test]
 #[ignore]
 async fn scale() {
+    let _shared = common::shared().await;
     let users: i32 = std::env::var("ROLLUP_SCALE_USERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -711,6 +716,7 @@ async fn scale() {
 /// `recap run` with ROLLUPS=on: the task starts with the service and rolls up what the window workers write.
 #[tokio::test]
 async fn recap_run_rolls_up_its_windows() {
+    let _shared = common::shared().await;
     let s = scenario(2).await;
     let js = s.nats.ensure().await;
     s.nats.publish(&js, &s.bot, &s.collection, &s.points).await;
