@@ -599,6 +599,27 @@ impl Drop for LlmServer {
 }
 
 /// Window counts by state.
+/// Polls until `partitions` ingest partitions have a live leader (`recap_leader`): a `recap run` just started is up
+/// and leading (instead of a fixed sleep after the start).
+pub async fn wait_leading(pool: &PgPool, partitions: i64, timeout: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let led: Option<i64> =
+            sqlx::query_scalar("SELECT count(*) FROM recap_leader WHERE lease_until > now()")
+                .fetch_one(pool)
+                .await
+                .ok();
+        if led.is_some_and(|l| l >= partitions) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "{partitions} partition leaders not up within {timeout:?} (live: {led:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn window_states(pool: &PgPool) -> HashMap<String, i64> {
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM recap_windows GROUP BY state")

@@ -45,7 +45,7 @@ async fn a_host_90_s_fast_is_one_window_summarized_once() {
         .map(|(k, v)| (k.to_string(), v)),
     );
     let mut child = spawn_recap(&["run"], &envs, &log_path("fast-host"));
-    tokio::time::sleep(Duration::from_millis(1500)).await; // recap up and leading
+    wait_leading(&db.pool, 1, Duration::from_secs(30)).await; // recap up and leading
 
     let mut last_stamp = 0;
     for i in 0..6 {

@@ -140,7 +140,7 @@ async fn run_mode(mode: Mode) -> Outcome {
         .map(|(k, v)| (k.to_string(), v)),
     );
     let mut child = spawn_recap(&["run"], &envs, &log_path(&format!("live-{mode:?}")));
-    tokio::time::sleep(Duration::from_millis(1500)).await; // recap up and leading
+    wait_leading(&db.pool, 1, Duration::from_secs(30)).await; // recap up and leading
 
     // the writers: one task per user, at the wall clock
     let start = now_ms();

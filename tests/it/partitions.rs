@@ -294,7 +294,7 @@ async fn three_replicas_on_eight_partitions_write_the_one_replica_table_and_surv
         &env(&db1, &ns1, "solo"),
         &log_path("partitions-solo"),
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await; // up and leading
+    wait_leading(&db1.pool, PARTITIONS.into(), Duration::from_secs(30)).await; // up and leading
     let want1 = expected(&write_live(&ns1, &js1, &bots, USERS, false).await);
     let solo = wait_for_rows(&db1.pool, want1.len(), Duration::from_secs(60)).await;
     let solo_leads = leaders(&db1.pool).await;
@@ -464,7 +464,7 @@ async fn two_replicas_from_both_subjects(by: PartitionBy, tag: &str) -> BTreeSet
             )
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await; // up and leading
+    wait_leading(&db.pool, PARTS.into(), Duration::from_secs(30)).await; // up and leading
     let written = write_live(&ns, &js, &bots, 8, true).await;
     let want = expected(&written);
     let got = wait_for_rows(&db.pool, want.len(), Duration::from_secs(60)).await;

@@ -203,15 +203,22 @@ async fn case4_the_heartbeat_does_not_renew_the_lease_of_a_changed_window() {
         .execute(&s.db.pool)
         .await
         .unwrap();
-    // the heartbeat runs every second; the lease (3 s) must run out while the call still runs (6 s)
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    let leased: bool = sqlx::query_scalar(
-        "SELECT coalesce(lease_until > now(), false) FROM recap_windows WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_one(&s.db.pool)
-    .await
-    .unwrap();
+    // the heartbeat runs every second; the lease (3 s) must run out while the call still runs (6 s): poll for that
+    // until 4.5 s after the change (a renewing heartbeat keeps it live past then)
+    let deadline = Instant::now() + Duration::from_millis(4500);
+    let leased = loop {
+        let leased: bool = sqlx::query_scalar(
+            "SELECT coalesce(lease_until > now(), false) FROM recap_windows WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+        if !leased || Instant::now() >= deadline {
+            break leased;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     run.abort();
     assert!(
         !leased,
