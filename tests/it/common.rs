@@ -15,7 +15,7 @@ use qdrant_client::qdrant::{
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
 /// The suite runs as one binary, its tests on several threads at once. A test that disturbs what the others share
-/// (stops or crashes the shared PostgreSQL or nats-server) holds [`exclusive`]; every other test that uses a service
+/// (stops or crashes the shared PostgreSQL or nats-server, or times itself against the wall clock) holds [`exclusive`]; every other test that uses a service
 /// holds [`shared`] (or [`shared_blocking`] outside a runtime) for its whole run. tokio's lock is fair: a waiting
 /// exclusive test is not starved by a stream of shared ones, and a failing test releases its guard as it unwinds.
 static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
@@ -30,9 +30,15 @@ pub fn shared_blocking() -> tokio::sync::RwLockReadGuard<'static, ()> {
     EXCLUSIVE.blocking_read()
 }
 
-/// The guard of a test that stops, crashes or otherwise disturbs a shared service: no other test runs meanwhile.
+/// The guard of a test that stops, crashes or otherwise disturbs a shared service, or asserts wall-clock bounds that
+/// need a quiet machine: no other test runs meanwhile.
 pub async fn exclusive() -> tokio::sync::RwLockWriteGuard<'static, ()> {
     EXCLUSIVE.write().await
+}
+
+/// [`exclusive`] for a test without a runtime.
+pub fn exclusive_blocking() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    EXCLUSIVE.blocking_write()
 }
 
 pub fn env(name: &str) -> String {

@@ -842,8 +842,8 @@ async fn wait_row_count(pool: &PgPool, n: usize, timeout: Duration) {
 /// once, and /readyz must say not-ready while NATS is away.
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_down_30s_mid_run_recap_reconnects_and_loses_nothing() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _exclusive = common::exclusive().await; // stops a shared service
-    let _serial = LOCK.lock().await;
     assert_managed("nats");
     let s = scenario(40).await;
     s.nats.ensure().await;
@@ -976,8 +976,8 @@ async fn open_transactions_in_recap(
 /// was not committed: every event must end in recap_messages, each window exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_doubled() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _exclusive = common::exclusive().await; // stops a shared service
-    let _serial = LOCK.lock().await;
     assert_managed("postgres");
     let s = scenario(40).await;
     s.nats.ensure().await;
@@ -1057,8 +1057,8 @@ async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_d
 /// comes straight back (crash recovery). The open transactions are lost; recap must redo them, once.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_crash_with_open_transactions_redoes_them_once() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _exclusive = common::exclusive().await; // stops a shared service
-    let _serial = LOCK.lock().await;
     assert_managed("postgres");
     let s = scenario(16).await;
     s.nats.ensure().await;
@@ -1202,8 +1202,8 @@ async fn sweep_checkpoints(pool: &PgPool) -> Vec<(String, f64)> {
 /// Qdrant is back; the sweep resumes from its checkpoint and finds the points written meanwhile that no event named.
 #[tokio::test(flavor = "multi_thread")]
 async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
-    let _serial = LOCK.lock().await;
     let s = scenario(30).await;
     s.nats.ensure().await;
     let q = qdrant().await;
@@ -1363,8 +1363,8 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
 /// summarized by the LLM.
 #[tokio::test(flavor = "multi_thread")]
 async fn llm_failing_60s_breaker_opens_and_closes_no_dead_letters() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
-    let _serial = LOCK.lock().await;
     let s = scenario(16).await;
     s.nats.ensure().await;
     let expected = expected_rows(&s.bot, &s.points, 5);
@@ -1486,8 +1486,8 @@ async fn llm_failing_60s_breaker_opens_and_closes_no_dead_letters() {
 /// arriving. recap must wait (its transactions block) without taking the backlog into memory, and finish afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_postgres_lock_20s_recap_waits_with_bounded_memory() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
-    let _serial = LOCK.lock().await;
     let s = scenario(120).await;
     s.nats.ensure().await;
     let expected = expected_rows(&s.bot, &s.points, 5);
@@ -1593,8 +1593,8 @@ fn event_body(bot: &str, point: &str, user: &str, ts_ms: i64) -> Vec<u8> {
 /// nothing hostile reaches SQL as code.
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_are_unaffected() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
-    let _serial = LOCK.lock().await;
     let s = scenario(20).await;
     let js = s.nats.ensure().await;
     let q = qdrant().await;
@@ -2079,8 +2079,8 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
 /// as a partial window and reopens it with the next message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_far_future_timestamp_does_not_make_every_later_message_late() {
+    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
-    let _serial = LOCK.lock().await;
     let s = scenario(6).await;
     let js = s.nats.ensure().await;
     // the bogus event first, then the valid traffic in time order, pulled 10 events at a time

@@ -10,7 +10,7 @@
 //! A reference to a parent module (`super::Thing`, `use super::*`) or to a child is not an edge: a parent re-exporting
 //! a sibling's item hides that reference from the check (keep re-exports for old paths only).
 //!
-//! Needs no service: `cargo test --test layers`.
+//! Needs no service: `cargo test --test it layers::`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

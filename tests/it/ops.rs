@@ -1915,12 +1915,12 @@ async fn no_secret_reaches_a_log_line_or_a_command_output() {
 
 // ================================================================================================ least privilege
 
-/// The SQL block docs/operate.md says tests/ops.rs runs.
+/// The SQL block docs/operate.md says tests/it/ops.rs runs.
 fn documented_grants() -> String {
     let doc =
         std::fs::read_to_string(Path::new(REPO).join("docs/operate.md")).expect("docs/operate.md");
     let at = doc
-        .find("tests/ops.rs runs the block below")
+        .find("tests/it/ops.rs runs the block below")
         .expect("the grants block is marked in docs/operate.md");
     let rest = &doc[at..];
     let start = rest.find("```sql\n").expect("```sql block") + "```sql\n".len();

@@ -289,7 +289,7 @@ async fn rust_example_duplicate_point_ids_are_dropped() {
 
 #[tokio::test]
 async fn rust_example_with_nats_down_exits_at_once() {
-    let _shared = common::shared().await;
+    let _exclusive = common::exclusive().await; // wall-clock bounds: run on a quiet machine
     let url = format!("nats://127.0.0.1:{}", dead_port());
     let (code, out, _, secs) = run_rust(&["--count", "5"], &url);
     assert_eq!(code, 0);
@@ -300,7 +300,7 @@ async fn rust_example_with_nats_down_exits_at_once() {
 
 #[tokio::test]
 async fn rust_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
-    let _shared = common::shared().await;
+    let _exclusive = common::exclusive().await; // wall-clock bounds: run on a quiet machine
     // Listening but never accepting: the TCP handshake succeeds, no INFO ever comes.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("nats://{}", silent.local_addr().unwrap());
@@ -314,7 +314,7 @@ async fn rust_example_with_a_silent_server_gives_up_after_its_connect_timeout() 
 
 #[tokio::test]
 async fn rust_example_without_a_stream_does_not_fail_or_block() {
-    let _shared = common::shared().await;
+    let _exclusive = common::exclusive().await; // wall-clock bounds: run on a quiet machine
     let prefix = format!("nostream{}.stored", token());
     let (code, out, _, secs) = run_rust(
         &["--count", "5", "--bot", "elena", "--prefix", &prefix],
@@ -329,7 +329,7 @@ async fn rust_example_without_a_stream_does_not_fail_or_block() {
 /// A core subscriber on the subject that never answers: the PubAck never comes, each publish gives up after 0.5 s.
 #[tokio::test]
 async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
-    let _shared = common::shared().await;
+    let _exclusive = common::exclusive().await; // wall-clock bounds: run on a quiet machine
     rust_example(); // built before the subscriber waits
     let prefix = format!("noack{}.stored", token());
     let client = async_nats::connect(env("NATS_URL")).await.expect("connect");
@@ -383,7 +383,7 @@ async fn rust_example_gives_up_on_a_missing_puback_within_its_timeout() {
 
 #[test]
 fn python_example_with_nats_down_exits_at_once() {
-    let _shared = common::shared_blocking();
+    let _exclusive = common::exclusive_blocking(); // wall-clock bounds: run on a quiet machine
     let url = format!("nats://127.0.0.1:{}", dead_port());
     let (code, out, err, secs) = run_python(&["--count", "5"], &url);
     assert_eq!(code, 0, "{err}");
@@ -397,7 +397,7 @@ fn python_example_with_nats_down_exits_at_once() {
 
 #[test]
 fn python_example_with_a_silent_server_exits_quickly() {
-    let _shared = common::shared_blocking();
+    let _exclusive = common::exclusive_blocking(); // wall-clock bounds: run on a quiet machine
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("nats://{}", silent.local_addr().unwrap());
     let (code, out, err, secs) = run_python(&["--count", "5"], &url);
@@ -414,7 +414,7 @@ fn python_example_with_a_silent_server_exits_quickly() {
 /// `recap.stored.>` stream would store our events in someone else's stream).
 #[tokio::test]
 async fn python_example_sends_contract_events_with_msg_id() {
-    let _shared = common::shared().await;
+    let _exclusive = common::exclusive().await; // wall-clock bounds: run on a quiet machine
     let url = env("NATS_URL");
     let bot = format!("py{}", token());
     let subject = format!("recap.stored.{bot}");
@@ -583,7 +583,7 @@ async fn python_example_by_user_sends_the_user_token_recap_computes() {
 /// The same stand-in that never answers: each publish gives up after its 0.5 s timeout and nothing is raised.
 #[tokio::test]
 async fn python_example_gives_up_on_a_missing_puback_within_its_timeout() {
-    let _shared = common::shared().await;
+    let _exclusive = common::exclusive().await; // wall-clock bounds: run on a quiet machine
     let url = env("NATS_URL");
     let bot = format!("py{}", token());
     let subject = format!("recap.stored.{bot}");
@@ -778,7 +778,7 @@ async fn ts_example_duplicate_point_ids_are_dropped() {
 
 #[test]
 fn ts_example_with_nats_down_exits_at_once() {
-    let _shared = common::shared_blocking();
+    let _exclusive = common::exclusive_blocking(); // wall-clock bounds: run on a quiet machine
     let url = format!("nats://127.0.0.1:{}", dead_port());
     let (code, out, err, secs) = run_ts(&["--count", "5"], &url);
     assert_eq!(code, 0, "{err}");
@@ -789,7 +789,7 @@ fn ts_example_with_nats_down_exits_at_once() {
 
 #[test]
 fn ts_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
-    let _shared = common::shared_blocking();
+    let _exclusive = common::exclusive_blocking(); // wall-clock bounds: run on a quiet machine
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("nats://{}", silent.local_addr().unwrap());
     let (code, out, err, secs) = run_ts(&["--count", "5"], &url);
@@ -802,7 +802,7 @@ fn ts_example_with_a_silent_server_gives_up_after_its_connect_timeout() {
 
 #[test]
 fn ts_example_without_a_stream_does_not_fail_or_block() {
-    let _shared = common::shared_blocking();
+    let _exclusive = common::exclusive_blocking(); // wall-clock bounds: run on a quiet machine
     let prefix = format!("nostream{}.stored", token());
     let (code, out, err, secs) = run_ts(
         &["--count", "5", "--bot", "elena", "--prefix", &prefix],
@@ -817,7 +817,7 @@ fn ts_example_without_a_stream_does_not_fail_or_block() {
 /// A core subscriber on the subject that never answers: each publish gives up after its 0.5 s timeout.
 #[tokio::test]
 async fn ts_example_gives_up_on_a_missing_puback_within_its_timeout() {
-    let _shared = common::shared().await;
+    let _exclusive = common::exclusive().await; // wall-clock bounds: run on a quiet machine
     ts_example(); // built before the subscriber waits
     let prefix = format!("noack{}.stored", token());
     let client = async_nats::connect(env("NATS_URL")).await.expect("connect");

@@ -643,7 +643,7 @@ async fn llm_summarizer_builds_rollups() {
     assert_eq!(llm_rows, 3);
 }
 
-/// Figures, not a check (`cargo test --test rollups scale -- --ignored --nocapture`): builds the rollups of
+/// Figures, not a check (`cargo test --test it rollups::scale -- --ignored --nocapture`): builds the rollups of
 /// ROLLUP_SCALE_USERS users (default 200) x 30 days x 2 windows, then times a round with nothing changed and a
 /// round after one revised window.
 #[tokio::test]
