@@ -1,8 +1,8 @@
-"""Fixtures: the live recap that tests/python_client.rs starts (seeded data described by RECAP_* variables), and
+"""Fixtures: the live recap that tests/it/python_client.rs starts (seeded data described by RECAP_* variables), and
 local stand-ins for what recap cannot be made to do on demand (a closed port, a server that never answers, one that
 answers garbage).
 
-Environment (set by tests/python_client.rs):
+Environment (set by tests/it/python_client.rs):
 - RECAP_URL, RECAP_TOKEN: a `recap run` with the recall API and its RECALL_TOKEN.
 - RECAP_BOT; RECAP_USER: a user with RECAP_WINDOWS closed windows, all older than 7 days, only read here;
   RECAP_FORGET_USER: another user with as many windows, forgotten by the tests.
@@ -40,7 +40,7 @@ class Live:
 def _env(name: str) -> str:
     v = os.environ.get(name)
     if not v:
-        pytest.fail(f"{name} is not set: these tests run against a live recap; run `cargo test --test python_client`")
+        pytest.fail(f"{name} is not set: these tests run against a live recap; run `cargo test --test it python_client::`")
     return v
 
 
