@@ -17,7 +17,7 @@
 //! * [`recall`]: the read path for bots (recall by time, search, forget a user).
 //! * [`vectors`]: summary vectors in recap's Qdrant collection, kept in step with the rows (worker sync, repair, drift).
 //!
-//! The module order (lowest first, no module refers to a later one) is in ARCHITECTURE.md, checked by `tests/layers.rs`.
+//! The module order (lowest first, no module refers to a later one) is in ARCHITECTURE.md, checked by `tests/it/layers.rs`.
 //! * [`telemetry`]: every metric's name, kind and help, registered at zero at start.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the invariants.

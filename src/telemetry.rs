@@ -6,7 +6,7 @@
 //! recap that has summarized nothing since it started. A label whose values are open (a collection, an HTTP status)
 //! has no known values, and its counter's series appear with their first increment (the help text is still there).
 //! Gauges are set by their owner (the status snapshot on each scrape, the ingest loop), histograms on their first
-//! observation. `tests/ops.rs` (`metrics_are_registered_at_zero_with_help`) compares `/metrics` right after start with
+//! observation. `tests/it/ops.rs` (`metrics_are_registered_at_zero_with_help`) compares `/metrics` right after start with
 //! this list, and `every_metric_in_the_source_is_listed` below fails when a metric is added in code but not here.
 
 /// A metric's kind.

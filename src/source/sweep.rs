@@ -239,7 +239,7 @@ impl SweepSource {
         self.cycles
     }
 
-    /// For the tests (`tests/sweep.rs`): the prefetch of the collection being read, if one is out.
+    /// For the tests (`tests/it/sweep.rs`): the prefetch of the collection being read, if one is out.
     #[doc(hidden)]
     pub fn prefetch_probe(&self) -> Option<PrefetchProbe> {
         let p = self.cycle.as_ref()?.current.as_ref()?.prefetch.as_ref()?;
@@ -249,7 +249,7 @@ impl SweepSource {
         })
     }
 
-    /// For the tests (`tests/sweep.rs`): whether `collection` is left out as failing (issue 24, case 6).
+    /// For the tests (`tests/it/sweep.rs`): whether `collection` is left out as failing (issue 24, case 6).
     #[doc(hidden)]
     pub fn is_failing(&self, collection: &str) -> bool {
         self.failing.contains_key(collection)

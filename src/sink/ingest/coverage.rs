@@ -115,7 +115,7 @@ pub(super) fn points_by_row(first: usize) -> String {
 /// user's history: a key's stored windows do not overlap (canonical windows are disjoint and merges join what they
 /// bridge), so of the windows starting at or before `hi` the latest has the latest end, and if any ends at or after
 /// `lo`, it does. (`start_ts <= hi AND end_ts >= lo` with `LIMIT 1` read the key's history from its oldest window,
-/// and was even planned as a sequential scan; `tests/ingest_time.rs` checks the buffers read.)
+/// and was even planned as a sequential scan; `tests/it/ingest_time.rs` checks the buffers read.)
 pub const MERGE_CANDIDATE_PROBE_SQL: &str =
     "SELECT c.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
                  WITH ORDINALITY AS c(b, u, hi, lo, i)
