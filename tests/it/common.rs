@@ -793,3 +793,36 @@ pub async fn insert_due_window(pool: &PgPool, bot: &str, user: &str, pts: &[&Tes
     .await
     .expect("window")
 }
+
+/// Topic vectors for the recall tests: a fixed center per topic and a bot's embedding of a message on it (the center
+/// plus noise of about the same length), 384-d.
+pub mod topics {
+    pub const DIM: usize = 384;
+
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut h = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            h ^= h << 13;
+            h ^= h >> 7;
+            h ^= h << 17;
+            ((h % 20_000) as f32 / 10_000.0) - 1.0
+        }
+    }
+
+    fn unit(v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-9);
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    pub fn center(topic: usize) -> Vec<f32> {
+        let mut r = rng(1000 + topic as u64);
+        unit((0..DIM).map(|_| r()).collect())
+    }
+
+    pub fn noisy(topic: usize, seed: u64) -> Vec<f32> {
+        let c = center(topic);
+        let mut r = rng(seed);
+        let noise = unit((0..DIM).map(|_| r()).collect());
+        unit(c.iter().zip(noise).map(|(a, b)| a + 0.9 * b).collect())
+    }
+}

@@ -7,6 +7,7 @@
 //! a copy of `clients/python`, so the tested code is always the tree's. Interpreter: `RECAP_PYTHON`, else `python3`.
 
 use crate::common;
+use crate::common::topics::{center, noisy};
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -27,38 +28,10 @@ const TOPICS: [&str; 6] = [
     "astronomy",
     "gardening",
 ];
-const DIM: usize = 384;
 const SLOT: i64 = 3 * 60 * MIN;
 /// The topic whose vector the client searches with: not the user's last window (which `context` shows as the
 /// conversation, not among the earlier recaps).
 const SEARCHED: usize = 1;
-
-fn rng(seed: u64) -> impl FnMut() -> f32 {
-    let mut h = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    move || {
-        h ^= h << 13;
-        h ^= h >> 7;
-        h ^= h << 17;
-        ((h % 20_000) as f32 / 10_000.0) - 1.0
-    }
-}
-
-fn unit(v: Vec<f32>) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-9);
-    v.into_iter().map(|x| x / n).collect()
-}
-
-fn center(topic: usize) -> Vec<f32> {
-    let mut r = rng(1000 + topic as u64);
-    unit((0..DIM).map(|_| r()).collect())
-}
-
-fn noisy(topic: usize, seed: u64) -> Vec<f32> {
-    let c = center(topic);
-    let mut r = rng(seed);
-    let noise = unit((0..DIM).map(|_| r()).collect());
-    unit(c.iter().zip(noise).map(|(a, b)| a + 0.9 * b).collect())
-}
 
 fn point(user: &str, role: &str, text: String, ts_ms: i64, topic: usize, seed: u64) -> PointStruct {
     let mut payload: HashMap<String, Value> = HashMap::new();
