@@ -25,7 +25,7 @@ use super::{Range, SummaryItem};
 use crate::fetch::{
     FetchError, Points, is_point_id, map_point, point_id_from_str, point_id_string,
 };
-use crate::model::WindowState;
+use crate::model::{WindowState, canonical_point_id};
 use crate::sink::{Store, StoreError};
 use crate::summarize::Message;
 use crate::tracker::{Millis, TrackerConfig};
@@ -187,12 +187,9 @@ fn at(ms: Millis) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-/// A point id as Qdrant answers with it (UUIDs lowercase and hyphenated).
+/// A point id as Qdrant answers with it ([`canonical_point_id`]; an id Qdrant cannot hold stays as written).
 fn canonical(id: &str) -> String {
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if id.parse::<u64>().is_err() => u.to_string(),
-        _ => id.to_string(),
-    }
+    canonical_point_id(id).unwrap_or_else(|| id.to_string())
 }
 
 fn zip_points(ids: Option<Vec<String>>, ts: Option<Vec<DateTime<Utc>>>) -> Vec<(String, Millis)> {
