@@ -29,6 +29,7 @@ mod replay;
 mod rollups;
 mod running;
 mod sim_ingest;
+mod sim_shell;
 mod sweep;
 mod sweep_modes;
 mod trust;
