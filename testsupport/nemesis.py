@@ -256,7 +256,7 @@ class Schedule:
         self.rng = random.Random(seed)
         self.seconds = run.args.seconds
         self.tag = f"s{seed}x{uuid.uuid4().hex[:6]}"
-        self.dir = os.path.join(run.args.out, str(seed))
+        self.dir = os.path.join(run.args.out, f"{seed}-{self.tag}")
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
         self.partitions = PARTITIONS
@@ -363,7 +363,7 @@ class Schedule:
             "LLM_MODEL": "test/model",
             "LLM_CONCURRENCY": str(LLM_CONCURRENCY),
             "LLM_REQUESTS_PER_SECOND": "50",
-            "LLM_TIMEOUT": "10s",
+            "LLM_TIMEOUT": "2s",
             "RECALL_REPAIR_INTERVAL": "5s",
             "SHUTDOWN_GRACE": "3s",
             "LOG_FORMAT": "json",
@@ -620,6 +620,11 @@ class Schedule:
         log(f"    quiesced={quiet} after {time.time() - t_q:.1f}s")
         await self.check()
         await self.teardown()
+        if self.failures:  # the database as it ended, for the post-mortem
+            dump = os.path.join(self.dir, "db.sql")
+            r = subprocess.run([shutil.which("pg_dump") or "pg_dump", "-d", self.db_url, "-f", dump],
+                               capture_output=True, text=True)
+            log(f"    database dumped to {dump}" if r.returncode == 0 else f"    pg_dump failed: {r.stderr[:300]}")
         with open(os.path.join(self.dir, "record.json"), "w") as f:
             json.dump({"seed": self.seed, "tag": self.tag, "plan": self.plan, "faults": self.faults,
                        "forgets": self.forgets, "layouts": self.layouts, "failures": self.failures,
@@ -718,6 +723,11 @@ class Schedule:
             m = msgs[i]
             log(f"         {i} {m.bot}/{m.user} {m.role} stored={m.stored_ms} wall={m.wall_ms} event_ok={m.event_ok} "
                 f"windows={where.get(i)}")
+        by_id = {w["id"]: w for w in windows}
+        for wid in sorted({x for i in doubled for x in where[i]})[:6]:
+            w = by_id[wid]
+            log(f"         window {wid} {w['bot_name']}/{w['user_id']} {w['state']} v{w['version']} r{w['revision']} "
+                f"{w['start_ms']}..{w['end_ms']} {len(w['point_ids'])} points, times {w['point_ms']}")
 
         # 2. windows = the definition, by the effective times recap recorded
         by_key = defaultdict(list)
