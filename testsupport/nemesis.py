@@ -308,11 +308,13 @@ class Schedule:
         self.users = [u for b in self.bots for u in b.users]
         # the faults: seeded kinds at seeded times, one after another
         kinds = ["kill", "kill", "kill", "pause", "pause", "pg", "nats", "layout", "forget", "forget"]
+        allowed = self.run.args.faults
+        kinds = [k for k in kinds if allowed == "all" or k in allowed.split(",")]
         self.plan = []
         t = rng.uniform(4, 8)
         layout_done = False
         forgets = 0
-        while t < self.seconds - 6:
+        while kinds and t < self.seconds - 6:
             kind = rng.choice(kinds)
             if kind == "layout" and layout_done or kind == "forget" and forgets >= 3:
                 continue
@@ -970,7 +972,8 @@ async def main_async(args):
         log(f"SCHEDULE seed={seed} {'passed' if good else 'FAILED'} in {dt:.0f}s: {json.dumps(s.figures)}")
         if not good:
             failed.append(seed)
-            log(f"    replay: scripts/nemesis --schedules 1 --seed {seed} --seconds {args.seconds}  "
+            faults = "" if args.faults == "all" else f" --faults {args.faults}"
+            log(f"    replay: scripts/nemesis --schedules 1 --seed {seed} --seconds {args.seconds:g}{faults}  "
                 f"(logs and record: {s.dir})")
     ratios = [f.get("ratio", 0) for _, _, _, f in results]
     log(f"NEMESIS schedules={len(results)} passed={len(results) - len(failed)} failed={failed} "
@@ -983,6 +986,9 @@ def main():
     ap.add_argument("--schedules", type=int, default=1)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--faults", default="all",
+                    help="the fault kinds the nemesis may pick, comma-separated (kill, pause, pg, nats, layout, "
+                         "forget), or none; default all")
     ap.add_argument("--recap", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pids", required=True)
