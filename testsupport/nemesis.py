@@ -797,7 +797,7 @@ class Schedule:
         held["recap_running_summaries"] = sum(1 for r in running for i in (r["point_ids"] or []) if i in gone)
         letters = await pg.json("SELECT source, reason, bot_name, user_id FROM recap_dead_letters")
         vec_orphans = await pg.json(
-            "SELECT v.summary_id FROM recap_summary_vectors v LEFT JOIN conversation_summaries s ON s.id = v.summary_id "
+            "SELECT v.summary_id, v.bot_name, v.user_id, v.revision, v.synced_at FROM recap_summary_vectors v LEFT JOIN conversation_summaries s ON s.id = v.summary_id "
             "WHERE s.id IS NULL")
         words_orphans = int(await pg.scalar(
             "SELECT count(*) FROM recap_window_words w LEFT JOIN conversation_summaries s ON s.id = w.summary_id "
@@ -805,13 +805,19 @@ class Schedule:
         qdrant_orphans, qdrant_forgotten = await self.summary_vector_orphans(row_by_id)
         fkeys = {(f["bot"], f["user"]) for f in self.forgets}
         forgotten_rows = [r["id"] for r in rows if (r["bot_name"], r["user_id"]) in fkeys and r["id"] not in linked]
-        self.ok("forgotten", not (any(held.values()) or letters or vec_orphans or words_orphans or qdrant_forgotten
+        fvec = sum(1 for v in vec_orphans if (v["bot_name"], v["user_id"]) in fkeys)
+        self.ok("forgotten", not (any(held.values()) or letters or words_orphans or qdrant_forgotten or fvec
                                   or forgotten_rows),
                 f"{len(self.forgets)} forgets, {len(gone)} points in tombstones; rows holding one: {held}; "
                 f"{len(forgotten_rows)} summary rows of theirs not from a window after the forget; dead letters "
-                f"{len(letters)}; recap_summary_vectors of no row {len(vec_orphans)}; recap_window_words of no row "
-                f"{words_orphans}; recap_summaries vectors of a forgotten user's gone row {qdrant_forgotten} "
-                f"(of any gone row: {qdrant_orphans})")
+                f"{len(letters)}; recap_window_words of no row {words_orphans}; recap_summary_vectors rows and "
+                f"recap_summaries vectors of a forgotten user's gone row: {fvec}, {qdrant_forgotten}")
+        # no vector outlives its row (a forget, or a merge that deleted the later window's row)
+        self.ok("vectors", not (vec_orphans or qdrant_orphans),
+                f"recap_summary_vectors rows of no summary row {len(vec_orphans)}, recap_summaries vectors of no "
+                f"summary row {qdrant_orphans} (summary rows {len(rows)})")
+        for v in vec_orphans[:3]:
+            log(f"         {v}")
         for x in letters[:3]:
             log(f"         dead letter {x}")
         # the tombstone lists every point written before the forget began
