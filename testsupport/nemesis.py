@@ -401,8 +401,12 @@ class Schedule:
                                              wait=True)
         await self.run.llm("/control/reset", {})
         await self.run.llm("/control", {"latency_ms": LLM_LATENCY_MS})
+        async def quiet(_e=None):  # NATS restarts are the nemesis' doing: no traceback per reconnect attempt
+            pass
+
         self.nc = await nats.connect(e["NATS_URL"], max_reconnect_attempts=-1, reconnect_time_wait=0.3,
-                                     connect_timeout=2, allow_reconnect=True)
+                                     connect_timeout=2, allow_reconnect=True, error_cb=quiet,
+                                     disconnected_cb=quiet, reconnected_cb=quiet)
         self.js = self.nc.jetstream(timeout=0.5)
         self.replicas = [Replica(self, i) for i in range(REPLICAS)]
         for r in self.replicas:
