@@ -19,6 +19,7 @@ mod layers;
 mod live_time;
 mod live_workers;
 mod llm_pipeline;
+mod nemesis_cases;
 mod ops;
 mod partitions;
 mod publishers;
