@@ -237,10 +237,31 @@ impl State {
         s
     }
 
-    /// Closed points stamped ahead of the clock, as stored (`recap_clamped_points`): (bot, point id, stored time).
+    /// Points stamped ahead of the clock, as stored (`recap_clamped_points`): (bot, point id, stored time). One still
+    /// open is its key's again (its window's close remembers it and asks the sink for the key-wide check); the others
+    /// are closed ones, duplicates whenever read again.
     pub fn remember_clamped(&mut self, rows: impl IntoIterator<Item = (String, String, Millis)>) {
+        let mut open: HashMap<(Arc<str>, String), Arc<str>> = HashMap::new();
+        for b in self.open.values() {
+            for buf in b.users.values() {
+                for (_, id) in &buf.points {
+                    open.insert((b.name.clone(), id.clone()), buf.user.clone());
+                }
+            }
+        }
         for (bot, id, stored) in rows {
-            self.closed_clamped.remember(&Arc::from(bot), &id, stored);
+            let bot: Arc<str> = Arc::from(bot);
+            let buf = open.remove(&(bot.clone(), id.clone())).and_then(|user| {
+                self.open
+                    .get_mut(&*bot)
+                    .and_then(|b| b.users.get_mut(&*user))
+            });
+            match buf {
+                Some(buf) => {
+                    buf.clamped.insert(id, stored);
+                }
+                None => self.closed_clamped.remember(&bot, &id, stored),
+            }
         }
     }
 
@@ -384,6 +405,17 @@ impl State {
             buf.points.insert(at, p);
             if clamped {
                 buf.clamped.insert(point_id.to_string(), ts);
+                // Stored with the next checkpoint already while its window is open (not only at its close): a leader
+                // that restores the key (a takeover, a failed checkpoint, a forget's epoch bump) must still know the
+                // point was stamped ahead of the clock when it closes the window (nemesis finding 1).
+                if clamped::escapes_time_probe(self.tracker.config(), eff, ts) {
+                    self.clamped_rows.push(ClampedPoint {
+                        bot: buf.bot.clone(),
+                        user: buf.user.clone(),
+                        id: point_id.to_string(),
+                        stored: ts,
+                    });
+                }
             }
             if !buf.dirty {
                 buf.dirty = true;
@@ -512,13 +544,17 @@ impl State {
             .map(|(n, (p, r))| (n, p, r))
             .collect();
         positions.sort_by(|a, b| a.0.cmp(&b.0));
+        // a point read and closed between two checkpoints is listed twice (when read, when closed): stored once
+        let mut clamped = std::mem::take(&mut self.clamped_rows);
+        clamped.sort_by(|a, b| (&a.bot, &a.id, b.stored).cmp(&(&b.bot, &b.id, a.stored)));
+        clamped.dedup_by(|a, b| a.bot == b.bot && a.id == b.id);
         Checkpoint {
             snapshots,
             closed: std::mem::take(&mut self.closed),
             watermarks: self.tracker.take_watermark_changes(),
             positions,
             messages: std::mem::take(&mut self.messages),
-            clamped: std::mem::take(&mut self.clamped_rows),
+            clamped,
         }
     }
 }

@@ -350,6 +350,48 @@ async fn drop_orphans(
     Ok(())
 }
 
+/// Removes the vectors (and their entries) of rows deleted without their vectors: a late message that bridges two
+/// windows deletes the later one's summary row in the checkpoint transaction, which does not reach Qdrant (nemesis
+/// finding 2). Up to `limit` per call; returns how many were removed. A search never returns such a vector (it reads
+/// the rows by id), but it would stay for good without this.
+pub async fn drop_deleted(
+    store: &Store,
+    client: &Qdrant,
+    limit: i64,
+) -> Result<usize, VectorError> {
+    let gone: Vec<(i32, String, String)> = sqlx::query_as(
+        "SELECT v.summary_id, v.bot_name, v.user_id FROM recap_summary_vectors v
+         WHERE NOT EXISTS (SELECT 1 FROM conversation_summaries s WHERE s.id = v.summary_id)
+         ORDER BY v.summary_id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(store.pool())
+    .await?;
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let points: Vec<qdrant_client::qdrant::PointId> = gone
+        .iter()
+        .map(|(id, bot, user)| point_id(bot, user, *id).into())
+        .collect();
+    client
+        .delete_points(
+            DeletePointsBuilder::new(COLLECTION)
+                .points(qdrant_client::qdrant::PointsIdsList { ids: points })
+                .wait(true),
+        )
+        .await?;
+    let ids: Vec<i32> = gone.iter().map(|g| g.0).collect();
+    sqlx::query(
+        "DELETE FROM recap_summary_vectors v WHERE v.summary_id = ANY($1)
+           AND NOT EXISTS (SELECT 1 FROM conversation_summaries s WHERE s.id = v.summary_id)",
+    )
+    .bind(&ids)
+    .execute(store.pool())
+    .await?;
+    Ok(gone.len())
+}
+
 /// Summary vectors out of step with their rows (windows summarized by recap only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct Drift {
@@ -442,6 +484,13 @@ pub async fn run_repair(ctx: Repair, shutdown: CancellationToken) -> anyhow::Res
             Ok(n) if n > 0 => info!(written = n, "summary vectors re-synced"),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "summary vector repair failed; next pass in {every:?}"),
+        }
+        match drop_deleted(&ctx.store, ctx.points.client(), 500).await {
+            Ok(n) if n > 0 => info!(removed = n, "vectors of deleted summary rows removed"),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "removing vectors of deleted rows failed; next pass in {every:?}")
+            }
         }
         if let Ok(d) = drift(&ctx.store).await {
             metrics::gauge!("recap_summary_vector_drift", "kind" => "missing")
