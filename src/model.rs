@@ -7,13 +7,16 @@
 //! * [`is_point_id`], [`canonical_point_id`], [`user_key`] (`ids.rs`): the point-id rules (the Qdrant-typed helpers,
 //!   `point_id_string` and `point_id_from_str`, stay in `fetch`) and the key a (bot, user) is forgotten by.
 //! * [`StreamSeq`], [`SweepPos`] (`position.rs`): source positions stored with a checkpoint; a stream sequence is an integer in Rust and converted exactly at the SQL edge.
+//! * [`Clock`], [`SystemClock`], [`ManualClock`] (`clock.rs`): the wall clock the ingest loop and the sweep read.
 //!
 //! The old homes (`sink::NewMessage`, `summarize::Message`, `fetch::is_point_id`, ...) re-export these.
 
+mod clock;
 mod ids;
 mod message;
 mod position;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use ids::{canonical_point_id, is_point_id, user_key};
 pub use message::{DeadLetter, Message, NewMessage};
 pub use position::{MAX_EXACT_SEQ, StreamSeq, SweepPos};

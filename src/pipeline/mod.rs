@@ -10,7 +10,6 @@
 //!   and finish each window in one transaction.
 
 mod backoff;
-mod clock;
 mod ingest;
 mod partitions;
 mod running;
@@ -25,7 +24,7 @@ use crate::summarize::Summarizer;
 use crate::tracker::TrackerConfig;
 
 pub use backoff::{jittered, loop_backoff, sleep_or_shutdown};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use crate::model::{Clock, ManualClock, SystemClock};
 pub use ingest::{
     Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, restore_state, run_ingest,
     run_ingest_with, run_partition,

@@ -69,6 +69,7 @@ use tracing::{debug, info, warn};
 
 use super::batch::{Batch, Source, SourceError};
 use crate::fetch::{FetchError, Points};
+use crate::model::{Clock, SystemClock};
 use crate::sink::{Store, StoreError};
 
 /// The bot a collection belongs to, or `None` for collections recap does not read.
@@ -184,11 +185,11 @@ pub struct SweepSource {
     held_back: Vec<String>,
     /// Collections that failed, by name: failures in a row and when to try again (issue 24, case 6).
     failing: HashMap<String, (u32, Instant)>,
+    /// The wall clock of cycle starts, the first sweep's lookback and the checkpoints' cap (the system clock; a
+    /// virtual one in the simulation).
+    clock: Arc<dyn Clock>,
 }
 
-fn now_secs() -> f64 {
-    chrono::Utc::now().timestamp_micros() as f64 / 1e6
-}
 
 impl SweepSource {
     pub fn new(points: Arc<Points>, store: Store, settings: SweepSettings) -> SweepSource {
@@ -204,7 +205,19 @@ impl SweepSource {
             horizon: None,
             held_back: Vec::new(),
             failing: HashMap::new(),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The same source reading `clock` as the wall clock (tests and the simulation: a virtual one).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> SweepSource {
+        self.clock = clock;
+        self
+    }
+
+    /// The wall clock, in seconds (the unit of `timestamp_unix`).
+    fn now_secs(&self) -> f64 {
+        self.clock.now_ms() as f64 / 1e3
     }
 
     /// Points read in the last completed cycle.
@@ -285,7 +298,7 @@ impl SweepSource {
             current: None,
             report: SweepReport::default(),
             started,
-            started_ms: chrono::Utc::now().timestamp_millis(),
+            started_ms: self.clock.now_ms(),
             held_back: Vec::new(),
             shared_bots,
         });

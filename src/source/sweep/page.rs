@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{Batch, Pending, SweepError, SweepSource, now_secs};
+use super::{Batch, Pending, SweepError, SweepSource};
 use crate::fetch::{PayloadMapping, Points, SkipReason, map_point};
 use crate::model::SweepPos;
 use crate::sink::NewMessage;
@@ -144,7 +144,7 @@ impl SweepSource {
         let overlap = self.settings.overlap.as_secs_f64();
         let start = match stored {
             Some(SweepPos(position)) => position - overlap,
-            None => now_secs() - self.settings.lookback.as_secs_f64(),
+            None => self.now_secs() - self.settings.lookback.as_secs_f64(),
         };
         let mut ordered = self.has_range_index(collection).await?;
         if !ordered && self.settings.create_index {
@@ -182,7 +182,7 @@ impl SweepSource {
             start,
             floor: start + overlap,
             max_seen: f64::MIN,
-            opened: now_secs(),
+            opened: self.now_secs(),
             cursor,
             prefetch: None,
         })
@@ -203,6 +203,7 @@ impl SweepSource {
     /// else now; then starts the prefetch of the page after it.
     pub(super) async fn read_page(&mut self) -> Result<Batch, SweepError> {
         let page_size = self.settings.page_size.max(1);
+        let now = self.now_secs();
         let mapping = &self.points.mapping;
         let cycle = self.cycle.as_mut().expect("cycle");
         let sweep = cycle.current.as_mut().expect("collection");
@@ -372,7 +373,7 @@ impl SweepSource {
                 sweep.floor
             }),
         }
-        .map(|p| p.min(now_secs()).max(sweep.floor));
+        .map(|p| p.min(now).max(sweep.floor));
         let checkpoint = format!("{}:{}", self.settings.checkpoint_prefix, sweep.collection);
         batch.checkpoint = position.map(|p| (checkpoint, p, read as i64));
         batch.caught_up = done && cycle.queue.is_empty();

@@ -1,4 +1,4 @@
-//! The clock the ingest shell reads for the tracker. Production reads the system clock; tests drive a [`ManualClock`]
+//! The clock the ingest shell reads for the tracker, and the sweep for its cycles' start and checkpoints. Production reads the system clock; tests drive a [`ManualClock`]
 //! so that minutes of production timing (idle gaps, lateness) run in milliseconds, deterministically.
 
 use std::sync::Arc;
