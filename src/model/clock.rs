@@ -3,11 +3,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Wall-clock time in milliseconds since the Unix epoch.
+/// Wall-clock time in milliseconds since the Unix epoch, and a monotonic instant for intervals and back-offs.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> i64;
+
+    /// A monotonic instant (the system's; a virtual clock's moves with its time).
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// The system clock (production).
@@ -20,28 +25,51 @@ impl Clock for SystemClock {
     }
 }
 
-/// A virtual clock that moves only when told to; clones share the same time.
-#[derive(Debug, Clone, Default)]
-pub struct ManualClock(Arc<AtomicI64>);
+/// A virtual clock that moves only when told to; clones share the same time. Its instants start at the moment it was
+/// made and move with its time (never back).
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<Manual>);
+
+#[derive(Debug)]
+struct Manual {
+    ms: AtomicI64,
+    start_ms: i64,
+    base: Instant,
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        ManualClock::new(0)
+    }
+}
 
 impl ManualClock {
     pub fn new(start_ms: i64) -> ManualClock {
-        ManualClock(Arc::new(AtomicI64::new(start_ms)))
+        ManualClock(Arc::new(Manual {
+            ms: AtomicI64::new(start_ms),
+            start_ms,
+            base: Instant::now(),
+        }))
     }
 
     pub fn set(&self, ms: i64) {
-        self.0.store(ms, Ordering::SeqCst);
+        self.0.ms.store(ms, Ordering::SeqCst);
     }
 
     pub fn advance(&self, d: Duration) {
         let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        self.0.ms.fetch_add(ms, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
+        self.0.ms.load(Ordering::SeqCst)
+    }
+
+    fn instant(&self) -> Instant {
+        let moved = (self.now_ms() - self.0.start_ms).max(0) as u64;
+        self.0.base + Duration::from_millis(moved)
     }
 }
 

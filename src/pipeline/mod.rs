@@ -23,8 +23,8 @@ use crate::sink::Store;
 use crate::summarize::Summarizer;
 use crate::tracker::TrackerConfig;
 
-pub use backoff::{jittered, loop_backoff, sleep_or_shutdown};
 pub use crate::model::{Clock, ManualClock, SystemClock};
+pub use backoff::{jittered, loop_backoff, sleep_or_shutdown};
 pub use ingest::{
     Applied, Ingest, IngestLoop, MAX_FUTURE_MS, renewing, restore_state, run_ingest,
     run_ingest_with, run_partition,

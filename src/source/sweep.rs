@@ -190,7 +190,6 @@ pub struct SweepSource {
     clock: Arc<dyn Clock>,
 }
 
-
 impl SweepSource {
     pub fn new(points: Arc<Points>, store: Store, settings: SweepSettings) -> SweepSource {
         SweepSource {
@@ -215,6 +214,11 @@ impl SweepSource {
         self
     }
 
+    /// The clock's monotonic instant (cycle intervals, collection back-offs).
+    fn now(&self) -> Instant {
+        Instant::from_std(self.clock.instant())
+    }
+
     /// The wall clock, in seconds (the unit of `timestamp_unix`).
     fn now_secs(&self) -> f64 {
         self.clock.now_ms() as f64 / 1e3
@@ -224,13 +228,13 @@ impl SweepSource {
     /// Starts the first cycle one interval from now instead of at once (hybrid mode: at start-up the durable consumer
     /// replays what was missed; the sweep is the safety net after that).
     pub fn delay_first_cycle(mut self) -> SweepSource {
-        self.next_cycle = Instant::now() + self.settings.interval;
+        self.next_cycle = self.now() + self.settings.interval;
         self
     }
 
     /// True while a cycle is under way or the next one is due: the hybrid source asks before it reads events.
     pub fn wants_batch(&self) -> bool {
-        self.cycle.is_some() || Instant::now() >= self.next_cycle
+        self.cycle.is_some() || self.now() >= self.next_cycle
     }
 
     /// True while a cycle is under way (its remaining pages may belong to open windows).
@@ -291,7 +295,7 @@ impl SweepSource {
             .filter(|(_, n)| *n > 1)
             .map(|(b, _)| b.to_string())
             .collect();
-        let started = Instant::now();
+        let started = self.now();
         self.next_cycle = started + self.settings.interval;
         self.cycle = Some(Cycle {
             queue,
@@ -329,8 +333,8 @@ impl SweepSource {
     async fn try_next_batch(&mut self) -> Result<Batch, SweepError> {
         self.pending = None; // a page neither committed nor abandoned is read again
         loop {
+            let now = self.now();
             let Some(cycle) = self.cycle.as_mut() else {
-                let now = Instant::now();
                 if now >= self.next_cycle {
                     self.begin_cycle().await?;
                     continue;
@@ -376,7 +380,7 @@ impl SweepSource {
             if self
                 .failing
                 .get(&collection)
-                .is_some_and(|(_, retry)| Instant::now() < *retry)
+                .is_some_and(|(_, retry)| now < *retry)
             {
                 // still backing off: left out of this cycle, its bot held back
                 cycle.queue.pop_front();
@@ -414,13 +418,14 @@ impl SweepSource {
         if let SweepError::Store(_) = e {
             return Err(e);
         }
+        let now = self.now();
         let entry = self
             .failing
             .entry(collection.to_string())
-            .or_insert((0, Instant::now()));
+            .or_insert((0, now));
         entry.0 += 1;
         let wait = collection_backoff(entry.0);
-        entry.1 = Instant::now() + wait;
+        entry.1 = now + wait;
         metrics::counter!("recap_sweep_collection_failures_total", "collection" => collection.to_string())
             .increment(1);
         warn!(
@@ -539,7 +544,7 @@ impl Source for SweepSource {
         self.pending = None;
         if self.cycle.take().is_some() || self.horizon.is_some() {
             self.horizon = None;
-            self.next_cycle = Instant::now();
+            self.next_cycle = self.now();
         }
         Ok(())
     }
