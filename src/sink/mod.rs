@@ -182,7 +182,7 @@ pub struct CheckpointRow {
 /// What `recap status` reports from the store.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StatusReport {
-    pub windows: Vec<(String, i64)>,
+    pub windows: Vec<(crate::model::WindowState, i64)>,
     /// `done` in `windows` is an estimate (a large table; see [`Store::window_states`]).
     pub windows_done_estimated: bool,
     pub oldest_due: Option<DateTime<Utc>>,

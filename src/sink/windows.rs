@@ -10,6 +10,7 @@ use sqlx::{Postgres, Transaction};
 use super::{ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome};
 /// In `sink/mod.rs` (issue 27: `running.rs` needs them too; here they closed a circle windows -> running -> windows).
 pub(super) use super::{next_attempt, truncate};
+use crate::model::{WindowState, state_sql};
 use crate::summarize::Summary;
 
 /// A window row as a claim returns it, with its point ids.
@@ -49,16 +50,17 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<(Vec<ClaimedWindow>, HashMap<i64, Vec<String>>), StoreError> {
-        let rows: Vec<ClaimedRow> = sqlx::query_as(
+        // The state a constant in the text: the partial index `idx_recap_windows_due` (see `model::state_sql`).
+        let rows: Vec<ClaimedRow> = sqlx::query_as(state_sql!(
             "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
              FROM (SELECT id FROM recap_windows
-                   WHERE state = 'due' AND (not_before IS NULL OR not_before <= now())
+                   WHERE state = {due} AND (not_before IS NULL OR not_before <= now())
                      AND (lease_until IS NULL OR lease_until < now())
                    ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
              RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
-                       w.closed_at, w.point_ids",
-        )
+                       w.closed_at, w.point_ids"
+        ))
         .bind(owner)
         .bind(lease.as_millis() as f64)
         .bind(limit)
@@ -117,7 +119,7 @@ impl Store {
 
     /// Gives back every lease `owner` holds (graceful shutdown).
     pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
-        let r = sqlx::query("UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 AND state = 'due'")
+        let r = sqlx::query(state_sql!("UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 AND state = {due}"))
             .bind(owner)
             .execute(&self.pool)
             .await?;
@@ -135,12 +137,13 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE recap_windows SET lease_until = now() + $4 * interval '1 millisecond'
-             WHERE id = $1 AND lease_owner = $2 AND version = $3 AND state = 'due'",
+             WHERE id = $1 AND lease_owner = $2 AND version = $3 AND state = $5",
         )
         .bind(w.id)
         .bind(owner)
         .bind(w.version)
         .bind(lease.as_millis() as f64)
+        .bind(WindowState::Due)
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -177,7 +180,7 @@ impl Store {
             "UPDATE recap_windows w SET lease_until = now() + $4 * interval '1 millisecond'
              FROM (SELECT v.id FROM recap_windows v JOIN unnest($1::bigint[], $2::int[]) AS x(id, version)
                      ON v.id = x.id AND v.version = x.version
-                   WHERE v.lease_owner = $3 AND v.state = 'due' ORDER BY v.id FOR UPDATE OF v) c
+                   WHERE v.lease_owner = $3 AND v.state = $5 ORDER BY v.id FOR UPDATE OF v) c
              WHERE w.id = c.id
              RETURNING w.id",
         )
@@ -185,6 +188,7 @@ impl Store {
         .bind(&versions)
         .bind(owner)
         .bind(lease.as_millis() as f64)
+        .bind(WindowState::Due)
         .fetch_all(&self.pool)
         .await?;
         Ok(held)

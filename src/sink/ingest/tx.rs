@@ -7,6 +7,7 @@ use sqlx::{Postgres, Transaction};
 use super::coverage::{
     FlatPoints, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, near_each_other, points_by_row,
 };
+use crate::model::WindowState;
 use crate::sink::{DeadLetter, StoreError, to_utc};
 use crate::state::{ClampedPoint, Closed, Point, Snapshot};
 use crate::tracker::{Millis, Mode, TrackerConfig};
@@ -18,6 +19,15 @@ pub struct Closing {
     pub too_short: usize,
     /// Points a stored window had already (read again after their window closed): not new messages.
     pub already_stored: usize,
+}
+
+/// The state a closed window of `messages` messages is stored in: due, or too short under `min_messages`.
+fn closed_state(messages: usize, min_messages: u32) -> WindowState {
+    if messages as u32 >= min_messages {
+        WindowState::Due
+    } else {
+        WindowState::TooShort
+    }
 }
 
 /// One ingest transaction: a checkpoint (see `crate::state`).
@@ -174,17 +184,14 @@ impl IngestTx {
         let starts: Vec<DateTime<Utc>> = bulk.iter().map(|w| to_utc(w.window.start_ms)).collect();
         let ends: Vec<DateTime<Utc>> = bulk.iter().map(|w| to_utc(w.window.end_ms)).collect();
         let counts: Vec<i32> = bulk.iter().map(|w| w.points.len() as i32).collect();
-        let states: Vec<&str> = bulk
+        let states: Vec<WindowState> = bulk
             .iter()
-            .map(|w| {
-                if w.points.len() as u32 >= min_messages {
-                    "due"
-                } else {
-                    "too_short"
-                }
-            })
+            .map(|w| closed_state(w.points.len(), min_messages))
             .collect();
-        done.too_short += states.iter().filter(|s| **s == "too_short").count();
+        done.too_short += states
+            .iter()
+            .filter(|s| **s == WindowState::TooShort)
+            .count();
         let flat = FlatPoints::of(bulk.iter().map(|w| w.points.as_slice()));
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids, point_ts)
@@ -310,7 +317,7 @@ impl IngestTx {
         };
         let spans: Vec<(Millis, Millis)> = existing.iter().map(|e| (e.start, e.end)).collect();
         let targets = crate::tracker::merge_targets(cfg, &spans, (w_start, w_end));
-        let (id, state): (i64, String) = match targets.split_first() {
+        let (id, state): (i64, WindowState) = match targets.split_first() {
             Some((&first, rest)) => {
                 let id = existing[first].id;
                 // A late message that bridges stored windows joins them (the window definition gives one): the
@@ -347,7 +354,7 @@ impl IngestTx {
                 let state = sqlx::query_scalar(
                     "UPDATE recap_windows SET start_ts = LEAST(start_ts, $2), end_ts = GREATEST(end_ts, $3),
                         message_count = cardinality($5::text[]), point_ids = $5, point_ts = $6, version = version + 1,
-                        state = CASE WHEN cardinality($5::text[]) >= $4 THEN 'due' ELSE 'too_short' END,
+                        state = CASE WHEN cardinality($5::text[]) >= $4 THEN $7 ELSE $8 END,
                         attempts = 0, not_before = NULL, closed_at = now(), updated_at = now()
                      WHERE id = $1
                      RETURNING state",
@@ -358,6 +365,8 @@ impl IngestTx {
                 .bind(min_messages as i32)
                 .bind(&ids)
                 .bind(&ts)
+                .bind(WindowState::Due)
+                .bind(WindowState::TooShort)
                 .fetch_one(&mut *self.tx)
                 .await?;
                 (id, state)
@@ -375,11 +384,7 @@ impl IngestTx {
                 .bind(&*w.user)
                 .bind(to_utc(w_start))
                 .bind(to_utc(w_end))
-                .bind(if ids.len() as u32 >= min_messages {
-                    "due"
-                } else {
-                    "too_short"
-                })
+                .bind(closed_state(ids.len(), min_messages))
                 .bind(ids.len() as i32)
                 .bind(&ids)
                 .bind(&ts)
@@ -387,7 +392,7 @@ impl IngestTx {
                 .await?
             }
         };
-        Ok((id, state == "too_short", covered_here))
+        Ok((id, state == WindowState::TooShort, covered_here))
     }
 
     /// Stores closed points stamped far ahead of the clock (`recap_clamped_points`, see [`crate::state::ClampedPoint`])
