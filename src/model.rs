@@ -7,7 +7,9 @@
 //!   for a summary, input recap could not use.
 //! * [`is_point_id`], [`canonical_point_id`], [`user_key`] (`ids.rs`): the point-id rules (the Qdrant-typed helpers,
 //!   `point_id_string` and `point_id_from_str`, stay in `fetch`) and the key a (bot, user) is forgotten by.
-//! * [`StreamSeq`], [`SweepPos`] (`position.rs`): source positions stored with a checkpoint; a stream sequence is an integer in Rust and converted exactly at the SQL edge.
+//! * [`StreamSeq`], [`SweepPos`], [`Position`] (either), [`SourceCheckpoint`] (a checkpoint's name, position and
+//!   points read) (`position.rs`): source positions stored with a checkpoint; a stream sequence is an integer in Rust
+//!   and converted exactly at the SQL edge (`Position::to_column`).
 //!
 //! The old homes (`sink::NewMessage`, `summarize::Message`, `fetch::is_point_id`, ...) re-export these.
 
@@ -17,7 +19,7 @@ mod position;
 
 pub use ids::{canonical_point_id, is_point_id, user_key};
 pub use message::{DeadLetter, Message, NewMessage};
-pub use position::{MAX_EXACT_SEQ, StreamSeq, SweepPos};
+pub use position::{MAX_EXACT_SEQ, Position, SourceCheckpoint, StreamSeq, SweepPos};
 
 use std::fmt;
 use std::str::FromStr;

@@ -15,6 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::model::{Position, SourceCheckpoint};
 use crate::tracker::{ClosedWindow, Millis, Observed, Tracker, TrackerConfig};
 
 mod clamped;
@@ -77,8 +78,8 @@ pub struct Checkpoint {
     /// Windows closed since the last checkpoint, in closing order.
     pub closed: Vec<Closed>,
     pub watermarks: Vec<(Arc<str>, Millis)>,
-    /// Source positions: name -> (position, points read since the last checkpoint).
-    pub positions: Vec<(String, f64, i64)>,
+    /// Source positions (one per name: the latest, with the points read since the last checkpoint), by name.
+    pub positions: Vec<SourceCheckpoint>,
     /// Messages applied since the last checkpoint.
     pub messages: usize,
     /// Closed points stamped far ahead of the clock (see [`ClampedPoint`]).
@@ -129,7 +130,7 @@ pub struct State {
     /// Keys with a snapshot row whose last open message closed: their rows are deleted by the next checkpoint.
     deleted: HashSet<Key, foldhash::fast::RandomState>,
     closed: Vec<Closed>,
-    positions: HashMap<String, (f64, i64)>,
+    positions: HashMap<String, (Position, i64)>,
     /// Forgotten users' points by bot (see [`Tombstone`]): one lookup per message of a bot with a tombstone, none
     /// for the others.
     forgotten_points: HashMap<String, HashSet<String>>,
@@ -408,13 +409,13 @@ impl State {
     }
 
     /// Records a source position to store with the next checkpoint (the latest wins; points read add up).
-    pub fn set_position(&mut self, name: &str, position: f64, read: i64) {
+    pub fn set_position(&mut self, c: &SourceCheckpoint) {
         let e = self
             .positions
-            .entry(name.to_string())
-            .or_insert((position, 0));
-        e.0 = e.0.max(position);
-        e.1 += read;
+            .entry(c.name.clone())
+            .or_insert((c.position, 0));
+        e.0 = e.0.later(c.position);
+        e.1 += c.points_read;
     }
 
     /// Closes every window the watermarks allow, taking their points out of the open state. Returns how many.
@@ -506,12 +507,16 @@ impl State {
                 });
             }
         }
-        let mut positions: Vec<(String, f64, i64)> = self
+        let mut positions: Vec<SourceCheckpoint> = self
             .positions
             .drain()
-            .map(|(n, (p, r))| (n, p, r))
+            .map(|(name, (position, points_read))| SourceCheckpoint {
+                name,
+                position,
+                points_read,
+            })
             .collect();
-        positions.sort_by(|a, b| a.0.cmp(&b.0));
+        positions.sort_by(|a, b| a.name.cmp(&b.name));
         Checkpoint {
             snapshots,
             closed: std::mem::take(&mut self.closed),

@@ -139,7 +139,7 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
         let mut read = 0u64;
         let report = sweep_once(&mut source, async |b| {
             let r = ingest.apply(b, now_ms()).await.map(drop);
-            read += b.checkpoint.as_ref().map(|c| c.2 as u64).unwrap_or(0);
+            read += b.checkpoint.as_ref().map_or(0, |c| c.points_read as u64);
             progress.set(read);
             r
         })

@@ -7,7 +7,7 @@ use sqlx::{Postgres, Transaction};
 use super::coverage::{
     FlatPoints, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, near_each_other, points_by_row,
 };
-use crate::model::WindowState;
+use crate::model::{SourceCheckpoint, WindowState};
 use crate::sink::{DeadLetter, StoreError, to_utc};
 use crate::state::{ClampedPoint, Closed, Point, Snapshot};
 use crate::tracker::{Millis, Mode, TrackerConfig};
@@ -453,21 +453,17 @@ impl IngestTx {
         Ok(())
     }
 
-    /// Records a source position (JetStream sequence, or a sweep high-water mark) and how many points were read.
-    pub async fn save_checkpoint(
-        &mut self,
-        name: &str,
-        position: f64,
-        points_read: i64,
-    ) -> Result<(), StoreError> {
+    /// Records a source position (JetStream sequence, or a sweep high-water mark) and how many points were read
+    /// (the position stored as the column's double: [`crate::model::Position::to_column`]).
+    pub async fn save_checkpoint(&mut self, c: &SourceCheckpoint) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO recap_checkpoints (name, position, points_read) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET position = GREATEST(recap_checkpoints.position, EXCLUDED.position),
                 points_read = recap_checkpoints.points_read + EXCLUDED.points_read, updated_at = now()",
         )
-        .bind(name)
-        .bind(position)
-        .bind(points_read)
+        .bind(&c.name)
+        .bind(c.position.to_column())
+        .bind(c.points_read)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
