@@ -239,9 +239,9 @@ impl State {
     }
 
     /// Closed points stamped ahead of the clock, as stored (`recap_clamped_points`): (bot, point id, stored time).
-    pub fn remember_clamped(&mut self, rows: impl IntoIterator<Item = (String, String, Millis)>) {
-        for (bot, id, stored) in rows {
-            self.closed_clamped.remember(&Arc::from(bot), &id, stored);
+    pub fn remember_clamped(&mut self, rows: impl IntoIterator<Item = ClampedPoint>) {
+        for c in rows {
+            self.closed_clamped.remember(&c.bot, &c.id, c.stored);
         }
     }
 
@@ -838,11 +838,7 @@ mod tests {
         assert_eq!(c.clamped[0].stored, 90_000);
         // a takeover (or `recap replay`) restores them, then reads the points at their stamps
         let mut r = State::restore(cfg, [("b".to_string(), 5 * MIN)], []);
-        r.remember_clamped(
-            c.clamped
-                .iter()
-                .map(|p| (p.bot.to_string(), p.id.clone(), p.stored)),
-        );
+        r.remember_clamped(c.clamped.iter().cloned());
         for i in 0..3 {
             assert_eq!(
                 r.observe("b", "f", &format!("p{i}"), i * 1000 + 90_000, 6 * MIN),

@@ -11,12 +11,21 @@ use chrono::{DateTime, Utc};
 
 pub(super) use coverage::insert_messages;
 pub use coverage::{MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
-pub use tx::{Closing, IngestTx};
+pub use tx::{Closing, IngestTx, WindowClosed};
 
 use super::{Fence, Store, StoreError};
 use crate::model::{StreamSeq, SweepPos};
-use crate::state::Snapshot;
+use crate::state::{ClampedPoint, Snapshot};
 use crate::tracker::Millis;
+
+/// A bot's watermark as a partition stored it (`recap_watermarks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWatermark {
+    pub bot: String,
+    /// The partition that wrote it.
+    pub part: i32,
+    pub watermark: Millis,
+}
 
 /// A `recap_watermarks` row.
 #[derive(sqlx::FromRow)]
@@ -145,14 +154,18 @@ impl Store {
 
     // ---- tracker state ----------------------------------------------------------------------------------------
 
-    pub async fn load_watermarks(&self) -> Result<Vec<(String, i32, Millis)>, StoreError> {
+    pub async fn load_watermarks(&self) -> Result<Vec<StoredWatermark>, StoreError> {
         let rows: Vec<WatermarkRow> =
             sqlx::query_as("SELECT bot_name, part, watermark FROM recap_watermarks")
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.bot_name, r.part, r.watermark.timestamp_millis()))
+            .map(|r| StoredWatermark {
+                bot: r.bot_name,
+                part: r.part,
+                watermark: r.watermark.timestamp_millis(),
+            })
             .collect())
     }
 
@@ -191,8 +204,8 @@ impl Store {
             .collect())
     }
 
-    /// Closed points stamped far ahead of the clock, younger than a day: (bot, user, point id, stored time).
-    pub async fn load_clamped(&self) -> Result<Vec<(String, String, String, Millis)>, StoreError> {
+    /// Closed points stamped far ahead of the clock, younger than a day.
+    pub async fn load_clamped(&self) -> Result<Vec<ClampedPoint>, StoreError> {
         let rows: Vec<ClampedRow> = sqlx::query_as(
             "SELECT bot_name, user_id, point_id, stored_ts FROM recap_clamped_points
              WHERE stored_ts >= now() - make_interval(secs => $1::float8 / 1000)",
@@ -202,13 +215,11 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| {
-                (
-                    r.bot_name,
-                    r.user_id,
-                    r.point_id,
-                    r.stored_ts.timestamp_millis(),
-                )
+            .map(|r| ClampedPoint {
+                bot: r.bot_name.into(),
+                user: r.user_id.into(),
+                id: r.point_id,
+                stored: r.stored_ts.timestamp_millis(),
             })
             .collect())
     }

@@ -25,10 +25,14 @@ pub mod words;
 
 /// Moved to [`crate::model`] (issue 27); kept here so older paths compile.
 pub use crate::model::{DeadLetter, NewMessage, user_key};
-pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
+pub use ingest::{
+    Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, StoredWatermark,
+    WindowClosed,
+};
 pub use layout::LayoutLock;
 pub use lease::Lease;
 pub use running::{ClaimedRunning, RunningFinished, RunningOutcome, StoredRunning};
+pub use windows::HeldWindow;
 
 use std::time::Duration;
 

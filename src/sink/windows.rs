@@ -13,6 +13,13 @@ pub(super) use super::{next_attempt, truncate};
 use crate::model::{WindowState, state_sql};
 use crate::summarize::Summary;
 
+/// A window a worker holds a lease on, at the version it claimed ([`Store::renew_leases`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldWindow {
+    pub id: i64,
+    pub version: i32,
+}
+
 /// A window row as a claim returns it, with its point ids.
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
@@ -154,7 +161,7 @@ impl Store {
     pub async fn extend_leases(
         &self,
         owner: &str,
-        windows: &[(i64, i32)],
+        windows: &[HeldWindow],
         lease: Duration,
     ) -> Result<std::collections::HashSet<i64>, StoreError> {
         self.renew_leases(owner, windows, lease)
@@ -162,19 +169,20 @@ impl Store {
             .map(|v| v.into_iter().collect())
     }
 
-    /// Renews the leases `owner` holds on `windows` (id, version claimed; the worker's heartbeat), only where the
+    /// Renews the leases `owner` holds on `windows` (the worker's heartbeat), only where the
     /// window is still due at that version: a window changed meanwhile (a late message) is not kept by a worker
     /// whose result its finish will throw away. Returns the ids still held.
     pub async fn renew_leases(
         &self,
         owner: &str,
-        windows: &[(i64, i32)],
+        windows: &[HeldWindow],
         lease: Duration,
     ) -> Result<Vec<i64>, StoreError> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, versions): (Vec<i64>, Vec<i32>) = windows.iter().copied().unzip();
+        let (ids, versions): (Vec<i64>, Vec<i32>) =
+            windows.iter().map(|w| (w.id, w.version)).unzip();
         // Locked in id order, as the finish locks its windows, so the two never wait on each other in a circle.
         let held = sqlx::query_scalar(
             "UPDATE recap_windows w SET lease_until = now() + $4 * interval '1 millisecond'

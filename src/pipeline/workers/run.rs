@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::pipeline::{Context, loop_backoff, sleep_or_shutdown};
-use crate::sink::{ClaimedWindow, StoreError};
+use crate::sink::{ClaimedWindow, HeldWindow, StoreError};
 use crate::summarize::SummarizerKind;
 
 use super::process_claimed;
@@ -53,7 +53,10 @@ impl Heartbeat {
                 {
                     warn!(error = %e, "cannot write the LLM spend; retrying");
                 }
-                let now: Vec<(i64, i32)> = lock(&held).iter().map(|(k, v)| (*k, *v)).collect();
+                let now: Vec<HeldWindow> = lock(&held)
+                    .iter()
+                    .map(|(&id, &version)| HeldWindow { id, version })
+                    .collect();
                 if now.is_empty() {
                     continue;
                 }

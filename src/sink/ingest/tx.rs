@@ -30,6 +30,17 @@ fn closed_state(messages: usize, min_messages: u32) -> WindowState {
     }
 }
 
+/// What storing one closed window did ([`IngestTx::close_window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowClosed {
+    /// The stored window's id (the first stored window of the key when every point was stored already).
+    pub id: i64,
+    /// Recorded as too short to summarize.
+    pub too_short: bool,
+    /// Points a stored window had already (read again: not new).
+    pub already_stored: usize,
+}
+
 /// One ingest transaction: a checkpoint (see `crate::state`).
 pub struct IngestTx {
     pub(super) tx: Transaction<'static, Postgres>,
@@ -168,9 +179,9 @@ impl IngestTx {
             .map(|i| with_candidates.contains(&(i as i64 + 1)) || near[i] || windows[i].clamped)
             .collect();
         for (w, _) in windows.iter().zip(&one_by_one).filter(|(_, s)| **s) {
-            let (_, short, covered) = self.close_window(cfg, w, min_messages).await?;
-            done.too_short += usize::from(short);
-            done.already_stored += covered;
+            let closed = self.close_window(cfg, w, min_messages).await?;
+            done.too_short += usize::from(closed.too_short);
+            done.already_stored += closed.already_stored;
         }
         let bulk: Vec<&Closed> = (0..windows.len())
             .filter(|i| !one_by_one[*i])
@@ -226,7 +237,7 @@ impl IngestTx {
         cfg: &TrackerConfig,
         c: &Closed,
         min_messages: u32,
-    ) -> Result<(i64, bool, usize), StoreError> {
+    ) -> Result<WindowClosed, StoreError> {
         let w = &c.window;
         let (lo, hi) = w.message_range(cfg.mode);
         let gap = match cfg.mode {
@@ -304,7 +315,11 @@ impl IngestTx {
         if fresh.is_empty() {
             // Every point is stored already (read again after its window closed): nothing changes.
             let id = existing.first().map_or(0, |e| e.id);
-            return Ok((id, false, covered_here));
+            return Ok(WindowClosed {
+                id,
+                too_short: false,
+                already_stored: covered_here,
+            });
         }
         let (f_lo, f_hi) = (
             fresh.iter().map(|p| p.0).min().unwrap_or(w.start_ms),
@@ -392,7 +407,11 @@ impl IngestTx {
                 .await?
             }
         };
-        Ok((id, state == WindowState::TooShort, covered_here))
+        Ok(WindowClosed {
+            id,
+            too_short: state == WindowState::TooShort,
+            already_stored: covered_here,
+        })
     }
 
     /// Stores closed points stamped far ahead of the clock (`recap_clamped_points`, see [`crate::state::ClampedPoint`])
