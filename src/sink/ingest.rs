@@ -18,6 +18,14 @@ use crate::model::{StreamSeq, SweepPos};
 use crate::state::{ClampedPoint, Snapshot};
 use crate::tracker::Millis;
 
+/// A key's open messages as a checkpoint stored them ([`Store::load_open_state`]).
+#[derive(Debug, Clone)]
+pub struct StoredSnapshot {
+    pub snapshot: Snapshot,
+    /// Written under the layout asked for (else under an earlier partition layout).
+    pub current_layout: bool,
+}
+
 /// A bot's watermark as a partition stored it (`recap_watermarks`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredWatermark {
@@ -170,13 +178,13 @@ impl Store {
     }
 
     /// The open messages stored by the last checkpoints: partition `part`'s rows written under `layout` (see
-    /// [`crate::source::nats::layout`]), and every row written under another layout (`false` after it: the caller
-    /// keeps those whose key it owns now).
+    /// [`crate::source::nats::layout`]), and every row written under another layout (`current_layout: false`: the
+    /// caller keeps those whose key it owns now).
     pub async fn load_open_state(
         &self,
         part: i32,
         layout: &str,
-    ) -> Result<Vec<(Snapshot, bool)>, StoreError> {
+    ) -> Result<Vec<StoredSnapshot>, StoreError> {
         let rows: Vec<OpenRow> = sqlx::query_as(
             "SELECT bot_name, user_id, point_ids, point_ts, true AS current FROM recap_open_windows WHERE layout = $2 AND part = $1
              UNION ALL
@@ -199,7 +207,10 @@ impl Store {
                         .zip(r.point_ids)
                         .collect(),
                 };
-                (snapshot, r.current)
+                StoredSnapshot {
+                    snapshot,
+                    current_layout: r.current,
+                }
             })
             .collect())
     }

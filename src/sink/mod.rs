@@ -26,12 +26,12 @@ pub mod words;
 /// Moved to [`crate::model`] (issue 27); kept here so older paths compile.
 pub use crate::model::{DeadLetter, NewMessage, user_key};
 pub use ingest::{
-    Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, StoredWatermark,
-    WindowClosed,
+    Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, StoredSnapshot,
+    StoredWatermark, WindowClosed,
 };
 pub use layout::LayoutLock;
 pub use lease::Lease;
-pub use running::{ClaimedRunning, RunningFinished, RunningOutcome, StoredRunning};
+pub use running::{ClaimedRunning, OpenPoints, RunningFinished, RunningOutcome, StoredRunning};
 pub use windows::HeldWindow;
 
 use std::time::Duration;

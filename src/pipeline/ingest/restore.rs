@@ -62,10 +62,12 @@ pub async fn restore_state(
         .load_open_state(part as i32, &layout)
         .await?
         .into_iter()
-        .filter(|(s, current)| {
-            *current || crate::source::nats::owner(by, partitions, &s.bot, &s.user) == part
+        .filter(|s| {
+            s.current_layout
+                || crate::source::nats::owner(by, partitions, &s.snapshot.bot, &s.snapshot.user)
+                    == part
         })
-        .map(|(s, _)| s)
+        .map(|s| s.snapshot)
         .collect();
     // Tombstones (a forget's listed points, `recall::forget`): by bot only this partition's bots' (the others' keys
     // never reach it); by user every bot's (a tombstone names no user id, so its partition is unknown). Loaded here,
