@@ -32,7 +32,7 @@ pub use ingest::{
 pub use layout::LayoutLock;
 pub use lease::Lease;
 pub use running::{ClaimedRunning, OpenPoints, RunningFinished, RunningOutcome, StoredRunning};
-pub use windows::HeldWindow;
+pub use windows::{HeldWindow, claim_due_sql};
 
 use std::time::Duration;
 

@@ -36,6 +36,22 @@ struct ClaimedRow {
     point_ids: Vec<String>,
 }
 
+/// The claim of due windows (`$1` owner, `$2` lease in ms, `$3` limit). The state is a constant in its text: the
+/// partial indexes on `state` (`idx_recap_windows_due`, `idx_recap_windows_not_done`) serve it even under a generic
+/// plan (see `model::state_sql`; `tests/it/worker_batch.rs` checks the plan).
+pub fn claim_due_sql() -> &'static str {
+    state_sql!(
+        "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
+             FROM (SELECT id FROM recap_windows
+                   WHERE state = {due} AND (not_before IS NULL OR not_before <= now())
+                     AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
+             WHERE w.id = c.id
+             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
+                       w.closed_at, w.point_ids"
+    )
+}
+
 impl Store {
     // ---- windows ----------------------------------------------------------------------------------------------
 
@@ -57,22 +73,12 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<(Vec<ClaimedWindow>, HashMap<i64, Vec<String>>), StoreError> {
-        // The state a constant in the text: the partial index `idx_recap_windows_due` (see `model::state_sql`).
-        let rows: Vec<ClaimedRow> = sqlx::query_as(state_sql!(
-            "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
-             FROM (SELECT id FROM recap_windows
-                   WHERE state = {due} AND (not_before IS NULL OR not_before <= now())
-                     AND (lease_until IS NULL OR lease_until < now())
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
-             WHERE w.id = c.id
-             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
-                       w.closed_at, w.point_ids"
-        ))
-        .bind(owner)
-        .bind(lease.as_millis() as f64)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<ClaimedRow> = sqlx::query_as(claim_due_sql())
+            .bind(owner)
+            .bind(lease.as_millis() as f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         let mut ids = HashMap::with_capacity(rows.len());
         let mut windows = Vec::with_capacity(rows.len());
         for r in rows {
