@@ -465,7 +465,7 @@ impl Store {
                     counts,
                     max_attempts,
                 } => {
-                    let (attempts, dead) =
+                    let super::NextAttempt { attempts, dead } =
                         super::windows::next_attempt(w.attempts, *counts, *max_attempts);
                     let error = truncate(&error.replace('\0', ""), 2000).to_string();
                     Some(Retry {

@@ -32,7 +32,8 @@ pub use ingest::{
 pub use layout::LayoutLock;
 pub use lease::Lease;
 pub use running::{ClaimedRunning, OpenPoints, RunningFinished, RunningOutcome, StoredRunning};
-pub use windows::{HeldWindow, claim_due_sql};
+pub use status::WindowCounts;
+pub use windows::{Claim, HeldWindow, claim_due_sql};
 
 use std::time::Duration;
 
@@ -105,10 +106,21 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+/// A window's (or running summary's) attempts after a failed one ([`next_attempt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NextAttempt {
+    attempts: i32,
+    /// Out of attempts: dead (a running summary: given up).
+    dead: bool,
+}
+
 /// A window's attempts after a failed one (`counts`: it counts against `max_attempts`), and whether it is now dead.
-fn next_attempt(attempts: i32, counts: bool, max_attempts: i32) -> (i32, bool) {
+fn next_attempt(attempts: i32, counts: bool, max_attempts: i32) -> NextAttempt {
     let attempts = attempts + i32::from(counts);
-    (attempts, counts && attempts >= max_attempts)
+    NextAttempt {
+        attempts,
+        dead: counts && attempts >= max_attempts,
+    }
 }
 
 pub fn to_utc(ms: Millis) -> DateTime<Utc> {

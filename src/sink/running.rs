@@ -330,7 +330,10 @@ impl Store {
                 counts,
                 max_attempts,
             } => {
-                let (attempts, give_up) = super::next_attempt(c.attempts, *counts, *max_attempts);
+                let super::NextAttempt {
+                    attempts,
+                    dead: give_up,
+                } = super::next_attempt(c.attempts, *counts, *max_attempts);
                 let r = sqlx::query(
                     "UPDATE recap_running_summaries SET attempts = CASE WHEN $5 THEN 0 ELSE $4 END,
                         due_count = CASE WHEN $5 THEN NULL ELSE due_count END, last_error = $6,

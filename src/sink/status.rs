@@ -6,6 +6,15 @@ use crate::model::{WindowState, state_sql};
 
 use super::{CheckpointRow, DONE_EXACT_BELOW, StatusReport, Store, StoreError};
 
+/// Window counts by state ([`Store::window_states`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// (state, windows) for each state with windows, by name.
+    pub by_state: Vec<(WindowState, i64)>,
+    /// The `done` count is an estimate (a large table).
+    pub done_estimated: bool,
+}
+
 impl Store {
     /// Puts dead windows back to due (`recap retry`). `None` = all dead windows.
     pub async fn retry_dead(&self, window: Option<i64>) -> Result<u64, StoreError> {
@@ -23,7 +32,10 @@ impl Store {
 
     /// What `recap status` shows.
     pub async fn status(&self) -> Result<StatusReport, StoreError> {
-        let (windows, windows_done_estimated) = self.window_states().await?;
+        let WindowCounts {
+            by_state: windows,
+            done_estimated: windows_done_estimated,
+        } = self.window_states().await?;
         let oldest_due: Option<DateTime<Utc>> = sqlx::query_scalar(state_sql!(
             "SELECT min(closed_at) FROM recap_windows WHERE state = {due}"
         ))
@@ -85,7 +97,7 @@ impl Store {
     /// [`DONE_EXACT_BELOW`] rows, and beyond that derived from the planner's row estimate (scaled to the table's
     /// current size, as the planner does) minus the exact counts, so a status read stays a few milliseconds at
     /// millions of windows.
-    pub async fn window_states(&self) -> Result<(Vec<(WindowState, i64)>, bool), StoreError> {
+    pub async fn window_states(&self) -> Result<WindowCounts, StoreError> {
         let mut rows: Vec<(WindowState, i64)> = sqlx::query_as(state_sql!(
             "SELECT state, count(*) FROM recap_windows WHERE state <> {done} GROUP BY state"
         ))
@@ -113,6 +125,9 @@ impl Store {
         }
         // By name, as the rows were sorted when the states were text (`recap status --json` keeps its order).
         rows.sort_by_key(|(s, _)| s.as_str());
-        Ok((rows, estimated))
+        Ok(WindowCounts {
+            by_state: rows,
+            done_estimated: estimated,
+        })
     }
 }

@@ -13,6 +13,14 @@ pub(super) use super::{next_attempt, truncate};
 use crate::model::{WindowState, state_sql};
 use crate::summarize::Summary;
 
+/// What a claim took ([`Store::claim_due_with_points`]).
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub windows: Vec<ClaimedWindow>,
+    /// Each claimed window's point ids (as [`Store::window_point_ids`]).
+    pub point_ids: HashMap<i64, Vec<String>>,
+}
+
 /// A window a worker holds a lease on, at the version it claimed ([`Store::renew_leases`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldWindow {
@@ -62,7 +70,10 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<Vec<ClaimedWindow>, StoreError> {
-        Ok(self.claim_due_with_points(owner, lease, limit).await?.0)
+        Ok(self
+            .claim_due_with_points(owner, lease, limit)
+            .await?
+            .windows)
     }
 
     /// [`Store::claim_due`], with each claimed window's point ids (as [`Store::window_point_ids`]) read by the
@@ -72,7 +83,7 @@ impl Store {
         owner: &str,
         lease: Duration,
         limit: i64,
-    ) -> Result<(Vec<ClaimedWindow>, HashMap<i64, Vec<String>>), StoreError> {
+    ) -> Result<Claim, StoreError> {
         let rows: Vec<ClaimedRow> = sqlx::query_as(claim_due_sql())
             .bind(owner)
             .bind(lease.as_millis() as f64)
@@ -96,7 +107,10 @@ impl Store {
                 closed_at_ms: r.closed_at.timestamp_millis(),
             });
         }
-        Ok((windows, ids))
+        Ok(Claim {
+            windows,
+            point_ids: ids,
+        })
     }
 
     /// The point ids assigned to a window (see [`Store::window_point_ids`]).
