@@ -136,6 +136,11 @@ impl Ingest {
         }
     }
 
+    /// The lease this leads under (its fence, and whether this process still counts it current).
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
     /// The ingest partition this leads.
     pub fn partition(&self) -> u32 {
         self.fence.part as u32

@@ -33,7 +33,8 @@ pub use ingest::{
 pub use partitions::{Share, run_partitioned};
 pub use running::{run_due_running, summarize_from};
 pub use workers::{
-    batch_shape, drain_due, process_window, process_windows, run_workers, summarize_window,
+    batch_shape, drain_due, process_claimed, process_window, process_windows, run_workers,
+    summarize_window,
 };
 
 /// Everything the loops share.

@@ -15,7 +15,7 @@ use window::{
     running_of, summarize_prepared,
 };
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -24,6 +24,12 @@ use super::{Context, now_ms};
 use crate::fetch::{Fetched, WindowQuery};
 use crate::sink::{ClaimedWindow, Finished, HeldWindow, StoreError, WindowOutcome};
 use crate::summarize::SummarizerKind;
+
+/// A window of a batch after the fetch: its points, or already its outcome (the fetch failed).
+enum Got {
+    Fetched(Fetched),
+    Done(Prepared),
+}
 
 /// Fetches many claimed windows: their point ids in one query, then per bot one [`crate::fetch::Points::fetch_windows`]
 /// (one retrieve by id, one union-filter scroll), the bots concurrently. A request Qdrant rejects is tried again
@@ -55,7 +61,7 @@ async fn fetch_batch(
                 Err(e) => {
                     let failed = idx
                         .iter()
-                        .map(|_| Prepared::Outcome(fetch_failed(ctx, &e)))
+                        .map(|_| Got::Done(Prepared::Outcome(fetch_failed(ctx, &e))))
                         .collect();
                     return (idx, failed);
                 }
@@ -68,8 +74,8 @@ async fn fetch_batch(
                     range_ms: (windows[i].start_ms, windows[i].end_ms),
                 })
                 .collect();
-            let ready = |i: usize, f: Fetched| prepare(ctx, &windows[i], ids_of(&windows[i]), f);
-            let results: Vec<Prepared> = match ctx.points.fetch_windows(&colls, &queries).await {
+            let ready = |_: usize, f: Fetched| Got::Fetched(f);
+            let results: Vec<Got> = match ctx.points.fetch_windows(&colls, &queries).await {
                 Ok(r) => idx.iter().zip(r).map(|(&i, f)| ready(i, f)).collect(),
                 Err(e) if e.is_invalid_request() && queries.len() > 1 => {
                     let mut one_by_one = Vec::with_capacity(queries.len());
@@ -79,30 +85,53 @@ async fn fetch_batch(
                             .fetch_window(&colls, q.ids, q.user_id, q.range_ms);
                         one_by_one.push(match r.await {
                             Ok(f) => ready(i, f),
-                            Err(e) => Prepared::Outcome(fetch_failed(ctx, &e)),
+                            Err(e) => Got::Done(Prepared::Outcome(fetch_failed(ctx, &e))),
                         });
                     }
                     one_by_one
                 }
                 Err(e) => queries
                     .iter()
-                    .map(|_| Prepared::Outcome(fetch_failed(ctx, &e)))
+                    .map(|_| Got::Done(Prepared::Outcome(fetch_failed(ctx, &e))))
                     .collect(),
             };
             (idx, results)
         }
     });
-    let mut out: Vec<Option<Prepared>> = windows.iter().map(|_| None).collect();
+    let mut out: Vec<Option<Got>> = windows.iter().map(|_| None).collect();
     for (idx, results) in futures::future::join_all(groups).await {
         for (i, p) in idx.into_iter().zip(results) {
             out[i] = Some(p);
         }
     }
-    out.into_iter()
-        .map(|p| {
-            p.ok_or(StoreError::Invariant(
+    // Points a scroll found that no event named, but that another window of the key covers (issue 24, case 1).
+    let mut extra: Vec<(i64, String)> = Vec::new();
+    for (w, f) in windows.iter().zip(&out) {
+        if let Some(Got::Fetched((messages, _))) = f {
+            let named: HashSet<&str> = ids_of(w).iter().map(String::as_str).collect();
+            extra.extend(
+                messages
+                    .iter()
+                    .filter(|m| !named.contains(m.point_id.as_str()))
+                    .map(|m| (w.id, m.point_id.clone())),
+            );
+        }
+    }
+    let elsewhere = ctx.store.covered_elsewhere(&extra).await?;
+    windows
+        .iter()
+        .zip(out)
+        .map(|(w, f)| match f {
+            Some(Got::Fetched((mut messages, skipped))) => {
+                if !elsewhere.is_empty() {
+                    messages.retain(|m| !elsewhere.contains(&(w.id, m.point_id.clone())));
+                }
+                Ok(prepare(ctx, w, ids_of(w), (messages, skipped)))
+            }
+            Some(Got::Done(p)) => Ok(p),
+            None => Err(StoreError::Invariant(
                 "a window of the batch was not fetched",
-            ))
+            )),
         })
         .collect()
 }

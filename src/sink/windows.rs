@@ -1,7 +1,7 @@
 //! The window side: claiming due windows under a lease, extending and releasing leases, and finishing a window
 //! (the summary upsert and the window's new state in one transaction).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -142,6 +142,33 @@ impl Store {
             out.insert(id, ids);
         }
         Ok(out)
+    }
+
+    /// Of the points windows' scrolls found that no event named (`(window id, point id)`), those another window of
+    /// the same key covers already: a point stamped ahead of its host's clock is windowed at its arrival time, so its
+    /// stored time can fall inside a later window's range (issue 24, case 1). They belong to that other window: not
+    /// summarized, not stored here. One query for a batch; it runs only when a scroll found unnamed points.
+    pub async fn covered_elsewhere(
+        &self,
+        extra: &[(i64, String)],
+    ) -> Result<HashSet<(i64, String)>, StoreError> {
+        if extra.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let (windows, points): (Vec<i64>, Vec<&str>) =
+            extra.iter().map(|(w, p)| (*w, p.as_str())).unzip();
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT x.w, x.p FROM unnest($1::int8[], $2::text[]) AS x(w, p)
+             JOIN recap_windows me ON me.id = x.w
+             WHERE EXISTS (SELECT 1 FROM recap_windows o
+                           WHERE o.bot_name = me.bot_name AND o.user_id = me.user_id AND o.id <> me.id
+                             AND x.p = ANY(o.point_ids))",
+        )
+        .bind(&windows)
+        .bind(&points)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Gives back every lease `owner` holds (graceful shutdown).

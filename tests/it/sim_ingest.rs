@@ -13,6 +13,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::common::Rng;
+
 use recap::tracker::{
     Millis, Mode, Observed, Tracker, TrackerConfig, canonical_windows, effective_time,
 };
@@ -21,23 +23,6 @@ const GAP: Millis = 4_000;
 const LATENESS: Millis = 1_000;
 const STEP: Millis = 100;
 const T0: Millis = 1_800_000_000_000;
-
-/// xorshift64*: a small seeded generator (the schedule is a function of the seed).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % (hi - lo) as u64) as i64
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() % 10_000) as f64 / 10_000.0 < p
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum SourceMode {

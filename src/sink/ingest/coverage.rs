@@ -11,8 +11,6 @@ use crate::sink::{NewMessage, StoreError, to_utc};
 use crate::state::{Closed, Point};
 use crate::tracker::{Millis, Mode, TrackerConfig};
 
-/// Adds points to a stored window's coverage (`recap_windows.point_ids`, `point_ts`: time order), skipping those it
-/// already has. Returns a flag per input: true when it was new to the window. (The worker stores here the points a
 /// A stored window's coverage columns.
 #[derive(sqlx::FromRow)]
 struct CoverageRow {
@@ -20,7 +18,9 @@ struct CoverageRow {
     point_ts: Vec<DateTime<Utc>>,
 }
 
-/// window's scroll found that no event named.)
+/// Adds points to a stored window's coverage (`recap_windows.point_ids`, `point_ts`: time order), skipping those it
+/// already has and those another window of the key has. Returns a flag per input: true when it was new to the
+/// window. (The worker stores here the points a window's scroll found that no event named.)
 pub(in crate::sink) async fn insert_messages(
     tx: &mut Transaction<'_, Postgres>,
     msgs: &[NewMessage],
@@ -47,6 +47,20 @@ pub(in crate::sink) async fn insert_messages(
         .collect();
     let mut known: std::collections::HashSet<String> =
         points.iter().map(|(_, id)| id.clone()).collect();
+    // A point another window of the key covers is that window's (a fast host's message windowed at arrival, or a
+    // checkpoint that closed it since the worker's fetch): never stored in two (issue 24, case 1).
+    let asked: Vec<&str> = msgs.iter().map(|m| m.point_id.as_str()).collect();
+    let elsewhere: Vec<String> = sqlx::query_scalar(
+        "SELECT p FROM recap_windows me
+         JOIN recap_windows o ON o.bot_name = me.bot_name AND o.user_id = me.user_id AND o.id <> me.id
+         CROSS JOIN LATERAL unnest(o.point_ids) AS p
+         WHERE me.id = $1 AND o.point_ids && $2::text[] AND p = ANY($2)",
+    )
+    .bind(window)
+    .bind(&asked)
+    .fetch_all(&mut **tx)
+    .await?;
+    known.extend(elsewhere);
     let new: Vec<bool> = msgs
         .iter()
         .map(|m| {
