@@ -31,6 +31,7 @@ use qdrant_client::qdrant::{
     Condition, FieldType, Filter, PayloadIncludeSelector, PointId, PointStruct, Range,
     ScrollPointsBuilder,
 };
+use recap::model::{Position, SourceCheckpoint, SweepPos};
 use recap::pipeline::{Ingest, now_ms};
 use recap::source::Batch;
 use recap::source::sweep::{SweepSource, sweep_once};
@@ -235,11 +236,11 @@ async fn set_checkpoint(
         .expect("leader")
         .expect("free");
     let mut tx = store.begin_ingest(&fence).await.expect("begin");
-    tx.save_checkpoint(
-        &format!("sweep:{coll}"),
-        start_secs + overlap.as_secs_f64(),
-        0,
-    )
+    tx.save_checkpoint(&SourceCheckpoint {
+        name: format!("sweep:{coll}"),
+        position: Position::Sweep(SweepPos(start_secs + overlap.as_secs_f64())),
+        points_read: 0,
+    })
     .await
     .expect("checkpoint");
     tx.commit().await.expect("commit");

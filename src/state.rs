@@ -15,6 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::model::{Position, SourceCheckpoint};
 use crate::tracker::{ClosedWindow, Millis, Observed, Tracker, TrackerConfig};
 
 mod clamped;
@@ -77,8 +78,8 @@ pub struct Checkpoint {
     /// Windows closed since the last checkpoint, in closing order.
     pub closed: Vec<Closed>,
     pub watermarks: Vec<(Arc<str>, Millis)>,
-    /// Source positions: name -> (position, points read since the last checkpoint).
-    pub positions: Vec<(String, f64, i64)>,
+    /// Source positions (one per name: the latest, with the points read since the last checkpoint), by name.
+    pub positions: Vec<SourceCheckpoint>,
     /// Messages applied since the last checkpoint.
     pub messages: usize,
     /// Closed points stamped far ahead of the clock (see [`ClampedPoint`]).
@@ -129,7 +130,7 @@ pub struct State {
     /// Keys with a snapshot row whose last open message closed: their rows are deleted by the next checkpoint.
     deleted: HashSet<Key, foldhash::fast::RandomState>,
     closed: Vec<Closed>,
-    positions: HashMap<String, (f64, i64)>,
+    positions: HashMap<String, (Position, i64)>,
     /// Forgotten users' points by bot (see [`Tombstone`]): one lookup per message of a bot with a tombstone, none
     /// for the others.
     forgotten_points: HashMap<String, HashSet<String>>,
@@ -237,10 +238,10 @@ impl State {
         s
     }
 
-    /// Points stamped ahead of the clock, as stored (`recap_clamped_points`): (bot, point id, stored time). One still
-    /// open is its key's again (its window's close remembers it and asks the sink for the key-wide check); the others
-    /// are closed ones, duplicates whenever read again.
-    pub fn remember_clamped(&mut self, rows: impl IntoIterator<Item = (String, String, Millis)>) {
+    /// Points stamped ahead of the clock, as stored (`recap_clamped_points`). One still open is its key's again (its
+    /// window's close remembers it and asks the sink for the key-wide check); the others are closed ones, duplicates
+    /// whenever read again.
+    pub fn remember_clamped(&mut self, rows: impl IntoIterator<Item = ClampedPoint>) {
         let mut open: HashMap<(Arc<str>, String), Arc<str>> = HashMap::new();
         for b in self.open.values() {
             for buf in b.users.values() {
@@ -249,18 +250,19 @@ impl State {
                 }
             }
         }
-        for (bot, id, stored) in rows {
-            let bot: Arc<str> = Arc::from(bot);
-            let buf = open.remove(&(bot.clone(), id.clone())).and_then(|user| {
-                self.open
-                    .get_mut(&*bot)
-                    .and_then(|b| b.users.get_mut(&*user))
-            });
+        for c in rows {
+            let buf = open
+                .remove(&(c.bot.clone(), c.id.clone()))
+                .and_then(|user| {
+                    self.open
+                        .get_mut(&*c.bot)
+                        .and_then(|b| b.users.get_mut(&*user))
+                });
             match buf {
                 Some(buf) => {
-                    buf.clamped.insert(id, stored);
+                    buf.clamped.insert(c.id, c.stored);
                 }
-                None => self.closed_clamped.remember(&bot, &id, stored),
+                None => self.closed_clamped.remember(&c.bot, &c.id, c.stored),
             }
         }
     }
@@ -440,13 +442,13 @@ impl State {
     }
 
     /// Records a source position to store with the next checkpoint (the latest wins; points read add up).
-    pub fn set_position(&mut self, name: &str, position: f64, read: i64) {
+    pub fn set_position(&mut self, c: &SourceCheckpoint) {
         let e = self
             .positions
-            .entry(name.to_string())
-            .or_insert((position, 0));
-        e.0 = e.0.max(position);
-        e.1 += read;
+            .entry(c.name.clone())
+            .or_insert((c.position, 0));
+        e.0 = e.0.later(c.position);
+        e.1 += c.points_read;
     }
 
     /// Closes every window the watermarks allow, taking their points out of the open state. Returns how many.
@@ -538,12 +540,16 @@ impl State {
                 });
             }
         }
-        let mut positions: Vec<(String, f64, i64)> = self
+        let mut positions: Vec<SourceCheckpoint> = self
             .positions
             .drain()
-            .map(|(n, (p, r))| (n, p, r))
+            .map(|(name, (position, points_read))| SourceCheckpoint {
+                name,
+                position,
+                points_read,
+            })
             .collect();
-        positions.sort_by(|a, b| a.0.cmp(&b.0));
+        positions.sort_by(|a, b| a.name.cmp(&b.name));
         // a point read and closed between two checkpoints is listed twice (when read, when closed): stored once
         let mut clamped = std::mem::take(&mut self.clamped_rows);
         clamped.sort_by(|a, b| (&a.bot, &a.id, b.stored).cmp(&(&b.bot, &b.id, a.stored)));
@@ -869,11 +875,7 @@ mod tests {
         assert_eq!(c.clamped[0].stored, 90_000);
         // a takeover (or `recap replay`) restores them, then reads the points at their stamps
         let mut r = State::restore(cfg, [("b".to_string(), 5 * MIN)], []);
-        r.remember_clamped(
-            c.clamped
-                .iter()
-                .map(|p| (p.bot.to_string(), p.id.clone(), p.stored)),
-        );
+        r.remember_clamped(c.clamped.iter().cloned());
         for i in 0..3 {
             assert_eq!(
                 r.observe("b", "f", &format!("p{i}"), i * 1000 + 90_000, 6 * MIN),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::model::WindowState;
+use crate::model::{WindowState, state_sql};
 use crate::sink::{StatusReport, Store, StoreError};
 
 /// The JetStream consumer as its server reports it.
@@ -77,7 +77,7 @@ impl Snapshot {
         self.store
             .windows
             .iter()
-            .filter(|(s, _)| s == state.as_str())
+            .filter(|(s, _)| *s == state)
             .map(|(_, n)| *n)
             .sum()
     }
@@ -136,12 +136,12 @@ pub async fn snapshot(
     let windows_open: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_open_windows")
         .fetch_one(pool)
         .await?;
-    // `WindowState::Due` as a literal: the partial index `idx_recap_windows_due` (see `model::WindowState`).
-    let leases: Vec<(String, i64)> = sqlx::query_as(
+    // `WindowState::Due` a constant in the text: the partial index `idx_recap_windows_due` (see `model::state_sql`).
+    let leases: Vec<(String, i64)> = sqlx::query_as(state_sql!(
         "SELECT lease_owner, count(*) FROM recap_windows
-         WHERE state = 'due' AND lease_until >= now() AND lease_owner IS NOT NULL
-         GROUP BY lease_owner ORDER BY lease_owner",
-    )
+         WHERE state = {due} AND lease_until >= now() AND lease_owner IS NOT NULL
+         GROUP BY lease_owner ORDER BY lease_owner"
+    ))
     .fetch_all(pool)
     .await?;
     let leader: Option<(String, i64, DateTime<Utc>, bool)> = sqlx::query_as(

@@ -62,6 +62,8 @@ const fn l(
 
 use Kind::{Counter, Gauge, Histogram};
 
+use crate::model::WindowState;
+
 const LLM_ERRORS: &[&str] = &[
     "rate_limited",
     "server",
@@ -82,6 +84,15 @@ const MALFORMED: &[&str] = &[
     "future_timestamp",
 ];
 const PERIODS: &[&str] = &["day", "week", "month"];
+/// `status::Snapshot::states`: `open` and `leased` are what the snapshot adds to the window rows' states.
+const WINDOWS_BY_STATE: &[&str] = &[
+    "open",
+    WindowState::Due.as_str(),
+    "leased",
+    WindowState::Done.as_str(),
+    WindowState::TooShort.as_str(),
+    WindowState::Dead.as_str(),
+];
 const ROLLUP_OUTCOMES: &[&str] = &["written", "unchanged", "removed", "stale", "failed"];
 
 /// Every metric recap exports (besides `recap_llm_cost_usd_total` and `recap_build_info`, which
@@ -406,10 +417,7 @@ pub const METRICS: &[Metric] = &[
         "recap_windows_by_state",
         Gauge,
         "Windows by state, read from Postgres at each scrape (done is an estimate above 200,000 windows).",
-        &[(
-            "state",
-            &["open", "due", "leased", "done", "too_short", "dead"],
-        )],
+        &[("state", WINDOWS_BY_STATE)],
     ),
     m("recap_dead_letters", Gauge, "Rows in recap_dead_letters."),
     m(

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use std::sync::Arc;
 
 use crate::fetch::Points;
+use crate::model::state_sql;
 use crate::sink::{Store, StoreError};
 use crate::summarize::Message;
 
@@ -401,14 +402,20 @@ pub struct Drift {
     pub stale: i64,
 }
 
-const DRIFT_FROM: &str = "FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id
+/// The rows out of step with their vectors (`{done}`: see `model::state_sql`).
+fn drift_from() -> &'static str {
+    state_sql!(
+        "FROM recap_windows w JOIN conversation_summaries s ON s.id = w.summary_id
      LEFT JOIN recap_summary_vectors v ON v.summary_id = s.id
-     WHERE w.state = 'done' AND (v.summary_id IS NULL OR v.revision <> s.revision)";
+     WHERE w.state = {done} AND (v.summary_id IS NULL OR v.revision <> s.revision)"
+    )
+}
 
 pub async fn drift(store: &Store) -> Result<Drift, StoreError> {
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FILTER (WHERE v.summary_id IS NULL) AS missing,
-                count(*) FILTER (WHERE v.summary_id IS NOT NULL) AS stale {DRIFT_FROM}"
+                count(*) FILTER (WHERE v.summary_id IS NOT NULL) AS stale {}",
+        drift_from()
     )))
     .fetch_one(store.pool())
     .await?)
@@ -432,7 +439,8 @@ pub struct Repair {
 /// Re-syncs up to `limit` rows whose vector is missing or stale; returns how many were written.
 pub async fn repair(ctx: &Repair, limit: i64) -> Result<usize, VectorError> {
     let rows: Vec<WindowSummary> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT w.id AS window_id, {ROW_COLUMNS} {DRIFT_FROM} ORDER BY s.id LIMIT $1"
+        "SELECT w.id AS window_id, {ROW_COLUMNS} {} ORDER BY s.id LIMIT $1",
+        drift_from()
     )))
     .bind(limit)
     .fetch_all(ctx.store.pool())

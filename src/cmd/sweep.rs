@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
+use crate::model::WindowState;
 use crate::pipeline::{Context, Ingest, drain_due, now_ms};
 use crate::source::sweep::{SweepSource, sweep_once};
 
@@ -138,7 +139,7 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
         let mut read = 0u64;
         let report = sweep_once(&mut source, async |b| {
             let r = ingest.apply(b, now_ms()).await.map(drop);
-            read += b.checkpoint.as_ref().map(|c| c.2 as u64).unwrap_or(0);
+            read += b.checkpoint.as_ref().map_or(0, |c| c.points_read as u64);
             progress.set(read);
             r
         })
@@ -154,7 +155,7 @@ pub async fn sweep(cfg: Config, backfill_since: Option<Duration>) -> anyhow::Res
         .await?
         .windows
         .iter()
-        .filter(|(s, _)| s == "due")
+        .filter(|(s, _)| *s == WindowState::Due)
         .map(|(_, n)| *n)
         .sum::<i64>();
     let windows = Progress::new("windows", due.max(0) as u64);

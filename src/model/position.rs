@@ -42,6 +42,61 @@ impl fmt::Display for StreamSeq {
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
 pub struct SweepPos(pub f64);
 
+/// Where a source has read up to: a JetStream stream's sequence or a collection's sweep mark.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Position {
+    Stream(StreamSeq),
+    Sweep(SweepPos),
+}
+
+impl Position {
+    /// The value stored in `recap_checkpoints.position`.
+    pub fn to_column(self) -> f64 {
+        match self {
+            Position::Stream(s) => s.to_column(),
+            Position::Sweep(p) => p.0,
+        }
+    }
+
+    /// The later of two positions of one source (as the column keeps them: `GREATEST`). Two kinds under one name
+    /// (no source of recap's writes both) compare as their stored values.
+    pub fn later(self, other: Position) -> Position {
+        match (self, other) {
+            (Position::Stream(a), Position::Stream(b)) => Position::Stream(a.max(b)),
+            (Position::Sweep(a), Position::Sweep(b)) => Position::Sweep(SweepPos(a.0.max(b.0))),
+            (a, b) => {
+                if a.to_column().max(b.to_column()) == a.to_column() {
+                    a
+                } else {
+                    b
+                }
+            }
+        }
+    }
+}
+
+impl From<StreamSeq> for Position {
+    fn from(s: StreamSeq) -> Position {
+        Position::Stream(s)
+    }
+}
+
+impl From<SweepPos> for Position {
+    fn from(p: SweepPos) -> Position {
+        Position::Sweep(p)
+    }
+}
+
+/// A source position to store with an ingest checkpoint (a `recap_checkpoints` row): the checkpoint's name
+/// (`nats:<stream>:<consumer>`, `sweep:<collection>`, ...), where the source has read up to, and how many points it
+/// read since the last one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceCheckpoint {
+    pub name: String,
+    pub position: Position,
+    pub points_read: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +128,25 @@ mod tests {
             assert_eq!(StreamSeq::from_column(v), None, "{v}");
         }
         assert_eq!(StreamSeq(41).next(), StreamSeq(42));
+    }
+
+    #[test]
+    fn the_later_position_is_kept_as_the_column_keeps_it() {
+        let s = |n| Position::Stream(StreamSeq(n));
+        let w = |t| Position::Sweep(SweepPos(t));
+        assert_eq!(s(7).later(s(9)), s(9));
+        assert_eq!(s(9).later(s(7)), s(9));
+        // above 2^53 a double cannot tell these apart; the sequence can
+        assert_eq!(
+            s(MAX_EXACT_SEQ + 1).later(s(MAX_EXACT_SEQ + 2)),
+            s(MAX_EXACT_SEQ + 2)
+        );
+        assert_eq!(w(1.5).later(w(1.25)), w(1.5));
+        assert_eq!(w(1.25).later(w(1.5)), w(1.5));
+        assert_eq!(w(f64::NAN).later(w(2.0)), w(2.0));
+        assert_eq!(s(3).later(w(2.5)), s(3));
+        assert_eq!(s(3).later(w(3.5)), w(3.5));
+        assert_eq!(s(12).to_column(), 12.0);
+        assert_eq!(w(1.75).to_column(), 1.75);
     }
 }

@@ -222,8 +222,8 @@ impl Ingest {
             }
         }
         applied.closed = self.state.close_due();
-        if let Some((name, pos, read)) = &batch.checkpoint {
-            self.state.set_position(name, *pos, *read);
+        if let Some(c) = &batch.checkpoint {
+            self.state.set_position(c);
         }
         metrics::counter!("recap_events_duplicate_total").increment(applied.duplicates as u64);
         metrics::counter!("recap_events_ignored_total").increment(batch.ignored as u64);
@@ -453,8 +453,8 @@ async fn write_tx(
     tx.save_snapshots(&c.snapshots, fence.part, layout).await?;
     tx.save_watermarks(&c.watermarks, fence.part).await?;
     tx.save_clamped(&c.clamped).await?;
-    for (name, pos, read) in &c.positions {
-        tx.save_checkpoint(name, *pos, *read).await?;
+    for p in &c.positions {
+        tx.save_checkpoint(p).await?;
     }
     tx.commit().await?;
     Ok(done)

@@ -9,7 +9,9 @@ use tracing::{debug, warn};
 
 use super::{Context, jittered};
 use crate::running::{current_window_len, uncovered};
-use crate::sink::{ClaimedRunning, RunningFinished, RunningOutcome, StoreError, StoredRunning};
+use crate::sink::{
+    ClaimedRunning, OpenPoints, RunningFinished, RunningOutcome, StoreError, StoredRunning,
+};
 use crate::summarize::{
     Message, Purpose, SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput,
 };
@@ -86,7 +88,7 @@ fn reuse(s: &StoredRunning) -> Summary {
 /// Builds one claimed running summary; returns what to write.
 async fn build(ctx: &Context, c: &ClaimedRunning) -> Result<RunningOutcome, StoreError> {
     let every = ctx.cfg.windows.context_summary_every as usize;
-    let Some((ids, times)) = ctx.store.open_points(&c.bot, &c.user_id).await? else {
+    let Some(OpenPoints { ids, times }) = ctx.store.open_points(&c.bot, &c.user_id).await? else {
         return Ok(RunningOutcome::Nothing); // the window closed (or was forgotten) meanwhile
     };
     let n = current_window_len(&ctx.tracker_config(), &times);

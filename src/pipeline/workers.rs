@@ -22,7 +22,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Context, now_ms};
 use crate::fetch::{Fetched, WindowQuery};
-use crate::sink::{ClaimedWindow, Finished, StoreError, WindowOutcome};
+use crate::sink::{ClaimedWindow, Finished, HeldWindow, StoreError, WindowOutcome};
 use crate::summarize::SummarizerKind;
 
 /// A window of a batch after the fetch: its points, or already its outcome (the fetch failed).
@@ -235,11 +235,14 @@ pub async fn process_claimed(
     // Right before the calls: the leases of the windows about to be sent, extended in one statement; a window no
     // longer this worker's or changed since the claim is not sent.
     if llm {
-        let to_call: Vec<(i64, i32)> = windows
+        let to_call: Vec<HeldWindow> = windows
             .iter()
             .zip(&prepared)
             .filter(|(_, p)| matches!(p, Prepared::Input { .. }))
-            .map(|(w, _)| (w.id, w.version))
+            .map(|(w, _)| HeldWindow {
+                id: w.id,
+                version: w.version,
+            })
             .collect();
         if !to_call.is_empty() {
             let held = ctx

@@ -9,11 +9,36 @@ use sqlx::{Postgres, Transaction};
 
 use super::ingest::insert_messages;
 use super::windows::{truncate, upsert_summary};
+use super::words::Said;
 use super::{
     ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome,
     coverage_fingerprint, to_utc,
 };
 use crate::model::WindowState;
+
+/// A window of the batch the finish writes (its lease is still the owner's, due, at the claimed version).
+struct Live<'a> {
+    /// Position in the batch.
+    at: usize,
+    w: &'a ClaimedWindow,
+    outcome: &'a WindowOutcome,
+}
+
+/// The key a summary row is upserted on (`conversation_summaries`' unique key).
+#[derive(PartialEq, Eq, Hash)]
+struct SummaryKey {
+    user_id: String,
+    bot_name: String,
+    start: NaiveDateTime,
+    end: NaiveDateTime,
+}
+
+/// A window recorded as too short: its position in the batch, id and message count.
+struct TooShort {
+    at: usize,
+    id: i64,
+    message_count: i32,
+}
 
 /// One summary row to write, as its columns.
 struct SummaryRow<'a> {
@@ -78,13 +103,13 @@ impl<'a> SummaryRow<'a> {
         })
     }
 
-    fn key(&self) -> (String, String, NaiveDateTime, NaiveDateTime) {
-        (
-            self.w.user_id.clone(),
-            self.w.bot.clone(),
-            self.start,
-            self.end,
-        )
+    fn key(&self) -> SummaryKey {
+        SummaryKey {
+            user_id: self.w.user_id.clone(),
+            bot_name: self.w.bot.clone(),
+            start: self.start,
+            end: self.end,
+        }
     }
 }
 
@@ -259,7 +284,7 @@ impl Store {
                     if l.lease_owner.as_deref() != Some(owner) || l.state != WindowState::Due => {}
                 None => {}
                 Some(l) if l.version != w.version => changed.push(w.id),
-                Some(_) => live.push((at, *w, *outcome)),
+                Some(_) => live.push(Live { at, w, outcome }),
             }
         }
         if !changed.is_empty() {
@@ -271,7 +296,7 @@ impl Store {
             .await?;
         }
         // Points found in Qdrant that no event or sweep reported (rare).
-        for (_, w, outcome) in &live {
+        for Live { w, outcome, .. } in &live {
             if let WindowOutcome::Summarized { extra, .. } = outcome
                 && !extra.is_empty()
             {
@@ -283,7 +308,7 @@ impl Store {
         // cannot touch one row twice).
         let rows: Vec<SummaryRow> = live
             .iter()
-            .filter_map(|(at, w, o)| SummaryRow::new(*at, w, o))
+            .filter_map(|l| SummaryRow::new(l.at, l.w, l.outcome))
             .collect();
         let mut summary_ids: HashMap<usize, i32> = HashMap::new();
         let (mut keys, mut sids) = (HashSet::new(), HashSet::new());
@@ -315,21 +340,21 @@ impl Store {
         if !by_key.is_empty() {
             let at_key: HashMap<_, usize> = by_key.iter().map(|r| (r.key(), r.at)).collect();
             for row in write_rows::<UpsertedRow>(&mut tx, &upsert_rows_sql(), &by_key).await? {
-                let key: (String, String, NaiveDateTime, NaiveDateTime) = (
-                    row.user_id,
-                    row.bot_name,
-                    row.start_timestamp,
-                    row.end_timestamp,
-                );
+                let key = SummaryKey {
+                    user_id: row.user_id,
+                    bot_name: row.bot_name,
+                    start: row.start_timestamp,
+                    end: row.end_timestamp,
+                };
                 if let Some(at) = at_key.get(&key) {
                     summary_ids.insert(*at, row.id);
                 }
             }
         }
         for r in alone {
-            let (_, _, outcome) = live
+            let Live { outcome, .. } = live
                 .iter()
-                .find(|(at, _, _)| *at == r.at)
+                .find(|l| l.at == r.at)
                 .ok_or(StoreError::Invariant("a batch row without its window"))?;
             let WindowOutcome::Summarized {
                 summary,
@@ -361,8 +386,15 @@ impl Store {
         }
         super::words::write(
             &mut tx,
-            live.iter()
-                .map(|(at, w, o)| (summary_ids.get(at).copied(), *w, *o)),
+            live.iter().filter_map(|l| match l.outcome {
+                WindowOutcome::Summarized { words, .. } => Some(Said {
+                    summary_id: *summary_ids.get(&l.at)?,
+                    bot: &l.w.bot,
+                    user_id: &l.w.user_id,
+                    words,
+                }),
+                _ => None,
+            }),
         )
         .await?;
         // The windows' new states: done, too_short, retry or dead.
@@ -389,10 +421,14 @@ impl Store {
             let summarized: Vec<_> = done.iter().map(|r| (r.w, batch[r.at].1)).collect();
             super::running::consume_windows(&mut tx, &summarized).await?;
         }
-        let short: Vec<(usize, i64, i32)> = live
+        let short: Vec<TooShort> = live
             .iter()
-            .filter_map(|(at, w, o)| match o {
-                WindowOutcome::TooShort { message_count } => Some((*at, w.id, *message_count)),
+            .filter_map(|l| match l.outcome {
+                WindowOutcome::TooShort { message_count } => Some(TooShort {
+                    at: l.at,
+                    id: l.w.id,
+                    message_count: *message_count,
+                }),
                 _ => None,
             })
             .collect();
@@ -402,13 +438,13 @@ impl Store {
                     lease_until = NULL, updated_at = now()
                  FROM unnest($1::bigint[], $2::int[]) AS x(id, mc) WHERE w.id = x.id",
             )
-            .bind(short.iter().map(|s| s.1).collect::<Vec<i64>>())
-            .bind(short.iter().map(|s| s.2).collect::<Vec<i32>>())
+            .bind(short.iter().map(|s| s.id).collect::<Vec<i64>>())
+            .bind(short.iter().map(|s| s.message_count).collect::<Vec<i32>>())
             .bind(WindowState::TooShort)
             .execute(&mut *tx)
             .await?;
             for s in &short {
-                out[s.0] = Finished::TooShort;
+                out[s.at] = Finished::TooShort;
             }
         }
         /// A window put back (or dead): its position in the batch, id, new state, attempts, error and delay.
@@ -422,14 +458,14 @@ impl Store {
         }
         let retry: Vec<Retry> = live
             .iter()
-            .filter_map(|(at, w, o)| match o {
+            .filter_map(|Live { at, w, outcome }| match outcome {
                 WindowOutcome::Retry {
                     error,
                     delay,
                     counts,
                     max_attempts,
                 } => {
-                    let (attempts, dead) =
+                    let super::NextAttempt { attempts, dead } =
                         super::windows::next_attempt(w.attempts, *counts, *max_attempts);
                     let error = truncate(&error.replace('\0', ""), 2000).to_string();
                     Some(Retry {

@@ -11,12 +11,29 @@ use chrono::{DateTime, Utc};
 
 pub(super) use coverage::insert_messages;
 pub use coverage::{MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
-pub use tx::{Closing, IngestTx};
+pub use tx::{Closing, IngestTx, WindowClosed};
 
 use super::{Fence, Store, StoreError};
 use crate::model::{StreamSeq, SweepPos};
-use crate::state::Snapshot;
+use crate::state::{ClampedPoint, Snapshot};
 use crate::tracker::Millis;
+
+/// A key's open messages as a checkpoint stored them ([`Store::load_open_state`]).
+#[derive(Debug, Clone)]
+pub struct StoredSnapshot {
+    pub snapshot: Snapshot,
+    /// Written under the layout asked for (else under an earlier partition layout).
+    pub current_layout: bool,
+}
+
+/// A bot's watermark as a partition stored it (`recap_watermarks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWatermark {
+    pub bot: String,
+    /// The partition that wrote it.
+    pub part: i32,
+    pub watermark: Millis,
+}
 
 /// A `recap_watermarks` row.
 #[derive(sqlx::FromRow)]
@@ -145,25 +162,29 @@ impl Store {
 
     // ---- tracker state ----------------------------------------------------------------------------------------
 
-    pub async fn load_watermarks(&self) -> Result<Vec<(String, i32, Millis)>, StoreError> {
+    pub async fn load_watermarks(&self) -> Result<Vec<StoredWatermark>, StoreError> {
         let rows: Vec<WatermarkRow> =
             sqlx::query_as("SELECT bot_name, part, watermark FROM recap_watermarks")
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.bot_name, r.part, r.watermark.timestamp_millis()))
+            .map(|r| StoredWatermark {
+                bot: r.bot_name,
+                part: r.part,
+                watermark: r.watermark.timestamp_millis(),
+            })
             .collect())
     }
 
     /// The open messages stored by the last checkpoints: partition `part`'s rows written under `layout` (see
-    /// [`crate::source::nats::layout`]), and every row written under another layout (`false` after it: the caller
-    /// keeps those whose key it owns now).
+    /// [`crate::source::nats::layout`]), and every row written under another layout (`current_layout: false`: the
+    /// caller keeps those whose key it owns now).
     pub async fn load_open_state(
         &self,
         part: i32,
         layout: &str,
-    ) -> Result<Vec<(Snapshot, bool)>, StoreError> {
+    ) -> Result<Vec<StoredSnapshot>, StoreError> {
         let rows: Vec<OpenRow> = sqlx::query_as(
             "SELECT bot_name, user_id, point_ids, point_ts, true AS current FROM recap_open_windows WHERE layout = $2 AND part = $1
              UNION ALL
@@ -186,13 +207,16 @@ impl Store {
                         .zip(r.point_ids)
                         .collect(),
                 };
-                (snapshot, r.current)
+                StoredSnapshot {
+                    snapshot,
+                    current_layout: r.current,
+                }
             })
             .collect())
     }
 
-    /// Closed points stamped far ahead of the clock, younger than a day: (bot, user, point id, stored time).
-    pub async fn load_clamped(&self) -> Result<Vec<(String, String, String, Millis)>, StoreError> {
+    /// Closed points stamped far ahead of the clock, younger than a day.
+    pub async fn load_clamped(&self) -> Result<Vec<ClampedPoint>, StoreError> {
         let rows: Vec<ClampedRow> = sqlx::query_as(
             "SELECT bot_name, user_id, point_id, stored_ts FROM recap_clamped_points
              WHERE stored_ts >= now() - make_interval(secs => $1::float8 / 1000)",
@@ -202,13 +226,11 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| {
-                (
-                    r.bot_name,
-                    r.user_id,
-                    r.point_id,
-                    r.stored_ts.timestamp_millis(),
-                )
+            .map(|r| ClampedPoint {
+                bot: r.bot_name.into(),
+                user: r.user_id.into(),
+                id: r.point_id,
+                stored: r.stored_ts.timestamp_millis(),
             })
             .collect())
     }

@@ -25,10 +25,15 @@ pub mod words;
 
 /// Moved to [`crate::model`] (issue 27); kept here so older paths compile.
 pub use crate::model::{DeadLetter, NewMessage, user_key};
-pub use ingest::{Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
+pub use ingest::{
+    Closing, IngestTx, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, StoredSnapshot,
+    StoredWatermark, WindowClosed,
+};
 pub use layout::LayoutLock;
 pub use lease::Lease;
-pub use running::{ClaimedRunning, RunningFinished, RunningOutcome, StoredRunning};
+pub use running::{ClaimedRunning, OpenPoints, RunningFinished, RunningOutcome, StoredRunning};
+pub use status::WindowCounts;
+pub use windows::{Claim, HeldWindow, claim_due_sql};
 
 use std::time::Duration;
 
@@ -101,10 +106,21 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+/// A window's (or running summary's) attempts after a failed one ([`next_attempt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NextAttempt {
+    attempts: i32,
+    /// Out of attempts: dead (a running summary: given up).
+    dead: bool,
+}
+
 /// A window's attempts after a failed one (`counts`: it counts against `max_attempts`), and whether it is now dead.
-fn next_attempt(attempts: i32, counts: bool, max_attempts: i32) -> (i32, bool) {
+fn next_attempt(attempts: i32, counts: bool, max_attempts: i32) -> NextAttempt {
     let attempts = attempts + i32::from(counts);
-    (attempts, counts && attempts >= max_attempts)
+    NextAttempt {
+        attempts,
+        dead: counts && attempts >= max_attempts,
+    }
 }
 
 pub fn to_utc(ms: Millis) -> DateTime<Utc> {
@@ -182,7 +198,7 @@ pub struct CheckpointRow {
 /// What `recap status` reports from the store.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StatusReport {
-    pub windows: Vec<(String, i64)>,
+    pub windows: Vec<(crate::model::WindowState, i64)>,
     /// `done` in `windows` is an estimate (a large table; see [`Store::window_states`]).
     pub windows_done_estimated: bool,
     pub oldest_due: Option<DateTime<Utc>>,

@@ -144,6 +144,14 @@ struct KeyRunningRow {
 
 const STORED_COLUMNS: &str = "summary, key_topics, emotional_tone, confidence, point_ids, covers_until, message_count, summarizer";
 
+/// A key's open points as the last checkpoint stored them ([`Store::open_points`]): ids and times, one of each per
+/// point, in time order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenPoints {
+    pub ids: Vec<String>,
+    pub times: Vec<Millis>,
+}
+
 impl Store {
     /// Claims up to `limit` due running summaries for `owner` for `lease` (`FOR UPDATE SKIP LOCKED`, like windows).
     pub async fn claim_running(
@@ -183,12 +191,12 @@ impl Store {
             .collect())
     }
 
-    /// A key's open points as of the last checkpoint (`recap_open_windows`): ids and times, in time order.
+    /// A key's open points as of the last checkpoint (`recap_open_windows`), in time order.
     pub async fn open_points(
         &self,
         bot: &str,
         user_id: &str,
-    ) -> Result<Option<(Vec<String>, Vec<Millis>)>, StoreError> {
+    ) -> Result<Option<OpenPoints>, StoreError> {
         let row: Option<(Vec<String>, Vec<DateTime<Utc>>)> = sqlx::query_as(
             "SELECT point_ids, point_ts FROM recap_open_windows WHERE bot_name = $1 AND user_id = $2",
         )
@@ -196,7 +204,10 @@ impl Store {
         .bind(user_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(ids, ts)| (ids, ts.iter().map(|t| t.timestamp_millis()).collect())))
+        Ok(row.map(|(ids, ts)| OpenPoints {
+            ids,
+            times: ts.iter().map(|t| t.timestamp_millis()).collect(),
+        }))
     }
 
     /// Extends the lease of a claimed running summary right before an LLM call: `false` when it is no longer
@@ -319,7 +330,10 @@ impl Store {
                 counts,
                 max_attempts,
             } => {
-                let (attempts, give_up) = super::next_attempt(c.attempts, *counts, *max_attempts);
+                let super::NextAttempt {
+                    attempts,
+                    dead: give_up,
+                } = super::next_attempt(c.attempts, *counts, *max_attempts);
                 let r = sqlx::query(
                     "UPDATE recap_running_summaries SET attempts = CASE WHEN $5 THEN 0 ELSE $4 END,
                         due_count = CASE WHEN $5 THEN NULL ELSE due_count END, last_error = $6,

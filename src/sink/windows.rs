@@ -10,7 +10,23 @@ use sqlx::{Postgres, Transaction};
 use super::{ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome};
 /// In `sink/mod.rs` (issue 27: `running.rs` needs them too; here they closed a circle windows -> running -> windows).
 pub(super) use super::{next_attempt, truncate};
+use crate::model::{WindowState, state_sql};
 use crate::summarize::Summary;
+
+/// What a claim took ([`Store::claim_due_with_points`]).
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub windows: Vec<ClaimedWindow>,
+    /// Each claimed window's point ids (as [`Store::window_point_ids`]).
+    pub point_ids: HashMap<i64, Vec<String>>,
+}
+
+/// A window a worker holds a lease on, at the version it claimed ([`Store::renew_leases`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldWindow {
+    pub id: i64,
+    pub version: i32,
+}
 
 /// A window row as a claim returns it, with its point ids.
 #[derive(sqlx::FromRow)]
@@ -28,6 +44,22 @@ struct ClaimedRow {
     point_ids: Vec<String>,
 }
 
+/// The claim of due windows (`$1` owner, `$2` lease in ms, `$3` limit). The state is a constant in its text: the
+/// partial indexes on `state` (`idx_recap_windows_due`, `idx_recap_windows_not_done`) serve it even under a generic
+/// plan (see `model::state_sql`; `tests/it/worker_batch.rs` checks the plan).
+pub fn claim_due_sql() -> &'static str {
+    state_sql!(
+        "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
+             FROM (SELECT id FROM recap_windows
+                   WHERE state = {due} AND (not_before IS NULL OR not_before <= now())
+                     AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
+             WHERE w.id = c.id
+             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
+                       w.closed_at, w.point_ids"
+    )
+}
+
 impl Store {
     // ---- windows ----------------------------------------------------------------------------------------------
 
@@ -38,7 +70,10 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<Vec<ClaimedWindow>, StoreError> {
-        Ok(self.claim_due_with_points(owner, lease, limit).await?.0)
+        Ok(self
+            .claim_due_with_points(owner, lease, limit)
+            .await?
+            .windows)
     }
 
     /// [`Store::claim_due`], with each claimed window's point ids (as [`Store::window_point_ids`]) read by the
@@ -48,22 +83,13 @@ impl Store {
         owner: &str,
         lease: Duration,
         limit: i64,
-    ) -> Result<(Vec<ClaimedWindow>, HashMap<i64, Vec<String>>), StoreError> {
-        let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
-             FROM (SELECT id FROM recap_windows
-                   WHERE state = 'due' AND (not_before IS NULL OR not_before <= now())
-                     AND (lease_until IS NULL OR lease_until < now())
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
-             WHERE w.id = c.id
-             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
-                       w.closed_at, w.point_ids",
-        )
-        .bind(owner)
-        .bind(lease.as_millis() as f64)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+    ) -> Result<Claim, StoreError> {
+        let rows: Vec<ClaimedRow> = sqlx::query_as(claim_due_sql())
+            .bind(owner)
+            .bind(lease.as_millis() as f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         let mut ids = HashMap::with_capacity(rows.len());
         let mut windows = Vec::with_capacity(rows.len());
         for r in rows {
@@ -81,7 +107,10 @@ impl Store {
                 closed_at_ms: r.closed_at.timestamp_millis(),
             });
         }
-        Ok((windows, ids))
+        Ok(Claim {
+            windows,
+            point_ids: ids,
+        })
     }
 
     /// The point ids assigned to a window (see [`Store::window_point_ids`]).
@@ -144,7 +173,7 @@ impl Store {
 
     /// Gives back every lease `owner` holds (graceful shutdown).
     pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
-        let r = sqlx::query("UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 AND state = 'due'")
+        let r = sqlx::query(state_sql!("UPDATE recap_windows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 AND state = {due}"))
             .bind(owner)
             .execute(&self.pool)
             .await?;
@@ -162,12 +191,13 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE recap_windows SET lease_until = now() + $4 * interval '1 millisecond'
-             WHERE id = $1 AND lease_owner = $2 AND version = $3 AND state = 'due'",
+             WHERE id = $1 AND lease_owner = $2 AND version = $3 AND state = $5",
         )
         .bind(w.id)
         .bind(owner)
         .bind(w.version)
         .bind(lease.as_millis() as f64)
+        .bind(WindowState::Due)
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -178,7 +208,7 @@ impl Store {
     pub async fn extend_leases(
         &self,
         owner: &str,
-        windows: &[(i64, i32)],
+        windows: &[HeldWindow],
         lease: Duration,
     ) -> Result<std::collections::HashSet<i64>, StoreError> {
         self.renew_leases(owner, windows, lease)
@@ -186,25 +216,26 @@ impl Store {
             .map(|v| v.into_iter().collect())
     }
 
-    /// Renews the leases `owner` holds on `windows` (id, version claimed; the worker's heartbeat), only where the
+    /// Renews the leases `owner` holds on `windows` (the worker's heartbeat), only where the
     /// window is still due at that version: a window changed meanwhile (a late message) is not kept by a worker
     /// whose result its finish will throw away. Returns the ids still held.
     pub async fn renew_leases(
         &self,
         owner: &str,
-        windows: &[(i64, i32)],
+        windows: &[HeldWindow],
         lease: Duration,
     ) -> Result<Vec<i64>, StoreError> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, versions): (Vec<i64>, Vec<i32>) = windows.iter().copied().unzip();
+        let (ids, versions): (Vec<i64>, Vec<i32>) =
+            windows.iter().map(|w| (w.id, w.version)).unzip();
         // Locked in id order, as the finish locks its windows, so the two never wait on each other in a circle.
         let held = sqlx::query_scalar(
             "UPDATE recap_windows w SET lease_until = now() + $4 * interval '1 millisecond'
              FROM (SELECT v.id FROM recap_windows v JOIN unnest($1::bigint[], $2::int[]) AS x(id, version)
                      ON v.id = x.id AND v.version = x.version
-                   WHERE v.lease_owner = $3 AND v.state = 'due' ORDER BY v.id FOR UPDATE OF v) c
+                   WHERE v.lease_owner = $3 AND v.state = $5 ORDER BY v.id FOR UPDATE OF v) c
              WHERE w.id = c.id
              RETURNING w.id",
         )
@@ -212,6 +243,7 @@ impl Store {
         .bind(&versions)
         .bind(owner)
         .bind(lease.as_millis() as f64)
+        .bind(WindowState::Due)
         .fetch_all(&self.pool)
         .await?;
         Ok(held)

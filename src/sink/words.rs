@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::{Postgres, Transaction};
 
-use super::{ClaimedWindow, StoreError, WindowOutcome};
+use super::StoreError;
 use crate::summarize::Message;
 
 /// Most distinct words stored per window: a window of thousands of messages keeps the first this many it said.
@@ -69,28 +69,31 @@ pub fn said(messages: &[Message]) -> String {
     out
 }
 
-/// Stores the said words of the summarized windows among `written`, each as (its summary row id, the window, its
-/// outcome), in one statement; windows without a row id or a summary are left out. A row id given twice keeps the
-/// last words.
+/// The words said in a summarized window, for its summary row.
+pub(super) struct Said<'a> {
+    pub summary_id: i32,
+    pub bot: &'a str,
+    pub user_id: &'a str,
+    /// As [`said`] gives them.
+    pub words: &'a str,
+}
+
+/// Stores the said words of the summarized windows `written` in one statement. A row id given twice keeps the last
+/// words.
 pub(super) async fn write<'a>(
     tx: &mut Transaction<'_, Postgres>,
-    written: impl IntoIterator<Item = (Option<i32>, &'a ClaimedWindow, &'a WindowOutcome)>,
+    written: impl IntoIterator<Item = Said<'a>>,
 ) -> Result<(), StoreError> {
-    let mut by_row: HashMap<i32, (&str, &str, &str)> = HashMap::new();
-    for (sid, w, outcome) in written {
-        if let (Some(sid), WindowOutcome::Summarized { words, .. }) = (sid, outcome) {
-            by_row.insert(sid, (&w.bot, &w.user_id, words));
-        }
-    }
+    let by_row: HashMap<i32, Said> = written.into_iter().map(|s| (s.summary_id, s)).collect();
     if by_row.is_empty() {
         return Ok(());
     }
     let (mut ids, mut bots, mut users, mut words) = (vec![], vec![], vec![], vec![]);
-    for (sid, (b, u, t)) in by_row {
+    for (sid, s) in by_row {
         ids.push(sid);
-        bots.push(b);
-        users.push(u);
-        words.push(t.replace('\0', ""));
+        bots.push(s.bot);
+        users.push(s.user_id);
+        words.push(s.words.replace('\0', ""));
     }
     sqlx::query(
         "INSERT INTO recap_window_words (summary_id, bot_name, user_id, words, updated_at)

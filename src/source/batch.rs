@@ -3,6 +3,7 @@
 
 use std::future::Future;
 
+use crate::model::SourceCheckpoint;
 use crate::sink::{DeadLetter, Lease, NewMessage, Store};
 
 /// One batch of input for one ingest transaction.
@@ -12,8 +13,8 @@ pub struct Batch {
     pub dead_letters: Vec<DeadLetter>,
     /// Events that are valid but not messages of any window (`conversation_pair`).
     pub ignored: usize,
-    /// Source position to store with the batch: (checkpoint name, position, points read).
-    pub checkpoint: Option<(String, f64, i64)>,
+    /// Source position to store with the batch.
+    pub checkpoint: Option<SourceCheckpoint>,
     /// The source has nothing more right now: the tracker may advance watermarks by the wall clock.
     pub caught_up: bool,
     /// With `caught_up`: the wall-clock time (ms) up to which the source has seen every message, when that is

@@ -16,6 +16,7 @@ use clap::Parser;
 use common::*;
 use qdrant_client::qdrant::{Condition, CountPointsBuilder, Filter};
 use recap::config::Config;
+use recap::model::{Position, SourceCheckpoint, StreamSeq};
 use recap::pipeline::{Context, Ingest};
 use recap::sink::{DeadLetter, NewMessage, WindowOutcome};
 use recap::source::Batch;
@@ -118,7 +119,11 @@ fn conversation_batch(bot: &str, gone: &str, kept: &str, position: Option<&str>)
         messages,
         dead_letters: vec![letter(bot, gone, 7), letter(bot, kept, 8)],
         caught_up: true,
-        checkpoint: position.map(|p| (p.to_string(), 1.0, 8)),
+        checkpoint: position.map(|p| SourceCheckpoint {
+            name: p.to_string(),
+            position: Position::Stream(StreamSeq(1)),
+            points_read: 8,
+        }),
         ..Batch::default()
     };
     (batch, now)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use common::*;
+use recap::model::{Position, SourceCheckpoint, StreamSeq};
 use recap::pipeline::{Context, IngestLoop, run_partitioned};
 use recap::source::{Batch, Source, SourceError};
 use tokio_util::sync::CancellationToken;
@@ -54,7 +55,7 @@ async fn context(db: &TestDb, instance: &str, extra: &[&str]) -> Context {
 /// is `fake:<instance>:<partition>`. While `down` is set it fails as NATS does when unreachable.
 struct Fake {
     name: String,
-    pos: f64,
+    pos: u64,
     down: Arc<AtomicBool>,
 }
 
@@ -64,11 +65,15 @@ impl Source for Fake {
         if self.down.load(Ordering::Relaxed) {
             return Err(SourceError::Nats("unreachable (test)".into()));
         }
-        self.pos += 1.0;
+        self.pos += 1;
         Ok(Batch {
             ignored: 1,
             caught_up: true,
-            checkpoint: Some((self.name.clone(), self.pos, 0)),
+            checkpoint: Some(SourceCheckpoint {
+                name: self.name.clone(),
+                position: Position::Stream(StreamSeq(self.pos)),
+                points_read: 0,
+            }),
             ..Default::default()
         })
     }
@@ -99,11 +104,7 @@ fn replica(ctx: &Context, partitions: u32, down: Arc<AtomicBool>, opts: IngestLo
             if down.load(Ordering::Relaxed) {
                 return Err(SourceError::Nats("unreachable (test)".into()));
             }
-            Ok(Fake {
-                name,
-                pos: 0.0,
-                down,
-            })
+            Ok(Fake { name, pos: 0, down })
         }
     };
     let task = tokio::spawn(run_partitioned(

@@ -48,11 +48,7 @@ fn a_fast_hosts_window_open_across_a_restore_is_windowed_once() {
         .collect();
     let mut r = State::restore(cfg, watermarks, c.snapshots);
     // what `restore_state` does with the rows of `recap_clamped_points` the checkpoint stored
-    r.remember_clamped(
-        c.clamped
-            .iter()
-            .map(|p| (p.bot.to_string(), p.id.clone(), p.stored)),
-    );
+    r.remember_clamped(c.clamped.iter().cloned());
     r.tick(10_000);
     assert_eq!(r.close_due(), 1);
     let closed = r.take_checkpoint();

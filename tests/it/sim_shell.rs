@@ -36,9 +36,9 @@ use std::time::Duration;
 use clap::Parser;
 use futures::future::BoxFuture;
 use qdrant_client::Qdrant;
-use recap::model::NewMessage;
+use recap::model::{NewMessage, Position, SourceCheckpoint, StreamSeq};
 use recap::pipeline::{Context, Ingest};
-use recap::sink::{Lease, Store, StoreError};
+use recap::sink::{Claim, Lease, Store, StoreError};
 use recap::source::{Batch, Source, SourceError};
 use recap::summarize::{Purpose, SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
 use recap::tracker::{Millis, canonical_windows};
@@ -359,7 +359,11 @@ impl Source for SimSource {
             batch.caught_up = w.model.undelivered(self.part) == 0 && ack_pending <= held;
         }
         if let Some(s) = last_seq {
-            batch.checkpoint = Some((self.name.clone(), s as f64, 0));
+            batch.checkpoint = Some(SourceCheckpoint {
+                name: self.name.clone(),
+                position: Position::Stream(StreamSeq(s)),
+                points_read: 0,
+            });
         }
         Ok(batch)
     }
@@ -834,7 +838,10 @@ impl<'e> Sim<'e> {
         let ctx = self.replicas[r].ctx.clone();
         let limit = self.rng.range(1, 5);
         let lease = Duration::from_secs(600);
-        let (claimed, ids) = match ctx
+        let Claim {
+            windows: claimed,
+            point_ids: ids,
+        } = match ctx
             .store
             .claim_due_with_points(&ctx.instance, lease, limit)
             .await

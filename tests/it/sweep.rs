@@ -260,16 +260,16 @@ impl MiniIngest {
             self.state.tick(chrono::Utc::now().timestamp_millis());
         }
         self.state.close_due();
-        if let Some((name, pos, read)) = &batch.checkpoint {
-            self.state.set_position(name, *pos, *read);
+        if let Some(c) = &batch.checkpoint {
+            self.state.set_position(c);
         }
         let c = self.state.take_checkpoint();
         let mut tx = self.store.begin_ingest(&self.fence).await?;
         tx.close_windows(self.state.config(), &c.closed, 5).await?;
         tx.save_snapshots(&c.snapshots, 0, "1").await?;
         tx.save_watermarks(&c.watermarks, 0).await?;
-        for (name, pos, read) in &c.positions {
-            tx.save_checkpoint(name, *pos, *read).await?;
+        for p in &c.positions {
+            tx.save_checkpoint(p).await?;
         }
         tx.commit().await?;
         self.ignored += batch.ignored;
@@ -991,7 +991,7 @@ mod from_src {
         };
         assert!(!read.contains(&"5".to_string()), "behind the cursor");
         assert!(read.contains(&"1000".to_string()));
-        let (_, position, _) = last.checkpoint.expect("a checkpoint");
+        let position = last.checkpoint.expect("a checkpoint").position.to_column();
         assert!(
             position - overlap.as_secs_f64() <= x_ts,
             "the next cycle starts at {} and never reads the point written at {x_ts}",

@@ -322,3 +322,71 @@ async fn a_batch_skips_or_fails_only_the_window_that_changed_or_cannot_be_stored
         assert_eq!((rows.len(), rows[0].1), (1, 1), "{u}");
     }
 }
+
+/// The plan Postgres gives `sql` as a prepared statement under a generic plan (as a statement sqlx prepared once and
+/// ran more than five times gets), as JSON text.
+async fn generic_plan(pool: &sqlx::PgPool, sql: &str, params: &str, args: &str) -> String {
+    let mut conn = pool.acquire().await.expect("connection");
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .expect("plan_cache_mode");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "PREPARE claim_plan({params}) AS {sql}"
+    )))
+    .execute(&mut *conn)
+    .await
+    .expect("prepare");
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (FORMAT JSON) EXECUTE claim_plan({args})"
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .expect("explain");
+    sqlx::raw_sql("DEALLOCATE claim_plan; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .expect("deallocate");
+    plan.to_string()
+}
+
+/// Issue 27: the claim keeps `state = 'due'` a constant in its text (built from `WindowState` by `state_sql!`), so
+/// even the generic plan of the prepared statement scans a partial index on `state` instead of the whole table. The
+/// same statement with the state bound as `$4` is the control: its generic plan cannot use a partial index.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_claim_uses_a_partial_index_of_the_due_windows_under_a_generic_plan() {
+    let _shared = common::shared().await;
+    let db = fresh_db().await;
+    db.migrate().await;
+    sqlx::query(
+        "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count)
+         SELECT 'b', 'u' || i, now() - i * interval '1 minute', now() - i * interval '1 minute' + interval '5 minutes',
+                CASE WHEN i % 1000 = 0 THEN $1 ELSE $2 END, 5
+         FROM generate_series(1, 50000) i",
+    )
+    .bind(recap::model::WindowState::Due)
+    .bind(recap::model::WindowState::Done)
+    .execute(&db.pool)
+    .await
+    .expect("windows");
+    sqlx::query("ANALYZE recap_windows")
+        .execute(&db.pool)
+        .await
+        .expect("analyze");
+    let partial = ["idx_recap_windows_due", "idx_recap_windows_not_done"];
+    let claim = recap::sink::claim_due_sql();
+    let plan = generic_plan(&db.pool, claim, "text, float8, bigint", "'w', 1000, 16").await;
+    assert!(
+        partial.iter().any(|i| plan.contains(i)),
+        "the claim scans no partial index: {plan}"
+    );
+    let due = format!("'{}'", recap::model::WindowState::Due.as_str());
+    assert_eq!(claim.matches(&due).count(), 1, "{claim}");
+    let bound = claim.replace(&due, "$4");
+    let args = format!("'w', 1000, 16, {due}");
+    let plan = generic_plan(&db.pool, &bound, "text, float8, bigint, text", &args).await;
+    assert!(
+        !partial.iter().any(|i| plan.contains(i)),
+        "a bound state still scans a partial index (the control does not discriminate): {plan}"
+    );
+}

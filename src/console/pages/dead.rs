@@ -11,6 +11,7 @@ use super::server_error;
 use crate::console::auth::Session;
 use crate::console::view::{self, page, table, ts};
 use crate::console::{Console, refuse_without_csrf};
+use crate::model::state_sql;
 use crate::sink::StoreError;
 
 #[derive(Deserialize, Default)]
@@ -63,11 +64,12 @@ pub async fn dead(
 
 async fn load_dead(c: &Console) -> Result<DeadData, StoreError> {
     let pool = c.store.pool();
-    // `WindowState::Dead` as a literal: the partial index `idx_recap_windows_not_done` (see `model::WindowState`).
-    let windows = sqlx::query_as(
+    // `WindowState::Dead` a constant in the text: the partial index `idx_recap_windows_not_done` (see
+    // `model::state_sql`).
+    let windows = sqlx::query_as(state_sql!(
         "SELECT id, bot_name, user_id, start_ts, attempts, last_error, updated_at FROM recap_windows
-         WHERE state = 'dead' ORDER BY updated_at DESC LIMIT 200",
-    )
+         WHERE state = {dead} ORDER BY updated_at DESC LIMIT 200"
+    ))
     .fetch_all(pool)
     .await?;
     let letters = sqlx::query_as(

@@ -50,10 +50,10 @@ pub async fn restore_state(
         PartitionBy::User => p == part as i32,
     };
     let mut marks: HashMap<String, Millis> = HashMap::new();
-    for (bot, p, w) in store.load_watermarks().await? {
-        if mine(&bot, p) {
-            let m = marks.entry(bot).or_insert(w);
-            *m = (*m).max(w);
+    for w in store.load_watermarks().await? {
+        if mine(&w.bot, w.part) {
+            let m = marks.entry(w.bot).or_insert(w.watermark);
+            *m = (*m).max(w.watermark);
         }
     }
     let watermarks: Vec<(String, Millis)> = marks.into_iter().collect();
@@ -62,10 +62,12 @@ pub async fn restore_state(
         .load_open_state(part as i32, &layout)
         .await?
         .into_iter()
-        .filter(|(s, current)| {
-            *current || crate::source::nats::owner(by, partitions, &s.bot, &s.user) == part
+        .filter(|s| {
+            s.current_layout
+                || crate::source::nats::owner(by, partitions, &s.snapshot.bot, &s.snapshot.user)
+                    == part
         })
-        .map(|(s, _)| s)
+        .map(|s| s.snapshot)
         .collect();
     // Tombstones (a forget's listed points, `recall::forget`): by bot only this partition's bots' (the others' keys
     // never reach it); by user every bot's (a tombstone names no user id, so its partition is unknown). Loaded here,
@@ -76,16 +78,9 @@ pub async fn restore_state(
             || crate::source::nats::partition_of(&t.bot, partitions) == part
     });
     let mut state = State::restore_forgetting(cfg, watermarks, open, tombstones);
-    state.remember_clamped(
-        store
-            .load_clamped()
-            .await?
-            .into_iter()
-            .filter(|(bot, user, _, _)| {
-                partitions <= 1 || crate::source::nats::owner(by, partitions, bot, user) == part
-            })
-            .map(|(bot, _, id, stored)| (bot, id, stored)),
-    );
+    state.remember_clamped(store.load_clamped().await?.into_iter().filter(|c| {
+        partitions <= 1 || crate::source::nats::owner(by, partitions, &c.bot, &c.user) == part
+    }));
     info!(
         partition = part,
         open_keys = state.open_keys(),

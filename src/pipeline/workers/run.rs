@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::pipeline::{Context, loop_backoff, sleep_or_shutdown};
-use crate::sink::{ClaimedWindow, StoreError};
+use crate::sink::{Claim, ClaimedWindow, HeldWindow, StoreError};
 use crate::summarize::SummarizerKind;
 
 use super::process_claimed;
@@ -53,7 +53,10 @@ impl Heartbeat {
                 {
                     warn!(error = %e, "cannot write the LLM spend; retrying");
                 }
-                let now: Vec<(i64, i32)> = lock(&held).iter().map(|(k, v)| (*k, *v)).collect();
+                let now: Vec<HeldWindow> = lock(&held)
+                    .iter()
+                    .map(|(&id, &version)| HeldWindow { id, version })
+                    .collect();
                 if now.is_empty() {
                     continue;
                 }
@@ -117,7 +120,10 @@ pub async fn drain_due(
                 // the LLM is down or the budget spent: what is left waits for the service (or the next run)
                 return Ok::<(), StoreError>(());
             }
-            let (claimed, points) = ctx
+            let Claim {
+                windows: claimed,
+                point_ids: points,
+            } = ctx
                 .store
                 .claim_due_with_points(&ctx.instance, lease, limit as i64)
                 .await?;
@@ -231,7 +237,10 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             }
         };
         backoff = new_backoff();
-        let (claimed, mut points) = claimed;
+        let Claim {
+            windows: claimed,
+            point_ids: mut points,
+        } = claimed;
         if claimed.is_empty() {
             // No window due: the free slots build due running summaries of open windows (CONTEXT_SUMMARY_EVERY);
             // window work keeps priority, since they are claimed only after an empty window claim.

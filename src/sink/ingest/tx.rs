@@ -7,6 +7,7 @@ use sqlx::{Postgres, Transaction};
 use super::coverage::{
     FlatPoints, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, near_each_other, points_by_row,
 };
+use crate::model::{SourceCheckpoint, WindowState};
 use crate::sink::{DeadLetter, StoreError, to_utc};
 use crate::state::{ClampedPoint, Closed, Point, Snapshot};
 use crate::tracker::{Millis, Mode, TrackerConfig};
@@ -17,6 +18,26 @@ pub struct Closing {
     /// Windows recorded as too short to summarize.
     pub too_short: usize,
     /// Points a stored window had already (read again after their window closed): not new messages.
+    pub already_stored: usize,
+}
+
+/// The state a closed window of `messages` messages is stored in: due, or too short under `min_messages`.
+fn closed_state(messages: usize, min_messages: u32) -> WindowState {
+    if messages as u32 >= min_messages {
+        WindowState::Due
+    } else {
+        WindowState::TooShort
+    }
+}
+
+/// What storing one closed window did ([`IngestTx::close_window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowClosed {
+    /// The stored window's id (the first stored window of the key when every point was stored already).
+    pub id: i64,
+    /// Recorded as too short to summarize.
+    pub too_short: bool,
+    /// Points a stored window had already (read again: not new).
     pub already_stored: usize,
 }
 
@@ -158,9 +179,9 @@ impl IngestTx {
             .map(|i| with_candidates.contains(&(i as i64 + 1)) || near[i] || windows[i].clamped)
             .collect();
         for (w, _) in windows.iter().zip(&one_by_one).filter(|(_, s)| **s) {
-            let (_, short, covered) = self.close_window(cfg, w, min_messages).await?;
-            done.too_short += usize::from(short);
-            done.already_stored += covered;
+            let closed = self.close_window(cfg, w, min_messages).await?;
+            done.too_short += usize::from(closed.too_short);
+            done.already_stored += closed.already_stored;
         }
         let bulk: Vec<&Closed> = (0..windows.len())
             .filter(|i| !one_by_one[*i])
@@ -174,17 +195,14 @@ impl IngestTx {
         let starts: Vec<DateTime<Utc>> = bulk.iter().map(|w| to_utc(w.window.start_ms)).collect();
         let ends: Vec<DateTime<Utc>> = bulk.iter().map(|w| to_utc(w.window.end_ms)).collect();
         let counts: Vec<i32> = bulk.iter().map(|w| w.points.len() as i32).collect();
-        let states: Vec<&str> = bulk
+        let states: Vec<WindowState> = bulk
             .iter()
-            .map(|w| {
-                if w.points.len() as u32 >= min_messages {
-                    "due"
-                } else {
-                    "too_short"
-                }
-            })
+            .map(|w| closed_state(w.points.len(), min_messages))
             .collect();
-        done.too_short += states.iter().filter(|s| **s == "too_short").count();
+        done.too_short += states
+            .iter()
+            .filter(|s| **s == WindowState::TooShort)
+            .count();
         let flat = FlatPoints::of(bulk.iter().map(|w| w.points.as_slice()));
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, point_ids, point_ts)
@@ -219,7 +237,7 @@ impl IngestTx {
         cfg: &TrackerConfig,
         c: &Closed,
         min_messages: u32,
-    ) -> Result<(i64, bool, usize), StoreError> {
+    ) -> Result<WindowClosed, StoreError> {
         let w = &c.window;
         let (lo, hi) = w.message_range(cfg.mode);
         let gap = match cfg.mode {
@@ -297,7 +315,11 @@ impl IngestTx {
         if fresh.is_empty() {
             // Every point is stored already (read again after its window closed): nothing changes.
             let id = existing.first().map_or(0, |e| e.id);
-            return Ok((id, false, covered_here));
+            return Ok(WindowClosed {
+                id,
+                too_short: false,
+                already_stored: covered_here,
+            });
         }
         let (f_lo, f_hi) = (
             fresh.iter().map(|p| p.0).min().unwrap_or(w.start_ms),
@@ -310,7 +332,7 @@ impl IngestTx {
         };
         let spans: Vec<(Millis, Millis)> = existing.iter().map(|e| (e.start, e.end)).collect();
         let targets = crate::tracker::merge_targets(cfg, &spans, (w_start, w_end));
-        let (id, state): (i64, String) = match targets.split_first() {
+        let (id, state): (i64, WindowState) = match targets.split_first() {
             Some((&first, rest)) => {
                 let id = existing[first].id;
                 // A late message that bridges stored windows joins them (the window definition gives one): the
@@ -347,7 +369,7 @@ impl IngestTx {
                 let state = sqlx::query_scalar(
                     "UPDATE recap_windows SET start_ts = LEAST(start_ts, $2), end_ts = GREATEST(end_ts, $3),
                         message_count = cardinality($5::text[]), point_ids = $5, point_ts = $6, version = version + 1,
-                        state = CASE WHEN cardinality($5::text[]) >= $4 THEN 'due' ELSE 'too_short' END,
+                        state = CASE WHEN cardinality($5::text[]) >= $4 THEN $7 ELSE $8 END,
                         attempts = 0, not_before = NULL, closed_at = now(), updated_at = now()
                      WHERE id = $1
                      RETURNING state",
@@ -358,6 +380,8 @@ impl IngestTx {
                 .bind(min_messages as i32)
                 .bind(&ids)
                 .bind(&ts)
+                .bind(WindowState::Due)
+                .bind(WindowState::TooShort)
                 .fetch_one(&mut *self.tx)
                 .await?;
                 (id, state)
@@ -375,11 +399,7 @@ impl IngestTx {
                 .bind(&*w.user)
                 .bind(to_utc(w_start))
                 .bind(to_utc(w_end))
-                .bind(if ids.len() as u32 >= min_messages {
-                    "due"
-                } else {
-                    "too_short"
-                })
+                .bind(closed_state(ids.len(), min_messages))
                 .bind(ids.len() as i32)
                 .bind(&ids)
                 .bind(&ts)
@@ -387,7 +407,11 @@ impl IngestTx {
                 .await?
             }
         };
-        Ok((id, state == "too_short", covered_here))
+        Ok(WindowClosed {
+            id,
+            too_short: state == WindowState::TooShort,
+            already_stored: covered_here,
+        })
     }
 
     /// Stores closed points stamped far ahead of the clock (`recap_clamped_points`, see [`crate::state::ClampedPoint`])
@@ -448,21 +472,17 @@ impl IngestTx {
         Ok(())
     }
 
-    /// Records a source position (JetStream sequence, or a sweep high-water mark) and how many points were read.
-    pub async fn save_checkpoint(
-        &mut self,
-        name: &str,
-        position: f64,
-        points_read: i64,
-    ) -> Result<(), StoreError> {
+    /// Records a source position (JetStream sequence, or a sweep high-water mark) and how many points were read
+    /// (the position stored as the column's double: [`crate::model::Position::to_column`]).
+    pub async fn save_checkpoint(&mut self, c: &SourceCheckpoint) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO recap_checkpoints (name, position, points_read) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET position = GREATEST(recap_checkpoints.position, EXCLUDED.position),
                 points_read = recap_checkpoints.points_read + EXCLUDED.points_read, updated_at = now()",
         )
-        .bind(name)
-        .bind(position)
-        .bind(points_read)
+        .bind(&c.name)
+        .bind(c.position.to_column())
+        .bind(c.points_read)
         .execute(&mut *self.tx)
         .await?;
         Ok(())

@@ -11,7 +11,7 @@ use super::consumer::{
 };
 use super::{BACKLOG_LINGER, NatsSettings, err};
 use crate::event::StoredEvent;
-use crate::model::StreamSeq;
+use crate::model::{Position, SourceCheckpoint, StreamSeq};
 use crate::sink::{DeadLetter, Lease, NewMessage, Store, StoreError};
 use crate::source::batch::{Batch, Source, SourceError};
 
@@ -378,7 +378,11 @@ impl Source for NatsSource {
             };
         }
         if let Some(seq) = last_seq {
-            batch.checkpoint = Some((self.checkpoint_name(), seq.to_column(), 0));
+            batch.checkpoint = Some(SourceCheckpoint {
+                name: self.checkpoint_name(),
+                position: Position::Stream(seq),
+                points_read: 0,
+            });
         }
         if let Some(p) = pending {
             metrics::gauge!("recap_consumer_pending").set(p as f64);

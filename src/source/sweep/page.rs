@@ -17,7 +17,7 @@ use tracing::{debug, info};
 
 use super::{Batch, Pending, SweepError, SweepSource};
 use crate::fetch::{PayloadMapping, Points, SkipReason, map_point};
-use crate::model::SweepPos;
+use crate::model::{Position, SourceCheckpoint, SweepPos};
 use crate::sink::NewMessage;
 
 /// Where a collection's scroll stands: the request for its next page.
@@ -375,7 +375,11 @@ impl SweepSource {
         }
         .map(|p| p.min(now).max(sweep.floor));
         let checkpoint = format!("{}:{}", self.settings.checkpoint_prefix, sweep.collection);
-        batch.checkpoint = position.map(|p| (checkpoint, p, read as i64));
+        batch.checkpoint = position.map(|p| SourceCheckpoint {
+            name: checkpoint,
+            position: Position::Sweep(SweepPos(p)),
+            points_read: read as i64,
+        });
         batch.caught_up = done && cycle.queue.is_empty();
         if batch.caught_up {
             batch.horizon = Some(cycle.started_ms);
