@@ -58,13 +58,17 @@ pub trait Source: Send {
     /// everything handed out so far is durable).
     fn commit(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
     /// A checkpoint of everything handed out so far is being written: its acknowledgement is the next
-    /// [`Source::commit`]; what comes after belongs to the next checkpoint.
+    /// [`Source::commit`]; what comes after belongs to the next checkpoint. Every seal has its commit, also when
+    /// nothing was handed out since the last one (that commit then acknowledges nothing).
     fn seal(&mut self) {}
     /// The last batch is applied in memory: read on past it, but acknowledge nothing yet (that waits for the
     /// checkpoint and [`Source::commit`]). Sources whose position lives only in the checkpoint need nothing here.
     fn advance(&mut self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// How long an empty [`Source::next_batch`] may wait for input (a source that waits; the hybrid source asks for
+    /// less between the pages of a sweep cycle).
+    fn set_wait(&mut self, _wait: std::time::Duration) {}
     /// What was handed out since the last commit is lost: it must come again.
     fn abandon(&mut self) -> impl Future<Output = ()> + Send;
     /// This process leads the source's partition under `lease` (`None`: it does not). A source with a position of

@@ -12,8 +12,8 @@ use crate::sink::Store;
 ///   at most [`EVENT_WAIT_IN_CYCLE`] for input, so an idle stream slows the cycle little).
 /// * Only event batches tick the wall clock, with their own fresh caught-up flag, and only while no cycle is under way
 ///   (its remaining pages may belong to open windows): a sweep page never ticks.
-pub struct Hybrid {
-    events: nats::NatsSource,
+pub struct Hybrid<E: Source = nats::NatsSource> {
+    events: E,
     sweep: sweep::SweepSource,
     last_from_sweep: bool,
     /// After a sweep error (Qdrant unreachable) the sweep waits until then; events keep flowing meanwhile.
@@ -25,8 +25,9 @@ pub const EVENT_WAIT_IN_CYCLE: std::time::Duration = std::time::Duration::from_m
 /// How long an event batch waits for input otherwise.
 const EVENT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-impl Hybrid {
-    pub fn new(events: nats::NatsSource, sweep: sweep::SweepSource) -> Hybrid {
+impl<E: Source> Hybrid<E> {
+    /// `events`: the NATS source in production (the simulation gives its model of it).
+    pub fn new(events: E, sweep: sweep::SweepSource) -> Hybrid<E> {
         Hybrid {
             events,
             sweep: sweep.delay_first_cycle(),
@@ -34,9 +35,14 @@ impl Hybrid {
             sweep_paused_until: None,
         }
     }
+
+    /// The sweep inside (tests: its prefetch).
+    pub fn sweep(&self) -> &sweep::SweepSource {
+        &self.sweep
+    }
 }
 
-impl Source for Hybrid {
+impl<E: Source> Source for Hybrid<E> {
     async fn next_batch(&mut self) -> Result<Batch, SourceError> {
         let paused = self
             .sweep_paused_until

@@ -52,15 +52,19 @@ struct Args {
 
 const GAP_MS: Millis = 60_000;
 const LATENESS_MS: Millis = 5_000;
-const BOTS: [&str; 2] = ["simbota", "simbotb"];
+/// One bot whose collection has the `timestamp_unix` index (ordered sweep pages), one without (unordered paging).
+const BOTS: [&str; 2] = ["simsorted", "simunsorted"];
 const REPLICAS: usize = 3;
 /// Steps of traffic and faults per schedule (then the quiet period).
 const STEPS: usize = 150;
 /// The virtual clock at the start of seed 0 (fixed, so a seed replays exactly; in the past, as Postgres' clock is real).
 const T0: Millis = 1_790_000_000_000;
 
-fn collection(bot: &str) -> String {
-    format!("whisperengine_memory_{bot}")
+/// A lane's collection of `bot`: each lane has its own (emptied before each seed), mapped to the same bot names
+/// (`COLLECTION_MAP`), so a seed's sweep pages hold only its own points whichever lane runs it, and its sweep reads no
+/// other test's collection in a shared Qdrant.
+fn collection(lane: usize, bot: &str) -> String {
+    format!("simshell{lane}_{bot}")
 }
 
 // ------------------------------------------------------------------------------------------------ the JetStream model
@@ -196,9 +200,20 @@ struct Msg {
     honest: bool,
 }
 
+/// Where messages come from: JetStream events, the Qdrant sweep alone, or both (`source::Hybrid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Events,
+    Sweep,
+    Hybrid,
+}
+
 struct World {
     seed: u64,
+    mode: Mode,
     now: Millis,
+    /// The same time, for the sweep (its cycle starts, intervals and checkpoint cap).
+    clock: recap::model::ManualClock,
     msgs: Vec<Msg>,
     model: Model,
     partitions: u32,
@@ -348,6 +363,13 @@ impl Source for SimSource {
             self.sealed.iter_mut().for_each(Vec::clear);
             self.recreate(next).await?;
         }
+        if got > 0 {
+            let seqs: Vec<u64> = self.in_flight.iter().map(|x| x.1).collect();
+            lock(&self.w).log(format!(
+                "p{} handed out {got}, in flight {seqs:?}",
+                self.part
+            ));
+        }
         if got == 0 || pending == Some(0) {
             let w = lock(&self.w);
             let held = self.in_flight.len() + self.sealed.iter().map(Vec::len).sum::<usize>();
@@ -378,6 +400,11 @@ impl Source for SimSource {
         };
         let stored = self.store.stream_position(&self.name).await?.map(|p| p.0);
         let mut w = lock(&self.w);
+        w.log(format!(
+            "p{} ack-all {seq} (stored {stored:?}, {} sealed left)",
+            self.part,
+            self.sealed.len()
+        ));
         if stored.is_none_or(|p| p < seq) {
             w.violation(format!(
                 "p{}: acknowledged up to seq {seq}, the stored position is {stored:?}",
@@ -389,9 +416,9 @@ impl Source for SimSource {
     }
 
     fn seal(&mut self) {
-        if !self.in_flight.is_empty() {
-            self.sealed.push_back(std::mem::take(&mut self.in_flight));
-        }
+        let last = self.in_flight.iter().map(|x| x.1).max();
+        lock(&self.w).log(format!("p{} seal up to {last:?}", self.part));
+        self.sealed.push_back(std::mem::take(&mut self.in_flight));
     }
 
     async fn abandon(&mut self) {
@@ -474,7 +501,48 @@ impl Summarizer for Counting {
 
 struct Led {
     ingest: Ingest,
-    source: SimSource,
+    source: SimSrc,
+}
+
+/// A partition's source in the schedule's mode.
+enum SimSrc {
+    Events(SimSource),
+    Sweep(recap::source::sweep::SweepSource),
+    Hybrid(recap::source::Hybrid<SimSource>),
+}
+
+macro_rules! each {
+    ($s:expr, $x:ident => $e:expr) => {
+        match $s {
+            SimSrc::Events($x) => $e,
+            SimSrc::Sweep($x) => $e,
+            SimSrc::Hybrid($x) => $e,
+        }
+    };
+}
+
+impl Source for SimSrc {
+    async fn next_batch(&mut self) -> Result<Batch, SourceError> {
+        each!(self, x => x.next_batch().await)
+    }
+    async fn commit(&mut self) -> Result<(), SourceError> {
+        each!(self, x => x.commit().await)
+    }
+    fn seal(&mut self) {
+        each!(self, x => x.seal())
+    }
+    async fn advance(&mut self) {
+        each!(self, x => x.advance().await)
+    }
+    async fn abandon(&mut self) {
+        each!(self, x => x.abandon().await)
+    }
+    fn lead(&mut self, lease: Option<Lease>) {
+        each!(self, x => x.lead(lease))
+    }
+    async fn rewind(&mut self, store: &Store) -> Result<(), SourceError> {
+        each!(self, x => x.rewind(store).await)
+    }
 }
 
 type Work = Pin<Box<dyn Future<Output = Result<usize, StoreError>> + Send>>;
@@ -495,13 +563,14 @@ type WinRow = (i64, String, String, String, Vec<String>, Option<i32>);
 // --------------------------------------------------------------------------------------------------------- setup
 
 struct Env {
+    lane: usize,
     db: TestDb,
     store: Store,
     q: Qdrant,
     qdrant_url: String,
 }
 
-async fn setup() -> Env {
+async fn setup(lane: usize) -> Env {
     let db = fresh_db().await;
     db.migrate().await;
     sqlx::raw_sql(
@@ -519,16 +588,17 @@ async fn setup() -> Env {
     .execute(&db.pool)
     .await
     .expect("sim trigger");
-    let cfg = config(&db.url, &env("QDRANT_URL"), 1, false);
+    let cfg = config(&db.url, &env("QDRANT_URL"), lane, 1, false);
     let store = recap::cmd::connect_store(&cfg).await.expect("store");
     let q = qdrant().await;
-    for bot in BOTS {
-        let c = collection(bot);
+    for (i, bot) in BOTS.iter().enumerate() {
+        let c = collection(lane, bot);
         if !q.collection_exists(&c).await.expect("qdrant") {
-            create_collection(&q, &c, true).await;
+            create_collection(&q, &c, i == 0).await;
         }
     }
     Env {
+        lane,
         db,
         store,
         q,
@@ -536,8 +606,19 @@ async fn setup() -> Env {
     }
 }
 
-fn config(db: &str, qdrant: &str, partitions: u32, by_user: bool) -> recap::config::Config {
+fn config(
+    db: &str,
+    qdrant: &str,
+    lane: usize,
+    partitions: u32,
+    by_user: bool,
+) -> recap::config::Config {
     let parts = partitions.to_string();
+    let map = BOTS
+        .iter()
+        .map(|b| format!("{}={b}", collection(lane, b)))
+        .collect::<Vec<_>>()
+        .join(",");
     let args = [
         "sim",
         "--database-url",
@@ -558,6 +639,10 @@ fn config(db: &str, qdrant: &str, partitions: u32, by_user: bool) -> recap::conf
         "1h",
         "--checkpoint-messages",
         "6",
+        "--collection-patterns",
+        "simshell_none_*",
+        "--collection-map",
+        map.as_str(),
         "--nats-partitions",
         parts.as_str(),
         "--nats-partition-by",
@@ -566,6 +651,24 @@ fn config(db: &str, qdrant: &str, partitions: u32, by_user: bool) -> recap::conf
     let mut cfg = Args::parse_from(args).c;
     cfg.normalize();
     cfg
+}
+
+/// Empties the lane's collections (before a seed: the last one's points, or a stopped run's; after: less to keep).
+async fn clear_collections(env: &Env) {
+    use qdrant_client::qdrant::{Condition, DeletePointsBuilder, Filter};
+    for bot in BOTS {
+        env.q
+            .delete_points(
+                DeletePointsBuilder::new(collection(env.lane, bot))
+                    .points(Filter::must_not([Condition::matches(
+                        "user_id",
+                        "-".to_string(),
+                    )]))
+                    .wait(true),
+            )
+            .await
+            .expect("empty the lane's collection");
+    }
 }
 
 /// Every table back to empty (the schema and the sim's trigger stay).
@@ -598,6 +701,8 @@ struct Sim<'e> {
     /// Message sets whose summarizer call a frozen worker was inside.
     interrupted: Vec<BTreeSet<String>>,
     batch_max: usize,
+    /// Sweep pages' size.
+    page_size: u32,
     /// Verbose replays: the window rows as last logged.
     seen: HashMap<i64, String>,
 }
@@ -608,7 +713,14 @@ impl<'e> Sim<'e> {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let partitions = [1, 2, 4][rng.range(0, 3) as usize];
         let by_user = rng.chance(0.5);
-        let cfg = Arc::new(config(&env.db.url, &env.qdrant_url, partitions, by_user));
+        let mode = [Mode::Events, Mode::Sweep, Mode::Hybrid][rng.range(0, 3) as usize];
+        let cfg = Arc::new(config(
+            &env.db.url,
+            &env.qdrant_url,
+            env.lane,
+            partitions,
+            by_user,
+        ));
         let points = Arc::new(
             recap::fetch::Points::new(&env.qdrant_url, None, cfg.payload_mapping())
                 .expect("points"),
@@ -616,9 +728,12 @@ impl<'e> Sim<'e> {
         let summarizer = Arc::new(Counting::new());
         let now = T0 + seed as i64 * 1_000;
         let msgs = schedule_messages(&mut rng, seed, now);
+        clear_collections(env).await;
         let w = Arc::new(Mutex::new(World {
             seed,
+            mode,
             now,
+            clock: recap::model::ManualClock::new(now),
             msgs,
             model: Model {
                 events: Vec::new(),
@@ -632,6 +747,7 @@ impl<'e> Sim<'e> {
             verbose,
         }));
         let batch_max = rng.range(1, 8) as usize;
+        let page_size = rng.range(2, 12) as u32;
         let replicas = (0..REPLICAS)
             .map(|i| Replica {
                 ctx: Context {
@@ -648,8 +764,23 @@ impl<'e> Sim<'e> {
                 held: None,
             })
             .collect();
+        if verbose {
+            let w = lock(&w);
+            for m in &w.msgs {
+                eprintln!(
+                    "sim[{seed}] msg {} {}/{} stored {} event {} visible {} arrives {}",
+                    &m.id[m.id.len() - 4..],
+                    BOTS[m.bot],
+                    m.user,
+                    m.stored % 10_000_000,
+                    m.event_ts % 10_000_000,
+                    m.visible_at % 10_000_000,
+                    m.event_at % 10_000_000
+                );
+            }
+        }
         lock(&w).log(format!(
-            "partitions {partitions} by {} batch {batch_max}",
+            "{mode:?}, partitions {partitions} by {} batch {batch_max}",
             if by_user { "user" } else { "bot" }
         ));
         Sim {
@@ -663,6 +794,7 @@ impl<'e> Sim<'e> {
             epochs: HashMap::new(),
             interrupted: Vec::new(),
             batch_max,
+            page_size,
             seen: HashMap::new(),
         }
     }
@@ -681,6 +813,7 @@ impl<'e> Sim<'e> {
             let mut w = lock(&self.w);
             w.now += by;
             let now = w.now;
+            w.clock.set(now);
             let mut newly = Vec::new();
             for i in 0..w.msgs.len() {
                 if !w.msgs[i].visible && w.msgs[i].visible_at <= now {
@@ -688,9 +821,16 @@ impl<'e> Sim<'e> {
                     newly.push(w.msgs[i].clone());
                 }
             }
+            let events = w.mode != Mode::Sweep;
             let mut arriving: Vec<usize> = (0..w.msgs.len())
-                .filter(|&i| !w.msgs[i].published && w.msgs[i].event_at <= now)
+                .filter(|&i| events && !w.msgs[i].published && w.msgs[i].event_at <= now)
                 .collect();
+            if !events {
+                // sweep-only: a message is there once its point is visible
+                for i in 0..w.msgs.len() {
+                    w.msgs[i].published |= w.msgs[i].visible;
+                }
+            }
             arriving.sort_by_key(|&i| (w.msgs[i].event_at, i));
             for i in arriving {
                 w.msgs[i].published = true;
@@ -714,7 +854,7 @@ impl<'e> Sim<'e> {
                 })
                 .collect();
             if !pts.is_empty() {
-                upsert(&self.env.q, &collection(name), &pts).await;
+                upsert(&self.env.q, &collection(self.env.lane, name), &pts).await;
             }
         }
         let _ = now;
@@ -734,6 +874,44 @@ impl<'e> Sim<'e> {
         }
     }
 
+    /// Partition `p`'s source in the schedule's mode; the sweep reads only this seed's users (the collections are
+    /// shared) and the virtual clock, a cycle every 20 s of it (back to back when sweep-only).
+    fn source(&mut self, p: u32) -> SimSrc {
+        let (mode, seed, clock) = {
+            let w = lock(&self.w);
+            (w.mode, w.seed, w.clock.clone())
+        };
+        let events = || SimSource::new(&self.w, &self.env.store, p, self.batch_max);
+        let sweep = |interval: Duration| {
+            let mut settings = recap::cmd::sweep_settings_for_partition(
+                &self.cfg,
+                p,
+                self.cfg.nats.nats_partitions.max(1),
+            );
+            settings.interval = interval;
+            settings.page_size = self.page_size;
+            let prefix = format!("sim{seed}u");
+            let inner = settings.keep_user.take();
+            settings.keep_user = Some(Arc::new(move |b: &str, u: &str| {
+                u.starts_with(&prefix) && inner.as_ref().is_none_or(|k| k(b, u))
+            }));
+            recap::source::sweep::SweepSource::new(
+                self.points.clone(),
+                self.env.store.clone(),
+                settings,
+            )
+            .with_clock(Arc::new(clock.clone()))
+        };
+        match mode {
+            Mode::Events => SimSrc::Events(events()),
+            Mode::Sweep => SimSrc::Sweep(sweep(Duration::ZERO)),
+            Mode::Hybrid => SimSrc::Hybrid(recap::source::Hybrid::new(
+                events(),
+                sweep(Duration::from_secs(20)),
+            )),
+        }
+    }
+
     /// A replica tries to take partition `p` (one attempt, as the loop's, then the rewind).
     async fn take(&mut self, r: usize, p: u32) {
         let done = CancellationToken::new();
@@ -742,7 +920,7 @@ impl<'e> Sim<'e> {
         let inst = ctx.instance.clone();
         match Ingest::start_partition(ctx, p, None, &done).await {
             Ok(Some(ingest)) => {
-                let mut source = SimSource::new(&self.w, &self.env.store, p, self.batch_max);
+                let mut source = self.source(p);
                 source.lead(Some(ingest.lease().clone()));
                 let epoch = ingest.lease().fence().epoch;
                 match source.rewind(&self.env.store).await {
@@ -782,6 +960,19 @@ impl<'e> Sim<'e> {
         while led.ingest.is_writing() && !led.ingest.write_finished() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // the sweep's prefetch of its next page runs in the background: it arrives before the world moves on, so
+        // what it reads does not depend on timing
+        loop {
+            let probe = match &led.source {
+                SimSrc::Events(_) => None,
+                SimSrc::Sweep(x) => x.prefetch_probe(),
+                SimSrc::Hybrid(x) => x.sweep().prefetch_probe(),
+            };
+            if probe.is_none_or(|p| p.arrived) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let epoch = led.ingest.lease().fence().epoch;
         self.log_window_changes().await;
         match r2 {
@@ -800,9 +991,10 @@ impl<'e> Sim<'e> {
                     .iter()
                     .map(|m| {
                         format!(
-                            "{}@{}",
+                            "{}@{}:{}",
                             &m.point_id[m.point_id.len() - 4..],
-                            m.ts_ms % 10_000_000
+                            m.ts_ms % 10_000_000,
+                            m.user_id
                         )
                     })
                     .collect();
@@ -1351,6 +1543,7 @@ impl<'e> Sim<'e> {
         for c in &calls {
             *per_set.entry(&c.2).or_default() += 1;
         }
+        // (point ids are unique across the schedule's bots, so a set names one key)
         for (set, n) in &per_set {
             let allowed = 1 + self.interrupted.iter().filter(|s| *s == *set).count();
             if *n > allowed {
@@ -1453,6 +1646,9 @@ async fn run_seed(env: &Env, seed: u64, verbose: bool) -> Vec<String> {
     sim.quiesce().await;
     let t_quiet = t.elapsed();
     sim.check().await;
+    if std::env::var("RECAP_SIM_KEEP").is_err() {
+        clear_collections(env).await;
+    }
     if std::env::var("RECAP_SIM_TIMING").is_ok() {
         eprintln!(
             "SIMT new {:?} steps {:?} quiet {:?} check {:?}",
@@ -1495,7 +1691,7 @@ async fn seeded_schedules_of_the_shell_keep_every_invariant() {
     let runs = (0..lanes).map(|lane| {
         let mine: Vec<u64> = seeds.iter().copied().skip(lane).step_by(lanes).collect();
         async move {
-            let env = setup().await;
+            let env = setup(lane).await;
             let mut failed = Vec::new();
             for seed in mine {
                 let v = run_seed(&env, seed, verbose).await;
