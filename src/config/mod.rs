@@ -35,6 +35,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod builders;
 mod clap_error;
 mod llm;
 mod nats;
@@ -49,6 +50,7 @@ mod windows;
 #[cfg(test)]
 mod tests;
 
+pub use builders::{llm_settings, sweep_settings, sweep_settings_for_partition};
 pub use clap_error::one_line_clap_error;
 pub use llm::{LlmConfig, OverBudget, SummarizerChoice};
 pub use nats::NatsConfig;
