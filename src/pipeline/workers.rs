@@ -5,6 +5,7 @@
 //! loop and the lease heartbeat (`run_workers`, `drain_due`).
 //! finish them in batches (one claim, one Qdrant retrieve and scroll, one finish transaction for many windows).
 
+mod finish;
 mod run;
 mod window;
 
@@ -220,6 +221,25 @@ pub async fn process_claimed(
     ids: Option<HashMap<i64, Vec<String>>>,
     release: &(dyn Fn(i64) + Sync),
 ) -> Result<Vec<(i64, Finished)>, StoreError> {
+    process_claimed_in(ctx, windows, ids, release, None, None).await
+}
+
+/// A claim younger than this (and than a tenth of the lease) needs no lease extension before its calls: the claim
+/// set the lease and read the version itself (see [`process_claimed_in`]).
+const FRESH_CLAIM: Duration = Duration::from_secs(1);
+
+/// [`process_claimed`] as `run_workers` calls it: `claimed_at` is when the claim statement returned (a claim still
+/// fresh right before the calls counts as their lease extension: its lease is as long, its versions as recent as
+/// the extension's would be, so the extension's round trip is left out), and `finisher` finishes the batch in a
+/// group with the others waiting and syncs the summary vectors afterwards ([`finish::Finisher`]).
+pub(super) async fn process_claimed_in(
+    ctx: &Context,
+    windows: Vec<ClaimedWindow>,
+    ids: Option<HashMap<i64, Vec<String>>>,
+    release: &(dyn Fn(i64) + Sync),
+    claimed_at: Option<std::time::Instant>,
+    finisher: Option<&finish::Finisher>,
+) -> Result<Vec<(i64, Finished)>, StoreError> {
     if windows.is_empty() {
         return Ok(Vec::new());
     }
@@ -234,7 +254,9 @@ pub async fn process_claimed(
     };
     // Right before the calls: the leases of the windows about to be sent, extended in one statement; a window no
     // longer this worker's or changed since the claim is not sent.
-    if llm {
+    let fresh = claimed_at.is_some_and(|t| t.elapsed() < FRESH_CLAIM.min(lease / 10))
+        && !std::env::var("RECAP_X_NO_SKIP").is_ok_and(|v| v == "1");
+    if llm && !fresh {
         let to_call: Vec<(i64, i32)> = windows
             .iter()
             .zip(&prepared)
@@ -288,11 +310,13 @@ pub async fn process_claimed(
         }
     }
     let batch: Vec<(&ClaimedWindow, &WindowOutcome)> = todo.iter().map(|(w, o)| (*w, o)).collect();
-    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> = match finish_batch(
-        ctx, &batch, lease,
-    )
-    .await
-    {
+    let group = finisher.filter(|_| !std::env::var("RECAP_X_NO_GROUP").is_ok_and(|v| v == "1"));
+    let mut synced = group.is_some();
+    let result = match group {
+        Some(f) => f.finish(&batch).await,
+        None => finish_batch(ctx, &batch, lease).await,
+    };
+    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> = match result {
         Ok(f) => todo
             .into_iter()
             .zip(f)
@@ -301,6 +325,7 @@ pub async fn process_claimed(
         Err(e) if e.is_connection() => return Err(e),
         Err(e) => {
             debug!(error = %e, windows = todo.len(), "the batch cannot be finished at once; one by one");
+            synced = false;
             metrics::counter!("recap_window_batch_fallbacks_total").increment(1);
             let mut one_by_one = Vec::with_capacity(todo.len());
             for (w, o) in todo {
@@ -324,7 +349,9 @@ pub async fn process_claimed(
             _ => None,
         })
         .collect();
-    crate::vectors::on_summarized_many(&ctx.store, ctx.points.client(), &vectors).await;
+    if !synced {
+        crate::vectors::on_summarized_many(&ctx.store, ctx.points.client(), &vectors).await;
+    }
     Ok(finished
         .iter()
         .map(|(w, o, f)| {

@@ -12,7 +12,8 @@ use crate::pipeline::{Context, loop_backoff, sleep_or_shutdown};
 use crate::sink::{ClaimedWindow, StoreError};
 use crate::summarize::SummarizerKind;
 
-use super::process_claimed;
+use super::finish::Finisher;
+use super::{process_claimed, process_claimed_in};
 
 /// How long a claim waits for more free LLM slots (see `run_workers`).
 const CLAIM_GATHER: Duration = Duration::from_millis(10);
@@ -162,6 +163,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
     let llm = ctx.summarizer.kind() == SummarizerKind::Llm;
     let slots = Arc::new(tokio::sync::Semaphore::new(batch * in_flight));
     let heartbeat = Arc::new(Heartbeat::start(&ctx, lease));
+    let (finisher, finisher_task) = Finisher::start(&ctx, lease);
     let hard_stop = CancellationToken::new();
     let grace = ctx.cfg.service.shutdown_grace;
     {
@@ -197,8 +199,10 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         let mut permits = vec![first];
         // With the LLM summarizer slots come free one call at a time: a claim waits a little (CLAIM_GATHER) for half
         // a batch of them, so windows are claimed, fetched, leased and finished in batches, not one by one.
-        let gather_until = tokio::time::Instant::now() + CLAIM_GATHER;
-        let enough = if llm { batch.div_ceil(2) } else { 1 };
+        let gather_ms: u64 = std::env::var("RECAP_X_GATHER_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(CLAIM_GATHER.as_millis() as u64);
+        let gather_until = tokio::time::Instant::now() + Duration::from_millis(gather_ms);
+        let all = std::env::var("RECAP_X_GATHER_ALL").is_ok_and(|v| v == "1");
+        let enough = if llm { if all { batch } else { batch.div_ceil(2) } } else { 1 };
         loop {
             while permits.len() < batch {
                 match slots.clone().try_acquire_owned() {
@@ -219,7 +223,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             .claim_due_with_points(&ctx.instance, lease, permits.len() as i64)
             .await
         {
-            Ok(c) => c,
+            Ok(c) => (c, std::time::Instant::now()),
             Err(e) => {
                 drop(permits);
                 let wait = backoff.next().unwrap_or(Duration::from_secs(30));
@@ -231,7 +235,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             }
         };
         backoff = new_backoff();
-        let (claimed, mut points) = claimed;
+        let ((claimed, mut points), claimed_at) = claimed;
         if claimed.is_empty() {
             // No window due: the free slots build due running summaries of open windows (CONTEXT_SUMMARY_EVERY);
             // window work keeps priority, since they are claimed only after an empty window claim.
@@ -264,7 +268,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         if mine.is_empty() {
             continue;
         }
-        let (ctx, heartbeat) = (ctx.clone(), heartbeat.clone());
+        let (ctx, heartbeat, finisher) = (ctx.clone(), heartbeat.clone(), finisher.clone());
         tasks.spawn(async move {
             let ids: Vec<i64> = mine.iter().map(|w| w.id).collect();
             let held = std::sync::Mutex::new(held);
@@ -275,7 +279,16 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
                     lock(&held).remove(&id);
                 }
             };
-            if let Err(e) = process_claimed(&ctx, mine, Some(points), &release).await {
+            let r = process_claimed_in(
+                &ctx,
+                mine,
+                Some(points),
+                &release,
+                Some(claimed_at),
+                Some(&finisher),
+            )
+            .await;
+            if let Err(e) = r {
                 warn!(windows = ids.len(), error = %e, "windows not finished; their leases will expire and they will be retried");
             }
             for id in ids {
@@ -284,9 +297,18 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             drop(held);
         });
     }
+    // the batches, then the finisher (the last group's transaction and vectors)
+    drop(finisher);
+    let abort = finisher_task.abort_handle();
     tokio::select! {
-        _ = async { while tasks.join_next().await.is_some() {} } => {}
-        _ = hard_stop.cancelled() => tasks.abort_all(),
+        _ = async {
+            while tasks.join_next().await.is_some() {}
+            let _ = finisher_task.await;
+        } => {}
+        _ = hard_stop.cancelled() => {
+            tasks.abort_all();
+            abort.abort();
+        }
     }
     drop(heartbeat);
     if let Some(l) = ctx.summarizer.ledger()
