@@ -272,7 +272,8 @@ async fn run(
     let out = std::fs::File::create(&log).expect("log file");
     let t = Instant::now();
     // BENCH_RECAP_BIN: another recap binary (e.g. a baseline build, run alternately with this one)
-    let bin = std::env::var("BENCH_RECAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_recap").into());
+    let bin =
+        std::env::var("BENCH_RECAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_recap").into());
     let child = Command::new(bin)
         .arg("run")
         .env_clear()

@@ -9,6 +9,7 @@ mod finish;
 mod run;
 mod window;
 
+pub use finish::Finisher;
 pub use run::{batch_shape, drain_due, run_workers};
 pub use window::summarize_window;
 use window::{
@@ -212,9 +213,11 @@ pub async fn process_windows(
 /// [`process_windows`] with the windows' point ids when the claim read them already
 /// ([`crate::sink::Store::claim_due_with_points`]). The round trips of a batch of n windows with the LLM summarizer:
 /// the claim (with the point ids), the running summaries of the keys (when CONTEXT_SUMMARY_EVERY is on), Qdrant's
-/// retrieve and scroll, one lease extension for all n right before their calls, the n calls (a budget reservation
-/// only every LLM_CONCURRENCY calls: [`crate::budget`]), one finish transaction that also writes the calls' costs,
-/// then the summary vectors. A retry or repair call adds one lease check each.
+/// retrieve and scroll, one lease extension for all n right before their calls (none after a fresh claim in
+/// `run_workers`, see [`process_claimed_in`]), the n calls (a budget reservation only every LLM_CONCURRENCY calls:
+/// [`crate::budget`]), one finish transaction that also writes the calls' costs (in `run_workers` a group's, shared
+/// with the batches finishing at the same time), then the summary vectors. A retry or repair call adds one lease
+/// check each.
 pub async fn process_claimed(
     ctx: &Context,
     windows: Vec<ClaimedWindow>,
@@ -254,8 +257,7 @@ pub(super) async fn process_claimed_in(
     };
     // Right before the calls: the leases of the windows about to be sent, extended in one statement; a window no
     // longer this worker's or changed since the claim is not sent.
-    let fresh = claimed_at.is_some_and(|t| t.elapsed() < FRESH_CLAIM.min(lease / 10))
-        && !std::env::var("RECAP_X_NO_SKIP").is_ok_and(|v| v == "1");
+    let fresh = claimed_at.is_some_and(|t| t.elapsed() < FRESH_CLAIM.min(lease / 10));
     if llm && !fresh {
         let to_call: Vec<(i64, i32)> = windows
             .iter()
@@ -310,9 +312,8 @@ pub(super) async fn process_claimed_in(
         }
     }
     let batch: Vec<(&ClaimedWindow, &WindowOutcome)> = todo.iter().map(|(w, o)| (*w, o)).collect();
-    let group = finisher.filter(|_| !std::env::var("RECAP_X_NO_GROUP").is_ok_and(|v| v == "1"));
-    let mut synced = group.is_some();
-    let result = match group {
+    let mut synced = finisher.is_some();
+    let result = match finisher {
         Some(f) => f.finish(&batch).await,
         None => finish_batch(ctx, &batch, lease).await,
     };

@@ -12,15 +12,6 @@ use super::{ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, Wind
 pub(super) use super::{next_attempt, truncate};
 use crate::summarize::Summary;
 
-const OLD_CLAIM: &str = "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
-             FROM (SELECT id FROM recap_windows
-                   WHERE state = 'due' AND (not_before IS NULL OR not_before <= now())
-                     AND (lease_until IS NULL OR lease_until < now())
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
-             WHERE w.id = c.id
-             RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
-                       w.closed_at, w.point_ids";
-
 /// The claim of [`Store::claim_due_with_points`].
 const CLAIM_SQL: &str = "WITH retry AS (SELECT id FROM recap_windows
                    WHERE state = 'due' AND not_before <= now() AND (lease_until IS NULL OR lease_until < now())
@@ -77,13 +68,12 @@ impl Store {
         // finished window left in the index until vacuum: a bitmap scan of all of them per claim, growing with the
         // windows finished (issue 25). An ordered index scan marks such entries dead as it passes and skips them
         // afterwards. Rows one scan locks beyond the `limit` kept are unlocked when the statement ends.
-        let sql = if std::env::var("RECAP_X_OLD_CLAIM").is_ok_and(|v| v == "1") { OLD_CLAIM } else { CLAIM_SQL };
-        let rows: Vec<ClaimedRow> = sqlx::query_as(sql)
-        .bind(owner)
-        .bind(lease.as_millis() as f64)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_SQL)
+            .bind(owner)
+            .bind(lease.as_millis() as f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         let mut ids = HashMap::with_capacity(rows.len());
         let mut windows = Vec::with_capacity(rows.len());
         for r in rows {

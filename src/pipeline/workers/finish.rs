@@ -53,9 +53,9 @@ impl Finisher {
         if self.jobs.send((owned, done)).is_err() {
             return Err(StoreError::Invariant("the window finisher has stopped"));
         }
-        result
-            .await
-            .unwrap_or(Err(StoreError::Invariant("the window finisher has stopped")))
+        result.await.unwrap_or(Err(StoreError::Invariant(
+            "the window finisher has stopped",
+        )))
     }
 }
 

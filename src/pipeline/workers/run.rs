@@ -199,10 +199,8 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         let mut permits = vec![first];
         // With the LLM summarizer slots come free one call at a time: a claim waits a little (CLAIM_GATHER) for half
         // a batch of them, so windows are claimed, fetched, leased and finished in batches, not one by one.
-        let gather_ms: u64 = std::env::var("RECAP_X_GATHER_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(CLAIM_GATHER.as_millis() as u64);
-        let gather_until = tokio::time::Instant::now() + Duration::from_millis(gather_ms);
-        let all = std::env::var("RECAP_X_GATHER_ALL").is_ok_and(|v| v == "1");
-        let enough = if llm { if all { batch } else { batch.div_ceil(2) } } else { 1 };
+        let gather_until = tokio::time::Instant::now() + CLAIM_GATHER;
+        let enough = if llm { batch.div_ceil(2) } else { 1 };
         loop {
             while permits.len() < batch {
                 match slots.clone().try_acquire_owned() {
