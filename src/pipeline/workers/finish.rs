@@ -1,4 +1,4 @@
-//! The group finish of `run_workers` (issue 25): the batches whose calls returned meanwhile are finished together in
+//! The group finish of `run_workers` with the LLM summarizer (issue 25): the batches whose calls returned meanwhile are finished together in
 //! one transaction ([`super::finish_batch`]), and their summary vectors synced together after it, off the batches'
 //! own path. With the LLM summarizer a claim is at most `LLM_CONCURRENCY` windows (often half of it), so one finish
 //! transaction per claim meant several per `LLM_CONCURRENCY` calls, each taking the day's spend row for its

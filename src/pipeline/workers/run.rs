@@ -163,7 +163,16 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
     let llm = ctx.summarizer.kind() == SummarizerKind::Llm;
     let slots = Arc::new(tokio::sync::Semaphore::new(batch * in_flight));
     let heartbeat = Arc::new(Heartbeat::start(&ctx, lease));
-    let (finisher, finisher_task) = Finisher::start(&ctx, lease);
+    // With the LLM summarizer a batch's slots are free when its calls returned, so its finish can wait for a group
+    // (`Finisher`); an extractive batch holds its slots until it is finished, and its three batches in flight finish
+    // concurrently, each in its own transaction, as before.
+    let (finisher, finisher_task) = match llm {
+        true => {
+            let (f, t) = Finisher::start(&ctx, lease);
+            (Some(f), Some(t))
+        }
+        false => (None, None),
+    };
     let hard_stop = CancellationToken::new();
     let grace = ctx.cfg.service.shutdown_grace;
     {
@@ -283,7 +292,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
                 Some(points),
                 &release,
                 Some(claimed_at),
-                Some(&finisher),
+                finisher.as_ref(),
             )
             .await;
             if let Err(e) = r {
@@ -297,15 +306,19 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
     }
     // the batches, then the finisher (the last group's transaction and vectors)
     drop(finisher);
-    let abort = finisher_task.abort_handle();
+    let abort = finisher_task.as_ref().map(|t| t.abort_handle());
     tokio::select! {
         _ = async {
             while tasks.join_next().await.is_some() {}
-            let _ = finisher_task.await;
+            if let Some(t) = finisher_task {
+                let _ = t.await;
+            }
         } => {}
         _ = hard_stop.cancelled() => {
             tasks.abort_all();
-            abort.abort();
+            if let Some(a) = abort {
+                a.abort();
+            }
         }
     }
     drop(heartbeat);
