@@ -28,7 +28,8 @@
 //! Qdrant, then its CPU is not reported). `cargo bench --bench history`. Environment: `BENCH_HISTORY_USERS` (200),
 //! `BENCH_HISTORY_BOTS` (3), `BENCH_HISTORY_SESSIONS` (5), `BENCH_HISTORY_MESSAGES` (12), `BENCH_RUNS` (3),
 //! `BENCH_HISTORY_SUMMARIZER` (`extractive`, or `llm`: needs LLM_BASE_URL), `RECAP_QDRANT_KIND` (printed: `real` or
-//! `test`, as `scripts/services` says).
+//! `test`, as `scripts/services` says), `BENCH_RECAP_BIN` (another `recap` binary to time, e.g. a baseline build run
+//! alternately with this one; default the one built with the bench).
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 
 use std::process::{Child, Command, Stdio};
@@ -190,6 +191,8 @@ struct RunResult {
     first_cpu: [Option<f64>; 3],
     qdrant_cpu: Option<f64>,
     postgres_cpu: Option<f64>,
+    /// The LLM test server's CPU seconds over the timed span (LLM mode; its pid from `scripts/services`).
+    llm_cpu: Option<f64>,
 }
 
 async fn run(
@@ -264,9 +267,14 @@ async fn run(
     let pattern = format!("whisperengine_memory_{tag}_*");
     let (qdrant_pid, pg_pid) = (service_pid("qdrant"), service_pid("postgres"));
     let (q0, p0) = (qdrant_pid.map(tree_ticks), pg_pid.map(tree_ticks));
+    let llm_pid = llm.and_then(|_| service_pid("llm"));
+    let l0 = llm_pid.map(tree_ticks);
     let out = std::fs::File::create(&log).expect("log file");
     let t = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_recap"))
+    // BENCH_RECAP_BIN: another recap binary (e.g. a baseline build, run alternately with this one)
+    let bin =
+        std::env::var("BENCH_RECAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_recap").into());
+    let child = Command::new(bin)
         .arg("run")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -314,6 +322,7 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let (q1, p1) = (qdrant_pid.map(tree_ticks), pg_pid.map(tree_ticks));
+    let l1 = llm_pid.map(tree_ticks);
     drop(recap);
     let window_calls = match llm {
         Some(llm) => Some(llm.window_calls().await),
@@ -365,6 +374,7 @@ async fn run(
         ],
         qdrant_cpu: q0.zip(q1).map(|(a, b)| b.saturating_sub(a) as f64 / tck),
         postgres_cpu: p0.zip(p1).map(|(a, b)| b.saturating_sub(a) as f64 / tck),
+        llm_cpu: l0.zip(l1).map(|(a, b)| b.saturating_sub(a) as f64 / tck),
     }
 }
 
@@ -451,6 +461,13 @@ async fn main() {
                 shape.windows()
             );
             emit(&metric("calls_per_window"), per_window, "calls");
+            if let Some(v) = res.llm_cpu {
+                eprintln!(
+                    "  run {r}: CPU of the LLM test server {v:.2} s ({:.2} of one core over the span)",
+                    v / res.seconds
+                );
+                emit(&metric("llm_server_cpu_s"), v, "s");
+            }
             assert_eq!(
                 calls,
                 shape.windows() as u64,

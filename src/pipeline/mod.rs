@@ -31,6 +31,7 @@ pub use ingest::{
 };
 pub use partitions::{Share, run_partitioned};
 pub use running::{run_due_running, summarize_from};
+pub use workers::Finisher;
 pub use workers::{
     batch_shape, drain_due, process_claimed, process_window, process_windows, run_workers,
     summarize_window,

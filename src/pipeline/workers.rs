@@ -5,9 +5,11 @@
 //! loop and the lease heartbeat (`run_workers`, `drain_due`).
 //! finish them in batches (one claim, one Qdrant retrieve and scroll, one finish transaction for many windows).
 
+mod finish;
 mod run;
 mod window;
 
+pub use finish::Finisher;
 pub use run::{batch_shape, drain_due, run_workers};
 pub use window::summarize_window;
 use window::{
@@ -211,14 +213,35 @@ pub async fn process_windows(
 /// [`process_windows`] with the windows' point ids when the claim read them already
 /// ([`crate::sink::Store::claim_due_with_points`]). The round trips of a batch of n windows with the LLM summarizer:
 /// the claim (with the point ids), the running summaries of the keys (when CONTEXT_SUMMARY_EVERY is on), Qdrant's
-/// retrieve and scroll, one lease extension for all n right before their calls, the n calls (a budget reservation
-/// only every LLM_CONCURRENCY calls: [`crate::budget`]), one finish transaction that also writes the calls' costs,
-/// then the summary vectors. A retry or repair call adds one lease check each.
+/// retrieve and scroll, one lease extension for all n right before their calls (none after a fresh claim in
+/// `run_workers`, see [`process_claimed_in`]), the n calls (a budget reservation only every LLM_CONCURRENCY calls:
+/// [`crate::budget`]), one finish transaction that also writes the calls' costs (in `run_workers` a group's, shared
+/// with the batches finishing at the same time), then the summary vectors. A retry or repair call adds one lease
+/// check each.
 pub async fn process_claimed(
     ctx: &Context,
     windows: Vec<ClaimedWindow>,
     ids: Option<HashMap<i64, Vec<String>>>,
     release: &(dyn Fn(i64) + Sync),
+) -> Result<Vec<(i64, Finished)>, StoreError> {
+    process_claimed_in(ctx, windows, ids, release, None, None).await
+}
+
+/// A claim younger than this (and than a tenth of the lease) needs no lease extension before its calls: the claim
+/// set the lease and read the version itself (see [`process_claimed_in`]).
+const FRESH_CLAIM: Duration = Duration::from_secs(1);
+
+/// [`process_claimed`] as `run_workers` calls it: `claimed_at` is when the claim statement returned (a claim still
+/// fresh right before the calls counts as their lease extension: its lease is as long, its versions as recent as
+/// the extension's would be, so the extension's round trip is left out), and `finisher` finishes the batch in a
+/// group with the others waiting and syncs the summary vectors afterwards ([`finish::Finisher`]).
+pub(super) async fn process_claimed_in(
+    ctx: &Context,
+    windows: Vec<ClaimedWindow>,
+    ids: Option<HashMap<i64, Vec<String>>>,
+    release: &(dyn Fn(i64) + Sync),
+    claimed_at: Option<std::time::Instant>,
+    finisher: Option<&finish::Finisher>,
 ) -> Result<Vec<(i64, Finished)>, StoreError> {
     if windows.is_empty() {
         return Ok(Vec::new());
@@ -234,7 +257,8 @@ pub async fn process_claimed(
     };
     // Right before the calls: the leases of the windows about to be sent, extended in one statement; a window no
     // longer this worker's or changed since the claim is not sent.
-    if llm {
+    let fresh = claimed_at.is_some_and(|t| t.elapsed() < FRESH_CLAIM.min(lease / 10));
+    if llm && !fresh {
         let to_call: Vec<HeldWindow> = windows
             .iter()
             .zip(&prepared)
@@ -291,11 +315,12 @@ pub async fn process_claimed(
         }
     }
     let batch: Vec<(&ClaimedWindow, &WindowOutcome)> = todo.iter().map(|(w, o)| (*w, o)).collect();
-    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> = match finish_batch(
-        ctx, &batch, lease,
-    )
-    .await
-    {
+    let mut synced = finisher.is_some();
+    let result = match finisher {
+        Some(f) => f.finish(&batch).await,
+        None => finish_batch(ctx, &batch, lease).await,
+    };
+    let finished: Vec<(&ClaimedWindow, WindowOutcome, Finished)> = match result {
         Ok(f) => todo
             .into_iter()
             .zip(f)
@@ -304,6 +329,7 @@ pub async fn process_claimed(
         Err(e) if e.is_connection() => return Err(e),
         Err(e) => {
             debug!(error = %e, windows = todo.len(), "the batch cannot be finished at once; one by one");
+            synced = false;
             metrics::counter!("recap_window_batch_fallbacks_total").increment(1);
             let mut one_by_one = Vec::with_capacity(todo.len());
             for (w, o) in todo {
@@ -327,7 +353,9 @@ pub async fn process_claimed(
             _ => None,
         })
         .collect();
-    crate::vectors::on_summarized_many(&ctx.store, ctx.points.client(), &vectors).await;
+    if !synced {
+        crate::vectors::on_summarized_many(&ctx.store, ctx.points.client(), &vectors).await;
+    }
     Ok(finished
         .iter()
         .map(|(w, o, f)| {

@@ -49,12 +49,15 @@ struct ClaimedRow {
 /// plan (see `model::state_sql`; `tests/it/worker_batch.rs` checks the plan).
 pub fn claim_due_sql() -> &'static str {
     state_sql!(
-        "UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
-             FROM (SELECT id FROM recap_windows
-                   WHERE state = {due} AND (not_before IS NULL OR not_before <= now())
-                     AND (lease_until IS NULL OR lease_until < now())
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
-             WHERE w.id = c.id
+        "WITH retry AS (SELECT id FROM recap_windows
+                   WHERE state = {due} AND not_before <= now() AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY not_before, id LIMIT $3 FOR UPDATE SKIP LOCKED),
+                  new AS (SELECT id FROM recap_windows
+                   WHERE state = {due} AND not_before IS NULL AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY not_before, id LIMIT $3 FOR UPDATE SKIP LOCKED),
+                  c AS (SELECT id FROM retry UNION ALL SELECT id FROM new ORDER BY id LIMIT $3)
+             UPDATE recap_windows w SET lease_owner = $1, lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
+             FROM c WHERE w.id = c.id
              RETURNING w.id, w.bot_name, w.user_id, w.start_ts, w.end_ts, w.version, w.revision, w.attempts, w.summary_id,
                        w.closed_at, w.point_ids"
     )
@@ -84,6 +87,12 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> Result<Claim, StoreError> {
+        // The due windows in two index-ordered scans of `idx_recap_windows_due` (not_before, id) WHERE state = 'due',
+        // retries whose time came and new windows, each stopping after `limit` rows, then the lowest ids of both. One
+        // scan in id order (`ORDER BY id` over `not_before IS NULL OR not_before <= now()`) read every entry a
+        // finished window left in the index until vacuum: a bitmap scan of all of them per claim, growing with the
+        // windows finished (issue 25). An ordered index scan marks such entries dead as it passes and skips them
+        // afterwards. Rows one scan locks beyond the `limit` kept are unlocked when the statement ends.
         let rows: Vec<ClaimedRow> = sqlx::query_as(claim_due_sql())
             .bind(owner)
             .bind(lease.as_millis() as f64)

@@ -390,3 +390,174 @@ async fn the_claim_uses_a_partial_index_of_the_due_windows_under_a_generic_plan(
         "a bound state still scans a partial index (the control does not discriminate): {plan}"
     );
 }
+
+/// A context for the batch tests: the extractive summarizer (through [`Meddling`], with nothing planned).
+async fn batch_ctx(s: &Scenario) -> Context {
+    let q = env("QDRANT_URL");
+    let map = format!("{}={}", s.collection, s.bot);
+    let mut cfg = Args::parse_from([
+        "t",
+        "--database-url",
+        s.db.url.as_str(),
+        "--qdrant-url",
+        q.as_str(),
+        "--collection-patterns",
+        s.collection.as_str(),
+        "--collection-map",
+        map.as_str(),
+    ])
+    .c;
+    cfg.normalize();
+    let store = recap::cmd::connect_store(&cfg).await.expect("store");
+    Context {
+        store,
+        points: Arc::new(
+            recap::fetch::Points::new(&q, None, cfg.payload_mapping()).expect("points"),
+        ),
+        summarizer: Arc::new(Meddling {
+            pool: s.db.pool.clone(),
+            plan: Mutex::new(HashMap::new()),
+        }),
+        instance: format!("test-{}", token()),
+        cfg: Arc::new(cfg),
+    }
+}
+
+/// The group finish of `run_workers` (`pipeline::Finisher`, issue 25): batches finishing at the same time are written
+/// in one transaction; when a row of the group cannot be stored, each batch is written on its own, so only the batch
+/// holding that row fails (its caller then finishes it window by window) and the others are written; the summary
+/// vectors of the written windows are synced after the rows are committed.
+/// On the current-thread runtime both batches of a `join!` are sent before the finisher runs: they form one group.
+#[tokio::test]
+async fn a_group_finish_writes_batches_together_and_a_bad_row_fails_only_its_batch() {
+    use recap::pipeline::{Finisher, summarize_window};
+    use recap::sink::{ClaimedWindow, WindowOutcome};
+    let _shared = common::shared().await;
+    let s = scenario(0).await;
+    let users: Vec<String> = (0..3).map(|i| format!("77100{i}")).collect();
+    let long_user = "9".repeat(300); // longer than conversation_summaries.user_id VARCHAR(255)
+    let wa = due_window(&s, &users[0], T0, 0).await;
+    let wb = due_window(&s, &users[1], T0, 0).await;
+    let wc = due_window(&s, &users[2], T0, 0).await;
+    let wd = due_window(&s, &long_user, T0, 0).await;
+    let ctx = batch_ctx(&s).await;
+    let mut claimed = ctx
+        .store
+        .claim_due(&ctx.instance, Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    claimed.sort_by_key(|w| w.id);
+    assert_eq!(
+        claimed.iter().map(|w| w.id).collect::<Vec<_>>(),
+        vec![wa, wb, wc, wd]
+    );
+    let mut outcomes = Vec::new();
+    for w in &claimed {
+        outcomes.push(summarize_window(&ctx, w).await.unwrap());
+    }
+    let pairs: Vec<(&ClaimedWindow, &WindowOutcome)> = claimed.iter().zip(&outcomes).collect();
+    let (finisher, task) = Finisher::start(&ctx, Duration::from_secs(60));
+
+    // A and B, two batches: one group, one transaction (their rows share the writing transaction's id).
+    let (ra, rb) = tokio::join!(finisher.finish(&pairs[0..1]), finisher.finish(&pairs[1..2]));
+    assert_eq!(ra.unwrap(), vec![Finished::Done]);
+    assert_eq!(rb.unwrap(), vec![Finished::Done]);
+    let xmins: Vec<String> = sqlx::query_scalar(
+        "SELECT xmin::text FROM conversation_summaries WHERE user_id = ANY($1) ORDER BY id",
+    )
+    .bind(&users[0..2])
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(xmins.len(), 2);
+    assert_eq!(xmins[0], xmins[1], "A and B written in one transaction");
+
+    // C, and D whose row cannot be stored: the group fails, each batch is tried on its own: C is written, D's batch
+    // fails (not as a lost connection: its caller goes window by window) and nothing of it is written.
+    let (rc, rd) = tokio::join!(finisher.finish(&pairs[2..3]), finisher.finish(&pairs[3..4]));
+    assert_eq!(rc.unwrap(), vec![Finished::Done]);
+    let e = rd.unwrap_err();
+    assert!(!e.is_connection(), "{e}");
+    let c = window(&s.db.pool, wc).await;
+    assert_eq!((c.state.as_str(), c.revision), ("done", 1));
+    let d = window(&s.db.pool, wd).await;
+    assert_eq!((d.state.as_str(), d.revision, d.attempts), ("due", 0, 0));
+    assert_eq!(d.lease_owner.as_deref(), Some(ctx.instance.as_str()));
+    assert!(rows_of(&s.db.pool, &long_user).await.is_empty());
+
+    // The finisher ends once its handles are dropped, after syncing the vectors of A, B and C.
+    drop(finisher);
+    task.await.unwrap();
+    let synced: Vec<i32> =
+        sqlx::query_scalar("SELECT summary_id FROM recap_summary_vectors ORDER BY 1")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    let mut expected = Vec::new();
+    for id in [wa, wb, wc] {
+        expected.push(window(&s.db.pool, id).await.summary_id.unwrap());
+    }
+    expected.sort();
+    assert_eq!(synced, expected);
+}
+
+/// The claim (issue 25: two index-ordered scans of the due index): due windows whose retry time came and new ones,
+/// lowest ids first, up to the limit; never a window waiting for its retry time, leased by another worker, or
+/// finished, however many finished windows the index still holds entries of.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_takes_the_lowest_due_ids_whose_time_came() {
+    let _shared = common::shared().await;
+    let s = scenario(0).await;
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        ids.push(due_window(&s, &format!("77200{i}"), T0, 0).await);
+    }
+    let set = |sql: &'static str, id: i64| {
+        let pool = s.db.pool.clone();
+        async move {
+            sqlx::query(sql).bind(id).execute(&pool).await.unwrap();
+        }
+    };
+    set(
+        "UPDATE recap_windows SET state = 'done' WHERE id = $1",
+        ids[0],
+    )
+    .await;
+    set(
+        "UPDATE recap_windows SET state = 'done' WHERE id = $1",
+        ids[1],
+    )
+    .await;
+    set(
+        "UPDATE recap_windows SET not_before = now() + interval '1 hour' WHERE id = $1",
+        ids[2],
+    )
+    .await;
+    set("UPDATE recap_windows SET not_before = now() - interval '1 second', attempts = 1 WHERE id = $1", ids[3]).await;
+    set("UPDATE recap_windows SET lease_owner = 'another', lease_until = now() + interval '1 hour' WHERE id = $1", ids[4]).await;
+    set("UPDATE recap_windows SET lease_owner = 'another', lease_until = now() - interval '1 second' WHERE id = $1", ids[5]).await;
+    // a retry due later than a new window with a lower id: the lowest ids are claimed first either way
+    set(
+        "UPDATE recap_windows SET not_before = now() - interval '1 second' WHERE id = $1",
+        ids[8],
+    )
+    .await;
+    let store = batch_ctx(&s).await.store;
+    let claim = |limit: i64| {
+        let store = store.clone();
+        async move {
+            let mut c: Vec<i64> = store
+                .claim_due("w", Duration::from_secs(60), limit)
+                .await
+                .unwrap()
+                .iter()
+                .map(|w| w.id)
+                .collect();
+            c.sort();
+            c
+        }
+    };
+    assert_eq!(claim(3).await, vec![ids[3], ids[5], ids[6]]);
+    assert_eq!(claim(10).await, vec![ids[7], ids[8]]);
+    assert_eq!(claim(10).await, Vec::<i64>::new());
+}

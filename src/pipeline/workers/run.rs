@@ -12,7 +12,8 @@ use crate::pipeline::{Context, loop_backoff, sleep_or_shutdown};
 use crate::sink::{Claim, ClaimedWindow, HeldWindow, StoreError};
 use crate::summarize::SummarizerKind;
 
-use super::process_claimed;
+use super::finish::Finisher;
+use super::{process_claimed, process_claimed_in};
 
 /// How long a claim waits for more free LLM slots (see `run_workers`).
 const CLAIM_GATHER: Duration = Duration::from_millis(10);
@@ -168,6 +169,16 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
     let llm = ctx.summarizer.kind() == SummarizerKind::Llm;
     let slots = Arc::new(tokio::sync::Semaphore::new(batch * in_flight));
     let heartbeat = Arc::new(Heartbeat::start(&ctx, lease));
+    // With the LLM summarizer a batch's slots are free when its calls returned, so its finish can wait for a group
+    // (`Finisher`); an extractive batch holds its slots until it is finished, and its three batches in flight finish
+    // concurrently, each in its own transaction, as before.
+    let (finisher, finisher_task) = match llm {
+        true => {
+            let (f, t) = Finisher::start(&ctx, lease);
+            (Some(f), Some(t))
+        }
+        false => (None, None),
+    };
     let hard_stop = CancellationToken::new();
     let grace = ctx.cfg.service.shutdown_grace;
     {
@@ -225,7 +236,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             .claim_due_with_points(&ctx.instance, lease, permits.len() as i64)
             .await
         {
-            Ok(c) => c,
+            Ok(c) => (c, std::time::Instant::now()),
             Err(e) => {
                 drop(permits);
                 let wait = backoff.next().unwrap_or(Duration::from_secs(30));
@@ -237,10 +248,13 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             }
         };
         backoff = new_backoff();
-        let Claim {
-            windows: claimed,
-            point_ids: mut points,
-        } = claimed;
+        let (
+            Claim {
+                windows: claimed,
+                point_ids: mut points,
+            },
+            claimed_at,
+        ) = claimed;
         if claimed.is_empty() {
             // No window due: the free slots build due running summaries of open windows (CONTEXT_SUMMARY_EVERY);
             // window work keeps priority, since they are claimed only after an empty window claim.
@@ -273,7 +287,7 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
         if mine.is_empty() {
             continue;
         }
-        let (ctx, heartbeat) = (ctx.clone(), heartbeat.clone());
+        let (ctx, heartbeat, finisher) = (ctx.clone(), heartbeat.clone(), finisher.clone());
         tasks.spawn(async move {
             let ids: Vec<i64> = mine.iter().map(|w| w.id).collect();
             let held = std::sync::Mutex::new(held);
@@ -284,7 +298,16 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
                     lock(&held).remove(&id);
                 }
             };
-            if let Err(e) = process_claimed(&ctx, mine, Some(points), &release).await {
+            let r = process_claimed_in(
+                &ctx,
+                mine,
+                Some(points),
+                &release,
+                Some(claimed_at),
+                finisher.as_ref(),
+            )
+            .await;
+            if let Err(e) = r {
                 warn!(windows = ids.len(), error = %e, "windows not finished; their leases will expire and they will be retried");
             }
             for id in ids {
@@ -293,9 +316,22 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             drop(held);
         });
     }
+    // the batches, then the finisher (the last group's transaction and vectors)
+    drop(finisher);
+    let abort = finisher_task.as_ref().map(|t| t.abort_handle());
     tokio::select! {
-        _ = async { while tasks.join_next().await.is_some() {} } => {}
-        _ = hard_stop.cancelled() => tasks.abort_all(),
+        _ = async {
+            while tasks.join_next().await.is_some() {}
+            if let Some(t) = finisher_task {
+                let _ = t.await;
+            }
+        } => {}
+        _ = hard_stop.cancelled() => {
+            tasks.abort_all();
+            if let Some(a) = abort {
+                a.abort();
+            }
+        }
     }
     drop(heartbeat);
     if let Some(l) = ctx.summarizer.ledger()
