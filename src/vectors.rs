@@ -313,6 +313,24 @@ pub async fn upsert_many(
     Ok(())
 }
 
+/// Deletes the vectors of `rows` (summary id, bot, user) from [`COLLECTION`].
+async fn delete_vectors(
+    client: &Qdrant,
+    rows: impl Iterator<Item = &(i32, String, String)>,
+) -> Result<(), VectorError> {
+    let ids: Vec<qdrant_client::qdrant::PointId> = rows
+        .map(|(id, bot, user)| point_id(bot, user, *id).into())
+        .collect();
+    client
+        .delete_points(
+            DeletePointsBuilder::new(COLLECTION)
+                .points(qdrant_client::qdrant::PointsIdsList { ids })
+                .wait(true),
+        )
+        .await?;
+    Ok(())
+}
+
 /// After an upsert: deletes the vectors just written whose row is gone (a forget, or a merge, that committed after
 /// the sync read its rows). Read after the upsert, so whichever order the two take, no vector outlives its row: a
 /// row still there now is deleted later, and its deleter removes the vectors afterwards (`recall::forget_user`).
@@ -332,18 +350,7 @@ async fn drop_orphans(
     if gone.is_empty() {
         return Ok(());
     }
-    let points: Vec<qdrant_client::qdrant::PointId> = written
-        .iter()
-        .filter(|k| gone.contains(&k.0))
-        .map(|(id, bot, user)| point_id(bot, user, *id).into())
-        .collect();
-    client
-        .delete_points(
-            DeletePointsBuilder::new(COLLECTION)
-                .points(qdrant_client::qdrant::PointsIdsList { ids: points })
-                .wait(true),
-        )
-        .await?;
+    delete_vectors(client, written.iter().filter(|k| gone.contains(&k.0))).await?;
     debug!(
         rows = gone.len(),
         "vectors of rows deleted meanwhile removed"
@@ -371,17 +378,7 @@ pub async fn drop_deleted(
     if gone.is_empty() {
         return Ok(0);
     }
-    let points: Vec<qdrant_client::qdrant::PointId> = gone
-        .iter()
-        .map(|(id, bot, user)| point_id(bot, user, *id).into())
-        .collect();
-    client
-        .delete_points(
-            DeletePointsBuilder::new(COLLECTION)
-                .points(qdrant_client::qdrant::PointsIdsList { ids: points })
-                .wait(true),
-        )
-        .await?;
+    delete_vectors(client, gone.iter()).await?;
     let ids: Vec<i32> = gone.iter().map(|g| g.0).collect();
     sqlx::query(
         "DELETE FROM recap_summary_vectors v WHERE v.summary_id = ANY($1)
