@@ -381,7 +381,8 @@ async fn the_claim_uses_a_partial_index_of_the_due_windows_under_a_generic_plan(
         "the claim scans no partial index: {plan}"
     );
     let due = format!("'{}'", recap::model::WindowState::Due.as_str());
-    assert_eq!(claim.matches(&due).count(), 1, "{claim}");
+    // one constant per scan of the due windows (retries whose time came, new ones)
+    assert!(claim.matches(&due).count() >= 1, "{claim}");
     let bound = claim.replace(&due, "$4");
     let args = format!("'w', 1000, 16, {due}");
     let plan = generic_plan(&db.pool, &bound, "text, float8, bigint, text", &args).await;
