@@ -956,6 +956,15 @@ impl<'e> Sim<'e> {
         let Some(mut led) = self.replicas[r].leads.remove(&p) else {
             return false;
         };
+        // the loop renews the lease every third of its term while it waits for batches (`pipeline::renewing`): a
+        // leader another epoch replaced learns it there even when it has nothing to checkpoint
+        if self.rng.chance(0.2)
+            && let Err(e) = led.ingest.lease().renew().await
+        {
+            self.log(format!("{inst} p{p} renewal: {e}; stepping down"));
+            led.source.abandon().await;
+            return false;
+        }
         let batch = match led.source.next_batch().await {
             Ok(b) => b,
             Err(e) => {
