@@ -242,6 +242,11 @@ impl State {
     /// window's close remembers it and asks the sink for the key-wide check); the others are closed ones, duplicates
     /// whenever read again.
     pub fn remember_clamped(&mut self, rows: impl IntoIterator<Item = ClampedPoint>) {
+        let rows: Vec<ClampedPoint> = rows.into_iter().collect();
+        if rows.is_empty() {
+            // the common restore: no index of the open points to build
+            return;
+        }
         let mut open: HashMap<(Arc<str>, String), Arc<str>> = HashMap::new();
         for b in self.open.values() {
             for buf in b.users.values() {
