@@ -107,7 +107,7 @@ async fn fetch_batch(
         }
     }
     // Points a scroll found that no event named, but that another window of the key covers (issue 24, case 1).
-    let mut extra: Vec<(i64, String)> = Vec::new();
+    let mut extra: Vec<(&ClaimedWindow, &str)> = Vec::new();
     for (w, f) in windows.iter().zip(&out) {
         if let Some(Got::Fetched((messages, _))) = f {
             let named: HashSet<&str> = ids_of(w).iter().map(String::as_str).collect();
@@ -115,7 +115,7 @@ async fn fetch_batch(
                 messages
                     .iter()
                     .filter(|m| !named.contains(m.point_id.as_str()))
-                    .map(|m| (w.id, m.point_id.clone())),
+                    .map(|m| (w, m.point_id.as_str())),
             );
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-pub(super) use coverage::insert_messages;
+pub(super) use coverage::{Asked, insert_messages, taken};
 pub use coverage::{MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL};
 pub use tx::{Closing, IngestTx, WindowClosed};
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
+use super::ingest::{Asked, taken};
 use super::{ClaimedWindow, ENRICHMENT_VERSION, Finished, Store, StoreError, WindowOutcome};
 /// In `sink/mod.rs` (issue 27: `running.rs` needs them too; here they closed a circle windows -> running -> windows).
 pub(super) use super::{next_attempt, truncate};
@@ -153,31 +154,29 @@ impl Store {
         Ok(out)
     }
 
-    /// Of the points windows' scrolls found that no event named (`(window id, point id)`), those another window of
-    /// the same key covers already: a point stamped ahead of its host's clock is windowed at its arrival time, so its
-    /// stored time can fall inside a later window's range (issue 24, case 1). They belong to that other window: not
+    /// Of the points windows' scrolls found that no event named, those the window may not take
+    /// ([`super::ingest::taken`]): another window of the same key covers them (a point stamped ahead of its host's
+    /// clock is windowed at its arrival time, so its stored time can fall inside a later window's range: issue 24,
+    /// case 1), or the key's tombstone lists them (a forgotten user's points the bot's collection still holds). Not
     /// summarized, not stored here. One query for a batch; it runs only when a scroll found unnamed points.
     pub async fn covered_elsewhere(
         &self,
-        extra: &[(i64, String)],
+        extra: &[(&ClaimedWindow, &str)],
     ) -> Result<HashSet<(i64, String)>, StoreError> {
-        if extra.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let (windows, points): (Vec<i64>, Vec<&str>) =
-            extra.iter().map(|(w, p)| (*w, p.as_str())).unzip();
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT x.w, x.p FROM unnest($1::int8[], $2::text[]) AS x(w, p)
-             JOIN recap_windows me ON me.id = x.w
-             WHERE EXISTS (SELECT 1 FROM recap_windows o
-                           WHERE o.bot_name = me.bot_name AND o.user_id = me.user_id AND o.id <> me.id
-                             AND x.p = ANY(o.point_ids))",
-        )
-        .bind(&windows)
-        .bind(&points)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().collect())
+        let asked: Vec<Asked<'_>> = extra
+            .iter()
+            .map(|(w, p)| Asked {
+                bot: &w.bot,
+                user: &w.user_id,
+                point: p,
+                except: Some(w.id),
+            })
+            .collect();
+        Ok(taken(&self.pool, &asked)
+            .await?
+            .into_iter()
+            .map(|i| (extra[i].0.id, extra[i].1.to_string()))
+            .collect())
     }
 
     /// Gives back every lease `owner` holds (graceful shutdown).

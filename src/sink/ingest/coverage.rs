@@ -2,7 +2,7 @@
 //! insert of a stored window (`insert_messages`), the merge-candidate queries, and which closed windows of one
 //! checkpoint are near each other.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
@@ -47,19 +47,22 @@ pub(in crate::sink) async fn insert_messages(
         .collect();
     let mut known: std::collections::HashSet<String> =
         points.iter().map(|(_, id)| id.clone()).collect();
-    // A point another window of the key covers is that window's (a fast host's message windowed at arrival, or a
-    // checkpoint that closed it since the worker's fetch): never stored in two (issue 24, case 1).
-    let asked: Vec<&str> = msgs.iter().map(|m| m.point_id.as_str()).collect();
-    let elsewhere: Vec<String> = sqlx::query_scalar(
-        "SELECT p FROM recap_windows me
-         JOIN recap_windows o ON o.bot_name = me.bot_name AND o.user_id = me.user_id AND o.id <> me.id
-         CROSS JOIN LATERAL unnest(o.point_ids) AS p
-         WHERE me.id = $1 AND o.point_ids && $2::text[] AND p = ANY($2)",
-    )
-    .bind(window)
-    .bind(&asked)
-    .fetch_all(&mut **tx)
-    .await?;
+    // A point another window of the key covers is that window's, a point the key's tombstone lists is no one's:
+    // never stored here (issue 24, case 1).
+    let asked: Vec<Asked<'_>> = msgs
+        .iter()
+        .map(|m| Asked {
+            bot: &m.bot,
+            user: &m.user_id,
+            point: &m.point_id,
+            except: Some(window),
+        })
+        .collect();
+    let elsewhere: Vec<String> = taken(&mut **tx, &asked)
+        .await?
+        .into_iter()
+        .map(|i| msgs[i].point_id.clone())
+        .collect();
     known.extend(elsewhere);
     let new: Vec<bool> = msgs
         .iter()
@@ -83,6 +86,53 @@ pub(in crate::sink) async fn insert_messages(
             .await?;
     }
     Ok(new)
+}
+
+/// A point a window of a key would take: `except` is that window when it is stored.
+pub struct Asked<'a> {
+    pub bot: &'a str,
+    pub user: &'a str,
+    pub point: &'a str,
+    pub except: Option<i64>,
+}
+
+/// Which of the points asked a window of their key may not take: those another stored window of the key covers (a
+/// fast host's message windowed at its arrival, or one a checkpoint closed since a worker's fetch: issue 24, case 1)
+/// and those the key's tombstone lists (a forgotten user's points, which the bots' collections still hold: a
+/// worker's scroll finds them again). One statement for the three places that ask: the ingest's check of a clamped
+/// window, a worker's scroll and the finish's coverage insert. Returns the positions in `asked`.
+pub async fn taken<'e>(
+    ex: impl sqlx::PgExecutor<'e>,
+    asked: &[Asked<'_>],
+) -> Result<HashSet<usize>, StoreError> {
+    if asked.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let bots: Vec<&str> = asked.iter().map(|a| a.bot).collect();
+    let users: Vec<&str> = asked.iter().map(|a| a.user).collect();
+    let points: Vec<&str> = asked.iter().map(|a| a.point).collect();
+    let except: Vec<Option<i64>> = asked.iter().map(|a| a.except).collect();
+    let keys: Vec<String> = asked
+        .iter()
+        .map(|a| crate::model::user_key(a.bot, a.user))
+        .collect();
+    let rows: Vec<i64> = sqlx::query_scalar(
+        "SELECT x.i FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
+                 WITH ORDINALITY AS x(b, u, p, me, k, i)
+         WHERE EXISTS (SELECT 1 FROM recap_windows o
+                       WHERE o.bot_name = x.b AND o.user_id = x.u AND o.id IS DISTINCT FROM x.me
+                         AND x.p = ANY(o.point_ids))
+            OR EXISTS (SELECT 1 FROM recap_forgotten f
+                       WHERE f.bot_name = x.b AND f.user_key = x.k AND x.p = ANY(f.point_ids))",
+    )
+    .bind(&bots)
+    .bind(&users)
+    .bind(&points)
+    .bind(&except)
+    .bind(&keys)
+    .fetch_all(ex)
+    .await?;
+    Ok(rows.into_iter().map(|i| i as usize - 1).collect())
 }
 
 /// Rows with variable-length point lists, flattened for `unnest`: the row index (1-based) of each point, its id and

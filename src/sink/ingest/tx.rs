@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
 use super::coverage::{
-    FlatPoints, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, near_each_other, points_by_row,
+    Asked, FlatPoints, MERGE_CANDIDATE_PROBE_SQL, MERGE_CANDIDATES_SQL, near_each_other,
+    points_by_row, taken,
 };
 use crate::model::{SourceCheckpoint, WindowState};
 use crate::sink::{DeadLetter, StoreError, to_utc};
@@ -292,16 +293,21 @@ impl IngestTx {
         // A point stamped ahead of the clock was windowed by its arrival time, which a second read does not repeat:
         // it is looked for in every stored window of the key, not only the ones near in time.
         let elsewhere: Vec<String> = if c.clamped {
-            let ids: Vec<&str> = c.points.iter().map(|(_, id)| id.as_str()).collect();
-            sqlx::query_scalar(
-                "SELECT p FROM recap_windows w CROSS JOIN LATERAL unnest(w.point_ids) AS p
-                 WHERE w.bot_name = $1 AND w.user_id = $2 AND w.point_ids && $3::text[] AND p = ANY($3)",
-            )
-            .bind(&*w.bot)
-            .bind(&*w.user)
-            .bind(&ids)
-            .fetch_all(&mut *self.tx)
-            .await?
+            let asked: Vec<Asked<'_>> = c
+                .points
+                .iter()
+                .map(|(_, id)| Asked {
+                    bot: &w.bot,
+                    user: &w.user,
+                    point: id,
+                    except: None,
+                })
+                .collect();
+            taken(&mut *self.tx, &asked)
+                .await?
+                .into_iter()
+                .map(|i| c.points[i].1.clone())
+                .collect()
         } else {
             Vec::new()
         };
