@@ -898,6 +898,28 @@ class Schedule:
                         claims[(int(f["partition"]), int(f["epoch"]))].add(os.path.basename(path))
         twice = {k: v for k, v in claims.items() if len(v) > 1}
         multi = {k: v for k, v in epochs.items() if len(v) > 1}
+        # 6. every partition led again within 2 x LEADER_LEASE_SECONDS of its leader's lease ending (a crash, a
+        # pause, a hand-back), counted from the end of any outage in between that no replica can lead through
+        # (Postgres or NATS down, the layout change's stop of every replica)
+        outages = [(self.t0 + f["at_s"] * 1000, self.t0 + (f["at_s"] + f["for_s"]) * 1000)
+                   for f in self.faults if f["kind"] in ("pg", "nats", "layout")]
+        releads = []
+        for e in llog:
+            if e["op"] != "update" or e["old_until_ms"] is None or e["old_until_ms"] > e["at_ms"]:
+                continue  # a first lease, or a fence bump of a lease still running
+            since = e["old_until_ms"]
+            for a, b in outages:
+                if a <= e["at_ms"] and b >= since:
+                    since = max(since, b)
+            releads.append((e["at_ms"] - since, e))
+        slow = [(gap, e) for gap, e in releads if gap > 2 * LEASE_S * 1000]
+        worst = max((gap for gap, _ in releads), default=0)
+        self.figures["relead_ms_max"] = worst
+        self.ok("re-led", not slow,
+                f"{len(releads)} leases ended and taken again, the slowest {worst} ms after the lease ended (or its "
+                f"outage did; at most {2 * LEASE_S * 1000} ms): {len(slow)} slower")
+        for gap, e in slow[:3]:
+            log(f"         partition {e['id'] - 1}: {gap} ms: {e}")
         takeovers = sum(1 for e in llog if e["op"] == "update" and e["old_owner"] != e["new_owner"])
         self.ok("leaders", not (twice or multi or non_increasing or early) and claims,
                 f"{len(llog)} owner/epoch changes of recap_leader ({takeovers} takeovers by another replica), "

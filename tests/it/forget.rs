@@ -4,8 +4,9 @@
 //! of that user's window is in its transaction, and between a vector sync's read of its rows and its upsert. Each
 //! pauses the other writer at a fixed point with a lock held by the test (polling `pg_stat_activity`, no sleeps),
 //! starts the forget, lets the writer go, and then checks every table of `recall::USER_TABLES`, the view
-//! `recap_messages`, the dead letters and the Qdrant collection `recap_summaries`. A last test checks the dead
-//! letters' key columns (migration 0017) on the shapes stored before it.
+//! `recap_messages`, the dead letters and the Qdrant collection `recap_summaries`. Another checks the dead
+//! letters' key columns (migration 0017) on the shapes stored before it; the last, that a window begun after a forget
+//! never takes the points it listed.
 
 use crate::common;
 
@@ -646,5 +647,88 @@ async fn a_forget_and_a_checkpoint_merging_into_the_users_window_do_not_deadlock
     assert!(
         kept_rows.iter().any(|r| r == "recap_messages: kept-open-2"),
         "another user's state is missing: {kept_rows:?}"
+    );
+}
+
+/// A user forgotten mid-conversation who goes on talking (found by the simulation of issue 24, seeds 839 and 919):
+/// the bot's collection still holds the points the forget listed, and a window of theirs begun after the forget can
+/// span those points' times, so its scroll finds them. Neither the workers' check of what a scroll found nor the
+/// finish's coverage insert takes them (`sink::ingest::taken` asks the tombstone); a point no window has and no
+/// tombstone lists is taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_begun_after_a_forget_never_takes_the_points_it_listed() {
+    let _shared = common::shared().await;
+    let db = fresh_db().await;
+    let ctx = context(&db).await;
+    let (bot, user) = ("fa", "talks-on");
+    let listed: Vec<String> = vec!["9001".into(), "9002".into()];
+    recap::recall::forget_rows(&ctx.store, bot, user, 0, &listed, &[])
+        .await
+        .expect("forget");
+    // after the forget: two new messages, at T and T + 5 s (the listed points' times, T + 1 s and T + 2 s, between)
+    let mut ing = ingest(&ctx).await;
+    let batch = Batch {
+        messages: vec![
+            msg(bot, user, "9101", T),
+            msg(bot, user, "9102", T + 5 * SEC),
+        ],
+        caught_up: true,
+        ..Batch::default()
+    };
+    ing.apply(&batch, T + 3_600 * SEC).await.unwrap();
+    let claimed = ctx
+        .store
+        .claim_due("worker", Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "the new conversation's window is due");
+    let w = &claimed[0];
+    // what the window's scroll found besides its own points: the two listed ones and one no one has
+    let found = [(w, "9001"), (w, "9002"), (w, "9103")];
+    let taken = ctx.store.covered_elsewhere(&found).await.unwrap();
+    let mut taken: Vec<&str> = taken.iter().map(|(_, p)| p.as_str()).collect();
+    taken.sort();
+    assert_eq!(
+        taken,
+        ["9001", "9002"],
+        "the forgotten points are left out, only they"
+    );
+    // a finish handed a listed point as found by the scroll does not store it in the window's coverage
+    let outcome = WindowOutcome::Summarized {
+        summary: recap::summarize::Summary {
+            text: "they talked on about the sea".into(),
+            key_topics: vec!["sea".into()],
+            emotional_tone: "neutral".into(),
+            confidence: 0.9,
+            kind: recap::summarize::SummarizerKind::Extractive,
+            usage: None,
+        }
+        .validate()
+        .unwrap(),
+        covered: vec!["9101".into(), "9102".into(), "9103".into()],
+        extra: vec![
+            msg(bot, user, "9002", T + 2 * SEC),
+            msg(bot, user, "9103", T + 3 * SEC),
+        ],
+        message_count: 3,
+        text_chars: 40,
+        span: (T, T + 5 * SEC),
+        centroid: None,
+        words: "sea talk".into(),
+    };
+    ctx.store
+        .finish_windows("worker", &[(w, &outcome)])
+        .await
+        .expect("finish");
+    let coverage: Vec<String> =
+        sqlx::query_scalar("SELECT point_ids FROM recap_windows WHERE id = $1")
+            .bind(w.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        coverage,
+        ["9101", "9103", "9102"], // in time order
+        "the window's coverage holds a forgotten point, or lost a found one"
     );
 }
