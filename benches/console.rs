@@ -68,9 +68,11 @@ async fn main() {
         "INSERT INTO recap_windows (bot_name, user_id, start_ts, end_ts, state, message_count, attempts, last_error)
          SELECT 'bot2', 'dead' || i, now() - interval '2 hours', now() - interval '100 minutes', 'dead', 9, 5, 'boom'
          FROM generate_series(1, 50) i",
-        "INSERT INTO recap_messages (bot_name, point_id, user_id, ts)
-         SELECT 'bot' || (i % 5), 'p' || i, 'open' || (i % 300), now() - i * interval '1 second'
-         FROM generate_series(1, 2000) i",
+        // 2,000 open messages of 300 keys (checkpointed state: one row per key, its points in time order)
+        "INSERT INTO recap_open_windows (bot_name, user_id, point_ids, point_ts)
+         SELECT 'bot' || (i % 5), 'open' || (i % 300), array_agg('p' || i ORDER BY i DESC),
+             array_agg(now() - i * interval '1 second' ORDER BY i DESC)
+         FROM generate_series(1, 2000) i GROUP BY 1, 2",
         "INSERT INTO recap_checkpoints (name, position, points_read)
          SELECT 'sweep:whisperengine_memory_bot' || i, 1.7e9, 1000 * i FROM generate_series(1, 40) i",
         "INSERT INTO recap_dead_letters (source, subject, stream_seq, raw, reason)
