@@ -24,7 +24,7 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let snap = crate::status::snapshot(&store, consumer).await?;
+    let snap = crate::status::snapshot_with_drift(&store, consumer).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snap)?);
         return Ok(ExitCode::SUCCESS);
@@ -73,9 +73,10 @@ pub async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             i.windows_leased
         );
     }
+    let drift = snap.summary_vector_drift.unwrap_or_default();
     println!(
         "summary vectors    {} missing, {} stale",
-        snap.summary_vector_drift.missing, snap.summary_vector_drift.stale
+        drift.missing, drift.stale
     );
     println!("LLM spend today    ${:.4}", report.llm_spend_today_usd);
     println!("checkpoints:");
