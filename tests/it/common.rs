@@ -673,6 +673,45 @@ pub struct Scenario {
     pub points: Vec<TestPoint>,
 }
 
+#[derive(clap::Parser)]
+struct ConfigArgs {
+    #[command(flatten)]
+    c: recap::config::Config,
+}
+
+/// recap's config (normalized) for the database `db_url`, the test Qdrant and `collection` mapped to `bot`, plus
+/// `extra` flags.
+pub fn collection_config(
+    collection: &str,
+    bot: &str,
+    db_url: &str,
+    extra: &[&str],
+) -> recap::config::Config {
+    use clap::Parser;
+    let q = env("QDRANT_URL");
+    let map = format!("{collection}={bot}");
+    let mut args: Vec<&str> = vec![
+        "t",
+        "--database-url",
+        db_url,
+        "--qdrant-url",
+        q.as_str(),
+        "--collection-patterns",
+        collection,
+        "--collection-map",
+        map.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let mut cfg = ConfigArgs::parse_from(args).c;
+    cfg.normalize();
+    cfg
+}
+
+/// [`collection_config`] for a scenario's database and collection.
+pub fn scenario_config(s: &Scenario, extra: &[&str]) -> recap::config::Config {
+    collection_config(&s.collection, &s.bot, s.db.url.as_str(), extra)
+}
+
 /// Several users of one bot: a long session, two sessions split by the idle gap, and a too-short one.
 pub async fn scenario(users: usize) -> Scenario {
     let db = fresh_db().await;

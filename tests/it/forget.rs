@@ -130,6 +130,20 @@ fn conversation_batch(bot: &str, gone: &str, kept: &str, position: Option<&str>)
     (batch, now)
 }
 
+/// A validated extractive summary saying `text`, about `topic`.
+fn summary(text: &str, topic: &str) -> recap::summarize::Summary {
+    recap::summarize::Summary {
+        text: text.into(),
+        key_topics: vec![topic.into()],
+        emotional_tone: "neutral".into(),
+        confidence: 0.9,
+        kind: recap::summarize::SummarizerKind::Extractive,
+        usage: None,
+    }
+    .validate()
+    .unwrap()
+}
+
 /// Everything Postgres and the summary collection hold of one (bot, user), as lines (empty: nothing).
 async fn remains(pool: &PgPool, bot: &str, user: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -330,18 +344,13 @@ async fn a_forget_during_a_worker_finish_of_that_users_window_leaves_nothing() {
         .await
         .unwrap();
     assert_eq!(claimed.len(), 2, "one due window per user");
-    let summary = |user: &str| recap::summarize::Summary {
-        text: format!("{user} talked about the mountains"),
-        key_topics: vec!["mountains".into()],
-        emotional_tone: "neutral".into(),
-        confidence: 0.9,
-        kind: recap::summarize::SummarizerKind::Extractive,
-        usage: None,
-    };
     let outcomes: Vec<WindowOutcome> = claimed
         .iter()
         .map(|w| WindowOutcome::Summarized {
-            summary: summary(&w.user_id).validate().unwrap(),
+            summary: summary(
+                &format!("{} talked about the mountains", w.user_id),
+                "mountains",
+            ),
             covered: (0..3).map(|i| format!("{}-old-{i}", w.user_id)).collect(),
             extra: Vec::new(),
             message_count: 3,
@@ -695,16 +704,7 @@ async fn a_window_begun_after_a_forget_never_takes_the_points_it_listed() {
     );
     // a finish handed a listed point as found by the scroll does not store it in the window's coverage
     let outcome = WindowOutcome::Summarized {
-        summary: recap::summarize::Summary {
-            text: "they talked on about the sea".into(),
-            key_topics: vec!["sea".into()],
-            emotional_tone: "neutral".into(),
-            confidence: 0.9,
-            kind: recap::summarize::SummarizerKind::Extractive,
-            usage: None,
-        }
-        .validate()
-        .unwrap(),
+        summary: summary("they talked on about the sea", "sea"),
         covered: vec!["9101".into(), "9102".into(), "9103".into()],
         extra: vec![
             msg(bot, user, "9002", T + 2 * SEC),

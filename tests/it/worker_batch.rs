@@ -10,19 +10,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Parser;
 use common::*;
 use futures::future::BoxFuture;
-use recap::config::Config;
 use recap::pipeline::{Context, process_windows};
 use recap::sink::Finished;
 use recap::summarize::{SummarizeError, Summarizer, SummarizerKind, Summary, WindowInput};
-
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: Config,
-}
 
 #[derive(Clone, Copy)]
 enum Sabotage {
@@ -152,23 +144,7 @@ async fn a_batch_skips_or_fails_only_the_window_that_changed_or_cannot_be_stored
         .await
         .unwrap();
 
-    let q = env("QDRANT_URL");
-    let map = format!("{}={}", s.collection, s.bot);
-    let mut cfg = Args::parse_from([
-        "t",
-        "--database-url",
-        s.db.url.as_str(),
-        "--qdrant-url",
-        q.as_str(),
-        "--collection-patterns",
-        s.collection.as_str(),
-        "--collection-map",
-        map.as_str(),
-        "--llm-max-attempts",
-        "3",
-    ])
-    .c;
-    cfg.normalize();
+    let cfg = scenario_config(&s, &["--llm-max-attempts", "3"]);
     let store = recap::cmd::connect_store(&cfg).await.expect("store");
     let summarizer = Arc::new(Meddling {
         pool: s.db.pool.clone(),
@@ -180,7 +156,8 @@ async fn a_batch_skips_or_fails_only_the_window_that_changed_or_cannot_be_stored
     let ctx = Context {
         store: store.clone(),
         points: Arc::new(
-            recap::fetch::Points::new(&q, None, cfg.payload_mapping()).expect("points"),
+            recap::fetch::Points::new(&env("QDRANT_URL"), None, cfg.payload_mapping())
+                .expect("points"),
         ),
         summarizer,
         instance: format!("test-{}", token()),
@@ -394,26 +371,13 @@ async fn the_claim_uses_a_partial_index_of_the_due_windows_under_a_generic_plan(
 
 /// A context for the batch tests: the extractive summarizer (through [`Meddling`], with nothing planned).
 async fn batch_ctx(s: &Scenario) -> Context {
-    let q = env("QDRANT_URL");
-    let map = format!("{}={}", s.collection, s.bot);
-    let mut cfg = Args::parse_from([
-        "t",
-        "--database-url",
-        s.db.url.as_str(),
-        "--qdrant-url",
-        q.as_str(),
-        "--collection-patterns",
-        s.collection.as_str(),
-        "--collection-map",
-        map.as_str(),
-    ])
-    .c;
-    cfg.normalize();
+    let cfg = scenario_config(s, &[]);
     let store = recap::cmd::connect_store(&cfg).await.expect("store");
     Context {
         store,
         points: Arc::new(
-            recap::fetch::Points::new(&q, None, cfg.payload_mapping()).expect("points"),
+            recap::fetch::Points::new(&env("QDRANT_URL"), None, cfg.payload_mapping())
+                .expect("points"),
         ),
         summarizer: Arc::new(Meddling {
             pool: s.db.pool.clone(),

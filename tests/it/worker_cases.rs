@@ -9,7 +9,6 @@ use crate::common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use common::*;
 use recap::budget::PgLedger;
 use recap::config::Config;
@@ -17,12 +16,6 @@ use recap::pipeline::{Context, drain_due, process_windows};
 use recap::sink::Finished;
 use recap::summarize::llm::LlmSummarizer;
 use recap::summarize::{SummarizeError, Summarizer, WindowInput};
-
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: Config,
-}
 
 /// recap's config for scenario `s` with the LLM summarizer against `llm`, plus `extra` flags.
 fn config(s: &Scenario, db_url: &str, llm: &LlmServer, extra: &[&str]) -> Config {
@@ -36,19 +29,8 @@ fn config_for(
     llm: &LlmServer,
     extra: &[&str],
 ) -> Config {
-    let q = env("QDRANT_URL");
-    let map = format!("{collection}={bot}");
     let base = llm.api_base();
     let mut args: Vec<&str> = vec![
-        "t",
-        "--database-url",
-        db_url,
-        "--qdrant-url",
-        q.as_str(),
-        "--collection-patterns",
-        collection,
-        "--collection-map",
-        map.as_str(),
         "--summarizer",
         "llm",
         "--llm-base-url",
@@ -61,9 +43,7 @@ fn config_for(
         "100",
     ];
     args.extend_from_slice(extra);
-    let mut cfg = Args::parse_from(args).c;
-    cfg.normalize();
-    cfg
+    collection_config(collection, bot, db_url, &args)
 }
 
 async fn context(cfg: Config) -> Context {
@@ -510,26 +490,7 @@ async fn case9_a_named_point_not_yet_visible_puts_the_window_back() {
     let s = scenario(0).await;
     let user = "880000000000000009";
     let (id, hidden) = due_window(&s, user, 3, 1).await; // 6 named, 5 visible
-    let cfg = {
-        let q = env("QDRANT_URL");
-        let map = format!("{}={}", s.collection, s.bot);
-        let mut cfg = Args::parse_from([
-            "t",
-            "--database-url",
-            s.db.url.as_str(),
-            "--qdrant-url",
-            q.as_str(),
-            "--collection-patterns",
-            s.collection.as_str(),
-            "--collection-map",
-            map.as_str(),
-            "--summarizer",
-            "extractive",
-        ])
-        .c;
-        cfg.normalize();
-        cfg
-    };
+    let cfg = scenario_config(&s, &["--summarizer", "extractive"]);
     let ctx = context(cfg).await;
     let claim = |ctx: Context| async move {
         ctx.store
