@@ -115,6 +115,10 @@ struct Browser {
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// How long a page may take to show what a step waits for. Generous: a wait ends as soon as the page is there, and CI
+/// runs this beside five other tests on two cores.
+const PATIENCE: Duration = Duration::from_secs(30);
+
 impl Browser {
     async fn new(driver: &Driver) -> Browser {
         let binary = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
@@ -169,17 +173,38 @@ impl Browser {
             .unwrap_or_default()
     }
 
-    /// The first element matching `css` (waiting up to 5 s for it); fails the test with the page's text if there is
-    /// none.
+    /// The first element matching `css` (waiting up to `PATIENCE` for it: a page under CI's load, with a cold
+    /// chromium, can take seconds); fails the test with the page's text if there is none.
     async fn find(&self, css: &str) -> String {
         let t0 = Instant::now();
         loop {
             if let Some(e) = self.find_all(css).await.into_iter().next() {
                 return e;
             }
-            if t0.elapsed() > Duration::from_secs(5) {
+            if t0.elapsed() > PATIENCE {
                 panic!(
                     "no element {css} on {}:\n{}",
+                    self.url().await,
+                    self.body_text().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The elements matching `css` once there are `n` of them (waiting up to `PATIENCE`, as the page may still be
+    /// loading after a click); fails the test with the page's text if the count never reaches `n`.
+    async fn find_n(&self, css: &str, n: usize) -> Vec<String> {
+        let t0 = Instant::now();
+        loop {
+            let all = self.find_all(css).await;
+            if all.len() == n {
+                return all;
+            }
+            if t0.elapsed() > PATIENCE {
+                panic!(
+                    "{} element(s) {css} on {}, not {n}:\n{}",
+                    all.len(),
                     self.url().await,
                     self.body_text().await
                 );
@@ -465,8 +490,7 @@ async fn console_in_a_real_browser() {
     );
     assert_ne!(spend, "$0", "the LLM test server's calls cost something");
     assert!(!b.find_all("#chart-hourly rect").await.is_empty());
-    let bars = b.find_all("#chart-spend rect").await;
-    assert_eq!(bars.len(), 14);
+    let bars = b.find_n("#chart-spend rect", 14).await;
     // today's bar is the spend ledger's figure, the one the snapshot shows
     let today = b.property(&bars[13], "textContent").await;
     assert!(
@@ -501,20 +525,15 @@ async fn console_in_a_real_browser() {
     b.click(&link).await;
     assert_eq!(b.text_of("#timeline-user").await, ua);
     let timeline = b.text_of("#timeline").await;
-    let windows = b.find_all("#timeline a.window-link").await;
-    assert_eq!(
-        windows.len(),
-        3,
-        "two summarized + one too short: {timeline}"
-    );
+    // two summarized + one too short
+    let windows = b.find_n("#timeline a.window-link", 3).await;
     assert!(timeline.contains("llm"), "summarizer column: {timeline}");
     b.screenshot("3-timeline").await;
 
     // 4. a window: messages from Qdrant beside the summary, and its coverage
     let last = windows.last().unwrap().clone(); // oldest first window (12 messages)
     b.click(&last).await;
-    let msgs = b.find_all("#messages .msg").await;
-    assert_eq!(msgs.len(), 12, "{}", b.body_text().await);
+    b.find_n("#messages .msg", 12).await;
     let messages = b.text_of("#messages").await;
     let first_text = &phase1
         .iter()
@@ -555,7 +574,7 @@ async fn console_in_a_real_browser() {
             break;
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
+            t0.elapsed() < PATIENCE,
             "the retried window was not summarized: {state}\n{}",
             b.body_text().await
         );
@@ -563,7 +582,7 @@ async fn console_in_a_real_browser() {
         let url = b.url().await;
         b.goto(&url).await;
     }
-    assert_eq!(b.find_all("#messages .msg").await.len(), 12);
+    b.find_n("#messages .msg", 12).await;
     b.screenshot("6-retried").await;
     b.quit().await;
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_windows WHERE state = 'done'")
