@@ -7,6 +7,7 @@
 //! `user_id` and `memory_type` keyword indexes, a float index on `timestamp_unix`, as the bots' collections have),
 //! loaded with the history: per user and bot 5 sessions 12 hours apart within the last 3 days, a session = 12 messages
 //! alternating user/assistant 20-60 s apart (one window each: the idle gap is 30 min); and a fresh migrated database.
+//! Then Qdrant's optimizers are waited for (status green), as a history stored long ago is indexed.
 //! Timed: the real binary (`recap run`, built with the bench) with COLLECTION_PATTERNS naming only this run's
 //! collections, LOOKBACK_DAYS 7 (the first sweep starts at once), SUMMARIZER extractive; the bench polls the row count
 //! every 20 ms. Then it asserts every window has its row (`time_window`, 12 messages, no placeholder text).
@@ -28,7 +29,9 @@
 //! Qdrant, then its CPU is not reported). `cargo bench --bench history`. Environment: `BENCH_HISTORY_USERS` (200),
 //! `BENCH_HISTORY_BOTS` (3), `BENCH_HISTORY_SESSIONS` (5), `BENCH_HISTORY_MESSAGES` (12), `BENCH_RUNS` (3),
 //! `BENCH_HISTORY_SUMMARIZER` (`extractive`, or `llm`: needs LLM_BASE_URL), `RECAP_QDRANT_KIND` (printed: `real` or
-//! `test`, as `scripts/services` says), `BENCH_RECAP_BIN` (another `recap` binary to time, e.g. a baseline build run
+//! `test`, as `scripts/services` says), `BENCH_RECAP_LOG` (recap's `RUST_LOG`, default `warn`; its log
+//! `$TMPDIR/recap-bench-history-<tag>.log` is kept then), `BENCH_RECAP_ENV` (more settings for
+//! recap, `K=V` separated by spaces), `BENCH_RECAP_BIN` (another `recap` binary to time, e.g. a baseline build run
 //! alternately with this one; default the one built with the bench).
 //! Results: lines `BENCH<TAB>metric<TAB>value<TAB>unit`.
 
@@ -227,11 +230,17 @@ async fn run(
         upsert(q, &coll, pts, 500).await;
         colls.push(coll);
     }
+    let loaded = t.elapsed().as_secs_f64();
+    // A bot's history has been indexed long ago: Qdrant's optimizers (the vector index of what was just loaded) must
+    // not run beside the timed span, where their CPU would count as serving recap's requests.
+    let mut optimizing = 0.0;
+    for c in &colls {
+        optimizing += common::wait_green(q, c, Duration::from_secs(600)).await;
+    }
     eprintln!(
-        "  run {r}: loaded {} points into {} collections in {:.1}s",
+        "  run {r}: loaded {} points into {} collections in {loaded:.1}s, Qdrant's optimizers done {optimizing:.1}s later",
         shape.points(),
         colls.len(),
-        t.elapsed().as_secs_f64()
     );
     let (db_url, db_name) = fresh_db(admin).await;
     let cfg = common::config(&db_url, qdrant_url, &[]);
@@ -244,6 +253,8 @@ async fn run(
 
     // ---- timed: `recap run`, sweep-only, until the last row
     let log = std::env::temp_dir().join(format!("recap-bench-history-{tag}.log"));
+    // BENCH_RECAP_LOG: recap's RUST_LOG (a timeline in the log file named above; default warn)
+    let rust_log = std::env::var("BENCH_RECAP_LOG").unwrap_or_else(|_| "warn".into());
     let mut envs = vec![
         ("DATABASE_URL", db_url.as_str()),
         ("QDRANT_URL", qdrant_url),
@@ -251,7 +262,7 @@ async fn run(
         ("SUMMARIZER", "extractive"),
         ("INSTANCE_ID", "bench-history"),
         ("LOOKBACK_DAYS", "7"),
-        ("RUST_LOG", "warn"),
+        ("RUST_LOG", rust_log.as_str()),
     ];
     if let Some(llm) = llm {
         llm.reset().await;
@@ -264,6 +275,9 @@ async fn run(
             ("LLM_DAILY_BUDGET_USD", "100000"),
         ]);
     }
+    // BENCH_RECAP_ENV: more settings for recap, `K=V` separated by spaces (experiments; none by default)
+    let extra = std::env::var("BENCH_RECAP_ENV").unwrap_or_default();
+    envs.extend(extra.split_whitespace().filter_map(|kv| kv.split_once('=')));
     let pattern = format!("whisperengine_memory_{tag}_*");
     let (qdrant_pid, pg_pid) = (service_pid("qdrant"), service_pid("postgres"));
     let (q0, p0) = (qdrant_pid.map(tree_ticks), pg_pid.map(tree_ticks));
@@ -357,7 +371,9 @@ async fn run(
     for c in &colls {
         let _ = q.delete_collection(c).await;
     }
-    let _ = std::fs::remove_file(&log);
+    if std::env::var_os("BENCH_RECAP_LOG").is_none() {
+        let _ = std::fs::remove_file(&log);
+    }
     RunResult {
         window_calls,
         seconds,

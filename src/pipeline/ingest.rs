@@ -233,7 +233,8 @@ impl Ingest {
     }
 
     /// A checkpoint is due after a batch: with something to store, when the source is caught up (nothing more is
-    /// waiting: store it now, as fresh as it gets) or `CHECKPOINT_INTERVAL` passed since the last one; or when
+    /// waiting: store it now, as fresh as it gets) or at the end of one of its units (`caught_up` is passed true
+    /// then too: [`Batch::flush`], a swept collection) or `CHECKPOINT_INTERVAL` passed since the last one; or when
     /// `CHECKPOINT_MESSAGES` events were read; or when the lease needs renewing. Under a backlog that makes one
     /// transaction per interval (or per `CHECKPOINT_MESSAGES`), however many batches it covers.
     pub fn checkpoint_due(&self, caught_up: bool) -> bool {
@@ -266,7 +267,7 @@ impl Ingest {
     ) -> Result<(), StoreError> {
         self.absorb(batch, now).await?;
         source.advance().await;
-        let due = self.checkpoint_due(batch.caught_up);
+        let due = self.checkpoint_due(batch.caught_up || batch.flush);
         if self.is_writing() && (self.write_finished() || batch.caught_up || due) {
             self.finish_checkpoint()
                 .await
@@ -457,5 +458,8 @@ async fn write_tx(
         tx.save_checkpoint(p).await?;
     }
     tx.commit().await?;
+    if !c.closed.is_empty() {
+        store.windows_due(); // this process's workers claim them now, not at their next poll
+    }
     Ok(done)
 }

@@ -35,6 +35,7 @@ pub use running::{ClaimedRunning, OpenPoints, RunningFinished, RunningOutcome, S
 pub use status::WindowCounts;
 pub use windows::{Claim, HeldWindow, claim_due_sql};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -252,6 +253,10 @@ pub struct Store {
     pool: PgPool,
     /// CONTEXT_SUMMARY_EVERY: checkpoints mark running summaries due at each multiple (0 = off, the default).
     running_every: u32,
+    /// Rung when this process committed windows that are due now (an ingest checkpoint that closed windows), so the
+    /// window workers of the same process claim them at once instead of at their next poll. Shared by the store's
+    /// clones; other replicas still find the windows by polling.
+    due: Arc<tokio::sync::Notify>,
 }
 
 impl Store {
@@ -264,6 +269,7 @@ impl Store {
         Ok(Store {
             pool,
             running_every: 0,
+            due: Arc::default(),
         })
     }
 
@@ -273,6 +279,7 @@ impl Store {
         Store {
             pool,
             running_every: 0,
+            due: Arc::default(),
         }
     }
 
@@ -281,6 +288,17 @@ impl Store {
     pub fn with_running_summaries(mut self, every: u32) -> Store {
         self.running_every = every;
         self
+    }
+
+    /// Says that windows are due now (see [`Store::due_now`]). Remembered when no worker waits: the next wait
+    /// returns at once.
+    pub fn windows_due(&self) {
+        self.due.notify_one();
+    }
+
+    /// Returns when this process committed due windows (or `after` passed): a worker's wait between empty claims.
+    pub async fn due_now(&self, after: Duration) {
+        let _ = tokio::time::timeout(after, self.due.notified()).await;
     }
 
     pub fn running_every(&self) -> u32 {

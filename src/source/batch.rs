@@ -28,6 +28,10 @@ pub struct Batch {
     pub swept: bool,
     /// With `horizon`: bots a collection of which the sweep skipped (failing): the horizon does not tick them.
     pub held_back: Vec<String>,
+    /// The end of a unit of the source, a sweep collection's last page: a checkpoint is due now (written in the
+    /// background while the next collection is read), so the windows this collection closed reach the workers
+    /// before the rest of the cycle is read, not at its end. Events never set it.
+    pub flush: bool,
 }
 
 impl Batch {

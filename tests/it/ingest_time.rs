@@ -399,6 +399,95 @@ async fn sweep_only_waits_for_the_cycle_that_can_see_the_next_message() {
     let _ = q.delete_collection(&coll).await;
 }
 
+/// Issue 25: the windows a swept collection closed are stored when that collection's last page is stepped (a
+/// checkpoint is due then, `Batch::flush`), and the workers of the process hear of it at once
+/// (`Store::windows_due`), before the sweep reads the next collection: on a first sweep over many bots the first
+/// recaps come after the first bot's collection, not after all of them. Without either, nothing rings here until the
+/// cycle ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_swept_collections_windows_are_stored_before_the_next_collection_is_read() {
+    let _shared = common::shared().await;
+    let db = fresh_db().await;
+    let ctx = context(
+        &db,
+        &[
+            "--idle-gap",
+            "3s",
+            "--allowed-lateness-seconds",
+            "1",
+            "--min-messages-for-summary",
+            "1",
+        ],
+    )
+    .await;
+    let mut ing = ingest(&ctx).await;
+    let q = qdrant().await;
+    let tag = token();
+    let colls = [
+        (format!("ingest_time_{tag}_a"), "bota", "usera"),
+        (format!("ingest_time_{tag}_b"), "botb", "userb"),
+    ];
+    // per collection one user with two messages a minute apart: the first one's window closes on the collection's
+    // own page (its time moves the bot's watermark past the 3 s gap)
+    let t0 = now_ms() - 3_600_000;
+    for (c, _, user) in &colls {
+        create_collection(&q, c, true).await;
+        let mut p = conversation(user, t0, 1, 0, false)[..1].to_vec();
+        p.extend(conversation(user, t0 + 60_000, 1, 0, false)[..1].to_vec());
+        upsert(&q, c, &p).await;
+    }
+    let map = colls.clone();
+    let mut sweep = SweepSource::new(
+        ctx.points.clone(),
+        ctx.store.clone(),
+        SweepSettings {
+            interval: Duration::from_secs(3600),
+            lookback: Duration::from_secs(7200),
+            overlap: Duration::from_secs(15),
+            page_size: 100,
+            bot_for_collection: Arc::new(move |n: &str| {
+                map.iter()
+                    .find(|(c, _, _)| c == n)
+                    .map(|(_, b, _)| b.to_string())
+            }),
+            create_index: false,
+            checkpoint_prefix: "sweep".into(),
+            keep_user: None,
+        },
+    );
+    // step pages until the first collection ends
+    let first = loop {
+        let b = sweep.next_batch().await.unwrap();
+        assert!(!b.caught_up, "the cycle ended before a collection did");
+        ing.step(&mut sweep, &b, now_ms()).await.unwrap();
+        if b.flush {
+            let bot = &b.messages.first().expect("the collection's page").bot;
+            break colls.iter().find(|(_, b, _)| b == bot).unwrap().clone();
+        }
+    };
+    // the checkpoint goes on in the background; it rings when its windows are committed
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        ctx.store.due_now(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("the collection's checkpoint did not ring the workers");
+    let other = colls.iter().find(|(c, _, _)| *c != first.0).unwrap();
+    assert_eq!(windows_of(&db.pool, first.2).await, vec![(1, 1)]);
+    assert!(
+        windows_of(&db.pool, other.2).await.is_empty(),
+        "the next collection is not read yet"
+    );
+    let due: i64 = sqlx::query_scalar("SELECT count(*) FROM recap_windows WHERE state = 'due'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(due, 1, "the window is due for the workers");
+    for (c, _, _) in &colls {
+        let _ = q.delete_collection(c).await;
+    }
+}
+
 /// The time from now until the wall-clock time `t` (ms).
 fn until_ms(t: i64) -> Duration {
     Duration::from_millis((t - now_ms()).max(0) as u64)

@@ -539,6 +539,7 @@ struct Led {
 }
 
 /// A partition's source in the schedule's mode.
+#[allow(clippy::large_enum_variant)] // one per replica and partition in a test: the size does not matter
 enum SimSrc {
     Events(SimSource),
     Sweep(recap::source::sweep::SweepSource),

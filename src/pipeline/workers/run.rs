@@ -15,6 +15,10 @@ use crate::summarize::SummarizerKind;
 use super::finish::Finisher;
 use super::{process_claimed, process_claimed_in};
 
+/// How long a worker waits after a claim found nothing due, unless this process's ingest commits due windows
+/// meanwhile ([`crate::sink::Store::windows_due`]).
+const IDLE_POLL: Duration = Duration::from_millis(300);
+
 /// How long a claim waits for more free LLM slots (see `run_workers`).
 const CLAIM_GATHER: Duration = Duration::from_millis(10);
 
@@ -269,7 +273,12 @@ pub async fn run_workers(ctx: Context, shutdown: CancellationToken) -> anyhow::R
             } else {
                 drop(permits);
             }
-            if sleep_or_shutdown(&shutdown, Duration::from_millis(300)).await {
+            // until the next poll, or until this process's ingest commits due windows
+            let stop = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = ctx.store.due_now(IDLE_POLL) => false,
+            };
+            if stop {
                 break;
             }
             continue;

@@ -380,6 +380,7 @@ impl SweepSource {
             position: Position::Sweep(SweepPos(p)),
             points_read: read as i64,
         });
+        batch.flush = done;
         batch.caught_up = done && cycle.queue.is_empty();
         if batch.caught_up {
             batch.horizon = Some(cycle.started_ms);
