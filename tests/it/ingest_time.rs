@@ -61,6 +61,46 @@ async fn ingest(ctx: &Context) -> Ingest {
         .expect("ingest")
 }
 
+/// A 3 s idle gap, 1 s lateness, windows of one message summarized: sweep tests that close windows in seconds.
+const SHORT_GAP: &[&str] = &[
+    "--idle-gap",
+    "3s",
+    "--allowed-lateness-seconds",
+    "1",
+    "--min-messages-for-summary",
+    "1",
+];
+
+/// A sweep over `ctx`'s Qdrant and store (overlap 15 s, no index created, every user kept).
+fn sweep_source(
+    ctx: &Context,
+    interval: Duration,
+    lookback: Duration,
+    page_size: u32,
+    bot_for_collection: recap::source::sweep::BotForCollection,
+) -> SweepSource {
+    SweepSource::new(
+        ctx.points.clone(),
+        ctx.store.clone(),
+        SweepSettings {
+            interval,
+            lookback,
+            overlap: Duration::from_secs(15),
+            page_size,
+            bot_for_collection,
+            create_index: false,
+            checkpoint_prefix: "sweep".into(),
+            keep_user: None,
+        },
+    )
+}
+
+/// Collection `c` is bot `b`'s; no other is read.
+fn single_bot(c: &str) -> recap::source::sweep::BotForCollection {
+    let c = c.to_string();
+    Arc::new(move |n: &str| (n == c).then(|| "b".to_string()))
+}
+
 fn msg(bot: &str, user: &str, ts_ms: i64) -> NewMessage {
     NewMessage {
         bot: bot.into(),
@@ -289,20 +329,12 @@ async fn sweep_payloads_are_validated_like_events() {
     pts.extend(conversation(&"x".repeat(300), t, 1, MIN, false));
     pts.extend(conversation("nul\u{0}user", t, 1, MIN, false));
     upsert(&q, &coll, &pts).await;
-    let c = coll.clone();
-    let mut sweep = SweepSource::new(
-        ctx.points.clone(),
-        ctx.store.clone(),
-        SweepSettings {
-            interval: Duration::from_secs(3600),
-            lookback: Duration::from_secs(86_400),
-            overlap: Duration::from_secs(15),
-            page_size: 100,
-            bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
-            create_index: false,
-            checkpoint_prefix: "sweep".into(),
-            keep_user: None,
-        },
+    let mut sweep = sweep_source(
+        &ctx,
+        Duration::from_secs(3600),
+        Duration::from_secs(86_400),
+        100,
+        single_bot(&coll),
     );
     let (mut messages, mut letters) = (Vec::new(), Vec::new());
     loop {
@@ -329,36 +361,17 @@ async fn sweep_payloads_are_validated_like_events() {
 async fn sweep_only_waits_for_the_cycle_that_can_see_the_next_message() {
     let _shared = common::shared().await;
     let db = fresh_db().await;
-    let ctx = context(
-        &db,
-        &[
-            "--idle-gap",
-            "3s",
-            "--allowed-lateness-seconds",
-            "1",
-            "--min-messages-for-summary",
-            "1",
-        ],
-    )
-    .await;
+    let ctx = context(&db, SHORT_GAP).await;
     let mut ing = ingest(&ctx).await;
     let q = qdrant().await;
     let coll = format!("ingest_time_{}", token());
     create_collection(&q, &coll, true).await;
-    let c = coll.clone();
-    let mut sweep = SweepSource::new(
-        ctx.points.clone(),
-        ctx.store.clone(),
-        SweepSettings {
-            interval: Duration::from_secs(4),
-            lookback: Duration::from_secs(3600),
-            overlap: Duration::from_secs(15),
-            page_size: 100,
-            bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
-            create_index: false,
-            checkpoint_prefix: "sweep".into(),
-            keep_user: None,
-        },
+    let mut sweep = sweep_source(
+        &ctx,
+        Duration::from_secs(4),
+        Duration::from_secs(3600),
+        100,
+        single_bot(&coll),
     );
     let t0 = now_ms();
     let m1 = conversation("pauser", t0, 1, 0, false)[..1].to_vec();
@@ -408,18 +421,7 @@ async fn sweep_only_waits_for_the_cycle_that_can_see_the_next_message() {
 async fn a_swept_collections_windows_are_stored_before_the_next_collection_is_read() {
     let _shared = common::shared().await;
     let db = fresh_db().await;
-    let ctx = context(
-        &db,
-        &[
-            "--idle-gap",
-            "3s",
-            "--allowed-lateness-seconds",
-            "1",
-            "--min-messages-for-summary",
-            "1",
-        ],
-    )
-    .await;
+    let ctx = context(&db, SHORT_GAP).await;
     let mut ing = ingest(&ctx).await;
     let q = qdrant().await;
     let tag = token();
@@ -437,23 +439,16 @@ async fn a_swept_collections_windows_are_stored_before_the_next_collection_is_re
         upsert(&q, c, &p).await;
     }
     let map = colls.clone();
-    let mut sweep = SweepSource::new(
-        ctx.points.clone(),
-        ctx.store.clone(),
-        SweepSettings {
-            interval: Duration::from_secs(3600),
-            lookback: Duration::from_secs(7200),
-            overlap: Duration::from_secs(15),
-            page_size: 100,
-            bot_for_collection: Arc::new(move |n: &str| {
-                map.iter()
-                    .find(|(c, _, _)| c == n)
-                    .map(|(_, b, _)| b.to_string())
-            }),
-            create_index: false,
-            checkpoint_prefix: "sweep".into(),
-            keep_user: None,
-        },
+    let mut sweep = sweep_source(
+        &ctx,
+        Duration::from_secs(3600),
+        Duration::from_secs(7200),
+        100,
+        Arc::new(move |n: &str| {
+            map.iter()
+                .find(|(c, _, _)| c == n)
+                .map(|(_, b, _)| b.to_string())
+        }),
     );
     // step pages until the first collection ends
     let first = loop {
@@ -512,20 +507,12 @@ async fn hybrid_interleaves_sweep_pages_with_events() {
         .collect();
     upsert(&q, &coll, &swept).await;
     let swept_ids: std::collections::HashSet<String> = swept.iter().map(|p| p.id.clone()).collect();
-    let c = coll.clone();
-    let sweep = SweepSource::new(
-        ctx.points.clone(),
-        ctx.store.clone(),
-        SweepSettings {
-            interval: Duration::from_millis(500),
-            lookback: Duration::from_secs(86_400),
-            overlap: Duration::from_secs(15),
-            page_size: 2,
-            bot_for_collection: Arc::new(move |n: &str| (n == c).then(|| "b".to_string())),
-            create_index: false,
-            checkpoint_prefix: "sweep".into(),
-            keep_user: None,
-        },
+    let sweep = sweep_source(
+        &ctx,
+        Duration::from_millis(500),
+        Duration::from_secs(86_400),
+        2,
+        single_bot(&coll),
     );
     let events = recap::source::nats::NatsSource::start(ns.settings())
         .await
