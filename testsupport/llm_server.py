@@ -123,6 +123,8 @@ MESSAGE_LINE = re.compile(
 )
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]")
 
+NOT_TOPICS = STOPWORDS | POSITIVE | NEGATIVE  # words never named as a topic
+
 
 def content_text(content):
     """The text of one message content: a string, or a list of parts ({"type":"text","text":...})."""
@@ -146,7 +148,7 @@ def summarize(text):
     body = "\n".join(lines) if lines else text
     raw = WORD.findall(body)
     words = [w.lower() for w in raw]
-    counts = Counter(w for w in words if len(w) >= 4 and w not in STOPWORDS and w not in POSITIVE | NEGATIVE)
+    counts = Counter(w for w in words if len(w) >= 4 and w not in NOT_TOPICS)
     first = {}  # lowercased word -> (index, spelling) of its first appearance
     for i, (w, r) in enumerate(zip(words, raw)):
         first.setdefault(w, (i, r))
@@ -191,6 +193,8 @@ def is_latin(c):
 def units(text):
     """Token units of a text, a quarter token each: 1 per Latin character, 4 (a whole token) per any other (CJK is
     about a token per character). recap's `summarize::llm::token_units` is the same rule."""
+    if text.isascii():  # every ASCII character is Latin: the common case without a Python loop over the prompt
+        return len(text)
     return sum(1 if is_latin(c) else 4 for c in text)
 
 
@@ -379,6 +383,7 @@ class Handler(BaseHTTPRequestHandler):
             call_id = STATE.ids
             generation = STATE.generation
         status, usage = 0, None
+        self.last_user = None  # set by answer() once it has parsed the body, so the record does not parse it again
         try:
             if settings["latency_ms"] > 0:
                 time.sleep(settings["latency_ms"] / 1000)
@@ -387,7 +392,8 @@ class Handler(BaseHTTPRequestHandler):
             with STATE.lock:
                 STATE.in_flight -= 1
                 if generation == STATE.generation:
-                    STATE.record(mode, status, usage, time.monotonic() - arrived, purpose, last_user_text(body))
+                    prompt = self.last_user if self.last_user is not None else last_user_text(body)
+                    STATE.record(mode, status, usage, time.monotonic() - arrived, purpose, prompt)
 
     def answer(self, body, mode, settings, call_id, digest):
         """Sends the answer; returns (status, usage or None, mode as counted)."""
@@ -427,6 +433,7 @@ class Handler(BaseHTTPRequestHandler):
         for m in messages:
             if isinstance(m, dict) and m.get("role") == "user":
                 last_user = content_text(m.get("content"))
+        self.last_user = last_user
         with STATE.lock:
             key = hashlib.sha256(last_user.encode()).hexdigest()
             STATE.by_prompt[key] += 1

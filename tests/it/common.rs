@@ -41,6 +41,92 @@ pub fn exclusive_blocking() -> tokio::sync::RwLockWriteGuard<'static, ()> {
     EXCLUSIVE.blocking_write()
 }
 
+/// A PostgreSQL cluster and a nats-server of one test's own (`scripts/services up` in a state directory of its
+/// own, beside the suite's Qdrant): a test that stops or crashes them disturbs no other test, so it holds
+/// [`shared`], not [`exclusive`]. `scripts/services down` on drop, however the test ends.
+pub struct OwnServices {
+    /// The state directory (`RECAP_SERVICES_DIR` of `scripts/services stop|start NAME` for these).
+    pub dir: std::path::PathBuf,
+    pub database_url: String,
+    pub nats_url: String,
+}
+
+impl OwnServices {
+    pub async fn up(name: &str) -> OwnServices {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("services-{name}-{}", token()));
+        let out = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || own_services(&dir, "up"))
+                .await
+                .expect("scripts/services task")
+        };
+        // dropped (and so stopped) from here on, whatever fails below
+        let mut own = OwnServices {
+            dir,
+            database_url: String::new(),
+            nats_url: String::new(),
+        };
+        assert!(
+            out.status.success(),
+            "scripts/services up for {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+                match k {
+                    "DATABASE_URL" => own.database_url = v.to_string(),
+                    "NATS_URL" => own.nats_url = v.to_string(),
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            !own.database_url.is_empty() && !own.nats_url.is_empty(),
+            "scripts/services up printed no DATABASE_URL or NATS_URL: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        own
+    }
+
+    /// `scripts/services <cmd> <name>` for these services (`stop`, `start`).
+    pub fn services(&self, cmd: &str, name: &str) -> std::process::Output {
+        own_services(&self.dir, &format!("{cmd} {name}"))
+    }
+
+    pub async fn fresh_db(&self) -> TestDb {
+        fresh_db_at(&self.database_url).await
+    }
+
+    pub fn nats_ns(&self) -> NatsNs {
+        nats_ns_at(&self.nats_url)
+    }
+}
+
+impl Drop for OwnServices {
+    fn drop(&mut self) {
+        let out = own_services(&self.dir, "down");
+        if !out.status.success() {
+            eprintln!(
+                "scripts/services down in {}: {}",
+                self.dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// `scripts/services <args>` in `dir`, with the suite's Qdrant (none started there).
+fn own_services(dir: &std::path::Path, args: &str) -> std::process::Output {
+    Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
+        .args(args.split(' '))
+        .env("RECAP_SERVICES_DIR", dir)
+        .env("QDRANT_URL", env("QDRANT_URL"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/services")
+}
+
 pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: start the services with `eval \"$(scripts/services up)\"` (or run scripts/test)")
@@ -59,7 +145,12 @@ pub struct TestDb {
 }
 
 pub async fn fresh_db() -> TestDb {
-    let admin = env("DATABASE_URL");
+    fresh_db_at(&env("DATABASE_URL")).await
+}
+
+/// [`fresh_db`] on the PostgreSQL server of `admin` (a URL of any database there).
+pub async fn fresh_db_at(admin: &str) -> TestDb {
+    let admin = admin.to_string();
     let name = format!("recap_t_{}", token());
     let mut conn = PgConnection::connect(&admin)
         .await
@@ -261,9 +352,14 @@ pub struct NatsNs {
 }
 
 pub fn nats_ns() -> NatsNs {
+    nats_ns_at(&env("NATS_URL"))
+}
+
+/// [`nats_ns`] on the nats-server at `url`.
+pub fn nats_ns_at(url: &str) -> NatsNs {
     let t = token();
     NatsNs {
-        url: env("NATS_URL"),
+        url: url.to_string(),
         stream: format!("RECAP_{t}"),
         consumer: format!("recap_{t}"),
         prefix: format!("recap{t}.stored"),
@@ -714,9 +810,12 @@ pub fn scenario_config(s: &Scenario, extra: &[&str]) -> recap::config::Config {
 
 /// Several users of one bot: a long session, two sessions split by the idle gap, and a too-short one.
 pub async fn scenario(users: usize) -> Scenario {
-    let db = fresh_db().await;
+    scenario_on(users, fresh_db().await, nats_ns()).await
+}
+
+/// [`scenario`] in the database `db` (migrated here) and on the NATS of `nats` (e.g. a test's [`OwnServices`]).
+pub async fn scenario_on(users: usize, db: TestDb, nats: NatsNs) -> Scenario {
     db.migrate().await;
-    let nats = nats_ns();
     let bot = format!("bot{}", token());
     let collection = format!("whisperengine_memory_{bot}_7d");
     let q = qdrant().await;

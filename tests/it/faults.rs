@@ -5,11 +5,12 @@
 //! (`expected_rows`: windows, message counts, revision 1), with no duplicated and no placeholder row, every published
 //! message stored exactly once and no window lost, doubled or overlapping.
 //!
-//! These tests stop and restart SHARED services (the PostgreSQL cluster and nats-server that `scripts/services up`
-//! started, found through `RECAP_SERVICES_DIR`). Those hold `common::exclusive()` (every other service-bound test of
-//! the suite holds `common::shared()`), so no other test sees an outage; the tests in this file run one at a time
-//! through [`LOCK`], and a stopped service is restarted by a drop guard ([`Outage`]) even when a test fails. Qdrant and the LLM endpoint are never stopped: Qdrant is cut off by a
-//! TCP proxy in front of it (its data stays), the LLM endpoint is a private test server per test.
+//! The tests that stop or crash PostgreSQL or nats-server do it to services of their own (`common::OwnServices`:
+//! `scripts/services up` in a state directory of the test's, beside the suite's Qdrant), so no other test sees the
+//! outage and they run beside the rest of the suite, holding `common::shared()`; a stopped service is restarted by a
+//! drop guard ([`Outage`]) even when a test fails, and stopped for good with its set. Qdrant and the LLM endpoint are
+//! never stopped: Qdrant is cut off by a TCP proxy in front of it (its data stays), the LLM endpoint is a private test
+//! server per test.
 //!
 //! `scripts/test` runs them with the rest (about 4 minutes; each outage lasts 30 s, the LLM one 60 s, the slow-Postgres
 //! lock 20 s). To run only these: `eval "$(scripts/services up)"; cargo test --test it faults:: -- --nocapture`.
@@ -36,9 +37,6 @@ use qdrant_client::qdrant::{PointStruct, UpsertPointsBuilder, Value};
 use sqlx::{Connection, Executor, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, watch};
-
-/// One test at a time: they stop shared services.
-static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How long each dependency stays down.
 const OUTAGE: Duration = Duration::from_secs(30);
@@ -77,59 +75,31 @@ fn secs(d: Duration) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Services: stop / start through scripts/services, restarted on drop
+// Services: each outage test stops services of its own (`common::OwnServices`), restarted on drop
 
-fn services_dir() -> PathBuf {
-    std::env::var("RECAP_SERVICES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/services")))
+async fn services_async(
+    own: &OwnServices,
+    cmd: &'static str,
+    name: &'static str,
+) -> std::process::Output {
+    let dir = own.dir.clone();
+    tokio::task::spawn_blocking(move || own_services_cmd(&dir, cmd, name))
+        .await
+        .expect("scripts/services task")
 }
 
-fn url_port(url: &str) -> Option<u16> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host_port = rest.split(['/', '?']).next()?;
-    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
-    host_port.rsplit_once(':')?.1.parse().ok()
-}
-
-/// Panics unless `name` is the service scripts/services manages in `RECAP_SERVICES_DIR` and the one the test
-/// environment points at: never stop someone else's server.
-fn assert_managed(name: &str) {
-    let env_name = match name {
-        "postgres" => "DATABASE_URL",
-        "nats" => "NATS_URL",
-        _ => panic!("only postgres and nats are stopped by these tests"),
-    };
-    let file = services_dir().join(format!("{name}.port"));
-    let managed: Option<u16> = std::fs::read_to_string(&file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    let used = url_port(&env(env_name));
-    assert!(
-        managed.is_some() && managed == used,
-        "{env_name} (port {used:?}) is not the {name} that scripts/services manages in {} (port {managed:?}): \
-         run these tests with the environment of `eval \"$(scripts/services up)\"`",
-        services_dir().display()
-    );
-}
-
-fn services(cmd: &str, name: &str) -> std::process::Output {
+fn own_services_cmd(dir: &std::path::Path, cmd: &str, name: &str) -> std::process::Output {
     std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
         .args([cmd, name])
-        .env("RECAP_SERVICES_DIR", services_dir())
+        .env("RECAP_SERVICES_DIR", dir)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run scripts/services")
 }
 
-async fn services_async(cmd: &'static str, name: &'static str) -> std::process::Output {
-    tokio::task::spawn_blocking(move || services(cmd, name))
-        .await
-        .expect("scripts/services task")
-}
-
-/// A stopped shared service; started again by [`Outage::start`], or on drop if the test ended first.
+/// A stopped service of the test's own; started again by [`Outage::start`], or on drop if the test ended first.
 struct Outage {
+    dir: PathBuf,
     name: &'static str,
     down: bool,
     since: Instant,
@@ -137,14 +107,14 @@ struct Outage {
 
 impl Outage {
     /// `scripts/services stop NAME` (PostgreSQL: `pg_ctl -m fast`; nats-server: SIGTERM).
-    async fn stop(name: &'static str) -> Outage {
-        assert_managed(name);
+    async fn stop(own: &OwnServices, name: &'static str) -> Outage {
         let mut o = Outage {
+            dir: own.dir.clone(),
             name,
             down: true,
             since: Instant::now(),
         };
-        let out = services_async("stop", name).await;
+        let out = services_async(own, "stop", name).await;
         assert!(
             out.status.success(),
             "stop {name}: {}",
@@ -156,14 +126,14 @@ impl Outage {
 
     /// nats-server stops at once: SIGTERM straight to its pid (what `scripts/services stop nats` sends, without the
     /// script's start-up time), so the stop lands while recap still holds the batch it just pulled.
-    async fn stop_nats_now() -> Outage {
-        assert_managed("nats");
-        let pid: i32 = std::fs::read_to_string(services_dir().join("nats.pid"))
+    async fn stop_nats_now(own: &OwnServices) -> Outage {
+        let pid: i32 = std::fs::read_to_string(own.dir.join("nats.pid"))
             .expect("nats.pid")
             .trim()
             .parse()
             .expect("pid");
         let o = Outage {
+            dir: own.dir.clone(),
             name: "nats",
             down: true,
             since: Instant::now(),
@@ -185,14 +155,14 @@ impl Outage {
 
     /// PostgreSQL crashes: SIGQUIT to the postmaster is PostgreSQL's immediate shutdown (every backend exits at once,
     /// nothing is rolled back or checkpointed; the next start runs crash recovery).
-    async fn crash_postgres() -> Outage {
-        assert_managed("postgres");
-        let pid: i32 = std::fs::read_to_string(services_dir().join("postgres.pid"))
+    async fn crash_postgres(own: &OwnServices) -> Outage {
+        let pid: i32 = std::fs::read_to_string(own.dir.join("postgres.pid"))
             .expect("postgres.pid")
             .trim()
             .parse()
             .expect("pid");
         let o = Outage {
+            dir: own.dir.clone(),
             name: "postgres",
             down: true,
             since: Instant::now(),
@@ -213,7 +183,11 @@ impl Outage {
 
     /// `scripts/services start NAME`: same port, same data. Returns how long the service was down.
     async fn start(&mut self) -> Duration {
-        let out = services_async("start", self.name).await;
+        let dir = self.dir.clone();
+        let name = self.name;
+        let out = tokio::task::spawn_blocking(move || own_services_cmd(&dir, "start", name))
+            .await
+            .expect("scripts/services task");
         assert!(
             out.status.success(),
             "start {}: {}",
@@ -228,7 +202,7 @@ impl Outage {
 impl Drop for Outage {
     fn drop(&mut self) {
         if self.down {
-            let out = services("start", self.name);
+            let out = own_services_cmd(&self.dir, "start", self.name);
             if !out.status.success() {
                 eprintln!(
                     "could not restart {}: {}",
@@ -842,10 +816,9 @@ async fn wait_row_count(pool: &PgPool, n: usize, timeout: Duration) {
 /// once, and /readyz must say not-ready while NATS is away.
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_down_30s_mid_run_recap_reconnects_and_loses_nothing() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
-    let _exclusive = common::exclusive().await; // stops a shared service
-    assert_managed("nats");
-    let s = scenario(40).await;
+    let _shared = common::shared().await;
+    let own = OwnServices::up("faults-nats").await; // stopped below: no other test's
+    let s = scenario_on(40, own.fresh_db().await, own.nats_ns()).await;
     s.nats.ensure().await;
     let chunks = user_chunks(&s);
     let expected = expected_rows(&s.bot, &s.points, 5);
@@ -855,7 +828,7 @@ async fn nats_down_30s_mid_run_recap_reconnects_and_loses_nothing() {
     let mut publisher = Publisher::start(&s.nats, chunks, Duration::from_millis(100), 12).await;
     publisher.wait_acked(12, Duration::from_secs(30)).await;
 
-    let mut outage = Outage::stop_nats_now().await;
+    let mut outage = Outage::stop_nats_now(&own).await;
     publisher.allow_all(); // keeps publishing into the outage: buffered by the client, re-sent when acks fail
     let mut not_ready: Option<(u16, String)> = None;
     let mut ready_during = 0;
@@ -976,10 +949,9 @@ async fn open_transactions_in_recap(
 /// was not committed: every event must end in recap_messages, each window exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_doubled() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
-    let _exclusive = common::exclusive().await; // stops a shared service
-    assert_managed("postgres");
-    let s = scenario(40).await;
+    let _shared = common::shared().await;
+    let own = OwnServices::up("faults-pg").await; // stopped below: no other test's
+    let s = scenario_on(40, own.fresh_db().await, own.nats_ns()).await;
     s.nats.ensure().await;
     let expected = expected_rows(&s.bot, &s.points, 5);
     let mut recap = Recap::start(&fault_env(&s, &[]), "faults-pg");
@@ -991,7 +963,7 @@ async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_d
     wait_row_count(&s.db.pool, 10, Duration::from_secs(60)).await;
     let locker = open_transactions_in_recap(&s, &mut publisher, 11).await;
 
-    let mut outage = Outage::stop("postgres").await;
+    let mut outage = Outage::stop(&own, "postgres").await;
     drop(locker);
     publisher.allow_all(); // NATS stays up: events keep arriving in the stream during the outage
     let mut not_ready = None;
@@ -1057,10 +1029,9 @@ async fn postgres_down_30s_mid_run_nothing_acked_uncommitted_no_window_lost_or_d
 /// comes straight back (crash recovery). The open transactions are lost; recap must redo them, once.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_crash_with_open_transactions_redoes_them_once() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
-    let _exclusive = common::exclusive().await; // stops a shared service
-    assert_managed("postgres");
-    let s = scenario(16).await;
+    let _shared = common::shared().await;
+    let own = OwnServices::up("faults-pg-crash").await; // crashed below: no other test's
+    let s = scenario_on(16, own.fresh_db().await, own.nats_ns()).await;
     s.nats.ensure().await;
     let expected = expected_rows(&s.bot, &s.points, 5);
     let mut recap = Recap::start(&fault_env(&s, &[]), "faults-pg-crash");
@@ -1070,7 +1041,7 @@ async fn postgres_crash_with_open_transactions_redoes_them_once() {
     publisher.wait_acked(6, Duration::from_secs(30)).await;
     wait_row_count(&s.db.pool, 6, Duration::from_secs(60)).await;
     let locker = open_transactions_in_recap(&s, &mut publisher, 7).await;
-    let mut outage = Outage::crash_postgres().await;
+    let mut outage = Outage::crash_postgres(&own).await;
     drop(locker);
     let down_for = outage.start().await;
     let back = Instant::now();
@@ -1202,7 +1173,6 @@ async fn sweep_checkpoints(pool: &PgPool) -> Vec<(String, f64)> {
 /// Qdrant is back; the sweep resumes from its checkpoint and finds the points written meanwhile that no event named.
 #[tokio::test(flavor = "multi_thread")]
 async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
     let s = scenario(30).await;
     s.nats.ensure().await;
@@ -1363,7 +1333,6 @@ async fn qdrant_unreachable_30s_due_windows_wait_and_complete() {
 /// summarized by the LLM.
 #[tokio::test(flavor = "multi_thread")]
 async fn llm_failing_60s_breaker_opens_and_closes_no_dead_letters() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
     let s = scenario(16).await;
     s.nats.ensure().await;
@@ -1486,7 +1455,6 @@ async fn llm_failing_60s_breaker_opens_and_closes_no_dead_letters() {
 /// arriving. recap must wait (its transactions block) without taking the backlog into memory, and finish afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_postgres_lock_20s_recap_waits_with_bounded_memory() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
     let s = scenario(120).await;
     s.nats.ensure().await;
@@ -1593,7 +1561,6 @@ fn event_body(bot: &str, point: &str, user: &str, ts_ms: i64) -> Vec<u8> {
 /// nothing hostile reaches SQL as code.
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_are_unaffected() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
     let s = scenario(20).await;
     let js = s.nats.ensure().await;
@@ -2079,7 +2046,6 @@ async fn ten_thousand_hostile_events_are_rejected_or_handled_and_valid_windows_a
 /// as a partial window and reopens it with the next message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_far_future_timestamp_does_not_make_every_later_message_late() {
-    let _serial = LOCK.lock().await; // first: a test waiting for its turn holds no suite guard
     let _shared = common::shared().await;
     let s = scenario(6).await;
     let js = s.nats.ensure().await;

@@ -3,8 +3,7 @@
 //! SIGTERM mid-run then restart gives the uninterrupted table, no secret reaches a log line or a command's output,
 //! `recap status --json` reports windows by state.
 //!
-//! One test here stops the shared Postgres: it holds `common::exclusive()`, every other service-bound test of the
-//! suite a `common::shared()` guard, so no test sees that outage.
+//! One test here stops Postgres: a cluster of its own (`common::OwnServices`), so no other test sees that outage.
 
 use crate::common;
 
@@ -1276,23 +1275,14 @@ async fn wait_http(
     }
 }
 
-fn services_cmd(args: &[&str]) {
-    let st = Command::new(Path::new(REPO).join("scripts/services"))
-        .args(args)
-        .status()
-        .expect("scripts/services");
-    assert!(st.success(), "scripts/services {args:?} failed");
-}
-
-/// Starts Postgres again however the test ends.
-struct PostgresBack;
-
-impl Drop for PostgresBack {
-    fn drop(&mut self) {
-        let _ = Command::new(Path::new(REPO).join("scripts/services"))
-            .args(["start", "postgres"])
-            .status();
-    }
+/// `scripts/services <cmd> postgres` for the test's own services (stopped for good when they are dropped).
+fn own_services(own: &common::OwnServices, cmd: &str) {
+    let out = own.services(cmd, "postgres");
+    assert!(
+        out.status.success(),
+        "scripts/services {cmd} postgres: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn sigterm(child: &Child) {
@@ -1418,9 +1408,10 @@ async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_flips_when_postgres_stops_and_comes_back() {
-    let _exclusive = common::exclusive().await; // stops a shared service
-    let db = fresh_db().await;
-    let nats = nats_ns();
+    let _shared = common::shared().await;
+    let own = common::OwnServices::up("readyz").await; // its Postgres is stopped below: no other test's
+    let db = own.fresh_db().await;
+    let nats = own.nats_ns();
     let port = free_port();
     let envs = ops_env(&db, &nats, port);
     let log = log_path("readyz");
@@ -1458,9 +1449,8 @@ async fn readyz_flips_when_postgres_stops_and_comes_back() {
         "healthcheck passes with nothing listening"
     );
 
-    let back = PostgresBack;
     let t_stop = Instant::now();
-    services_cmd(&["stop", "postgres"]);
+    own_services(&own, "stop");
     let stop_took = t_stop.elapsed();
     let (t_down, body) = wait_http(port, "/readyz", Duration::from_secs(10), |c, _| c == 503).await;
     let down: serde_json::Value = serde_json::from_str(&body).expect("JSON when not ready");
@@ -1480,8 +1470,7 @@ async fn readyz_flips_when_postgres_stops_and_comes_back() {
         "check does not name Postgres:\n{out}{err}"
     );
 
-    services_cmd(&["start", "postgres"]);
-    drop(back);
+    own_services(&own, "start");
     let (t_back, body) = wait_http(port, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;
     eprintln!("ready again {t_back:?} after `services start postgres` returned: {body}");
     assert!(
