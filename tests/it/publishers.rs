@@ -50,6 +50,9 @@ fn rust_example() -> &'static Path {
                 "build",
                 "--example",
                 "publish",
+                // the profile `cargo test` built the dependencies in: no second build of them in the dev profile
+                "--profile",
+                "test",
                 "--message-format=json-render-diagnostics",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
