@@ -117,7 +117,7 @@ impl Drop for OwnServices {
 }
 
 /// `scripts/services <args>` in `dir`, with the suite's Qdrant (none started there).
-fn own_services(dir: &std::path::Path, args: &str) -> std::process::Output {
+pub fn own_services(dir: &std::path::Path, args: &str) -> std::process::Output {
     Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
         .args(args.split(' '))
         .env("RECAP_SERVICES_DIR", dir)

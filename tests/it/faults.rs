@@ -77,24 +77,15 @@ fn secs(d: Duration) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // Services: each outage test stops services of its own (`common::OwnServices`), restarted on drop
 
+/// `scripts/services <cmd> <name>` in the state directory `dir` (`common::own_services`), off the runtime's threads.
 async fn services_async(
-    own: &OwnServices,
+    dir: PathBuf,
     cmd: &'static str,
     name: &'static str,
 ) -> std::process::Output {
-    let dir = own.dir.clone();
-    tokio::task::spawn_blocking(move || own_services_cmd(&dir, cmd, name))
+    tokio::task::spawn_blocking(move || common::own_services(&dir, &format!("{cmd} {name}")))
         .await
         .expect("scripts/services task")
-}
-
-fn own_services_cmd(dir: &std::path::Path, cmd: &str, name: &str) -> std::process::Output {
-    std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
-        .args([cmd, name])
-        .env("RECAP_SERVICES_DIR", dir)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run scripts/services")
 }
 
 /// A stopped service of the test's own; started again by [`Outage::start`], or on drop if the test ended first.
@@ -114,7 +105,7 @@ impl Outage {
             down: true,
             since: Instant::now(),
         };
-        let out = services_async(own, "stop", name).await;
+        let out = services_async(own.dir.clone(), "stop", name).await;
         assert!(
             out.status.success(),
             "stop {name}: {}",
@@ -183,11 +174,7 @@ impl Outage {
 
     /// `scripts/services start NAME`: same port, same data. Returns how long the service was down.
     async fn start(&mut self) -> Duration {
-        let dir = self.dir.clone();
-        let name = self.name;
-        let out = tokio::task::spawn_blocking(move || own_services_cmd(&dir, "start", name))
-            .await
-            .expect("scripts/services task");
+        let out = services_async(self.dir.clone(), "start", self.name).await;
         assert!(
             out.status.success(),
             "start {}: {}",
@@ -202,7 +189,7 @@ impl Outage {
 impl Drop for Outage {
     fn drop(&mut self) {
         if self.down {
-            let out = own_services_cmd(&self.dir, "start", self.name);
+            let out = common::own_services(&self.dir, &format!("start {}", self.name));
             if !out.status.success() {
                 eprintln!(
                     "could not restart {}: {}",
